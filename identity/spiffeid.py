@@ -192,6 +192,8 @@ class SpiffeId:
             InvalidSpiffeIdError: a segment is empty, a dot segment, or has a bad character.
         """
         for seg in segments:
+            if seg == "":
+                raise InvalidSpiffeIdError("path cannot contain empty segments")
             if "/" in seg:
                 raise InvalidSpiffeIdError(f"path segment {seg!r} must not contain '/'")
         return cls(trust_domain, "".join("/" + s for s in segments))
