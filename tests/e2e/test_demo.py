@@ -1,0 +1,28 @@
+"""The quick start's first command: the demo runs to the end and says what it did."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_demo_completes_mutual_tls() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "demo.py")],
+        capture_output=True, text=True, timeout=240,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "[backend] got X.509-SVID spiffe://demo.sigil.test/backend" in out
+    assert "[frontend] got X.509-SVID spiffe://demo.sigil.test/frontend" in out
+    assert "[frontend] TLS handshake done; server proved SPIFFE ID spiffe://demo.sigil.test/backend" in out
+    assert "[backend] TLS handshake done; peer proved SPIFFE ID spiffe://demo.sigil.test/frontend" in out
+    assert "JWT-SVID in the request validated by the agent" in out
+    assert "Done:" in out
