@@ -1,0 +1,305 @@
+"""The agent's cache: authorized entries, their X.509-SVIDs, JWT-SVIDs and bundles.
+
+The cache is the one place the Workload API reads from and the sync loop writes
+to. Every change bumps a version number and wakes the streams waiting on it, so a
+stream re-reads a consistent :class:`Snapshot` rather than a half-updated state.
+
+It also decides what to rotate (:meth:`Cache.rotation_plan`): an entry needs a
+new SVID when it has none, when the entry changed in a way the certificate shows,
+or when the SVID is past half its lifetime (DESIGN flow 6; SPIRE does the same, so
+an SVID is always replaced long before a client sees it expire).
+
+All mutating methods must be called from the event loop that runs the Workload
+API: the change notification is an :class:`asyncio.Event`, which is not
+thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from agent.clock import Clock, SystemClock
+from agent.errors import NotReadyError
+from identity.bundle import Bundle
+from identity.jwtsvid import JwtSvid
+from identity.selectors import Selector, selectors_match
+from identity.spiffeid import SpiffeId, TrustDomain
+from identity.x509svid import X509Svid
+
+
+@dataclass(frozen=True, slots=True)
+class CachedEntry:
+    """A registration entry as the agent holds it (parsed at the client edge)."""
+
+    id: str
+    spiffe_id: SpiffeId
+    parent_id: SpiffeId
+    selectors: frozenset[Selector]
+    x509_svid_ttl: int = 0
+    jwt_svid_ttl: int = 0
+    dns_names: tuple[str, ...] = ()
+    federates_with: tuple[TrustDomain, ...] = ()
+    hint: str = ""
+    revision: int = 0
+
+    def svid_fingerprint(self) -> tuple[object, ...]:
+        """What the X.509-SVID depends on; a change here means re-issue.
+
+        Selectors are left out on purpose: they decide who receives the SVID, not
+        what is in it, and the Workload API re-evaluates them on every read.
+        """
+        return (str(self.spiffe_id), self.x509_svid_ttl, tuple(sorted(self.dns_names)))
+
+    def sort_key(self) -> tuple[str, str]:
+        """The stable order of identities in Workload API responses."""
+        return (str(self.spiffe_id), self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedSvid:
+    """An X.509-SVID and the entry fingerprint it was issued for."""
+
+    svid: X509Svid
+    fingerprint: tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """One identity a workload is entitled to, with its SVID."""
+
+    entry: CachedEntry
+    svid: X509Svid
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An immutable view of the cache at one version."""
+
+    version: int
+    trust_domain: TrustDomain
+    entries: tuple[CachedEntry, ...]
+    svids: Mapping[str, X509Svid]
+    bundles: Mapping[TrustDomain, Bundle]
+
+    def entitled(self, selectors: Iterable[Selector]) -> list[CachedEntry]:
+        """Entries whose selectors are all among ``selectors``, in the stable order.
+
+        This is the security invariant of the Workload API: a workload never
+        receives an SVID whose entry selectors it does not all carry.
+        """
+        available = frozenset(selectors)
+        return [e for e in self.entries if selectors_match(e.selectors, available)]
+
+    def identities(self, entries: Iterable[CachedEntry]) -> list[Identity]:
+        """The entries among ``entries`` that have an SVID, as identities."""
+        out = []
+        for entry in entries:
+            svid = self.svids.get(entry.id)
+            if svid is not None:
+                out.append(Identity(entry, svid))
+        return out
+
+    def bundles_for(self, entries: Iterable[CachedEntry]) -> dict[TrustDomain, Bundle]:
+        """The bundles a workload with ``entries`` may see.
+
+        Its own trust domain always (the Workload API must return at least that),
+        plus every trust domain its entries federate with that we have a bundle for.
+        """
+        out: dict[TrustDomain, Bundle] = {}
+        own = self.bundles.get(self.trust_domain)
+        if own is not None:
+            out[self.trust_domain] = own
+        for entry in entries:
+            for td in entry.federates_with:
+                b = self.bundles.get(td)
+                if b is not None:
+                    out[td] = b
+        return out
+
+
+JwtSigner = Callable[[CachedEntry, Sequence[str]], Awaitable[JwtSvid]]
+"""Signs a JWT-SVID for an entry and audience (the server's NewJWTSVID)."""
+
+
+def past_half_life(not_before: dt.datetime, not_after: dt.datetime, now: dt.datetime) -> bool:
+    """True when ``now`` is at or past the midpoint of ``[not_before, not_after]``."""
+    return now >= not_before + (not_after - not_before) / 2
+
+
+def svid_needs_rotation(svid: X509Svid, now: dt.datetime) -> bool:
+    """True when an X.509-SVID is at or past half its lifetime."""
+    leaf = svid.leaf
+    return past_half_life(leaf.not_valid_before_utc, leaf.not_valid_after_utc, now)
+
+
+def _bundle_key(bundle: Bundle) -> bytes:
+    # Compare bundles by their SPIFFE document: certificates and keys compare by
+    # encoding there, whatever object identity they have in memory.
+    return bundle.to_json()
+
+
+@dataclass
+class _JwtCacheItem:
+    svid: JwtSvid
+    refresh_at: dt.datetime
+
+
+@dataclass
+class _State:
+    entries: dict[str, CachedEntry] = field(default_factory=dict)
+    svids: dict[str, CachedSvid] = field(default_factory=dict)
+    bundles: dict[TrustDomain, Bundle] = field(default_factory=dict)
+
+
+class Cache:
+    """Entries, SVIDs and bundles, with change notification for streams."""
+
+    def __init__(
+        self,
+        *,
+        trust_domain: TrustDomain,
+        clock: Clock | None = None,
+        jwt_signer: JwtSigner | None = None,
+    ) -> None:
+        self.trust_domain = trust_domain
+        self._clock = clock or SystemClock()
+        self._jwt_signer = jwt_signer
+        self._state = _State()
+        self._version = 0
+        self._snapshot: Snapshot | None = None
+        self._changed = asyncio.Event()
+        self._jwt: dict[tuple[str, tuple[str, ...]], _JwtCacheItem] = {}
+
+    # Reading -----------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """Increments on every change a workload could see."""
+        return self._version
+
+    def snapshot(self) -> Snapshot:
+        """The current state, immutable."""
+        if self._snapshot is None or self._snapshot.version != self._version:
+            entries = tuple(sorted(self._state.entries.values(), key=CachedEntry.sort_key))
+            self._snapshot = Snapshot(
+                version=self._version,
+                trust_domain=self.trust_domain,
+                entries=entries,
+                svids={k: v.svid for k, v in self._state.svids.items()},
+                bundles=dict(self._state.bundles),
+            )
+        return self._snapshot
+
+    async def wait_for_change(self, version: int) -> int:
+        """Return the current version once it differs from ``version``."""
+        while self._version == version:
+            await self._changed.wait()
+        return self._version
+
+    # Writing -----------------------------------------------------------------
+
+    def _bump(self) -> None:
+        self._version += 1
+        # Wake every waiter on the old event, then give new waiters a fresh one.
+        old, self._changed = self._changed, asyncio.Event()
+        old.set()
+
+    def set_entries(self, entries: Iterable[CachedEntry]) -> bool:
+        """Replace the authorized entries.
+
+        SVIDs of entries that disappeared are dropped; so are SVIDs whose entry now
+        names another SPIFFE ID (the certificate would lie). An SVID whose entry
+        changed otherwise stays until :meth:`rotation_plan` replaces it.
+
+        Returns:
+            Whether anything changed.
+        """
+        new = {e.id: e for e in entries}
+        if new == self._state.entries:
+            return False
+        for entry_id in list(self._state.svids):
+            entry = new.get(entry_id)
+            cached = self._state.svids[entry_id]
+            if entry is None or cached.svid.spiffe_id != entry.spiffe_id:
+                del self._state.svids[entry_id]
+        for key in list(self._jwt):
+            entry = new.get(key[0])
+            old = self._state.entries.get(key[0])
+            if entry is None or old is None or entry.spiffe_id != old.spiffe_id:
+                del self._jwt[key]
+        self._state.entries = new
+        self._bump()
+        return True
+
+    def set_bundles(self, bundles: Mapping[TrustDomain, Bundle]) -> bool:
+        """Replace the bundles. Returns whether anything changed."""
+        old = self._state.bundles
+        same = old.keys() == bundles.keys() and all(
+            _bundle_key(old[td]) == _bundle_key(b) for td, b in bundles.items()
+        )
+        if same:
+            return False
+        self._state.bundles = dict(bundles)
+        self._bump()
+        return True
+
+    def set_x509_svid(self, entry_id: str, svid: X509Svid) -> None:
+        """Store a freshly signed SVID for an entry we still hold."""
+        entry = self._state.entries.get(entry_id)
+        if entry is None:
+            # The entry went away while its CSR was at the server.
+            return
+        self._state.svids[entry_id] = CachedSvid(svid, entry.svid_fingerprint())
+        self._bump()
+
+    # Decisions ---------------------------------------------------------------
+
+    def rotation_plan(self, now: dt.datetime | None = None) -> list[CachedEntry]:
+        """Entries that need a new X.509-SVID, in the stable order.
+
+        An entry needs one when it has none, when its :meth:`CachedEntry.svid_fingerprint`
+        changed since its SVID was issued, or when its SVID is at or past half its
+        lifetime.
+        """
+        now = now or self._clock.now()
+        out = []
+        for entry in sorted(self._state.entries.values(), key=CachedEntry.sort_key):
+            cached = self._state.svids.get(entry.id)
+            if (
+                cached is None
+                or cached.fingerprint != entry.svid_fingerprint()
+                or svid_needs_rotation(cached.svid, now)
+            ):
+                out.append(entry)
+        return out
+
+    # JWT-SVIDs ---------------------------------------------------------------
+
+    async def jwt_svid(self, entry: CachedEntry, audience: Sequence[str]) -> JwtSvid:
+        """A JWT-SVID for ``entry`` and ``audience``, from the cache or the server.
+
+        Cached per (entry, sorted audiences) until half its lifetime, like the
+        X.509-SVIDs.
+
+        Raises:
+            NotReadyError: no signer is configured.
+            ServerCallError: the server refused or could not be reached.
+        """
+        key = (entry.id, tuple(sorted(set(audience))))
+        now = self._clock.now()
+        item = self._jwt.get(key)
+        if item is not None and now < item.refresh_at:
+            return item.svid
+        if self._jwt_signer is None:
+            raise NotReadyError("the agent cannot sign JWT-SVIDs yet")
+        svid = await self._jwt_signer(entry, key[1])
+        issued = svid.issued_at or now
+        self._jwt[key] = _JwtCacheItem(svid, issued + (svid.expires_at - issued) / 2)
+        return svid
+
+    def set_jwt_signer(self, signer: JwtSigner) -> None:
+        """Install the function that asks the server for JWT-SVIDs."""
+        self._jwt_signer = signer

@@ -1,0 +1,29 @@
+"""The agent's errors. The Workload API servicer and the CLI map them to codes."""
+
+from __future__ import annotations
+
+from identity.errors import SigilError
+
+
+class AgentError(SigilError):
+    """Base of the agent's own errors."""
+
+
+class ConfigError(AgentError):
+    """The configuration (file, environment or flags) is invalid."""
+
+
+class EndpointAddressError(AgentError, ValueError):
+    """A Workload API endpoint address breaks the Workload Endpoint standard."""
+
+
+class BootstrapError(AgentError):
+    """The agent cannot establish trust in the server or attest to it."""
+
+
+class ServerCallError(AgentError):
+    """A call to the server's agent API failed."""
+
+
+class NotReadyError(AgentError):
+    """The agent has no SVID for an entitled entry yet."""

@@ -1,0 +1,97 @@
+"""The running Workload API: front (public socket) + internal grpc.aio server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from agent.cache import Cache
+from agent.clock import Clock
+from agent.workload_api.front import PeerCredentialFront
+from agent.workload_api.servicer import WorkloadApiServicer
+from attestation.workload import DEFAULT_PROC_ROOT, WorkloadAttestor
+
+# Requests are tiny (the largest is a JWT to validate); bound them so a local
+# process cannot make the agent buffer megabytes. Responses carry certificate
+# chains and bundles, which stay far below 4 MiB.
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+
+
+class WorkloadApiServer:
+    """Serves the SPIFFE Workload API on ``socket_path``.
+
+    Use as an async context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        *,
+        socket_path: Path,
+        cache: Cache,
+        attestors: Sequence[WorkloadAttestor],
+        proc_root: Path = DEFAULT_PROC_ROOT,
+        clock: Clock | None = None,
+        private_dir: Path | None = None,
+        first_response_timeout: float = 5.0,
+    ) -> None:
+        self.front = PeerCredentialFront(
+            socket_path, private_dir=private_dir, proc_root=proc_root
+        )
+        self.servicer = WorkloadApiServicer(
+            cache=cache,
+            peers=self.front.lookup,
+            attestors=attestors,
+            proc_root=proc_root,
+            clock=clock,
+            first_response_timeout=first_response_timeout,
+        )
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        """The public socket workloads connect to."""
+        return self.front.public_socket
+
+    async def start(self) -> None:
+        """Start the internal server, then open the public socket."""
+        self.front.prepare_private_dir()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+            ]
+        )
+        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        internal = self.front.internal_socket
+        with contextlib.suppress(FileNotFoundError):
+            internal.unlink()
+        server.add_insecure_port(f"unix:{internal}")
+        await server.start()
+        # The 0700 directory is the real guard; this is belt and braces.
+        os.chmod(internal, 0o600)
+        self._server = server
+        try:
+            await self.front.start()
+        except BaseException:
+            await server.stop(None)
+            self._server = None
+            raise
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Close the public socket, end the relays, stop the internal server."""
+        await self.front.close()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    async def __aenter__(self) -> WorkloadApiServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

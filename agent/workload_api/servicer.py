@@ -1,0 +1,416 @@
+"""The SPIFFE Workload API servicer (DESIGN flow 5; SPIFFE-NOTES §6 and §7).
+
+Registered under the bare service name ``SpiffeWorkloadAPI`` with grpc's generic
+handlers and our ``sigil.workload.v1`` messages, so calls travel as
+``/SpiffeWorkloadAPI/<Method>`` exactly as every SPIFFE client expects, while our
+messages never collide with py-spiffe's package-less ones in one process.
+
+Every RPC first checks the ``workload.spiffe.io: true`` header, then identifies
+the caller by the credentials the front recorded for its connection, attests it,
+and checks that the attested process still owns its PID. Status codes are chosen
+here and only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import struct_pb2  # type: ignore[import-untyped,unused-ignore]
+
+from agent import log
+from agent.cache import Cache, CachedEntry, Identity, Snapshot
+from agent.clock import Clock, SystemClock
+from agent.errors import AgentError
+from agent.workload_api.front import PeerCredentials
+from api.protos import workload_pb2 as pb
+from attestation.workload import (
+    DEFAULT_PROC_ROOT,
+    ProcessGoneError,
+    ProcessInfo,
+    WorkloadAttestationError,
+    WorkloadAttestor,
+    process_start_time,
+)
+from identity.bundle import Bundle, BundleSet
+from identity.errors import InvalidSpiffeIdError, JwtSvidError
+from identity.jwtsvid import validate_jwt_svid
+from identity.selectors import Selector
+from identity.spiffeid import SpiffeId, TrustDomain
+
+SERVICE_NAME = "SpiffeWorkloadAPI"
+SECURITY_HEADER = "workload.spiffe.io"
+NO_IDENTITY = "no identity issued"
+HEADER_MISSING = "security header missing from request"
+
+PeerLookup = Callable[[str], PeerCredentials | None]
+
+
+class WorkloadApiServicer:
+    """The five Workload API RPCs (plus Unimplemented WIT RPCs).
+
+    Args:
+        cache: where identities, SVIDs and bundles come from.
+        peers: maps ``context.peer()`` to the credentials the front recorded.
+        attestors: the workload attestors to run on each caller.
+        proc_root: the /proc to read (a fixture tree in tests).
+        clock: time for JWT validation.
+        first_response_timeout: how long a stream waits for SVIDs of entitled
+            entries that the agent has not had signed yet before it answers with
+            what it has (or Unavailable when it has none).
+    """
+
+    def __init__(
+        self,
+        *,
+        cache: Cache,
+        peers: PeerLookup,
+        attestors: Sequence[WorkloadAttestor],
+        proc_root: Path = DEFAULT_PROC_ROOT,
+        clock: Clock | None = None,
+        first_response_timeout: float = 5.0,
+    ) -> None:
+        self._cache = cache
+        self._peers = peers
+        self._attestors = tuple(attestors)
+        self._proc_root = proc_root
+        self._clock = clock or SystemClock()
+        self._first_timeout = first_response_timeout
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler serving ``/SpiffeWorkloadAPI/<Method>``."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "FetchX509SVID": grpc.unary_stream_rpc_method_handler(
+                    self.FetchX509SVID,
+                    request_deserializer=pb.X509SVIDRequest.FromString,
+                    response_serializer=pb.X509SVIDResponse.SerializeToString,
+                ),
+                "FetchX509Bundles": grpc.unary_stream_rpc_method_handler(
+                    self.FetchX509Bundles,
+                    request_deserializer=pb.X509BundlesRequest.FromString,
+                    response_serializer=pb.X509BundlesResponse.SerializeToString,
+                ),
+                "FetchJWTSVID": grpc.unary_unary_rpc_method_handler(
+                    self.FetchJWTSVID,
+                    request_deserializer=pb.JWTSVIDRequest.FromString,
+                    response_serializer=pb.JWTSVIDResponse.SerializeToString,
+                ),
+                "FetchJWTBundles": grpc.unary_stream_rpc_method_handler(
+                    self.FetchJWTBundles,
+                    request_deserializer=pb.JWTBundlesRequest.FromString,
+                    response_serializer=pb.JWTBundlesResponse.SerializeToString,
+                ),
+                "ValidateJWTSVID": grpc.unary_unary_rpc_method_handler(
+                    self.ValidateJWTSVID,
+                    request_deserializer=pb.ValidateJWTSVIDRequest.FromString,
+                    response_serializer=pb.ValidateJWTSVIDResponse.SerializeToString,
+                ),
+                "FetchWITSVID": grpc.unary_stream_rpc_method_handler(
+                    self.FetchWITSVID,
+                    request_deserializer=pb.WITSVIDRequest.FromString,
+                    response_serializer=pb.WITSVIDResponse.SerializeToString,
+                ),
+                "FetchWITBundles": grpc.unary_stream_rpc_method_handler(
+                    self.FetchWITBundles,
+                    request_deserializer=pb.WITBundlesRequest.FromString,
+                    response_serializer=pb.WITBundlesResponse.SerializeToString,
+                ),
+            },
+        )
+
+    # The caller --------------------------------------------------------------
+
+    async def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> _Caller:
+        """Check the header, identify and attest the caller.
+
+        Aborts the RPC with InvalidArgument (header) or PermissionDenied (unknown
+        connection, process gone or PID reused).
+        """
+        values = [v for k, v in (context.invocation_metadata() or ()) if k == SECURITY_HEADER]
+        # SPIRE's rule: exactly one value, exactly "true".
+        if values != ["true"]:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, HEADER_MISSING)
+        creds = self._peers(context.peer())
+        if creds is None:
+            # Not a connection the front made: someone reached the internal socket
+            # directly. Only the agent's own user could, but refuse it anyway.
+            log.event("workload refused reason=unknown_peer", level=logging.WARNING)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "caller not identified")
+        try:
+            selectors = await asyncio.to_thread(self._attest, creds)
+        except ProcessGoneError as exc:
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except WorkloadAttestationError as exc:
+            log.event("workload attestation failed", level=logging.WARNING,
+                      pid=creds.pid, reason=str(exc))
+            await _abort(
+                context, grpc.StatusCode.UNAVAILABLE, f"workload attestation failed: {exc}"
+            )
+        caller = _Caller(creds, frozenset(selectors))
+        await self._check_alive(caller, context)
+        return caller
+
+    def _attest(self, creds: PeerCredentials) -> list[Selector]:
+        process = ProcessInfo(pid=creds.pid, uid=creds.uid, gid=creds.gid)
+        selectors: list[Selector] = []
+        for attestor in self._attestors:
+            selectors.extend(attestor.attest(process))
+        return selectors
+
+    async def _check_alive(
+        self, caller: _Caller, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Abort unless the PID still names the process the front recorded.
+
+        Run after attestation and before every answer: if the process exited and its
+        PID went to another process, what we attested is no longer who asked.
+        """
+        try:
+            now = await asyncio.to_thread(
+                process_start_time, caller.creds.pid, proc_root=self._proc_root
+            )
+        except WorkloadAttestationError:
+            now = None
+        if now != caller.creds.start_time:
+            await _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"process {caller.creds.pid} is gone or its PID was reused",
+            )
+
+    async def _wait(self, version: int, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(self._cache.wait_for_change(version), timeout)
+        except TimeoutError:
+            pass
+
+    # X.509 -------------------------------------------------------------------
+
+    async def FetchX509SVID(
+        self, request: pb.X509SVIDRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.X509SVIDResponse]:
+        """Stream the caller's X.509-SVIDs: at once, then on every change.
+
+        Never ends normally (py-spiffe 0.3.2 reconnects in a loop when it does);
+        ends with PermissionDenied when the caller has, or comes to have, no identity.
+        """
+        caller = await self._caller(context)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._first_timeout
+        last: pb.X509SVIDResponse | None = None
+        while True:
+            snap = self._cache.snapshot()
+            entitled = snap.entitled(caller.selectors)
+            if not entitled:
+                await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
+            identities = [i for i in snap.identities(entitled) if _x509_bundle(snap, i)]
+            complete = len(identities) == len(entitled)
+            waiting_first = last is None and not complete and loop.time() < deadline
+            if identities and not waiting_first:
+                response = _x509_svid_response(snap, identities, entitled)
+                if response != last:
+                    await self._check_alive(caller, context)
+                    yield response
+                    last = response
+            elif not identities and last is None and loop.time() >= deadline:
+                await _abort(
+                    context, grpc.StatusCode.UNAVAILABLE, "X.509-SVIDs not issued yet; retry"
+                )
+            timeout = max(0.0, deadline - loop.time()) if last is None else None
+            await self._wait(snap.version, timeout)
+
+    async def FetchX509Bundles(
+        self, request: pb.X509BundlesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.X509BundlesResponse]:
+        """Stream the X.509 bundles the caller may see (own trust domain + federated)."""
+        caller = await self._caller(context)
+        async for bundles in self._bundle_updates(caller, context):
+            response = pb.X509BundlesResponse()
+            for td, bundle in bundles.items():
+                der = bundle.x509_der()
+                if der:
+                    response.bundles[td.id_string()] = der
+            yield response
+
+    async def FetchJWTBundles(
+        self, request: pb.JWTBundlesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.JWTBundlesResponse]:
+        """Stream the JWT bundles (plain JWKS of jwt-svid keys) the caller may see."""
+        caller = await self._caller(context)
+        async for bundles in self._bundle_updates(caller, context):
+            response = pb.JWTBundlesResponse()
+            for td, bundle in bundles.items():
+                response.bundles[td.id_string()] = bundle.jwt_jwks()
+            yield response
+
+    async def _bundle_updates(
+        self, caller: _Caller, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[dict[TrustDomain, Bundle]]:
+        """The caller's bundles now and after every change that alters them."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._first_timeout
+        last: dict[str, bytes] | None = None
+        while True:
+            snap = self._cache.snapshot()
+            entitled = snap.entitled(caller.selectors)
+            if not entitled:
+                await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
+            bundles = snap.bundles_for(entitled)
+            if snap.trust_domain in bundles:
+                key = {td.name: b.to_json() for td, b in bundles.items()}
+                if key != last:
+                    await self._check_alive(caller, context)
+                    yield bundles
+                    last = key
+            elif last is None and loop.time() >= deadline:
+                await _abort(context, grpc.StatusCode.UNAVAILABLE, "bundle not available yet")
+            timeout = max(0.0, deadline - loop.time()) if last is None else None
+            await self._wait(snap.version, timeout)
+
+    # JWT ---------------------------------------------------------------------
+
+    async def FetchJWTSVID(
+        self, request: pb.JWTSVIDRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.JWTSVIDResponse:
+        """JWT-SVIDs for every identity of the caller (or the one requested)."""
+        caller = await self._caller(context)
+        audience = [a for a in request.audience if a]
+        if not audience:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        wanted: SpiffeId | None = None
+        if request.spiffe_id:
+            try:
+                wanted = SpiffeId.parse(request.spiffe_id)
+            except InvalidSpiffeIdError as exc:
+                await _abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"invalid requested SPIFFE ID: {exc}",
+                )
+        entitled = self._cache.snapshot().entitled(caller.selectors)
+        if wanted is not None:
+            entitled = [e for e in entitled if e.spiffe_id == wanted]
+        if not entitled:
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
+        # Tokens for the same SPIFFE ID are interchangeable: one per ID, first
+        # entry in the stable order.
+        seen: set[SpiffeId] = set()
+        response = pb.JWTSVIDResponse()
+        for entry in entitled:
+            if entry.spiffe_id in seen:
+                continue
+            seen.add(entry.spiffe_id)
+            try:
+                svid = await self._cache.jwt_svid(entry, audience)
+            except AgentError as exc:
+                log.event("jwt-svid fetch failed", level=logging.WARNING,
+                          spiffe_id=entry.spiffe_id, reason=str(exc))
+                await _abort(
+                    context, grpc.StatusCode.UNAVAILABLE, f"could not fetch JWT-SVID: {exc}"
+                )
+            response.svids.append(
+                pb.JWTSVID(spiffe_id=str(entry.spiffe_id), svid=svid.token, hint=entry.hint)
+            )
+        await self._check_alive(caller, context)
+        return response
+
+    async def ValidateJWTSVID(
+        self, request: pb.ValidateJWTSVIDRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ValidateJWTSVIDResponse:
+        """Validate a JWT-SVID against the agent's JWT bundles."""
+        caller = await self._caller(context)
+        if not request.audience:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        if not request.svid:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
+        snap = self._cache.snapshot()
+        try:
+            svid = validate_jwt_svid(
+                request.svid,
+                bundles=BundleSet(snap.bundles.values()),
+                audience=request.audience,
+                now=self._clock.now(),
+            )
+        except (JwtSvidError, InvalidSpiffeIdError) as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        claims = struct_pb2.Struct()
+        doc = dict(svid.claims)
+        # A single-string aud is legal in a JWT; hand it out as a list, as SPIRE does.
+        if isinstance(doc.get("aud"), str):
+            doc["aud"] = [doc["aud"]]
+        claims.update(doc)
+        await self._check_alive(caller, context)
+        return pb.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims)
+
+    # WIT (optional profile, not supported) ---------------------------------------
+
+    async def FetchWITSVID(
+        self, request: pb.WITSVIDRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WITSVIDResponse]:
+        """Unimplemented: Sigil does not issue WIT-SVIDs."""
+        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "WIT-SVIDs are not supported")
+        yield pb.WITSVIDResponse()  # pragma: no cover (makes this an async generator)
+
+    async def FetchWITBundles(
+        self, request: pb.WITBundlesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WITBundlesResponse]:
+        """Unimplemented: Sigil does not issue WIT-SVIDs."""
+        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "WIT-SVIDs are not supported")
+        yield pb.WITBundlesResponse()  # pragma: no cover
+
+
+class _Caller:
+    """An attested caller: its credentials and selectors."""
+
+    __slots__ = ("creds", "selectors")
+
+    def __init__(self, creds: PeerCredentials, selectors: frozenset[Selector]) -> None:
+        self.creds = creds
+        self.selectors = selectors
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str
+) -> NoReturn:
+    await context.abort(code, details)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def _x509_bundle(snap: Snapshot, identity: Identity) -> bytes:
+    bundle = snap.bundles.get(identity.entry.spiffe_id.trust_domain)
+    return bundle.x509_der() if bundle is not None else b""
+
+
+def _x509_svid_response(
+    snap: Snapshot, identities: list[Identity], entitled: list[CachedEntry]
+) -> pb.X509SVIDResponse:
+    response = pb.X509SVIDResponse()
+    hints: set[str] = set()
+    for identity in identities:
+        hint = identity.entry.hint
+        # Hints must be unique within a response; clients keep the first anyway.
+        if hint in hints:
+            hint = ""
+        hints.add(hint)
+        response.svids.append(
+            pb.X509SVID(
+                spiffe_id=str(identity.svid.spiffe_id),
+                x509_svid=identity.svid.chain_der(),
+                x509_svid_key=identity.svid.key_der(),
+                # Never empty: py-spiffe fails on an empty bundle, and callers of
+                # this function only pass identities whose bundle we hold.
+                bundle=_x509_bundle(snap, identity),
+                hint=hint,
+            )
+        )
+    for td, bundle in snap.bundles_for(entitled).items():
+        der = bundle.x509_der()
+        if td != snap.trust_domain and der:
+            response.federated_bundles[td.id_string()] = der
+    return response

@@ -1,0 +1,157 @@
+"""The ``unix`` workload attestor: selectors from a process's Unix identity.
+
+Selectors (the names SPIRE's unix attestor uses, so operators can reuse entries):
+
+- ``unix:uid:<n>``, ``unix:gid:<n>``: from the kernel's peer credentials;
+- ``unix:user:<name>``, ``unix:group:<name>``: when the IDs resolve via pwd/grp;
+- ``unix:supplementary_gid:<n>``, ``unix:supplementary_group:<name>``: from the
+  ``Groups:`` line of ``/proc/<pid>/status``;
+- ``unix:path:<exe>`` (``discover_workload_path``) and ``unix:sha256:<hex>``
+  (``workload_path_sha256``): off by default because hashing reads the whole binary.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import os
+import pwd
+from dataclasses import dataclass
+from pathlib import Path
+
+from attestation.workload import (
+    DEFAULT_PROC_ROOT,
+    ProcessGoneError,
+    ProcessInfo,
+    WorkloadAttestationError,
+)
+from identity.selectors import Selector
+
+NAME = "unix"
+
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class UnixAttestorConfig:
+    """Options of the unix attestor.
+
+    Attributes:
+        discover_workload_path: add ``unix:path`` (a readlink of /proc/<pid>/exe).
+        workload_path_sha256: add ``unix:sha256`` (reads the whole binary).
+    """
+
+    discover_workload_path: bool = False
+    workload_path_sha256: bool = False
+
+
+class UnixAttestor:
+    """Produces ``unix:*`` selectors for a process."""
+
+    def __init__(
+        self,
+        config: UnixAttestorConfig | None = None,
+        *,
+        proc_root: Path = DEFAULT_PROC_ROOT,
+    ) -> None:
+        self._config = config or UnixAttestorConfig()
+        self._proc_root = proc_root
+
+    @property
+    def name(self) -> str:
+        """``unix``."""
+        return NAME
+
+    def attest(self, process: ProcessInfo) -> list[Selector]:
+        """Selectors for ``process`` (see the module docstring for the list).
+
+        Raises:
+            ProcessGoneError: the process no longer exists.
+            WorkloadAttestationError: /proc could not be read.
+        """
+        proc_dir = self._proc_root / str(process.pid)
+        if not proc_dir.is_dir():
+            raise ProcessGoneError(f"process {process.pid} is gone")
+        out = [
+            Selector(NAME, f"uid:{process.uid}"),
+            Selector(NAME, f"gid:{process.gid}"),
+        ]
+        user = _user_name(process.uid)
+        if user is not None:
+            out.append(Selector(NAME, f"user:{user}"))
+        group = _group_name(process.gid)
+        if group is not None:
+            out.append(Selector(NAME, f"group:{group}"))
+        for gid in self._supplementary_gids(process.pid):
+            out.append(Selector(NAME, f"supplementary_gid:{gid}"))
+            name = _group_name(gid)
+            if name is not None:
+                out.append(Selector(NAME, f"supplementary_group:{name}"))
+        if self._config.discover_workload_path or self._config.workload_path_sha256:
+            exe = proc_dir / "exe"
+            if self._config.discover_workload_path:
+                out.append(Selector(NAME, f"path:{self._exe_path(process.pid, exe)}"))
+            if self._config.workload_path_sha256:
+                out.append(Selector(NAME, f"sha256:{self._exe_sha256(process.pid, exe)}"))
+        # Deduplicate (a supplementary group may equal the primary one) but keep order.
+        return list(dict.fromkeys(out))
+
+    def _supplementary_gids(self, pid: int) -> list[int]:
+        path = self._proc_root / str(pid) / "status"
+        try:
+            text = path.read_text()
+        except FileNotFoundError as exc:
+            raise ProcessGoneError(f"process {pid} is gone") from exc
+        except OSError as exc:
+            raise WorkloadAttestationError(f"cannot read /proc/{pid}/status: {exc}") from exc
+        for line in text.splitlines():
+            if line.startswith("Groups:"):
+                try:
+                    return [int(g) for g in line.split(":", 1)[1].split()]
+                except ValueError as exc:
+                    raise WorkloadAttestationError(
+                        f"/proc/{pid}/status has a malformed Groups line"
+                    ) from exc
+        return []
+
+    @staticmethod
+    def _exe_path(pid: int, exe: Path) -> str:
+        try:
+            return os.readlink(exe)
+        except FileNotFoundError as exc:
+            raise ProcessGoneError(f"process {pid} is gone") from exc
+        except OSError as exc:
+            raise WorkloadAttestationError(
+                f"cannot read the executable path of process {pid}: {exc}"
+            ) from exc
+
+    @staticmethod
+    def _exe_sha256(pid: int, exe: Path) -> str:
+        # Open through /proc/<pid>/exe rather than the path it names: that is the
+        # inode the process runs, even if the file was replaced or deleted since.
+        digest = hashlib.sha256()
+        try:
+            with exe.open("rb") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    digest.update(chunk)
+        except FileNotFoundError as exc:
+            raise ProcessGoneError(f"process {pid} is gone") from exc
+        except OSError as exc:
+            raise WorkloadAttestationError(
+                f"cannot read the executable of process {pid}: {exc}"
+            ) from exc
+        return digest.hexdigest()
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
