@@ -1,0 +1,244 @@
+"""Private and public keys: generation, encodings, key IDs and strength rules.
+
+Sigil signs with ECDSA (P-256 by default) or RSA; those are the key types every
+SPIFFE implementation and TLS stack handles, and the ones the JWT-SVID standard's
+algorithm table (JWT-SVID §2.1: RS*, ES*, PS*) can use. Ed25519 is deliberately
+not offered: no JWT-SVID algorithm covers it.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from identity.errors import InvalidKeyError
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+"""A private key Sigil can sign with."""
+
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+"""A public key Sigil can verify with."""
+
+# RSA below 2048 bits is deprecated for signatures (NIST SP 800-131A); the web PKI
+# and go-spiffe's test CAs agree.
+MIN_RSA_BITS = 2048
+
+# The curves of RFC 7518 §3.4 (ES256/384/512) and of the web PKI. Anything else
+# has no JWS algorithm and is rejected by most TLS stacks.
+ALLOWED_CURVES: frozenset[str] = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+
+# RSA public exponent: 65537 is the only value anyone should generate (RFC 8017
+# recommends it; small exponents invite attacks on bad padding).
+_RSA_EXPONENT = 65537
+
+
+class KeyType(enum.Enum):
+    """The key types Sigil generates."""
+
+    EC_P256 = "ec-p256"
+    EC_P384 = "ec-p384"
+    RSA_2048 = "rsa-2048"
+    RSA_4096 = "rsa-4096"
+
+
+def generate_private_key(key_type: KeyType = KeyType.EC_P256) -> PrivateKey:
+    """Generate a fresh private key.
+
+    Args:
+        key_type: which algorithm and size; P-256 by default.
+
+    Returns:
+        The new private key.
+    """
+    if key_type is KeyType.EC_P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type is KeyType.EC_P384:
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type is KeyType.RSA_2048:
+        return rsa.generate_private_key(public_exponent=_RSA_EXPONENT, key_size=2048)
+    return rsa.generate_private_key(public_exponent=_RSA_EXPONENT, key_size=4096)
+
+
+def private_key_to_pkcs8_der(key: PrivateKey) -> bytes:
+    """Encode a private key as unencrypted PKCS#8 DER.
+
+    The Workload API carries keys in exactly this form (SPIFFE Workload API §5.3,
+    ``x509_svid_key``).
+
+    Args:
+        key: the private key.
+
+    Returns:
+        PKCS#8 DER bytes.
+    """
+    return key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def private_key_to_pem(key: PrivateKey) -> bytes:
+    """Encode a private key as an unencrypted PKCS#8 ``PRIVATE KEY`` PEM block.
+
+    Args:
+        key: the private key.
+
+    Returns:
+        PEM bytes.
+    """
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _as_private_key(obj: object, what: str) -> PrivateKey:
+    if isinstance(obj, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        check_public_key_strength(obj.public_key())
+        return obj
+    raise InvalidKeyError(f"{what}: unsupported key type {type(obj).__name__}; want EC or RSA")
+
+
+def load_private_key_pem(data: bytes) -> PrivateKey:
+    """Load an unencrypted private key from PEM (PKCS#8, or the legacy EC/RSA forms).
+
+    Args:
+        data: PEM bytes.
+
+    Returns:
+        The private key.
+
+    Raises:
+        InvalidKeyError: not PEM, encrypted, malformed, of another type, or too weak.
+    """
+    try:
+        obj = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise InvalidKeyError(f"cannot parse PEM private key: {exc}") from None
+    return _as_private_key(obj, "PEM private key")
+
+
+def load_private_key_der(data: bytes) -> PrivateKey:
+    """Load an unencrypted private key from DER (PKCS#8, or the legacy EC/RSA forms).
+
+    Args:
+        data: DER bytes.
+
+    Returns:
+        The private key.
+
+    Raises:
+        InvalidKeyError: malformed, encrypted, of another type, or too weak.
+    """
+    try:
+        obj = serialization.load_der_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise InvalidKeyError(f"cannot parse DER private key: {exc}") from None
+    return _as_private_key(obj, "DER private key")
+
+
+def public_key_der(key: PublicKey | PrivateKey) -> bytes:
+    """Encode a public key as SubjectPublicKeyInfo DER.
+
+    Args:
+        key: a public key, or a private key whose public half is wanted.
+
+    Returns:
+        SPKI DER bytes.
+    """
+    pub = key.public_key() if isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)) else key
+    return pub.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_public_key_der(data: bytes) -> PublicKey:
+    """Load a SubjectPublicKeyInfo DER public key.
+
+    Args:
+        data: SPKI DER bytes.
+
+    Returns:
+        The public key.
+
+    Raises:
+        InvalidKeyError: malformed, of another type, or too weak.
+    """
+    try:
+        obj = serialization.load_der_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise InvalidKeyError(f"cannot parse DER public key: {exc}") from None
+    if not isinstance(obj, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
+        raise InvalidKeyError(
+            f"DER public key: unsupported key type {type(obj).__name__}; want EC or RSA"
+        )
+    check_public_key_strength(obj)
+    return obj
+
+
+def key_id(public_key: PublicKey) -> str:
+    """A stable key ID: base64url (no padding) of the SHA-256 of the SPKI DER, 32 chars.
+
+    Derived from the key, so the server and anyone holding the bundle compute the same
+    kid, and a key keeps its kid across restarts. 24 bytes of the digest (192 bits) keep
+    the kid short while collisions stay out of reach.
+
+    Args:
+        public_key: the public key.
+
+    Returns:
+        A 32-character kid.
+    """
+    digest = hashlib.sha256(public_key_der(public_key)).digest()
+    return base64.urlsafe_b64encode(digest[:24]).decode("ascii")
+
+
+def check_public_key_strength(pub: object) -> None:
+    """Reject keys Sigil will not sign for or trust.
+
+    Args:
+        pub: a public key of any type.
+
+    Raises:
+        InvalidKeyError: not EC or RSA, RSA below 2048 bits, or a curve other than
+            P-256, P-384 or P-521.
+    """
+    if isinstance(pub, rsa.RSAPublicKey):
+        if pub.key_size < MIN_RSA_BITS:
+            raise InvalidKeyError(
+                f"RSA key of {pub.key_size} bits is too weak; at least {MIN_RSA_BITS} required"
+            )
+        return
+    if isinstance(pub, ec.EllipticCurvePublicKey):
+        if pub.curve.name not in ALLOWED_CURVES:
+            raise InvalidKeyError(
+                f"EC curve {pub.curve.name} is not allowed; use P-256, P-384 or P-521"
+            )
+        return
+    raise InvalidKeyError(f"unsupported public key type {type(pub).__name__}; want EC or RSA")
+
+
+def public_keys_equal(a: PublicKey | object, b: PublicKey | object) -> bool:
+    """True when two public keys are the same key (compared by SPKI DER).
+
+    Args:
+        a: a public key (any type).
+        b: a public key (any type).
+
+    Returns:
+        Whether both encode to the same SubjectPublicKeyInfo.
+    """
+    try:
+        fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+        der_a = a.public_bytes(serialization.Encoding.DER, fmt)  # type: ignore[attr-defined]
+        der_b = b.public_bytes(serialization.Encoding.DER, fmt)  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, TypeError):
+        return False
+    return bool(der_a == der_b)

@@ -1,0 +1,871 @@
+"""X.509-SVIDs: the certificate profile we issue, parsing, and chain verification.
+
+References are to the X509-SVID standard (spiffe/spiffe ``standards/X509-SVID.md``)
+and RFC 5280. The profile is written once, here:
+
+Leaf (X509-SVID §4, §5):
+  - empty subject; the SAN extension therefore critical (RFC 5280 §4.1.2.6);
+  - exactly one URI SAN, the SPIFFE ID (which has a path), plus any DNS SANs;
+  - basicConstraints CA:FALSE, critical (§4.1);
+  - keyUsage digitalSignature (+ keyEncipherment for RSA keys, for RSA key
+    transport in TLS 1.2), critical; never keyCertSign/cRLSign (§4.3);
+  - extKeyUsage serverAuth + clientAuth (§4.4);
+  - subjectKeyIdentifier and authorityKeyIdentifier (RFC 5280 §4.2.1.1-2).
+
+Signing certificate (X509-SVID §4.1, §4.3, §3): CA:TRUE critical, keyUsage
+keyCertSign + cRLSign + digitalSignature critical, URI SAN ``spiffe://td`` (no
+path), SKI/AKI, a non-empty subject (RFC 5280 §4.1.2.6 requires one for CAs).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
+from cryptography.x509 import verification
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+
+from identity.errors import InvalidKeyError, InvalidSpiffeIdError, X509SvidError
+from identity.keys import (
+    PrivateKey,
+    PublicKey,
+    check_public_key_strength,
+    private_key_to_pem,
+    private_key_to_pkcs8_der,
+    public_keys_equal,
+)
+from identity.spiffeid import SpiffeId, TrustDomain
+
+if TYPE_CHECKING:
+    # Only for annotations: bundle.py imports this module at run time.
+    from identity.bundle import X509BundleSource
+
+# A CSR is a few hundred bytes; anything this large is not one (DESIGN.md: every
+# network input is bounded before use).
+MAX_CSR_BYTES = 64 * 1024
+
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL
+)
+
+_DNS_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+# --------------------------------------------------------------------------------
+# Encodings
+# --------------------------------------------------------------------------------
+
+
+def _pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
+    """Every PEM block as (type, DER), in order; bad base64 raises ValueError."""
+    blocks: list[tuple[str, bytes]] = []
+    for match in _PEM_BLOCK.finditer(data):
+        body = b"".join(match.group(2).split())
+        try:
+            der = base64.b64decode(body, validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"{match.group(1).decode()} block is not base64: {exc}") from None
+        blocks.append((match.group(1).decode("ascii"), der))
+    return blocks
+
+
+def load_certificates_pem(data: bytes) -> tuple[x509.Certificate, ...]:
+    """Load every ``CERTIFICATE`` PEM block, in order; other block types are skipped.
+
+    Args:
+        data: PEM text.
+
+    Returns:
+        The certificates (empty when there are PEM blocks but none is a certificate).
+
+    Raises:
+        X509SvidError: no PEM block at all, or a certificate block that is not DER.
+    """
+    try:
+        blocks = _pem_blocks(data)
+    except ValueError as exc:
+        raise X509SvidError(f"cannot parse PEM certificates: {exc}") from None
+    if not blocks:
+        raise X509SvidError("cannot parse PEM certificates: no PEM blocks found")
+    certs = []
+    for i, (kind, der) in enumerate(blocks):
+        if kind != "CERTIFICATE":
+            continue
+        try:
+            certs.append(x509.load_der_x509_certificate(der))
+        except ValueError as exc:
+            raise X509SvidError(f"PEM block {i} is a malformed certificate: {exc}") from None
+    return tuple(certs)
+
+
+def _split_der(data: bytes) -> list[bytes]:
+    """Split concatenated DER values by their outer TLV lengths (X.690 §8.1)."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < 2 or data[pos] != 0x30:
+            raise ValueError(f"no DER SEQUENCE at offset {pos}")
+        first = data[pos + 1]
+        if first < 0x80:
+            length, header = first, 2
+        else:
+            n = first & 0x7F
+            # Indefinite length (0x80) is BER, not DER; 4 length octets is 4 GiB.
+            if n == 0 or n > 4 or len(data) - pos < 2 + n:
+                raise ValueError(f"bad DER length at offset {pos}")
+            length = int.from_bytes(data[pos + 2 : pos + 2 + n], "big")
+            header = 2 + n
+        end = pos + header + length
+        if end > len(data):
+            raise ValueError(f"truncated DER value at offset {pos}")
+        out.append(data[pos:end])
+        pos = end
+    return out
+
+
+def load_certificates_der(data: bytes) -> tuple[x509.Certificate, ...]:
+    """Load concatenated DER certificates (the Workload API's encoding).
+
+    Args:
+        data: zero or more DER certificates back to back.
+
+    Returns:
+        The certificates, in order (empty for empty input).
+
+    Raises:
+        X509SvidError: the bytes are not a sequence of DER certificates.
+    """
+    try:
+        return tuple(x509.load_der_x509_certificate(der) for der in _split_der(data))
+    except ValueError as exc:
+        raise X509SvidError(f"cannot parse DER encoded certificate: {exc}") from None
+
+
+def certificates_to_pem(certs: Iterable[x509.Certificate]) -> bytes:
+    """Encode certificates as concatenated ``CERTIFICATE`` PEM blocks.
+
+    Args:
+        certs: the certificates.
+
+    Returns:
+        PEM bytes.
+    """
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def certificates_to_der(certs: Iterable[x509.Certificate]) -> bytes:
+    """Encode certificates as concatenated DER.
+
+    Args:
+        certs: the certificates.
+
+    Returns:
+        DER bytes, back to back.
+    """
+    return b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
+
+
+# --------------------------------------------------------------------------------
+# Certificate rules
+# --------------------------------------------------------------------------------
+
+
+_Ext = TypeVar("_Ext", bound=x509.ExtensionType)
+
+
+def _extension_value(cert: x509.Certificate, ext_type: type[_Ext]) -> _Ext | None:
+    try:
+        return cert.extensions.get_extension_for_class(ext_type).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:  # duplicate or undecodable extension
+        raise X509SvidError(f"certificate has malformed extensions: {exc}") from None
+
+
+def _uri_sans(cert: x509.Certificate) -> list[str]:
+    san = _extension_value(cert, x509.SubjectAlternativeName)
+    if san is None:
+        return []
+    return san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def spiffe_id_from_certificate(cert: x509.Certificate) -> SpiffeId:
+    """The SPIFFE ID in a certificate's single URI SAN (X509-SVID §2).
+
+    Args:
+        cert: an X.509-SVID (leaf or signing certificate).
+
+    Returns:
+        The SPIFFE ID.
+
+    Raises:
+        X509SvidError: no URI SAN, more than one, or not a valid SPIFFE ID.
+    """
+    uris = _uri_sans(cert)
+    if not uris:
+        raise X509SvidError("cannot get SPIFFE ID: certificate contains no URI SAN")
+    # X509-SVID §2: exactly one URI SAN; validators MUST reject more.
+    if len(uris) > 1:
+        raise X509SvidError(
+            f"cannot get SPIFFE ID: certificate contains more than one URI SAN: {uris}"
+        )
+    try:
+        return SpiffeId.parse(uris[0])
+    except InvalidSpiffeIdError as exc:
+        raise X509SvidError(f"cannot get SPIFFE ID: {exc}") from None
+
+
+def validate_leaf(cert: x509.Certificate) -> SpiffeId:
+    """Check the X509-SVID leaf rules, in go-spiffe's order, and return the ID.
+
+    Checks: exactly one URI SAN holding a SPIFFE ID with a path (§2, §3); not a CA
+    (§4.1); keyUsage present with digitalSignature and without keyCertSign and
+    cRLSign (§4.3). Extended key usage is not checked: go-spiffe and py-spiffe do
+    not either, and rejecting a peer's otherwise valid SVID over it buys nothing.
+
+    Args:
+        cert: the leaf certificate.
+
+    Returns:
+        The leaf's SPIFFE ID.
+
+    Raises:
+        X509SvidError: naming the rule the leaf breaks.
+    """
+    spiffe_id = spiffe_id_from_certificate(cert)
+    if not spiffe_id.has_path:
+        raise X509SvidError(
+            f"leaf certificate SPIFFE ID must have a non-root path: {spiffe_id}"
+        )
+    bc = _extension_value(cert, x509.BasicConstraints)
+    if bc is not None and bc.ca:
+        raise X509SvidError("leaf certificate must not have CA flag set to true")
+    ku = _extension_value(cert, x509.KeyUsage)
+    if ku is None or not ku.digital_signature:
+        raise X509SvidError("leaf certificate must have 'digitalSignature' set as key usage")
+    if ku.key_cert_sign:
+        raise X509SvidError("leaf certificate must not have 'keyCertSign' set as key usage")
+    if ku.crl_sign:
+        raise X509SvidError("leaf certificate must not have 'cRLSign' set as key usage")
+    return spiffe_id
+
+
+def validate_signing_certificate(cert: x509.Certificate) -> None:
+    """Check that a certificate may sign X509-SVIDs (X509-SVID §4.1, §4.3).
+
+    A signing certificate is a CA with keyCertSign. If it carries a SPIFFE URI SAN,
+    that ID must have no path (§3). Non-SPIFFE URIs are allowed: an upstream
+    enterprise CA in the chain need not be an SVID.
+
+    Args:
+        cert: the CA certificate.
+
+    Raises:
+        X509SvidError: naming the rule it breaks.
+    """
+    bc = _extension_value(cert, x509.BasicConstraints)
+    if bc is None or not bc.ca:
+        raise X509SvidError("signing certificate must have CA flag set to true")
+    ku = _extension_value(cert, x509.KeyUsage)
+    if ku is None or not ku.key_cert_sign:
+        raise X509SvidError("signing certificate must have 'keyCertSign' set as key usage")
+    for uri in _uri_sans(cert):
+        if uri.startswith("spiffe://"):
+            try:
+                ca_id = SpiffeId.parse(uri)
+            except InvalidSpiffeIdError as exc:
+                raise X509SvidError(f"signing certificate URI SAN: {exc}") from None
+            if ca_id.has_path:
+                raise X509SvidError(
+                    f"signing certificate SPIFFE ID must have no path, got {ca_id}"
+                )
+
+
+# --------------------------------------------------------------------------------
+# The SVID value
+# --------------------------------------------------------------------------------
+
+
+def _check_chain(certs: Sequence[x509.Certificate]) -> SpiffeId:
+    if not certs:
+        raise X509SvidError("certificate validation failed: no certificates found")
+    try:
+        spiffe_id = validate_leaf(certs[0])
+        for cert in certs[1:]:
+            validate_signing_certificate(cert)
+    except X509SvidError as exc:
+        raise X509SvidError(f"certificate validation failed: {exc}") from None
+    return spiffe_id
+
+
+def _check_key(key: object, leaf: x509.Certificate) -> PrivateKey:
+    if key is None:
+        raise X509SvidError("private key validation failed: no private key found")
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        # go-spiffe also takes Ed25519; no JWT-SVID algorithm and few TLS peers use it,
+        # so Sigil neither issues nor loads it.
+        raise X509SvidError(
+            f"private key validation failed: unsupported key type {type(key).__name__}"
+        )
+    if not public_keys_equal(key.public_key(), leaf.public_key()):
+        raise X509SvidError(
+            "private key validation failed: leaf certificate does not match private key"
+        )
+    return key
+
+
+@dataclass(frozen=True)
+class X509Svid:
+    """An X.509-SVID: the SPIFFE ID, the chain (leaf first) and, when owned, its key.
+
+    Attributes:
+        spiffe_id: the leaf's SPIFFE ID.
+        cert_chain: leaf first, then intermediates (never required to hold the root).
+        private_key: the leaf's key, or None for a peer's SVID.
+    """
+
+    spiffe_id: SpiffeId
+    cert_chain: tuple[x509.Certificate, ...]
+    private_key: PrivateKey | None = None
+
+    def __post_init__(self) -> None:
+        if not self.cert_chain:
+            raise X509SvidError("an X509-SVID needs at least one certificate")
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        """The leaf certificate."""
+        return self.cert_chain[0]
+
+    @property
+    def expires_at(self) -> dt.datetime:
+        """The leaf's notAfter, timezone-aware UTC."""
+        return self.leaf.not_valid_after_utc
+
+    @classmethod
+    def parse(cls, certs_pem: bytes, key_pem: bytes) -> X509Svid:
+        """Parse PEM certificates and a PKCS#8 PEM key by go-spiffe's parse contract.
+
+        Certificates are the ``CERTIFICATE`` blocks in order, the key is the first
+        ``PRIVATE KEY`` block; other blocks are skipped, so one file may hold both.
+        Validity dates, signatures and chaining are not checked (see
+        :func:`verify_chain`).
+
+        Args:
+            certs_pem: PEM with the leaf first.
+            key_pem: PEM with a PKCS#8 ``PRIVATE KEY`` block.
+
+        Returns:
+            The SVID.
+
+        Raises:
+            X509SvidError: in go-spiffe's order: unparsable certificate PEM,
+                unparsable key PEM, no certificate, leaf rules, signing-certificate
+                rules, no key, key not matching the leaf.
+        """
+        try:
+            certs = load_certificates_pem(certs_pem)
+        except X509SvidError as exc:
+            raise X509SvidError(f"cannot parse PEM encoded certificate: {exc}") from None
+        key = _load_pem_pkcs8_key(key_pem)
+        spiffe_id = _check_chain(certs)
+        return cls(spiffe_id, certs, _check_key(key, certs[0]))
+
+    @classmethod
+    def parse_raw(cls, certs_der: bytes, key_der: bytes) -> X509Svid:
+        """Parse concatenated DER certificates and a PKCS#8 DER key.
+
+        This is the Workload API encoding (``x509_svid``, ``x509_svid_key``).
+
+        Args:
+            certs_der: DER certificates back to back, leaf first.
+            key_der: the PKCS#8 DER private key.
+
+        Returns:
+            The SVID.
+
+        Raises:
+            X509SvidError: as :meth:`parse`.
+        """
+        certs = load_certificates_der(certs_der)
+        try:
+            key = serialization.load_der_private_key(key_der, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise X509SvidError(f"cannot parse DER encoded private key: {exc}") from None
+        spiffe_id = _check_chain(certs)
+        return cls(spiffe_id, certs, _check_key(key, certs[0]))
+
+    def chain_der(self) -> bytes:
+        """The chain as concatenated DER, leaf first."""
+        return certificates_to_der(self.cert_chain)
+
+    def chain_pem(self) -> bytes:
+        """The chain as PEM, leaf first."""
+        return certificates_to_pem(self.cert_chain)
+
+    def _require_key(self) -> PrivateKey:
+        if self.private_key is None:
+            raise X509SvidError(f"X509-SVID {self.spiffe_id} has no private key")
+        return self.private_key
+
+    def key_der(self) -> bytes:
+        """The private key as PKCS#8 DER.
+
+        Raises:
+            X509SvidError: the SVID has no private key.
+        """
+        return private_key_to_pkcs8_der(self._require_key())
+
+    def key_pem(self) -> bytes:
+        """The private key as PKCS#8 PEM.
+
+        Raises:
+            X509SvidError: the SVID has no private key.
+        """
+        return private_key_to_pem(self._require_key())
+
+
+def _load_pem_pkcs8_key(data: bytes) -> object:
+    """The first PKCS#8 ``PRIVATE KEY`` block, or None when there is none."""
+    try:
+        blocks = _pem_blocks(data)
+    except ValueError as exc:
+        raise X509SvidError(f"cannot parse PEM encoded private key: {exc}") from None
+    if not blocks:
+        raise X509SvidError("cannot parse PEM encoded private key: no PEM blocks found")
+    for kind, der in blocks:
+        # go-spiffe takes PKCS#8 only; 'EC PRIVATE KEY'/'RSA PRIVATE KEY' are skipped.
+        if kind == "PRIVATE KEY":
+            try:
+                return serialization.load_der_private_key(der, password=None)
+            except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+                raise X509SvidError(f"cannot parse PEM encoded private key: {exc}") from None
+    return None
+
+
+# --------------------------------------------------------------------------------
+# Issuing
+# --------------------------------------------------------------------------------
+
+
+def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm:
+    # Match the hash to the curve's strength (RFC 5758 §3.2 / FIPS 186-5).
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        if key.curve.key_size >= 512:
+            return hashes.SHA512()
+        if key.curve.key_size >= 384:
+            return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def _new_serial(serial: int | None) -> int:
+    if serial is None:
+        # RFC 5280 §4.1.2.2: positive, at most 20 octets; CA/B BR §7.1 asks for 64+
+        # bits of randomness. 128 random bits leave collisions out of reach.
+        return 1 + secrets.randbelow(2**128 - 1)
+    if serial <= 0 or serial.bit_length() > 159:
+        raise X509SvidError(f"serial {serial} must be positive and fit in 20 octets")
+    return serial
+
+
+def _utc(value: dt.datetime, what: str) -> dt.datetime:
+    if value.tzinfo is None:
+        raise X509SvidError(f"{what} must be timezone-aware, got naive {value}")
+    return value.astimezone(dt.UTC)
+
+
+def _aki_for(
+    issuer_cert: x509.Certificate | None, issuer_public: CertificateIssuerPublicKeyTypes
+) -> x509.AuthorityKeyIdentifier:
+    # RFC 5280 §4.2.1.1: the AKI is the issuer's SKI, so a rotated CA with the same
+    # subject is still told apart during path building.
+    if issuer_cert is not None:
+        ski = _extension_value(issuer_cert, x509.SubjectKeyIdentifier)
+        if ski is not None:
+            return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public)
+
+
+def new_ca_certificate(
+    *,
+    trust_domain: TrustDomain,
+    public_key: PublicKey,
+    signer_key: PrivateKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    issuer: x509.Certificate | None = None,
+    serial: int | None = None,
+) -> x509.Certificate:
+    """Build and sign a signing (CA) certificate for a trust domain.
+
+    Self-signed when ``issuer`` is None (``signer_key`` must then be the key of
+    ``public_key``); otherwise an intermediate signed by ``issuer``, whose notAfter
+    clamps ours.
+
+    Args:
+        trust_domain: the trust domain; its ID is the URI SAN.
+        public_key: the CA's public key.
+        signer_key: the key that signs (the CA's own key, or the issuer's).
+        not_before: start of validity (aware).
+        not_after: end of validity (aware).
+        issuer: the issuing CA certificate, or None for a self-signed root.
+        serial: a serial number, or None for a random one.
+
+    Returns:
+        The certificate, already checked against the signing-certificate rules.
+
+    Raises:
+        X509SvidError: bad validity, a signer key that does not match the issuer, or
+            an issuer that is not a signing certificate.
+        InvalidKeyError: a weak or unsupported key.
+    """
+    check_public_key_strength(public_key)
+    check_public_key_strength(signer_key.public_key())
+    not_before, not_after = _utc(not_before, "not_before"), _utc(not_after, "not_after")
+    serial = _new_serial(serial)
+    if issuer is None:
+        if not public_keys_equal(signer_key.public_key(), public_key):
+            raise X509SvidError("self-signed CA: signer_key does not match public_key")
+        issuer_public: PublicKey = public_key
+    else:
+        validate_signing_certificate(issuer)
+        if not public_keys_equal(signer_key.public_key(), issuer.public_key()):
+            raise X509SvidError("signer_key does not match the issuer certificate")
+        issuer_public = signer_key.public_key()
+        not_after = min(not_after, issuer.not_valid_after_utc)
+    if not_after <= not_before:
+        raise X509SvidError(f"CA validity is empty: not_before={not_before} not_after={not_after}")
+    # A distinct subject per CA (the serial) keeps rotated CAs apart in logs and for
+    # name chaining; RFC 5280 §4.1.2.6 requires CAs to have a non-empty subject.
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE"),
+            x509.NameAttribute(NameOID.SERIAL_NUMBER, f"{serial:x}"),
+        ]
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject if issuer is None else issuer.subject)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(trust_domain.id_string())]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(_aki_for(issuer, issuer_public), critical=False)
+    )
+    cert = builder.sign(signer_key, _hash_for(signer_key))
+    validate_signing_certificate(cert)
+    _check_signed_by(cert, issuer if issuer is not None else cert)
+    return cert
+
+
+def _check_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> None:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise X509SvidError(f"issued certificate does not verify against its issuer: {exc}") from None
+
+
+def _check_dns_name(name: str) -> None:
+    labels = name.split(".")
+    if labels and labels[0] == "*":  # one leading wildcard label (RFC 6125 §6.4.3)
+        labels = labels[1:]
+    if not labels or len(name) > 253 or not all(_DNS_LABEL.match(lab) for lab in labels):
+        raise X509SvidError(f"invalid DNS name {name!r}")
+
+
+def new_svid_certificate(
+    *,
+    spiffe_id: SpiffeId,
+    public_key: PublicKey,
+    ca_cert: x509.Certificate,
+    ca_key: PrivateKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    dns_names: Sequence[str] = (),
+    serial: int | None = None,
+) -> x509.Certificate:
+    """Build, sign and validate an X509-SVID leaf (the profile in the module docstring).
+
+    Validity is clamped into the CA's, so the leaf never outlives its issuer
+    (X509-SVID §5.2 path validation would reject it then anyway).
+
+    Args:
+        spiffe_id: the workload's ID; must have a path and belong to the CA's trust
+            domain when the CA names one.
+        public_key: the workload's public key (from its CSR).
+        ca_cert: the signing certificate.
+        ca_key: the signing certificate's private key.
+        not_before: start of validity (aware).
+        not_after: end of validity (aware); clamped to the CA's notAfter.
+        dns_names: DNS SANs to add.
+        serial: a serial number, or None for a random 128-bit one.
+
+    Returns:
+        The leaf certificate, validated with :func:`validate_leaf` and its signature
+        checked against ``ca_cert``.
+
+    Raises:
+        X509SvidError: a root ID, a foreign trust domain, bad DNS names, an empty
+            lifetime, a key that does not match ``ca_cert``, or a CA that may not sign.
+        InvalidKeyError: a weak or unsupported workload key.
+    """
+    if not spiffe_id.has_path:
+        raise X509SvidError(f"an X509-SVID leaf needs an ID with a path, got {spiffe_id}")
+    check_public_key_strength(public_key)
+    validate_signing_certificate(ca_cert)
+    if not public_keys_equal(ca_key.public_key(), ca_cert.public_key()):
+        raise X509SvidError("ca_key does not match ca_cert")
+    for uri in _uri_sans(ca_cert):
+        if uri.startswith("spiffe://"):
+            ca_td = SpiffeId.parse(uri).trust_domain
+            if not spiffe_id.is_member_of(ca_td):
+                raise X509SvidError(
+                    f"CA of trust domain {ca_td} cannot issue {spiffe_id} (X509-SVID §3)"
+                )
+    for name in dns_names:
+        _check_dns_name(name)
+    not_before = max(_utc(not_before, "not_before"), ca_cert.not_valid_before_utc)
+    not_after = min(_utc(not_after, "not_after"), ca_cert.not_valid_after_utc)
+    if not_after <= not_before:
+        raise X509SvidError(
+            f"SVID lifetime is empty after clamping to the CA: "
+            f"not_before={not_before} not_after={not_after}"
+        )
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+    sans.extend(x509.DNSName(n) for n in dict.fromkeys(dns_names))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(_new_serial(serial))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                # RSA key transport (TLS 1.2 RSA kx) needs keyEncipherment; EC keys
+                # have no such use (RFC 5480 §3).
+                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        # Empty subject, so the SAN MUST be critical (RFC 5280 §4.1.2.6).
+        .add_extension(x509.SubjectAlternativeName(sans), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(_aki_for(ca_cert, ca_key.public_key()), critical=False)
+        .sign(ca_key, _hash_for(ca_key))
+    )
+    # Build, sign, then validate (SPIRE's habit): the checks a relying party runs.
+    if validate_leaf(cert) != spiffe_id:
+        raise X509SvidError("issued certificate carries the wrong SPIFFE ID")
+    _check_signed_by(cert, ca_cert)
+    if cert.not_valid_after_utc > ca_cert.not_valid_after_utc:
+        raise X509SvidError("issued certificate outlives its CA")
+    return cert
+
+
+# --------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------
+
+
+def _ca_basic_constraints(
+    _policy: verification.Policy, _cert: x509.Certificate, ext: x509.BasicConstraints | None
+) -> None:
+    if ext is None or not ext.ca:
+        raise ValueError("issuer is not a CA (basicConstraints cA is false)")
+
+
+def _ca_key_usage(
+    _policy: verification.Policy, _cert: x509.Certificate, ext: x509.KeyUsage | None
+) -> None:
+    # RFC 5280 §4.2.1.3: keyUsage may be absent on a CA; if present it must allow
+    # certificate signing.
+    if ext is not None and not ext.key_cert_sign:
+        raise ValueError("issuer keyUsage lacks keyCertSign")
+
+
+def _extension_policies() -> tuple[verification.ExtensionPolicy, verification.ExtensionPolicy]:
+    """RFC 5280 rules without the Web PKI extras.
+
+    The Web PKI defaults demand things SPIFFE does not (AKI on every CA, serverAuth
+    or clientAuth EKU, SAN on the leaf). The CA policy keeps what RFC 5280 §6.1.4
+    requires of an issuer (cA true, keyCertSign when keyUsage is present); the leaf
+    policy checks nothing, because :func:`validate_leaf` holds the SPIFFE leaf rules.
+    """
+    criticality = verification.Criticality.AGNOSTIC
+    ca_policy = (
+        verification.ExtensionPolicy.permit_all()
+        .require_present(x509.BasicConstraints, criticality, _ca_basic_constraints)
+        .may_be_present(x509.KeyUsage, criticality, _ca_key_usage)
+    )
+    return ca_policy, verification.ExtensionPolicy.permit_all()
+
+
+def verify_chain(
+    chain: Sequence[x509.Certificate],
+    bundles: X509BundleSource,
+    *,
+    now: dt.datetime,
+) -> SpiffeId:
+    """Verify an X509-SVID chain against the bundle of the leaf's trust domain.
+
+    X509-SVID §5: RFC 5280 path validation from the leaf, through ``chain[1:]``, to
+    the X.509 authorities of the bundle of the leaf's own trust domain only; bundles
+    are never pooled across trust domains (Trust Domain and Bundle §6.4). Then the
+    leaf rules of :func:`validate_leaf`.
+
+    Args:
+        chain: leaf first, then intermediates.
+        bundles: where to find the leaf trust domain's bundle.
+        now: the verification time (aware).
+
+    Returns:
+        The leaf's SPIFFE ID.
+
+    Raises:
+        X509SvidError: naming what failed (leaf rules, no bundle, no authorities,
+            expiry, unknown authority, a bad issuer, an unknown critical extension).
+    """
+    if not chain:
+        raise X509SvidError("cannot verify X509-SVID: empty certificate chain")
+    leaf = chain[0]
+    spiffe_id = validate_leaf(leaf)
+    td = spiffe_id.trust_domain
+    bundle = bundles.bundle_for(td)
+    if bundle is None:
+        raise X509SvidError(f"cannot verify {spiffe_id}: no X.509 bundle for trust domain {td}")
+    if not bundle.x509_authorities:
+        raise X509SvidError(
+            f"cannot verify {spiffe_id}: the bundle of trust domain {td} has no X.509 authorities"
+        )
+    now = _utc(now, "now")
+    ca_policy, ee_policy = _extension_policies()
+    verifier = (
+        verification.PolicyBuilder()
+        .store(verification.Store(list(bundle.x509_authorities)))
+        .time(now)
+        .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+        .build_client_verifier()
+    )
+    try:
+        # Also rejects unknown critical extensions (RFC 5280 §4.2), even under the
+        # permissive extension policies.
+        verifier.verify(leaf, list(chain[1:]))
+    except verification.VerificationError as exc:
+        if not (leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc):
+            raise X509SvidError(
+                f"cannot verify {spiffe_id}: leaf certificate is not valid at {now.isoformat()} "
+                f"(valid {leaf.not_valid_before_utc.isoformat()} to "
+                f"{leaf.not_valid_after_utc.isoformat()})"
+            ) from None
+        raise X509SvidError(
+            f"cannot verify {spiffe_id} against the bundle of {td}: {exc}"
+        ) from None
+    return spiffe_id
+
+
+# --------------------------------------------------------------------------------
+# CSRs
+# --------------------------------------------------------------------------------
+
+
+def new_csr(key: PrivateKey) -> bytes:
+    """A DER PKCS#10 CSR proving possession of ``key``, with no identity in it.
+
+    The server takes identity from the registration entry, never from the CSR, so
+    the CSR carries only the public key and the proof-of-possession signature.
+
+    Args:
+        key: the private key.
+
+    Returns:
+        The CSR in DER.
+    """
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
+        key, _hash_for(key)
+    )
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
+    """Parse a DER CSR, check its signature and its key's strength.
+
+    Args:
+        der: the PKCS#10 CSR in DER.
+
+    Returns:
+        The CSR; only its public key is meant to be used.
+
+    Raises:
+        X509SvidError: too large, not DER, a bad signature, or a weak or
+            unsupported key.
+    """
+    if len(der) > MAX_CSR_BYTES:
+        raise X509SvidError(f"CSR of {len(der)} bytes exceeds the limit of {MAX_CSR_BYTES}")
+    try:
+        csr = x509.load_der_x509_csr(der)
+    except ValueError as exc:
+        raise X509SvidError(f"cannot parse CSR: {exc}") from None
+    try:
+        signature_ok = csr.is_signature_valid
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise X509SvidError(f"cannot check CSR: {exc}") from None
+    if not signature_ok:
+        raise X509SvidError("CSR signature is invalid")
+    try:
+        check_public_key_strength(public_key)
+    except InvalidKeyError as exc:
+        raise X509SvidError(f"CSR key rejected: {exc}") from exc
+    return csr
