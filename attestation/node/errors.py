@@ -1,0 +1,17 @@
+"""Errors of the node attestation plugins."""
+
+from __future__ import annotations
+
+from identity.errors import SigilError
+
+
+class AttestationError(SigilError):
+    """Attestation data was rejected. The message says why, without secrets."""
+
+
+class MalformedAttestationError(AttestationError, ValueError):
+    """The attestation payload could not be parsed at all."""
+
+
+class UnknownAttestorError(AttestationError):
+    """No attestor of that name is enabled."""

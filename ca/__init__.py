@@ -1,0 +1,1 @@
+"""The Sigil server: the certificate authority of one trust domain."""

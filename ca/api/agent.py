@@ -1,0 +1,271 @@
+"""The agent API servicer: node attestation, agent SVID renewal, sync and signing.
+
+Served over TLS on the bind address. AttestAgent needs no client certificate; every
+other method authenticates the agent from its client certificate (see
+:meth:`AgentServicer.authenticate`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import grpc
+from cryptography import x509
+
+from api.protos.sigil.agent.v1 import agent_pb2, agent_pb2_grpc
+from api.protos.sigil.types.v1 import types_pb2
+from attestation.node import join_token
+from attestation.node.errors import UnknownAttestorError
+from ca.api.convert import bundle_to_proto, entry_to_proto, selector_to_proto, svid_to_proto
+from ca.api.deps import ApiDeps
+from ca.api.status import grpc_method
+from ca.authorization import authorized_entries
+from ca.datastore import EntryRecord, NodeRecord
+from ca.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
+from ca.log import event
+from identity.bundle import Bundle
+from identity.errors import X509SvidError
+from identity.keys import PublicKey
+from identity.selectors import Selector
+from identity.spiffeid import SpiffeId
+from identity.x509svid import parse_csr, validate_leaf
+
+MAX_BATCH = 500
+MAX_AUDIENCES = 32
+MAX_AUDIENCE_LENGTH = 256
+AGENT_PATH_PREFIX = "/sigil/agent/"
+
+
+def _public_key_from_csr(der: bytes) -> PublicKey:
+    try:
+        csr = parse_csr(der)
+    except X509SvidError as exc:
+        raise InvalidArgumentError(f"invalid CSR: {exc}") from None
+    # parse_csr already rejected unsupported and weak keys.
+    return csr.public_key()  # type: ignore[return-value]
+
+
+def _ts(value: dt.datetime) -> int:
+    return int(value.timestamp())
+
+
+class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
+    """The Agent service."""
+
+    def __init__(self, deps: ApiDeps) -> None:
+        self._d = deps
+
+    # ---- authentication ----------------------------------------------------------
+
+    def authenticate(self, context: grpc.ServicerContext) -> NodeRecord:
+        """The attested node behind the call's client certificate.
+
+        grpcio has verified the certificate chain against the current bundle during
+        the handshake; here we check that it is an agent's *current* SVID.
+
+        Raises:
+            UnauthenticatedError: no client certificate.
+            PermissionDeniedError: not an agent ID, unknown or banned agent, or an
+                SVID that is not the agent's current one.
+        """
+        pems = context.auth_context().get("x509_pem_cert") or []
+        if not pems:
+            raise UnauthenticatedError("a client certificate (the agent's SVID) is required")
+        try:
+            cert = x509.load_pem_x509_certificate(pems[0])
+            agent_id = validate_leaf(cert)
+        except (ValueError, X509SvidError) as exc:
+            raise UnauthenticatedError(f"client certificate is not an X.509-SVID: {exc}") from None
+        td = self._d.config.trust_domain
+        if not agent_id.is_member_of(td) or not agent_id.path.startswith(AGENT_PATH_PREFIX):
+            raise PermissionDeniedError(f"{agent_id} is not an agent of {td}")
+        node = self._d.datastore.get_node(agent_id)
+        if node is None:
+            raise PermissionDeniedError(f"agent {agent_id} is not attested")
+        if node.banned:
+            raise PermissionDeniedError(f"agent {agent_id} is banned")
+        serial = cert.serial_number
+        if serial == node.new_serial:
+            # First use of a renewed SVID: from now on only it is current.
+            self._d.datastore.promote_node_serial(agent_id, now=self._d.clock.now())
+        elif serial != node.serial:
+            raise PermissionDeniedError(
+                f"the client certificate is not the current SVID of agent {agent_id}"
+            )
+        return node
+
+    def _authorized(self, node: NodeRecord) -> list[EntryRecord]:
+        return authorized_entries(
+            agent_id=node.spiffe_id,
+            node_selectors=node.selectors,
+            server_id=self._d.server_id,
+            entries_by_parent=self._d.datastore.list_entries_by_parents,
+            now=_ts(self._d.clock.now()),
+        )
+
+    # ---- methods ---------------------------------------------------------------------
+
+    @grpc_method("agent")
+    def AttestAgent(  # noqa: N802 - gRPC method name
+        self, request: agent_pb2.AttestAgentRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.AttestAgentResponse:
+        """Verify attestation data, sign the agent's SVID, store the node."""
+        attestor = request.data.type
+        if not attestor:
+            raise InvalidArgumentError("attestation data type is required")
+        if attestor != join_token.NAME:
+            raise UnknownAttestorError(f"node attestor {attestor!r} is not enabled")
+        # Parse the CSR before touching the token: a bad request must consume nothing.
+        public_key = _public_key_from_csr(request.csr)
+        cfg = self._d.config
+        now = self._d.clock.now()
+        with self._d.datastore.transaction() as tx:
+            result = join_token.verify(
+                request.data.payload, tx, trust_domain=cfg.trust_domain, now=now
+            )
+            existing = tx.get_node(result.agent_id)
+            if existing is not None and existing.banned:
+                raise PermissionDeniedError(f"agent {result.agent_id} is banned")
+            chain = self._d.authority.sign_agent_svid(
+                result.agent_id, public_key, ttl=cfg.agent_svid_ttl
+            )
+            selectors = tuple(result.selectors)
+            tx.put_node(NodeRecord(
+                spiffe_id=result.agent_id, attestor=attestor, serial=chain[0].serial_number,
+                expires_at=_ts(chain[0].not_valid_after_utc), selectors=selectors,
+            ), now=now)
+            if result.alias is not None:
+                try:
+                    tx.create_entry(EntryRecord(
+                        spiffe_id=result.alias, parent_id=self._d.server_id,
+                        selectors=(Selector("spiffe_id", str(result.agent_id)),),
+                    ), now=now)
+                except AlreadyExistsError:
+                    pass  # the same alias for the same agent: already there is fine
+        event("agent attested", agent_id=result.agent_id, attestor=attestor,
+              alias=result.alias or "", serial=format(chain[0].serial_number, "x"))
+        return agent_pb2.AttestAgentResponse(
+            svid=svid_to_proto(result.agent_id, chain),
+            bundle=bundle_to_proto(self._d.authority.bundle()),
+            node_selectors=[selector_to_proto(s) for s in selectors],
+        )
+
+    @grpc_method("agent")
+    def RenewAgent(  # noqa: N802
+        self, request: agent_pb2.RenewAgentRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.RenewAgentResponse:
+        """Sign a new SVID for the calling agent; it becomes current on first use."""
+        node = self.authenticate(context)
+        public_key = _public_key_from_csr(request.csr)
+        chain = self._d.authority.sign_agent_svid(
+            node.spiffe_id, public_key, ttl=self._d.config.agent_svid_ttl
+        )
+        self._d.datastore.set_node_new_serial(
+            node.spiffe_id, serial=chain[0].serial_number,
+            expires_at=_ts(chain[0].not_valid_after_utc), now=self._d.clock.now(),
+        )
+        event("agent renewed", agent_id=node.spiffe_id,
+              serial=format(chain[0].serial_number, "x"))
+        return agent_pb2.RenewAgentResponse(svid=svid_to_proto(node.spiffe_id, chain))
+
+    @grpc_method("agent")
+    def SyncAuthorized(  # noqa: N802
+        self, request: agent_pb2.SyncAuthorizedRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.SyncAuthorizedResponse:
+        """Every entry authorized for the agent, and the bundles they need."""
+        node = self.authenticate(context)
+        # Read the revision first: a change landing during the sync then shows up
+        # as a newer revision next time instead of being missed.
+        revision = self._d.datastore.current_revision()
+        entries = self._authorized(node)
+        own = self._d.authority.bundle()
+        bundles: dict[str, types_pb2.Bundle] = {own.trust_domain.name: bundle_to_proto(own)}
+        for td in sorted({td for e in entries for td in e.federates_with}):
+            stored = self._d.datastore.get_bundle(td)
+            if stored is not None and td.name not in bundles:
+                bundles[td.name] = bundle_to_proto(Bundle.from_jwks(td, stored.data))
+        return agent_pb2.SyncAuthorizedResponse(
+            entries=[entry_to_proto(e) for e in entries], bundles=bundles, revision=revision
+        )
+
+    @grpc_method("agent")
+    def BatchNewX509SVID(  # noqa: N802
+        self, request: agent_pb2.BatchNewX509SVIDRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.BatchNewX509SVIDResponse:
+        """Sign one X.509-SVID per (authorized entry, CSR); identity only from the entry."""
+        node = self.authenticate(context)
+        if len(request.params) > MAX_BATCH:
+            raise InvalidArgumentError(
+                f"a batch may hold at most {MAX_BATCH} CSRs, not {len(request.params)}"
+            )
+        authorized = {e.id: e for e in self._authorized(node)}
+        results: list[agent_pb2.BatchNewX509SVIDResult] = []
+        for param in request.params:
+            results.append(self._sign_one(node.spiffe_id, authorized, param))
+        return agent_pb2.BatchNewX509SVIDResponse(results=results)
+
+    def _sign_one(
+        self, agent_id: SpiffeId, authorized: dict[str, EntryRecord],
+        param: agent_pb2.NewX509SVIDParams,
+    ) -> agent_pb2.BatchNewX509SVIDResult:
+        def refused(code: grpc.StatusCode, message: str) -> agent_pb2.BatchNewX509SVIDResult:
+            event("svid refused", level=logging.WARNING, agent_id=agent_id,
+                  entry_id=param.entry_id, code=code.name, reason=message)
+            return agent_pb2.BatchNewX509SVIDResult(
+                entry_id=param.entry_id,
+                status=types_pb2.Status(code=code.value[0], message=message),
+            )
+
+        entry = authorized.get(param.entry_id)
+        if entry is None:
+            return refused(grpc.StatusCode.PERMISSION_DENIED,
+                           f"entry {param.entry_id!r} is not authorized for {agent_id}")
+        try:
+            public_key = _public_key_from_csr(param.csr)
+        except InvalidArgumentError as exc:
+            return refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        ttl = (dt.timedelta(seconds=entry.x509_svid_ttl) if entry.x509_svid_ttl
+               else self._d.config.x509_svid_ttl)
+        # Any name in the CSR is ignored: the entry alone decides the identity.
+        chain = self._d.authority.sign_x509_svid(
+            entry.spiffe_id, public_key, ttl=ttl, dns_names=entry.dns_names
+        )
+        return agent_pb2.BatchNewX509SVIDResult(
+            entry_id=entry.id, status=types_pb2.Status(code=0),
+            svid=svid_to_proto(entry.spiffe_id, chain),
+        )
+
+    @grpc_method("agent")
+    def NewJWTSVID(  # noqa: N802
+        self, request: agent_pb2.NewJWTSVIDRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.NewJWTSVIDResponse:
+        """Sign a JWT-SVID for an authorized entry."""
+        node = self.authenticate(context)
+        audience = list(request.audience)
+        if not audience:
+            raise InvalidArgumentError("at least one audience is required")
+        if len(audience) > MAX_AUDIENCES:
+            raise InvalidArgumentError(f"at most {MAX_AUDIENCES} audiences are allowed")
+        for aud in audience:
+            if not aud or len(aud) > MAX_AUDIENCE_LENGTH:
+                raise InvalidArgumentError(
+                    f"each audience must be 1 to {MAX_AUDIENCE_LENGTH} characters"
+                )
+        entry = next((e for e in self._authorized(node) if e.id == request.entry_id), None)
+        if entry is None:
+            raise PermissionDeniedError(
+                f"entry {request.entry_id!r} is not authorized for {node.spiffe_id}"
+            )
+        ttl = (dt.timedelta(seconds=entry.jwt_svid_ttl) if entry.jwt_svid_ttl
+               else self._d.config.jwt_svid_ttl)
+        signed = self._d.authority.sign_jwt_svid(entry.spiffe_id, audience, ttl=ttl)
+        return agent_pb2.NewJWTSVIDResponse(
+            token=signed.token, spiffe_id=str(entry.spiffe_id),
+            issued_at=_ts(signed.issued_at), expires_at=_ts(signed.expires_at),
+        )

@@ -1,0 +1,70 @@
+"""Records <-> protobuf messages."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from api.protos.sigil.types.v1 import types_pb2
+from ca.datastore.records import EntryRecord
+from identity.bundle import Bundle
+from identity.keys import public_key_der
+from identity.selectors import Selector
+from identity.spiffeid import SpiffeId
+
+
+def selector_to_proto(sel: Selector) -> types_pb2.Selector:
+    """A Selector message."""
+    return types_pb2.Selector(type=sel.type, value=sel.value)
+
+
+def entry_to_proto(entry: EntryRecord) -> types_pb2.Entry:
+    """An Entry message."""
+    return types_pb2.Entry(
+        id=entry.id,
+        spiffe_id=str(entry.spiffe_id),
+        parent_id=str(entry.parent_id),
+        selectors=[selector_to_proto(s) for s in entry.selectors],
+        x509_svid_ttl=entry.x509_svid_ttl,
+        jwt_svid_ttl=entry.jwt_svid_ttl,
+        dns_names=list(entry.dns_names),
+        federates_with=[td.name for td in entry.federates_with],
+        hint=entry.hint,
+        admin=entry.admin,
+        downstream=entry.downstream,
+        expires_at=entry.expires_at,
+        revision=entry.revision,
+        created_at=entry.created_at,
+        updated_at=entry.updated_at,
+    )
+
+
+def _unix(value: dt.datetime | None) -> int:
+    return 0 if value is None else int(value.timestamp())
+
+
+def bundle_to_proto(bundle: Bundle) -> types_pb2.Bundle:
+    """A Bundle message."""
+    return types_pb2.Bundle(
+        trust_domain=bundle.trust_domain.name,
+        x509_authorities=[c.public_bytes(Encoding.DER) for c in bundle.x509_authorities],
+        jwt_authorities=[
+            types_pb2.JWTKey(key_id=a.key_id, public_key=public_key_der(a.public_key),
+                             expires_at=_unix(a.expires_at))
+            for a in bundle.jwt_authorities
+        ],
+        sequence_number=bundle.sequence_number or 0,
+        refresh_hint=bundle.refresh_hint or 0,
+    )
+
+
+def svid_to_proto(spiffe_id: SpiffeId, chain: Sequence[x509.Certificate]) -> types_pb2.X509SVID:
+    """An X509SVID message (no key: the requester made it)."""
+    return types_pb2.X509SVID(
+        spiffe_id=str(spiffe_id),
+        cert_chain=[c.public_bytes(Encoding.DER) for c in chain],
+        expires_at=int(chain[0].not_valid_after_utc.timestamp()),
+    )

@@ -1,0 +1,249 @@
+"""Server configuration: TOML file -> frozen dataclass, validated at load.
+
+Precedence, lowest first: built-in defaults < the TOML file < the environment
+variables in :data:`ENV_VARS` < command-line flags. Every key is documented in
+docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ca.errors import ConfigError
+from identity.errors import InvalidSpiffeIdError
+from identity.keys import KeyType
+from identity.spiffeid import TrustDomain
+
+DEFAULT_DATA_DIR = "./.sigil-server"
+DEFAULT_BIND_ADDRESS = "0.0.0.0:8081"
+DEFAULT_SOCKET_PATH = "/tmp/sigil-server/private/admin.sock"  # noqa: S108 - documented default
+DATABASE_FILE = "datastore.sqlite3"
+
+# The explicit, documented list of environment overrides: variable -> config key.
+# Only these are read; anything else in the environment is ignored on purpose.
+ENV_VARS: Mapping[str, str] = {
+    "SIGIL_TRUST_DOMAIN": "trust_domain",
+    "SIGIL_DATA_DIR": "data_dir",
+    "SIGIL_DATABASE_URL": "database_url",
+    "SIGIL_BIND_ADDRESS": "bind_address",
+    "SIGIL_SERVER_SOCKET": "socket_path",
+    "SIGIL_LOG_LEVEL": "log_level",
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+_DURATION_RE = re.compile(r"(\d+)([dhms])")
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+# Keys whose values are durations, with their defaults.
+_DURATION_DEFAULTS: Mapping[str, str] = {
+    "ca_ttl": "24h",
+    "x509_svid_ttl": "1h",
+    "jwt_svid_ttl": "5m",
+    "agent_svid_ttl": "1h",
+    "join_token_ttl": "10m",
+}
+_STRING_DEFAULTS: Mapping[str, str | None] = {
+    "trust_domain": None,
+    "data_dir": DEFAULT_DATA_DIR,
+    "bind_address": DEFAULT_BIND_ADDRESS,
+    "socket_path": DEFAULT_SOCKET_PATH,
+    "database_url": None,
+    "ca_key_type": KeyType.EC_P256.value,
+    "jwt_key_type": KeyType.EC_P256.value,
+    "log_level": "info",
+    "log_format": "text",
+}
+KNOWN_KEYS = frozenset(_DURATION_DEFAULTS) | frozenset(_STRING_DEFAULTS)
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """Parse ``"90s"``, ``"5m"``, ``"1h"``, ``"2d"`` or combinations like ``"1h30m"``.
+
+    Raises:
+        ConfigError: the text is not a positive duration in that form.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(
+            f"duration must be a string like \"1h\" or \"90s\", not {text!r}"
+        )
+    pos = 0
+    total = 0
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != pos:
+            break
+        total += int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if not text or pos != len(text):
+        raise ConfigError(
+            f"duration {text!r} is invalid: use a number and a unit s, m, h or d "
+            "(for example \"90s\", \"5m\", \"1h30m\")"
+        )
+    if total <= 0:
+        raise ConfigError(f"duration {text!r} must be greater than zero")
+    return dt.timedelta(seconds=total)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6); port 0 means any free port.
+
+    Raises:
+        ConfigError: no port, or a port outside 0..65535.
+    """
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ConfigError(f"address {text!r} must have the form HOST:PORT, e.g. 0.0.0.0:8081")
+    port = int(port_s)
+    if port > 65535:
+        raise ConfigError(f"address {text!r}: port {port} is outside 0..65535")
+    return host, port
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The validated server configuration. Build it with :func:`load_config`."""
+
+    trust_domain: TrustDomain
+    data_dir: Path
+    bind_address: str
+    socket_path: Path
+    database_url: str
+    ca_ttl: dt.timedelta
+    ca_key_type: KeyType
+    jwt_key_type: KeyType
+    x509_svid_ttl: dt.timedelta
+    jwt_svid_ttl: dt.timedelta
+    agent_svid_ttl: dt.timedelta
+    join_token_ttl: dt.timedelta
+    log_level: str
+    log_format: str
+
+    @property
+    def key_dir(self) -> Path:
+        """Where the disk key manager keeps private keys."""
+        return self.data_dir / "keys"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for key in doc:
+        if key not in KNOWN_KEYS:
+            raise ConfigError(f"config file {path}: unknown key {key!r}")
+    return doc
+
+
+def _key_type(name: str, value: object) -> KeyType:
+    try:
+        return KeyType(value)
+    except ValueError:
+        allowed = ", ".join(k.value for k in KeyType)
+        raise ConfigError(f"{name} {value!r} is not one of: {allowed}") from None
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Build the configuration from defaults, a TOML file, the environment and flags.
+
+    Args:
+        path: the TOML file, or None for none.
+        env: the environment (only :data:`ENV_VARS` are read); None reads nothing.
+        overrides: command-line values by config key; None values are ignored.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: naming the file and key, or the bad value and the rule it broke.
+    """
+    raw: dict[str, Any] = {**_STRING_DEFAULTS, **_DURATION_DEFAULTS}
+    if path is not None:
+        raw.update(_read_toml(path))
+    for var, key in ENV_VARS.items():
+        if env is not None and env.get(var):
+            raw[key] = env[var]
+    for key, value in (overrides or {}).items():
+        if key not in KNOWN_KEYS:
+            raise ConfigError(f"unknown setting {key!r}")
+        if value is not None:
+            raw[key] = value
+    return _validate(raw)
+
+
+def _string(raw: Mapping[str, Any], key: str) -> str:
+    value = raw[key]
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, not {value!r}")
+    return value
+
+
+def _validate(raw: Mapping[str, Any]) -> ServerConfig:
+    if not raw.get("trust_domain"):
+        raise ConfigError(
+            "trust_domain is required (config key trust_domain, SIGIL_TRUST_DOMAIN "
+            "or --trust-domain)"
+        )
+    try:
+        trust_domain = TrustDomain.parse(_string(raw, "trust_domain"))
+    except InvalidSpiffeIdError as exc:
+        raise ConfigError(f"trust_domain: {exc}") from None
+
+    durations: dict[str, dt.timedelta] = {}
+    for key in _DURATION_DEFAULTS:
+        try:
+            durations[key] = parse_duration(raw[key])
+        except ConfigError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    for key in ("x509_svid_ttl", "jwt_svid_ttl", "agent_svid_ttl"):
+        if durations[key] > durations["ca_ttl"]:
+            raise ConfigError(
+                f"{key} ({raw[key]}) must not be longer than ca_ttl ({raw['ca_ttl']})"
+            )
+
+    data_dir = Path(_string(raw, "data_dir")).expanduser().absolute()
+    bind_address = _string(raw, "bind_address")
+    parse_host_port(bind_address)
+    socket_path = Path(_string(raw, "socket_path")).expanduser().absolute()
+    database_url = raw.get("database_url") or f"sqlite:///{data_dir / DATABASE_FILE}"
+    if not isinstance(database_url, str):
+        raise ConfigError(f"database_url must be a string, not {database_url!r}")
+
+    log_level = _string(raw, "log_level").lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level {log_level!r} is not one of: {', '.join(LOG_LEVELS)}")
+    log_format = _string(raw, "log_format").lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format {log_format!r} is not one of: {', '.join(LOG_FORMATS)}")
+
+    return ServerConfig(
+        trust_domain=trust_domain,
+        data_dir=data_dir,
+        bind_address=bind_address,
+        socket_path=socket_path,
+        database_url=database_url,
+        ca_ttl=durations["ca_ttl"],
+        ca_key_type=_key_type("ca_key_type", raw["ca_key_type"]),
+        jwt_key_type=_key_type("jwt_key_type", raw["jwt_key_type"]),
+        x509_svid_ttl=durations["x509_svid_ttl"],
+        jwt_svid_ttl=durations["jwt_svid_ttl"],
+        agent_svid_ttl=durations["agent_svid_ttl"],
+        join_token_ttl=durations["join_token_ttl"],
+        log_level=log_level,
+        log_format=log_format,
+    )

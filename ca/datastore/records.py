@@ -1,0 +1,82 @@
+"""Plain values the repository returns: detached from sessions, typed, frozen."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from identity.selectors import Selector
+from identity.spiffeid import SpiffeId, TrustDomain
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRecord:
+    """A registration entry. ``id``, ``revision`` and times are set by the datastore."""
+
+    spiffe_id: SpiffeId
+    parent_id: SpiffeId
+    selectors: tuple[Selector, ...]
+    id: str = ""
+    x509_svid_ttl: int = 0
+    jwt_svid_ttl: int = 0
+    dns_names: tuple[str, ...] = ()
+    federates_with: tuple[TrustDomain, ...] = ()
+    hint: str = ""
+    admin: bool = False
+    downstream: bool = False
+    expires_at: int = 0
+    revision: int = 0
+    created_at: int = 0
+    updated_at: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """An attested node (agent)."""
+
+    spiffe_id: SpiffeId
+    attestor: str
+    serial: int
+    expires_at: int
+    selectors: tuple[Selector, ...] = ()
+    new_serial: int | None = None
+    banned: bool = False
+    can_reattest: bool = False
+    created_at: int = 0
+    updated_at: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CaKeyRecord:
+    """A CA key slot's public half and state; the private key is in the key manager."""
+
+    id: str
+    kind: str
+    status: str
+    key_id: str
+    public_key: bytes
+    certificate: bytes | None
+    not_after: int
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBundle:
+    """A bundle row: the SPIFFE bundle JSON and its sequence number."""
+
+    trust_domain: str
+    data: str
+    sequence: int
+
+
+def selector_hash(
+    spiffe_id: SpiffeId | str, parent_id: SpiffeId | str, selectors: Iterable[Selector]
+) -> str:
+    """The uniqueness key of an entry: SHA-256 over its IDs and sorted selectors.
+
+    NUL separates the parts: it cannot occur in a SPIFFE ID or a selector, so two
+    different entries never produce the same input.
+    """
+    parts = [str(spiffe_id), str(parent_id), *sorted({str(s) for s in selectors})]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()

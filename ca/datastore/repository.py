@@ -1,0 +1,462 @@
+"""The one repository that queries the datastore.
+
+Each public method runs in its own session and transaction. Operations that must
+commit together (node attestation: consume a token, store the node, create its
+alias entry) use :meth:`Datastore.transaction`, whose :class:`Transaction` offers
+the same writes inside one transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from attestation.node.join_token import StoredJoinToken
+from ca.datastore import models as m
+from ca.datastore.records import (
+    CaKeyRecord,
+    EntryRecord,
+    NodeRecord,
+    StoredBundle,
+    selector_hash,
+)
+from ca.errors import AlreadyExistsError, DatastoreError, NotFoundError
+from identity.selectors import Selector
+from identity.spiffeid import SpiffeId, TrustDomain
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def _ts(value: dt.datetime) -> int:
+    return int(value.timestamp())
+
+
+def _dt(value: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(value, dt.UTC)
+
+
+def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets readers run while one writer commits; foreign keys are off by default
+    # in SQLite and the cascades depend on them; the busy timeout makes a second
+    # writer wait instead of failing at once.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        )
+        event.listen(engine, "connect", _on_sqlite_connect)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _entry_record(row: m.RegistrationEntry) -> EntryRecord:
+    return EntryRecord(
+        id=row.id,
+        spiffe_id=SpiffeId.parse(row.spiffe_id),
+        parent_id=SpiffeId.parse(row.parent_id),
+        selectors=tuple(Selector(s.type, s.value) for s in row.selectors),
+        x509_svid_ttl=row.x509_svid_ttl,
+        jwt_svid_ttl=row.jwt_svid_ttl,
+        dns_names=tuple(d.name for d in row.dns_names),
+        federates_with=tuple(TrustDomain(f.trust_domain) for f in row.federates_with),
+        hint=row.hint,
+        admin=row.admin,
+        downstream=row.downstream,
+        expires_at=row.expires_at,
+        revision=row.revision,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _node_record(row: m.AttestedNode) -> NodeRecord:
+    return NodeRecord(
+        spiffe_id=SpiffeId.parse(row.spiffe_id),
+        attestor=row.attestor,
+        serial=int(row.serial),
+        new_serial=int(row.new_serial) if row.new_serial else None,
+        expires_at=row.expires_at,
+        selectors=tuple(Selector(s.type, s.value) for s in row.selectors),
+        banned=row.banned,
+        can_reattest=row.can_reattest,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _ca_key_record(row: m.CaKey) -> CaKeyRecord:
+    return CaKeyRecord(
+        id=row.id, kind=row.kind, status=row.status, key_id=row.key_id,
+        public_key=row.public_key, certificate=row.certificate,
+        not_after=row.not_after, created_at=row.created_at,
+    )
+
+
+def _record_change(session: Session, kind: str, entry_id: str, now: int) -> int:
+    ev = m.ChangeEvent(kind=kind, entry_id=entry_id, at=now)
+    session.add(ev)
+    session.flush()
+    return ev.id
+
+
+def _create_entry(session: Session, entry: EntryRecord, now: int) -> EntryRecord:
+    digest = selector_hash(entry.spiffe_id, entry.parent_id, entry.selectors)
+    existing = session.scalar(
+        select(m.RegistrationEntry.id).where(m.RegistrationEntry.selector_hash == digest)
+    )
+    if existing is not None:
+        raise AlreadyExistsError(
+            f"an entry with SPIFFE ID {entry.spiffe_id}, parent {entry.parent_id} and these "
+            f"selectors already exists (id {existing})"
+        )
+    entry_id = str(uuid.uuid4())
+    revision = _record_change(session, "entry_created", entry_id, now)
+    row = m.RegistrationEntry(
+        id=entry_id,
+        spiffe_id=str(entry.spiffe_id),
+        parent_id=str(entry.parent_id),
+        selector_hash=digest,
+        x509_svid_ttl=entry.x509_svid_ttl,
+        jwt_svid_ttl=entry.jwt_svid_ttl,
+        hint=entry.hint,
+        admin=entry.admin,
+        downstream=entry.downstream,
+        expires_at=entry.expires_at,
+        revision=revision,
+        created_at=now,
+        updated_at=now,
+        selectors=[m.EntrySelector(type=s.type, value=s.value)
+                   for s in sorted(set(entry.selectors))],
+        dns_names=[m.EntryDnsName(name=n) for n in dict.fromkeys(entry.dns_names)],
+        federates_with=[m.EntryFederatesWith(trust_domain=td.name)
+                        for td in dict.fromkeys(entry.federates_with)],
+    )
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError:
+        # A concurrent insert won the unique selector_hash between our check and flush.
+        raise AlreadyExistsError(
+            f"an entry with SPIFFE ID {entry.spiffe_id}, parent {entry.parent_id} and these "
+            "selectors already exists"
+        ) from None
+    return _entry_record(row)
+
+
+class Transaction:
+    """Writes that commit together. Obtain one from :meth:`Datastore.transaction`.
+
+    Implements :class:`attestation.node.join_token.JoinTokenStore`.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def claim_join_token(self, token_id: str, *, now: dt.datetime) -> StoredJoinToken | None:
+        """Mark the token used if unused; return it as it was before (see JoinTokenStore)."""
+        # The conditional UPDATE comes first and alone decides who wins: it takes the
+        # write lock (SQLite) or the row lock (PostgreSQL, MariaDB), so of two
+        # concurrent claims exactly one changes a row.
+        result = self._session.execute(
+            update(m.JoinToken)
+            .where(m.JoinToken.token_id == token_id, m.JoinToken.used_at.is_(None))
+            .values(used_at=_ts(now))
+            .execution_options(synchronize_session=False)
+        )
+        claimed = getattr(result, "rowcount", 0) == 1
+        row = self._session.get(m.JoinToken, token_id, populate_existing=True)
+        if row is None:
+            return None
+        used_at = None if claimed or row.used_at is None else _dt(row.used_at)
+        return StoredJoinToken(
+            token_id=row.token_id,
+            secret_sha256=row.secret_sha256,
+            alias=row.alias,
+            expires_at=_dt(row.expires_at),
+            used_at=used_at,
+        )
+
+    def get_node(self, spiffe_id: SpiffeId) -> NodeRecord | None:
+        """The attested node with that ID, or None."""
+        row = self._session.get(m.AttestedNode, str(spiffe_id))
+        return None if row is None else _node_record(row)
+
+    def put_node(self, node: NodeRecord, *, now: dt.datetime) -> None:
+        """Create or replace an attested node and its selectors."""
+        ts = _ts(now)
+        row = self._session.get(m.AttestedNode, str(node.spiffe_id))
+        if row is None:
+            row = m.AttestedNode(spiffe_id=str(node.spiffe_id), created_at=ts)
+            self._session.add(row)
+        row.attestor = node.attestor
+        row.serial = str(node.serial)
+        row.new_serial = "" if node.new_serial is None else str(node.new_serial)
+        row.expires_at = node.expires_at
+        row.banned = node.banned
+        row.can_reattest = node.can_reattest
+        row.updated_at = ts
+        row.selectors = [m.NodeSelector(type=s.type, value=s.value) for s in node.selectors]
+        self._session.flush()
+
+    def create_entry(self, entry: EntryRecord, *, now: dt.datetime) -> EntryRecord:
+        """Create an entry (see :meth:`Datastore.create_entry`)."""
+        return _create_entry(self._session, entry, _ts(now))
+
+
+class Datastore:
+    """The repository. Thread-safe: every call opens its own session."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine = make_engine(url)
+        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (for migrations and tests)."""
+        return self._engine
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Datastore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        session = self._sessions()
+        try:
+            with session.begin():
+                yield session
+        except SQLAlchemyError as exc:
+            raise DatastoreError(f"datastore error: {exc.__class__.__name__}: {exc}") from exc
+        finally:
+            session.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One transaction: commits when the block ends, rolls back if it raises."""
+        with self._session() as session:
+            yield Transaction(session)
+
+    # ---- entries ------------------------------------------------------------------
+
+    def create_entry(self, entry: EntryRecord, *, now: dt.datetime) -> EntryRecord:
+        """Store a new entry with a fresh id and revision.
+
+        Raises:
+            AlreadyExistsError: an entry with the same SPIFFE ID, parent and selectors.
+        """
+        with self._session() as s:
+            return _create_entry(s, entry, _ts(now))
+
+    def get_entry(self, entry_id: str) -> EntryRecord:
+        """The entry with that id.
+
+        Raises:
+            NotFoundError: no such entry.
+        """
+        with self._session() as s:
+            row = s.get(m.RegistrationEntry, entry_id)
+            if row is None:
+                raise NotFoundError(f"entry {entry_id!r} not found")
+            return _entry_record(row)
+
+    def list_entries(
+        self,
+        *,
+        spiffe_id: SpiffeId | None = None,
+        parent_id: SpiffeId | None = None,
+        selectors: Sequence[Selector] | None = None,
+    ) -> list[EntryRecord]:
+        """Entries matching every given filter; ``selectors`` matches the exact set."""
+        query = select(m.RegistrationEntry).order_by(
+            m.RegistrationEntry.created_at, m.RegistrationEntry.id
+        )
+        if spiffe_id is not None:
+            query = query.where(m.RegistrationEntry.spiffe_id == str(spiffe_id))
+        if parent_id is not None:
+            query = query.where(m.RegistrationEntry.parent_id == str(parent_id))
+        with self._session() as s:
+            rows = [_entry_record(r) for r in s.scalars(query)]
+        if selectors:
+            wanted = set(selectors)
+            rows = [r for r in rows if set(r.selectors) == wanted]
+        return rows
+
+    def list_entries_by_parents(self, parent_ids: Iterable[SpiffeId]) -> list[EntryRecord]:
+        """Entries whose parent is any of ``parent_ids``."""
+        ids = sorted({str(p) for p in parent_ids})
+        if not ids:
+            return []
+        out: list[EntryRecord] = []
+        with self._session() as s:
+            # Chunks keep the IN list under every database's bound-parameter limit.
+            for i in range(0, len(ids), 500):
+                query = select(m.RegistrationEntry).where(
+                    m.RegistrationEntry.parent_id.in_(ids[i : i + 500])
+                )
+                out.extend(_entry_record(r) for r in s.scalars(query))
+        return out
+
+    def delete_entry(self, entry_id: str, *, now: dt.datetime) -> EntryRecord:
+        """Delete an entry and record the change.
+
+        Raises:
+            NotFoundError: no such entry.
+        """
+        with self._session() as s:
+            row = s.get(m.RegistrationEntry, entry_id)
+            if row is None:
+                raise NotFoundError(f"entry {entry_id!r} not found")
+            record = _entry_record(row)
+            s.delete(row)
+            _record_change(s, "entry_deleted", entry_id, _ts(now))
+            return record
+
+    def current_revision(self) -> int:
+        """The highest change event id: grows with every entry change."""
+        with self._session() as s:
+            return int(s.scalar(select(func.coalesce(func.max(m.ChangeEvent.id), 0))) or 0)
+
+    # ---- join tokens -------------------------------------------------------------
+
+    def create_join_token(
+        self, *, token_id: str, secret_sha256: str, alias: SpiffeId | None,
+        expires_at: dt.datetime, now: dt.datetime,
+    ) -> None:
+        """Store a join token (its secret only hashed)."""
+        with self._session() as s:
+            s.add(m.JoinToken(
+                token_id=token_id, secret_sha256=secret_sha256,
+                alias=None if alias is None else str(alias),
+                expires_at=_ts(expires_at), used_at=None, created_at=_ts(now),
+            ))
+
+    def claim_join_token(self, token_id: str, *, now: dt.datetime) -> StoredJoinToken | None:
+        """Claim a token in a transaction of its own (see JoinTokenStore)."""
+        with self.transaction() as tx:
+            return tx.claim_join_token(token_id, now=now)
+
+    def prune_join_tokens(self, *, before: dt.datetime) -> int:
+        """Delete tokens that expired before ``before``; returns how many."""
+        with self._session() as s:
+            result = s.execute(delete(m.JoinToken).where(m.JoinToken.expires_at < _ts(before)))
+            return int(getattr(result, "rowcount", 0))
+
+    # ---- nodes -------------------------------------------------------------------
+
+    def get_node(self, spiffe_id: SpiffeId) -> NodeRecord | None:
+        """The attested node with that ID, or None."""
+        with self.transaction() as tx:
+            return tx.get_node(spiffe_id)
+
+    def put_node(self, node: NodeRecord, *, now: dt.datetime) -> None:
+        """Create or replace an attested node."""
+        with self.transaction() as tx:
+            tx.put_node(node, now=now)
+
+    def set_node_new_serial(
+        self, spiffe_id: SpiffeId, *, serial: int, expires_at: int, now: dt.datetime
+    ) -> None:
+        """Record a renewed SVID; it becomes current when the agent first uses it.
+
+        Until then both the old and the new SVID authenticate the agent, so calls on
+        a connection opened with the old one keep working during renewal.
+
+        Raises:
+            NotFoundError: no such node.
+        """
+        with self._session() as s:
+            row = s.get(m.AttestedNode, str(spiffe_id))
+            if row is None:
+                raise NotFoundError(f"node {spiffe_id} not found")
+            row.new_serial = str(serial)
+            row.expires_at = expires_at
+            row.updated_at = _ts(now)
+
+    def promote_node_serial(self, spiffe_id: SpiffeId, *, now: dt.datetime) -> None:
+        """Make the renewed SVID the only current one (the old one stops working)."""
+        with self._session() as s:
+            row = s.get(m.AttestedNode, str(spiffe_id))
+            if row is None or not row.new_serial:
+                return
+            row.serial = row.new_serial
+            row.new_serial = ""
+            row.updated_at = _ts(now)
+
+    def set_node_banned(self, spiffe_id: SpiffeId, banned: bool, *, now: dt.datetime) -> None:
+        """Ban or unban a node.
+
+        Raises:
+            NotFoundError: no such node.
+        """
+        with self._session() as s:
+            row = s.get(m.AttestedNode, str(spiffe_id))
+            if row is None:
+                raise NotFoundError(f"node {spiffe_id} not found")
+            row.banned = banned
+            row.updated_at = _ts(now)
+
+    # ---- CA keys and bundles -----------------------------------------------------
+
+    def list_ca_keys(self, kind: str | None = None) -> list[CaKeyRecord]:
+        """CA key slots, oldest first."""
+        query = select(m.CaKey).order_by(m.CaKey.created_at, m.CaKey.id)
+        if kind is not None:
+            query = query.where(m.CaKey.kind == kind)
+        with self._session() as s:
+            return [_ca_key_record(r) for r in s.scalars(query)]
+
+    def add_ca_key(self, record: CaKeyRecord) -> None:
+        """Store a CA key slot."""
+        with self._session() as s:
+            s.add(m.CaKey(
+                id=record.id, kind=record.kind, status=record.status, key_id=record.key_id,
+                public_key=record.public_key, certificate=record.certificate,
+                not_after=record.not_after, created_at=record.created_at,
+            ))
+
+    def get_bundle(self, trust_domain: TrustDomain) -> StoredBundle | None:
+        """The stored bundle of a trust domain, or None."""
+        with self._session() as s:
+            row = s.get(m.BundleRow, trust_domain.name)
+            return None if row is None else StoredBundle(row.trust_domain, row.data, row.sequence)
+
+    def put_bundle(
+        self, trust_domain: TrustDomain, render: Callable[[int], str]
+    ) -> StoredBundle:
+        """Replace a bundle, incrementing its sequence number.
+
+        Args:
+            trust_domain: whose bundle.
+            render: builds the bundle document given its new sequence number.
+        """
+        with self._session() as s:
+            row = s.get(m.BundleRow, trust_domain.name, with_for_update=True)
+            if row is None:
+                row = m.BundleRow(trust_domain=trust_domain.name, data="", sequence=0)
+                s.add(row)
+            row.sequence = (row.sequence or 0) + 1
+            row.data = render(row.sequence)
+            return StoredBundle(row.trust_domain, row.data, row.sequence)

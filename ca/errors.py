@@ -1,0 +1,45 @@
+"""The server's error tree.
+
+Domain code raises these; the gRPC edge (``ca.api.status``) maps each class to a
+status code in one table, and the CLI maps them to exit codes.
+"""
+
+from __future__ import annotations
+
+from identity.errors import SigilError
+
+
+class ServerError(SigilError):
+    """Base of every error the server raises on purpose."""
+
+
+class ConfigError(ServerError, ValueError):
+    """The configuration (file, environment or flags) is invalid."""
+
+
+class InvalidArgumentError(ServerError, ValueError):
+    """A request carries a malformed or out-of-range value."""
+
+
+class NotFoundError(ServerError):
+    """The named record does not exist."""
+
+
+class AlreadyExistsError(ServerError):
+    """A record with the same identity already exists."""
+
+
+class PermissionDeniedError(ServerError):
+    """The caller is known but not allowed to do this."""
+
+
+class UnauthenticatedError(ServerError):
+    """The caller did not prove who it is."""
+
+
+class DatastoreError(ServerError):
+    """The datastore failed in a way the caller cannot fix."""
+
+
+class KeyManagerError(ServerError):
+    """A key could not be created, stored or loaded."""
