@@ -78,8 +78,10 @@ def _dedupe_certs(certs: Iterable[x509.Certificate]) -> tuple[x509.Certificate, 
     # A canonical order (oldest first, then by DER) makes to_jwks() and equality
     # independent of the order authorities were added or read from storage.
     return tuple(
-        sorted(seen.values(), key=lambda c: (c.not_valid_before_utc, c.public_bytes(
-            serialization.Encoding.DER)))
+        sorted(
+            seen.values(),
+            key=lambda c: (c.not_valid_before_utc, c.public_bytes(serialization.Encoding.DER)),
+        )
     )
 
 
@@ -304,9 +306,9 @@ class Bundle:
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
     @classmethod
-    def from_jwt_jwks(cls, trust_domain: TrustDomain, data: bytes | str | Mapping[str, Any]) -> (
-        Bundle
-    ):
+    def from_jwt_jwks(
+        cls, trust_domain: TrustDomain, data: bytes | str | Mapping[str, Any]
+    ) -> Bundle:
         """Parse a plain JWKS of JWT authorities (as go-spiffe's ``jwtbundle.Parse``).
 
         ``use`` is not looked at; every key of a known ``kty`` needs a ``kid``;

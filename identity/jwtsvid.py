@@ -15,7 +15,7 @@ import datetime as dt
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -24,6 +24,9 @@ from identity.bundle import JwtBundleSource
 from identity.errors import InvalidSpiffeIdError, JwtSvidError
 from identity.keys import PrivateKey, PublicKey
 from identity.spiffeid import SpiffeId
+
+if TYPE_CHECKING:
+    from jwt.types import Options  # PyJWT >= 2.10; annotations only
 
 # JWT-SVID §2.1: the only algorithms a JWT-SVID may use. 'none', HMAC (a shared
 # secret is not an identity) and EdDSA are not among them.
@@ -42,7 +45,7 @@ MAX_TOKEN_BYTES = 32 * 1024
 
 # Claims PyJWT would otherwise check against the wall clock or require; we do the
 # SPIFFE checks ourselves with the injected time.
-_PYJWT_OPTIONS: dict[str, Any] = {
+_PYJWT_OPTIONS: Options = {
     "verify_signature": True,
     "verify_exp": False,
     "verify_nbf": False,
@@ -102,8 +105,9 @@ def _check_key_fits(alg: str, key: PublicKey | object) -> None:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise JwtSvidError(f"algorithm {alg} needs an EC key, got {type(key).__name__}")
     if key.curve.name != _EC_CURVE_FOR_ALG[alg]:
-        raise JwtSvidError(f"algorithm {alg} needs curve {_EC_CURVE_FOR_ALG[alg]}, "
-                           f"got {key.curve.name}")
+        raise JwtSvidError(
+            f"algorithm {alg} needs curve {_EC_CURVE_FOR_ALG[alg]}, got {key.curve.name}"
+        )
 
 
 def sign_jwt_svid(

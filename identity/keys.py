@@ -153,7 +153,11 @@ def public_key_der(key: PublicKey | PrivateKey) -> bytes:
     Returns:
         SPKI DER bytes.
     """
-    pub = key.public_key() if isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)) else key
+    pub = (
+        key.public_key()
+        if isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey))
+        else key
+    )
     return pub.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -225,20 +229,17 @@ def check_public_key_strength(pub: object) -> None:
     raise InvalidKeyError(f"unsupported public key type {type(pub).__name__}; want EC or RSA")
 
 
-def public_keys_equal(a: PublicKey | object, b: PublicKey | object) -> bool:
+def public_keys_equal(a: object, b: object) -> bool:
     """True when two public keys are the same key (compared by SPKI DER).
 
     Args:
-        a: a public key (any type).
+        a: a public key (any type; non-keys compare unequal).
         b: a public key (any type).
 
     Returns:
-        Whether both encode to the same SubjectPublicKeyInfo.
+        Whether both are EC/RSA public keys encoding to the same SubjectPublicKeyInfo.
     """
-    try:
-        fmt = serialization.PublicFormat.SubjectPublicKeyInfo
-        der_a = a.public_bytes(serialization.Encoding.DER, fmt)  # type: ignore[attr-defined]
-        der_b = b.public_bytes(serialization.Encoding.DER, fmt)  # type: ignore[attr-defined]
-    except (AttributeError, ValueError, TypeError):
+    kinds = (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)
+    if not isinstance(a, kinds) or not isinstance(b, kinds):
         return False
-    return bool(der_a == der_b)
+    return public_key_der(a) == public_key_der(b)

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.x509 import verification
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from identity.errors import InvalidKeyError, InvalidSpiffeIdError, X509SvidError
 from identity.keys import (
@@ -55,9 +55,7 @@ if TYPE_CHECKING:
 # network input is bounded before use).
 MAX_CSR_BYTES = 64 * 1024
 
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL
-)
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
 
 _DNS_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
@@ -245,9 +243,7 @@ def validate_leaf(cert: x509.Certificate) -> SpiffeId:
     """
     spiffe_id = spiffe_id_from_certificate(cert)
     if not spiffe_id.has_path:
-        raise X509SvidError(
-            f"leaf certificate SPIFFE ID must have a non-root path: {spiffe_id}"
-        )
+        raise X509SvidError(f"leaf certificate SPIFFE ID must have a non-root path: {spiffe_id}")
     bc = _extension_value(cert, x509.BasicConstraints)
     if bc is not None and bc.ca:
         raise X509SvidError("leaf certificate must not have CA flag set to true")
@@ -287,9 +283,7 @@ def validate_signing_certificate(cert: x509.Certificate) -> None:
             except InvalidSpiffeIdError as exc:
                 raise X509SvidError(f"signing certificate URI SAN: {exc}") from None
             if ca_id.has_path:
-                raise X509SvidError(
-                    f"signing certificate SPIFFE ID must have no path, got {ca_id}"
-                )
+                raise X509SvidError(f"signing certificate SPIFFE ID must have no path, got {ca_id}")
 
 
 # --------------------------------------------------------------------------------
@@ -459,7 +453,7 @@ def _load_pem_pkcs8_key(data: bytes) -> object:
 # --------------------------------------------------------------------------------
 
 
-def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm:
+def _hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
     # Match the hash to the curve's strength (RFC 5758 §3.2 / FIPS 186-5).
     if isinstance(key, ec.EllipticCurvePrivateKey):
         if key.curve.key_size >= 512:
@@ -579,9 +573,7 @@ def new_ca_certificate(
             critical=True,
         )
         .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(trust_domain.id_string())]
-            ),
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(trust_domain.id_string())]),
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
@@ -597,7 +589,9 @@ def _check_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> None:
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature) as exc:
-        raise X509SvidError(f"issued certificate does not verify against its issuer: {exc}") from None
+        raise X509SvidError(
+            f"issued certificate does not verify against its issuer: {exc}"
+        ) from None
 
 
 def _check_dns_name(name: str) -> None:
@@ -832,8 +826,10 @@ def new_csr(key: PrivateKey) -> bytes:
     Returns:
         The CSR in DER.
     """
-    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
-        key, _hash_for(key)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, _hash_for(key))
     )
     return csr.public_bytes(serialization.Encoding.DER)
 

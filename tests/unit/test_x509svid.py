@@ -42,7 +42,9 @@ TD2 = TrustDomain("domain2.test")
 WORKLOAD = SpiffeId.parse("spiffe://domain1.test/workload")
 
 
-def make_ca(td: TrustDomain = TD, key: PrivateKey | None = None) -> tuple[x509.Certificate, PrivateKey]:
+def make_ca(
+    td: TrustDomain = TD, key: PrivateKey | None = None
+) -> tuple[x509.Certificate, PrivateKey]:
     key = key or generate_private_key()
     cert = new_ca_certificate(
         trust_domain=td,
@@ -153,7 +155,9 @@ def test_leaf_profile_rsa_has_key_encipherment(ca1: tuple[x509.Certificate, Priv
     assert ku.value.key_cert_sign is False  # type: ignore[attr-defined]
 
 
-def test_serials_are_random_and_explicit_serial_used(ca1: tuple[x509.Certificate, PrivateKey]) -> None:
+def test_serials_are_random_and_explicit_serial_used(
+    ca1: tuple[x509.Certificate, PrivateKey],
+) -> None:
     a, _ = issue(ca1)
     b, _ = issue(ca1)
     assert a.serial_number != b.serial_number
@@ -177,8 +181,10 @@ def test_not_before_clamped_to_ca(ca1: tuple[x509.Certificate, PrivateKey]) -> N
         ({"spiffe_id": SpiffeId.parse("spiffe://domain1.test")}, "needs an ID with a path"),
         ({"spiffe_id": SpiffeId.parse("spiffe://domain2.test/w")}, "cannot issue"),
         ({"not_before": NOW, "not_after": NOW}, "lifetime is empty"),
-        ({"not_before": NOW + dt.timedelta(days=5), "not_after": NOW + dt.timedelta(days=6)},
-         "lifetime is empty"),
+        (
+            {"not_before": NOW + dt.timedelta(days=5), "not_after": NOW + dt.timedelta(days=6)},
+            "lifetime is empty",
+        ),
         ({"not_after": dt.datetime(2030, 1, 1, 13)}, "timezone-aware"),
         ({"dns_names": ["bad name"]}, "invalid DNS name"),
         ({"dns_names": ["-x.example"]}, "invalid DNS name"),
@@ -209,7 +215,7 @@ def test_issue_rejects_wrong_ca_key(ca1: tuple[x509.Certificate, PrivateKey]) ->
 
 
 def test_root_ca_profile(ca1: tuple[x509.Certificate, PrivateKey]) -> None:
-    cert, key = ca1
+    cert, _ = ca1
     assert cert.subject == cert.issuer
     assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "SPIFFE"
     bc = ext(cert, ExtensionOID.BASIC_CONSTRAINTS)
@@ -377,8 +383,10 @@ def test_validate_leaf_accepts_leaf_without_basic_constraints(
         ({"ca": False, "ku": {"key_cert_sign": True}}, "must have CA flag"),
         ({"ca": None, "ku": {"key_cert_sign": True}}, "must have CA flag"),
         ({"ca": True, "ku": {"key_cert_sign": False, "crl_sign": True}}, "'keyCertSign'"),
-        ({"ca": True, "ku": {"key_cert_sign": True}, "uris": ("spiffe://domain1.test/x",)},
-         "must have no path"),
+        (
+            {"ca": True, "ku": {"key_cert_sign": True}, "uris": ("spiffe://domain1.test/x",)},
+            "must have no path",
+        ),
     ],
 )
 def test_validate_signing_certificate_rejects(kwargs: dict[str, object], error: str) -> None:
@@ -390,7 +398,9 @@ def test_validate_signing_certificate_rejects(kwargs: dict[str, object], error: 
 # ------------------------------------------------------------------ verify_chain
 
 
-def test_verify_success(ca1: tuple[x509.Certificate, PrivateKey], ca2: tuple[x509.Certificate, PrivateKey]) -> None:
+def test_verify_success(
+    ca1: tuple[x509.Certificate, PrivateKey], ca2: tuple[x509.Certificate, PrivateKey]
+) -> None:
     leaf, _ = issue(ca1)
     bundles = BundleSet([Bundle(TD, (ca1[0],)), Bundle(TD2, (ca2[0],))])
     assert verify_chain([leaf], bundles, now=NOW) == WORKLOAD
@@ -437,13 +447,17 @@ def test_verify_rejects(
     elif case == "naive time":
         now = dt.datetime(2030, 1, 1, 12, 0)
     elif case == "unknown critical extension":
-        weird = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00")
+        weird = x509.UnrecognizedExtension(
+            x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"
+        )
         chain = [raw_cert(ca1, extra=lambda b: b.add_extension(weird, critical=True))[0]]
     with pytest.raises(X509SvidError, match=error):
         verify_chain(chain, bundles, now=now)
 
 
-def test_verify_rejects_intermediate_that_is_not_a_ca(ca1: tuple[x509.Certificate, PrivateKey]) -> None:
+def test_verify_rejects_intermediate_that_is_not_a_ca(
+    ca1: tuple[x509.Certificate, PrivateKey],
+) -> None:
     # A leaf "signed" by another leaf: RFC 5280 §6.1.4 (k) requires cA on issuers.
     fake_ca, fake_key = raw_cert(ca1, uris=("spiffe://domain1.test/evil",), ca=False)
     leaf, _ = raw_cert((fake_ca, fake_key))
@@ -545,7 +559,9 @@ def test_svid_without_key() -> None:
 # ------------------------------------------------------------------ encodings
 
 
-def test_certificate_encodings(ca1: tuple[x509.Certificate, PrivateKey], ca2: tuple[x509.Certificate, PrivateKey]) -> None:
+def test_certificate_encodings(
+    ca1: tuple[x509.Certificate, PrivateKey], ca2: tuple[x509.Certificate, PrivateKey]
+) -> None:
     certs = (ca1[0], ca2[0])
     assert load_certificates_pem(certificates_to_pem(certs)) == certs
     assert load_certificates_der(certificates_to_der(certs)) == certs
@@ -571,8 +587,13 @@ def test_csr_round_trip(key_type: KeyType) -> None:
 
 
 def _csr_with(key: object) -> bytes:
-    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
-        key, hashes.SHA256()  # type: ignore[arg-type]
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(
+            key,
+            hashes.SHA256(),  # type: ignore[arg-type]
+        )
     )
     return csr.public_bytes(serialization.Encoding.DER)
 
