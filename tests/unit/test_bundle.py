@@ -195,7 +195,10 @@ def test_parse_rejects_documents(data: bytes, error: str) -> None:
         (lambda d: _set(d, 0, x5c=[base64.b64encode(b"junk").decode()]), "not a DER certificate"),
         (lambda d: _set(d, 0, x5c=[1]), "must be a string"),
         # x509 entry whose key parameters are another key's (go-jose rejects too)
-        (lambda d: _set(d, 0, x=d["keys"][_ec_jwt(d)]["x"], y=d["keys"][_ec_jwt(d)]["y"]), "do not match"),
+        (
+            lambda d: _set(d, 0, x=d["keys"][_ec_jwt(d)]["x"], y=d["keys"][_ec_jwt(d)]["y"]),
+            "do not match",
+        ),
     ],
 )
 def test_parse_rejects_keys(change: Any, error: str) -> None:
