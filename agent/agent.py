@@ -1,0 +1,160 @@
+"""The running agent: bootstrap trust, attest (or reuse its SVID), sync, serve.
+
+Start-up order (DESIGN flow 2):
+
+1. trust: the ``--trust-bundle`` PEM, else the bundle persisted in the data dir,
+   else (only with ``--insecure-bootstrap``) the server's self-signed CA, taken on
+   first use with a loud warning;
+2. identity: a persisted, unexpired agent SVID is reused (join tokens are single
+   use, so a restart must not need a new one); otherwise attest with the join
+   token, then persist the SVID, its key (0600) and the bundle;
+3. first sync, then the Workload API socket opens;
+4. the sync loop runs until :meth:`Agent.stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from agent import log
+from agent.cache import Cache
+from agent.client import ServerClient, fetch_bootstrap_root, roots_pem
+from agent.clock import Clock, SystemClock
+from agent.config import AgentConfig
+from agent.errors import BootstrapError
+from agent.manager import Manager
+from agent.state import AgentState
+from agent.workload_api.server import WorkloadApiServer
+from attestation.node.join_token import make_attestation
+from attestation.workload.unix import UnixAttestor
+from identity.bundle import Bundle
+from identity.errors import SigilError
+from identity.keys import generate_private_key
+from identity.x509svid import X509Svid, new_csr
+
+
+class Agent:
+    """One agent process's worth of state and tasks.
+
+    Args:
+        config: the validated configuration.
+        clock: injectable time.
+    """
+
+    def __init__(self, config: AgentConfig, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self._clock = clock or SystemClock()
+        self.state = AgentState(config.data_dir)
+        self.cache = Cache(trust_domain=config.trust_domain, clock=self._clock)
+        self.client = ServerClient(
+            address=config.server_address, trust_domain=config.trust_domain
+        )
+        self.workload_api: WorkloadApiServer | None = None
+        self.manager: Manager | None = None
+        self._stop = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish (safe from a signal handler on the loop)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`; clean up sockets and channels on the way out.
+
+        Raises:
+            BootstrapError: no way to trust the server, or attestation failed.
+        """
+        try:
+            await self._run()
+        finally:
+            if self.workload_api is not None:
+                await self.workload_api.stop()
+            await self.client.close()
+
+    async def _run(self) -> None:
+        self.state.prepare()
+        bundle = await self._initial_bundle()
+        svid, bundle = await self._identity(bundle)
+        self.manager = Manager(
+            client=self.client, cache=self.cache, state=self.state,
+            agent_svid=svid, bundle=bundle, clock=self._clock,
+        )
+        self.client.configure(roots_pem=roots_pem(bundle), svid=svid)
+        self.cache.set_bundles({bundle.trust_domain: bundle})
+        await self.manager.sync_once()
+        self.workload_api = WorkloadApiServer(
+            socket_path=self.config.socket_path,
+            cache=self.cache,
+            attestors=[UnixAttestor(self.config.unix)],
+            clock=self._clock,
+        )
+        await self.workload_api.start()
+        log.event("workload api listening", socket=self.config.socket_path)
+        self.ready.set()
+        await self.manager.run(self._stop, self.config.sync_interval)
+        log.event("agent stopping")
+
+    async def _initial_bundle(self) -> Bundle:
+        td = self.config.trust_domain
+        if self.config.trust_bundle_path is not None:
+            try:
+                data = self.config.trust_bundle_path.read_bytes()
+                return Bundle.from_x509_pem(td, data)
+            except OSError as exc:
+                raise BootstrapError(
+                    f"cannot read trust bundle {self.config.trust_bundle_path}: {exc.strerror}"
+                ) from None
+            except SigilError as exc:
+                raise BootstrapError(
+                    f"trust bundle {self.config.trust_bundle_path} is not usable: {exc}"
+                ) from None
+        persisted = self.state.load_bundle(td)
+        if persisted is not None and persisted.x509_authorities:
+            return persisted
+        if not self.config.insecure_bootstrap:
+            raise BootstrapError(
+                "no trust bundle: pass the server's CA with --trust-bundle FILE (from "
+                "`sigil-server bundle show --format pem`), or --insecure-bootstrap to trust "
+                "it on first use"
+            )
+        root = await asyncio.to_thread(fetch_bootstrap_root, self.config.server_address)
+        log.event(
+            "insecure bootstrap: trusting the server's CA without verification",
+            level=logging.WARNING,
+            server_address=self.config.server_address,
+            ca_subject=root.subject.rfc4514_string(),
+        )
+        return Bundle(trust_domain=td, x509_authorities=(root,))
+
+    async def _identity(self, bundle: Bundle) -> tuple[X509Svid, Bundle]:
+        svid = self.state.load_svid()
+        now = self._clock.now()
+        if svid is not None and svid.spiffe_id.is_member_of(self.config.trust_domain) and (
+            svid.leaf.not_valid_after_utc > now
+        ):
+            log.event("agent svid reused", agent_id=svid.spiffe_id,
+                      expires_at=svid.expires_at.isoformat())
+            return svid, bundle
+        if not self.config.join_token:
+            raise BootstrapError(
+                "the agent has no valid SVID and no join token: create one with "
+                "`sigil-server token generate` and pass it with --join-token"
+            )
+        try:
+            attestation_type, payload = make_attestation(self.config.join_token)
+        except SigilError as exc:
+            raise BootstrapError(f"join token: {exc}") from None
+        self.client.configure(roots_pem=roots_pem(bundle))
+        key = generate_private_key()
+        try:
+            result = await self.client.attest(
+                attestation_type=attestation_type, payload=payload, csr=new_csr(key), key=key
+            )
+        except SigilError as exc:
+            raise BootstrapError(f"node attestation failed: {exc}") from None
+        self.state.save_svid(result.svid)
+        self.state.save_bundle(result.bundle)
+        log.event("agent attested", agent_id=result.svid.spiffe_id, attestor=attestation_type,
+                  expires_at=result.svid.expires_at.isoformat())
+        return result.svid, result.bundle

@@ -1,0 +1,290 @@
+"""``sigil-agent``: run the node agent, and talk to a running one's Workload API.
+
+Exit codes: 0 success; 1 the operation failed (agent unreachable, no identity);
+2 bad input (one line ``Error: <reason>`` on stderr).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import grpc
+
+from agent import log
+from agent.config import DEFAULT_SOCKET_PATH, load_config
+from agent.endpoint import ENV_VAR, parse_endpoint_address
+from agent.errors import AgentError, ConfigError, EndpointAddressError
+from agent.state import write_file_atomic
+from agent.workload_api.client import WorkloadApiClient
+from identity.errors import SigilError
+from identity.jwtsvid import parse_insecure
+from identity.x509svid import X509Svid, certificates_to_pem, load_certificates_der
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_EPILOG_RUN = """\b
+Examples:
+  # First start: attest with a join token, verify the server with its CA bundle
+  sigil-server bundle show --format pem > bundle.pem
+  sigil-agent run --trust-domain example.org --server-address sigil-server:8081 \\
+      --join-token "$(sigil-server token generate)" --trust-bundle bundle.pem
+
+  # Later starts reuse the SVID stored in --data-dir (no token needed)
+  sigil-agent run --config /etc/sigil/agent.toml
+"""
+
+
+def _usage_error(message: str) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(2)
+
+
+def _failure(message: str) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(1)
+
+
+class _Group(click.Group):
+    """Turns click's usage errors into the one-line ``Error: ...`` + exit 2 form."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            sys.exit(130)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            # A bare group ("sigil-agent api") shows its help, as click would.
+            if type(exc).__name__ == "NoArgsIsHelpError" or exc.message.startswith(
+                "Missing command"
+            ):
+                click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+                sys.exit(2)
+            _usage_error(exc.format_message().replace("\n", " "))
+        except click.ClickException as exc:
+            _usage_error(exc.format_message())
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Sigil node agent: gets SVIDs from the Sigil server and serves them to the
+    workloads on this node over the SPIFFE Workload API (a Unix socket).
+
+    \b
+    sigil-agent run            run the agent
+    sigil-agent api fetch ...  fetch SVIDs and bundles from a running agent
+    sigil-agent healthcheck    exit 0 if the agent's socket answers
+    """
+
+
+# -- run --------------------------------------------------------------------------------
+
+
+@main.command(epilog=_EPILOG_RUN)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config file (keys: docs/configuration.md, Agent).")
+@click.option("--trust-domain", help="Trust domain, e.g. example.org.")
+@click.option("--server-address", help="The server's agent API, HOST:PORT.")
+@click.option("--data-dir", help="Where the agent keeps its SVID and key [./.sigil-agent].")
+@click.option("--socket-path", help=f"Workload API socket [{DEFAULT_SOCKET_PATH}].")
+@click.option("--join-token", help="Single-use token from `sigil-server token generate`.")
+@click.option("--trust-bundle", help="PEM file of the server's CA certificates.")
+@click.option("--insecure-bootstrap", is_flag=True, default=None,
+              help="Trust the server's CA on first use (testing only; not with --trust-bundle).")
+def run(config_path: Path | None, trust_domain: str | None, server_address: str | None,
+        data_dir: str | None, socket_path: str | None, join_token: str | None,
+        trust_bundle: str | None, insecure_bootstrap: bool | None) -> None:
+    """Run the agent: attest to the server, keep SVIDs fresh, serve the Workload API.
+
+    Stops cleanly on SIGTERM or SIGINT, removing its sockets.
+    """
+    if trust_bundle and insecure_bootstrap:
+        _usage_error("--trust-bundle and --insecure-bootstrap are mutually exclusive")
+    overrides: dict[str, Any] = {
+        "trust_domain": trust_domain, "server_address": server_address,
+        "data_dir": data_dir, "socket_path": socket_path, "join_token": join_token,
+        "trust_bundle_path": trust_bundle, "insecure_bootstrap": insecure_bootstrap,
+    }
+    if trust_bundle:
+        # A flag beats the file: --trust-bundle cancels insecure_bootstrap from TOML.
+        overrides["insecure_bootstrap"] = False
+    try:
+        config = load_config(config_path, env=os.environ, overrides=overrides)
+    except ConfigError as exc:
+        _usage_error(str(exc))
+    log.configure(level=config.log_level, fmt=config.log_format)
+    from agent.agent import Agent
+
+    async def runner() -> None:
+        agent = Agent(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+
+    try:
+        asyncio.run(runner())
+    except AgentError as exc:
+        log.event("agent failed", level=40, reason=str(exc))
+        _failure(str(exc))
+    except SigilError as exc:
+        _failure(str(exc))
+
+
+# -- Workload API client commands ---------------------------------------------------------
+
+
+def _resolve_socket(value: str | None) -> str:
+    """--socket-path, else $SPIFFE_ENDPOINT_SOCKET, else the default; URI forms allowed."""
+    raw = value or os.environ.get(ENV_VAR) or DEFAULT_SOCKET_PATH
+    try:
+        return parse_endpoint_address(raw)
+    except EndpointAddressError as exc:
+        _usage_error(str(exc))
+
+
+def _socket_option(f: F) -> F:
+    return click.option(
+        "--socket-path",
+        help=f"Agent socket: a path or unix:///path [${ENV_VAR}, else {DEFAULT_SOCKET_PATH}].",
+    )(f)
+
+
+def _rpc_failure(exc: grpc.RpcError, what: str) -> NoReturn:
+    code = exc.code()
+    details = exc.details()
+    _failure(f"{what}: {code.name if code else 'UNKNOWN'}: {details}")
+
+
+@main.group()
+def api() -> None:
+    """Talk to a running agent's Workload API (as the workload this process is)."""
+
+
+@api.group()
+def fetch() -> None:
+    """Fetch SVIDs from the agent."""
+
+
+_EPILOG_X509 = """\b
+Examples:
+  sigil-agent api fetch x509
+  sigil-agent api fetch x509 --write /run/svid     # svid.pem, svid.key, bundle.pem
+  SPIFFE_ENDPOINT_SOCKET=unix:///run/sigil/api.sock sigil-agent api fetch x509 --output json
+"""
+
+
+@fetch.command("x509", epilog=_EPILOG_X509)
+@_socket_option
+@click.option("--write", "write_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write svid.pem (chain), svid.key (0600) and bundle.pem into DIR.")
+@click.option("--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds.")
+def fetch_x509(socket_path: str | None, write_dir: Path | None, output: str,
+               timeout: float) -> None:
+    """Fetch this process's X.509-SVIDs (the first is the default identity)."""
+    path = _resolve_socket(socket_path)
+    try:
+        with WorkloadApiClient(path, timeout=timeout) as client:
+            resp = client.fetch_x509_svid()
+    except grpc.RpcError as exc:
+        _rpc_failure(exc, "FetchX509SVID failed")
+    rows = []
+    for i, s in enumerate(resp.svids):
+        try:
+            svid = X509Svid.parse_raw(s.x509_svid, s.x509_svid_key)
+            bundle = load_certificates_der(s.bundle)
+        except SigilError as exc:
+            _failure(f"the agent sent an unusable SVID: {exc}")
+        rows.append({"spiffe_id": str(svid.spiffe_id),
+                     "expires_at": svid.expires_at.isoformat(), "hint": s.hint})
+        if write_dir is not None and i == 0:
+            write_dir.mkdir(parents=True, exist_ok=True)
+            write_file_atomic(write_dir / "svid.pem", svid.chain_pem(), mode=0o644)
+            write_file_atomic(write_dir / "svid.key", svid.key_pem(), mode=0o600)
+            write_file_atomic(write_dir / "bundle.pem", certificates_to_pem(bundle), mode=0o644)
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        hint = f" hint={row['hint']}" if row["hint"] else ""
+        click.echo(f"{row['spiffe_id']} expires_at={row['expires_at']}{hint}")
+    if write_dir is not None:
+        click.echo(f"wrote {write_dir}/svid.pem, svid.key, bundle.pem")
+
+
+_EPILOG_JWT = """\b
+Examples:
+  sigil-agent api fetch jwt --audience spiffe://example.org/db
+  sigil-agent api fetch jwt --audience api --spiffe-id spiffe://example.org/web --output json
+"""
+
+
+@fetch.command("jwt", epilog=_EPILOG_JWT)
+@_socket_option
+@click.option("--audience", "audience", multiple=True,
+              help="Audience the token is for (repeat for several). Required.")
+@click.option("--spiffe-id", default="", help="Only this identity (default: all of them).")
+@click.option("--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds.")
+def fetch_jwt(socket_path: str | None, audience: tuple[str, ...], spiffe_id: str, output: str,
+              timeout: float) -> None:
+    """Fetch JWT-SVIDs for an audience; prints one token a line."""
+    if not audience:
+        _usage_error("--audience is required (who the token is for)")
+    path = _resolve_socket(socket_path)
+    try:
+        with WorkloadApiClient(path, timeout=timeout) as client:
+            resp = client.fetch_jwt_svid(list(audience), spiffe_id)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            _usage_error(str(exc.details()))
+        _rpc_failure(exc, "FetchJWTSVID failed")
+    rows = []
+    for s in resp.svids:
+        expires = ""
+        try:
+            expires = parse_insecure(s.svid, audience=list(audience)).expires_at.isoformat()
+        except SigilError:
+            expires = ""
+        rows.append({"spiffe_id": s.spiffe_id, "token": s.svid, "expires_at": expires,
+                     "hint": s.hint})
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            click.echo(row["token"])
+
+
+@main.command(epilog="\b\nExample:\n  sigil-agent healthcheck --socket-path /run/sigil/api.sock")
+@_socket_option
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds.")
+def healthcheck(socket_path: str | None, timeout: float) -> None:
+    """Exit 0 if the agent's Workload API answers.
+
+    Asks for X.509 bundles as this process: an answer, or PermissionDenied (this
+    process has no identity), both prove the agent is attested and serving.
+    """
+    path = _resolve_socket(socket_path)
+    if not Path(path).exists():
+        _failure(f"agent is not running: {path} does not exist")
+    try:
+        with WorkloadApiClient(path, timeout=timeout) as client:
+            client.fetch_x509_bundles()
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+            _rpc_failure(exc, "agent is not healthy")
+    click.echo(f"agent is healthy ({dt.datetime.now(dt.UTC):%H:%M:%S} UTC)")

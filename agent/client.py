@@ -1,0 +1,344 @@
+"""The agent's client of the server's agent API (``sigil.agent.v1.Agent``).
+
+Transport: TLS to the server's bind address, verified against the trust bundle.
+grpcio checks host names, not SPIFFE IDs, so we verify the server certificate's
+DNS SAN ``server.sigil.invalid`` (docs/internals.md) via
+``grpc.ssl_target_name_override``. AttestAgent runs over plain server-verified
+TLS; every other call presents the agent's SVID as client certificate (mTLS).
+When the agent SVID is renewed or the bundle changes, :meth:`ServerClient.configure`
+rebuilds the channel.
+
+Server messages are parsed here, at the edge, into identity types and
+:class:`~agent.cache.CachedEntry`; a malformed one raises :class:`ServerCallError`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from cryptography import x509
+
+from agent import log
+from agent.cache import CachedEntry
+from agent.config import parse_host_port
+from agent.errors import BootstrapError, ServerCallError
+from api.protos.sigil.agent.v1 import agent_pb2 as apb
+from api.protos.sigil.types.v1 import types_pb2 as tpb
+from identity.bundle import Bundle, JwtAuthority
+from identity.errors import SigilError
+from identity.jwtsvid import JwtSvid, parse_insecure
+from identity.keys import PrivateKey, load_public_key_der, private_key_to_pem, public_keys_equal
+from identity.selectors import Selector
+from identity.spiffeid import SpiffeId, TrustDomain
+from identity.x509svid import X509Svid, certificates_to_pem, validate_leaf
+
+SERVER_NAME = "server.sigil.invalid"
+SERVICE = "/sigil.agent.v1.Agent/"
+CALL_TIMEOUT = 30.0
+# Responses carry every authorized entry and bundle: allow more than grpc's 4 MiB
+# default, but stay bounded.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AttestResult:
+    """What AttestAgent returned."""
+
+    svid: X509Svid
+    bundle: Bundle
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """What SyncAuthorized returned."""
+
+    entries: tuple[CachedEntry, ...]
+    bundles: dict[TrustDomain, Bundle]
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class SignResult:
+    """One result of BatchNewX509SVID: a chain, or why there is none."""
+
+    entry_id: str
+    chain: tuple[x509.Certificate, ...] = ()
+    error: str = ""
+
+
+class ServerClient:
+    """Calls the server's agent API over TLS / mTLS.
+
+    Args:
+        address: the server's ``HOST:PORT``.
+        trust_domain: ours; every SPIFFE ID the server returns must be in it.
+    """
+
+    def __init__(self, *, address: str, trust_domain: TrustDomain) -> None:
+        parse_host_port(address)
+        self.address = address
+        self.trust_domain = trust_domain
+        self._channel: grpc.aio.Channel | None = None
+
+    def configure(self, *, roots_pem: bytes, svid: X509Svid | None = None) -> None:
+        """(Re)build the channel: server-verified TLS, plus our SVID when given.
+
+        The old channel is closed in the background: an in-flight call on it may
+        finish, new calls use the new credentials.
+        """
+        if svid is not None:
+            key: PrivateKey | None = svid.private_key
+            assert key is not None
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=roots_pem,
+                private_key=private_key_to_pem(key),
+                certificate_chain=svid.chain_pem(),
+            )
+        else:
+            creds = grpc.ssl_channel_credentials(root_certificates=roots_pem)
+        old = self._channel
+        self._channel = grpc.aio.secure_channel(
+            self.address,
+            creds,
+            options=[
+                ("grpc.ssl_target_name_override", SERVER_NAME),
+                ("grpc.default_authority", SERVER_NAME),
+                ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+                # grpc shares connections between channels to the same target by
+                # default; a connection made before we had an SVID would then be
+                # reused without a client certificate. Each channel gets its own.
+                ("grpc.use_local_subchannel_pool", 1),
+            ],
+        )
+        if old is not None:
+            self._retired = old
+
+    async def close(self) -> None:
+        """Close the channel(s)."""
+        for ch in (self._channel, getattr(self, "_retired", None)):
+            if ch is not None:
+                await ch.close()
+        self._channel = None
+
+    async def _call(self, method: str, request: object, response_type: type[object]) -> object:
+        if self._channel is None:
+            raise ServerCallError("the server client is not configured")
+        call = self._channel.unary_unary(
+            SERVICE + method,
+            request_serializer=type(request).SerializeToString,  # type: ignore[attr-defined]
+            response_deserializer=response_type.FromString,  # type: ignore[attr-defined]
+        )
+        try:
+            return await call(request, timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            raise ServerCallError(
+                f"{method} failed: {code.name if code else 'UNKNOWN'}: {exc.details()}"
+            ) from None
+
+    # Calls -------------------------------------------------------------------
+
+    async def attest(
+        self, *, attestation_type: str, payload: bytes, csr: bytes, key: PrivateKey
+    ) -> AttestResult:
+        """AttestAgent: prove the node, get the agent SVID and the bundle.
+
+        Raises:
+            ServerCallError: refused (e.g. a used join token) or unreachable.
+        """
+        request = apb.AttestAgentRequest(
+            data=apb.AttestationData(type=attestation_type, payload=payload), csr=csr
+        )
+        resp: apb.AttestAgentResponse = await self._call(  # type: ignore[assignment]
+            "AttestAgent", request, apb.AttestAgentResponse
+        )
+        svid = self._svid(resp.svid, key)
+        bundle = bundle_from_proto(resp.bundle)
+        if bundle.trust_domain != self.trust_domain:
+            raise ServerCallError(
+                f"server returned the bundle of {bundle.trust_domain}, not {self.trust_domain}"
+            )
+        return AttestResult(svid=svid, bundle=bundle)
+
+    async def renew(self, *, csr: bytes, key: PrivateKey) -> X509Svid:
+        """RenewAgent: a new agent SVID for ``key``."""
+        resp: apb.RenewAgentResponse = await self._call(  # type: ignore[assignment]
+            "RenewAgent", apb.RenewAgentRequest(csr=csr), apb.RenewAgentResponse
+        )
+        return self._svid(resp.svid, key)
+
+    async def sync(self) -> SyncResult:
+        """SyncAuthorized: every entry authorized for us and the bundles we need.
+
+        Always asks for everything (``known_revision=0``): the full list is what
+        lets us notice deleted entries, and it is small at this stage.
+        """
+        resp: apb.SyncAuthorizedResponse = await self._call(  # type: ignore[assignment]
+            "SyncAuthorized", apb.SyncAuthorizedRequest(known_revision=0),
+            apb.SyncAuthorizedResponse,
+        )
+        entries = []
+        for e in resp.entries:
+            try:
+                entries.append(entry_from_proto(e))
+            except SigilError as exc:
+                # One bad entry must not stop every other workload's rotation.
+                log.event("entry skipped", level=30, entry_id=e.id, reason=str(exc))
+        bundles: dict[TrustDomain, Bundle] = {}
+        for name, b in resp.bundles.items():
+            try:
+                bundle = bundle_from_proto(b)
+            except SigilError as exc:
+                log.event("bundle skipped", level=30, trust_domain=name, reason=str(exc))
+                continue
+            bundles[bundle.trust_domain] = bundle
+        return SyncResult(tuple(entries), bundles, resp.revision)
+
+    async def batch_new_x509_svid(
+        self, params: Sequence[tuple[str, bytes]]
+    ) -> list[SignResult]:
+        """BatchNewX509SVID for (entry id, CSR DER) pairs."""
+        request = apb.BatchNewX509SVIDRequest(
+            params=[apb.NewX509SVIDParams(entry_id=i, csr=c) for i, c in params]
+        )
+        resp: apb.BatchNewX509SVIDResponse = await self._call(  # type: ignore[assignment]
+            "BatchNewX509SVID", request, apb.BatchNewX509SVIDResponse
+        )
+        out = []
+        for r in resp.results:
+            if r.status.code != 0:
+                out.append(SignResult(r.entry_id, error=r.status.message or str(r.status.code)))
+                continue
+            try:
+                chain = tuple(x509.load_der_x509_certificate(d) for d in r.svid.cert_chain)
+            except ValueError as exc:
+                out.append(SignResult(r.entry_id, error=f"bad certificate: {exc}"))
+                continue
+            out.append(SignResult(r.entry_id, chain=chain))
+        return out
+
+    async def new_jwt_svid(self, entry_id: str, audience: Sequence[str]) -> JwtSvid:
+        """NewJWTSVID for one entry."""
+        resp: apb.NewJWTSVIDResponse = await self._call(  # type: ignore[assignment]
+            "NewJWTSVID",
+            apb.NewJWTSVIDRequest(entry_id=entry_id, audience=list(audience)),
+            apb.NewJWTSVIDResponse,
+        )
+        try:
+            return parse_insecure(resp.token, audience=list(audience))
+        except SigilError as exc:
+            raise ServerCallError(f"server returned an unusable JWT-SVID: {exc}") from None
+
+    def _svid(self, proto: tpb.X509SVID, key: PrivateKey) -> X509Svid:
+        try:
+            chain = tuple(x509.load_der_x509_certificate(d) for d in proto.cert_chain)
+            if not chain:
+                raise ServerCallError("server returned an empty certificate chain")
+            spiffe_id = validate_leaf(chain[0])
+        except (ValueError, SigilError) as exc:
+            raise ServerCallError(f"server returned a bad SVID: {exc}") from None
+        if not public_keys_equal(chain[0].public_key(), key.public_key()):
+            raise ServerCallError("server returned an SVID for another key")
+        if not spiffe_id.is_member_of(self.trust_domain):
+            raise ServerCallError(f"server returned an SVID of another trust domain: {spiffe_id}")
+        return X509Svid(spiffe_id, chain, key)
+
+
+# Conversions -------------------------------------------------------------------------
+
+
+def _unix_time(seconds: int) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC) if seconds > 0 else None
+
+
+def bundle_from_proto(b: tpb.Bundle) -> Bundle:
+    """A :class:`Bundle` from the server's message.
+
+    Raises:
+        SigilError: a bad trust domain, certificate or key.
+    """
+    try:
+        certs = tuple(x509.load_der_x509_certificate(d) for d in b.x509_authorities)
+    except ValueError as exc:
+        raise ServerCallError(f"bundle of {b.trust_domain!r} has a bad certificate") from exc
+    return Bundle(
+        trust_domain=TrustDomain.parse(b.trust_domain),
+        x509_authorities=certs,
+        jwt_authorities=tuple(
+            JwtAuthority(k.key_id, load_public_key_der(k.public_key), _unix_time(k.expires_at))
+            for k in b.jwt_authorities
+        ),
+        sequence_number=b.sequence_number or None,
+        refresh_hint=b.refresh_hint or None,
+    )
+
+
+def entry_from_proto(e: tpb.Entry) -> CachedEntry:
+    """A :class:`CachedEntry` from the server's message.
+
+    Raises:
+        SigilError: a bad SPIFFE ID, selector or trust domain.
+    """
+    return CachedEntry(
+        id=e.id,
+        spiffe_id=SpiffeId.parse(e.spiffe_id),
+        parent_id=SpiffeId.parse(e.parent_id),
+        selectors=frozenset(Selector(s.type, s.value) for s in e.selectors),
+        x509_svid_ttl=e.x509_svid_ttl,
+        jwt_svid_ttl=e.jwt_svid_ttl,
+        dns_names=tuple(e.dns_names),
+        federates_with=tuple(TrustDomain.parse(td) for td in e.federates_with),
+        hint=e.hint,
+        revision=e.revision,
+    )
+
+
+# Bootstrap ---------------------------------------------------------------------------
+
+
+def fetch_bootstrap_root(address: str, *, timeout: float = 10.0) -> x509.Certificate:
+    """Trust on first use: the self-signed CA the server presents, unverified.
+
+    Only for ``--insecure-bootstrap``: anyone who can intercept this connection can
+    make the agent trust them. The server sends its leaf and the CA root; we take
+    the self-signed CA certificate of that chain.
+
+    Raises:
+        BootstrapError: unreachable, or no self-signed CA in the chain.
+    """
+    host, port = parse_host_port(address)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
+            # ssl has no public API for the unverified chain before 3.13; this one
+            # exists since 3.10.
+            chain = tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
+            ders = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain or ()]  # type: ignore[attr-defined]
+    except OSError as exc:
+        raise BootstrapError(f"cannot reach the server at {address}: {exc}") from None
+    for der in ders:
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            continue
+        if bc.ca and cert.issuer == cert.subject:
+            return cert
+    raise BootstrapError(
+        f"the server at {address} did not present a self-signed CA certificate; "
+        "pass its bundle with --trust-bundle"
+    )
+
+
+def roots_pem(bundle: Bundle) -> bytes:
+    """The X.509 authorities of a bundle as PEM, for grpc's root certificates."""
+    return certificates_to_pem(bundle.x509_authorities)

@@ -1,0 +1,287 @@
+"""Agent configuration: a TOML file -> frozen dataclasses, validated at load.
+
+Precedence: defaults < TOML file < the documented ``SIGIL_AGENT_*`` environment
+variables (:data:`ENV_VARS`) < command-line flags. Unknown keys are an error that
+names the file and the key. Durations are strings (``"5s"``, ``"1m"``).
+Every key is documented in docs/configuration.md, "Agent".
+
+Example::
+
+    trust_domain = "example.org"
+    server_address = "sigil-server:8081"
+    trust_bundle_path = "/etc/sigil/bundle.pem"
+    sync_interval = "5s"
+
+    [workload_attestors.unix]
+    discover_workload_path = true
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.endpoint import parse_endpoint_address
+from agent.errors import ConfigError, EndpointAddressError
+from attestation.workload.unix import UnixAttestorConfig
+from identity.errors import InvalidSpiffeIdError
+from identity.spiffeid import TrustDomain
+
+DEFAULT_DATA_DIR = "./.sigil-agent"
+DEFAULT_SOCKET_PATH = "/tmp/sigil-agent/public/api.sock"  # noqa: S108 (documented default)
+DEFAULT_SYNC_INTERVAL = "5s"
+
+# The explicit, documented list of environment overrides: variable -> config key.
+# Prefixed SIGIL_AGENT_ so a server and an agent can share one environment.
+ENV_VARS: Mapping[str, str] = {
+    "SIGIL_AGENT_TRUST_DOMAIN": "trust_domain",
+    "SIGIL_AGENT_SERVER_ADDRESS": "server_address",
+    "SIGIL_AGENT_DATA_DIR": "data_dir",
+    "SIGIL_AGENT_SOCKET_PATH": "socket_path",
+    "SIGIL_AGENT_JOIN_TOKEN": "join_token",
+    "SIGIL_AGENT_TRUST_BUNDLE_PATH": "trust_bundle_path",
+    "SIGIL_AGENT_LOG_LEVEL": "log_level",
+    "SIGIL_AGENT_LOG_FORMAT": "log_format",
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+_DEFAULTS: Mapping[str, Any] = {
+    "trust_domain": None,
+    "server_address": None,
+    "data_dir": DEFAULT_DATA_DIR,
+    "socket_path": DEFAULT_SOCKET_PATH,
+    "join_token": None,
+    "trust_bundle_path": None,
+    "insecure_bootstrap": False,
+    "sync_interval": DEFAULT_SYNC_INTERVAL,
+    "log_level": "info",
+    "log_format": "text",
+    "workload_attestors": None,
+}
+KNOWN_KEYS = frozenset(_DEFAULTS)
+_ATTESTOR_KEYS: Mapping[str, frozenset[str]] = {
+    "unix": frozenset({"discover_workload_path", "workload_path_sha256"}),
+}
+
+_DURATION_RE = re.compile(r"(\d+)(ms|[dhms])")
+_UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """The agent's validated configuration.
+
+    Attributes:
+        trust_domain: the trust domain the agent belongs to.
+        server_address: the server's agent API, ``HOST:PORT``.
+        data_dir: where the agent keeps its SVID, key and bundle (created 0700).
+        socket_path: the Workload API socket.
+        join_token: a single-use join token (needed only for the first attestation).
+        trust_bundle_path: PEM CA certificates to verify the server with.
+        insecure_bootstrap: trust the server's CA on first use when no bundle is known.
+        sync_interval: how often to sync entries and rotate SVIDs.
+        unix: options of the unix workload attestor.
+        log_level: debug, info, warning or error.
+        log_format: text or json.
+    """
+
+    trust_domain: TrustDomain
+    server_address: str
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    socket_path: Path = Path(DEFAULT_SOCKET_PATH)
+    join_token: str | None = field(default=None, repr=False)
+    trust_bundle_path: Path | None = None
+    insecure_bootstrap: bool = False
+    sync_interval: dt.timedelta = dt.timedelta(seconds=5)
+    unix: UnixAttestorConfig = field(default_factory=UnixAttestorConfig)
+    log_level: str = "info"
+    log_format: str = "text"
+
+
+def parse_duration(text: object) -> dt.timedelta:
+    """Parse ``"500ms"``, ``"5s"``, ``"1m"``, ``"1h"``, ``"2d"`` or ``"1m30s"``.
+
+    Raises:
+        ConfigError: not a positive duration in that form.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"duration must be a string like \"5s\" or \"1m\", not {text!r}")
+    pos = 0
+    total = 0.0
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != pos:
+            break
+        total += int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if not text or pos != len(text):
+        raise ConfigError(
+            f"duration {text!r} is invalid: use a number and a unit ms, s, m, h or d "
+            "(for example \"5s\", \"1m30s\")"
+        )
+    if total <= 0:
+        raise ConfigError(f"duration {text!r} must be greater than zero")
+    return dt.timedelta(seconds=total)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6).
+
+    Raises:
+        ConfigError: no host, no port, or a port outside 1..65535.
+    """
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ConfigError(
+            f"server address {text!r} must have the form HOST:PORT, e.g. sigil-server:8081"
+        )
+    port = int(port_s)
+    if not 0 < port <= 65535:
+        raise ConfigError(f"server address {text!r}: port {port} is outside 1..65535")
+    return host, port
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for key in doc:
+        if key not in KNOWN_KEYS:
+            raise ConfigError(f"config file {path}: unknown key {key!r}")
+    attestors = doc.get("workload_attestors")
+    if attestors is not None:
+        if not isinstance(attestors, dict):
+            raise ConfigError(f"config file {path}: workload_attestors must be a table")
+        for name, options in attestors.items():
+            if name not in _ATTESTOR_KEYS:
+                raise ConfigError(
+                    f"config file {path}: unknown key 'workload_attestors.{name}' "
+                    f"(known attestors: {', '.join(sorted(_ATTESTOR_KEYS))})"
+                )
+            if not isinstance(options, dict):
+                raise ConfigError(
+                    f"config file {path}: workload_attestors.{name} must be a table"
+                )
+            for key in options:
+                if key not in _ATTESTOR_KEYS[name]:
+                    raise ConfigError(
+                        f"config file {path}: unknown key 'workload_attestors.{name}.{key}'"
+                    )
+    return doc
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Build the configuration from defaults, a TOML file, the environment and flags.
+
+    Args:
+        path: the TOML file, or None.
+        env: the environment (only :data:`ENV_VARS` are read); None reads nothing.
+        overrides: command-line values by config key; None values are ignored.
+
+    Raises:
+        ConfigError: naming the file and key, or the bad value and the rule it broke.
+    """
+    raw: dict[str, Any] = dict(_DEFAULTS)
+    if path is not None:
+        raw.update(_read_toml(path))
+    for var, key in ENV_VARS.items():
+        if env is not None and env.get(var):
+            raw[key] = env[var]
+    for key, value in (overrides or {}).items():
+        if key not in KNOWN_KEYS:
+            raise ConfigError(f"unknown setting {key!r}")
+        if value is not None:
+            raw[key] = value
+    return _validate(raw)
+
+
+def _string(raw: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:
+    value = raw.get(key)
+    if value is None or value == "":
+        if required:
+            flag = "--" + key.replace("_", "-")
+            env = next(v for v, k in ENV_VARS.items() if k == key)
+            raise ConfigError(f"{key} is required (config key {key}, {env} or {flag})")
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, not {value!r}")
+    return value
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, not {value!r}")
+    return value
+
+
+def _validate(raw: Mapping[str, Any]) -> AgentConfig:
+    td_text = _string(raw, "trust_domain", required=True)
+    assert td_text is not None
+    try:
+        trust_domain = TrustDomain.parse(td_text)
+    except InvalidSpiffeIdError as exc:
+        raise ConfigError(f"trust_domain: {exc}") from None
+    server_address = _string(raw, "server_address", required=True)
+    assert server_address is not None
+    parse_host_port(server_address)
+    socket_text = _string(raw, "socket_path") or DEFAULT_SOCKET_PATH
+    try:
+        socket_path = Path(parse_endpoint_address(socket_text))
+    except EndpointAddressError as exc:
+        raise ConfigError(f"socket_path: {exc}") from None
+    bundle = _string(raw, "trust_bundle_path")
+    insecure = _bool(raw.get("insecure_bootstrap", False), "insecure_bootstrap")
+    if bundle and insecure:
+        raise ConfigError(
+            "trust_bundle_path and insecure_bootstrap are mutually exclusive: give the "
+            "server's CA bundle, or (only for a first try) trust it on first use"
+        )
+    try:
+        sync_interval = parse_duration(raw.get("sync_interval", DEFAULT_SYNC_INTERVAL))
+    except ConfigError as exc:
+        raise ConfigError(f"sync_interval: {exc}") from None
+    unix_opts = (raw.get("workload_attestors") or {}).get("unix") or {}
+    unix = UnixAttestorConfig(
+        discover_workload_path=_bool(
+            unix_opts.get("discover_workload_path", False),
+            "workload_attestors.unix.discover_workload_path",
+        ),
+        workload_path_sha256=_bool(
+            unix_opts.get("workload_path_sha256", False),
+            "workload_attestors.unix.workload_path_sha256",
+        ),
+    )
+    level = (_string(raw, "log_level") or "info").lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log_level {level!r} is not one of: {', '.join(LOG_LEVELS)}")
+    fmt = (_string(raw, "log_format") or "text").lower()
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"log_format {fmt!r} is not one of: {', '.join(LOG_FORMATS)}")
+    return AgentConfig(
+        trust_domain=trust_domain,
+        server_address=server_address,
+        data_dir=Path(_string(raw, "data_dir") or DEFAULT_DATA_DIR),
+        socket_path=socket_path,
+        join_token=_string(raw, "join_token"),
+        trust_bundle_path=Path(bundle) if bundle else None,
+        insecure_bootstrap=insecure,
+        sync_interval=sync_interval,
+        unix=unix,
+        log_level=level,
+        log_format=fmt,
+    )
