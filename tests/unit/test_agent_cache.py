@@ -1,0 +1,191 @@
+"""Cache decisions: what to rotate and when (half-life), what to drop, notifications."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+
+import pytest
+
+from agent.cache import Cache, CachedEntry, past_half_life
+from agent.clock import FakeClock
+from identity.bundle import Bundle
+from identity.jwtsvid import JwtSvid, parse_insecure, sign_jwt_svid
+from identity.keys import generate_private_key, key_id
+from identity.selectors import Selector
+from identity.spiffeid import SpiffeId, TrustDomain
+from identity.x509svid import X509Svid, new_ca_certificate, new_svid_certificate
+
+TD = TrustDomain("example.org")
+T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+AGENT = SpiffeId.parse("spiffe://example.org/sigil/agent/join_token/t")
+CA_KEY = generate_private_key()
+CA = new_ca_certificate(
+    trust_domain=TD, public_key=CA_KEY.public_key(), signer_key=CA_KEY,
+    not_before=T0 - dt.timedelta(days=1), not_after=T0 + dt.timedelta(days=30),
+)
+
+
+def svid(
+    spiffe_id: str, *, start: dt.datetime = T0, ttl: dt.timedelta = dt.timedelta(hours=1)
+) -> X509Svid:
+    key = generate_private_key()
+    sid = SpiffeId.parse(spiffe_id)
+    cert = new_svid_certificate(
+        spiffe_id=sid, public_key=key.public_key(), ca_cert=CA, ca_key=CA_KEY,
+        not_before=start, not_after=start + ttl,
+    )
+    return X509Svid(sid, (cert,), key)
+
+
+def entry(entry_id: str, spiffe_id: str, **kw: object) -> CachedEntry:
+    return CachedEntry(
+        id=entry_id, spiffe_id=SpiffeId.parse(spiffe_id), parent_id=AGENT,
+        selectors=frozenset({Selector("unix", "uid:1000")}), **kw,  # type: ignore[arg-type]
+    )
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def make_cache(clock: FakeClock | None = None) -> Cache:
+    async def mk() -> Cache:
+        return Cache(trust_domain=TD, clock=clock or FakeClock(T0))
+    return run(mk())  # type: ignore[no-any-return]
+
+
+def plan_ids(cache: Cache, now: dt.datetime) -> list[str]:
+    return [e.id for e in cache.rotation_plan(now)]
+
+
+def test_half_life_boundary() -> None:
+    start, end = T0, T0 + dt.timedelta(hours=1)
+    assert not past_half_life(start, end, T0 + dt.timedelta(minutes=29, seconds=59))
+    assert past_half_life(start, end, T0 + dt.timedelta(minutes=30))
+
+
+def test_missing_svid_is_planned_then_rotated_at_half_life() -> None:
+    cache = make_cache()
+    cache.set_entries([entry("a", "spiffe://example.org/a"), entry("b", "spiffe://example.org/b")])
+    assert plan_ids(cache, T0) == ["a", "b"]
+    cache.set_x509_svid("a", svid("spiffe://example.org/a"))
+    assert plan_ids(cache, T0) == ["b"]
+    cache.set_x509_svid("b", svid("spiffe://example.org/b", start=T0 + dt.timedelta(minutes=10)))
+    assert plan_ids(cache, T0 + dt.timedelta(minutes=29)) == []
+    assert plan_ids(cache, T0 + dt.timedelta(minutes=30)) == ["a"]
+    assert plan_ids(cache, T0 + dt.timedelta(minutes=40)) == ["a", "b"]
+
+
+def test_rotation_plan_uses_the_injected_clock() -> None:
+    clock = FakeClock(T0)
+    cache = make_cache(clock)
+    cache.set_entries([entry("a", "spiffe://example.org/a")])
+    cache.set_x509_svid("a", svid("spiffe://example.org/a"))
+    assert cache.rotation_plan() == []
+    clock.advance(dt.timedelta(minutes=31))
+    assert [e.id for e in cache.rotation_plan()] == ["a"]
+
+
+def test_changed_entry_is_reissued_but_selector_change_is_not() -> None:
+    cache = make_cache()
+    e = entry("a", "spiffe://example.org/a")
+    cache.set_entries([e])
+    cache.set_x509_svid("a", svid("spiffe://example.org/a"))
+    cache.set_entries([dataclasses.replace(e, selectors=frozenset({Selector("unix", "uid:2")}))])
+    assert plan_ids(cache, T0) == []
+    cache.set_entries([dataclasses.replace(e, dns_names=("a.example",))])
+    assert plan_ids(cache, T0) == ["a"]
+    # Still served meanwhile: same SPIFFE ID, so the old SVID stays valid.
+    assert "a" in cache.snapshot().svids
+
+
+def test_spiffe_id_change_drops_the_svid_at_once() -> None:
+    cache = make_cache()
+    cache.set_entries([entry("a", "spiffe://example.org/a")])
+    cache.set_x509_svid("a", svid("spiffe://example.org/a"))
+    cache.set_entries([entry("a", "spiffe://example.org/renamed")])
+    assert "a" not in cache.snapshot().svids
+    assert plan_ids(cache, T0) == ["a"]
+
+
+def test_removed_entry_drops_its_svid_and_late_results_are_ignored() -> None:
+    cache = make_cache()
+    cache.set_entries([entry("a", "spiffe://example.org/a")])
+    cache.set_x509_svid("a", svid("spiffe://example.org/a"))
+    cache.set_entries([])
+    assert cache.snapshot().svids == {}
+    cache.set_x509_svid("a", svid("spiffe://example.org/a"))
+    assert cache.snapshot().svids == {}
+
+
+def test_entitlement_requires_all_selectors() -> None:
+    cache = make_cache()
+    both = dataclasses.replace(
+        entry("b", "spiffe://example.org/b"),
+        selectors=frozenset({Selector("unix", "uid:1000"), Selector("unix", "gid:5")}),
+    )
+    cache.set_entries([entry("a", "spiffe://example.org/a"), both])
+    snap = cache.snapshot()
+    assert [e.id for e in snap.entitled([Selector("unix", "uid:1000")])] == ["a"]
+    assert [e.id for e in snap.entitled(
+        [Selector("unix", "uid:1000"), Selector("unix", "gid:5")])] == ["a", "b"]
+    assert snap.entitled([]) == []
+
+
+def test_changes_notify_waiters_and_no_ops_do_not() -> None:
+    async def scenario() -> None:
+        cache = Cache(trust_domain=TD, clock=FakeClock(T0))
+        bundle = Bundle(TD, (CA,))
+        v0 = cache.version
+        waiter = asyncio.create_task(cache.wait_for_change(v0))
+        await asyncio.sleep(0)
+        assert cache.set_bundles({TD: bundle})
+        assert await asyncio.wait_for(waiter, 1) == v0 + 1
+        assert not cache.set_bundles({TD: Bundle(TD, (CA,))})
+        assert not cache.set_entries([])
+        assert cache.version == v0 + 1
+
+    run(scenario())
+
+
+def test_jwt_svids_are_cached_until_half_life() -> None:
+    clock = FakeClock(T0)
+    key = generate_private_key()
+    calls: list[tuple[str, tuple[str, ...]]] = []
+
+    async def signer(e: CachedEntry, audience: object) -> JwtSvid:
+        aud = list(audience)  # type: ignore[call-overload]
+        calls.append((e.id, tuple(aud)))
+        now = clock.now()
+        token = sign_jwt_svid(spiffe_id=e.spiffe_id, audience=aud, key=key,
+                              key_id=key_id(key.public_key()), issued_at=now,
+                              expires_at=now + dt.timedelta(minutes=10))
+        return parse_insecure(token, audience=aud, now=now)
+
+    async def scenario() -> None:
+        cache = Cache(trust_domain=TD, clock=clock, jwt_signer=signer)
+        e = entry("a", "spiffe://example.org/a")
+        cache.set_entries([e])
+        first = await cache.jwt_svid(e, ["y", "x"])
+        assert await cache.jwt_svid(e, ["x", "y", "x"]) is first
+        assert calls == [("a", ("x", "y"))]
+        await cache.jwt_svid(e, ["z"])
+        assert len(calls) == 2
+        clock.advance(dt.timedelta(minutes=5))
+        assert await cache.jwt_svid(e, ["x", "y"]) is not first
+        assert len(calls) == 3
+
+    run(scenario())
+
+
+def test_jwt_without_signer_is_not_ready() -> None:
+    from agent.errors import NotReadyError
+
+    async def scenario() -> None:
+        cache = Cache(trust_domain=TD, clock=FakeClock(T0))
+        with pytest.raises(NotReadyError):
+            await cache.jwt_svid(entry("a", "spiffe://example.org/a"), ["x"])
+
+    run(scenario())
