@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import os
 import signal
 import sys
@@ -136,7 +137,7 @@ def run(config_path: Path | None, trust_domain: str | None, server_address: str 
     try:
         asyncio.run(runner())
     except AgentError as exc:
-        log.event("agent failed", level=40, reason=str(exc))
+        log.event("agent failed", level=logging.ERROR, reason=str(exc))
         _failure(str(exc))
     except SigilError as exc:
         _failure(str(exc))

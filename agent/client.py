@@ -14,7 +14,9 @@ Server messages are parsed here, at the edge, into identity types and
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import socket
 import ssl
 from collections.abc import Sequence
@@ -84,6 +86,7 @@ class ServerClient:
         self.address = address
         self.trust_domain = trust_domain
         self._channel: grpc.aio.Channel | None = None
+        self._retired: set[grpc.aio.Channel] = set()
 
     def configure(self, *, roots_pem: bytes, svid: X509Svid | None = None) -> None:
         """(Re)build the channel: server-verified TLS, plus our SVID when given.
@@ -116,14 +119,30 @@ class ServerClient:
             ],
         )
         if old is not None:
-            self._retired = old
+            self._retire(old)
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        # Calls already running on the old channel may finish; close it a little
+        # later so renewals do not leak one channel each.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._retired.add(channel)
+
+        def close() -> None:
+            task = loop.create_task(channel.close(grace=None))
+            task.add_done_callback(lambda _t: self._retired.discard(channel))
+
+        loop.call_later(CALL_TIMEOUT, close)
 
     async def close(self) -> None:
         """Close the channel(s)."""
-        for ch in (self._channel, getattr(self, "_retired", None)):
+        for ch in (self._channel, *self._retired):
             if ch is not None:
                 await ch.close()
         self._channel = None
+        self._retired.clear()
 
     async def _call(self, method: str, request: object, response_type: type[object]) -> object:
         if self._channel is None:
@@ -188,13 +207,14 @@ class ServerClient:
                 entries.append(entry_from_proto(e))
             except SigilError as exc:
                 # One bad entry must not stop every other workload's rotation.
-                log.event("entry skipped", level=30, entry_id=e.id, reason=str(exc))
+                log.event("entry skipped", level=logging.WARNING, entry_id=e.id, reason=str(exc))
         bundles: dict[TrustDomain, Bundle] = {}
         for name, b in resp.bundles.items():
             try:
                 bundle = bundle_from_proto(b)
             except SigilError as exc:
-                log.event("bundle skipped", level=30, trust_domain=name, reason=str(exc))
+                log.event("bundle skipped", level=logging.WARNING, trust_domain=name,
+                          reason=str(exc))
                 continue
             bundles[bundle.trust_domain] = bundle
         return SyncResult(tuple(entries), bundles, resp.revision)

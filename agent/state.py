@@ -8,6 +8,7 @@ a crash leaves the old SVID or the new one, never half of either.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class AgentState:
         try:
             return X509Svid.parse(cert_path.read_bytes(), key_path.read_bytes())
         except (OSError, SigilError) as exc:
-            log.event("persisted agent svid unusable", level=30, reason=str(exc))
+            log.event("persisted agent svid unusable", level=logging.WARNING, reason=str(exc))
             return None
 
     def save_svid(self, svid: X509Svid) -> None:
@@ -81,7 +82,7 @@ class AgentState:
         try:
             return Bundle.from_jwks(trust_domain, path.read_bytes())
         except (OSError, SigilError) as exc:
-            log.event("persisted bundle unusable", level=30, reason=str(exc))
+            log.event("persisted bundle unusable", level=logging.WARNING, reason=str(exc))
             return None
 
     def save_bundle(self, bundle: Bundle) -> None:

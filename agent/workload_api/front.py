@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import shutil
 import socket
@@ -178,7 +179,7 @@ class PeerCredentialFront:
         except asyncio.CancelledError:
             pass
         except Exception:
-            log.event("workload connection failed", level=40, exc_info=True)
+            log.event("workload connection failed", level=logging.ERROR, exc_info=True)
         finally:
             self._tasks.discard(task)
             writer.close()
@@ -193,14 +194,14 @@ class PeerCredentialFront:
         if pid <= 0:
             # A peer in another PID namespace is reported as pid 0: we cannot
             # attest it, so we do not serve it.
-            log.event("workload refused reason=unknown_pid", level=30, uid=uid)
+            log.event("workload refused", level=logging.WARNING, uid=uid, reason="pid unknown")
             return
         try:
             start_time = await asyncio.to_thread(
                 process_start_time, pid, proc_root=self._proc_root
             )
         except WorkloadAttestationError as exc:
-            log.event("workload refused", level=30, pid=pid, reason=str(exc))
+            log.event("workload refused", level=logging.WARNING, pid=pid, reason=str(exc))
             return
         creds = PeerCredentials(pid=pid, uid=uid, gid=gid, start_time=start_time)
         path = self.private_dir / f"c-{next(self._counter)}.sock"

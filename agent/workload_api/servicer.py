@@ -140,7 +140,8 @@ class WorkloadApiServicer:
         if creds is None:
             # Not a connection the front made: someone reached the internal socket
             # directly. Only the agent's own user could, but refuse it anyway.
-            log.event("workload refused reason=unknown_peer", level=logging.WARNING)
+            log.event("workload refused", level=logging.WARNING,
+                      reason="connection not made by the front")
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "caller not identified")
         try:
             selectors = await asyncio.to_thread(self._attest, creds)

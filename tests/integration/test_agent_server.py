@@ -1,0 +1,180 @@
+"""A real ``sigil-server`` subprocess and an in-process agent, end to end.
+
+The agent attests with a join token, syncs, gets an SVID signed for a registered
+entry, and py-spiffe fetches it from the Workload API socket. A restart reuses the
+persisted SVID (the join token is single use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.agent import Agent
+from agent.config import load_config
+from agent.errors import BootstrapError
+from tests.integration.conftest import RunningServer
+
+spiffe = pytest.importorskip("spiffe")
+from spiffe import JwtSvid, SpiffeId, WorkloadApiClient  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+class AgentThread:
+    """Runs :class:`Agent` on its own event loop in a background thread."""
+
+    def __init__(self, **overrides: object) -> None:
+        self.config = load_config(overrides=overrides)
+        self.loop = asyncio.new_event_loop()
+        self.agent: Agent | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def go() -> None:
+            self.agent = Agent(self.config)
+            await self.agent.run()
+
+        try:
+            self.loop.run_until_complete(go())
+        except BaseException as exc:  # reported to the test thread
+            self.error = exc
+
+    def start(self, timeout: float = 30) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.error is not None:
+                raise self.error
+            if self.agent is not None and self.agent.ready.is_set():
+                return
+            time.sleep(0.05)
+        raise AssertionError("agent did not become ready")
+
+    def stop(self) -> None:
+        if self.agent is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.agent.stop)
+        self._thread.join(timeout=20)
+        assert not self._thread.is_alive(), "agent did not stop"
+
+
+@pytest.fixture
+def agent_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="sga-", dir="/tmp"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _token(server: RunningServer) -> dict[str, str]:
+    out = server.cli("token", "generate", "--output", "json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def _wait_for_svid(client: WorkloadApiClient, spiffe_id: str, timeout: float = 30):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            ctx = client.fetch_x509_context(timeout=5)
+            if any(str(s.spiffe_id) == spiffe_id for s in ctx.x509_svids):
+                return ctx
+        except Exception as exc:  # PermissionDenied until the entry syncs
+            last = exc
+        time.sleep(0.2)
+    raise AssertionError(f"no SVID for {spiffe_id} (last error: {last})")
+
+
+def test_join_token_agent_serves_py_spiffe(sigil_server: RunningServer, agent_root: Path) -> None:
+    td = sigil_server.trust_domain
+    token = _token(sigil_server)
+    bundle = agent_root / "bundle.pem"
+    bundle.write_text(sigil_server.cli("bundle", "show", "--format", "pem").stdout)
+    socket_path = agent_root / "public" / "api.sock"
+    settings = dict(
+        trust_domain=td, server_address=sigil_server.address,
+        data_dir=str(agent_root / "data"), socket_path=str(socket_path),
+        trust_bundle_path=str(bundle), sync_interval="200ms",
+    )
+    agent = AgentThread(**settings, join_token=token["token"])
+    agent.start()
+    try:
+        data = agent_root / "data"
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        assert stat.S_IMODE((data / "agent_svid.key").stat().st_mode) == 0o600
+        workload_id = f"spiffe://{td}/web"
+        created = sigil_server.cli(
+            "entry", "create", "--spiffe-id", workload_id, "--parent-id", token["agent_id"],
+            "--selector", f"unix:uid:{os.getuid()}",
+        )
+        assert created.returncode == 0, created.stderr
+        client = WorkloadApiClient(socket_path=f"unix://{socket_path}")
+        try:
+            ctx = _wait_for_svid(client, workload_id)
+            assert str(ctx.default_svid.spiffe_id) == workload_id
+            jwt = client.fetch_jwt_svid(audience={"db"}, subject=SpiffeId(workload_id))
+            jwt_bundle = client.fetch_jwt_bundles().get_bundle_for_trust_domain(
+                ctx.default_svid.spiffe_id.trust_domain
+            )
+            assert jwt_bundle is not None
+            assert str(JwtSvid.parse_and_validate(jwt.token, jwt_bundle, {"db"}).spiffe_id) == (
+                workload_id
+            )
+        finally:
+            client.close()
+    finally:
+        agent.stop()
+    assert not socket_path.exists(), "the agent must remove its socket on shutdown"
+
+    # A restart reuses the persisted SVID: no token, and the used one would be refused.
+    again = AgentThread(**settings)
+    again.start()
+    again.stop()
+    assert again.error is None
+
+
+def test_reused_join_token_is_refused(sigil_server: RunningServer, agent_root: Path) -> None:
+    token = _token(sigil_server)
+    bundle = agent_root / "bundle.pem"
+    bundle.write_text(sigil_server.cli("bundle", "show", "--format", "pem").stdout)
+    common = dict(
+        trust_domain=sigil_server.trust_domain, server_address=sigil_server.address,
+        trust_bundle_path=str(bundle), join_token=token["token"],
+    )
+    first = AgentThread(**common, data_dir=str(agent_root / "a"),
+                        socket_path=str(agent_root / "a.sock"))
+    first.start()
+    first.stop()
+    second = AgentThread(**common, data_dir=str(agent_root / "b"),
+                         socket_path=str(agent_root / "b.sock"))
+    with pytest.raises(BootstrapError, match="PERMISSION_DENIED"):
+        second.start()
+
+
+def test_insecure_bootstrap_trusts_on_first_use(
+    sigil_server: RunningServer, agent_root: Path
+) -> None:
+    token = _token(sigil_server)
+    agent = AgentThread(
+        trust_domain=sigil_server.trust_domain, server_address=sigil_server.address,
+        data_dir=str(agent_root / "data"), socket_path=str(agent_root / "api.sock"),
+        join_token=token["token"], insecure_bootstrap=True,
+    )
+    agent.start()
+    agent.stop()
+    assert (agent_root / "data" / "bundle.json").exists()
