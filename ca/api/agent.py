@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 
 import grpc
 from cryptography import x509
@@ -51,6 +52,9 @@ def _public_key_from_csr(der: bytes) -> PublicKey:
     return csr.public_key()  # type: ignore[return-value]
 
 
+PeerCertificate = Callable[[str], tuple[bool, x509.Certificate | None]]
+
+
 def _ts(value: dt.datetime) -> int:
     return int(value.timestamp())
 
@@ -58,29 +62,36 @@ def _ts(value: dt.datetime) -> int:
 class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
     """The Agent service."""
 
-    def __init__(self, deps: ApiDeps) -> None:
+    def __init__(self, deps: ApiDeps, *, peer_certificate: PeerCertificate) -> None:
+        """Args:
+            deps: datastore, CA, config, clock.
+            peer_certificate: maps ``context.peer()`` to (came through the TLS front,
+                client certificate or None); see :class:`ca.api.tls_front.TlsFront`.
+        """
         self._d = deps
+        self._peer_certificate = peer_certificate
 
     # ---- authentication ----------------------------------------------------------
 
     def authenticate(self, context: grpc.ServicerContext) -> NodeRecord:
         """The attested node behind the call's client certificate.
 
-        grpcio has verified the certificate chain against the current bundle during
-        the handshake; here we check that it is an agent's *current* SVID.
+        The TLS front verified the certificate chain against the current bundle
+        during the handshake; here we check that it is an agent's *current* SVID.
 
         Raises:
             UnauthenticatedError: no client certificate.
             PermissionDeniedError: not an agent ID, unknown or banned agent, or an
                 SVID that is not the agent's current one.
         """
-        pems = context.auth_context().get("x509_pem_cert") or []
-        if not pems:
+        known, cert = self._peer_certificate(context.peer())
+        if not known:
+            raise UnauthenticatedError("the connection did not come through the TLS listener")
+        if cert is None:
             raise UnauthenticatedError("a client certificate (the agent's SVID) is required")
         try:
-            cert = x509.load_pem_x509_certificate(pems[0])
             agent_id = validate_leaf(cert)
-        except (ValueError, X509SvidError) as exc:
+        except X509SvidError as exc:
             raise UnauthenticatedError(f"client certificate is not an X.509-SVID: {exc}") from None
         td = self._d.config.trust_domain
         if not agent_id.is_member_of(td) or not agent_id.path.startswith(AGENT_PATH_PREFIX):
