@@ -88,6 +88,7 @@ class Agent:
             cache=self.cache,
             attestors=[UnixAttestor(self.config.unix)],
             clock=self._clock,
+            request_sync=self.manager.sync_soon,
         )
         await self.workload_api.start()
         log.event("workload api listening", socket=self.config.socket_path)

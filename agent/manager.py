@@ -34,6 +34,11 @@ from identity.keys import PrivateKey, generate_private_key, public_keys_equal
 from identity.spiffeid import SpiffeId
 from identity.x509svid import X509Svid, new_csr, verify_chain
 
+# A caller with no identity may trigger a sync (a just-registered workload then
+# works at once); at most this often, so a workload without any entry that
+# retries in a loop cannot make the agent hammer the server.
+MIN_ON_DEMAND_SYNC_INTERVAL = 1.0
+
 # One BatchNewX509SVID request carries at most this many CSRs, to keep each
 # request well under the server's message size limit.
 MAX_BATCH = 500
@@ -72,6 +77,8 @@ class Manager:
         self._new_key = key_factory
         self.server_id = SpiffeId.from_segments(cache.trust_domain, "sigil", "server")
         cache.set_jwt_signer(self._sign_jwt)
+        self._lock = asyncio.Lock()
+        self._last_on_demand: float | None = None
 
     async def _sign_jwt(self, entry: CachedEntry, audience: Sequence[str]) -> JwtSvid:
         return await self._client.new_jwt_svid(entry.id, audience)
@@ -88,8 +95,30 @@ class Manager:
             except TimeoutError:
                 pass
 
+    async def sync_soon(self) -> None:
+        """Sync now for a caller without identity, and wait for it.
+
+        Rate-limited among on-demand requests only: a periodic sync that ran just
+        before an entry was registered must not hide that entry. Concurrent
+        callers share one sync (they queue on the lock, then find it fresh).
+        """
+        loop = asyncio.get_running_loop()
+        requested = loop.time()
+        async with self._lock:
+            if self._last_on_demand is not None and (
+                self._last_on_demand >= requested
+                or requested - self._last_on_demand < MIN_ON_DEMAND_SYNC_INTERVAL
+            ):
+                return
+            self._last_on_demand = loop.time()
+            await self._sync_locked()
+
     async def sync_once(self) -> None:
         """One tick: renew, sync, rotate. Errors are logged, never raised."""
+        async with self._lock:
+            await self._sync_locked()
+
+    async def _sync_locked(self) -> None:
         for step in (self._renew_agent_svid, self._sync, self._rotate):
             try:
                 await step()

@@ -12,7 +12,7 @@ import grpc
 from agent.cache import Cache
 from agent.clock import Clock
 from agent.workload_api.front import PeerCredentialFront
-from agent.workload_api.servicer import WorkloadApiServicer
+from agent.workload_api.servicer import SyncRequest, WorkloadApiServicer
 from attestation.workload import DEFAULT_PROC_ROOT, WorkloadAttestor
 
 # Requests are tiny (the largest is a JWT to validate); bound them so a local
@@ -38,6 +38,7 @@ class WorkloadApiServer:
         clock: Clock | None = None,
         private_dir: Path | None = None,
         first_response_timeout: float = 5.0,
+        request_sync: SyncRequest | None = None,
     ) -> None:
         self.front = PeerCredentialFront(
             socket_path, private_dir=private_dir, proc_root=proc_root
@@ -49,6 +50,7 @@ class WorkloadApiServer:
             proc_root=proc_root,
             clock=clock,
             first_response_timeout=first_response_timeout,
+            request_sync=request_sync,
         )
         self._server: grpc.aio.Server | None = None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -48,6 +48,7 @@ NO_IDENTITY = "no identity issued"
 HEADER_MISSING = "security header missing from request"
 
 PeerLookup = Callable[[str], PeerCredentials | None]
+SyncRequest = Callable[[], Awaitable[None]]
 
 
 class WorkloadApiServicer:
@@ -62,6 +63,9 @@ class WorkloadApiServicer:
         first_response_timeout: how long a stream waits for SVIDs of entitled
             entries that the agent has not had signed yet before it answers with
             what it has (or Unavailable when it has none).
+        request_sync: called once per RPC when the caller has no identity, before
+            refusing it, so an entry registered since the last sync is found
+            (the manager coalesces and rate-limits these).
     """
 
     def __init__(
@@ -73,7 +77,9 @@ class WorkloadApiServicer:
         proc_root: Path = DEFAULT_PROC_ROOT,
         clock: Clock | None = None,
         first_response_timeout: float = 5.0,
+        request_sync: SyncRequest | None = None,
     ) -> None:
+        self._request_sync = request_sync
         self._cache = cache
         self._peers = peers
         self._attestors = tuple(attestors)
@@ -185,6 +191,15 @@ class WorkloadApiServicer:
                 f"process {caller.creds.pid} is gone or its PID was reused",
             )
 
+    async def _sync_for_newcomer(self) -> None:
+        """Give a caller without identity one fresh sync before refusing it."""
+        if self._request_sync is None:
+            return
+        try:
+            await asyncio.wait_for(self._request_sync(), self._first_timeout)
+        except TimeoutError:
+            pass
+
     async def _wait(self, version: int, timeout: float | None) -> None:
         try:
             await asyncio.wait_for(self._cache.wait_for_change(version), timeout)
@@ -205,9 +220,14 @@ class WorkloadApiServicer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._first_timeout
         last: pb.X509SVIDResponse | None = None
+        synced = False
         while True:
             snap = self._cache.snapshot()
             entitled = snap.entitled(caller.selectors)
+            if not entitled and last is None and not synced:
+                synced = True
+                await self._sync_for_newcomer()
+                continue
             if not entitled:
                 await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
             identities = [i for i in snap.identities(entitled) if _x509_bundle(snap, i)]
@@ -257,9 +277,14 @@ class WorkloadApiServicer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._first_timeout
         last: dict[str, bytes] | None = None
+        synced = False
         while True:
             snap = self._cache.snapshot()
             entitled = snap.entitled(caller.selectors)
+            if not entitled and last is None and not synced:
+                synced = True
+                await self._sync_for_newcomer()
+                continue
             if not entitled:
                 await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
             bundles = snap.bundles_for(entitled)
@@ -295,6 +320,9 @@ class WorkloadApiServicer:
                     f"invalid requested SPIFFE ID: {exc}",
                 )
         entitled = self._cache.snapshot().entitled(caller.selectors)
+        if not entitled:
+            await self._sync_for_newcomer()
+            entitled = self._cache.snapshot().entitled(caller.selectors)
         if wanted is not None:
             entitled = [e for e in entitled if e.spiffe_id == wanted]
         if not entitled:

@@ -84,6 +84,29 @@ def test_no_identity_is_permission_denied(harness: Harness) -> None:
             assert info.value.details() == "no identity issued"
 
 
+def test_caller_without_identity_triggers_one_sync() -> None:
+    calls: list[int] = []
+
+    async def sync(h: Harness) -> None:
+        # What the manager's sync does for an entry registered since the last one.
+        calls.append(1)
+        if len(calls) == 1:
+            h.cache.set_bundles({h.ca.td: h.ca.bundle()})
+            h.cache.set_entries([entry("e1", WEB, f"unix:uid:{UID}")])
+            h.cache.set_x509_svid("e1", h.ca.svid(WEB))
+
+    h = Harness(request_sync=sync)
+    try:
+        with client(h) as c:
+            assert [s.spiffe_id for s in c.fetch_x509_svid().svids] == [WEB]
+            assert len(calls) == 1
+            h.call(lambda: h.cache.set_entries([entry("e2", DB, "unix:uid:4242424")]))
+            assert code_of(c.fetch_x509_svid) == grpc.StatusCode.PERMISSION_DENIED
+            assert len(calls) == 2  # one sync per refused call, then the refusal
+    finally:
+        h.close()
+
+
 def test_entry_needing_a_selector_the_caller_lacks_is_not_returned(harness: Harness) -> None:
     # Security invariant: a workload never receives an SVID whose entry selectors it
     # does not all carry. "db" needs our uid AND a uid we do not have.

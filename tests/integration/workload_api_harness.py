@@ -99,7 +99,12 @@ def entry(entry_id: str, spiffe_id: str, *selectors: str, hint: str = "") -> Cac
 class Harness:
     """Runs a WorkloadApiServer on a loop in a background thread."""
 
-    def __init__(self, *, first_response_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        first_response_timeout: float = 2.0,
+        request_sync: Callable[[Harness], Coroutine[Any, Any, None]] | None = None,
+    ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="sg-wl-", dir="/tmp"))
         self.root.chmod(0o755)
         self.socket_path = self.root / "public" / "api.sock"
@@ -113,6 +118,7 @@ class Harness:
             cache=self.cache,
             attestors=[UnixAttestor()],
             first_response_timeout=first_response_timeout,
+            request_sync=(lambda: request_sync(self)) if request_sync else None,
         )
         self.run(self.server.start())
 
