@@ -149,7 +149,7 @@ def _check_spiffe_id(value: str | None, flag: str) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+def cli() -> None:
     """Sigil server: the certificate authority of one SPIFFE trust domain.
 
     Start it with `sigil-server run --trust-domain example.org`, then register
@@ -158,7 +158,7 @@ def main() -> None:
     """
 
 
-@main.command()
+@cli.command()
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="TOML config file (see docs/configuration.md).")
 @click.option("--trust-domain", help="Trust domain, e.g. example.org (required somewhere).")
@@ -205,7 +205,7 @@ def run(config_file: str | None, **flags: str | None) -> None:
         server.stop(grace=5.0)
 
 
-@main.group()
+@cli.group()
 def token() -> None:
     """Join tokens: single-use credentials an agent attests with."""
 
@@ -237,7 +237,7 @@ def token_generate(spiffe_id: str | None, ttl: int | None, socket_path: str, out
         click.echo(f"Expires at: {_unix_to_rfc3339(tok.expires_at)}")
 
 
-@main.group()
+@cli.group()
 def entry() -> None:
     """Registration entries: which workloads get which SPIFFE IDs."""
 
@@ -345,7 +345,7 @@ def entry_delete(entry_id: str, socket_path: str, output: str) -> None:
         click.echo(f"Deleted entry {entry_id}")
 
 
-@main.group()
+@cli.group()
 def bundle() -> None:
     """The trust domain's bundle: the CA certificates and JWT keys to trust."""
 
@@ -387,7 +387,7 @@ def bundle_show(fmt: str, socket_path: str) -> None:
         click.echo(b.to_json().decode())
 
 
-@main.command()
+@cli.command()
 @socket_option
 @output_option
 def healthcheck(socket_path: str, output: str) -> None:
@@ -407,5 +407,19 @@ def healthcheck(socket_path: str, output: str) -> None:
         click.echo("Server is healthy.")
 
 
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console-script entry point: every error, click's usage errors included, is
+    one ``Error: <reason>`` line on stderr and exit code 2."""
+    try:
+        code = cli.main(args=argv, prog_name="sigil-server", standalone_mode=False)
+    except click.ClickException as exc:
+        click.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(EXIT_ERROR)
+    except click.Abort:
+        click.echo("Error: aborted", err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

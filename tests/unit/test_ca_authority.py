@@ -1,0 +1,84 @@
+"""ca.authority and ca.keys: CA creation, reuse, signing limits, key files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+import migrations
+from ca.authority import AuthorityConfig, CertificateAuthority
+from ca.clock import FakeClock
+from ca.datastore import Datastore
+from ca.keys import DiskKeyManager, MemoryKeyManager
+from identity.keys import KeyType, generate_private_key
+from identity.spiffeid import SpiffeId, TrustDomain
+
+TD = TrustDomain("example.org")
+
+
+def _ca(tmp_path: Path, clock: FakeClock, keys: object) -> CertificateAuthority:
+    url = f"sqlite:///{tmp_path / 'ds.sqlite3'}"
+    migrations.upgrade(url)
+    ca = CertificateAuthority(AuthorityConfig(
+        trust_domain=TD, datastore=Datastore(url), key_manager=keys,  # type: ignore[arg-type]
+        clock=clock, ca_ttl=dt.timedelta(hours=2)))
+    ca.load_or_create()
+    return ca
+
+
+def test_ca_is_reused_after_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    keys = DiskKeyManager(tmp_path / "keys")
+    first = _ca(tmp_path, clock, keys)
+    second = _ca(tmp_path, clock, keys)
+    assert first.bundle() == second.bundle()
+    assert second.bundle().sequence_number == 1
+    root = first.ca_certificate()
+    san = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://example.org"]
+    assert root.not_valid_after_utc - clock.now() == dt.timedelta(hours=2)
+
+
+def test_svid_never_outlives_ca(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ca = _ca(tmp_path, clock, MemoryKeyManager())
+    key = generate_private_key()
+    (leaf,) = ca.sign_x509_svid(SpiffeId.parse("spiffe://example.org/w"), key.public_key(),
+                                ttl=dt.timedelta(days=30))
+    assert leaf.not_valid_after_utc == ca.ca_certificate().not_valid_after_utc
+    jwt = ca.sign_jwt_svid(SpiffeId.parse("spiffe://example.org/w"), ["a"],
+                           ttl=dt.timedelta(days=30))
+    assert jwt.expires_at <= clock.now() + dt.timedelta(hours=2)
+
+
+def test_server_tls_chain_has_ca(tmp_path: Path) -> None:
+    ca = _ca(tmp_path, FakeClock(), MemoryKeyManager())
+    leaf, root = ca.sign_server_tls(generate_private_key().public_key(),
+                                    ttl=dt.timedelta(minutes=5))
+    assert root == ca.ca_certificate()
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["server.sigil.invalid"]
+
+
+def test_disk_keys_are_private(tmp_path: Path) -> None:
+    keys = DiskKeyManager(tmp_path / "keys")
+    handle = keys.generate_key("x509-ca-1", KeyType.EC_P256)
+    path = tmp_path / "keys" / "x509-ca-1.pem"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "keys").stat().st_mode) == 0o700
+    loaded = keys.get_key("x509-ca-1")
+    assert loaded is not None and loaded.public_key == handle.public_key
+    assert keys.get_key("absent") is None
+    assert "BEGIN" not in repr(handle)
+
+
+@pytest.mark.parametrize("key_id", ["", "../x", "a/b", ".hidden"])
+def test_bad_key_ids(tmp_path: Path, key_id: str) -> None:
+    from ca.errors import KeyManagerError
+
+    with pytest.raises(KeyManagerError):
+        DiskKeyManager(tmp_path).generate_key(key_id, KeyType.EC_P256)
