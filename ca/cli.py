@@ -61,7 +61,7 @@ output_option = click.option(
 def _admin(socket_path: str) -> Iterator[admin_pb2_grpc.AdminStub]:
     channel = grpc.insecure_channel(f"unix:{socket_path}")
     try:
-        yield admin_pb2_grpc.AdminStub(channel)
+        yield admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
     finally:
         channel.close()
 

@@ -20,9 +20,9 @@ from api.protos.sigil.agent.v1 import agent_pb2_grpc
 from ca.api.admin import AdminServicer
 from ca.api.agent import AgentServicer
 from ca.api.deps import ApiDeps
+from ca.api.tls_front import TlsContextSource, TlsFront
 from ca.authority import AuthorityConfig, CertificateAuthority
 from ca.clock import Clock, SystemClock
-from ca.api.tls_front import TlsContextSource, TlsFront
 from ca.config import ServerConfig, parse_host_port
 from ca.datastore import Datastore
 from ca.errors import ConfigError
@@ -93,7 +93,7 @@ class SigilServer:
             ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="agent-api"),
             options=GRPC_OPTIONS,
         )
-        agent_pb2_grpc.add_AgentServicer_to_server(
+        agent_pb2_grpc.add_AgentServicer_to_server(  # type: ignore[no-untyped-call]
             AgentServicer(deps, peer_certificate=self._front.peer_certificate),
             self._agent_server,
         )
@@ -105,7 +105,7 @@ class SigilServer:
             ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin-api"),
             options=GRPC_OPTIONS,
         )
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(deps), self._admin_server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(deps), self._admin_server)  # type: ignore[no-untyped-call]
         if self._admin_server.add_insecure_port(f"unix:{cfg.socket_path}") == 0:
             raise ConfigError(f"cannot listen on socket_path {cfg.socket_path}")
 
@@ -117,7 +117,9 @@ class SigilServer:
             raise ConfigError(f"cannot listen on bind_address {cfg.bind_address}: "
                               f"{exc.strerror}") from None
         self.agent_address = f"{host}:{self._front.bound_port}"
-        os.chmod(cfg.socket_path, 0o770)
+        # Group may connect (operators in the server's group); the 0700 directory
+        # is what keeps everyone else out.
+        os.chmod(cfg.socket_path, 0o770)  # noqa: S103
         event("server listening", agent_api=self.agent_address, admin_socket=cfg.socket_path,
               trust_domain=cfg.trust_domain)
 

@@ -21,14 +21,14 @@ from identity.spiffeid import SpiffeId
 MAX_JOIN_TOKEN_TTL = dt.timedelta(days=30)
 
 
-class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
+class AdminServicer(admin_pb2_grpc.AdminServicer):
     """The Admin service."""
 
     def __init__(self, deps: ApiDeps) -> None:
         self._d = deps
 
     @grpc_method("admin")
-    def CreateJoinToken(  # noqa: N802 - gRPC method name
+    def CreateJoinToken(
         self, request: admin_pb2.CreateJoinTokenRequest, context: grpc.ServicerContext
     ) -> admin_pb2.JoinToken:
         """Create a single-use join token, optionally with an alias SPIFFE ID."""
@@ -59,7 +59,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         )
 
     @grpc_method("admin")
-    def CreateEntry(  # noqa: N802
+    def CreateEntry(
         self, request: admin_pb2.CreateEntryRequest, context: grpc.ServicerContext
     ) -> types_pb2.Entry:
         """Validate and store a registration entry."""
@@ -73,7 +73,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         return entry_to_proto(created)
 
     @grpc_method("admin")
-    def ListEntries(  # noqa: N802
+    def ListEntries(
         self, request: admin_pb2.ListEntriesRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListEntriesResponse:
         """Entries matching every given filter."""
@@ -88,14 +88,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         return admin_pb2.ListEntriesResponse(entries=[entry_to_proto(e) for e in entries])
 
     @grpc_method("admin")
-    def GetEntry(  # noqa: N802
+    def GetEntry(
         self, request: admin_pb2.GetEntryRequest, context: grpc.ServicerContext
     ) -> types_pb2.Entry:
         """One entry by id."""
         return entry_to_proto(self._d.datastore.get_entry(request.id))
 
     @grpc_method("admin")
-    def DeleteEntry(  # noqa: N802
+    def DeleteEntry(
         self, request: admin_pb2.DeleteEntryRequest, context: grpc.ServicerContext
     ) -> admin_pb2.DeleteEntryResponse:
         """Delete an entry by id."""
@@ -104,14 +104,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         return admin_pb2.DeleteEntryResponse()
 
     @grpc_method("admin")
-    def GetBundle(  # noqa: N802
+    def GetBundle(
         self, request: admin_pb2.GetBundleRequest, context: grpc.ServicerContext
     ) -> types_pb2.Bundle:
         """Our trust domain's bundle."""
         return bundle_to_proto(self._d.authority.bundle())
 
     @grpc_method("admin")
-    def Health(  # noqa: N802
+    def Health(
         self, request: admin_pb2.HealthRequest, context: grpc.ServicerContext
     ) -> admin_pb2.HealthResponse:
         """Serving status: the datastore answers and the CA is loaded."""

@@ -59,7 +59,7 @@ def _ts(value: dt.datetime) -> int:
     return int(value.timestamp())
 
 
-class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
+class AgentServicer(agent_pb2_grpc.AgentServicer):
     """The Agent service."""
 
     def __init__(self, deps: ApiDeps, *, peer_certificate: PeerCertificate) -> None:
@@ -123,7 +123,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
     # ---- methods ---------------------------------------------------------------------
 
     @grpc_method("agent")
-    def AttestAgent(  # noqa: N802 - gRPC method name
+    def AttestAgent(
         self, request: agent_pb2.AttestAgentRequest, context: grpc.ServicerContext
     ) -> agent_pb2.AttestAgentResponse:
         """Verify attestation data, sign the agent's SVID, store the node."""
@@ -168,7 +168,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         )
 
     @grpc_method("agent")
-    def RenewAgent(  # noqa: N802
+    def RenewAgent(
         self, request: agent_pb2.RenewAgentRequest, context: grpc.ServicerContext
     ) -> agent_pb2.RenewAgentResponse:
         """Sign a new SVID for the calling agent; it becomes current on first use."""
@@ -186,7 +186,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         return agent_pb2.RenewAgentResponse(svid=svid_to_proto(node.spiffe_id, chain))
 
     @grpc_method("agent")
-    def SyncAuthorized(  # noqa: N802
+    def SyncAuthorized(
         self, request: agent_pb2.SyncAuthorizedRequest, context: grpc.ServicerContext
     ) -> agent_pb2.SyncAuthorizedResponse:
         """Every entry authorized for the agent, and the bundles they need."""
@@ -206,7 +206,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         )
 
     @grpc_method("agent")
-    def BatchNewX509SVID(  # noqa: N802
+    def BatchNewX509SVID(
         self, request: agent_pb2.BatchNewX509SVIDRequest, context: grpc.ServicerContext
     ) -> agent_pb2.BatchNewX509SVIDResponse:
         """Sign one X.509-SVID per (authorized entry, CSR); identity only from the entry."""
@@ -253,7 +253,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         )
 
     @grpc_method("agent")
-    def NewJWTSVID(  # noqa: N802
+    def NewJWTSVID(
         self, request: agent_pb2.NewJWTSVIDRequest, context: grpc.ServicerContext
     ) -> agent_pb2.NewJWTSVIDResponse:
         """Sign a JWT-SVID for an authorized entry."""

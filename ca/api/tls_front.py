@@ -181,7 +181,7 @@ class TlsFront:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         try:
             await self._relay(reader, writer)
         except (asyncio.CancelledError, ConnectionError, ssl.SSLError, TimeoutError):
@@ -189,7 +189,7 @@ class TlsFront:
         except Exception:  # a bug: log it, keep serving others
             event("agent connection failed", level=logging.ERROR, exc_info=True)
         finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
             # abort, not close: a graceful TLS close waits for the peer's close_notify.
             writer.transport.abort()
 
