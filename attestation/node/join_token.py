@@ -18,8 +18,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
-from attestation.node.errors import AttestationError, MalformedAttestationError
 from attestation.node import AttestationResult
+from attestation.node.errors import AttestationError, MalformedAttestationError
 from identity.errors import InvalidSpiffeIdError
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
