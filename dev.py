@@ -32,7 +32,7 @@ def venv_python() -> Path:
 
 def ensure_environment() -> Path:
     """Create the virtual environment and install Sigil into it when needed."""
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 (dev.py may run on an older python3)
         sys.exit(f"Sigil needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     py = venv_python()

@@ -83,7 +83,7 @@ class Stack:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(self, name: str, cmd: list[str], **kw) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
-        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        log = open(self.root / f"{name}.log", "wb")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **kw)
         self.procs.append((name, proc))
         return proc
@@ -250,7 +250,9 @@ def demo(root: Path, stack: Stack) -> None:
         if time.monotonic() > deadline:
             break
     else:
-        raise DemoError("the backend workload exited before it was ready:\n" + "".join(backend_lines))
+        raise DemoError(
+            "the backend workload exited before it was ready:\n" + "".join(backend_lines)
+        )
     frontend = subprocess.run(
         [sys.executable, script, "call", "--port", str(wl_port), "--hint", "frontend",
          "--peer-id", ids["backend"]],

@@ -90,7 +90,8 @@ def main() -> int:
     bundle_pem = b"".join(
         c.public_bytes(serialization.Encoding.PEM) for c in td_bundle.x509_authorities
     )
-    say(role, f"got X.509-SVID {svid.spiffe_id} (expires {svid.leaf.not_valid_after_utc:%H:%M:%S} UTC, "
+    expires = svid.leaf.not_valid_after_utc
+    say(role, f"got X.509-SVID {svid.spiffe_id} (expires {expires:%H:%M:%S} UTC, "
         f"pid {os.getpid()}, uid {os.getuid()})")
 
     if args.mode == "serve":

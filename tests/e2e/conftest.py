@@ -102,7 +102,7 @@ class Stack:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self, name: str, cmd: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115
+        log = open(self.root / f"{name}.log", "wb")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self, name: str) -> int:

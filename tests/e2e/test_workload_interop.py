@@ -80,7 +80,7 @@ def test_py_spiffe_gets_and_validates_svids(stack: Stack, uid_selector: str) -> 
         # The agent's ValidateJWTSVID accepts it; a wrong audience is refused.
         checked = client.validate_jwt_svid(jwt_svid.token, AUDIENCE)
         assert str(checked.spiffe_id) == workload_id
-        with pytest.raises(Exception, match="INVALID_ARGUMENT|audience"):
+        with pytest.raises(Exception, match=r"INVALID_ARGUMENT|audience"):
             client.validate_jwt_svid(jwt_svid.token, "spiffe://e2e.sigil.test/other")
     finally:
         client.close()
