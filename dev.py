@@ -43,8 +43,12 @@ def ensure_environment() -> Path:
         venv.EnvBuilder(with_pip=True, clear=False).create(VENV)
     print("==> installing Sigil and its test dependencies (first run only)", flush=True)
     pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[test]"], check=True)
+    for args in (["--upgrade", "pip"], ["-e", f"{ROOT}[test]"]):
+        # Keep pip's chatter out of the way; show it only when it fails.
+        done = subprocess.run([*pip, *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.stderr.write(done.stdout + done.stderr)
+            sys.exit(f"pip install {' '.join(args)} failed (exit {done.returncode})")
     STAMP.write_text(wanted + "\n")
     return py
 

@@ -190,7 +190,17 @@ def demo(root: Path, stack: Stack) -> None:
     )
     wait_until(agent_sock.exists, timeout=30, what="the agent's Workload API socket")
     info(f"agent attested; Workload API listening on {agent_sock}")
-    info("a reused join token would now be refused: tokens are single-use")
+    second = subprocess.run(
+        [tool("sigil-agent"), "run", "--trust-domain", TRUST_DOMAIN,
+         "--server-address", f"127.0.0.1:{port}", "--data-dir", str(root / "agent2"),
+         "--socket-path", str(root / "agent2.sock"), "--join-token", token["token"],
+         "--trust-bundle", str(root / "bundle.pem")],
+        capture_output=True, text=True, timeout=60,
+    )
+    if second.returncode == 0:
+        raise DemoError("a second agent attested with a used join token")
+    reason = (second.stderr.strip().splitlines() or ["(no message)"])[-1]
+    info(f"a second agent trying the same token is refused: {reason}")
 
     step(4, "Register two workloads under that agent")
     users = workload_users()
@@ -200,9 +210,10 @@ def demo(root: Path, stack: Stack) -> None:
              "the unix:uid selector tells them apart")
     else:
         uids = {"frontend": os.getuid(), "backend": os.getuid()}
-        info("not running as root, so both workloads run as you and both are entitled to "
-             "both identities; each picks its own (with distinct users, or pods in "
-             "Kubernetes, selectors keep them apart)")
+        info("the workloads cannot get Unix users of their own here (that takes root and a "
+             "Python other users can run), so both run as you and both are entitled to both "
+             "identities; each picks its own. With distinct users, or pods in Kubernetes, "
+             "selectors keep them apart.")
     ids = {}
     for name, uid in uids.items():
         spiffe_id = f"spiffe://{TRUST_DOMAIN}/{name}"
