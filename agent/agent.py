@@ -20,7 +20,6 @@ import logging
 from agent import log
 from agent.cache import Cache
 from agent.client import ServerClient, fetch_bootstrap_root, roots_pem
-from agent.clock import Clock, SystemClock
 from agent.config import AgentConfig
 from agent.errors import BootstrapError
 from agent.manager import Manager
@@ -29,6 +28,7 @@ from agent.workload_api.server import WorkloadApiServer
 from attestation.node.join_token import make_attestation
 from attestation.workload.unix import UnixAttestor
 from identity.bundle import Bundle
+from identity.clock import Clock, SystemClock
 from identity.errors import SigilError
 from identity.keys import generate_private_key
 from identity.x509svid import X509Svid, new_csr

@@ -21,9 +21,9 @@ import datetime as dt
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from agent.clock import Clock, SystemClock
 from agent.errors import NotReadyError
 from identity.bundle import Bundle
+from identity.clock import Clock, SystemClock
 from identity.jwtsvid import JwtSvid
 from identity.selectors import Selector, selectors_match
 from identity.spiffeid import SpiffeId, TrustDomain

@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from agent import log
 from agent.cache import Cache, CachedEntry, svid_needs_rotation
 from agent.client import ServerClient, roots_pem
-from agent.clock import Clock, SystemClock
 from agent.errors import AgentError
 from agent.state import AgentState
 from identity.bundle import Bundle, BundleSet
+from identity.clock import Clock, SystemClock
 from identity.errors import SigilError
 from identity.jwtsvid import JwtSvid
 from identity.keys import PrivateKey, generate_private_key, public_keys_equal

@@ -22,12 +22,12 @@ from ca.api.agent import AgentServicer
 from ca.api.deps import ApiDeps
 from ca.api.tls_front import TlsContextSource, TlsFront
 from ca.authority import AuthorityConfig, CertificateAuthority
-from ca.clock import Clock, SystemClock
 from ca.config import ServerConfig, parse_host_port
 from ca.datastore import Datastore
 from ca.errors import ConfigError
 from ca.keys import DiskKeyManager, KeyManager
 from ca.log import event
+from identity.clock import Clock, SystemClock
 
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 MAX_SEND_BYTES = 16 * 1024 * 1024

@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 
 from agent.cache import Cache
-from agent.clock import Clock
 from agent.workload_api.front import PeerCredentialFront
 from agent.workload_api.servicer import SyncRequest, WorkloadApiServicer
 from attestation.workload import DEFAULT_PROC_ROOT, WorkloadAttestor
+from identity.clock import Clock
 
 # Requests are tiny (the largest is a JWT to validate); bound them so a local
 # process cannot make the agent buffer megabytes. Responses carry certificate

@@ -24,7 +24,6 @@ from google.protobuf import struct_pb2  # type: ignore[import-untyped,unused-ign
 
 from agent import log
 from agent.cache import Cache, CachedEntry, Identity, Snapshot
-from agent.clock import Clock, SystemClock
 from agent.errors import AgentError
 from agent.workload_api.front import PeerCredentials
 from api.protos import workload_pb2 as pb
@@ -37,6 +36,7 @@ from attestation.workload import (
     process_start_time,
 )
 from identity.bundle import Bundle, BundleSet
+from identity.clock import Clock, SystemClock
 from identity.errors import InvalidSpiffeIdError, JwtSvidError
 from identity.jwtsvid import validate_jwt_svid
 from identity.selectors import Selector

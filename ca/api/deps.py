@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ca.authority import CertificateAuthority, server_id
-from ca.clock import Clock
 from ca.config import ServerConfig
 from ca.datastore import Datastore
+from identity.clock import Clock
 from identity.spiffeid import SpiffeId
 
 

@@ -41,8 +41,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ca.authority import CertificateAuthority
-from ca.clock import Clock
 from ca.log import event
+from identity.clock import Clock
 from identity.keys import generate_private_key, private_key_to_pem
 from identity.x509svid import certificates_to_pem
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ca.clock import Clock
 from ca.datastore import CaKeyRecord, Datastore
 from ca.errors import KeyManagerError, ServerError
 from ca.keys import KeyHandle, KeyManager
 from ca.log import event
 from identity.bundle import Bundle, JwtAuthority
+from identity.clock import Clock
 from identity.jwtsvid import sign_jwt_svid
 from identity.keys import KeyType, PublicKey, key_id, load_public_key_der, public_key_der
 from identity.spiffeid import SpiffeId, TrustDomain

@@ -9,8 +9,8 @@ import datetime as dt
 import pytest
 
 from agent.cache import Cache, CachedEntry, past_half_life
-from agent.clock import FakeClock
 from identity.bundle import Bundle
+from identity.clock import FakeClock
 from identity.jwtsvid import JwtSvid, parse_insecure, sign_jwt_svid
 from identity.keys import generate_private_key, key_id
 from identity.selectors import Selector

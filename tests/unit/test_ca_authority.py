@@ -11,9 +11,9 @@ from cryptography import x509
 
 import migrations
 from ca.authority import AuthorityConfig, CertificateAuthority
-from ca.clock import FakeClock
 from ca.datastore import Datastore
 from ca.keys import DiskKeyManager, MemoryKeyManager
+from identity.clock import FakeClock
 from identity.keys import KeyType, generate_private_key
 from identity.spiffeid import SpiffeId, TrustDomain
 

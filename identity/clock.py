@@ -1,7 +1,8 @@
-"""Injectable time for the agent.
+"""Injectable time: every component that reads the clock takes a :class:`Clock`.
 
-A copy of the server's small clock module: ``agent`` may not import ``ca``
-(dependencies point down), and a clock is not SPIFFE vocabulary for ``identity``.
+Time is part of SVID validity, and the identity functions already take ``now``
+explicitly; the server and the agent both read it through a :class:`Clock`, so
+tests move it by hand instead of sleeping.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class SystemClock:
 
 
 class FakeClock:
-    """A clock tests move by hand, so rotation is tested without sleeping."""
+    """A clock tests move by hand, so expiry and rotation are tested without sleeping."""
 
     def __init__(self, start: dt.datetime | None = None) -> None:
         self._now = start or dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
