@@ -19,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import datetime as dt
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ from typing import Any
 from agent.endpoint import parse_endpoint_address
 from agent.errors import ConfigError, EndpointAddressError
 from attestation.workload.unix import UnixAttestorConfig
-from identity.errors import InvalidSpiffeIdError
+from identity import configvalues
+from identity.errors import InvalidSpiffeIdError, InvalidValueError
 from identity.spiffeid import TrustDomain
 
 DEFAULT_DATA_DIR = "./.sigil-agent"
@@ -70,9 +70,6 @@ _ATTESTOR_KEYS: Mapping[str, frozenset[str]] = {
     "unix": frozenset({"discover_workload_path", "workload_path_sha256"}),
 }
 
-_DURATION_RE = re.compile(r"(\d+)(ms|[dhms])")
-_UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
@@ -105,46 +102,29 @@ class AgentConfig:
     log_format: str = "text"
 
 
-def parse_duration(text: object) -> dt.timedelta:
+def parse_duration(text: object, *, key: str | None = None) -> dt.timedelta:
     """Parse ``"500ms"``, ``"5s"``, ``"1m"``, ``"1h"``, ``"2d"`` or ``"1m30s"``.
 
     Raises:
-        ConfigError: not a positive duration in that form.
+        ConfigError: not a positive duration in that form (prefixed with ``key``
+            when given).
     """
-    if not isinstance(text, str):
-        raise ConfigError(f"duration must be a string like \"5s\" or \"1m\", not {text!r}")
-    pos = 0
-    total = 0.0
-    for match in _DURATION_RE.finditer(text):
-        if match.start() != pos:
-            break
-        total += int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    if not text or pos != len(text):
-        raise ConfigError(
-            f"duration {text!r} is invalid: use a number and a unit ms, s, m, h or d "
-            "(for example \"5s\", \"1m30s\")"
-        )
-    if total <= 0:
-        raise ConfigError(f"duration {text!r} must be greater than zero")
-    return dt.timedelta(seconds=total)
+    try:
+        return configvalues.parse_duration(text)
+    except InvalidValueError as exc:
+        raise ConfigError(f"{key}: {exc}" if key else str(exc)) from None
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
+def parse_host_port(text: str, *, key: str = "server_address") -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6).
 
     Raises:
-        ConfigError: no host, no port, or a port outside 1..65535.
+        ConfigError: no host, no port, or a port outside 1..65535, naming ``key``.
     """
-    host, sep, port_s = text.rpartition(":")
-    if not sep or not host or not port_s.isdigit():
-        raise ConfigError(
-            f"server address {text!r} must have the form HOST:PORT, e.g. sigil-server:8081"
-        )
-    port = int(port_s)
-    if not 0 < port <= 65535:
-        raise ConfigError(f"server address {text!r}: port {port} is outside 1..65535")
-    return host, port
+    try:
+        return configvalues.parse_host_port(text, allow_port_zero=False)
+    except InvalidValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -251,10 +231,9 @@ def _validate(raw: Mapping[str, Any]) -> AgentConfig:
             "trust_bundle_path and insecure_bootstrap are mutually exclusive: give the "
             "server's CA bundle, or (only for a first try) trust it on first use"
         )
-    try:
-        sync_interval = parse_duration(raw.get("sync_interval", DEFAULT_SYNC_INTERVAL))
-    except ConfigError as exc:
-        raise ConfigError(f"sync_interval: {exc}") from None
+    sync_interval = parse_duration(
+        raw.get("sync_interval", DEFAULT_SYNC_INTERVAL), key="sync_interval"
+    )
     unix_opts = (raw.get("workload_attestors") or {}).get("unix") or {}
     unix = UnixAttestorConfig(
         discover_workload_path=_bool(

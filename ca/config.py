@@ -8,7 +8,6 @@ docs/configuration.md.
 from __future__ import annotations
 
 import datetime as dt
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ca.errors import ConfigError
-from identity.errors import InvalidSpiffeIdError
+from identity import configvalues
+from identity.errors import InvalidSpiffeIdError, InvalidValueError
 from identity.keys import KeyType
 from identity.spiffeid import TrustDomain
 
@@ -38,9 +38,6 @@ ENV_VARS: Mapping[str, str] = {
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-
-_DURATION_RE = re.compile(r"(\d+)([dhms])")
-_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 # Keys whose values are durations, with their defaults.
 _DURATION_DEFAULTS: Mapping[str, str] = {
@@ -64,46 +61,31 @@ _STRING_DEFAULTS: Mapping[str, str | None] = {
 KNOWN_KEYS = frozenset(_DURATION_DEFAULTS) | frozenset(_STRING_DEFAULTS)
 
 
-def parse_duration(text: str) -> dt.timedelta:
+def parse_duration(text: str, *, key: str | None = None) -> dt.timedelta:
     """Parse ``"90s"``, ``"5m"``, ``"1h"``, ``"2d"`` or combinations like ``"1h30m"``.
 
+    The server's durations are whole seconds at least: ``ms`` is not a unit here.
+
     Raises:
-        ConfigError: the text is not a positive duration in that form.
+        ConfigError: the text is not a positive duration in that form (prefixed
+            with ``key`` when given).
     """
-    if not isinstance(text, str):
-        raise ConfigError(
-            f"duration must be a string like \"1h\" or \"90s\", not {text!r}"
-        )
-    pos = 0
-    total = 0
-    for match in _DURATION_RE.finditer(text):
-        if match.start() != pos:
-            break
-        total += int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    if not text or pos != len(text):
-        raise ConfigError(
-            f"duration {text!r} is invalid: use a number and a unit s, m, h or d "
-            "(for example \"90s\", \"5m\", \"1h30m\")"
-        )
-    if total <= 0:
-        raise ConfigError(f"duration {text!r} must be greater than zero")
-    return dt.timedelta(seconds=total)
+    try:
+        return configvalues.parse_duration(text, allow_milliseconds=False)
+    except InvalidValueError as exc:
+        raise ConfigError(f"{key}: {exc}" if key else str(exc)) from None
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
+def parse_host_port(text: str, *, key: str = "bind_address") -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6); port 0 means any free port.
 
     Raises:
-        ConfigError: no port, or a port outside 0..65535.
+        ConfigError: no port, or a port outside 0..65535, naming ``key``.
     """
-    host, sep, port_s = text.rpartition(":")
-    if not sep or not host or not port_s.isdigit():
-        raise ConfigError(f"address {text!r} must have the form HOST:PORT, e.g. 0.0.0.0:8081")
-    port = int(port_s)
-    if port > 65535:
-        raise ConfigError(f"address {text!r}: port {port} is outside 0..65535")
-    return host, port
+    try:
+        return configvalues.parse_host_port(text, allow_port_zero=True)
+    except InvalidValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,10 +188,7 @@ def _validate(raw: Mapping[str, Any]) -> ServerConfig:
 
     durations: dict[str, dt.timedelta] = {}
     for key in _DURATION_DEFAULTS:
-        try:
-            durations[key] = parse_duration(raw[key])
-        except ConfigError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
+        durations[key] = parse_duration(raw[key], key=key)
     for key in ("x509_svid_ttl", "jwt_svid_ttl", "agent_svid_ttl"):
         if durations[key] > durations["ca_ttl"]:
             raise ConfigError(

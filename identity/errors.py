@@ -34,3 +34,7 @@ class JwtSvidError(SigilError):
 
 class BundleError(SigilError):
     """A trust bundle document is malformed."""
+
+
+class InvalidValueError(SigilError, ValueError):
+    """A configuration value (a duration, an address) is not in its documented form."""
