@@ -7,35 +7,32 @@ connections itself:
    may connect; its identity comes from the kernel, not from what it sends).
 2. For each connection it reads ``SO_PEERCRED`` (pid, uid, gid) and the process's
    start time (PID-reuse defence).
-3. It opens a client socket *bound to a per-connection path* inside a private
-   directory (0700: only the agent's user can enter it), connects it to the
-   internal grpc.aio server listening in that same directory, and records
-   ``path -> credentials``.
-4. It relays bytes both ways until either side closes, then forgets the path.
+3. It hands the connection and those credentials to a
+   :class:`~attestation.relay.ConnectionRelay`, which relays it to the internal
+   grpc.aio server through a client socket bound to a per-connection path in a
+   private 0700 directory, remembering ``path -> credentials`` while it lasts.
 
-The servicer sees ``context.peer() == "unix:<bound path>"`` (checked with grpcio
-1.85) and maps it back with :meth:`PeerCredentialFront.lookup`. A connection that
-did not come through the front (only the agent's user could even reach the
-internal socket) has no record and is refused.
+The servicer sees ``context.peer() == "unix:<bound path>"`` and maps it back with
+:meth:`PeerCredentialFront.lookup`. A connection that did not come through the
+front (only the agent's user could even reach the internal socket) has no record
+and is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
-import shutil
 import socket
 import stat
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent import log
 from agent.errors import AgentError
+from attestation.relay import ConnectionRelay
 from attestation.workload import (
     DEFAULT_PROC_ROOT,
     WorkloadAttestationError,
@@ -45,7 +42,6 @@ from attestation.workload import (
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
 _UCRED = struct.Struct("3i")
-_RELAY_CHUNK = 64 * 1024
 INTERNAL_SOCKET_NAME = "grpc.sock"
 
 
@@ -90,30 +86,29 @@ class PeerCredentialFront:
     ) -> None:
         check_socket_path(public_socket)
         self.public_socket = public_socket
-        self._own_private_dir = private_dir is None
-        # A short random directory under the system temp dir keeps the per-connection
-        # paths well inside the 107-byte limit whatever the data dir is; mkdtemp
-        # creates it 0700.
-        self.private_dir = (
-            Path(tempfile.mkdtemp(prefix="sigil-wl-")) if private_dir is None else private_dir
+        self._relay: ConnectionRelay[PeerCredentials] = ConnectionRelay(
+            internal_socket_name=INTERNAL_SOCKET_NAME, private_dir=private_dir,
+            prefix="sigil-wl-",
         )
-        self.internal_socket = self.private_dir / INTERNAL_SOCKET_NAME
-        check_socket_path(self.private_dir / "c-999999999.sock")
+        check_socket_path(self._relay.connection_path(999_999_999))
         self._proc_root = proc_root
-        self._peers: dict[str, PeerCredentials] = {}
-        self._counter = itertools.count(1)
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def private_dir(self) -> Path:
+        """The 0700 directory of the internal socket and the per-connection sockets."""
+        return self._relay.private_dir
+
+    @property
+    def internal_socket(self) -> Path:
+        """Where the internal grpc.aio server listens."""
+        return self._relay.internal_socket
 
     # Lifecycle ---------------------------------------------------------------
 
     def prepare_private_dir(self) -> None:
         """Create the private directory 0700 (before the internal server binds in it)."""
-        self.private_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # mkdir's mode is filtered by the umask and ignored for an existing dir:
-        # enforce it, since this directory is what keeps other users off the
-        # internal socket.
-        os.chmod(self.private_dir, 0o700)
+        self._relay.prepare_private_dir()
 
     async def start(self) -> None:
         """Listen on the public socket. The internal server must already be up."""
@@ -135,14 +130,10 @@ class PeerCredentialFront:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._relay.cancel_all()
         with contextlib.suppress(FileNotFoundError):
             self.public_socket.unlink()
-        if self._own_private_dir:
-            shutil.rmtree(self.private_dir, ignore_errors=True)
+        self._relay.remove_private_dir()
 
     async def __aenter__(self) -> PeerCredentialFront:
         await self.start()
@@ -159,29 +150,24 @@ class PeerCredentialFront:
         Returns None for any peer the front did not create (unbound client
         sockets show up as ``unix:`` with an empty path).
         """
-        if not peer.startswith("unix:"):
-            return None
-        return self._peers.get(peer[len("unix:"):])
+        return self._relay.lookup(peer)
 
     @property
     def connection_count(self) -> int:
         """How many workload connections are being relayed."""
-        return len(self._peers)
+        return self._relay.connection_count
 
     # Connections -------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         try:
-            await self._relay_connection(reader, writer)
+            with self._relay.tracked():
+                await self._relay_connection(reader, writer)
         except asyncio.CancelledError:
             pass
         except Exception:
             log.event("workload connection failed", level=logging.ERROR, exc_info=True)
         finally:
-            self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -204,52 +190,7 @@ class PeerCredentialFront:
             log.event("workload refused", level=logging.WARNING, pid=pid, reason=str(exc))
             return
         creds = PeerCredentials(pid=pid, uid=uid, gid=gid, start_time=start_time)
-        path = self.private_dir / f"c-{next(self._counter)}.sock"
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        key = str(path)
-        try:
-            upstream.setblocking(False)
-            upstream.bind(key)
-            # Recorded before connecting, so the record exists before grpcio can
-            # see the connection's first RPC.
-            self._peers[key] = creds
-            await asyncio.get_running_loop().sock_connect(upstream, str(self.internal_socket))
-            # The kernel keeps the bound address on the connection; the file is
-            # no longer needed, and removing it now leaves nothing behind on a crash.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(key)
-            up_reader, up_writer = await asyncio.open_unix_connection(sock=upstream)
-        except BaseException:
-            self._peers.pop(key, None)
-            upstream.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(key)
-            raise
-        try:
-            pumps = [
-                asyncio.create_task(_pump(reader, up_writer)),
-                asyncio.create_task(_pump(up_reader, writer)),
-            ]
-            try:
-                # Either side closing ends the relay: gRPC has nothing to say to a
-                # half-open HTTP/2 connection.
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for p in pumps:
-                    p.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
-        finally:
-            self._peers.pop(key, None)
-            up_writer.close()
-            with contextlib.suppress(Exception):
-                await up_writer.wait_closed()
-
-
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        while data := await src.read(_RELAY_CHUNK):
-            dst.write(data)
-            await dst.drain()
+        await self._relay.relay(reader, writer, creds)
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -10,11 +10,13 @@ credentials (DESIGN flow 4), the server terminates TLS itself:
    with Python's ``ssl``: server certificate = the server SVID plus the CA
    certificate, client certificate *optional* but, when sent, verified against the
    current bundle (``CERT_OPTIONAL``), ALPN ``h2``.
-2. It connects a client socket bound to a per-connection path, in a private 0700
-   directory, to the internal gRPC server listening in the same directory, and
-   records ``path -> client certificate``.
-3. It relays bytes both ways. The servicer maps ``context.peer()`` (``unix:<path>``)
-   back to the certificate with :meth:`TlsFront.peer_certificate`.
+2. It hands the connection and the client certificate (or None) to a
+   :class:`~attestation.relay.ConnectionRelay`, which relays it to the internal
+   gRPC server through a client socket bound to a per-connection path in a private
+   0700 directory, remembering ``path -> client certificate`` while it lasts.
+3. The servicer maps ``context.peer()`` (``unix:<path>``) back to the certificate
+   with :meth:`TlsFront.peer_certificate`; a connection that did not come through
+   the front is unknown and refused.
 
 Each handshake uses the newest TLS context, rebuilt when the bundle changes or the
 server certificate is past half its life, so bundle changes apply without restart.
@@ -25,21 +27,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import itertools
 import logging
 import os
-import shutil
-import socket
 import ssl
 import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from attestation.relay import ConnectionRelay
 from ca.authority import CertificateAuthority
 from ca.log import event
 from identity.clock import Clock
@@ -48,7 +49,7 @@ from identity.x509svid import certificates_to_pem
 
 SERVER_TLS_TTL = dt.timedelta(hours=1)
 HANDSHAKE_TIMEOUT = 15.0
-_RELAY_CHUNK = 64 * 1024
+INTERNAL_SOCKET_NAME = "agent-api.sock"
 
 
 class TlsContextSource:
@@ -105,6 +106,13 @@ class TlsContextSource:
         return ctx
 
 
+@dataclass(frozen=True, slots=True)
+class TlsPeer:
+    """What the TLS handshake told us about an agent connection."""
+
+    certificate: x509.Certificate | None  # None: the client sent no certificate
+
+
 class TlsFront:
     """Accepts agent connections over TLS and relays them to the internal server."""
 
@@ -113,17 +121,25 @@ class TlsFront:
         self._port = port
         self._contexts = contexts
         # Short, private paths: Unix socket paths are limited to ~100 bytes.
-        self.private_dir = Path(tempfile.mkdtemp(prefix="sigil-srv-"))
-        os.chmod(self.private_dir, 0o700)
-        self.internal_socket = self.private_dir / "agent-api.sock"
-        self._peers: dict[str, x509.Certificate | None] = {}
-        self._counter = itertools.count()
+        self._relay: ConnectionRelay[TlsPeer] = ConnectionRelay(
+            internal_socket_name=INTERNAL_SOCKET_NAME, prefix="sigil-srv-"
+        )
+        self._relay.prepare_private_dir()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tls-front",
                                         daemon=True)
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self.bound_port = 0
+
+    @property
+    def private_dir(self) -> Path:
+        """The 0700 directory of the internal socket and the per-connection sockets."""
+        return self._relay.private_dir
+
+    @property
+    def internal_socket(self) -> Path:
+        """Where the internal gRPC server listens."""
+        return self._relay.internal_socket
 
     def peer_certificate(self, peer: str) -> tuple[bool, x509.Certificate | None]:
         """Look up a ``context.peer()``.
@@ -132,12 +148,10 @@ class TlsFront:
             (known, certificate): ``known`` is False for a connection that did not
             come through the front; ``certificate`` is None when the client sent none.
         """
-        if not peer.startswith("unix:"):
+        recorded = self._relay.lookup(peer)
+        if recorded is None:
             return False, None
-        key = peer[len("unix:"):]
-        if key not in self._peers:
-            return False, None
-        return True, self._peers[key]
+        return True, recorded.certificate
 
     def _on_sni(self, sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
         try:
@@ -167,66 +181,34 @@ class TlsFront:
         async def _close() -> None:
             if self._server is not None:
                 self._server.close()
-            for t in list(self._tasks):
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._relay.cancel_all()
 
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(_close(), self._loop).result(timeout=30)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=30)
         self._loop.close()
-        shutil.rmtree(self.private_dir, ignore_errors=True)
+        self._relay.remove_private_dir()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         try:
-            await self._relay(reader, writer)
+            with self._relay.tracked():
+                await self._relay_connection(reader, writer)
         except (asyncio.CancelledError, ConnectionError, ssl.SSLError, TimeoutError):
             pass  # the peer went away or we are stopping: nothing to report
         except Exception:  # a bug: log it, keep serving others
             event("agent connection failed", level=logging.ERROR, exc_info=True)
         finally:
-            self._tasks.discard(task)
             # abort, not close: a graceful TLS close waits for the peer's close_notify.
             writer.transport.abort()
 
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _relay_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         ssl_obj: ssl.SSLObject | None = writer.get_extra_info("ssl_object")
         der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
         cert = x509.load_der_x509_certificate(der) if der else None
-
-        path = str(self.private_dir / f"c-{next(self._counter)}.sock")
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            upstream.setblocking(False)
-            upstream.bind(path)
-            # Recorded before connecting, so it exists before the first RPC arrives.
-            self._peers[path] = cert
-            await asyncio.get_running_loop().sock_connect(upstream, str(self.internal_socket))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            up_reader, up_writer = await asyncio.open_unix_connection(sock=upstream)
-        except BaseException:
-            self._peers.pop(path, None)
-            upstream.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            raise
-        try:
-            pumps = [asyncio.create_task(_pump(reader, up_writer)),
-                     asyncio.create_task(_pump(up_reader, writer))]
-            try:
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for p in pumps:
-                    p.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
-        finally:
-            self._peers.pop(path, None)
-            up_writer.transport.abort()
+        await self._relay.relay(reader, writer, TlsPeer(certificate=cert))
 
 
 def _log_loop_error(_loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
@@ -237,10 +219,3 @@ def _log_loop_error(_loop: asyncio.AbstractEventLoop, context: dict[str, object]
         return
     event("agent listener error", level=logging.ERROR, reason=str(context.get("message")),
           error=repr(exc))
-
-
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError, ssl.SSLError):
-        while data := await src.read(_RELAY_CHUNK):
-            dst.write(data)
-            await dst.drain()

@@ -1,0 +1,88 @@
+"""attestation.relay: per-connection bound sockets, peer records, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from pathlib import Path
+
+from attestation.relay import ConnectionRelay
+
+
+async def _scenario() -> None:
+    relay: ConnectionRelay[str] = ConnectionRelay(internal_socket_name="grpc.sock",
+                                                  prefix="sigil-test-")
+    relay.prepare_private_dir()
+    private = relay.private_dir
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    seen: list[str | None] = []
+
+    # The "internal server": an echo that looks its caller up the way a servicer does.
+    async def internal(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(relay.lookup(f"unix:{writer.get_extra_info('peername')}"))
+        while data := await reader.read(1024):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    inner = await asyncio.start_unix_server(internal, path=str(relay.internal_socket))
+
+    # The "front": accepts on a public socket and relays as peer "alice".
+    async def front(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            with relay.tracked():
+                await relay.relay(reader, writer, "alice")
+        except asyncio.CancelledError:
+            pass
+        finally:
+            writer.close()
+
+    public = private.parent / (private.name + "-public.sock")
+    outer = await asyncio.start_unix_server(front, path=str(public))
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(public))
+        writer.write(b"ping")
+        await writer.drain()
+        assert await reader.readexactly(4) == b"ping"
+        assert seen == ["alice"]
+        assert relay.connection_count == 1
+        # The bound path is unlinked once connected: only the internal socket remains.
+        assert sorted(p.name for p in private.iterdir()) == ["grpc.sock"]
+        writer.close()
+        for _ in range(200):
+            if relay.connection_count == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert relay.connection_count == 0
+
+        # A connection that stays open is ended by cancel_all.
+        reader, writer = await asyncio.open_unix_connection(str(public))
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        await relay.cancel_all()
+        assert relay.connection_count == 0
+        assert await reader.read() == b""
+        writer.close()
+    finally:
+        outer.close()
+        inner.close()
+        await outer.wait_closed()
+        await inner.wait_closed()
+        public.unlink(missing_ok=True)
+        relay.remove_private_dir()
+    assert not private.exists()
+
+
+def test_relay_records_peer_and_cleans_up() -> None:
+    asyncio.run(_scenario())
+
+
+def test_unknown_peers_are_not_found(tmp_path: Path) -> None:
+    relay: ConnectionRelay[str] = ConnectionRelay(internal_socket_name="grpc.sock",
+                                                  private_dir=tmp_path / "p")
+    relay.prepare_private_dir()
+    assert relay.lookup("unix:") is None
+    assert relay.lookup(f"unix:{relay.connection_path(1)}") is None
+    assert relay.lookup("ipv4:127.0.0.1:1") is None
+    relay.remove_private_dir()  # not ours: left in place
+    assert (tmp_path / "p").is_dir()
