@@ -30,6 +30,7 @@ from agent.errors import ConfigError, EndpointAddressError
 from attestation.workload.unix import UnixAttestorConfig
 from identity import configvalues
 from identity.errors import InvalidSpiffeIdError, InvalidValueError
+from identity.logfmt import LOG_FORMATS, LOG_LEVELS
 from identity.spiffeid import TrustDomain
 
 DEFAULT_DATA_DIR = "./.sigil-agent"
@@ -48,9 +49,6 @@ ENV_VARS: Mapping[str, str] = {
     "SIGIL_AGENT_LOG_LEVEL": "log_level",
     "SIGIL_AGENT_LOG_FORMAT": "log_format",
 }
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("text", "json")
 
 _DEFAULTS: Mapping[str, Any] = {
     "trust_domain": None,
@@ -176,17 +174,14 @@ def load_config(
     Raises:
         ConfigError: naming the file and key, or the bad value and the rule it broke.
     """
-    raw: dict[str, Any] = dict(_DEFAULTS)
-    if path is not None:
-        raw.update(_read_toml(path))
-    for var, key in ENV_VARS.items():
-        if env is not None and env.get(var):
-            raw[key] = env[var]
-    for key, value in (overrides or {}).items():
-        if key not in KNOWN_KEYS:
-            raise ConfigError(f"unknown setting {key!r}")
-        if value is not None:
-            raw[key] = value
+    document = _read_toml(path) if path is not None else {}
+    try:
+        raw = configvalues.layer_settings(
+            _DEFAULTS, document, env=env, env_vars=ENV_VARS, overrides=overrides,
+            known_keys=KNOWN_KEYS,
+        )
+    except InvalidValueError as exc:
+        raise ConfigError(str(exc)) from None
     return _validate(raw)
 
 

@@ -1,14 +1,17 @@
-"""Parsers for the value forms both configurations use: durations and ``HOST:PORT``.
+"""What the server's and the agent's configurations share: layering, durations, ``HOST:PORT``.
 
-Pure functions; they raise :class:`~identity.errors.InvalidValueError` naming the
-bad value and the rule it broke. Each configuration module wraps them to raise its
-own ``ConfigError`` with the key name in front.
+Pure functions (reading the file stays with each configuration); they raise
+:class:`~identity.errors.InvalidValueError` naming the bad value and the rule it
+broke. Each configuration module wraps them to raise its own ``ConfigError``,
+with the key name in front where there is one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from identity.errors import InvalidValueError
 
@@ -72,3 +75,41 @@ def parse_host_port(text: str, *, allow_port_zero: bool) -> tuple[str, int]:
             f"address {text!r}: port {port} is outside {lowest}..{MAX_PORT}"
         )
     return host, port
+
+
+def layer_settings(
+    defaults: Mapping[str, Any],
+    document: Mapping[str, Any],
+    *,
+    env: Mapping[str, str] | None,
+    env_vars: Mapping[str, str],
+    overrides: Mapping[str, Any] | None,
+    known_keys: Collection[str],
+) -> dict[str, Any]:
+    """Merge the layers of a configuration, lowest first.
+
+    defaults < ``document`` (the config file) < the environment < ``overrides``
+    (command-line flags).
+
+    Args:
+        defaults: the built-in values by key.
+        document: the config file's values by key (already checked for unknown keys).
+        env: the environment; only the variables of ``env_vars`` are read, and an
+            empty value counts as unset. None reads nothing.
+        env_vars: environment variable -> config key.
+        overrides: flag values by key; None values are "not given".
+        known_keys: the keys an override may name.
+
+    Raises:
+        InvalidValueError: an override names an unknown setting.
+    """
+    raw: dict[str, Any] = {**defaults, **document}
+    for var, key in env_vars.items():
+        if env is not None and env.get(var):
+            raw[key] = env[var]
+    for key, value in (overrides or {}).items():
+        if key not in known_keys:
+            raise InvalidValueError(f"unknown setting {key!r}")
+        if value is not None:
+            raw[key] = value
+    return raw

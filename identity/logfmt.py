@@ -12,6 +12,10 @@ import logging
 import sys
 from typing import Any
 
+# What a configuration may ask for: the level names configure() accepts and its formats.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
 
 def format_value(value: object) -> str:
     """A field value for a text line, quoted where a naive key=value splitter would misread it."""

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from identity.configvalues import parse_duration, parse_host_port
+from identity.configvalues import layer_settings, parse_duration, parse_host_port
 from identity.errors import InvalidValueError, SigilError
 
 
@@ -73,3 +73,22 @@ def test_host_port() -> None:
 def test_bad_host_port(text: str, allow_zero: bool, message: str) -> None:
     with pytest.raises(InvalidValueError, match=message):
         parse_host_port(text, allow_port_zero=allow_zero)
+
+
+def test_layer_settings_precedence() -> None:
+    raw = layer_settings(
+        {"a": "default", "b": "default", "c": "default", "d": "default"},
+        {"b": "file", "c": "file", "d": "file"},
+        env={"X_C": "env", "X_D": "env", "X_A": "", "OTHER": "ignored"},
+        env_vars={"X_A": "a", "X_C": "c", "X_D": "d"},
+        overrides={"d": "flag", "a": None},
+        known_keys={"a", "b", "c", "d"},
+    )
+    assert raw == {"a": "default", "b": "file", "c": "env", "d": "flag"}
+    assert layer_settings({"a": 1}, {}, env=None, env_vars={"X_A": "a"}, overrides=None,
+                          known_keys={"a"}) == {"a": 1}
+
+
+def test_layer_settings_refuses_unknown_override() -> None:
+    with pytest.raises(InvalidValueError, match="unknown setting 'zz'"):
+        layer_settings({}, {}, env=None, env_vars={}, overrides={"zz": 1}, known_keys={"a"})
