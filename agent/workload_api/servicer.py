@@ -200,6 +200,30 @@ class WorkloadApiServicer:
         except TimeoutError:
             pass
 
+    async def _entitled(
+        self, caller: _Caller, context: grpc.aio.ServicerContext[Any, Any], *, may_sync: bool
+    ) -> tuple[Snapshot, list[CachedEntry], bool]:
+        """The cache now and the caller's entries in it; PermissionDenied when it has none.
+
+        With ``may_sync`` (a stream that has sent nothing and not synced yet), a
+        caller without entries first gets one sync, so an entry registered since
+        the last sync is found.
+
+        Returns:
+            (snapshot, entitled entries, whether a sync was requested).
+        """
+        snap = self._cache.snapshot()
+        entitled = snap.entitled(caller.selectors)
+        synced = False
+        if not entitled and may_sync:
+            synced = True
+            await self._sync_for_newcomer()
+            snap = self._cache.snapshot()
+            entitled = snap.entitled(caller.selectors)
+        if not entitled:
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
+        return snap, entitled, synced
+
     async def _wait(self, version: int, timeout: float | None) -> None:
         try:
             await asyncio.wait_for(self._cache.wait_for_change(version), timeout)
@@ -222,14 +246,10 @@ class WorkloadApiServicer:
         last: pb.X509SVIDResponse | None = None
         synced = False
         while True:
-            snap = self._cache.snapshot()
-            entitled = snap.entitled(caller.selectors)
-            if not entitled and last is None and not synced:
-                synced = True
-                await self._sync_for_newcomer()
-                continue
-            if not entitled:
-                await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
+            snap, entitled, did_sync = await self._entitled(
+                caller, context, may_sync=last is None and not synced
+            )
+            synced = synced or did_sync
             identities = [i for i in snap.identities(entitled) if _x509_bundle(snap, i)]
             complete = len(identities) == len(entitled)
             waiting_first = last is None and not complete and loop.time() < deadline
@@ -279,14 +299,10 @@ class WorkloadApiServicer:
         last: dict[str, bytes] | None = None
         synced = False
         while True:
-            snap = self._cache.snapshot()
-            entitled = snap.entitled(caller.selectors)
-            if not entitled and last is None and not synced:
-                synced = True
-                await self._sync_for_newcomer()
-                continue
-            if not entitled:
-                await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
+            snap, entitled, did_sync = await self._entitled(
+                caller, context, may_sync=last is None and not synced
+            )
+            synced = synced or did_sync
             bundles = snap.bundles_for(entitled)
             if snap.trust_domain in bundles:
                 key = {td.name: b.to_json() for td, b in bundles.items()}
