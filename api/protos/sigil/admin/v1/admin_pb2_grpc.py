@@ -70,6 +70,61 @@ class AdminStub:
                 request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.HealthRequest.SerializeToString,
                 response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.UpdateEntry = channel.unary_unary(
+                '/sigil.admin.v1.Admin/UpdateEntry',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.UpdateEntryRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_types_dot_v1_dot_types__pb2.Entry.FromString,
+                _registered_method=True)
+        self.CountEntries = channel.unary_unary(
+                '/sigil.admin.v1.Admin/CountEntries',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.CountEntriesRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.CountEntriesResponse.FromString,
+                _registered_method=True)
+        self.BatchCreateEntry = channel.unary_unary(
+                '/sigil.admin.v1.Admin/BatchCreateEntry',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BatchCreateEntryRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BatchCreateEntryResponse.FromString,
+                _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/sigil.admin.v1.Admin/ListAgents',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
+        self.GetAgent = channel.unary_unary(
+                '/sigil.admin.v1.Admin/GetAgent',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.GetAgentRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.Agent.FromString,
+                _registered_method=True)
+        self.BanAgent = channel.unary_unary(
+                '/sigil.admin.v1.Admin/BanAgent',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BanAgentRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.Agent.FromString,
+                _registered_method=True)
+        self.EvictAgent = channel.unary_unary(
+                '/sigil.admin.v1.Admin/EvictAgent',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.EvictAgentRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.EvictAgentResponse.FromString,
+                _registered_method=True)
+        self.CountAgents = channel.unary_unary(
+                '/sigil.admin.v1.Admin/CountAgents',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.CountAgentsRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.CountAgentsResponse.FromString,
+                _registered_method=True)
+        self.PurgeAgents = channel.unary_unary(
+                '/sigil.admin.v1.Admin/PurgeAgents',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.PurgeAgentsRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.PurgeAgentsResponse.FromString,
+                _registered_method=True)
+        self.MintX509SVID = channel.unary_unary(
+                '/sigil.admin.v1.Admin/MintX509SVID',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintX509SVIDRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintX509SVIDResponse.FromString,
+                _registered_method=True)
+        self.MintJWTSVID = channel.unary_unary(
+                '/sigil.admin.v1.Admin/MintJWTSVID',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintJWTSVIDRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintJWTSVIDResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -117,6 +172,75 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateEntry(self, request, context):
+        """Entries: change selected fields of one, count them, create many at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CountEntries(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchCreateEntry(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgents(self, request, context):
+        """Attested agents (nodes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAgent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BanAgent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvictAgent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CountAgents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeAgents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MintX509SVID(self, request, context):
+        """SVIDs for operators. The X.509 key stays with the caller: it sends a CSR.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MintJWTSVID(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +278,61 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.HealthRequest.FromString,
                     response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.HealthResponse.SerializeToString,
+            ),
+            'UpdateEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateEntry,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.UpdateEntryRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_types_dot_v1_dot_types__pb2.Entry.SerializeToString,
+            ),
+            'CountEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountEntries,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.CountEntriesRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.CountEntriesResponse.SerializeToString,
+            ),
+            'BatchCreateEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchCreateEntry,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BatchCreateEntryRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BatchCreateEntryResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListAgentsRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'GetAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAgent,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.GetAgentRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.Agent.SerializeToString,
+            ),
+            'BanAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.BanAgent,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BanAgentRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.Agent.SerializeToString,
+            ),
+            'EvictAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvictAgent,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.EvictAgentRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.EvictAgentResponse.SerializeToString,
+            ),
+            'CountAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountAgents,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.CountAgentsRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.CountAgentsResponse.SerializeToString,
+            ),
+            'PurgeAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeAgents,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.PurgeAgentsRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.PurgeAgentsResponse.SerializeToString,
+            ),
+            'MintX509SVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.MintX509SVID,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintX509SVIDRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintX509SVIDResponse.SerializeToString,
+            ),
+            'MintJWTSVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.MintJWTSVID,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintJWTSVIDRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintJWTSVIDResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +524,303 @@ class Admin:
             '/sigil.admin.v1.Admin/Health',
             api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.HealthRequest.SerializeToString,
             api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/UpdateEntry',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.UpdateEntryRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_types_dot_v1_dot_types__pb2.Entry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/CountEntries',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.CountEntriesRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.CountEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchCreateEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/BatchCreateEntry',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BatchCreateEntryRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BatchCreateEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/ListAgents',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListAgentsRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/GetAgent',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.GetAgentRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BanAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/BanAgent',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BanAgentRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvictAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/EvictAgent',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.EvictAgentRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.EvictAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/CountAgents',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.CountAgentsRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.CountAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/PurgeAgents',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.PurgeAgentsRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.PurgeAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MintX509SVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/MintX509SVID',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintX509SVIDRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintX509SVIDResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MintJWTSVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/MintJWTSVID',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintJWTSVIDRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintJWTSVIDResponse.FromString,
             options,
             channel_credentials,
             insecure,
