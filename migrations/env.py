@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
+from ca.datastore.engine import make_engine
 from ca.datastore.models import Base
-from ca.datastore.repository import make_engine
 
 target_metadata = Base.metadata
 

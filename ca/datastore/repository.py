@@ -12,14 +12,14 @@ import datetime as dt
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from attestation.node.join_token import StoredJoinToken
 from ca.datastore import models as m
+from ca.datastore.engine import make_engine
 from ca.datastore.records import (
     CaKeyRecord,
     EntryRecord,
@@ -31,8 +31,6 @@ from ca.errors import AlreadyExistsError, DatastoreError, NotFoundError
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 
-SQLITE_BUSY_TIMEOUT_MS = 10_000
-
 
 def _ts(value: dt.datetime) -> int:
     return int(value.timestamp())
@@ -40,29 +38,6 @@ def _ts(value: dt.datetime) -> int:
 
 def _dt(value: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.UTC)
-
-
-def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
-    # WAL lets readers run while one writer commits; foreign keys are off by default
-    # in SQLite and the cascades depend on them; the busy timeout makes a second
-    # writer wait instead of failing at once.
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.close()
-
-
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout."""
-    if url.startswith("sqlite"):
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
-        )
-        event.listen(engine, "connect", _on_sqlite_connect)
-        return engine
-    return create_engine(url, pool_pre_ping=True)
 
 
 def _entry_record(row: m.RegistrationEntry) -> EntryRecord:
