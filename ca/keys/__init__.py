@@ -1,4 +1,6 @@
-"""Where the server's private keys live: a small Protocol with disk and memory stores.
+"""Where the server's private keys live: a small Protocol with disk, memory and PKCS#11 stores.
+
+The PKCS#11 store is in :mod:`ca.keys.pkcs11` (it needs the python-pkcs11 module).
 
 Private keys never leave this layer except as signing objects handed to the CA in
 the same process; they are never logged.
@@ -64,7 +66,12 @@ class KeyManager(Protocol):
         ...
 
 
-def _check_key_id(key_id: str) -> None:
+def check_key_id(key_id: str) -> None:
+    """Reject a key id that is not a safe file name / token label.
+
+    Raises:
+        KeyManagerError: naming the id and the rule.
+    """
     if not _KEY_ID_RE.match(key_id):
         raise KeyManagerError(f"invalid key id {key_id!r}: letters, digits, '.', '_', '-'")
 
@@ -86,7 +93,7 @@ class MemoryKeyManager:
 
     def generate_key(self, key_id: str, key_type: KeyType) -> KeyHandle:
         """Create (or replace) the key ``key_id`` in memory."""
-        _check_key_id(key_id)
+        check_key_id(key_id)
         handle = KeyHandle(key_id, key_type, generate_private_key(key_type))
         with self._lock:
             self._keys[key_id] = handle
@@ -94,6 +101,7 @@ class MemoryKeyManager:
 
     def get_key(self, key_id: str) -> KeyHandle | None:
         """The key ``key_id``, or None."""
+        check_key_id(key_id)
         with self._lock:
             return self._keys.get(key_id)
 
@@ -111,7 +119,7 @@ class DiskKeyManager:
         os.chmod(self.directory, 0o700)
 
     def _path(self, key_id: str) -> Path:
-        _check_key_id(key_id)
+        check_key_id(key_id)
         return self.directory / f"{key_id}.pem"
 
     def generate_key(self, key_id: str, key_type: KeyType) -> KeyHandle:
