@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ca import opsconfig
 from ca.errors import ConfigError
 from identity import configvalues
 from identity.errors import InvalidSpiffeIdError, InvalidValueError
@@ -56,7 +57,10 @@ _STRING_DEFAULTS: Mapping[str, str | None] = {
     "log_level": "info",
     "log_format": "text",
 }
-KNOWN_KEYS = frozenset(_DURATION_DEFAULTS) | frozenset(_STRING_DEFAULTS)
+# Operations (rate limits, worker processes, health and metrics): ca/opsconfig.py.
+_OPS_DEFAULTS: Mapping[str, object] = opsconfig.DEFAULTS
+KNOWN_KEYS = (frozenset(_DURATION_DEFAULTS) | frozenset(_STRING_DEFAULTS)
+              | frozenset(_OPS_DEFAULTS))
 
 
 def parse_duration(text: str, *, key: str | None = None) -> dt.timedelta:
@@ -104,6 +108,8 @@ class ServerConfig:
     join_token_ttl: dt.timedelta
     log_level: str
     log_format: str
+    # Frozen, so one shared default instance is safe.
+    ops: opsconfig.OpsConfig = opsconfig.OpsConfig()  # noqa: RUF009
 
     @property
     def key_dir(self) -> Path:
@@ -155,7 +161,7 @@ def load_config(
     document = _read_toml(path) if path is not None else {}
     try:
         raw = configvalues.layer_settings(
-            {**_STRING_DEFAULTS, **_DURATION_DEFAULTS}, document, env=env,
+            {**_STRING_DEFAULTS, **_DURATION_DEFAULTS, **_OPS_DEFAULTS}, document, env=env,
             env_vars=ENV_VARS, overrides=overrides, known_keys=KNOWN_KEYS,
         )
     except InvalidValueError as exc:
@@ -220,4 +226,5 @@ def _validate(raw: Mapping[str, Any]) -> ServerConfig:
         join_token_ttl=durations["join_token_ttl"],
         log_level=log_level,
         log_format=log_format,
+        ops=opsconfig.validate(raw),
     )

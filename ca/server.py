@@ -94,7 +94,8 @@ class SigilServer:
             options=GRPC_OPTIONS,
         )
         agent_pb2_grpc.add_AgentServicer_to_server(  # type: ignore[no-untyped-call]
-            AgentServicer(deps, peer_certificate=self._front.peer_certificate),
+            AgentServicer(deps, peer_certificate=self._front.peer_certificate,
+                          peer_address=self._front.peer_address),
             self._agent_server,
         )
         if self._agent_server.add_insecure_port(f"unix:{self._front.internal_socket}") == 0:

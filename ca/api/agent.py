@@ -30,6 +30,8 @@ from ca.errors import (
     UnauthenticatedError,
 )
 from ca.log import event
+from ca.metrics import count_svid
+from ca.ratelimit import RateLimiter
 from identity.bundle import Bundle
 from identity.errors import X509SvidError
 from identity.keys import PublicKey
@@ -53,6 +55,7 @@ def _public_key_from_csr(der: bytes) -> PublicKey:
 
 
 PeerCertificate = Callable[[str], tuple[bool, x509.Certificate | None]]
+PeerAddress = Callable[[str], str | None]
 
 
 def _ts(value: dt.datetime) -> int:
@@ -62,14 +65,22 @@ def _ts(value: dt.datetime) -> int:
 class AgentServicer(agent_pb2_grpc.AgentServicer):
     """The Agent service."""
 
-    def __init__(self, deps: ApiDeps, *, peer_certificate: PeerCertificate) -> None:
+    def __init__(self, deps: ApiDeps, *, peer_certificate: PeerCertificate,
+                 peer_address: PeerAddress | None = None,
+                 rate_limiter: RateLimiter | None = None) -> None:
         """Args:
             deps: datastore, CA, config, clock.
             peer_certificate: maps ``context.peer()`` to (came through the TLS front,
                 client certificate or None); see :class:`ca.api.tls_front.TlsFront`.
+            peer_address: maps ``context.peer()`` to the client's IP address.
+            rate_limiter: per-caller limits (None: the limits of ``deps.config``).
         """
         self._d = deps
         self._peer_certificate = peer_certificate
+        self._peer_address = peer_address or (lambda _peer: None)
+        ops = deps.config.ops
+        self._rate = rate_limiter or RateLimiter(attestation=ops.attestation_limit,
+                                                 signing=ops.signing_limit)
 
     # ---- authentication ----------------------------------------------------------
 
@@ -127,6 +138,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self, request: agent_pb2.AttestAgentRequest, context: grpc.ServicerContext
     ) -> agent_pb2.AttestAgentResponse:
         """Verify attestation data, sign the agent's SVID, store the node."""
+        # Before anything else: a flood of bad attestations is what the limit is for.
+        peer = context.peer()
+        self._rate.check_attestation(self._peer_address(peer) or peer)
         attestor = request.data.type
         if not attestor:
             raise InvalidArgumentError("attestation data type is required")
@@ -159,6 +173,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     ), now=now)
                 except AlreadyExistsError:
                     pass  # the same alias for the same agent: already there is fine
+        count_svid("agent")
         event("agent attested", agent_id=result.agent_id, attestor=attestor,
               alias=result.alias or "", serial=format(chain[0].serial_number, "x"))
         return agent_pb2.AttestAgentResponse(
@@ -173,6 +188,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     ) -> agent_pb2.RenewAgentResponse:
         """Sign a new SVID for the calling agent; it becomes current on first use."""
         node = self.authenticate(context)
+        self._rate.check_signing(str(node.spiffe_id), 1)
         public_key = _public_key_from_csr(request.csr)
         chain = self._d.authority.sign_agent_svid(
             node.spiffe_id, public_key, ttl=self._d.config.agent_svid_ttl
@@ -181,6 +197,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             node.spiffe_id, serial=chain[0].serial_number,
             expires_at=_ts(chain[0].not_valid_after_utc), now=self._d.clock.now(),
         )
+        count_svid("agent")
         event("agent renewed", agent_id=node.spiffe_id,
               serial=format(chain[0].serial_number, "x"))
         return agent_pb2.RenewAgentResponse(svid=svid_to_proto(node.spiffe_id, chain))
@@ -215,10 +232,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             raise InvalidArgumentError(
                 f"a batch may hold at most {MAX_BATCH} CSRs, not {len(request.params)}"
             )
+        self._rate.check_signing(str(node.spiffe_id), len(request.params))
         authorized = {e.id: e for e in self._authorized(node)}
         results: list[agent_pb2.BatchNewX509SVIDResult] = []
         for param in request.params:
             results.append(self._sign_one(node.spiffe_id, authorized, param))
+        count_svid("x509", sum(1 for r in results if r.status.code == 0))
         return agent_pb2.BatchNewX509SVIDResponse(results=results)
 
     def _sign_one(
@@ -258,6 +277,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     ) -> agent_pb2.NewJWTSVIDResponse:
         """Sign a JWT-SVID for an authorized entry."""
         node = self.authenticate(context)
+        self._rate.check_signing(str(node.spiffe_id), 1)
         audience = list(request.audience)
         if not audience:
             raise InvalidArgumentError("at least one audience is required")
@@ -276,6 +296,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         ttl = (dt.timedelta(seconds=entry.jwt_svid_ttl) if entry.jwt_svid_ttl
                else self._d.config.jwt_svid_ttl)
         signed = self._d.authority.sign_jwt_svid(entry.spiffe_id, audience, ttl=ttl)
+        count_svid("jwt")
         return agent_pb2.NewJWTSVIDResponse(
             token=signed.token, spiffe_id=str(entry.spiffe_id),
             issued_at=_ts(signed.issued_at), expires_at=_ts(signed.expires_at),

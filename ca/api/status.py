@@ -28,6 +28,8 @@ from ca.errors import (
     UnauthenticatedError,
 )
 from ca.log import event
+from ca.metrics import count_error
+from ca.ratelimit import RateLimitedError
 from identity.errors import InvalidKeyError, InvalidSelectorError, InvalidSpiffeIdError
 
 STATUS_TABLE: Mapping[type[BaseException], grpc.StatusCode] = {
@@ -42,6 +44,7 @@ STATUS_TABLE: Mapping[type[BaseException], grpc.StatusCode] = {
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    RateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -67,6 +70,7 @@ def grpc_method(api: str) -> Callable[[F], F]:
                 return fn(self, request, context)
             except Exception as exc:
                 code = status_for(exc)
+                count_error(api, fn.__name__, code.name)
                 if code is grpc.StatusCode.INTERNAL:
                     event("request failed", level=logging.ERROR, exc_info=True, api=api,
                           method=fn.__name__, code=code.name)

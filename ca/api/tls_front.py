@@ -111,6 +111,7 @@ class TlsPeer:
     """What the TLS handshake told us about an agent connection."""
 
     certificate: x509.Certificate | None  # None: the client sent no certificate
+    address: str = ""  # the client's IP address (per-caller rate limits)
 
 
 class TlsFront:
@@ -152,6 +153,11 @@ class TlsFront:
         if recorded is None:
             return False, None
         return True, recorded.certificate
+
+    def peer_address(self, peer: str) -> str | None:
+        """The client IP address behind a ``context.peer()``; None if not via the front."""
+        recorded = self._relay.lookup(peer)
+        return None if recorded is None else recorded.address
 
     def _on_sni(self, sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
         try:
@@ -208,7 +214,9 @@ class TlsFront:
         ssl_obj: ssl.SSLObject | None = writer.get_extra_info("ssl_object")
         der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
         cert = x509.load_der_x509_certificate(der) if der else None
-        await self._relay.relay(reader, writer, TlsPeer(certificate=cert))
+        peername = writer.get_extra_info("peername")
+        address = str(peername[0]) if peername else ""
+        await self._relay.relay(reader, writer, TlsPeer(certificate=cert, address=address))
 
 
 def _log_loop_error(_loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

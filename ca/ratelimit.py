@@ -1,0 +1,183 @@
+"""Per-caller token buckets for attestation (by peer IP) and signing (by agent ID).
+
+A bucket holds up to ``burst`` tokens and gains ``rate`` tokens a second; a call
+takes one token (signing: one per CSR), and a call that finds too few is refused
+with RESOURCE_EXHAUSTED (:class:`RateLimitedError`).
+
+The buckets live in shared memory so that the limit is per *server*, not per
+worker process: with ``worker_processes`` > 1 the kernel spreads one caller's
+connections over the workers (SO_REUSEPORT), and per-process buckets would let
+it through N times as fast. The supervisor creates one :class:`BucketTable` and
+hands it to every worker; a single process uses one the same way.
+
+The table is a fixed open-addressing hash table (no allocation per caller, so a
+flood of new source addresses cannot grow memory): a caller's key is hashed to a
+64-bit fingerprint; a slot whose bucket has refilled to ``burst`` carries no
+information and is reused for a new caller. When every probed slot is busy the
+caller shares its home slot, which can only make the limit stricter, never
+looser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import RawArray
+from typing import Any
+
+from ca.errors import ServerError
+
+DEFAULT_SLOTS = 8192
+PROBES = 8
+
+
+class RateLimitedError(ServerError):
+    """A caller exceeded its rate limit (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """One limit: ``per_second`` tokens a second, at most ``burst`` saved up.
+
+    ``per_second`` == 0 disables the limit.
+    """
+
+    per_second: float
+    burst: int
+
+    @property
+    def enabled(self) -> bool:
+        """Whether calls are limited at all."""
+        return self.per_second > 0
+
+
+class BucketTable:
+    """Token buckets in shared memory, safe across threads and processes.
+
+    Pass the table to a ``spawn`` child process as an argument: its arrays and lock
+    travel with it.
+    """
+
+    def __init__(self, slots: int = DEFAULT_SLOTS) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._slots = slots
+        self._keys: Any = RawArray("Q", slots)  # 0 = empty
+        self._tokens: Any = RawArray("d", slots)
+        self._stamps: Any = RawArray("d", slots)
+        self._lock: Any = ctx.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"slots": self._slots, "keys": self._keys, "tokens": self._tokens,
+                "stamps": self._stamps, "lock": self._lock}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._slots = state["slots"]
+        self._keys = state["keys"]
+        self._tokens = state["tokens"]
+        self._stamps = state["stamps"]
+        self._lock = state["lock"]
+
+    def take(self, key: str, cost: int, limit: RateLimit, now: float) -> float:
+        """Take ``cost`` tokens from ``key``'s bucket.
+
+        Returns:
+            0.0 when taken; otherwise the seconds until enough tokens are there
+            (nothing is taken then).
+        """
+        # A stable fingerprint: hash() of a str differs between processes.
+        fp = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") or 1
+        home = fp % self._slots
+        with self._lock:
+            slot = self._find(fp, home, limit, now)
+            tokens = min(float(limit.burst), self._tokens[slot]
+                         + (now - self._stamps[slot]) * limit.per_second)
+            self._stamps[slot] = now
+            if tokens >= cost:
+                self._tokens[slot] = tokens - cost
+                return 0.0
+            self._tokens[slot] = tokens
+            return float((cost - tokens) / limit.per_second)
+
+    def _find(self, fp: int, home: int, limit: RateLimit, now: float) -> int:
+        reusable = -1
+        for i in range(PROBES):
+            slot = (home + i) % self._slots
+            owner = self._keys[slot]
+            if owner == fp:
+                return slot
+            if reusable < 0 and (owner == 0 or self._full(slot, limit, now)):
+                reusable = slot
+        slot = home if reusable < 0 else reusable
+        if self._keys[slot] != fp and reusable >= 0:
+            self._keys[slot] = fp
+            self._tokens[slot] = float(limit.burst)
+            self._stamps[slot] = now
+        return slot
+
+    def _full(self, slot: int, limit: RateLimit, now: float) -> bool:
+        refilled = self._tokens[slot] + (now - self._stamps[slot]) * limit.per_second
+        return bool(refilled >= limit.burst)
+
+
+class RateLimiter:
+    """The server's two limits: attestation by peer IP, signing by agent ID.
+
+    Time is a monotonic float (seconds) rather than the injectable wall clock:
+    buckets measure elapsed time, and ``time.monotonic`` is the same clock in every
+    process of the machine; tests inject their own.
+    """
+
+    def __init__(self, *, attestation: RateLimit, signing: RateLimit,
+                 table: BucketTable | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.attestation = attestation
+        self.signing = signing
+        # Two tables would double the memory for nothing: keys are prefixed instead.
+        self._table = table if table is not None else BucketTable()
+        self._monotonic = monotonic
+
+    @property
+    def table(self) -> BucketTable:
+        """The shared buckets (hand them to worker processes)."""
+        return self._table
+
+    def check_attestation(self, peer_ip: str) -> None:
+        """Take one attestation token for ``peer_ip``.
+
+        Raises:
+            RateLimitedError: the address attested too often.
+        """
+        if not self.attestation.enabled:
+            return
+        wait = self._table.take(f"a|{peer_ip}", 1, self.attestation, self._monotonic())
+        if wait:
+            raise RateLimitedError(
+                f"too many attestations from {peer_ip}: the limit is "
+                f"{self.attestation.per_second:g}/s (burst {self.attestation.burst}); "
+                f"retry in {wait:.1f}s"
+            )
+
+    def check_signing(self, agent_id: str, count: int) -> None:
+        """Take ``count`` signing tokens (one per CSR) for ``agent_id``.
+
+        Raises:
+            RateLimitedError: the agent asked for too many signatures; a batch larger
+                than the burst can never pass and says so.
+        """
+        if not self.signing.enabled or count <= 0:
+            return
+        if count > self.signing.burst:
+            raise RateLimitedError(
+                f"a batch of {count} CSRs exceeds the signing burst of "
+                f"{self.signing.burst}; send smaller batches"
+            )
+        wait = self._table.take(f"s|{agent_id}", count, self.signing, self._monotonic())
+        if wait:
+            raise RateLimitedError(
+                f"agent {agent_id} asked for too many signatures: the limit is "
+                f"{self.signing.per_second:g} CSRs/s (burst {self.signing.burst}); "
+                f"retry in {wait:.1f}s"
+            )

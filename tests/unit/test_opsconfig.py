@@ -1,0 +1,59 @@
+"""Operations settings: defaults, validation with the key named, flags as strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ca.config import load_config
+from ca.errors import ConfigError
+from ca.ratelimit import RateLimit
+
+
+def _load(tmp_path: Path, text: str = "") -> object:
+    cfg = tmp_path / "server.toml"
+    cfg.write_text('trust_domain = "example.org"\n' + text)
+    return load_config(cfg).ops
+
+
+def test_defaults(tmp_path: Path) -> None:
+    ops = load_config(overrides={"trust_domain": "example.org"}).ops
+    assert ops.worker_processes == 1
+    assert ops.workers == 1
+    assert ops.health_address == "127.0.0.1:8080"
+    assert ops.attestation_limit == RateLimit(5, 20)
+    assert ops.signing_limit == RateLimit(500, 1000)
+
+
+def test_file_values(tmp_path: Path) -> None:
+    ops = _load(tmp_path, 'worker_processes = 0\nhealth_address = ""\n'
+                "rate_limit_signing_per_second = 2.5\nrate_limit_signing_burst = 7\n")
+    assert ops.worker_processes == 0  # type: ignore[attr-defined]
+    assert ops.workers >= 1  # type: ignore[attr-defined]
+    assert ops.health_address == ""  # type: ignore[attr-defined]
+    assert ops.signing_limit == RateLimit(2.5, 7)  # type: ignore[attr-defined]
+
+
+def test_flags_arrive_as_strings() -> None:
+    ops = load_config(overrides={"trust_domain": "example.org", "worker_processes": "3",
+                                 "health_address": "127.0.0.1:0"}).ops
+    assert ops.worker_processes == 3
+    assert ops.health_address == "127.0.0.1:0"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("worker_processes = -1", "worker_processes must be 0..256, not -1"),
+    ("worker_processes = 1.5", "worker_processes must be a whole number, not 1.5"),
+    ("worker_processes = true", "worker_processes must be a whole number, not True"),
+    ('worker_processes = "many"', "worker_processes must be a number, not 'many'"),
+    ("health_address = 8080", "health_address must be a string, not 8080"),
+    ('health_address = "localhost"', "health_address: "),
+    ("rate_limit_attestation_per_second = -1",
+     "rate_limit_attestation_per_second must be >= 0, not -1"),
+    ("rate_limit_signing_burst = 0", "rate_limit_signing_burst must be >= 1, not 0"),
+])
+def test_bad_values(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, text + "\n")
+    assert str(err.value).startswith(message)
