@@ -168,6 +168,10 @@ def cli() -> None:
 @click.option("--database-url", help="SQLAlchemy URL; default SQLite in the data dir.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", type=click.Choice(["text", "json"]))
+@click.option("--health-address",
+              help='HOST:PORT of /live, /ready and /metrics (HTTP); "" turns it off.')
+@click.option("--worker-processes",
+              help="Agent API processes sharing the port; 0 = one per core.")
 def run(config_file: str | None, **flags: str | None) -> None:
     """Run the server until SIGTERM or SIGINT.
 

@@ -25,8 +25,10 @@ from ca.authority import AuthorityConfig, CertificateAuthority
 from ca.config import ServerConfig, parse_host_port
 from ca.datastore import Datastore
 from ca.errors import ConfigError
+from ca.health import HealthServer, datastore_ready, read_state
 from ca.keys import DiskKeyManager, KeyManager
 from ca.log import event
+from ca.metrics import StateCollector, build_registry
 from identity.clock import Clock, SystemClock
 
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
@@ -66,7 +68,9 @@ class SigilServer:
         self._agent_server: grpc.Server | None = None
         self._admin_server: grpc.Server | None = None
         self._front: TlsFront | None = None
+        self._health: HealthServer | None = None
         self.agent_address = ""
+        self.health_address = ""
 
     def start(self) -> None:
         """Migrate, load the CA and start both gRPC servers."""
@@ -110,6 +114,7 @@ class SigilServer:
         if self._admin_server.add_insecure_port(f"unix:{cfg.socket_path}") == 0:
             raise ConfigError(f"cannot listen on socket_path {cfg.socket_path}")
 
+        self._start_health()
         self._agent_server.start()
         self._admin_server.start()
         try:
@@ -124,8 +129,25 @@ class SigilServer:
         event("server listening", agent_api=self.agent_address, admin_socket=cfg.socket_path,
               trust_domain=cfg.trust_domain)
 
+    def _start_health(self) -> None:
+        address = self.config.ops.health_address
+        if not address:
+            return
+        datastore = self.datastore
+        assert datastore is not None
+        registry = build_registry(StateCollector(lambda: read_state(datastore)))
+        self._health = HealthServer(
+            address, ready=datastore_ready(lambda: self.datastore, lambda: self.authority),
+            registry=lambda: registry,
+        )
+        self._health.start()
+        self.health_address = self._health.bound_address
+
     def stop(self, grace: float = 5.0) -> None:
         """Stop both servers (in-flight calls get ``grace`` seconds), close the datastore."""
+        if self._health is not None:
+            self._health.stop()
+            self._health = None
         if self._front is not None:
             self._front.stop()
             self._front = None

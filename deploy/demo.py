@@ -157,7 +157,8 @@ def demo(root: Path, stack: Stack) -> None:
     stack.start(
         "server",
         [*server_cli, "run", "--trust-domain", TRUST_DOMAIN, "--data-dir", str(root / "server"),
-         "--bind-address", f"127.0.0.1:{port}", "--socket-path", str(server_sock)],
+         "--bind-address", f"127.0.0.1:{port}", "--socket-path", str(server_sock),
+         "--health-address", "127.0.0.1:0"],
     )
     wait_until(
         lambda: subprocess.run(

@@ -121,7 +121,7 @@ class Stack:
         self.start("server", [
             _tool("sigil-server"), "run", "--trust-domain", self.trust_domain,
             "--data-dir", str(self.root / "srv"), "--bind-address", f"127.0.0.1:{self.port}",
-            "--socket-path", str(self.admin_socket),
+            "--socket-path", str(self.admin_socket), "--health-address", "127.0.0.1:0",
         ])
         wait_for(
             lambda: self.server_cli("healthcheck", check=False).returncode == 0

@@ -39,6 +39,7 @@ class RunningServer:
     socket_path: Path
     proc: subprocess.Popen[str] | None = None
     address: str = ""
+    health_address: str = ""
     log_lines: list[str] = field(default_factory=list)
     extra_args: tuple[str, ...] = ()
     _listening: threading.Event = field(default_factory=threading.Event)
@@ -67,6 +68,8 @@ class RunningServer:
         assert self.proc is not None and self.proc.stderr is not None
         for line in self.proc.stderr:
             self.log_lines.append(line)
+            if "health listening" in line and "health_address=" in line:
+                self.health_address = line.split("health_address=", 1)[1].split()[0]
             if "server listening" in line and "agent_api=" in line:
                 self.address = line.split("agent_api=", 1)[1].split()[0]
                 self._listening.set()
@@ -79,6 +82,7 @@ class RunningServer:
         self.proc = subprocess.Popen(
             [*server_command(), "run", "--trust-domain", self.trust_domain,
              "--data-dir", str(self.data_dir), "--bind-address", "127.0.0.1:0",
+             "--health-address", "127.0.0.1:0",
              "--socket-path", str(self.socket_path), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
