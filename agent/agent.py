@@ -8,8 +8,13 @@ Start-up order (DESIGN flow 2):
 2. identity: a persisted, unexpired agent SVID is reused (join tokens are single
    use, so a restart must not need a new one); otherwise attest with the join
    token, then persist the SVID, its key (0600) and the bundle;
-3. first sync, then the Workload API socket opens;
-4. the sync loop runs until :meth:`Agent.stop`.
+3. the workloads' cache persisted in the data dir (entries, bundles, unexpired
+   SVIDs) is loaded; if it held SVIDs the Workload API opens at once, so a
+   restart while the server is down keeps serving them; otherwise a first sync
+   runs before the socket opens;
+4. the sync loop runs until :meth:`Agent.stop`. If the server has evicted the
+   agent, it attests again with its join token (single use: the operator must
+   give it a new one, and the log says so).
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ class Agent:
         self.config = config
         self._clock = clock or SystemClock()
         self.state = AgentState(config.data_dir)
-        self.cache = Cache(trust_domain=config.trust_domain, clock=self._clock)
+        self.cache = Cache(trust_domain=config.trust_domain, clock=self._clock,
+                           svid_cache_size=config.svid_cache_size)
         self.client = ServerClient(
             address=config.server_address, trust_domain=config.trust_domain
         )
@@ -79,22 +85,52 @@ class Agent:
         self.manager = Manager(
             client=self.client, cache=self.cache, state=self.state,
             agent_svid=svid, bundle=bundle, clock=self._clock,
+            sync_interval=self.config.sync_interval,
+            backoff_max=self.config.sync_backoff_max,
+            reattest=self._reattest,
         )
         self.client.configure(roots_pem=roots_pem(bundle), svid=svid)
         self.cache.set_bundles({bundle.trust_domain: bundle})
-        await self.manager.sync_once()
+        if not self._restore_cache():
+            await self.manager.sync_once()
         self.workload_api = WorkloadApiServer(
             socket_path=self.config.socket_path,
             cache=self.cache,
             attestors=[UnixAttestor(self.config.unix)],
             clock=self._clock,
             request_sync=self.manager.sync_soon,
+            max_connections=self.config.max_connections,
         )
         await self.workload_api.start()
         log.event("workload api listening", socket=self.config.socket_path)
         self.ready.set()
         await self.manager.run(self._stop, self.config.sync_interval)
         log.event("agent stopping")
+
+    def _restore_cache(self) -> bool:
+        """Load the persisted workloads' cache; True when it has SVIDs to serve."""
+        persisted = self.state.load_workload_cache(
+            self.config.trust_domain, now=self._clock.now()
+        )
+        if persisted is None:
+            return False
+        bundles = dict(persisted.bundles)
+        # The bundle we just verified the server with is at least as fresh.
+        bundles.setdefault(self.config.trust_domain, self.cache.snapshot().bundles[
+            self.config.trust_domain])
+        self.cache.set_bundles(bundles)
+        self.cache.set_entries(persisted.entries)
+        for entry_id, svid in persisted.svids.items():
+            self.cache.set_x509_svid(entry_id, svid)
+        log.event("workload cache restored", entries=len(persisted.entries),
+                  svids=len(persisted.svids))
+        return bool(persisted.svids)
+
+    async def _reattest(self) -> X509Svid:
+        """Attest again after an eviction (the manager calls this)."""
+        assert self.manager is not None
+        svid, _bundle = await self._attest(self.manager.bundle)
+        return svid
 
     async def _initial_bundle(self) -> Bundle:
         td = self.config.trust_domain
@@ -137,6 +173,9 @@ class Agent:
             log.event("agent svid reused", agent_id=svid.spiffe_id,
                       expires_at=svid.expires_at.isoformat())
             return svid, bundle
+        return await self._attest(bundle)
+
+    async def _attest(self, bundle: Bundle) -> tuple[X509Svid, Bundle]:
         if not self.config.join_token:
             raise BootstrapError(
                 "the agent has no valid SVID and no join token: create one with "

@@ -9,6 +9,13 @@ new SVID when it has none, when the entry changed in a way the certificate shows
 or when the SVID is past half its lifetime (DESIGN flow 6; SPIRE does the same, so
 an SVID is always replaced long before a client sees it expire).
 
+The X.509-SVIDs it holds are bounded (``svid_cache_size``, an LRU): an agent
+authorized for 50,000 entries does not hold 50,000 keys. SVIDs of entries a
+connected workload uses (:meth:`Cache.use`, called by the Workload API streams)
+are never evicted and are signed on demand when missing; the rest fill the cache
+up to its size, in the stable entry order, and the least recently used of those
+give way first (docs/agent.md, "The SVID cache").
+
 All mutating methods must be called from the event loop that runs the Workload
 API: the change notification is an :class:`asyncio.Event`, which is not
 thread-safe.
@@ -18,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.errors import NotReadyError
+from agent.rotation import rotation_due
 from identity.bundle import Bundle
 from identity.clock import Clock, SystemClock
 from identity.jwtsvid import JwtSvid
@@ -120,6 +129,9 @@ class Snapshot:
         return out
 
 
+DEFAULT_SVID_CACHE_SIZE = 1000
+"""How many X.509-SVIDs the agent keeps beyond those connected workloads use."""
+
 JwtSigner = Callable[[CachedEntry, Sequence[str]], Awaitable[JwtSvid]]
 """Signs a JWT-SVID for an entry and audience (the server's NewJWTSVID)."""
 
@@ -163,8 +175,17 @@ class Cache:
         trust_domain: TrustDomain,
         clock: Clock | None = None,
         jwt_signer: JwtSigner | None = None,
+        svid_cache_size: int = DEFAULT_SVID_CACHE_SIZE,
     ) -> None:
+        if svid_cache_size < 1:
+            raise ValueError(f"svid_cache_size must be at least 1, not {svid_cache_size}")
         self.trust_domain = trust_domain
+        self.svid_cache_size = svid_cache_size
+        # LRU bookkeeping: entry id -> tick of its last use; holders -> entry ids.
+        self._ticks = itertools.count()
+        self._last_used: dict[str, int] = {}
+        self._holders: dict[object, frozenset[str]] = {}
+        self._on_demand: Callable[[], None] | None = None
         self._clock = clock or SystemClock()
         self._jwt_signer = jwt_signer
         self._state = _State()
@@ -230,6 +251,8 @@ class Cache:
             old = self._state.entries.get(key[0])
             if entry is None or old is None or entry.spiffe_id != old.spiffe_id:
                 del self._jwt[key]
+        for entry_id in [i for i in self._last_used if i not in new]:
+            del self._last_used[entry_id]
         self._state.entries = new
         self._bump()
         return True
@@ -253,25 +276,100 @@ class Cache:
             # The entry went away while its CSR was at the server.
             return
         self._state.svids[entry_id] = CachedSvid(svid, entry.svid_fingerprint())
+        self._last_used[entry_id] = next(self._ticks)
+        self._evict()
         self._bump()
+
+    def drop_expired(self, now: dt.datetime | None = None) -> list[str]:
+        """Forget X.509-SVIDs that have expired (the server was away too long).
+
+        Returns:
+            The entry ids whose SVID was dropped.
+        """
+        now = now or self._clock.now()
+        gone = [i for i, c in self._state.svids.items() if c.svid.expires_at <= now]
+        for entry_id in gone:
+            del self._state.svids[entry_id]
+        if gone:
+            self._bump()
+        return gone
+
+    # The bounded SVID cache --------------------------------------------------
+
+    def use(self, holder: object, entry_ids: Iterable[str]) -> None:
+        """Record that ``holder`` (a workload stream) uses these entries' SVIDs.
+
+        Replaces what ``holder`` used before. Entries in use are never evicted,
+        and a missing SVID among them asks the sync loop to sign it now.
+        """
+        ids = frozenset(entry_ids)
+        if self._holders.get(holder) == ids:
+            return
+        self._holders[holder] = ids
+        tick = next(self._ticks)
+        for entry_id in ids:
+            self._last_used[entry_id] = tick
+        if self._on_demand is not None and any(i not in self._state.svids for i in ids):
+            self._on_demand()
+
+    def release(self, holder: object) -> None:
+        """``holder`` is gone: its entries may be evicted again (when over the size)."""
+        if self._holders.pop(holder, None) is not None and self._evict():
+            self._bump()
+
+    def in_use(self) -> frozenset[str]:
+        """Entry ids some connected workload uses."""
+        return frozenset().union(*self._holders.values())
+
+    def set_demand_callback(self, callback: Callable[[], None]) -> None:
+        """Called (on the loop) when a workload needs an SVID the cache lacks."""
+        self._on_demand = callback
+
+    def _evict(self) -> bool:
+        """Drop the least recently used SVIDs nobody holds, down to the size."""
+        excess = len(self._state.svids) - self.svid_cache_size
+        if excess <= 0:
+            return False
+        used = self.in_use()
+        victims = sorted(
+            (i for i in self._state.svids if i not in used),
+            key=lambda i: self._last_used.get(i, -1),
+        )[:excess]
+        for entry_id in victims:
+            del self._state.svids[entry_id]
+            self._last_used.pop(entry_id, None)
+        return bool(victims)
 
     # Decisions ---------------------------------------------------------------
 
     def rotation_plan(self, now: dt.datetime | None = None) -> list[CachedEntry]:
         """Entries that need a new X.509-SVID, in the stable order.
 
-        An entry needs one when it has none, when its :meth:`CachedEntry.svid_fingerprint`
-        changed since its SVID was issued, or when its SVID is at or past half its
-        lifetime.
+        An entry needs one when its :meth:`CachedEntry.svid_fingerprint` changed
+        since its SVID was issued, when its SVID is due
+        (:func:`agent.rotation.rotation_due`: half its lifetime +/- 10 %), or when it
+        has none and either a connected workload uses it or the cache has room
+        for it (the first ones in the stable order get the room; the others are
+        signed lazily, when a workload asks).
         """
         now = now or self._clock.now()
+        used = self.in_use()
         out = []
+        # Entries in use take their place first; what is left is for signing ahead.
+        room = self.svid_cache_size - len(self._state.svids) - sum(
+            1 for i in used if i in self._state.entries and i not in self._state.svids
+        )
         for entry in sorted(self._state.entries.values(), key=CachedEntry.sort_key):
             cached = self._state.svids.get(entry.id)
-            if (
-                cached is None
-                or cached.fingerprint != entry.svid_fingerprint()
-                or svid_needs_rotation(cached.svid, now)
+            if cached is None:
+                if entry.id in used:
+                    out.append(entry)
+                elif room > 0:
+                    room -= 1
+                    out.append(entry)
+            elif (
+                cached.fingerprint != entry.svid_fingerprint()
+                or rotation_due(cached.svid, now)
             ):
                 out.append(entry)
         return out

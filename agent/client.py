@@ -156,9 +156,8 @@ class ServerClient:
             return await call(request, timeout=CALL_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            raise ServerCallError(
-                f"{method} failed: {code.name if code else 'UNKNOWN'}: {exc.details()}"
-            ) from None
+            name = code.name if code else "UNKNOWN"
+            raise ServerCallError(f"{method} failed: {name}: {exc.details()}", code=name) from None
 
     # Calls -------------------------------------------------------------------
 

@@ -36,6 +36,9 @@ from identity.spiffeid import TrustDomain
 DEFAULT_DATA_DIR = "./.sigil-agent"
 DEFAULT_SOCKET_PATH = "/tmp/sigil-agent/public/api.sock"  # noqa: S108 (documented default)
 DEFAULT_SYNC_INTERVAL = "5s"
+DEFAULT_SYNC_BACKOFF_MAX = "3m"
+DEFAULT_SVID_CACHE_SIZE = 1000
+DEFAULT_MAX_CONNECTIONS = 1024
 
 # The explicit, documented list of environment overrides: variable -> config key.
 # Prefixed SIGIL_AGENT_ so a server and an agent can share one environment.
@@ -59,9 +62,13 @@ _DEFAULTS: Mapping[str, Any] = {
     "trust_bundle_path": None,
     "insecure_bootstrap": False,
     "sync_interval": DEFAULT_SYNC_INTERVAL,
+    "sync_backoff_max": DEFAULT_SYNC_BACKOFF_MAX,
+    "svid_cache_size": DEFAULT_SVID_CACHE_SIZE,
+    "helper": None,
     "log_level": "info",
     "log_format": "text",
     "workload_attestors": None,
+    "max_connections": DEFAULT_MAX_CONNECTIONS,
 }
 KNOWN_KEYS = frozenset(_DEFAULTS)
 _ATTESTOR_KEYS: Mapping[str, frozenset[str]] = {
@@ -82,9 +89,13 @@ class AgentConfig:
         trust_bundle_path: PEM CA certificates to verify the server with.
         insecure_bootstrap: trust the server's CA on first use when no bundle is known.
         sync_interval: how often to sync entries and rotate SVIDs.
+        sync_backoff_max: the longest wait between sync attempts while they fail.
+        svid_cache_size: how many X.509-SVIDs to keep beyond those in use.
         unix: options of the unix workload attestor.
         log_level: debug, info, warning or error.
         log_format: text or json.
+        max_connections: Workload API connections open at once; more are
+            accepted and closed at once.
     """
 
     trust_domain: TrustDomain
@@ -95,9 +106,12 @@ class AgentConfig:
     trust_bundle_path: Path | None = None
     insecure_bootstrap: bool = False
     sync_interval: dt.timedelta = dt.timedelta(seconds=5)
+    sync_backoff_max: dt.timedelta = dt.timedelta(minutes=3)
+    svid_cache_size: int = DEFAULT_SVID_CACHE_SIZE
     unix: UnixAttestorConfig = field(default_factory=UnixAttestorConfig)
     log_level: str = "info"
     log_format: str = "text"
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 def parse_duration(text: object, *, key: str | None = None) -> dt.timedelta:
@@ -229,6 +243,20 @@ def _validate(raw: Mapping[str, Any]) -> AgentConfig:
     sync_interval = parse_duration(
         raw.get("sync_interval", DEFAULT_SYNC_INTERVAL), key="sync_interval"
     )
+    backoff_max = parse_duration(
+        raw.get("sync_backoff_max", DEFAULT_SYNC_BACKOFF_MAX), key="sync_backoff_max"
+    )
+    if backoff_max < sync_interval:
+        raise ConfigError(
+            f"sync_backoff_max ({backoff_max}) must not be shorter than sync_interval "
+            f"({sync_interval})"
+        )
+    cache_size = raw.get("svid_cache_size", DEFAULT_SVID_CACHE_SIZE)
+    if isinstance(cache_size, str) and cache_size.strip().isdigit():
+        cache_size = int(cache_size)  # from the environment or a flag
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+        raise ConfigError(f"svid_cache_size must be a whole number of at least 1, not "
+                          f"{cache_size!r}")
     unix_opts = (raw.get("workload_attestors") or {}).get("unix") or {}
     unix = UnixAttestorConfig(
         discover_workload_path=_bool(
@@ -246,7 +274,19 @@ def _validate(raw: Mapping[str, Any]) -> AgentConfig:
     fmt = (_string(raw, "log_format") or "text").lower()
     if fmt not in LOG_FORMATS:
         raise ConfigError(f"log_format {fmt!r} is not one of: {', '.join(LOG_FORMATS)}")
+    max_connections = raw.get("max_connections", DEFAULT_MAX_CONNECTIONS)
+    if isinstance(max_connections, str) and max_connections.isdigit():
+        max_connections = int(max_connections)  # from the environment or a flag
+    if (
+        not isinstance(max_connections, int)
+        or isinstance(max_connections, bool)
+        or not 1 <= max_connections <= 1_000_000
+    ):
+        raise ConfigError(
+            f"max_connections must be an integer from 1 to 1000000, not {max_connections!r}"
+        )
     return AgentConfig(
+        max_connections=max_connections,
         trust_domain=trust_domain,
         server_address=server_address,
         data_dir=Path(_string(raw, "data_dir") or DEFAULT_DATA_DIR),
@@ -255,6 +295,8 @@ def _validate(raw: Mapping[str, Any]) -> AgentConfig:
         trust_bundle_path=Path(bundle) if bundle else None,
         insecure_bootstrap=insecure,
         sync_interval=sync_interval,
+        sync_backoff_max=backoff_max,
+        svid_cache_size=cache_size,
         unix=unix,
         log_level=level,
         log_format=fmt,

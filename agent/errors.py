@@ -22,7 +22,16 @@ class BootstrapError(AgentError):
 
 
 class ServerCallError(AgentError):
-    """A call to the server's agent API failed."""
+    """A call to the server's agent API failed.
+
+    Attributes:
+        code: the gRPC status code's name (``"PERMISSION_DENIED"``), or ``""`` when
+            the failure was not a gRPC status (a malformed answer).
+    """
+
+    def __init__(self, message: str, *, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class NotReadyError(AgentError):

@@ -10,8 +10,20 @@ Every ``sync_interval``:
    CSR, send them in one BatchNewX509SVID, verify each returned chain against
    the bundle, and store it.
 
-A failed step is logged and retried on the next tick; the loop never dies of a
-server error (backoff is a later issue).
+A failed step is logged and retried; the loop never dies of a server error.
+After a tick with a failure the next one waits an exponential backoff with
+jitter (:class:`agent.rotation.Backoff`, from ``sync_interval`` up to
+``sync_backoff_max``), reset by the next clean tick. Between steps the cache
+drops expired SVIDs, and a changed cache is persisted to the data directory so
+a restart while the server is down still serves it.
+
+A workload that needs an SVID the bounded cache lacks makes the manager rotate
+at once (:meth:`Manager.demand`), outside the periodic tick.
+
+When the server refuses the agent itself (PERMISSION_DENIED): a banned agent
+logs ``agent banned`` with the server's reason and gets no new SVIDs; an
+evicted one (no longer attested) attests again through ``reattest`` when it
+has a usable attestor, and otherwise logs what it needs (a new join token).
 """
 
 from __future__ import annotations
@@ -19,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from agent import log
 from agent.cache import Cache, CachedEntry, svid_needs_rotation
 from agent.client import ServerClient, roots_pem
-from agent.errors import AgentError
+from agent.errors import AgentError, ServerCallError
+from agent.rotation import Backoff
 from agent.state import AgentState
 from identity.bundle import Bundle, BundleSet
 from identity.clock import Clock, SystemClock
@@ -43,6 +56,11 @@ MIN_ON_DEMAND_SYNC_INTERVAL = 1.0
 # request well under the server's message size limit.
 MAX_BATCH = 500
 
+DEFAULT_BACKOFF_MAX = dt.timedelta(minutes=3)
+
+Reattest = Callable[[], Awaitable[X509Svid]]
+"""Attests the agent again and returns its new SVID (raises when it cannot)."""
+
 
 class Manager:
     """Owns the agent SVID and drives syncing and rotation.
@@ -55,6 +73,10 @@ class Manager:
         bundle: the current bundle of our trust domain.
         clock: injectable time.
         key_factory: makes private keys (tests may speed this up).
+        sync_interval: the period of :meth:`run` when all is well; also the
+            first backoff delay.
+        backoff_max: the longest wait between two attempts after failures.
+        reattest: how to attest again once evicted (None: no usable attestor).
     """
 
     def __init__(
@@ -67,6 +89,9 @@ class Manager:
         bundle: Bundle,
         clock: Clock | None = None,
         key_factory: Callable[[], PrivateKey] = generate_private_key,
+        sync_interval: dt.timedelta = dt.timedelta(seconds=5),
+        backoff_max: dt.timedelta = DEFAULT_BACKOFF_MAX,
+        reattest: Reattest | None = None,
     ) -> None:
         self._client = client
         self._cache = cache
@@ -77,8 +102,16 @@ class Manager:
         self._new_key = key_factory
         self.server_id = SpiffeId.from_segments(cache.trust_domain, "sigil", "server")
         cache.set_jwt_signer(self._sign_jwt)
+        cache.set_demand_callback(self.demand)
         self._lock = asyncio.Lock()
         self._last_on_demand: float | None = None
+        self.sync_interval = sync_interval
+        self.backoff = Backoff(initial=sync_interval, maximum=max(backoff_max, sync_interval))
+        self._reattest = reattest
+        self._demand_task: asyncio.Task[None] | None = None
+        self._saved_version = -1
+        # Why the server refuses us ("banned", "evicted"), logged once per change.
+        self.refused: str | None = None
 
     async def _sign_jwt(self, entry: CachedEntry, audience: Sequence[str]) -> JwtSvid:
         return await self._client.new_jwt_svid(entry.id, audience)
@@ -86,14 +119,41 @@ class Manager:
     def _reconfigure(self) -> None:
         self._client.configure(roots_pem=roots_pem(self.bundle), svid=self.agent_svid)
 
-    async def run(self, stop: asyncio.Event, interval: dt.timedelta) -> None:
-        """Sync every ``interval`` until ``stop`` is set."""
+    async def run(self, stop: asyncio.Event, interval: dt.timedelta | None = None) -> None:
+        """Sync every ``interval`` (backing off after failures) until ``stop`` is set."""
+        if interval is not None and interval != self.sync_interval:
+            self.sync_interval = interval
+            self.backoff = Backoff(initial=interval, maximum=max(self.backoff.maximum, interval))
         while not stop.is_set():
-            await self.sync_once()
+            ok = await self.sync_once()
+            delay = self.next_delay(ok)
             try:
-                await asyncio.wait_for(stop.wait(), interval.total_seconds())
+                await asyncio.wait_for(stop.wait(), delay.total_seconds())
             except TimeoutError:
                 pass
+        if self._demand_task is not None:
+            self._demand_task.cancel()
+
+    def next_delay(self, ok: bool) -> dt.timedelta:
+        """How long to wait after a tick that succeeded (``ok``) or failed."""
+        if ok:
+            self.backoff.reset()
+            return self.sync_interval
+        delay = self.backoff.next_delay()
+        log.event("sync retry scheduled", level=logging.INFO,
+                  delay=f"{delay.total_seconds():.1f}s", failures=self.backoff.failures)
+        return delay
+
+    def demand(self) -> None:
+        """A workload waits for an SVID the cache lacks: rotate now, once."""
+        if self._demand_task is not None and not self._demand_task.done():
+            return
+        self._demand_task = asyncio.get_running_loop().create_task(self._rotate_on_demand())
+
+    async def _rotate_on_demand(self) -> None:
+        async with self._lock:
+            if await self._step(self._rotate):
+                self._after_tick()
 
     async def sync_soon(self) -> None:
         """Sync now for a caller without identity, and wait for it.
@@ -113,23 +173,96 @@ class Manager:
             self._last_on_demand = loop.time()
             await self._sync_locked()
 
-    async def sync_once(self) -> None:
-        """One tick: renew, sync, rotate. Errors are logged, never raised."""
-        async with self._lock:
-            await self._sync_locked()
+    async def sync_once(self) -> bool:
+        """One tick: renew, sync, rotate. Errors are logged, never raised.
 
-    async def _sync_locked(self) -> None:
+        Returns:
+            Whether every step succeeded.
+        """
+        async with self._lock:
+            return await self._sync_locked()
+
+    async def _sync_locked(self) -> bool:
+        ok = True
         for step in (self._renew_agent_svid, self._sync, self._rotate):
-            try:
-                await step()
-            except (AgentError, SigilError) as exc:
-                log.event("sync step failed", level=logging.WARNING,
-                          step=step.__name__.strip("_"), reason=str(exc))
-            except Exception:
-                # Never let an unexpected error end the loop: the workloads
-                # depend on rotation continuing.
-                log.event("sync step crashed", level=logging.ERROR,
-                          step=step.__name__.strip("_"), exc_info=True)
+            ok = await self._step(step) and ok
+        if ok and self.refused is not None:
+            log.event("agent accepted by the server again", previously=self.refused)
+            self.refused = None
+        self._after_tick()
+        return ok
+
+    async def _step(self, step: Callable[[], Awaitable[None]]) -> bool:
+        name = step.__name__.strip("_")
+        try:
+            await step()
+        except ServerCallError as exc:
+            if exc.code == "PERMISSION_DENIED" and await self._refused(str(exc)):
+                return False
+            log.event("sync step failed", level=logging.WARNING, step=name, reason=str(exc))
+            return False
+        except (AgentError, SigilError) as exc:
+            log.event("sync step failed", level=logging.WARNING, step=name, reason=str(exc))
+            return False
+        except Exception:
+            # Never let an unexpected error end the loop: the workloads
+            # depend on rotation continuing.
+            log.event("sync step crashed", level=logging.ERROR, step=name, exc_info=True)
+            return False
+        return True
+
+    async def _refused(self, reason: str) -> bool:
+        """The server refused the agent itself; log why once. True if handled."""
+        if "is banned" in reason:
+            if self.refused != "banned":
+                self.refused = "banned"
+                log.event("agent banned: the server refuses this agent, no new SVIDs will "
+                          "be served", level=logging.ERROR, agent_id=self.agent_svid.spiffe_id,
+                          reason=reason)
+            return True
+        if "is not attested" not in reason:
+            return False
+        if self._reattest is None:
+            if self.refused != "evicted":
+                self.refused = "evicted"
+                log.event("agent evicted: no usable attestor to attest again; give it a new "
+                          "join token and restart it", level=logging.ERROR,
+                          agent_id=self.agent_svid.spiffe_id, reason=reason)
+            return True
+        log.event("agent evicted: attesting again", level=logging.WARNING,
+                  agent_id=self.agent_svid.spiffe_id)
+        try:
+            svid = await self._reattest()
+        except SigilError as exc:
+            # Attesting swapped the channel to one without our SVID; put it back.
+            self._reconfigure()
+            if self.refused != "evicted":
+                log.event("agent evicted: attesting again failed; a join token is single "
+                          "use, give the agent a new one and restart it", level=logging.ERROR,
+                          agent_id=self.agent_svid.spiffe_id, reason=str(exc))
+            self.refused = "evicted"
+            return True
+        self.agent_svid = svid
+        self._reconfigure()
+        self.refused = None
+        log.event("agent attested again", agent_id=svid.spiffe_id,
+                  expires_at=svid.expires_at.isoformat())
+        return True
+
+    def _after_tick(self) -> None:
+        """Drop expired SVIDs; persist the cache when it changed."""
+        for entry_id in self._cache.drop_expired(self._clock.now()):
+            log.event("svid expired", level=logging.WARNING, entry_id=entry_id)
+        version = self._cache.version
+        if version == self._saved_version:
+            return
+        try:
+            self._state.save_workload_cache(self._cache.snapshot())
+        except OSError as exc:
+            log.event("workload cache not persisted", level=logging.WARNING,
+                      reason=exc.strerror or str(exc))
+            return
+        self._saved_version = version
 
     async def _renew_agent_svid(self) -> None:
         if not svid_needs_rotation(self.agent_svid, self._clock.now()):

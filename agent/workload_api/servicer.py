@@ -29,7 +29,6 @@ from agent.workload_api.front import PeerCredentials
 from api.protos import workload_pb2 as pb
 from attestation.workload import (
     DEFAULT_PROC_ROOT,
-    ProcessGoneError,
     ProcessInfo,
     WorkloadAttestationError,
     WorkloadAttestor,
@@ -151,13 +150,13 @@ class WorkloadApiServicer:
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "caller not identified")
         try:
             selectors = await asyncio.to_thread(self._attest, creds)
-        except ProcessGoneError as exc:
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except WorkloadAttestationError as exc:
+            # Process gone or /proc unreadable: whatever we could say about this
+            # caller might describe another process, so it gets nothing.
             log.event("workload attestation failed", level=logging.WARNING,
                       pid=creds.pid, reason=str(exc))
             await _abort(
-                context, grpc.StatusCode.UNAVAILABLE, f"workload attestation failed: {exc}"
+                context, grpc.StatusCode.PERMISSION_DENIED, f"workload attestation failed: {exc}"
             )
         caller = _Caller(creds, frozenset(selectors))
         await self._check_alive(caller, context)
@@ -176,8 +175,18 @@ class WorkloadApiServicer:
         """Abort unless the PID still names the process the front recorded.
 
         Run after attestation and before every answer: if the process exited and its
-        PID went to another process, what we attested is no longer who asked.
+        PID went to another process, what we attested is no longer who asked. The
+        pidfd (where the kernel has one) catches an exit even when the PID was reused
+        within one clock tick, which the start time alone cannot tell apart.
         """
+        if caller.creds.process_exited():
+            log.event("workload refused", level=logging.WARNING, pid=caller.creds.pid,
+                      reason="process exited")
+            await _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"process {caller.creds.pid} is gone or its PID was reused",
+            )
         try:
             now = await asyncio.to_thread(
                 process_start_time, caller.creds.pid, proc_root=self._proc_root
@@ -185,6 +194,8 @@ class WorkloadApiServicer:
         except WorkloadAttestationError:
             now = None
         if now != caller.creds.start_time:
+            log.event("workload refused", level=logging.WARNING, pid=caller.creds.pid,
+                      reason="process gone or PID reused")
             await _abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -245,11 +256,16 @@ class WorkloadApiServicer:
         deadline = loop.time() + self._first_timeout
         last: pb.X509SVIDResponse | None = None
         synced = False
+        # The stream holds its entries' SVIDs in the bounded cache (never evicted,
+        # signed on demand) until the RPC ends, however it ends.
+        holder = object()
+        context.add_done_callback(lambda _ctx: self._cache.release(holder))
         while True:
             snap, entitled, did_sync = await self._entitled(
                 caller, context, may_sync=last is None and not synced
             )
             synced = synced or did_sync
+            self._cache.use(holder, (e.id for e in entitled))
             identities = [i for i in snap.identities(entitled) if _x509_bundle(snap, i)]
             complete = len(identities) == len(entitled)
             waiting_first = last is None and not complete and loop.time() < deadline

@@ -9,6 +9,7 @@ import datetime as dt
 import pytest
 
 from agent.cache import Cache, CachedEntry, past_half_life
+from agent.rotation import rotation_time
 from identity.bundle import Bundle
 from identity.clock import FakeClock
 from identity.jwtsvid import JwtSvid, parse_insecure, sign_jwt_svid
@@ -66,16 +67,21 @@ def test_half_life_boundary() -> None:
     assert past_half_life(start, end, T0 + dt.timedelta(minutes=30))
 
 
-def test_missing_svid_is_planned_then_rotated_at_half_life() -> None:
+def test_missing_svid_is_planned_then_rotated_in_the_half_life_window() -> None:
+    # A 1 h SVID rotates between 24 and 36 minutes (50 % +/- 10 % of its life).
     cache = make_cache()
     cache.set_entries([entry("a", "spiffe://example.org/a"), entry("b", "spiffe://example.org/b")])
     assert plan_ids(cache, T0) == ["a", "b"]
-    cache.set_x509_svid("a", svid("spiffe://example.org/a"))
+    a = svid("spiffe://example.org/a")
+    cache.set_x509_svid("a", a)
     assert plan_ids(cache, T0) == ["b"]
-    cache.set_x509_svid("b", svid("spiffe://example.org/b", start=T0 + dt.timedelta(minutes=10)))
-    assert plan_ids(cache, T0 + dt.timedelta(minutes=29)) == []
-    assert plan_ids(cache, T0 + dt.timedelta(minutes=30)) == ["a"]
-    assert plan_ids(cache, T0 + dt.timedelta(minutes=40)) == ["a", "b"]
+    cache.set_x509_svid("b", svid("spiffe://example.org/b", start=T0 + dt.timedelta(minutes=13)))
+    assert plan_ids(cache, T0 + dt.timedelta(minutes=23, seconds=59)) == []
+    assert plan_ids(cache, T0 + dt.timedelta(minutes=36)) == ["a"]
+    assert plan_ids(cache, T0 + dt.timedelta(minutes=49)) == ["a", "b"]
+    due = rotation_time(a)
+    assert plan_ids(cache, due - dt.timedelta(microseconds=1)) == []
+    assert plan_ids(cache, due) == ["a"]
 
 
 def test_rotation_plan_uses_the_injected_clock() -> None:
@@ -84,7 +90,7 @@ def test_rotation_plan_uses_the_injected_clock() -> None:
     cache.set_entries([entry("a", "spiffe://example.org/a")])
     cache.set_x509_svid("a", svid("spiffe://example.org/a"))
     assert cache.rotation_plan() == []
-    clock.advance(dt.timedelta(minutes=31))
+    clock.advance(dt.timedelta(minutes=36))
     assert [e.id for e in cache.rotation_plan()] == ["a"]
 
 
