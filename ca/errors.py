@@ -29,6 +29,10 @@ class AlreadyExistsError(ServerError):
     """A record with the same identity already exists."""
 
 
+class ConflictError(ServerError):
+    """The record changed concurrently; the caller may read it again and retry."""
+
+
 class PermissionDeniedError(ServerError):
     """The caller is known but not allowed to do this."""
 

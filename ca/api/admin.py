@@ -9,10 +9,14 @@ import grpc
 from api.protos.sigil.admin.v1 import admin_pb2, admin_pb2_grpc
 from api.protos.sigil.types.v1 import types_pb2
 from attestation.node import join_token
+from ca import mint
+from ca.agents import DEFAULT_PURGE_EXPIRED_FOR, AgentService
 from ca.api import validate
-from ca.api.convert import bundle_to_proto, entry_to_proto
+from ca.api.convert import agent_to_proto, bundle_to_proto, entry_to_proto, svid_to_proto
 from ca.api.deps import ApiDeps
-from ca.api.status import grpc_method
+from ca.api.status import grpc_method, status_for
+from ca.datastore import EntryRecord
+from ca.entries import EntryService
 from ca.errors import InvalidArgumentError
 from ca.log import event
 from identity.spiffeid import SpiffeId
@@ -26,6 +30,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def __init__(self, deps: ApiDeps) -> None:
         self._d = deps
+        self._entries = EntryService(deps.datastore, deps.clock)
+        self._agents = AgentService(deps.datastore, deps.clock)
+
+    def _validate_entry(self, msg: types_pb2.Entry) -> EntryRecord:
+        return validate.new_entry(msg, trust_domain=self._d.config.trust_domain,
+                                  max_ttl=self._d.config.ca_ttl)
 
     @grpc_method("admin")
     def CreateJoinToken(
@@ -63,45 +73,177 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.CreateEntryRequest, context: grpc.ServicerContext
     ) -> types_pb2.Entry:
         """Validate and store a registration entry."""
-        record = validate.new_entry(
-            request.entry, trust_domain=self._d.config.trust_domain,
-            max_ttl=self._d.config.ca_ttl,
-        )
-        created = self._d.datastore.create_entry(record, now=self._d.clock.now())
-        event("entry created", entry_id=created.id, spiffe_id=created.spiffe_id,
-              parent_id=created.parent_id)
-        return entry_to_proto(created)
+        return entry_to_proto(self._entries.create(self._validate_entry(request.entry)))
 
     @grpc_method("admin")
     def ListEntries(
         self, request: admin_pb2.ListEntriesRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListEntriesResponse:
-        """Entries matching every given filter."""
-        spiffe_id = (validate.parse_spiffe_id(request.spiffe_id, "spiffe_id")
-                     if request.spiffe_id else None)
-        parent_id = (validate.parse_spiffe_id(request.parent_id, "parent_id")
-                     if request.parent_id else None)
-        sels = validate.selectors(request.selectors) if request.selectors else None
-        entries = self._d.datastore.list_entries(
-            spiffe_id=spiffe_id, parent_id=parent_id, selectors=sels
+        """One page of the entries matching every given filter."""
+        entries, next_token = self._entries.list_page(
+            validate.entry_filter(request), size=request.page_size,
+            page_token=request.page_token,
         )
-        return admin_pb2.ListEntriesResponse(entries=[entry_to_proto(e) for e in entries])
+        return admin_pb2.ListEntriesResponse(
+            entries=[entry_to_proto(e) for e in entries], next_page_token=next_token
+        )
 
     @grpc_method("admin")
     def GetEntry(
         self, request: admin_pb2.GetEntryRequest, context: grpc.ServicerContext
     ) -> types_pb2.Entry:
         """One entry by id."""
-        return entry_to_proto(self._d.datastore.get_entry(request.id))
+        return entry_to_proto(self._entries.get(request.id))
 
     @grpc_method("admin")
     def DeleteEntry(
         self, request: admin_pb2.DeleteEntryRequest, context: grpc.ServicerContext
     ) -> admin_pb2.DeleteEntryResponse:
         """Delete an entry by id."""
-        deleted = self._d.datastore.delete_entry(request.id, now=self._d.clock.now())
-        event("entry deleted", entry_id=deleted.id, spiffe_id=deleted.spiffe_id)
+        self._entries.delete(request.id)
         return admin_pb2.DeleteEntryResponse()
+
+    @grpc_method("admin")
+    def UpdateEntry(
+        self, request: admin_pb2.UpdateEntryRequest, context: grpc.ServicerContext
+    ) -> types_pb2.Entry:
+        """Change the named fields of an entry; its revision bumps."""
+        cfg = self._d.config
+
+        def change(current: EntryRecord) -> EntryRecord:
+            return validate.updated_entry(
+                entry_to_proto(current), request.entry, request.fields,
+                trust_domain=cfg.trust_domain, max_ttl=cfg.ca_ttl,
+            )
+
+        if not request.entry.id:
+            raise InvalidArgumentError("entry.id is required")
+        return entry_to_proto(
+            self._entries.update(request.entry.id, change, fields=list(request.fields))
+        )
+
+    @grpc_method("admin")
+    def CountEntries(
+        self, request: admin_pb2.CountEntriesRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.CountEntriesResponse:
+        """How many entries there are."""
+        return admin_pb2.CountEntriesResponse(count=self._entries.count())
+
+    @grpc_method("admin")
+    def BatchCreateEntry(
+        self, request: admin_pb2.BatchCreateEntryRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.BatchCreateEntryResponse:
+        """Validate every entry first (one invalid entry: nothing is created), then
+        create each in its own transaction and report each outcome."""
+        records: list[EntryRecord] = []
+        problems: list[str] = []
+        for index, msg in enumerate(request.entries):
+            try:
+                records.append(self._validate_entry(msg))
+            except InvalidArgumentError as exc:
+                problems.append(f"entry {index}: {exc}")
+        if problems:
+            shown = "; ".join(problems[:5])
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise InvalidArgumentError(f"nothing was created: {shown}{more}")
+        results = []
+        for outcome in self._entries.create_batch(records):
+            if isinstance(outcome, EntryRecord):
+                results.append(admin_pb2.BatchCreateEntryResult(
+                    status=types_pb2.Status(code=0), entry=entry_to_proto(outcome)))
+            else:
+                results.append(admin_pb2.BatchCreateEntryResult(status=types_pb2.Status(
+                    code=status_for(outcome).value[0], message=str(outcome))))
+        return admin_pb2.BatchCreateEntryResponse(results=results)
+
+    # ---- agents ----------------------------------------------------------------------
+
+    def _agent_id(self, value: str) -> SpiffeId:
+        return validate.agent_id(value, self._d.config.trust_domain)
+
+    @grpc_method("admin")
+    def ListAgents(
+        self, request: admin_pb2.ListAgentsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListAgentsResponse:
+        """One page of attested agents, ordered by ID."""
+        nodes, next_token = self._agents.list_page(size=request.page_size,
+                                              page_token=request.page_token)
+        return admin_pb2.ListAgentsResponse(agents=[agent_to_proto(n) for n in nodes],
+                                            next_page_token=next_token)
+
+    @grpc_method("admin")
+    def GetAgent(
+        self, request: admin_pb2.GetAgentRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.Agent:
+        """One attested agent."""
+        return agent_to_proto(self._agents.get(self._agent_id(request.id)))
+
+    @grpc_method("admin")
+    def BanAgent(
+        self, request: admin_pb2.BanAgentRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.Agent:
+        """Ban an agent: refused at its next call and at re-attestation."""
+        return agent_to_proto(self._agents.ban(self._agent_id(request.id)))
+
+    @grpc_method("admin")
+    def EvictAgent(
+        self, request: admin_pb2.EvictAgentRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.EvictAgentResponse:
+        """Delete an agent's record; it must attest again."""
+        self._agents.evict(self._agent_id(request.id))
+        return admin_pb2.EvictAgentResponse()
+
+    @grpc_method("admin")
+    def CountAgents(
+        self, request: admin_pb2.CountAgentsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.CountAgentsResponse:
+        """How many attested agents there are."""
+        return admin_pb2.CountAgentsResponse(count=self._agents.count())
+
+    @grpc_method("admin")
+    def PurgeAgents(
+        self, request: admin_pb2.PurgeAgentsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.PurgeAgentsResponse:
+        """Evict agents whose SVIDs expired more than ``expired_for`` seconds ago."""
+        if request.expired_for < 0:
+            raise InvalidArgumentError("expired_for must not be negative")
+        expired_for = (dt.timedelta(seconds=request.expired_for) if request.expired_for
+                       else DEFAULT_PURGE_EXPIRED_FOR)
+        ids = self._agents.purge(expired_for=expired_for, dry_run=request.dry_run)
+        return admin_pb2.PurgeAgentsResponse(ids=[str(i) for i in ids])
+
+    # ---- SVIDs for operators ---------------------------------------------------------
+
+    @grpc_method("admin")
+    def MintX509SVID(
+        self, request: admin_pb2.MintX509SVIDRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.MintX509SVIDResponse:
+        """Sign an X.509-SVID for any workload ID of ours over the caller's CSR."""
+        cfg = self._d.config
+        spiffe_id = validate.workload_id(request.spiffe_id, "spiffe_id", cfg.trust_domain)
+        ttl = mint.ttl(request.ttl, default=cfg.x509_svid_ttl, maximum=cfg.ca_ttl)
+        chain = mint.mint_x509_svid(self._d.authority, spiffe_id, request.csr, ttl=ttl,
+                                    dns_names=validate.dns_names(request.dns_names))
+        return admin_pb2.MintX509SVIDResponse(
+            svid=svid_to_proto(spiffe_id, chain),
+            bundle=bundle_to_proto(self._d.authority.bundle()),
+        )
+
+    @grpc_method("admin")
+    def MintJWTSVID(
+        self, request: admin_pb2.MintJWTSVIDRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.MintJWTSVIDResponse:
+        """Sign a JWT-SVID for any workload ID of ours."""
+        cfg = self._d.config
+        spiffe_id = validate.workload_id(request.spiffe_id, "spiffe_id", cfg.trust_domain)
+        audience = validate.audience(request.audience)
+        ttl = mint.ttl(request.ttl, default=cfg.jwt_svid_ttl, maximum=cfg.ca_ttl)
+        signed = mint.mint_jwt_svid(self._d.authority, spiffe_id, audience, ttl=ttl)
+        return admin_pb2.MintJWTSVIDResponse(
+            token=signed.token, spiffe_id=str(spiffe_id),
+            issued_at=int(signed.issued_at.timestamp()),
+            expires_at=int(signed.expires_at.timestamp()),
+        )
 
     @grpc_method("admin")
     def GetBundle(

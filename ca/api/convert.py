@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from api.protos.sigil.admin.v1 import admin_pb2
 from api.protos.sigil.types.v1 import types_pb2
-from ca.datastore.records import EntryRecord
+from ca.datastore.records import EntryRecord, NodeRecord
 from identity.bundle import Bundle
 from identity.keys import public_key_der
 from identity.selectors import Selector
@@ -39,6 +40,22 @@ def entry_to_proto(entry: EntryRecord) -> types_pb2.Entry:
         revision=entry.revision,
         created_at=entry.created_at,
         updated_at=entry.updated_at,
+    )
+
+
+def agent_to_proto(node: NodeRecord) -> admin_pb2.Agent:
+    """An admin Agent message (serials in hex, as openssl prints them)."""
+    return admin_pb2.Agent(
+        id=str(node.spiffe_id),
+        attestor=node.attestor,
+        selectors=[selector_to_proto(s) for s in node.selectors],
+        serial=format(node.serial, "x"),
+        expires_at=node.expires_at,
+        banned=node.banned,
+        can_reattest=node.can_reattest,
+        created_at=node.created_at,
+        updated_at=node.updated_at,
+        new_serial="" if node.new_serial is None else format(node.new_serial, "x"),
     )
 
 

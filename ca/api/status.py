@@ -22,6 +22,7 @@ from attestation.node.errors import (
 )
 from ca.errors import (
     AlreadyExistsError,
+    ConflictError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -44,6 +45,7 @@ STATUS_TABLE: Mapping[type[BaseException], grpc.StatusCode] = {
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    ConflictError: grpc.StatusCode.ABORTED,
     RateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 

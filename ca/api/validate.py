@@ -6,8 +6,9 @@ import datetime as dt
 import re
 from collections.abc import Iterable
 
+from api.protos.sigil.admin.v1 import admin_pb2
 from api.protos.sigil.types.v1 import types_pb2
-from ca.datastore.records import EntryRecord
+from ca.datastore.records import EntryFilter, EntryRecord, Match
 from ca.errors import InvalidArgumentError
 from identity.errors import InvalidSelectorError, InvalidSpiffeIdError
 from identity.selectors import Selector
@@ -107,6 +108,13 @@ def new_entry(
     """
     spiffe_id = workload_id(msg.spiffe_id, "spiffe_id", trust_domain)
     parent_id = parse_spiffe_id(msg.parent_id, "parent_id")
+    # Parents are our agents, node aliases, the server or other entries: all ours.
+    if not parent_id.is_member_of(trust_domain):
+        raise InvalidArgumentError(
+            f"parent_id {parent_id} is not in the trust domain {trust_domain}"
+        )
+    if not parent_id.has_path:
+        raise InvalidArgumentError(f"parent_id {parent_id} must have a path")
     sels = selectors(msg.selectors)
     if len(msg.dns_names) > MAX_DNS_NAMES:
         raise InvalidArgumentError(f"an entry may have at most {MAX_DNS_NAMES} DNS names")
@@ -117,10 +125,7 @@ def new_entry(
         )
     federated: list[TrustDomain] = []
     for name in msg.federates_with:
-        try:
-            td = TrustDomain.parse(name)
-        except InvalidSpiffeIdError as exc:
-            raise InvalidArgumentError(f"federates_with: {exc}") from None
+        td = trust_domain_name(name, "federates_with")
         if td == trust_domain:
             raise InvalidArgumentError(
                 f"federates_with: {td} is our own trust domain, not a federated one"
@@ -143,3 +148,124 @@ def new_entry(
         downstream=msg.downstream,
         expires_at=msg.expires_at,
     )
+
+
+def trust_domain_name(value: str, field: str) -> TrustDomain:
+    """A trust domain name (``example.org``) or its ID (``spiffe://example.org``)."""
+    try:
+        return TrustDomain.parse(value)
+    except InvalidSpiffeIdError as exc:
+        raise InvalidArgumentError(f"{field}: {exc}") from None
+
+
+# The Entry fields UpdateEntry may set; id, revision and timestamps are the server's.
+UPDATABLE_FIELDS = (
+    "spiffe_id", "parent_id", "selectors", "x509_svid_ttl", "jwt_svid_ttl", "dns_names",
+    "federates_with", "hint", "admin", "downstream", "expires_at",
+)
+
+
+def updated_entry(
+    current: types_pb2.Entry, patch: types_pb2.Entry, fields: Iterable[str], *,
+    trust_domain: TrustDomain, max_ttl: dt.timedelta,
+) -> EntryRecord:
+    """The entry ``current`` with the named ``fields`` taken from ``patch``, validated
+    as a whole exactly like a new entry.
+
+    Raises:
+        InvalidArgumentError: no field named, a field that cannot be set, or an
+            invalid resulting entry.
+    """
+    names = list(dict.fromkeys(fields))
+    if not names:
+        raise InvalidArgumentError(
+            "name at least one field to update: " + ", ".join(UPDATABLE_FIELDS)
+        )
+    for name in names:
+        if name not in UPDATABLE_FIELDS:
+            raise InvalidArgumentError(
+                f"field {name!r} cannot be updated; these can: " + ", ".join(UPDATABLE_FIELDS)
+            )
+    merged = types_pb2.Entry()
+    merged.CopyFrom(current)
+    for name in names:
+        merged.ClearField(name)
+        value = getattr(patch, name)
+        if name in ("selectors", "dns_names", "federates_with"):
+            getattr(merged, name).extend(value)
+        else:
+            setattr(merged, name, value)
+    return new_entry(merged, trust_domain=trust_domain, max_ttl=max_ttl)
+
+
+_MATCH = {
+    admin_pb2.MATCH_EXACT: Match.EXACT,
+    admin_pb2.MATCH_SUBSET: Match.SUBSET,
+    admin_pb2.MATCH_SUPERSET: Match.SUPERSET,
+    admin_pb2.MATCH_ANY: Match.ANY,
+}
+
+
+def _match(value: int, field: str) -> Match:
+    found: Match | None = _MATCH.get(value)  # type: ignore[call-overload]
+    if found is None:
+        raise InvalidArgumentError(f"{field} {value} is not a known match behaviour")
+    return found
+
+
+def entry_filter(request: admin_pb2.ListEntriesRequest) -> EntryFilter:
+    """The filters of a ListEntries request, each parsed and checked."""
+    spiffe_id = parse_spiffe_id(request.spiffe_id, "spiffe_id") if request.spiffe_id else None
+    parent_id = parse_spiffe_id(request.parent_id, "parent_id") if request.parent_id else None
+    sels: tuple[Selector, ...] = ()
+    if request.selectors:
+        sels = selectors(request.selectors)
+    federated = tuple(trust_domain_name(n, "federates_with") for n in request.federates_with)
+    if len(federated) > MAX_FEDERATES_WITH:
+        raise InvalidArgumentError(
+            f"at most {MAX_FEDERATES_WITH} federates_with values may be given"
+        )
+    if len(request.hint) > MAX_HINT_LENGTH:
+        raise InvalidArgumentError(f"hint is longer than {MAX_HINT_LENGTH} characters")
+    return EntryFilter(
+        spiffe_id=spiffe_id, parent_id=parent_id, selectors=sels,
+        selector_match=_match(request.selector_match, "selector_match"),
+        federates_with=federated,
+        federates_with_match=_match(request.federates_with_match, "federates_with_match"),
+        hint=request.hint or None,
+    )
+
+
+def agent_id(value: str, trust_domain: TrustDomain) -> SpiffeId:
+    """An agent's SPIFFE ID: ours, under /sigil/agent/."""
+    sid = parse_spiffe_id(value, "id")
+    if not sid.is_member_of(trust_domain) or not sid.path.startswith("/sigil/agent/"):
+        raise InvalidArgumentError(f"id {sid} is not an agent ID of {trust_domain}")
+    return sid
+
+
+MAX_AUDIENCES = 32
+MAX_AUDIENCE_LENGTH = 256
+
+
+def audience(values: Iterable[str]) -> list[str]:
+    """A JWT-SVID audience: 1 to MAX_AUDIENCES non-empty values of bounded length."""
+    out = list(values)
+    if not out:
+        raise InvalidArgumentError("at least one audience is required")
+    if len(out) > MAX_AUDIENCES:
+        raise InvalidArgumentError(f"at most {MAX_AUDIENCES} audiences are allowed")
+    for aud in out:
+        if not aud or len(aud) > MAX_AUDIENCE_LENGTH:
+            raise InvalidArgumentError(
+                f"each audience must be 1 to {MAX_AUDIENCE_LENGTH} characters"
+            )
+    return out
+
+
+def dns_names(values: Iterable[str]) -> tuple[str, ...]:
+    """Up to MAX_DNS_NAMES valid DNS names, lowercased, without duplicates."""
+    names = list(values)
+    if len(names) > MAX_DNS_NAMES:
+        raise InvalidArgumentError(f"at most {MAX_DNS_NAMES} DNS names are allowed")
+    return tuple(dict.fromkeys(dns_name(n) for n in names))

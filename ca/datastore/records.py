@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,6 +60,11 @@ class CaKeyRecord:
     certificate: bytes | None
     not_after: int
     created_at: int
+    owner: str = ""
+    not_before: int = 0
+    activated_at: int | None = None
+    deactivated_at: int | None = None
+    signed_until: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,3 +86,25 @@ def selector_hash(
     """
     parts = [str(spiffe_id), str(parent_id), *sorted({str(s) for s in selectors})]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+class Match(enum.Enum):
+    """How a set filter compares with an entry's set (SPIRE's match behaviours)."""
+
+    EXACT = "exact"  # the same set
+    SUBSET = "subset"  # every value of the entry is among the given ones
+    SUPERSET = "superset"  # the entry has every given value
+    ANY = "any"  # at least one value in common
+
+
+@dataclass(frozen=True, slots=True)
+class EntryFilter:
+    """Filters for listing entries; ``None`` (or an empty tuple) means no filter."""
+
+    spiffe_id: SpiffeId | None = None
+    parent_id: SpiffeId | None = None
+    selectors: tuple[Selector, ...] = ()
+    selector_match: Match = Match.EXACT
+    federates_with: tuple[TrustDomain, ...] = ()
+    federates_with_match: Match = Match.SUPERSET
+    hint: str | None = None

@@ -12,8 +12,10 @@ import datetime as dt
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import ColumnElement, Engine, and_, delete, func, not_, or_, select, update
+from sqlalchemy import event as sa_event
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,12 +24,14 @@ from ca.datastore import models as m
 from ca.datastore.engine import make_engine
 from ca.datastore.records import (
     CaKeyRecord,
+    EntryFilter,
     EntryRecord,
+    Match,
     NodeRecord,
     StoredBundle,
     selector_hash,
 )
-from ca.errors import AlreadyExistsError, DatastoreError, NotFoundError
+from ca.errors import AlreadyExistsError, ConflictError, DatastoreError, NotFoundError
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 
@@ -79,7 +83,9 @@ def _ca_key_record(row: m.CaKey) -> CaKeyRecord:
     return CaKeyRecord(
         id=row.id, kind=row.kind, status=row.status, key_id=row.key_id,
         public_key=row.public_key, certificate=row.certificate,
-        not_after=row.not_after, created_at=row.created_at,
+        not_after=row.not_after, created_at=row.created_at, owner=row.owner,
+        not_before=row.not_before, activated_at=row.activated_at,
+        deactivated_at=row.deactivated_at, signed_until=row.signed_until,
     )
 
 
@@ -132,6 +138,52 @@ def _create_entry(session: Session, entry: EntryRecord, now: int) -> EntryRecord
             "selectors already exists"
         ) from None
     return _entry_record(row)
+
+
+def _set_condition(
+    child: type[m.EntrySelector] | type[m.EntryFederatesWith],
+    conds: Sequence[ColumnElement[bool]],
+    match: Match,
+) -> ColumnElement[bool]:
+    """An entry's child rows (selectors or federated trust domains) against given values.
+
+    Correlated EXISTS subqueries, so the database filters and pagination stays exact.
+    """
+
+    def exists(*where: ColumnElement[bool]) -> ColumnElement[bool]:
+        return select(child.id).where(child.entry_id == m.RegistrationEntry.id, *where).exists()
+
+    anything_else = exists(not_(or_(*conds)))
+    if match is Match.ANY:
+        return exists(or_(*conds))
+    if match is Match.SUBSET:
+        return and_(exists(), not_(anything_else))
+    every = and_(*(exists(c) for c in conds))
+    if match is Match.SUPERSET:
+        return every
+    return and_(every, not_(anything_else))
+
+
+def _entry_query_filters(f: EntryFilter) -> list[ColumnElement[bool]]:
+    e = m.RegistrationEntry
+    where: list[ColumnElement[bool]] = []
+    if f.spiffe_id is not None:
+        where.append(e.spiffe_id == str(f.spiffe_id))
+    if f.parent_id is not None:
+        where.append(e.parent_id == str(f.parent_id))
+    if f.hint is not None:
+        where.append(e.hint == f.hint)
+    if f.selectors:
+        where.append(_set_condition(m.EntrySelector, [
+            and_(m.EntrySelector.type == sel.type, m.EntrySelector.value == sel.value)
+            for sel in sorted(set(f.selectors))
+        ], f.selector_match))
+    if f.federates_with:
+        where.append(_set_condition(m.EntryFederatesWith, [
+            m.EntryFederatesWith.trust_domain == td.name
+            for td in sorted(set(f.federates_with), key=lambda t: t.name)
+        ], f.federates_with_match))
+    return where
 
 
 class Transaction:
@@ -207,6 +259,14 @@ class Datastore:
         """The SQLAlchemy engine (for migrations and tests)."""
         return self._engine
 
+    def listen_session_event(self, name: str, fn: Callable[..., Any]) -> None:
+        """Attach a SQLAlchemy session event listener to this datastore's sessions.
+
+        The entry index uses it to learn of this process's own entry changes at
+        commit (``ca.datastore.feed.DatastoreFeed.on_local_change``).
+        """
+        sa_event.listen(self._sessions, name, fn)
+
     def close(self) -> None:
         """Release every pooled connection."""
         self._engine.dispose()
@@ -278,6 +338,90 @@ class Datastore:
             wanted = set(selectors)
             rows = [r for r in rows if set(r.selectors) == wanted]
         return rows
+
+    def list_entries_page(
+        self, filters: EntryFilter, *, limit: int, after: tuple[int, str] | None = None
+    ) -> list[EntryRecord]:
+        """Up to ``limit`` entries matching ``filters``, in creation order.
+
+        Args:
+            filters: every given filter must hold.
+            limit: the page size.
+            after: ``(created_at, id)`` of the last entry of the previous page.
+        """
+        e = m.RegistrationEntry
+        query = select(e).where(*_entry_query_filters(filters))
+        if after is not None:
+            created_at, entry_id = after
+            query = query.where(or_(e.created_at > created_at,
+                                    and_(e.created_at == created_at, e.id > entry_id)))
+        query = query.order_by(e.created_at, e.id).limit(limit)
+        with self._session() as s:
+            return [_entry_record(r) for r in s.scalars(query)]
+
+    def count_entries(self) -> int:
+        """How many entries there are."""
+        with self._session() as s:
+            return int(s.scalar(select(func.count()).select_from(m.RegistrationEntry)) or 0)
+
+    def update_entry(
+        self, entry_id: str, entry: EntryRecord, *, expected_revision: int, now: dt.datetime
+    ) -> EntryRecord:
+        """Replace an entry's fields (not its id or creation time); bump its revision.
+
+        Args:
+            entry_id: the entry to change.
+            entry: the complete new values.
+            expected_revision: the revision the caller read; a concurrent change
+                since then makes this fail rather than silently overwrite it.
+
+        Raises:
+            NotFoundError: no such entry.
+            ConflictError: the entry changed since ``expected_revision``.
+            AlreadyExistsError: another entry has the new SPIFFE ID, parent and selectors.
+        """
+        ts = _ts(now)
+        with self._session() as s:
+            row = s.get(m.RegistrationEntry, entry_id, with_for_update=True)
+            if row is None:
+                raise NotFoundError(f"entry {entry_id!r} not found")
+            if row.revision != expected_revision:
+                raise ConflictError(
+                    f"entry {entry_id} changed while it was being updated (revision "
+                    f"{row.revision}, expected {expected_revision}); read it and retry"
+                )
+            digest = selector_hash(entry.spiffe_id, entry.parent_id, entry.selectors)
+            clash = s.scalar(select(m.RegistrationEntry.id).where(
+                m.RegistrationEntry.selector_hash == digest, m.RegistrationEntry.id != entry_id))
+            if clash is not None:
+                raise AlreadyExistsError(
+                    f"an entry with SPIFFE ID {entry.spiffe_id}, parent {entry.parent_id} and "
+                    f"these selectors already exists (id {clash})"
+                )
+            row.spiffe_id = str(entry.spiffe_id)
+            row.parent_id = str(entry.parent_id)
+            row.selector_hash = digest
+            row.x509_svid_ttl = entry.x509_svid_ttl
+            row.jwt_svid_ttl = entry.jwt_svid_ttl
+            row.hint = entry.hint
+            row.admin = entry.admin
+            row.downstream = entry.downstream
+            row.expires_at = entry.expires_at
+            row.revision = _record_change(s, "entry_updated", entry_id, ts)
+            row.updated_at = ts
+            row.selectors = [m.EntrySelector(type=sel.type, value=sel.value)
+                             for sel in sorted(set(entry.selectors))]
+            row.dns_names = [m.EntryDnsName(name=n) for n in dict.fromkeys(entry.dns_names)]
+            row.federates_with = [m.EntryFederatesWith(trust_domain=td.name)
+                                  for td in dict.fromkeys(entry.federates_with)]
+            try:
+                s.flush()
+            except IntegrityError:
+                raise AlreadyExistsError(
+                    f"an entry with SPIFFE ID {entry.spiffe_id}, parent {entry.parent_id} and "
+                    "these selectors already exists"
+                ) from None
+            return _entry_record(row)
 
     def list_entries_by_parents(self, parent_ids: Iterable[SpiffeId]) -> list[EntryRecord]:
         """Entries whose parent is any of ``parent_ids``."""
@@ -393,6 +537,51 @@ class Datastore:
             row.banned = banned
             row.updated_at = _ts(now)
 
+    def list_nodes_page(self, *, limit: int, after: str | None = None) -> list[NodeRecord]:
+        """Up to ``limit`` attested nodes ordered by ID, those after ``after``."""
+        query = select(m.AttestedNode)
+        if after is not None:
+            query = query.where(m.AttestedNode.spiffe_id > after)
+        query = query.order_by(m.AttestedNode.spiffe_id).limit(limit)
+        with self._session() as s:
+            return [_node_record(r) for r in s.scalars(query)]
+
+    def count_nodes(self) -> int:
+        """How many attested nodes there are."""
+        with self._session() as s:
+            return int(s.scalar(select(func.count()).select_from(m.AttestedNode)) or 0)
+
+    def delete_node(self, spiffe_id: SpiffeId) -> NodeRecord:
+        """Delete an attested node and its selectors; its SVIDs stop authenticating.
+
+        Raises:
+            NotFoundError: no such node.
+        """
+        with self._session() as s:
+            row = s.get(m.AttestedNode, str(spiffe_id))
+            if row is None:
+                raise NotFoundError(f"agent {spiffe_id} not found")
+            record = _node_record(row)
+            s.delete(row)
+            return record
+
+    def purge_nodes(self, *, expired_before: int, dry_run: bool = False) -> list[SpiffeId]:
+        """Delete nodes whose SVID expired before ``expired_before`` (unix seconds).
+
+        Returns:
+            The IDs of the nodes deleted (or that would be, when ``dry_run``).
+        """
+        with self._session() as s:
+            rows = list(s.scalars(
+                select(m.AttestedNode).where(m.AttestedNode.expires_at < expired_before)
+                .order_by(m.AttestedNode.spiffe_id)
+            ))
+            ids = [SpiffeId.parse(r.spiffe_id) for r in rows]
+            if not dry_run:
+                for row in rows:
+                    s.delete(row)
+            return ids
+
     # ---- CA keys and bundles -----------------------------------------------------
 
     def list_ca_keys(self, kind: str | None = None) -> list[CaKeyRecord]:
@@ -410,7 +599,64 @@ class Datastore:
                 id=record.id, kind=record.kind, status=record.status, key_id=record.key_id,
                 public_key=record.public_key, certificate=record.certificate,
                 not_after=record.not_after, created_at=record.created_at,
+                owner=record.owner, not_before=record.not_before,
+                activated_at=record.activated_at, deactivated_at=record.deactivated_at,
+                signed_until=record.signed_until,
             ))
+
+    def update_ca_key(self, record_id: str, **fields: object) -> None:
+        """Change some columns of a CA key slot (rotation: status, times, signed_until).
+
+        Raises:
+            NotFoundError: no such slot.
+        """
+        allowed = {"status", "activated_at", "deactivated_at", "signed_until"}
+        if not set(fields) <= allowed:
+            raise ValueError(f"update_ca_key: cannot change {sorted(set(fields) - allowed)}")
+        with self._session() as s:
+            row = s.get(m.CaKey, record_id)
+            if row is None:
+                raise NotFoundError(f"CA key slot {record_id} not found")
+            for name, value in fields.items():
+                setattr(row, name, value)
+
+    def delete_ca_key(self, record_id: str) -> bool:
+        """Remove a CA key slot; False when it was already gone."""
+        with self._session() as s:
+            return bool(s.execute(delete(m.CaKey).where(m.CaKey.id == record_id)).rowcount)
+
+    def compare_and_put_bundle(
+        self, trust_domain: TrustDomain, expected_sequence: int, data: str
+    ) -> StoredBundle | None:
+        """Store ``data`` as sequence ``expected_sequence + 1`` if nobody changed it.
+
+        Optimistic concurrency for servers sharing one database: the write only
+        lands when the stored sequence is still ``expected_sequence`` (0: no row
+        yet). Returns the stored bundle, or None when another writer won; the
+        caller re-reads and retries.
+        """
+        new_sequence = expected_sequence + 1
+        with self._session() as s:
+            if expected_sequence == 0:
+                if s.get(m.BundleRow, trust_domain.name) is not None:
+                    return None
+                try:
+                    # A savepoint: losing the race to insert must not doom the session.
+                    with s.begin_nested():
+                        s.add(m.BundleRow(trust_domain=trust_domain.name, data=data,
+                                          sequence=new_sequence))
+                except IntegrityError:
+                    return None
+            else:
+                done = s.execute(
+                    update(m.BundleRow)
+                    .where(m.BundleRow.trust_domain == trust_domain.name,
+                           m.BundleRow.sequence == expected_sequence)
+                    .values(data=data, sequence=new_sequence)
+                ).rowcount
+                if done != 1:
+                    return None
+            return StoredBundle(trust_domain.name, data, new_sequence)
 
     def get_bundle(self, trust_domain: TrustDomain) -> StoredBundle | None:
         """The stored bundle of a trust domain, or None."""
