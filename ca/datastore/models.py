@@ -4,8 +4,15 @@ Portability to PostgreSQL and MariaDB shapes a few choices:
 - every indexed string column has an explicit length;
 - SPIFFE IDs may be 2048 bytes (SPIFFE-ID §2.3), longer than an InnoDB index key
   allows in utf8mb4, so their indexes use a 255-character prefix on MySQL/MariaDB;
-- times are integer unix seconds (SQLite has no time zone-aware type, and the APIs
-  speak unix seconds anyway);
+- times are integer unix seconds, UTC by definition (SQLite has no time zone-aware
+  type, MariaDB's DATETIME none either, and the APIs speak unix seconds anyway);
+  a new time column must be a BigInteger of unix seconds too (a test checks);
+- autoincrement ids are 64-bit (AUTOINCREMENT_ID), except on SQLite, where only
+  INTEGER PRIMARY KEY autoincrements and is 64-bit already;
+- on MariaDB/MySQL every table uses the utf8mb4_bin collation (revision 0002), so
+  IDs and selectors compare byte for byte as on the other two; an indexed string
+  column fits InnoDB's 3072-byte key limit (768 utf8mb4 characters) or its index
+  gets a ``mysql_length`` prefix;
 - entry uniqueness over (spiffe_id, parent_id, selectors) is a unique hash column,
   because no database can put a unique index over a set of child rows.
 """
@@ -34,6 +41,10 @@ SELECTOR_VALUE_LENGTH = 1024
 DNS_NAME_LENGTH = 255
 TRUST_DOMAIN_LENGTH = 255
 UUID_LENGTH = 36
+
+# 64-bit everywhere: SQLite's INTEGER PRIMARY KEY is already 64-bit, and a BIGINT
+# primary key there would not autoincrement.
+AUTOINCREMENT_ID = BigInteger().with_variant(Integer(), "sqlite")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -92,7 +103,7 @@ class EntrySelector(Base):
 
     __tablename__ = "entry_selectors"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(AUTOINCREMENT_ID, primary_key=True, autoincrement=True)
     entry_id: Mapped[str] = mapped_column(
         String(UUID_LENGTH),
         ForeignKey("registration_entries.id", ondelete="CASCADE"),
@@ -107,7 +118,7 @@ class EntryDnsName(Base):
 
     __tablename__ = "entry_dns_names"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(AUTOINCREMENT_ID, primary_key=True, autoincrement=True)
     entry_id: Mapped[str] = mapped_column(
         String(UUID_LENGTH),
         ForeignKey("registration_entries.id", ondelete="CASCADE"),
@@ -121,7 +132,7 @@ class EntryFederatesWith(Base):
 
     __tablename__ = "entry_federates_with"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(AUTOINCREMENT_ID, primary_key=True, autoincrement=True)
     entry_id: Mapped[str] = mapped_column(
         String(UUID_LENGTH),
         ForeignKey("registration_entries.id", ondelete="CASCADE"),
@@ -157,7 +168,7 @@ class NodeSelector(Base):
 
     __tablename__ = "node_selectors"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(AUTOINCREMENT_ID, primary_key=True, autoincrement=True)
     spiffe_id: Mapped[str] = mapped_column(
         String(NODE_ID_LENGTH),
         ForeignKey("attested_nodes.spiffe_id", ondelete="CASCADE"),
@@ -200,12 +211,20 @@ class CaKey(Base):
 
     id: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))  # "x509" | "jwt"
-    status: Mapped[str] = mapped_column(String(16))  # "prepared" | "active" | "old"
+    # "prepared" | "active" | "old" | "tainted" (ca/authority/__init__.py)
+    status: Mapped[str] = mapped_column(String(16))
     key_id: Mapped[str] = mapped_column(String(255))
     public_key: Mapped[bytes] = mapped_column(LargeBinary)  # SPKI DER
     certificate: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # DER
     not_after: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(BigInteger)
+    # The server instance holding the private key: each HA server rotates only its own.
+    owner: Mapped[str] = mapped_column(String(64), server_default="")
+    not_before: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    activated_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    deactivated_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Latest notAfter of anything this slot signed (persisted by the rotation tick).
+    signed_until: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class ChangeEvent(Base):
@@ -217,7 +236,7 @@ class ChangeEvent(Base):
 
     __tablename__ = "change_events"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(AUTOINCREMENT_ID, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(32))  # "entry_created" | "entry_deleted" | ...
     entry_id: Mapped[str] = mapped_column(String(UUID_LENGTH))
     at: Mapped[int] = mapped_column(BigInteger)

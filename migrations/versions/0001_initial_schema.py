@@ -167,26 +167,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("node_selectors", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_node_selectors_spiffe_id"))
-
+    # Dropping a table drops its indexes. Dropping an index first fails on MariaDB
+    # when a foreign key uses it (error 1553), so children go first, then parents.
     op.drop_table("node_selectors")
-    with op.batch_alter_table("entry_selectors", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_entry_selectors_entry_id"))
-
     op.drop_table("entry_selectors")
-    with op.batch_alter_table("entry_federates_with", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_entry_federates_with_entry_id"))
-
     op.drop_table("entry_federates_with")
-    with op.batch_alter_table("entry_dns_names", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_entry_dns_names_entry_id"))
-
     op.drop_table("entry_dns_names")
-    with op.batch_alter_table("registration_entries", schema=None) as batch_op:
-        batch_op.drop_index("ix_registration_entries_spiffe_id", mysql_length=255)
-        batch_op.drop_index("ix_registration_entries_parent_id", mysql_length=255)
-
     op.drop_table("registration_entries")
     op.drop_table("join_tokens")
     op.drop_table("change_events")

@@ -1,22 +1,21 @@
-"""ca.datastore on a real SQLite file: CRUD, uniqueness, change events, join tokens.
+"""ca.datastore on SQLite, PostgreSQL and MariaDB: CRUD, uniqueness, change events,
+join tokens, and what concurrent writers may and may not do.
 
-SQLite in a temporary directory is fast enough for the unit suite; the same tests
-are meant to run against PostgreSQL and MariaDB in integration.
+Every test runs once per database (the ``database_url`` fixture, tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
-import migrations
 from attestation.node import join_token as jt
 from ca.datastore import Datastore, EntryRecord, NodeRecord
+from ca.datastore import models as m
 from ca.errors import AlreadyExistsError, NotFoundError
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
@@ -25,12 +24,12 @@ NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
 
 @pytest.fixture
-def ds(tmp_path: Path) -> Iterator[Datastore]:
-    url = f"sqlite:///{tmp_path / 'ds.sqlite3'}"
-    migrations.upgrade(url)
-    store = Datastore(url)
-    yield store
-    store.close()
+def ds(database_url: str) -> Iterator[Datastore]:
+    store = Datastore(database_url)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _entry(spiffe: str = "spiffe://example.org/web", parent: str = "spiffe://example.org/a",
@@ -44,6 +43,8 @@ def _entry(spiffe: str = "spiffe://example.org/web", parent: str = "spiffe://exa
 
 
 def test_sqlite_pragmas(ds: Datastore) -> None:
+    if ds.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite only")
     with ds.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
@@ -151,3 +152,115 @@ def test_bundle_sequence_increments(ds: Datastore) -> None:
     first = ds.put_bundle(td, lambda seq: f"doc-{seq}")
     second = ds.put_bundle(td, lambda seq: f"doc-{seq}")
     assert (first.sequence, second.sequence, second.data) == (1, 2, "doc-2")
+
+
+def _run_concurrently(workers: int, fn: Callable[[], str]) -> list[str]:
+    """Run ``fn`` in ``workers`` threads released together; their results, sorted."""
+    barrier = threading.Barrier(workers)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        barrier.wait()
+        result = fn()
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=run) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(outcomes)
+
+
+def _count(ds: Datastore, table: str) -> int:
+    with ds.engine.connect() as conn:
+        return int(conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one())
+
+
+def test_duplicate_entry_under_concurrent_creates(ds: Datastore) -> None:
+    entry = _entry("spiffe://example.org/dup", "spiffe://example.org/a", "unix:uid:7", "k8s:ns:x")
+
+    def create() -> str:
+        try:
+            ds.create_entry(entry, now=NOW)
+        except AlreadyExistsError:
+            return "exists"
+        return "created"
+
+    workers = 8
+    assert _run_concurrently(workers, create) == ["created"] + ["exists"] * (workers - 1)
+    # The losers left nothing behind: one entry, its children once, one event.
+    assert _count(ds, "registration_entries") == 1
+    assert _count(ds, "entry_selectors") == 2
+    assert _count(ds, "entry_dns_names") == 1
+    assert _count(ds, "change_events") == 1
+    [stored] = ds.list_entries(spiffe_id=SpiffeId.parse("spiffe://example.org/dup"))
+    assert stored.revision == ds.current_revision()
+
+
+def test_each_entry_change_writes_exactly_one_event(ds: Datastore) -> None:
+    a = ds.create_entry(_entry("spiffe://example.org/a1"), now=NOW)
+    b = ds.create_entry(_entry("spiffe://example.org/b1"), now=NOW)
+    ds.delete_entry(a.id, now=NOW)
+    with ds.engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT id, kind, entry_id FROM change_events ORDER BY id")).all()
+    assert [(r.kind, r.entry_id) for r in rows] == [
+        ("entry_created", a.id), ("entry_created", b.id), ("entry_deleted", a.id)]
+    assert (a.revision, b.revision) == (rows[0].id, rows[1].id)
+
+
+def test_entry_write_that_fails_leaves_no_event(ds: Datastore) -> None:
+    # The change event is flushed before the entry row; a failure while writing
+    # the entry's selectors must take the event down with it.
+    def fail(*_args: object) -> None:
+        raise RuntimeError("disk full (simulated)")
+
+    event.listen(m.EntrySelector, "before_insert", fail)
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            ds.create_entry(_entry("spiffe://example.org/half"), now=NOW)
+    finally:
+        event.remove(m.EntrySelector, "before_insert", fail)
+    for table in ("registration_entries", "entry_selectors", "entry_dns_names",
+                  "entry_federates_with", "change_events"):
+        assert _count(ds, table) == 0, table
+    assert ds.current_revision() == 0
+
+
+def test_transaction_that_raises_after_an_entry_write_leaves_nothing(ds: Datastore) -> None:
+    with pytest.raises(LookupError), ds.transaction() as tx:
+        tx.create_entry(_entry("spiffe://example.org/rolled-back"), now=NOW)
+        raise LookupError("the caller's next step failed")
+    assert _count(ds, "registration_entries") == 0
+    assert _count(ds, "change_events") == 0
+
+
+def test_ids_and_selectors_compare_byte_for_byte(ds: Datastore) -> None:
+    # MariaDB's default collation would find "/Web" when asked for "/web" and
+    # call these two entries duplicates; revision 0002 makes it binary.
+    lower = ds.create_entry(_entry("spiffe://example.org/web", "spiffe://example.org/a",
+                                   "unix:user:alice"), now=NOW)
+    upper = ds.create_entry(_entry("spiffe://example.org/Web", "spiffe://example.org/a",
+                                   "unix:user:Alice"), now=NOW)
+    assert ds.list_entries(spiffe_id=SpiffeId.parse("spiffe://example.org/web")) == [lower]
+    assert ds.list_entries(spiffe_id=SpiffeId.parse("spiffe://example.org/Web")) == [upper]
+    agent = "spiffe://example.org/sigil/agent/join_token/"
+    for suffix in ("abc", "ABC"):
+        ds.put_node(NodeRecord(spiffe_id=SpiffeId.parse(agent + suffix), attestor="join_token",
+                               serial=1, expires_at=5), now=NOW)
+    assert _count(ds, "attested_nodes") == 2
+
+
+def test_large_ids_round_trip(ds: Datastore) -> None:
+    # 64-bit counters, 20-octet serials and a 2048-byte SPIFFE ID fit on every database.
+    long_id = "spiffe://example.org/" + "x" * (2048 - len("spiffe://example.org/"))
+    created = ds.create_entry(_entry(long_id), now=NOW)
+    assert ds.get_entry(created.id).spiffe_id == SpiffeId.parse(long_id)
+    node = NodeRecord(spiffe_id=SpiffeId.parse("spiffe://example.org/sigil/agent/x/y"),
+                      attestor="x", serial=2**159 - 1, expires_at=2**40)
+    ds.put_node(node, now=NOW)
+    got = ds.get_node(node.spiffe_id)
+    assert got is not None and (got.serial, got.expires_at) == (2**159 - 1, 2**40)
