@@ -15,3 +15,10 @@ class MalformedAttestationError(AttestationError, ValueError):
 
 class UnknownAttestorError(AttestationError):
     """No attestor of that name is enabled."""
+
+
+class AttestorUnavailableError(AttestationError):
+    """The attestor could not check the data right now (its backend is unreachable).
+
+    Not the agent's fault: it may retry.
+    """
