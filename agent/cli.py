@@ -26,6 +26,7 @@ from agent.endpoint import ENV_VAR, parse_endpoint_address
 from agent.errors import AgentError, ConfigError, EndpointAddressError
 from agent.state import write_file_atomic
 from agent.workload_api.client import WorkloadApiClient
+from api.protos import workload_pb2 as pb
 from identity.errors import SigilError
 from identity.jwtsvid import parse_insecure
 from identity.x509svid import X509Svid, certificates_to_pem, load_certificates_der
@@ -85,6 +86,9 @@ def main() -> None:
     \b
     sigil-agent run            run the agent
     sigil-agent api fetch ...  fetch SVIDs and bundles from a running agent
+    sigil-agent api validate   validate a JWT-SVID
+    sigil-agent api watch      print X.509-SVID updates as they arrive
+    sigil-agent helper         keep svid.pem/svid.key/bundle.pem files current
     sigil-agent healthcheck    exit 0 if the agent's socket answers
     """
 
@@ -270,10 +274,14 @@ def fetch_jwt(socket_path: str | None, audience: tuple[str, ...], spiffe_id: str
             click.echo(row["token"])
 
 
-@main.command(epilog="\b\nExample:\n  sigil-agent healthcheck --socket-path /run/sigil/api.sock")
+@main.command(epilog="\b\nExamples:\n  sigil-agent healthcheck --socket-path /run/sigil/api.sock\n"
+                     "  sigil-agent healthcheck --output json")
 @_socket_option
-@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds.")
-def healthcheck(socket_path: str | None, timeout: float) -> None:
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, help="Seconds.")
+@click.option("--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+def healthcheck(socket_path: str | None, timeout: float, output: str) -> None:
     """Exit 0 if the agent's Workload API answers.
 
     Asks for X.509 bundles as this process: an answer, or PermissionDenied (this
@@ -288,4 +296,218 @@ def healthcheck(socket_path: str | None, timeout: float) -> None:
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
             _rpc_failure(exc, "agent is not healthy")
+    if output == "json":
+        click.echo(json.dumps({"healthy": True, "socket_path": path}))
+        return
     click.echo(f"agent is healthy ({dt.datetime.now(dt.UTC):%H:%M:%S} UTC)")
+
+
+# -- more Workload API commands: jwt-bundles, validate, watch --------------------------
+
+
+_EPILOG_JWT_BUNDLES = """\b
+Examples:
+  sigil-agent api fetch jwt-bundles
+  sigil-agent api fetch jwt-bundles --output json > jwks.json
+"""
+
+
+@fetch.command("jwt-bundles", epilog=_EPILOG_JWT_BUNDLES)
+@_socket_option
+@click.option("--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Seconds.")
+def fetch_jwt_bundles(socket_path: str | None, output: str, timeout: float) -> None:
+    """Fetch the JWT bundles (JWKS) this process may use to validate JWT-SVIDs."""
+    path = _resolve_socket(socket_path)
+    try:
+        with WorkloadApiClient(path, timeout=timeout) as client:
+            resp = client.fetch_jwt_bundles()
+    except grpc.RpcError as exc:
+        _rpc_failure(exc, "FetchJWTBundles failed")
+    bundles: dict[str, Any] = {}
+    for td, jwks in sorted(resp.bundles.items()):
+        try:
+            bundles[td] = json.loads(jwks)
+        except ValueError:
+            _failure(f"the agent sent a JWT bundle for {td} that is not JSON")
+    if output == "json":
+        click.echo(json.dumps(bundles, indent=2))
+        return
+    for td, doc in bundles.items():
+        kids = [str(k.get("kid", "")) for k in doc.get("keys", [])]
+        click.echo(f"{td} keys={len(kids)} kid={','.join(kids)}")
+
+
+@api.group()
+def validate() -> None:
+    """Validate credentials through the agent."""
+
+
+_EPILOG_VALIDATE = """\b
+Examples:
+  sigil-agent api validate jwt --audience spiffe://example.org/db --svid "$TOKEN"
+  sigil-agent api validate jwt --audience db --svid "$TOKEN" --output json
+"""
+
+
+@validate.command("jwt", epilog=_EPILOG_VALIDATE)
+@_socket_option
+@click.option("--audience", default="", help="The audience you expect (you). Required.")
+@click.option("--svid", "token", default="", help="The JWT-SVID to validate. Required.")
+@click.option("--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Seconds.")
+def validate_jwt(socket_path: str | None, audience: str, token: str, output: str,
+                 timeout: float) -> None:
+    """Check a JWT-SVID's signature, expiry and audience; print its SPIFFE ID and claims.
+
+    Exit 0 when valid; 2 (with the reason) when the token is malformed, expired,
+    signed by an unknown key or meant for another audience.
+    """
+    if not audience:
+        _usage_error("--audience is required (the audience the token must be for)")
+    if not token.strip():
+        _usage_error("--svid is required (the JWT-SVID to validate)")
+    path = _resolve_socket(socket_path)
+    try:
+        with WorkloadApiClient(path, timeout=timeout) as client:
+            resp = client.validate_jwt_svid(token.strip(), audience)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            _usage_error(f"the JWT-SVID is not valid: {exc.details()}")
+        _rpc_failure(exc, "ValidateJWTSVID failed")
+    from google.protobuf.json_format import (  # type: ignore[import-untyped,unused-ignore]
+        MessageToDict,
+    )
+
+    claims = MessageToDict(resp.claims)
+    if output == "json":
+        click.echo(json.dumps({"spiffe_id": resp.spiffe_id, "claims": claims}, indent=2))
+        return
+    click.echo(f"valid: {resp.spiffe_id}")
+    for key in sorted(claims):
+        click.echo(f"  {key}: {json.dumps(claims[key])}")
+
+
+_EPILOG_WATCH = """\b
+Examples:
+  sigil-agent api watch                     # until Ctrl-C
+  sigil-agent api watch --count 2 --output json   # the first two updates, then exit
+"""
+
+
+def _update_row(resp: Any) -> dict[str, Any]:
+    svids = []
+    for s in resp.svids:
+        try:
+            svid = X509Svid.parse_raw(s.x509_svid, s.x509_svid_key)
+        except SigilError as exc:
+            _failure(f"the agent sent an unusable SVID: {exc}")
+        svids.append({"spiffe_id": str(svid.spiffe_id), "serial": f"{svid.leaf.serial_number:x}",
+                      "expires_at": svid.expires_at.isoformat(), "hint": s.hint})
+    return {"received_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "svids": svids, "federated_bundles": sorted(resp.federated_bundles)}
+
+
+@api.command("watch", epilog=_EPILOG_WATCH)
+@_socket_option
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="Stop after N updates (for scripts and tests).")
+@click.option("--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="json: one object a line.")
+def watch(socket_path: str | None, count: int | None, output: str) -> None:
+    """Print each X.509-SVID update as the agent sends it (rotations, entry changes).
+
+    Runs until interrupted (or --count updates). The first update comes at once.
+    """
+    path = _resolve_socket(socket_path)
+    seen = 0
+    client = WorkloadApiClient(path)
+    stream = client.stream("FetchX509SVID", pb.X509SVIDRequest(), pb.X509SVIDResponse)
+    try:
+        for resp in stream:
+            row = _update_row(resp)
+            seen += 1
+            if output == "json":
+                click.echo(json.dumps(row), nl=True)
+            else:
+                ids = " ".join(
+                    f"{r['spiffe_id']}(serial={r['serial']},expires_at={r['expires_at']})"
+                    for r in row["svids"]
+                )
+                click.echo(f"update {seen} at {row['received_at']}: {ids}")
+            sys.stdout.flush()
+            if count is not None and seen >= count:
+                return
+    except grpc.RpcError as exc:
+        _rpc_failure(exc, "FetchX509SVID stream ended")
+    except KeyboardInterrupt:
+        return
+    finally:
+        stream.cancel()  # type: ignore[attr-defined]
+        client.close()
+
+
+# -- helper -------------------------------------------------------------------------------
+
+_EPILOG_HELPER = """\b
+Writes into DIR on every update: svid.pem (chain), svid.key (0600),
+bundle.pem, and federated_bundle_<trust domain>.pem per federated trust
+domain; each atomically (temporary file, fsync, rename). Then runs --cmd, or
+sends --signal to the PID in --pid-file.
+
+\b
+Examples:
+  # nginx: reload on every rotation
+  sigil-agent helper --socket-path /run/sigil/api.sock --dir /etc/nginx/spiffe \\
+      --signal HUP --pid-file /run/nginx.pid
+  # any program: run a command
+  sigil-agent helper --socket-path /run/sigil/api.sock --dir /run/svid \\
+      --cmd 'systemctl reload myapp'
+  # from the [helper] table of a TOML file (flags override it)
+  sigil-agent helper --config /etc/sigil/helper.toml
+"""
+
+
+@main.command("helper", epilog=_EPILOG_HELPER)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML file with a [helper] table (keys: docs/agent.md).")
+@click.option("--socket-path", help="The agent's Workload API socket (path or unix:///path).")
+@click.option("--dir", "directory", help="Directory to write the files into.")
+@click.option("--cmd", help="Command to run after each update (no shell).")
+@click.option("--signal", "sig", help="Signal to send after each update (HUP, USR1, ...).")
+@click.option("--pid-file", help="File with the PID to send --signal to.")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="Exit after N updates (for scripts and tests).")
+def helper(config_path: Path | None, socket_path: str | None, directory: str | None,
+           cmd: str | None, sig: str | None, pid_file: str | None,
+           count: int | None) -> None:
+    """Keep SVID and bundle files current for a program that reads files (nginx, ...).
+
+    Streams X.509-SVID updates from the agent until SIGTERM/SIGINT (or --count).
+    """
+    from agent.helper import Helper, build_config, load_config_file
+
+    flags = {"socket_path": socket_path or os.environ.get(ENV_VAR) or None, "dir": directory,
+             "cmd": cmd, "signal": sig, "pid_file": pid_file}
+    try:
+        if config_path is not None:
+            config = load_config_file(config_path, flags)
+        else:
+            config = build_config({k: v for k, v in flags.items() if v is not None})
+    except ConfigError as exc:
+        _usage_error(str(exc))
+    log.configure(level="info", fmt="text")
+    runner: Helper
+
+    def counted(_svid: X509Svid) -> None:
+        if count is not None and runner.updates >= count:
+            runner.stop()
+
+    runner = Helper(config, on_update=counted)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda _n, _f: runner.stop())
+    runner.run()

@@ -1,0 +1,348 @@
+"""Helper mode: keep SVID files on disk for programs that read files (spiffe-helper style).
+
+``sigil-agent helper`` streams FetchX509SVID from the agent and, on every update,
+writes into its directory:
+
+- ``svid.pem``: the default X.509-SVID's chain, leaf first;
+- ``svid.key``: its private key, PKCS#8 PEM, mode 0600;
+- ``bundle.pem``: the X.509 authorities of the SVID's trust domain;
+- ``federated_bundle_<trust domain>.pem``: one per federated trust domain
+  (files of trust domains no longer federated are removed).
+
+Each file is replaced atomically (a temporary file in the same directory,
+fsync, rename; then the directory is fsynced), so a reader sees the old file or
+the new one, never a mix. Then it runs ``cmd`` (split like a shell would, not
+run by one) or sends ``signal`` to the process whose PID is in ``pid_file`` —
+nginx's ``-s reload`` or ``SIGHUP``, Envoy's hot restart, and so on.
+
+When the agent goes away (restart, upgrade) the helper reconnects with backoff
+and keeps the files it wrote meanwhile: they stay valid until they expire.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal as signal_module
+import subprocess
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from agent import log
+from agent.endpoint import parse_endpoint_address
+from agent.errors import AgentError, ConfigError, EndpointAddressError
+from agent.state import write_file_atomic
+from agent.workload_api.client import WorkloadApiClient
+from api.protos import workload_pb2 as pb
+from identity.errors import SigilError
+from identity.spiffeid import TrustDomain
+from identity.x509svid import X509Svid, certificates_to_pem, load_certificates_der
+
+SVID_FILE = "svid.pem"
+KEY_FILE = "svid.key"
+BUNDLE_FILE = "bundle.pem"
+FEDERATED_PREFIX = "federated_bundle_"
+HELPER_KEYS = frozenset({"socket_path", "dir", "cmd", "signal", "pid_file", "cmd_timeout"})
+RECONNECT_MIN = 0.5
+RECONNECT_MAX = 30.0
+
+
+class HelperError(AgentError):
+    """Helper mode cannot write its files or notify its process."""
+
+
+@dataclass(frozen=True, slots=True)
+class HelperConfig:
+    """What the helper does.
+
+    Attributes:
+        socket_path: the agent's Workload API socket (a path).
+        dir: where the files go (created 0755 if missing).
+        cmd: a command to run after each update (split with shell rules).
+        signal: a signal to send after each update, to the PID in ``pid_file``.
+        pid_file: a file holding the PID to signal.
+        cmd_timeout: seconds ``cmd`` may run.
+    """
+
+    socket_path: Path
+    dir: Path
+    cmd: str | None = None
+    signal: signal_module.Signals | None = None
+    pid_file: Path | None = None
+    cmd_timeout: float = 30.0
+
+
+def parse_signal(text: str) -> signal_module.Signals:
+    """``HUP``, ``SIGHUP`` or ``1`` -> ``signal.SIGHUP``.
+
+    Raises:
+        ConfigError: not a signal name or number this system knows.
+    """
+    value = text.strip().upper()
+    try:
+        if value.isdigit():
+            return signal_module.Signals(int(value))
+        return signal_module.Signals[value if value.startswith("SIG") else "SIG" + value]
+    except (KeyError, ValueError):
+        raise ConfigError(f"signal {text!r} is not a signal name (HUP, USR1, ...) or number") \
+            from None
+
+
+def build_config(raw: Mapping[str, Any], *, source: str = "") -> HelperConfig:
+    """Validate helper settings (from flags or a ``[helper]`` table).
+
+    Raises:
+        ConfigError: a missing or bad value, naming it (and ``source`` when given).
+    """
+    where = f"{source}: " if source else ""
+    for key in raw:
+        if key not in HELPER_KEYS:
+            raise ConfigError(f"{where}unknown key 'helper.{key}'")
+
+    def text(key: str) -> str | None:
+        value = raw.get(key)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}helper.{key} must be a string, not {value!r}")
+        return value
+
+    socket_text = text("socket_path")
+    if socket_text is None:
+        raise ConfigError(f"{where}the agent's socket is required (--socket-path or "
+                          "helper.socket_path)")
+    try:
+        socket_path = Path(parse_endpoint_address(socket_text))
+    except EndpointAddressError as exc:
+        raise ConfigError(f"{where}socket_path: {exc}") from None
+    directory = text("dir")
+    if directory is None:
+        raise ConfigError(f"{where}the output directory is required (--dir or helper.dir)")
+    cmd = text("cmd")
+    sig_text = raw.get("signal")
+    sig = None
+    if sig_text is not None and sig_text != "":
+        sig = parse_signal(str(sig_text))
+    pid_file = text("pid_file")
+    if cmd is not None and sig is not None:
+        raise ConfigError(f"{where}give either a command (cmd) or a signal, not both")
+    if sig is not None and pid_file is None:
+        raise ConfigError(f"{where}a signal needs the PID file of the process to signal "
+                          "(--pid-file or helper.pid_file)")
+    if pid_file is not None and sig is None:
+        raise ConfigError(f"{where}pid_file is only used with a signal (--signal)")
+    if cmd is not None:
+        try:
+            if not shlex.split(cmd):
+                raise ConfigError(f"{where}cmd is empty")
+        except ValueError as exc:
+            raise ConfigError(f"{where}cmd {cmd!r} cannot be split: {exc}") from None
+    timeout = raw.get("cmd_timeout", 30.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"{where}helper.cmd_timeout must be a positive number of seconds")
+    return HelperConfig(
+        socket_path=socket_path, dir=Path(directory), cmd=cmd, signal=sig,
+        pid_file=Path(pid_file) if pid_file else None, cmd_timeout=float(timeout),
+    )
+
+
+def load_config_file(path: Path, overrides: Mapping[str, Any]) -> HelperConfig:
+    """The ``[helper]`` table of a TOML file, with command-line ``overrides`` on top.
+
+    The file may be the agent's own config (its other keys are left to the agent).
+
+    Raises:
+        ConfigError: unreadable file, no ``[helper]`` table, or a bad value.
+    """
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = doc.get("helper")
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path} has no [helper] table")
+    merged = dict(table)
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    return build_config(merged, source=f"config file {path}")
+
+
+# Writing -----------------------------------------------------------------------------
+
+
+def federated_file_name(trust_domain: TrustDomain) -> str:
+    """``federated_bundle_<trust domain>.pem`` (trust domain names are file-safe)."""
+    return f"{FEDERATED_PREFIX}{trust_domain.name}.pem"
+
+
+def write_files(directory: Path, response: pb.X509SVIDResponse) -> X509Svid:
+    """Write the default SVID, its key and the bundles of one update.
+
+    Returns:
+        The SVID written.
+
+    Raises:
+        HelperError: the response has no SVID or an unusable one, or a write failed.
+    """
+    if not response.svids:
+        raise HelperError("the agent sent no X.509-SVID")
+    first = response.svids[0]
+    try:
+        svid = X509Svid.parse_raw(first.x509_svid, first.x509_svid_key)
+        own = load_certificates_der(first.bundle)
+        federated = {
+            TrustDomain.parse(td): load_certificates_der(der)
+            for td, der in response.federated_bundles.items()
+        }
+    except SigilError as exc:
+        raise HelperError(f"the agent sent an unusable SVID or bundle: {exc}") from None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(directory / BUNDLE_FILE, certificates_to_pem(own), mode=0o644)
+        wanted = set()
+        for td, certs in federated.items():
+            name = federated_file_name(td)
+            wanted.add(name)
+            write_file_atomic(directory / name, certificates_to_pem(certs), mode=0o644)
+        for stale in directory.glob(f"{FEDERATED_PREFIX}*.pem"):
+            if stale.name not in wanted:
+                stale.unlink()
+        # Key before certificate: a reader that loads both between the two
+        # renames gets a mismatch error and retries, rather than a stale pair
+        # that looks valid.
+        write_file_atomic(directory / KEY_FILE, svid.key_pem(), mode=0o600)
+        write_file_atomic(directory / SVID_FILE, svid.chain_pem(), mode=0o644)
+        _fsync_dir(directory)
+    except OSError as exc:
+        raise HelperError(f"cannot write into {directory}: {exc.strerror or exc}") from None
+    return svid
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The renames are durable only once the directory entry is on disk.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def notify(config: HelperConfig) -> None:
+    """Run the command or send the signal, if configured.
+
+    Raises:
+        HelperError: the command failed or the process could not be signalled.
+    """
+    if config.cmd is not None:
+        argv = shlex.split(config.cmd)
+        try:
+            done = subprocess.run(argv, timeout=config.cmd_timeout, check=False,
+                                  capture_output=True, text=True)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise HelperError(f"command {argv[0]!r} did not run: {exc}") from None
+        if done.returncode != 0:
+            raise HelperError(f"command {argv[0]!r} exited with {done.returncode}: "
+                              f"{done.stderr.strip()[-200:]}")
+    if config.signal is not None:
+        assert config.pid_file is not None
+        try:
+            pid = int(config.pid_file.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise HelperError(f"no PID in {config.pid_file}: {exc}") from None
+        if pid <= 1:
+            raise HelperError(f"refusing to signal PID {pid} from {config.pid_file}")
+        try:
+            os.kill(pid, config.signal)
+        except OSError as exc:
+            raise HelperError(f"cannot send {config.signal.name} to {pid}: "
+                              f"{exc.strerror}") from None
+
+
+# The loop ----------------------------------------------------------------------------
+
+
+class Helper:
+    """Streams X.509 updates and writes them, until :meth:`stop`.
+
+    Args:
+        config: what to do.
+        on_update: called after each update has been written and notified
+            (tests and ``--count`` use it).
+    """
+
+    def __init__(self, config: HelperConfig, *,
+                 on_update: Callable[[X509Svid], None] | None = None) -> None:
+        self.config = config
+        self._on_update = on_update
+        self._stop = threading.Event()
+        self._call: Any = None
+        self.updates = 0
+
+    def stop(self) -> None:
+        """End :meth:`run` (safe from another thread or a signal handler)."""
+        self._stop.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    def run(self) -> None:
+        """Write every update until stopped; reconnect with backoff when the agent goes."""
+        delay = RECONNECT_MIN
+        while not self._stop.is_set():
+            try:
+                with WorkloadApiClient(self.config.socket_path) as client:
+                    stream = client.stream("FetchX509SVID", pb.X509SVIDRequest(),
+                                           pb.X509SVIDResponse)
+                    self._call = stream
+                    if self._stop.is_set():
+                        return
+                    for response in stream:
+                        delay = RECONNECT_MIN
+                        self._handle(response)
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    return
+                code = exc.code()
+                log.event("helper stream ended", code=code.name if code else "UNKNOWN",
+                          reason=exc.details(), retry_in=f"{delay:.1f}s")
+            finally:
+                self._call = None
+            if self._stop.wait(delay):
+                return
+            delay = min(RECONNECT_MAX, delay * 2)
+
+    def _handle(self, response: pb.X509SVIDResponse) -> None:
+        try:
+            svid = write_files(self.config.dir, response)
+        except HelperError as exc:
+            log.event("helper update not written", reason=str(exc))
+            return
+        log.event("helper files written", spiffe_id=svid.spiffe_id, dir=self.config.dir,
+                  expires_at=svid.expires_at.isoformat())
+        try:
+            notify(self.config)
+        except HelperError as exc:
+            log.event("helper notify failed", reason=str(exc))
+        self.updates += 1
+        if self._on_update is not None:
+            self._on_update(svid)
+
+
+def wait_for_file(path: Path, timeout: float) -> bool:
+    """Poll until ``path`` exists (tests and scripts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        time.sleep(0.05)
+    return path.exists()
+
