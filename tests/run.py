@@ -43,9 +43,28 @@ def ensure_softhsm() -> None:
               "(fail in CI)", flush=True)
 
 
+def ensure_databases() -> list[str]:
+    """Make PostgreSQL and MariaDB reachable, starting them with this machine's commands.
+
+    Returns the servers still unreachable. In CI (CI=true) that is a failure, said
+    loudly with what was tried; elsewhere their tests skip with a message.
+    """
+    from tests import databases
+
+    missing = databases.ensure_servers()
+    for why in missing.values():
+        if databases.in_ci():
+            print(f"==> ERROR: CI requires it: {why}", flush=True)
+        else:
+            print(f"==> WARNING: {why}; its tests will skip (see docs/development.md)",
+                  flush=True)
+    return list(missing) if databases.in_ci() else []
+
+
 def main(argv: list[str]) -> int:
     failed: list[str] = []
     ensure_softhsm()
+    failed += [f"database {name}" for name in ensure_databases()]
     if not argv:
         if step("ruff", [sys.executable, "-m", "ruff", "check", "."]) != 0:
             failed.append("ruff")
