@@ -8,6 +8,7 @@ Errors print one line, ``Error: <reason>``, on stderr and exit with code 2.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import signal
@@ -85,7 +86,7 @@ def _unix_to_rfc3339(ts: int) -> str:
 
 
 def entry_json(e: types_pb2.Entry) -> dict[str, Any]:
-    """An entry as stable JSON keys."""
+    """An entry as stable JSON keys (times RFC 3339 UTC, null when unset)."""
     return {
         "id": e.id,
         "spiffe_id": e.spiffe_id,
@@ -96,8 +97,12 @@ def entry_json(e: types_pb2.Entry) -> dict[str, Any]:
         "dns_names": list(e.dns_names),
         "federates_with": list(e.federates_with),
         "hint": e.hint,
+        "admin": e.admin,
+        "downstream": e.downstream,
+        "expires_at": _unix_to_rfc3339(e.expires_at) if e.expires_at else None,
         "revision": e.revision,
         "created_at": _unix_to_rfc3339(e.created_at) if e.created_at else None,
+        "updated_at": _unix_to_rfc3339(e.updated_at) if e.updated_at else None,
     }
 
 
@@ -180,14 +185,24 @@ def run(config_file: str | None, **flags: str | None) -> None:
       sigil-server run --trust-domain example.org --data-dir ./data \\
           --bind-address 127.0.0.1:8081 --socket-path /tmp/sigil/admin.sock
     """
-    from ca.server import SigilServer
-
     try:
         config = load_config(Path(config_file) if config_file else None,
                              env=os.environ, overrides=flags)
     except SigilError as exc:
         _fail(str(exc))
     log.configure(level=config.log_level, fmt=config.log_format)
+    metrics_dir = None
+    if config.ops.workers > 1:
+        import tempfile
+
+        # Before anything imports prometheus_client: it picks its value store at
+        # import time (multiprocess files here; see ca/metrics.py).
+        metrics_dir = tempfile.mkdtemp(prefix="sigil-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    from ca.ratelimit import BucketTable
+    from ca.server import SigilServer
+    from ca.workers import WorkerPool
+
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -196,17 +211,29 @@ def run(config_file: str | None, **flags: str | None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server = SigilServer(config)
+    table = BucketTable()
+    server = SigilServer(config, rate_table=table)
+    pool: WorkerPool | None = None
     try:
         server.start()
-    except SigilError as exc:
+        if config.ops.workers > 1:
+            pool = WorkerPool(config, count=config.ops.workers - 1, table=table,
+                              bind_address=server.agent_address)
+            pool.start()
+    except (SigilError, RuntimeError) as exc:
         server.stop(0)
         _fail(str(exc))
     try:
         while not stop.wait(3600):
             pass
     finally:
+        if pool is not None:
+            pool.stop()
         server.stop(grace=5.0)
+        if metrics_dir is not None:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @cli.group()
@@ -246,41 +273,137 @@ def entry() -> None:
     """Registration entries: which workloads get which SPIFFE IDs."""
 
 
+def _check_ttl(flag: str, value: int | None) -> None:
+    if value is not None and (value < 0 or value > 2**31 - 1):
+        _fail(f"{flag} {value} must be a number of seconds, 0 or more")
+
+
+def _expires_at(value: str | None) -> int:
+    from ca.entryfile import parse_time
+
+    try:
+        return parse_time(value, "--expires-at")
+    except SigilError as exc:
+        _fail(str(exc))
+
+
+def _node_parent(spiffe_id: str) -> str:
+    from ca.entryfile import server_id_for
+
+    try:
+        return server_id_for(spiffe_id)
+    except SigilError as exc:
+        _fail(f"--spiffe-id: {exc}")
+
+
+def _create_batch(data_file: str, socket_path: str, output: str) -> None:
+    from ca.entryfile import load_batch
+
+    try:
+        entries = load_batch(Path(data_file).read_bytes(), source=data_file)
+    except OSError as exc:
+        _fail(f"cannot read {data_file}: {exc.strerror}")
+    except SigilError as exc:
+        _fail(str(exc))
+    resp = _call(socket_path, lambda s: s.BatchCreateEntry(
+        admin_pb2.BatchCreateEntryRequest(entries=entries), timeout=ADMIN_TIMEOUT))
+    failed = 0
+    docs: list[dict[str, Any]] = []
+    for msg, result in zip(entries, resp.results, strict=True):
+        if result.status.code == 0:
+            docs.append({"status": "created", "entry": entry_json(result.entry)})
+        else:
+            failed += 1
+            docs.append({"status": "error", "code": grpc.StatusCode(
+                _code_tuple(result.status.code)).name, "message": result.status.message,
+                "spiffe_id": msg.spiffe_id})
+    if output == "json":
+        _emit_json({"results": docs})
+    else:
+        for i, doc in enumerate(docs):
+            if doc["status"] == "created":
+                e = doc["entry"]
+                click.echo(f"Created entry {e['id']} ({e['spiffe_id']})")
+            else:
+                click.echo(f"Not created: entry {i} ({doc['spiffe_id']}): {doc['message']}")
+    if failed:
+        _fail(f"{failed} of {len(entries)} entries were not created")
+
+
+def _code_tuple(code: int) -> tuple[int, str]:
+    for member in grpc.StatusCode:
+        if member.value[0] == code:
+            return member.value  # type: ignore[no-any-return]
+    return grpc.StatusCode.UNKNOWN.value  # type: ignore[no-any-return]
+
+
 @entry.command("create")
-@click.option("--spiffe-id", required=True, help="The SPIFFE ID workloads get.")
-@click.option("--parent-id", required=True,
+@click.option("--spiffe-id", help="The SPIFFE ID workloads get.")
+@click.option("--parent-id",
               help="The agent (or node alias) whose workloads may get it.")
-@click.option("--selector", "selectors", multiple=True, required=True,
+@click.option("--node", is_flag=True,
+              help="A node-alias entry: its parent is the server, its selectors pick agents.")
+@click.option("--selector", "selectors", multiple=True,
               help="TYPE:VALUE a workload must carry; repeat for several.")
 @click.option("--x509-svid-ttl", type=int, default=0, help="Seconds; 0 is the server default.")
 @click.option("--jwt-svid-ttl", type=int, default=0, help="Seconds; 0 is the server default.")
 @click.option("--dns-name", "dns_names", multiple=True, help="DNS SAN; repeatable.")
 @click.option("--federates-with", multiple=True, help="Trust domain whose bundle to add.")
 @click.option("--hint", default="", help="A hint for workloads with several identities.")
+@click.option("--admin", is_flag=True, help="Workloads may call the admin API with its SVID.")
+@click.option("--downstream", is_flag=True, help="The identity of a downstream server.")
+@click.option("--expires-at", help="When the entry stops applying: RFC 3339 or unix seconds.")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False),
+              help='JSON file with many entries: a list, or {"entries": [...]}.')
 @socket_option
 @output_option
 def entry_create(
-    spiffe_id: str, parent_id: str, selectors: tuple[str, ...], x509_svid_ttl: int,
-    jwt_svid_ttl: int, dns_names: tuple[str, ...], federates_with: tuple[str, ...],
-    hint: str, socket_path: str, output: str,
+    spiffe_id: str | None, parent_id: str | None, node: bool, selectors: tuple[str, ...],
+    x509_svid_ttl: int, jwt_svid_ttl: int, dns_names: tuple[str, ...],
+    federates_with: tuple[str, ...], hint: str, admin: bool, downstream: bool,
+    expires_at: str | None, data_file: str | None, socket_path: str, output: str,
 ) -> None:
-    """Register a workload identity.
+    """Register a workload identity (or, with --data, many at once).
+
+    With --data, every entry in the file is validated first (one invalid entry:
+    nothing is created), then each is created on its own; the output lists each
+    entry's outcome, and the command fails if any was not created. Entries in the
+    file use the keys of `entry show --output json`, selectors as "type:value" or
+    {"type": ..., "value": ...}, and "node": true for node aliases.
 
     \b
-    Example:
+    Examples:
       sigil-server entry create --spiffe-id spiffe://example.org/web \\
           --parent-id spiffe://example.org/sigil/agent/join_token/0123abcd0123abcd \\
           --selector unix:uid:1000 --dns-name web.example.org
+      sigil-server entry create --node --spiffe-id spiffe://example.org/nodes/rack-1 \\
+          --selector join_token:0123abcd0123abcd
+      sigil-server entry create --data entries.json
     """
+    if data_file is not None:
+        if spiffe_id or parent_id or node or selectors:
+            _fail("--data cannot be combined with --spiffe-id, --parent-id, --node or "
+                  "--selector")
+        _create_batch(data_file, socket_path, output)
+        return
+    if not spiffe_id:
+        _fail("Missing option '--spiffe-id' (or --data FILE)")
+    if node and parent_id:
+        _fail("give --parent-id or --node, not both")
+    if not node and not parent_id:
+        _fail("Missing option '--parent-id' (or --node for a node-alias entry)")
+    if not selectors:
+        _fail("Missing option '--selector'")
     _check_spiffe_id(spiffe_id, "--spiffe-id")
     _check_spiffe_id(parent_id, "--parent-id")
-    for flag, value in (("--x509-svid-ttl", x509_svid_ttl), ("--jwt-svid-ttl", jwt_svid_ttl)):
-        if value < 0 or value > 2**31 - 1:
-            _fail(f"{flag} {value} must be a number of seconds, 0 or more")
+    parent = _node_parent(spiffe_id) if node else parent_id
+    _check_ttl("--x509-svid-ttl", x509_svid_ttl)
+    _check_ttl("--jwt-svid-ttl", jwt_svid_ttl)
     msg = types_pb2.Entry(
-        spiffe_id=spiffe_id, parent_id=parent_id, selectors=_parse_selectors(selectors),
+        spiffe_id=spiffe_id, parent_id=parent, selectors=_parse_selectors(selectors),
         x509_svid_ttl=x509_svid_ttl, jwt_svid_ttl=jwt_svid_ttl, dns_names=list(dns_names),
-        federates_with=list(federates_with), hint=hint,
+        federates_with=list(federates_with), hint=hint, admin=admin, downstream=downstream,
+        expires_at=_expires_at(expires_at),
     )
     created = _call(socket_path, lambda s: s.CreateEntry(
         admin_pb2.CreateEntryRequest(entry=msg), timeout=ADMIN_TIMEOUT))
@@ -290,25 +413,51 @@ def entry_create(
         click.echo(_entry_text(created))
 
 
+def _list_entries(req: admin_pb2.ListEntriesRequest,
+                  stub: admin_pb2_grpc.AdminStub) -> admin_pb2.ListEntriesResponse:
+    return stub.ListEntries(req, timeout=ADMIN_TIMEOUT)  # type: ignore[no-any-return]
+
+
+def _list_agents(req: admin_pb2.ListAgentsRequest,
+                 stub: admin_pb2_grpc.AdminStub) -> admin_pb2.ListAgentsResponse:
+    return stub.ListAgents(req, timeout=ADMIN_TIMEOUT)  # type: ignore[no-any-return]
+
+
+_MATCH_CHOICES = {"exact": admin_pb2.MATCH_EXACT, "subset": admin_pb2.MATCH_SUBSET,
+                  "superset": admin_pb2.MATCH_SUPERSET, "any": admin_pb2.MATCH_ANY}
+
+
 @entry.command("show")
 @click.option("--id", "entry_id", help="Show only the entry with this id.")
 @click.option("--spiffe-id", help="Filter: exact SPIFFE ID.")
 @click.option("--parent-id", help="Filter: exact parent ID.")
 @click.option("--selector", "selectors", multiple=True,
-              help="Filter: entries with exactly these selectors; repeatable.")
+              help="Filter: TYPE:VALUE, compared by --match; repeatable.")
+@click.option("--match", "match", type=click.Choice(list(_MATCH_CHOICES)), default="superset",
+              show_default=True,
+              help="exact: the same selectors; subset: entries whose selectors are all "
+                   "among these; superset: entries with all of these; any: at least one.")
+@click.option("--federates-with", multiple=True,
+              help="Filter: trust domain, compared by --federates-with-match; repeatable.")
+@click.option("--federates-with-match", type=click.Choice(list(_MATCH_CHOICES)),
+              default="superset", show_default=True, help="Like --match, for --federates-with.")
+@click.option("--hint", help="Filter: exact hint.")
 @socket_option
 @output_option
 def entry_show(
     entry_id: str | None, spiffe_id: str | None, parent_id: str | None,
-    selectors: tuple[str, ...], socket_path: str, output: str,
+    selectors: tuple[str, ...], match: str, federates_with: tuple[str, ...],
+    federates_with_match: str, hint: str | None, socket_path: str, output: str,
 ) -> None:
     """List entries (all, or those matching every filter given).
 
-    With --output json, prints a JSON list of entries.
+    The server answers in pages; this command fetches them all. With --output
+    json, prints a JSON list of entries.
 
     \b
-    Example:
+    Examples:
       sigil-server entry show --parent-id spiffe://example.org/node/web-1 --output json
+      sigil-server entry show --selector unix:uid:1000 --match any
     """
     _check_spiffe_id(spiffe_id, "--spiffe-id")
     _check_spiffe_id(parent_id, "--parent-id")
@@ -317,10 +466,19 @@ def entry_show(
         entries = [_call(socket_path, lambda s: s.GetEntry(
             admin_pb2.GetEntryRequest(id=entry_id), timeout=ADMIN_TIMEOUT))]
     else:
-        req = admin_pb2.ListEntriesRequest(spiffe_id=spiffe_id or "", parent_id=parent_id or "",
-                                           selectors=sels)
-        entries = list(_call(socket_path, lambda s: s.ListEntries(
-            req, timeout=ADMIN_TIMEOUT)).entries)
+        entries = []
+        token = ""
+        while True:
+            req = admin_pb2.ListEntriesRequest(
+                spiffe_id=spiffe_id or "", parent_id=parent_id or "", selectors=sels,
+                selector_match=_MATCH_CHOICES[match], federates_with=list(federates_with),
+                federates_with_match=_MATCH_CHOICES[federates_with_match], hint=hint or "",
+                page_token=token)
+            page = _call(socket_path, functools.partial(_list_entries, req))
+            entries.extend(page.entries)
+            token = page.next_page_token
+            if not token:
+                break
     if output == "json":
         _emit_json([entry_json(e) for e in entries])
         return
@@ -328,6 +486,118 @@ def entry_show(
     for e in entries:
         click.echo("")
         click.echo(_entry_text(e))
+
+
+@entry.command("update")
+@click.option("--id", "entry_id", required=True, help="The entry to change (see `entry show`).")
+@click.option("--spiffe-id", help="New SPIFFE ID.")
+@click.option("--parent-id", help="New parent ID.")
+@click.option("--node", is_flag=True, help="Make it a node alias (parent = the server).")
+@click.option("--selector", "selectors", multiple=True,
+              help="New selectors (replace all); repeatable.")
+@click.option("--x509-svid-ttl", type=int, help="Seconds; 0 is the server default.")
+@click.option("--jwt-svid-ttl", type=int, help="Seconds; 0 is the server default.")
+@click.option("--dns-name", "dns_names", multiple=True, help="New DNS SANs (replace all).")
+@click.option("--clear-dns-names", is_flag=True, help="Remove every DNS SAN.")
+@click.option("--federates-with", multiple=True, help="New federated trust domains (replace).")
+@click.option("--clear-federates-with", is_flag=True, help="Federate with no trust domain.")
+@click.option("--hint", help="New hint ('' removes it).")
+@click.option("--admin/--no-admin", default=None, help="Set or clear the admin flag.")
+@click.option("--downstream/--no-downstream", default=None, help="Set or clear downstream.")
+@click.option("--expires-at", help="RFC 3339, unix seconds, or 'never'.")
+@socket_option
+@output_option
+def entry_update(
+    entry_id: str, spiffe_id: str | None, parent_id: str | None, node: bool,
+    selectors: tuple[str, ...], x509_svid_ttl: int | None, jwt_svid_ttl: int | None,
+    dns_names: tuple[str, ...], clear_dns_names: bool, federates_with: tuple[str, ...],
+    clear_federates_with: bool, hint: str | None, admin: bool | None, downstream: bool | None,
+    expires_at: str | None, socket_path: str, output: str,
+) -> None:
+    """Change some fields of an entry; the others keep their values.
+
+    The entry's revision goes up, and agents pick up the change at their next sync.
+
+    \b
+    Example:
+      sigil-server entry update --id 6f1c2a0e-1b7d-4c5e-9a51-2b3c4d5e6f70 \\
+          --selector unix:uid:1001 --x509-svid-ttl 600
+    """
+    patch = types_pb2.Entry(id=entry_id)
+    fields: list[str] = []
+    if spiffe_id is not None:
+        _check_spiffe_id(spiffe_id, "--spiffe-id")
+        patch.spiffe_id = spiffe_id
+        fields.append("spiffe_id")
+    if node and parent_id is not None:
+        _fail("give --parent-id or --node, not both")
+    if node:
+        if spiffe_id is None:
+            current = _call(socket_path, lambda s: s.GetEntry(
+                admin_pb2.GetEntryRequest(id=entry_id), timeout=ADMIN_TIMEOUT))
+            spiffe_id = current.spiffe_id
+        parent_id = _node_parent(spiffe_id)
+    if parent_id is not None:
+        _check_spiffe_id(parent_id, "--parent-id")
+        patch.parent_id = parent_id
+        fields.append("parent_id")
+    if selectors:
+        patch.selectors.extend(_parse_selectors(selectors))
+        fields.append("selectors")
+    for flag, name, ttl in (("--x509-svid-ttl", "x509_svid_ttl", x509_svid_ttl),
+                            ("--jwt-svid-ttl", "jwt_svid_ttl", jwt_svid_ttl)):
+        if ttl is not None:
+            _check_ttl(flag, ttl)
+            setattr(patch, name, ttl)
+            fields.append(name)
+    if dns_names and clear_dns_names:
+        _fail("give --dns-name or --clear-dns-names, not both")
+    if dns_names or clear_dns_names:
+        patch.dns_names.extend(dns_names)
+        fields.append("dns_names")
+    if federates_with and clear_federates_with:
+        _fail("give --federates-with or --clear-federates-with, not both")
+    if federates_with or clear_federates_with:
+        patch.federates_with.extend(federates_with)
+        fields.append("federates_with")
+    if hint is not None:
+        patch.hint = hint
+        fields.append("hint")
+    if admin is not None:
+        patch.admin = admin
+        fields.append("admin")
+    if downstream is not None:
+        patch.downstream = downstream
+        fields.append("downstream")
+    if expires_at is not None:
+        patch.expires_at = _expires_at(expires_at)
+        fields.append("expires_at")
+    if not fields:
+        _fail("nothing to change: give at least one field option (see --help)")
+    updated = _call(socket_path, lambda s: s.UpdateEntry(
+        admin_pb2.UpdateEntryRequest(entry=patch, fields=fields), timeout=ADMIN_TIMEOUT))
+    if output == "json":
+        _emit_json(entry_json(updated))
+    else:
+        click.echo(_entry_text(updated))
+
+
+@entry.command("count")
+@socket_option
+@output_option
+def entry_count(socket_path: str, output: str) -> None:
+    """Print how many entries there are.
+
+    \b
+    Example:
+      sigil-server entry count
+    """
+    resp = _call(socket_path, lambda s: s.CountEntries(admin_pb2.CountEntriesRequest(),
+                                                       timeout=ADMIN_TIMEOUT))
+    if output == "json":
+        _emit_json({"count": resp.count})
+    else:
+        click.echo(f"{resp.count} {'entry' if resp.count == 1 else 'entries'}")
 
 
 @entry.command("delete")
@@ -347,6 +617,302 @@ def entry_delete(entry_id: str, socket_path: str, output: str) -> None:
         _emit_json({"id": entry_id, "deleted": True})
     else:
         click.echo(f"Deleted entry {entry_id}")
+
+
+def agent_json(a: admin_pb2.Agent) -> dict[str, Any]:
+    """An attested agent as stable JSON keys."""
+    return {
+        "id": a.id,
+        "attestor": a.attestor,
+        "selectors": [{"type": s.type, "value": s.value} for s in a.selectors],
+        "serial": a.serial,
+        "expires_at": _unix_to_rfc3339(a.expires_at) if a.expires_at else None,
+        "banned": a.banned,
+        "can_reattest": a.can_reattest,
+        "created_at": _unix_to_rfc3339(a.created_at) if a.created_at else None,
+        "updated_at": _unix_to_rfc3339(a.updated_at) if a.updated_at else None,
+    }
+
+
+def _agent_text(a: admin_pb2.Agent) -> str:
+    lines = [
+        f"Agent ID     : {a.id}",
+        f"Attestor     : {a.attestor}",
+        f"SVID serial  : {a.serial}",
+        f"SVID expires : {_unix_to_rfc3339(a.expires_at) if a.expires_at else '-'}",
+        f"Banned       : {'yes' if a.banned else 'no'}",
+    ]
+    lines += [f"Selector     : {s.type}:{s.value}" for s in a.selectors]
+    return "\n".join(lines)
+
+
+def _emit_agent(a: admin_pb2.Agent, output: str) -> None:
+    if output == "json":
+        _emit_json(agent_json(a))
+    else:
+        click.echo(_agent_text(a))
+
+
+def _duration(value: str, flag: str) -> dt.timedelta:
+    from identity.configvalues import parse_duration
+
+    try:
+        return parse_duration(value, allow_milliseconds=False)
+    except SigilError as exc:
+        _fail(f"{flag}: {exc}")
+
+
+agent_id_option = click.option("--id", "agent_id", required=True,
+                               help="The agent's SPIFFE ID (see `agent list`).")
+
+
+@cli.group()
+def agent() -> None:
+    """Attested agents (nodes): list them, ban, evict or purge them."""
+
+
+@agent.command("list")
+@socket_option
+@output_option
+def agent_list(socket_path: str, output: str) -> None:
+    """List every attested agent, with its attestor, selectors, SVID and ban status.
+
+    \b
+    Example:
+      sigil-server agent list --output json
+    """
+    agents: list[admin_pb2.Agent] = []
+    token = ""
+    while True:
+        req = admin_pb2.ListAgentsRequest(page_token=token)
+        page = _call(socket_path, functools.partial(_list_agents, req))
+        agents.extend(page.agents)
+        token = page.next_page_token
+        if not token:
+            break
+    if output == "json":
+        _emit_json([agent_json(a) for a in agents])
+        return
+    click.echo(f"Found {len(agents)} {'agent' if len(agents) == 1 else 'agents'}")
+    for a in agents:
+        click.echo("")
+        click.echo(_agent_text(a))
+
+
+@agent.command("show")
+@agent_id_option
+@socket_option
+@output_option
+def agent_show(agent_id: str, socket_path: str, output: str) -> None:
+    """Show one attested agent.
+
+    \b
+    Example:
+      sigil-server agent show --id spiffe://example.org/sigil/agent/join_token/0123abcd0123abcd
+    """
+    _check_spiffe_id(agent_id, "--id")
+    _emit_agent(_call(socket_path, lambda s: s.GetAgent(
+        admin_pb2.GetAgentRequest(id=agent_id), timeout=ADMIN_TIMEOUT)), output)
+
+
+@agent.command("ban")
+@agent_id_option
+@socket_option
+@output_option
+def agent_ban(agent_id: str, socket_path: str, output: str) -> None:
+    """Ban an agent: the server refuses it from its next call on, and refuses it if
+    it attests again under the same ID. `agent evict` lifts the ban (the agent must
+    then attest again).
+
+    \b
+    Example:
+      sigil-server agent ban --id spiffe://example.org/sigil/agent/join_token/0123abcd0123abcd
+    """
+    _check_spiffe_id(agent_id, "--id")
+    _emit_agent(_call(socket_path, lambda s: s.BanAgent(
+        admin_pb2.BanAgentRequest(id=agent_id), timeout=ADMIN_TIMEOUT)), output)
+
+
+@agent.command("evict")
+@agent_id_option
+@socket_option
+@output_option
+def agent_evict(agent_id: str, socket_path: str, output: str) -> None:
+    """Delete an agent's record: its SVID stops working at once and it must attest
+    again (with a new join token, for join-token agents).
+
+    \b
+    Example:
+      sigil-server agent evict --id spiffe://example.org/sigil/agent/join_token/0123abcd0123abcd
+    """
+    _check_spiffe_id(agent_id, "--id")
+    _call(socket_path, lambda s: s.EvictAgent(admin_pb2.EvictAgentRequest(id=agent_id),
+                                              timeout=ADMIN_TIMEOUT))
+    if output == "json":
+        _emit_json({"id": agent_id, "evicted": True})
+    else:
+        click.echo(f"Evicted agent {agent_id}")
+
+
+@agent.command("count")
+@socket_option
+@output_option
+def agent_count(socket_path: str, output: str) -> None:
+    """Print how many agents have attested (and are not evicted).
+
+    \b
+    Example:
+      sigil-server agent count
+    """
+    resp = _call(socket_path, lambda s: s.CountAgents(admin_pb2.CountAgentsRequest(),
+                                                      timeout=ADMIN_TIMEOUT))
+    if output == "json":
+        _emit_json({"count": resp.count})
+    else:
+        click.echo(f"{resp.count} {'agent' if resp.count == 1 else 'agents'}")
+
+
+@agent.command("purge")
+@click.option("--expired-for", default="24h", show_default=True,
+              help="Remove agents whose SVID expired at least this long ago (e.g. 12h, 7d).")
+@click.option("--dry-run", is_flag=True, help="Only list the agents that would be removed.")
+@socket_option
+@output_option
+def agent_purge(expired_for: str, dry_run: bool, socket_path: str, output: str) -> None:
+    """Remove agents whose SVIDs expired long ago (nodes that are gone for good).
+
+    \b
+    Example:
+      sigil-server agent purge --expired-for 7d --dry-run
+    """
+    seconds = int(_duration(expired_for, "--expired-for").total_seconds())
+    resp = _call(socket_path, lambda s: s.PurgeAgents(
+        admin_pb2.PurgeAgentsRequest(expired_for=seconds, dry_run=dry_run),
+        timeout=ADMIN_TIMEOUT))
+    if output == "json":
+        _emit_json({"ids": list(resp.ids), "dry_run": dry_run})
+        return
+    verb = "Would remove" if dry_run else "Removed"
+    click.echo(f"{verb} {len(resp.ids)} {'agent' if len(resp.ids) == 1 else 'agents'}")
+    for agent_spiffe_id in resp.ids:
+        click.echo(agent_spiffe_id)
+
+
+@cli.group()
+def x509() -> None:
+    """X.509-SVIDs for operators."""
+
+
+@x509.command("mint")
+@click.option("--spiffe-id", required=True, help="The SPIFFE ID to put in the SVID.")
+@click.option("--ttl", help="Lifetime, e.g. 1h (default: the server's x509_svid_ttl).")
+@click.option("--dns-name", "dns_names", multiple=True, help="DNS SAN; repeatable.")
+@click.option("--write", "write_dir", type=click.Path(file_okay=False),
+              help="Write svid.pem, svid.key (mode 0600) and bundle.pem into this directory.")
+@socket_option
+@output_option
+def x509_mint(spiffe_id: str, ttl: str | None, dns_names: tuple[str, ...],
+              write_dir: str | None, socket_path: str, output: str) -> None:
+    """Mint an X.509-SVID for any workload SPIFFE ID of the trust domain.
+
+    The private key is made here and never sent: the server signs a CSR. Without
+    --write the SVID, its PRIVATE KEY and the bundle are printed (PEM, or JSON keys
+    svid_pem, key_pem, bundle_pem with --output json): keep that output secret.
+
+    \b
+    Examples:
+      sigil-server x509 mint --spiffe-id spiffe://example.org/debug --ttl 10m --write ./svid
+      sigil-server x509 mint --spiffe-id spiffe://example.org/debug --output json
+    """
+    from cryptography import x509 as cx509
+
+    from identity.keys import generate_private_key, private_key_to_pem
+    from identity.x509svid import certificates_to_pem, new_csr
+
+    _check_spiffe_id(spiffe_id, "--spiffe-id")
+    seconds = int(_duration(ttl, "--ttl").total_seconds()) if ttl else 0
+    key = generate_private_key()
+    req = admin_pb2.MintX509SVIDRequest(spiffe_id=spiffe_id, csr=new_csr(key), ttl=seconds,
+                                        dns_names=list(dns_names))
+    resp = _call(socket_path, lambda s: s.MintX509SVID(req, timeout=ADMIN_TIMEOUT))
+    chain_pem = certificates_to_pem(cx509.load_der_x509_certificate(d)
+                                    for d in resp.svid.cert_chain).decode()
+    key_pem = private_key_to_pem(key).decode()
+    bundle_pem = certificates_to_pem(cx509.load_der_x509_certificate(d)
+                                     for d in resp.bundle.x509_authorities).decode()
+    expires = _unix_to_rfc3339(resp.svid.expires_at)
+    if write_dir is not None:
+        paths = _write_svid_files(Path(write_dir), chain_pem, key_pem, bundle_pem)
+        if output == "json":
+            _emit_json({"spiffe_id": resp.svid.spiffe_id, "expires_at": expires,
+                        "files": [str(p) for p in paths]})
+        else:
+            click.echo(f"Wrote {', '.join(str(p) for p in paths)} (expires {expires})")
+        return
+    if output == "json":
+        _emit_json({"spiffe_id": resp.svid.spiffe_id, "expires_at": expires,
+                    "svid_pem": chain_pem, "key_pem": key_pem, "bundle_pem": bundle_pem})
+    else:
+        click.echo(f"X509-SVID ({resp.svid.spiffe_id}, expires {expires}):")
+        click.echo(chain_pem, nl=False)
+        click.echo("Private key:")
+        click.echo(key_pem, nl=False)
+        click.echo("Bundle:")
+        click.echo(bundle_pem, nl=False)
+
+
+def _write_svid_files(directory: Path, chain_pem: str, key_pem: str,
+                      bundle_pem: str) -> list[Path]:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        out = []
+        for name, text, mode in (("svid.pem", chain_pem, 0o644), ("svid.key", key_pem, 0o600),
+                                 ("bundle.pem", bundle_pem, 0o644)):
+            path = directory / name
+            # Create with the final mode so the key is never readable by others,
+            # not even for the moment between write and chmod.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "w") as fh:
+                os.fchmod(fh.fileno(), mode)
+                fh.write(text)
+            out.append(path)
+        return out
+    except OSError as exc:
+        _fail(f"cannot write to {directory}: {exc.strerror}")
+
+
+@cli.group()
+def jwt() -> None:
+    """JWT-SVIDs for operators."""
+
+
+@jwt.command("mint")
+@click.option("--spiffe-id", required=True, help="The SPIFFE ID to put in the token (sub).")
+@click.option("--audience", "audience", multiple=True, required=True,
+              help="Audience (aud); repeatable.")
+@click.option("--ttl", help="Lifetime, e.g. 5m (default: the server's jwt_svid_ttl).")
+@socket_option
+@output_option
+def jwt_mint(spiffe_id: str, audience: tuple[str, ...], ttl: str | None, socket_path: str,
+             output: str) -> None:
+    """Mint a JWT-SVID for any workload SPIFFE ID of the trust domain.
+
+    The token is a bearer credential: it is printed, never logged.
+
+    \b
+    Example:
+      sigil-server jwt mint --spiffe-id spiffe://example.org/debug \\
+          --audience spiffe://example.org/db --ttl 2m
+    """
+    _check_spiffe_id(spiffe_id, "--spiffe-id")
+    seconds = int(_duration(ttl, "--ttl").total_seconds()) if ttl else 0
+    resp = _call(socket_path, lambda s: s.MintJWTSVID(admin_pb2.MintJWTSVIDRequest(
+        spiffe_id=spiffe_id, audience=list(audience), ttl=seconds), timeout=ADMIN_TIMEOUT))
+    if output == "json":
+        _emit_json({"token": resp.token, "spiffe_id": resp.spiffe_id,
+                    "expires_at": _unix_to_rfc3339(resp.expires_at)})
+    else:
+        click.echo(resp.token)
 
 
 @cli.group()

@@ -21,14 +21,18 @@ from ca.api.admin import AdminServicer
 from ca.api.agent import AgentServicer
 from ca.api.deps import ApiDeps
 from ca.api.tls_front import TlsContextSource, TlsFront
-from ca.authority import AuthorityConfig, CertificateAuthority
+from ca.authority import CertificateAuthority
+from ca.authority.scheduler import RotationScheduler
+from ca.authority.setup import build_authority
 from ca.config import ServerConfig, parse_host_port
 from ca.datastore import Datastore
 from ca.errors import ConfigError
 from ca.health import HealthServer, datastore_ready, read_state
-from ca.keys import DiskKeyManager, KeyManager
+from ca.keys import KeyManager
+from ca.kubernetes.config import node_verifiers
 from ca.log import event
-from ca.metrics import StateCollector, build_registry
+from ca.metrics import StateCollector, build_registry, multiprocess_dir
+from ca.ratelimit import BucketTable, RateLimiter
 from identity.clock import Clock, SystemClock
 
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
@@ -39,6 +43,12 @@ GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),
 ]
 WORKERS = 16
+
+ROLE_ALL = "all"
+"""Everything: migrations, CA, agent API, admin API, health (the main process)."""
+ROLE_WORKER = "worker"
+"""An extra agent API process (``worker_processes`` > 1, see :mod:`ca.workers`): it
+shares the agent API port (SO_REUSEPORT) and the datastore, and serves nothing else."""
 
 
 def _prepare_socket(path: Path) -> None:
@@ -58,13 +68,24 @@ class SigilServer:
 
     def __init__(
         self, config: ServerConfig, *, clock: Clock | None = None,
-        key_manager: KeyManager | None = None,
+        key_manager: KeyManager | None = None, role: str = ROLE_ALL,
+        rate_table: BucketTable | None = None,
     ) -> None:
+        """Args:
+            config: the validated configuration.
+            clock: time for the CA and the APIs (default: the system clock).
+            key_manager: where CA keys live (default: on disk under data_dir).
+            role: :data:`ROLE_ALL` or :data:`ROLE_WORKER`.
+            rate_table: rate-limit buckets shared with worker processes (default: own).
+        """
         self.config = config
+        self._role = role
+        self._rate_table = rate_table
         self.clock = clock or SystemClock()
         self._key_manager = key_manager
         self.datastore: Datastore | None = None
         self.authority: CertificateAuthority | None = None
+        self._rotation: RotationScheduler | None = None
         self._agent_server: grpc.Server | None = None
         self._admin_server: grpc.Server | None = None
         self._front: TlsFront | None = None
@@ -77,33 +98,44 @@ class SigilServer:
         cfg = self.config
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(cfg.data_dir, 0o700)
-        migrations.upgrade(cfg.database_url)
+        if self._role != ROLE_WORKER:  # the main process migrated before starting workers
+            migrations.upgrade(cfg.database_url)
         event("datastore ready", database=cfg.database_url.split("://", 1)[0])
         self.datastore = Datastore(cfg.database_url)
-        self.authority = CertificateAuthority(AuthorityConfig(
-            trust_domain=cfg.trust_domain, datastore=self.datastore,
-            key_manager=self._key_manager or DiskKeyManager(cfg.key_dir), clock=self.clock,
-            ca_ttl=cfg.ca_ttl, ca_key_type=cfg.ca_key_type, jwt_key_type=cfg.jwt_key_type,
-        ))
-        self.authority.load_or_create()
+        # ca/authority/setup.py: key manager, upstream authority, instance id.
+        self.authority = build_authority(cfg, self.datastore, self.clock,
+                                         key_manager=self._key_manager,
+                                         rotate=self._role != ROLE_WORKER)
+        self._rotation = RotationScheduler(self.authority, cfg.ca.rotation_interval)
+        self._rotation.start()
         deps = ApiDeps(config=cfg, datastore=self.datastore, authority=self.authority,
-                       clock=self.clock)
+                       clock=self.clock,
+                       node_verifiers=node_verifiers(cfg.kubernetes, cfg.trust_domain))
 
         host, port = parse_host_port(cfg.bind_address)
         contexts = TlsContextSource(self.authority, self.clock, cfg.data_dir)
         contexts.current()  # fail now, not at the first handshake, if signing fails
-        self._front = TlsFront(host=host.strip("[]"), port=port, contexts=contexts.current)
+        self._front = TlsFront(host=host.strip("[]"), port=port, contexts=contexts.current,
+                               reuse_port=cfg.ops.workers > 1)
+        limiter = RateLimiter(attestation=cfg.ops.attestation_limit,
+                              signing=cfg.ops.signing_limit, table=self._rate_table)
         self._agent_server = grpc.server(
             ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="agent-api"),
             options=GRPC_OPTIONS,
         )
         agent_pb2_grpc.add_AgentServicer_to_server(  # type: ignore[no-untyped-call]
             AgentServicer(deps, peer_certificate=self._front.peer_certificate,
-                          peer_address=self._front.peer_address),
+                          peer_address=self._front.peer_address, rate_limiter=limiter),
             self._agent_server,
         )
         if self._agent_server.add_insecure_port(f"unix:{self._front.internal_socket}") == 0:
             raise ConfigError("cannot listen on the internal agent API socket")
+
+        if self._role == ROLE_WORKER:
+            self._agent_server.start()
+            self._start_front()
+            event("worker listening", agent_api=self.agent_address, pid=os.getpid())
+            return
 
         _prepare_socket(cfg.socket_path)
         self._admin_server = grpc.server(
@@ -117,17 +149,23 @@ class SigilServer:
         self._start_health()
         self._agent_server.start()
         self._admin_server.start()
+        self._start_front()
+        # Group may connect (operators in the server's group); the 0700 directory
+        # is what keeps everyone else out.
+        os.chmod(cfg.socket_path, 0o770)  # noqa: S103
+        event("server listening", agent_api=self.agent_address, admin_socket=cfg.socket_path,
+              trust_domain=cfg.trust_domain)
+
+    def _start_front(self) -> None:
+        cfg = self.config
+        assert self._front is not None
+        host, _port = parse_host_port(cfg.bind_address)
         try:
             self._front.start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on bind_address {cfg.bind_address}: "
                               f"{exc.strerror}") from None
         self.agent_address = f"{host}:{self._front.bound_port}"
-        # Group may connect (operators in the server's group); the 0700 directory
-        # is what keeps everyone else out.
-        os.chmod(cfg.socket_path, 0o770)  # noqa: S103
-        event("server listening", agent_api=self.agent_address, admin_socket=cfg.socket_path,
-              trust_domain=cfg.trust_domain)
 
     def _start_health(self) -> None:
         address = self.config.ops.health_address
@@ -135,7 +173,8 @@ class SigilServer:
             return
         datastore = self.datastore
         assert datastore is not None
-        registry = build_registry(StateCollector(lambda: read_state(datastore)))
+        registry = build_registry(StateCollector(lambda: read_state(datastore)),
+                                  multiprocess_dir=multiprocess_dir())
         self._health = HealthServer(
             address, ready=datastore_ready(lambda: self.datastore, lambda: self.authority),
             registry=lambda: registry,
@@ -145,6 +184,9 @@ class SigilServer:
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop both servers (in-flight calls get ``grace`` seconds), close the datastore."""
+        if self._rotation is not None:
+            self._rotation.stop()
+            self._rotation = None
         if self._health is not None:
             self._health.stop()
             self._health = None
@@ -158,10 +200,11 @@ class SigilServer:
         if self.datastore is not None:
             self.datastore.close()
             self.datastore = None
-        try:
-            self.config.socket_path.unlink()
-        except FileNotFoundError:
-            pass
+        if self._role != ROLE_WORKER:  # the admin socket is the main process's
+            try:
+                self.config.socket_path.unlink()
+            except FileNotFoundError:
+                pass
         event("server stopped")
 
     def __enter__(self) -> SigilServer:

@@ -117,8 +117,16 @@ class TlsPeer:
 class TlsFront:
     """Accepts agent connections over TLS and relays them to the internal server."""
 
-    def __init__(self, *, host: str, port: int, contexts: Callable[[], ssl.SSLContext]) -> None:
+    def __init__(self, *, host: str, port: int, contexts: Callable[[], ssl.SSLContext],
+                 reuse_port: bool = False) -> None:
+        """Args:
+            host, port: where to listen (port 0: any free port).
+            contexts: the TLS context for each new handshake.
+            reuse_port: share the port with other processes (SO_REUSEPORT), so the
+                kernel spreads connections over the server's worker processes.
+        """
         self._host = host
+        self._reuse_port = reuse_port
         self._port = port
         self._contexts = contexts
         # Short, private paths: Unix socket paths are limited to ~100 bytes.
@@ -176,6 +184,7 @@ class TlsFront:
         self._thread.start()
         fut: Future[asyncio.Server] = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._handle, self._host, self._port, reuse_address=True,
+                                 reuse_port=self._reuse_port or None,
                                  ssl=base, ssl_handshake_timeout=HANDSHAKE_TIMEOUT),
             self._loop,
         )

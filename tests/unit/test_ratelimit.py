@@ -17,8 +17,12 @@ class Clock:
         return self.t
 
 
-def limiter(clock: Clock, *, att: RateLimit = RateLimit(1, 3),
-            sign: RateLimit = RateLimit(10, 20), slots: int = 64) -> RateLimiter:
+ATT = RateLimit(1, 3)
+SIGN = RateLimit(10, 20)
+
+
+def limiter(clock: Clock, *, att: RateLimit = ATT, sign: RateLimit = SIGN,
+            slots: int = 64) -> RateLimiter:
     return RateLimiter(attestation=att, signing=sign, table=BucketTable(slots),
                        monotonic=clock)
 
