@@ -5,8 +5,12 @@ connections itself:
 
 1. An asyncio server listens on the public socket (mode 0777: any local process
    may connect; its identity comes from the kernel, not from what it sends).
-2. For each connection it reads ``SO_PEERCRED`` (pid, uid, gid) and the process's
-   start time (PID-reuse defence).
+2. For each connection it reads ``SO_PEERCRED`` (pid, uid, gid), pins the
+   process with a pidfd where the kernel offers one, and reads the process's
+   start time (PID-reuse defence: :mod:`attestation.workload.pidfd`). Beyond
+   ``max_connections`` open connections, a new one is accepted and closed at
+   once: the kernel's backlog never grows without bound and the agent keeps
+   serving those it has.
 3. It hands the connection and those credentials to a
    :class:`~attestation.relay.ConnectionRelay`, which relays it to the internal
    grpc.aio server through a client socket bound to a per-connection path in a
@@ -38,11 +42,16 @@ from attestation.workload import (
     WorkloadAttestationError,
     process_start_time,
 )
+from attestation.workload.pidfd import close_pidfd, peer_pidfd, pidfd_exited
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
 _UCRED = struct.Struct("3i")
 INTERNAL_SOCKET_NAME = "grpc.sock"
+DEFAULT_MAX_CONNECTIONS = 1024
+# Refused connections are logged at most this often (seconds), with a count, so
+# a flood of them cannot flood the log too.
+_REFUSAL_LOG_INTERVAL = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +62,12 @@ class PeerCredentials:
     uid: int
     gid: int
     start_time: int
+    pidfd: int | None = None
+    """Pins the process while the connection lasts (None where unsupported)."""
+
+    def process_exited(self) -> bool:
+        """True when the pinned process has exited (always False without a pidfd)."""
+        return self.pidfd is not None and pidfd_exited(self.pidfd)
 
 
 def check_socket_path(path: Path) -> None:
@@ -83,8 +98,15 @@ class PeerCredentialFront:
         *,
         private_dir: Path | None = None,
         proc_root: Path = DEFAULT_PROC_ROOT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         check_socket_path(public_socket)
+        if max_connections < 1:
+            raise AgentError(f"max_connections must be at least 1, not {max_connections}")
+        self.max_connections = max_connections
+        self._open = 0
+        self._refused = 0
+        self._refusal_logged_at: float | None = None
         self.public_socket = public_socket
         self._relay: ConnectionRelay[PeerCredentials] = ConnectionRelay(
             internal_socket_name=INTERNAL_SOCKET_NAME, private_dir=private_dir,
@@ -119,7 +141,11 @@ class PeerCredentialFront:
             os.chmod(parent, 0o755)  # noqa: S103 (workloads of any user must reach the socket)
         _remove_stale_socket(self.public_socket)
         self._server = await asyncio.start_unix_server(
-            self._handle, path=str(self.public_socket)
+            self._handle,
+            path=str(self.public_socket),
+            # asyncio's default of 100 makes a burst of clients wait in connect();
+            # the kernel caps it at net.core.somaxconn anyway.
+            backlog=min(self.max_connections, 4096),
         )
         # Any local process may connect: the kernel tells us who it is.
         os.chmod(self.public_socket, 0o777)  # noqa: S103 (identity comes from the kernel)
@@ -159,7 +185,17 @@ class PeerCredentialFront:
 
     # Connections -------------------------------------------------------------
 
+    @property
+    def refused_count(self) -> int:
+        """How many connections were closed at once for exceeding max_connections."""
+        return self._refused
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self.max_connections:
+            self._refuse()
+            writer.close()
+            return
+        self._open += 1
         try:
             with self._relay.tracked():
                 await self._relay_connection(reader, writer)
@@ -168,9 +204,20 @@ class PeerCredentialFront:
         except Exception:
             log.event("workload connection failed", level=logging.ERROR, exc_info=True)
         finally:
+            self._open -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def _refuse(self) -> None:
+        self._refused += 1
+        now = asyncio.get_running_loop().time()
+        last = self._refusal_logged_at
+        if last is None or now - last >= _REFUSAL_LOG_INTERVAL:
+            self._refusal_logged_at = now
+            log.event("workload connection refused", level=logging.WARNING,
+                      reason="max_connections reached", max_connections=self.max_connections,
+                      refused_total=self._refused)
 
     async def _relay_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -182,15 +229,26 @@ class PeerCredentialFront:
             # attest it, so we do not serve it.
             log.event("workload refused", level=logging.WARNING, uid=uid, reason="pid unknown")
             return
+        pidfd = peer_pidfd(sock, pid)
         try:
-            start_time = await asyncio.to_thread(
-                process_start_time, pid, proc_root=self._proc_root
+            try:
+                start_time = await asyncio.to_thread(
+                    process_start_time, pid, proc_root=self._proc_root
+                )
+            except WorkloadAttestationError as exc:
+                log.event("workload refused", level=logging.WARNING, pid=pid, reason=str(exc))
+                return
+            creds = PeerCredentials(
+                pid=pid, uid=uid, gid=gid, start_time=start_time, pidfd=pidfd
             )
-        except WorkloadAttestationError as exc:
-            log.event("workload refused", level=logging.WARNING, pid=pid, reason=str(exc))
-            return
-        creds = PeerCredentials(pid=pid, uid=uid, gid=gid, start_time=start_time)
-        await self._relay.relay(reader, writer, creds)
+            # Alive after the read: the start time is the pinned process's own.
+            if creds.process_exited():
+                log.event("workload refused", level=logging.WARNING, pid=pid,
+                          reason="process exited before it was recorded")
+                return
+            await self._relay.relay(reader, writer, creds)
+        finally:
+            close_pidfd(pidfd)
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from agent.cache import Cache
-from agent.workload_api.front import PeerCredentialFront
+from agent.workload_api.front import DEFAULT_MAX_CONNECTIONS, PeerCredentialFront
 from agent.workload_api.servicer import SyncRequest, WorkloadApiServicer
 from attestation.workload import DEFAULT_PROC_ROOT, WorkloadAttestor
 from identity.clock import Clock
@@ -39,9 +39,11 @@ class WorkloadApiServer:
         private_dir: Path | None = None,
         first_response_timeout: float = 5.0,
         request_sync: SyncRequest | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.front = PeerCredentialFront(
-            socket_path, private_dir=private_dir, proc_root=proc_root
+            socket_path, private_dir=private_dir, proc_root=proc_root,
+            max_connections=max_connections,
         )
         self.servicer = WorkloadApiServicer(
             cache=cache,
@@ -66,6 +68,9 @@ class WorkloadApiServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+                # Request metadata is small too (the security header); grpc's
+                # default allows 8 KiB, plenty, and refuses more on its own.
+                ("grpc.max_metadata_size", 16 * 1024),
             ]
         )
         server.add_generic_rpc_handlers((self.servicer.handler(),))

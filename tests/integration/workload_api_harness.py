@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from agent.cache import Cache, CachedEntry
 from agent.workload_api.server import WorkloadApiServer
+from attestation.workload import DEFAULT_PROC_ROOT, WorkloadAttestor
 from attestation.workload.unix import UnixAttestor
 from identity.bundle import Bundle, JwtAuthority
 from identity.jwtsvid import JwtSvid, parse_insecure, sign_jwt_svid
@@ -104,6 +105,9 @@ class Harness:
         *,
         first_response_timeout: float = 2.0,
         request_sync: Callable[[Harness], Coroutine[Any, Any, None]] | None = None,
+        attestors: Sequence[WorkloadAttestor] | None = None,
+        proc_root: Path | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="sg-wl-", dir="/tmp"))
         self.root.chmod(0o755)
@@ -116,7 +120,11 @@ class Harness:
         self.server = WorkloadApiServer(
             socket_path=self.socket_path,
             cache=self.cache,
-            attestors=[UnixAttestor()],
+            attestors=list(attestors) if attestors is not None else [
+                UnixAttestor(proc_root=proc_root or DEFAULT_PROC_ROOT)
+            ],
+            proc_root=proc_root or DEFAULT_PROC_ROOT,
+            **({"max_connections": max_connections} if max_connections else {}),
             first_response_timeout=first_response_timeout,
             request_sync=(lambda: request_sync(self)) if request_sync else None,
         )

@@ -1,0 +1,84 @@
+"""Pin the process on the other end of a Unix socket with a pidfd.
+
+A PID names a process only while it lives: once it exits, the kernel may hand
+the same number to another process, and anything read from ``/proc/<pid>`` then
+describes that other process. A pidfd refers to one process for as long as the
+descriptor is open, whatever happens to its number, and becomes readable when
+that process exits. So the Workload API front takes one per connection and,
+before every answer, checks that it is still not readable: the process it
+attested is still alive, so the PID still names it.
+
+Where the pidfd comes from, best first:
+
+1. ``SO_PEERPIDFD`` (Linux 6.5+): the kernel's pidfd of the process that called
+   ``connect()``, with no window at all.
+2. ``os.pidfd_open(pid)`` (Linux 5.3+) on the ``SO_PEERCRED`` PID: pins whatever
+   holds that PID when it is called; if the connecting process already exited
+   and its PID was reused before that call, this pins the newcomer. The front
+   then also compares the process start time, which narrows the window to the
+   time between accept and this call.
+3. Neither: only the start-time comparison guards against reuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+
+# Not in Python's socket module before 3.13; the value is the same on every
+# Linux architecture (include/uapi/asm-generic/socket.h).
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+# Errors meaning "this kernel or platform has no such option": fall back.
+_UNSUPPORTED = {errno.ENOPROTOOPT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
+def peer_pidfd(sock: socket.socket, pid: int) -> int | None:
+    """A pidfd for the peer of a connected Unix socket, or None where unsupported.
+
+    Args:
+        sock: the accepted connection.
+        pid: the peer's PID from ``SO_PEERCRED`` (for the ``pidfd_open`` fallback).
+
+    Returns:
+        An open descriptor the caller must close (:func:`close_pidfd`), or None
+        when neither ``SO_PEERPIDFD`` nor ``pidfd_open`` is available, or the
+        process is already gone (the caller's start-time read then fails too).
+    """
+    try:
+        fd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            # ESRCH: the connecting process already exited.
+            return None
+    else:
+        if fd >= 0:
+            return int(fd)
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        return int(pidfd_open(pid))
+    except OSError:
+        return None
+
+
+def pidfd_exited(fd: int) -> bool:
+    """True when the process the pidfd refers to has exited.
+
+    A pidfd polls readable once its process exits (man 2 pidfd_open); a zero
+    timeout makes this a cheap, non-blocking check.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def close_pidfd(fd: int | None) -> None:
+    """Close a pidfd from :func:`peer_pidfd` (None is ignored)."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
