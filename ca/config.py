@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ca import opsconfig
+from ca import caconfig, opsconfig
 from ca.errors import ConfigError
+from ca.kubernetes import config as k8sconfig
 from identity import configvalues
 from identity.errors import InvalidSpiffeIdError, InvalidValueError
 from identity.keys import KeyType
@@ -59,8 +60,12 @@ _STRING_DEFAULTS: Mapping[str, str | None] = {
 }
 # Operations (rate limits, worker processes, health and metrics): ca/opsconfig.py.
 _OPS_DEFAULTS: Mapping[str, object] = opsconfig.DEFAULTS
+# Key manager, upstream authority, rotation timing: ca/caconfig.py.
+_CA_DEFAULTS: Mapping[str, object] = caconfig.DEFAULTS
+# Kubernetes (node_attestors.k8s_psat): ca/kubernetes/config.py.
+_K8S_DEFAULTS: Mapping[str, object] = k8sconfig.DEFAULTS
 KNOWN_KEYS = (frozenset(_DURATION_DEFAULTS) | frozenset(_STRING_DEFAULTS)
-              | frozenset(_OPS_DEFAULTS))
+              | frozenset(_OPS_DEFAULTS) | frozenset(_CA_DEFAULTS) | frozenset(_K8S_DEFAULTS))
 
 
 def parse_duration(text: str, *, key: str | None = None) -> dt.timedelta:
@@ -110,6 +115,8 @@ class ServerConfig:
     log_format: str
     # Frozen, so one shared default instance is safe.
     ops: opsconfig.OpsConfig = opsconfig.OpsConfig()  # noqa: RUF009
+    ca: caconfig.CaConfig = caconfig.CaConfig()  # noqa: RUF009
+    kubernetes: k8sconfig.KubernetesConfig = k8sconfig.KubernetesConfig()  # noqa: RUF009
 
     @property
     def key_dir(self) -> Path:
@@ -161,7 +168,9 @@ def load_config(
     document = _read_toml(path) if path is not None else {}
     try:
         raw = configvalues.layer_settings(
-            {**_STRING_DEFAULTS, **_DURATION_DEFAULTS, **_OPS_DEFAULTS}, document, env=env,
+            {**_STRING_DEFAULTS, **_DURATION_DEFAULTS, **_OPS_DEFAULTS, **_CA_DEFAULTS,
+             **_K8S_DEFAULTS},
+            document, env=env,
             env_vars=ENV_VARS, overrides=overrides, known_keys=KNOWN_KEYS,
         )
     except InvalidValueError as exc:
@@ -227,4 +236,6 @@ def _validate(raw: Mapping[str, Any]) -> ServerConfig:
         log_level=log_level,
         log_format=log_format,
         ops=opsconfig.validate(raw),
+        ca=caconfig.validate(raw),
+        kubernetes=k8sconfig.validate(raw),
     )

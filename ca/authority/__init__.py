@@ -1,13 +1,34 @@
-"""The certificate authority: CA keys in slots, signing, and the trust bundle.
+"""The certificate authority: CA keys in slots, signing, rotation and the trust bundle.
 
-On first start the authority creates a self-signed root (URI SAN ``spiffe://td``)
-and a JWT signing key, keeps the private keys in the key manager and their public
-halves in ``ca_keys`` and in the trust domain's bundle. On restart it loads them
-again, so the trust domain keeps its CA.
+Keys live in slots, one ``ca_keys`` row each, for X.509 and JWT alike:
 
-Keys live in slots (a ``ca_keys`` row each, with a status): today one active X.509
-slot and one active JWT slot. Rotation (prepare -> activate -> old) adds rows and
-status changes on the same structure; the bundle already publishes every slot.
+    prepared -> active -> old (or tainted) -> dropped
+
+Rotation without outage (DESIGN flow 6), decided by :meth:`CertificateAuthority.tick`
+from the injectable clock, for a CA lifetime L (``ca_ttl``, 24h by default):
+
+- at 1/2 L the next key is *prepared* and published in the bundle, so every agent
+  and workload trusts it long before anything is signed by it;
+- at 5/6 L it becomes *active*; the previous one becomes *old*;
+- an old (or tainted) slot stays in the bundle until everything it signed has
+  expired (``signed_until``) plus ``safety_margin``, then is dropped.
+
+An SVID never outlives its signing CA (notAfter is clamped), which is why an SVID
+TTL above L/6 is warned about at start-up: SVIDs signed just before activation
+would be cut short.
+
+``signed_until`` is written ahead: before a slot signs something that expires after
+the stored value, the stored value moves to that time plus :data:`WATERMARK_STEP`,
+so a crash never loses what a slot signed, at one small write every few minutes.
+
+Several servers may share one database (HA): each has its own keys (``owner`` is
+its instance id) and rotates only its own slots; the bundle is rendered from every
+owner's slots and written with optimistic concurrency on its sequence number, and
+each server re-reads it on every tick, so each trusts what the others sign.
+
+With an upstream authority the X.509 slots hold intermediates signed by the
+upstream key; SVID chains carry the intermediate, and the bundle holds the
+upstream roots, not the intermediates.
 """
 
 from __future__ import annotations
@@ -17,7 +38,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -29,7 +50,7 @@ from ca.log import event
 from identity.bundle import Bundle, JwtAuthority
 from identity.clock import Clock
 from identity.jwtsvid import sign_jwt_svid
-from identity.keys import KeyType, PublicKey, key_id, load_public_key_der, public_key_der
+from identity.keys import KeyType, PrivateKey, PublicKey, key_id, public_key_der
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import new_ca_certificate, new_svid_certificate
 
@@ -39,21 +60,42 @@ SERVER_DNS_NAME = "server.sigil.invalid"
 # Certificates start a little in the past so a peer whose clock is slightly behind
 # still accepts them (SPIRE backdates by the same amount).
 BACKDATE = dt.timedelta(seconds=10)
+# How far ahead signed_until is written: one datastore write per step of signing time.
+WATERMARK_STEP = dt.timedelta(minutes=5)
+PUBLISH_ATTEMPTS = 50
 
 KIND_X509 = "x509"
 KIND_JWT = "jwt"
+KINDS = (KIND_X509, KIND_JWT)
 STATUS_PREPARED = "prepared"
 STATUS_ACTIVE = "active"
 STATUS_OLD = "old"
+STATUS_TAINTED = "tainted"
 
 
 class AuthorityError(ServerError):
     """The CA cannot sign or cannot load its keys."""
 
 
+class AuthorityStateError(AuthorityError):
+    """A localauthority step that does not fit the current slots (FailedPrecondition)."""
+
+
 def server_id(trust_domain: TrustDomain) -> SpiffeId:
     """The server's own SPIFFE ID: ``spiffe://<td>/sigil/server``."""
     return SpiffeId.from_segments(trust_domain, "sigil", "server")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAuthority:
+    """An existing CA that signs our intermediates (``upstream_authority`` config)."""
+
+    certificate: x509.Certificate
+    key: PrivateKey
+    chain: tuple[x509.Certificate, ...] = ()
+    """Upstream intermediates between ``certificate`` and a root, if any."""
+    roots: tuple[x509.Certificate, ...] = ()
+    """What goes in the bundle: the bundle file, or ``certificate`` if self-signed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +109,12 @@ class AuthorityConfig:
     ca_ttl: dt.timedelta
     ca_key_type: KeyType = KeyType.EC_P256
     jwt_key_type: KeyType = KeyType.EC_P256
+    owner: str = ""
+    """This server instance's id; the slots it rotates are those it owns."""
+    upstream: UpstreamAuthority | None = None
+    safety_margin: dt.timedelta = dt.timedelta(minutes=10)
+    rotate: bool = True
+    """False in extra worker processes: follow the slots, never change them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,19 +146,68 @@ class SignedJwtSvid:
     expires_at: dt.datetime
 
 
+@dataclass(frozen=True, slots=True)
+class AuthorityInfo:
+    """One authority as ``localauthority show`` lists it."""
+
+    kind: str
+    authority_id: str
+    """X.509: the CA certificate's subject key id (hex); JWT: the key id (kid)."""
+    status: str
+    not_after: dt.datetime
+    owner: str
+    signed_until: dt.datetime | None
+    upstream_authority_id: str = ""
+
+
 def _ts(value: dt.datetime) -> int:
     return int(value.timestamp())
 
 
+def _dt(value: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(value, dt.UTC)
+
+
+def subject_key_id(cert: x509.Certificate) -> str:
+    """The certificate's subject key identifier in hex (its X.509 authority id)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest.hex()
+
+
+def _authority_id(rec: CaKeyRecord) -> str:
+    if rec.kind == KIND_X509 and rec.certificate is not None:
+        return subject_key_id(x509.load_der_x509_certificate(rec.certificate))
+    from identity.keys import load_public_key_der
+
+    return key_id(load_public_key_der(rec.public_key))
+
+
+def ttl_warnings(ca_ttl: dt.timedelta, x509_svid_ttl: dt.timedelta,
+                 jwt_svid_ttl: dt.timedelta) -> list[str]:
+    """Configured SVID TTLs above ca_ttl / 6 (the time between activation and expiry)."""
+    out = []
+    for name, ttl in (("x509_svid_ttl", x509_svid_ttl), ("jwt_svid_ttl", jwt_svid_ttl)):
+        if ttl > ca_ttl / 6:
+            out.append(f"{name} {ttl} is longer than ca_ttl/6 ({ca_ttl / 6}): SVIDs signed "
+                       "shortly before a CA rotation are cut to the CA's end of life")
+    return out
+
+
 class CertificateAuthority:
-    """Signs SVIDs for one trust domain. Thread-safe."""
+    """Signs SVIDs for one trust domain and rotates its keys. Thread-safe."""
 
     def __init__(self, config: AuthorityConfig) -> None:
         self._cfg = config
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._x509: X509Slot | None = None
         self._jwt: JwtSlot | None = None
         self._bundle: Bundle | None = None
+        self._tainted_x509: tuple[x509.Certificate, ...] = ()
+        self._tainted_jwt: tuple[str, ...] = ()
+        # Persisted signed_until of the active slots (the write-ahead watermark).
+        self._watermark: dict[str, int] = {}
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -120,127 +217,174 @@ class CertificateAuthority:
     # ---- start-up ----------------------------------------------------------------
 
     def load_or_create(self) -> None:
-        """Load the active CA slots, creating them on first start; publish the bundle.
+        """Load this server's active slots, creating them on first start; publish.
 
         Raises:
             KeyManagerError: a stored slot's private key is missing or unreadable.
         """
         with self._lock:
-            records = self._cfg.datastore.list_ca_keys()
-            x509_rec = next((r for r in records if r.kind == KIND_X509
-                             and r.status == STATUS_ACTIVE), None)
-            jwt_rec = next((r for r in records if r.kind == KIND_JWT
-                            and r.status == STATUS_ACTIVE), None)
             changed = False
-            if x509_rec is None:
-                self._x509 = self._create_x509_slot()
-                changed = True
-            else:
-                self._x509 = self._load_x509_slot(x509_rec)
-            if jwt_rec is None:
-                self._jwt = self._create_jwt_slot()
-                changed = True
-            else:
-                self._jwt = self._load_jwt_slot(jwt_rec)
+            for kind in KINDS if self._cfg.rotate else ():
+                if self._own(kind, STATUS_ACTIVE) is None:
+                    rec = self._own(kind, STATUS_PREPARED) or self._create(kind)
+                    self._set_active(rec)
+                    changed = True
+            self._load_active()
             stored = self._cfg.datastore.get_bundle(self.trust_domain)
-            if changed or stored is None:
+            if self._cfg.rotate and (changed or stored is None
+                                     or not self._bundle_matches(stored.data)):
                 self._publish_bundle()
+            elif stored is None:
+                raise AuthorityError("no bundle in the datastore yet")
             else:
                 self._bundle = Bundle.from_jwks(self.trust_domain, stored.data)
-            now = self._cfg.clock.now()
-            if self._x509.certificate.not_valid_after_utc <= now:
-                # Rotation is the next step of the roadmap; until then say it loudly.
-                event("ca certificate expired", level=logging.ERROR,
-                      not_after=self._x509.certificate.not_valid_after_utc.isoformat())
+            self._load_taints()
+        self.tick()
 
-    def _key(self, key_id: str) -> KeyHandle:
-        handle = self._cfg.key_manager.get_key(key_id)
+    def _bundle_matches(self, data: str) -> bool:
+        stored = Bundle.from_jwks(self.trust_domain, data)
+        wanted = self._render(0)
+        return (set(stored.x509_authorities) == set(wanted.x509_authorities)
+                and {a.key_id for a in stored.jwt_authorities}
+                == {a.key_id for a in wanted.jwt_authorities})
+
+    # ---- slots in the datastore --------------------------------------------------
+
+    def _records(self, kind: str | None = None) -> list[CaKeyRecord]:
+        return self._cfg.datastore.list_ca_keys(kind)
+
+    def _own(self, kind: str, status: str) -> CaKeyRecord | None:
+        return next((r for r in reversed(self._records(kind))
+                     if r.owner == self._cfg.owner and r.status == status), None)
+
+    def _key(self, key_id_: str) -> KeyHandle:
+        handle = self._cfg.key_manager.get_key(key_id_)
         if handle is None:
             raise KeyManagerError(
-                f"the private key {key_id} of a stored CA slot is missing from the key manager"
+                f"the private key {key_id_} of a stored CA slot is missing from the key manager"
             )
         return handle
 
-    def _load_x509_slot(self, rec: CaKeyRecord) -> X509Slot:
-        if rec.certificate is None:
-            raise AuthorityError(f"CA slot {rec.id} has no certificate")
-        return X509Slot(rec.id, self._key(rec.key_id), x509.load_der_x509_certificate(
-            rec.certificate))
+    def _load_active(self) -> None:
+        x = self._own(KIND_X509, STATUS_ACTIVE)
+        j = self._own(KIND_JWT, STATUS_ACTIVE)
+        if x is None or x.certificate is None or j is None:
+            raise AuthorityError("no active CA slot after start-up")
+        self._x509 = X509Slot(x.id, self._key(x.key_id),
+                              x509.load_der_x509_certificate(x.certificate))
+        jh = self._key(j.key_id)
+        self._jwt = JwtSlot(j.id, jh, key_id(jh.public_key), _dt(j.not_after))
+        self._watermark = {x.id: x.signed_until, j.id: j.signed_until}
 
-    def _load_jwt_slot(self, rec: CaKeyRecord) -> JwtSlot:
-        handle = self._key(rec.key_id)
-        return JwtSlot(rec.id, handle, key_id(handle.public_key),
-                       dt.datetime.fromtimestamp(rec.not_after, dt.UTC))
-
-    def _create_x509_slot(self) -> X509Slot:
+    def _create(self, kind: str) -> CaKeyRecord:
+        """Generate a key and store it as a prepared slot."""
         now = self._cfg.clock.now()
         record_id = str(uuid.uuid4())
-        handle = self._cfg.key_manager.generate_key(f"x509-ca-{record_id}",
-                                                    self._cfg.ca_key_type)
-        cert = new_ca_certificate(
-            trust_domain=self.trust_domain,
-            public_key=handle.public_key,
-            signer_key=handle.private_key,
-            not_before=now - BACKDATE,
-            not_after=now + self._cfg.ca_ttl,
-        )
-        self._cfg.datastore.add_ca_key(CaKeyRecord(
-            id=record_id, kind=KIND_X509, status=STATUS_ACTIVE, key_id=handle.key_id,
-            public_key=public_key_der(handle.public_key),
-            certificate=cert.public_bytes(Encoding.DER), not_after=_ts(cert.not_valid_after_utc),
-            created_at=_ts(now),
-        ))
-        event("ca created", kind=KIND_X509, serial=format(cert.serial_number, "x"),
-              not_after=cert.not_valid_after_utc.isoformat())
-        return X509Slot(record_id, handle, cert)
-
-    def _create_jwt_slot(self) -> JwtSlot:
-        now = self._cfg.clock.now()
-        record_id = str(uuid.uuid4())
-        handle = self._cfg.key_manager.generate_key(f"jwt-{record_id}", self._cfg.jwt_key_type)
         not_after = now + self._cfg.ca_ttl
-        self._cfg.datastore.add_ca_key(CaKeyRecord(
-            id=record_id, kind=KIND_JWT, status=STATUS_ACTIVE, key_id=handle.key_id,
-            public_key=public_key_der(handle.public_key), certificate=None,
-            not_after=_ts(not_after), created_at=_ts(now),
-        ))
-        kid = key_id(handle.public_key)
-        event("jwt key created", kid=kid, not_after=not_after.isoformat())
-        return JwtSlot(record_id, handle, kid, not_after)
+        upstream = self._cfg.upstream
+        if kind == KIND_X509:
+            handle = self._cfg.key_manager.generate_key(f"x509-ca-{record_id}",
+                                                        self._cfg.ca_key_type)
+            if upstream is not None:
+                # An intermediate never outlives the CA that signs it.
+                not_after = min(not_after, upstream.certificate.not_valid_after_utc)
+                cert = new_ca_certificate(
+                    trust_domain=self.trust_domain, public_key=handle.public_key,
+                    signer_key=upstream.key, issuer=upstream.certificate,
+                    not_before=now - BACKDATE, not_after=not_after)
+            else:
+                cert = new_ca_certificate(
+                    trust_domain=self.trust_domain, public_key=handle.public_key,
+                    signer_key=handle.private_key, not_before=now - BACKDATE,
+                    not_after=not_after)
+            cert_der: bytes | None = cert.public_bytes(Encoding.DER)
+            not_after = cert.not_valid_after_utc
+        else:
+            handle = self._cfg.key_manager.generate_key(f"jwt-{record_id}",
+                                                        self._cfg.jwt_key_type)
+            cert_der = None
+        rec = CaKeyRecord(
+            id=record_id, kind=kind, status=STATUS_PREPARED, key_id=handle.key_id,
+            public_key=public_key_der(handle.public_key), certificate=cert_der,
+            not_after=_ts(not_after), created_at=_ts(now), owner=self._cfg.owner,
+            not_before=_ts(now),
+        )
+        self._cfg.datastore.add_ca_key(rec)
+        event("ca authority prepared", kind=kind, authority_id=_authority_id(rec),
+              not_after=not_after.isoformat())
+        return rec
+
+    def _set_active(self, rec: CaKeyRecord) -> None:
+        """Make ``rec`` the active slot of its kind; the previous one becomes old."""
+        now = _ts(self._cfg.clock.now())
+        previous = self._own(rec.kind, STATUS_ACTIVE)
+        if previous is not None and previous.id != rec.id:
+            self._cfg.datastore.update_ca_key(previous.id, status=STATUS_OLD,
+                                              deactivated_at=now)
+        self._cfg.datastore.update_ca_key(rec.id, status=STATUS_ACTIVE, activated_at=now)
+        event("ca authority activated", kind=rec.kind, authority_id=_authority_id(rec),
+              not_after=_dt(rec.not_after).isoformat())
+
+    # ---- the bundle --------------------------------------------------------------
+
+    def _render(self, sequence: int) -> Bundle:
+        records = self._records()
+        upstream = self._cfg.upstream
+        if upstream is not None:
+            x509s: tuple[x509.Certificate, ...] = upstream.roots
+        else:
+            x509s = tuple(x509.load_der_x509_certificate(r.certificate) for r in records
+                          if r.kind == KIND_X509 and r.certificate is not None)
+        from identity.keys import load_public_key_der
+
+        jwts = tuple(JwtAuthority(key_id=key_id(load_public_key_der(r.public_key)),
+                                  public_key=load_public_key_der(r.public_key),
+                                  expires_at=_dt(r.not_after))
+                     for r in records if r.kind == KIND_JWT)
+        return Bundle(trust_domain=self.trust_domain, x509_authorities=x509s,
+                      jwt_authorities=jwts, sequence_number=sequence, refresh_hint=None)
 
     def _publish_bundle(self) -> None:
-        """Rebuild the bundle from every stored slot and store it (sequence + 1)."""
-        records = self._cfg.datastore.list_ca_keys()
-        x509s = tuple(x509.load_der_x509_certificate(r.certificate) for r in records
-                      if r.kind == KIND_X509 and r.certificate is not None)
-        jwts: list[JwtAuthority] = []
-        for r in records:
-            if r.kind != KIND_JWT:
-                continue
-            pub = load_public_key_der(r.public_key)
-            jwts.append(JwtAuthority(key_id=key_id(pub), public_key=pub,
-                                     expires_at=dt.datetime.fromtimestamp(r.not_after, dt.UTC)))
+        """Render the bundle from every server's slots and store it (sequence + 1).
 
-        def render(sequence: int) -> str:
-            return Bundle(
-                trust_domain=self.trust_domain,
-                x509_authorities=x509s,
-                jwt_authorities=tuple(jwts),
-                sequence_number=sequence,
-                refresh_hint=None,
-            ).to_json().decode()
+        Optimistic concurrency: read the sequence, then the slots, then write only
+        if the sequence is unchanged; otherwise another server wrote in between,
+        and we re-read both (its slots included) and try again.
+        """
+        ds = self._cfg.datastore
+        for _ in range(PUBLISH_ATTEMPTS):
+            stored = ds.get_bundle(self.trust_domain)
+            expected = stored.sequence if stored is not None else 0
+            data = self._render(expected + 1).to_json().decode()
+            result = ds.compare_and_put_bundle(self.trust_domain, expected, data)
+            if result is not None:
+                self._bundle = Bundle.from_jwks(self.trust_domain, result.data)
+                event("bundle updated", trust_domain=self.trust_domain,
+                      sequence=result.sequence)
+                return
+        raise AuthorityError("could not update the bundle: too many concurrent writers")
 
-        stored = self._cfg.datastore.put_bundle(self.trust_domain, render)
-        self._bundle = Bundle.from_jwks(self.trust_domain, stored.data)
-        event("bundle updated", trust_domain=self.trust_domain, sequence=stored.sequence)
+    def refresh_bundle(self) -> bool:
+        """Re-read the bundle and taints from the datastore; True when it changed.
 
-    # ---- the narrow signing interface --------------------------------------------
+        Another server sharing the database may have changed either.
+        """
+        stored = self._cfg.datastore.get_bundle(self.trust_domain)
+        changed = False
+        with self._lock:
+            if stored is not None and (self._bundle is None
+                                       or self._bundle.sequence_number != stored.sequence):
+                self._bundle = Bundle.from_jwks(self.trust_domain, stored.data)
+                changed = True
+            self._load_taints()
+        return changed
 
-    def _active_x509(self) -> X509Slot:
-        slot = self._x509
-        if slot is None:
-            raise AuthorityError("the CA is not loaded")
-        return slot
+    def _load_taints(self) -> None:
+        tainted = [r for r in self._records() if r.status == STATUS_TAINTED]
+        self._tainted_x509 = tuple(x509.load_der_x509_certificate(r.certificate)
+                                   for r in tainted
+                                   if r.kind == KIND_X509 and r.certificate is not None)
+        self._tainted_jwt = tuple(_authority_id(r) for r in tainted if r.kind == KIND_JWT)
 
     def bundle(self) -> Bundle:
         """The current trust bundle of our trust domain."""
@@ -249,14 +393,224 @@ class CertificateAuthority:
             raise AuthorityError("the CA is not loaded")
         return bundle
 
+    def tainted_x509_authorities(self) -> tuple[x509.Certificate, ...]:
+        """Signing certificates (of any server) an operator tainted: rotate away early."""
+        return self._tainted_x509
+
+    def tainted_jwt_key_ids(self) -> tuple[str, ...]:
+        """JWT key ids (of any server) an operator tainted."""
+        return self._tainted_jwt
+
+    # ---- rotation ----------------------------------------------------------------
+
+    def _drop_time(self, rec: CaKeyRecord) -> dt.datetime:
+        # A slot made old by a version without signed_until: all we know is notAfter.
+        # Otherwise the margin counts from its last SVID's expiry, and never from
+        # before it stopped signing (a slot that signed nothing still gets the margin).
+        if rec.deactivated_at is None:
+            until = rec.not_after
+        else:
+            until = min(max(rec.signed_until, rec.deactivated_at), rec.not_after)
+        return _dt(until) + self._cfg.safety_margin
+
+    def tick(self) -> None:
+        """One rotation step: prepare, activate and drop as the clock says; refresh.
+
+        Called by the scheduler every few seconds and by tests after moving a
+        FakeClock. Idempotent: a tick with nothing due changes nothing.
+        """
+        now = self._cfg.clock.now()
+        changed = False
+        with self._lock:
+            if not self._cfg.rotate:
+                self._follow()
+            for kind in KINDS if self._cfg.rotate else ():
+                active = self._own(kind, STATUS_ACTIVE)
+                prepared = self._own(kind, STATUS_PREPARED)
+                if active is None:  # pragma: no cover - load_or_create guarantees one
+                    continue
+                life = _dt(active.not_after) - _dt(active.not_before)
+                start = _dt(active.not_before)
+                if prepared is None and now >= start + life / 2:
+                    self._create(kind)
+                    changed = True
+                elif prepared is not None and now >= start + life * 5 / 6:
+                    self._set_active(prepared)
+                    changed = True
+                for rec in self._records(kind):
+                    if (rec.owner == self._cfg.owner
+                            and rec.status in (STATUS_OLD, STATUS_TAINTED)
+                            and now >= self._drop_time(rec)):
+                        self._cfg.datastore.delete_ca_key(rec.id)
+                        event("ca authority dropped", kind=kind, status=rec.status,
+                              authority_id=_authority_id(rec))
+                        changed = True
+            if changed:
+                self._load_active()
+                self._publish_bundle()
+        self.refresh_bundle()
+
+    def _follow(self) -> None:
+        """Reload the active slots when another process of this server rotated them."""
+        x = self._own(KIND_X509, STATUS_ACTIVE)
+        j = self._own(KIND_JWT, STATUS_ACTIVE)
+        current = (self._x509.record_id if self._x509 else None,
+                   self._jwt.record_id if self._jwt else None)
+        if x is not None and j is not None and (x.id, j.id) != current:
+            self._load_active()
+
+    # ---- localauthority (operator steps) ------------------------------------------
+
+    def _info(self, rec: CaKeyRecord) -> AuthorityInfo:
+        upstream = ""
+        if rec.kind == KIND_X509 and self._cfg.upstream is not None:
+            upstream = subject_key_id(self._cfg.upstream.certificate)
+        return AuthorityInfo(
+            kind=rec.kind, authority_id=_authority_id(rec), status=rec.status,
+            not_after=_dt(rec.not_after), owner=rec.owner,
+            signed_until=_dt(rec.signed_until) if rec.signed_until else None,
+            upstream_authority_id=upstream)
+
+    def list_authorities(self, kind: str) -> list[AuthorityInfo]:
+        """This trust domain's authorities of ``kind`` (every server's), oldest first."""
+        return [self._info(r) for r in self._records(kind)]
+
+    def _find(self, kind: str, authority_id: str) -> CaKeyRecord:
+        for rec in self._records(kind):
+            if _authority_id(rec) == authority_id:
+                if rec.owner != self._cfg.owner:
+                    raise AuthorityStateError(
+                        f"{kind} authority {authority_id} belongs to another server "
+                        f"({rec.owner}); run the command against that server")
+                return rec
+        from ca.errors import NotFoundError
+
+        raise NotFoundError(f"no {kind} authority {authority_id}")
+
+    def prepare(self, kind: str) -> AuthorityInfo:
+        """Prepare the next authority now and publish it in the bundle.
+
+        Raises:
+            AuthorityStateError: one is already prepared.
+        """
+        with self._lock:
+            existing = self._own(kind, STATUS_PREPARED)
+            if existing is not None:
+                raise AuthorityStateError(
+                    f"a {kind} authority is already prepared ({_authority_id(existing)}); "
+                    "activate it first")
+            rec = self._create(kind)
+            self._publish_bundle()
+            return self._info(rec)
+
+    def activate(self, kind: str) -> AuthorityInfo:
+        """Activate the prepared authority now; the active one becomes old.
+
+        Raises:
+            AuthorityStateError: nothing is prepared.
+        """
+        with self._lock:
+            prepared = self._own(kind, STATUS_PREPARED)
+            if prepared is None:
+                raise AuthorityStateError(
+                    f"no {kind} authority is prepared; run localauthority {kind} prepare "
+                    "first (and let agents sync the new bundle)")
+            self._set_active(prepared)
+            self._load_active()
+            self._publish_bundle()
+            rec = self._own(kind, STATUS_ACTIVE)
+            assert rec is not None
+            return self._info(rec)
+
+    def taint(self, kind: str, authority_id: str) -> AuthorityInfo:
+        """Mark an old authority tainted: agents re-issue what it signed at once.
+
+        Raises:
+            AuthorityStateError: the authority is not old (only a rotated-out one may be
+                tainted: tainting the active one would make agents re-sign with it).
+            NotFoundError: no such authority.
+        """
+        with self._lock:
+            rec = self._find(kind, authority_id)
+            if rec.status == STATUS_TAINTED:
+                raise AuthorityStateError(f"{kind} authority {authority_id} is already tainted")
+            if rec.status != STATUS_OLD:
+                raise AuthorityStateError(
+                    f"only an old {kind} authority can be tainted; {authority_id} is "
+                    f"{rec.status} (prepare and activate a new one first)")
+            self._cfg.datastore.update_ca_key(rec.id, status=STATUS_TAINTED)
+            self._load_taints()
+            # A new sequence makes every server's TLS front and every agent pick it up.
+            self._publish_bundle()
+            event("ca authority tainted", kind=kind, authority_id=authority_id)
+            return replace(self._info(rec), status=STATUS_TAINTED)
+
+    def revoke(self, kind: str, authority_id: str, *, force: bool = False) -> AuthorityInfo:
+        """Remove a tainted or old authority from the bundle.
+
+        Only once nothing valid depends on it: everything it signed has expired
+        (``signed_until``), unless ``force``.
+
+        Raises:
+            AuthorityStateError: it is active or prepared, or not tainted, or still
+                vouches for unexpired SVIDs and ``force`` is not set.
+            NotFoundError: no such authority.
+        """
+        now = self._cfg.clock.now()
+        with self._lock:
+            rec = self._find(kind, authority_id)
+            if rec.status in (STATUS_ACTIVE, STATUS_PREPARED):
+                raise AuthorityStateError(
+                    f"{kind} authority {authority_id} is {rec.status}; only a tainted one "
+                    "can be revoked")
+            if rec.status != STATUS_TAINTED and not force:
+                raise AuthorityStateError(
+                    f"{kind} authority {authority_id} is not tainted; taint it first so "
+                    "agents rotate away from it")
+            until = _dt(min(rec.signed_until, rec.not_after))
+            if not force and until > now:
+                raise AuthorityStateError(
+                    f"{kind} authority {authority_id} signed SVIDs valid until "
+                    f"{until.isoformat()}; revoking now would break them (wait, or --force)")
+            self._cfg.datastore.delete_ca_key(rec.id)
+            self._load_taints()
+            self._publish_bundle()
+            event("ca authority revoked", kind=kind, authority_id=authority_id, forced=force)
+            return replace(self._info(rec), status="revoked")
+
+    # ---- the narrow signing interface --------------------------------------------
+
+    def _note_signed(self, record_id: str, not_after: dt.datetime) -> None:
+        """Write ahead: the slot's stored signed_until covers ``not_after``."""
+        needed = _ts(not_after)
+        if self._watermark.get(record_id, 0) >= needed:
+            return
+        with self._lock:
+            if self._watermark.get(record_id, 0) >= needed:
+                return
+            mark = needed + int(WATERMARK_STEP.total_seconds())
+            self._cfg.datastore.update_ca_key(record_id, signed_until=mark)
+            self._watermark[record_id] = mark
+
+    def _active_x509(self) -> X509Slot:
+        slot = self._x509
+        if slot is None:
+            raise AuthorityError("the CA is not loaded")
+        return slot
+
     def ca_certificate(self) -> x509.Certificate:
         """The active signing certificate."""
         return self._active_x509().certificate
 
-    def _chain_for(self, leaf: x509.Certificate) -> tuple[x509.Certificate, ...]:
+    def _chain_for(self, leaf: x509.Certificate, slot: X509Slot) -> tuple[x509.Certificate, ...]:
         # A self-signed root is not part of an SVID chain (X509-SVID §5.3: roots come
-        # from the bundle); an intermediate from an upstream CA would be appended here.
-        return (leaf,)
+        # from the bundle); an intermediate under an upstream CA is, with the
+        # upstream's own intermediates, so peers can build the path to the root.
+        upstream = self._cfg.upstream
+        if upstream is None:
+            return (leaf,)
+        above = () if upstream.certificate in upstream.roots else (upstream.certificate,)
+        return (leaf, slot.certificate, *above, *upstream.chain)
 
     def sign_x509_svid(
         self, spiffe_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta,
@@ -273,7 +627,8 @@ class CertificateAuthority:
             ca_key=slot.key.private_key, not_before=now - BACKDATE, not_after=now + ttl,
             dns_names=tuple(dns_names),
         )
-        return self._chain_for(leaf)
+        self._note_signed(slot.record_id, leaf.not_valid_after_utc)
+        return self._chain_for(leaf, slot)
 
     def sign_agent_svid(
         self, agent_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta
@@ -287,14 +642,18 @@ class CertificateAuthority:
         """Sign the server's TLS certificate.
 
         Returns:
-            leaf and CA certificate: the CA is included so an agent bootstrapping
-            with ``--insecure-bootstrap`` can read the root from the handshake.
+            the chain and then the root (the self-signed CA, or the upstream root)
+            so an agent bootstrapping with ``--insecure-bootstrap`` can read the
+            root from the handshake.
         """
         slot = self._active_x509()
-        leaf_chain = self.sign_x509_svid(
+        chain = self.sign_x509_svid(
             server_id(self.trust_domain), public_key, ttl=ttl, dns_names=(SERVER_DNS_NAME,)
         )
-        return (*leaf_chain, slot.certificate)
+        upstream = self._cfg.upstream
+        if upstream is None:
+            return (*chain, slot.certificate)
+        return (*chain, *(r for r in upstream.roots if r not in chain))
 
     def sign_jwt_svid(
         self, spiffe_id: SpiffeId, audience: Sequence[str], *, ttl: dt.timedelta
@@ -305,9 +664,16 @@ class CertificateAuthority:
             raise AuthorityError("the CA is not loaded")
         now = self._cfg.clock.now()
         expires_at = min(now + ttl, slot.not_after)
+        self._note_signed(slot.record_id, expires_at)
         token = sign_jwt_svid(
             spiffe_id=spiffe_id, audience=tuple(audience), key=slot.key.private_key,
             key_id=slot.kid, issued_at=now, expires_at=expires_at,
         )
         return SignedJwtSvid(token, spiffe_id, now, expires_at)
 
+
+def log_ttl_warnings(ca_ttl: dt.timedelta, x509_svid_ttl: dt.timedelta,
+                     jwt_svid_ttl: dt.timedelta) -> None:
+    """Log :func:`ttl_warnings` at start-up."""
+    for message in ttl_warnings(ca_ttl, x509_svid_ttl, jwt_svid_ttl):
+        event("svid ttl too long for ca rotation", level=logging.WARNING, detail=message)

@@ -623,7 +623,8 @@ class Datastore:
     def delete_ca_key(self, record_id: str) -> bool:
         """Remove a CA key slot; False when it was already gone."""
         with self._session() as s:
-            return bool(s.execute(delete(m.CaKey).where(m.CaKey.id == record_id)).rowcount)
+            result = s.execute(delete(m.CaKey).where(m.CaKey.id == record_id))
+            return bool(getattr(result, "rowcount", 0))
 
     def compare_and_put_bundle(
         self, trust_domain: TrustDomain, expected_sequence: int, data: str
@@ -648,13 +649,13 @@ class Datastore:
                 except IntegrityError:
                     return None
             else:
-                done = s.execute(
+                result = s.execute(
                     update(m.BundleRow)
                     .where(m.BundleRow.trust_domain == trust_domain.name,
                            m.BundleRow.sequence == expected_sequence)
                     .values(data=data, sequence=new_sequence)
-                ).rowcount
-                if done != 1:
+                )
+                if getattr(result, "rowcount", 0) != 1:
                     return None
             return StoredBundle(trust_domain.name, data, new_sequence)
 
