@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
+from attestation.node import AttestationResult
 from ca.authority import CertificateAuthority, server_id
 from ca.config import ServerConfig
 from ca.datastore import Datastore
@@ -19,6 +21,11 @@ class ApiDeps:
     datastore: Datastore
     authority: CertificateAuthority
     clock: Clock
+    # Node attestors besides join_token (which needs the datastore transaction):
+    # name -> verify(payload), which raises an AttestationError to refuse.
+    node_verifiers: Mapping[str, Callable[[bytes], AttestationResult]] = field(
+        default_factory=dict
+    )
 
     @property
     def server_id(self) -> SpiffeId:

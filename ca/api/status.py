@@ -17,6 +17,7 @@ import grpc
 
 from attestation.node.errors import (
     AttestationError,
+    AttestorUnavailableError,
     MalformedAttestationError,
     UnknownAttestorError,
 )
@@ -41,6 +42,8 @@ STATUS_TABLE: Mapping[type[BaseException], grpc.StatusCode] = {
     MalformedAttestationError: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownAttestorError: grpc.StatusCode.PERMISSION_DENIED,
     AttestationError: grpc.StatusCode.PERMISSION_DENIED,
+    # The attestor's backend (a cluster's API) is down: not the agent's fault, retry.
+    AttestorUnavailableError: grpc.StatusCode.UNAVAILABLE,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
