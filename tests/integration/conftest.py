@@ -64,20 +64,22 @@ class RunningServer:
             timeout=timeout,
         )
 
-    def _read_stderr(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
+    def _read_stderr(self, proc: subprocess.Popen[str], listening: threading.Event) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
             self.log_lines.append(line)
             if "health listening" in line and "health_address=" in line:
                 self.health_address = line.split("health_address=", 1)[1].split()[0]
             if "server listening" in line and "agent_api=" in line:
                 self.address = line.split("agent_api=", 1)[1].split()[0]
-                self._listening.set()
-        self._listening.set()  # the process ended: wake the waiter either way
+                listening.set()
+        listening.set()  # the process ended: wake the waiter either way
 
     def start(self) -> None:
         """Start the server and wait until it is healthy."""
-        self._listening.clear()
+        # A fresh event per start: a killed predecessor's stderr can reach EOF late
+        # (its children hold the pipe) and must not wake this start's waiter.
+        self._listening = threading.Event()
         self.address = ""
         self.proc = subprocess.Popen(
             [*server_command(), "run", "--trust-domain", self.trust_domain,
@@ -86,7 +88,8 @@ class RunningServer:
              "--socket-path", str(self.socket_path), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        threading.Thread(target=self._read_stderr, args=(self.proc, self._listening),
+                         daemon=True).start()
         if not self._listening.wait(START_TIMEOUT) or not self.address:
             self.proc.kill()
             self.proc.wait()
