@@ -132,6 +132,9 @@ class Snapshot:
 DEFAULT_SVID_CACHE_SIZE = 1000
 """How many X.509-SVIDs the agent keeps beyond those connected workloads use."""
 
+MAX_JWT_CACHE = 10_000
+"""Most JWT-SVIDs the cache keeps (per entry and audience set)."""
+
 JwtSigner = Callable[[CachedEntry, Sequence[str]], Awaitable[JwtSvid]]
 """Signs a JWT-SVID for an entry and audience (the server's NewJWTSVID)."""
 
@@ -193,6 +196,8 @@ class Cache:
         self._snapshot: Snapshot | None = None
         self._changed = asyncio.Event()
         self._jwt: dict[tuple[str, tuple[str, ...]], _JwtCacheItem] = {}
+        # Concurrent requests for one (entry, audience) share one server call.
+        self._jwt_inflight: dict[tuple[str, tuple[str, ...]], asyncio.Future[JwtSvid]] = {}
 
     # Reading -----------------------------------------------------------------
 
@@ -380,7 +385,9 @@ class Cache:
         """A JWT-SVID for ``entry`` and ``audience``, from the cache or the server.
 
         Cached per (entry, sorted audiences) until half its lifetime, like the
-        X.509-SVIDs.
+        X.509-SVIDs; concurrent requests for the same key wait for one server
+        call. At most :data:`MAX_JWT_CACHE` tokens are kept (oldest dropped first),
+        so callers inventing audiences cannot grow the cache without bound.
 
         Raises:
             NotReadyError: no signer is configured.
@@ -393,9 +400,25 @@ class Cache:
             return item.svid
         if self._jwt_signer is None:
             raise NotReadyError("the agent cannot sign JWT-SVIDs yet")
-        svid = await self._jwt_signer(entry, key[1])
-        issued = svid.issued_at or now
+        call = self._jwt_inflight.get(key)
+        if call is None:
+            call = asyncio.ensure_future(self._sign_jwt(key, entry, self._jwt_signer))
+            self._jwt_inflight[key] = call
+        # shield: a caller that goes away must not cancel the call the others share.
+        return await asyncio.shield(call)
+
+    async def _sign_jwt(
+        self, key: tuple[str, tuple[str, ...]], entry: CachedEntry, signer: JwtSigner
+    ) -> JwtSvid:
+        try:
+            svid = await signer(entry, key[1])
+        finally:
+            del self._jwt_inflight[key]
+        issued = svid.issued_at or self._clock.now()
+        self._jwt.pop(key, None)
         self._jwt[key] = _JwtCacheItem(svid, issued + (svid.expires_at - issued) / 2)
+        while len(self._jwt) > MAX_JWT_CACHE:
+            del self._jwt[next(iter(self._jwt))]
         return svid
 
     def set_jwt_signer(self, signer: JwtSigner) -> None:

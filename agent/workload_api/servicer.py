@@ -45,6 +45,11 @@ SERVICE_NAME = "SpiffeWorkloadAPI"
 SECURITY_HEADER = "workload.spiffe.io"
 NO_IDENTITY = "no identity issued"
 HEADER_MISSING = "security header missing from request"
+# Bounds on what a caller may ask for, checked before anything goes to the server
+# (the whole request is also capped at MAX_REQUEST_BYTES by grpc). 2048 bytes is
+# the longest SPIFFE ID a party must accept; audiences are usually SPIFFE IDs.
+MAX_AUDIENCES = 32
+MAX_AUDIENCE_BYTES = 2048
 
 PeerLookup = Callable[[str], PeerCredentials | None]
 SyncRequest = Callable[[], Awaitable[None]]
@@ -338,9 +343,10 @@ class WorkloadApiServicer:
     ) -> pb.JWTSVIDResponse:
         """JWT-SVIDs for every identity of the caller (or the one requested)."""
         caller = await self._caller(context)
-        audience = [a for a in request.audience if a]
+        audience = list(dict.fromkeys(a for a in request.audience if a))
         if not audience:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        await _check_audience_bounds(context, audience)
         wanted: SpiffeId | None = None
         if request.spiffe_id:
             try:
@@ -390,11 +396,15 @@ class WorkloadApiServicer:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
+        await _check_audience_bounds(context, [request.audience])
         snap = self._cache.snapshot()
+        # The caller's own trust domain and those its entries federate with: the
+        # bundles it could fetch itself, and no others.
+        bundles = snap.bundles_for(snap.entitled(caller.selectors))
         try:
             svid = validate_jwt_svid(
                 request.svid,
-                bundles=BundleSet(snap.bundles.values()),
+                bundles=BundleSet(bundles.values()),
                 audience=request.audience,
                 now=self._clock.now(),
             )
@@ -434,6 +444,22 @@ class _Caller:
     def __init__(self, creds: PeerCredentials, selectors: frozenset[Selector]) -> None:
         self.creds = creds
         self.selectors = selectors
+
+
+async def _check_audience_bounds(
+    context: grpc.aio.ServicerContext[Any, Any], audience: Sequence[str]
+) -> None:
+    if len(audience) > MAX_AUDIENCES:
+        await _abort(
+            context, grpc.StatusCode.INVALID_ARGUMENT,
+            f"too many audiences: {len(audience)} (at most {MAX_AUDIENCES})",
+        )
+    for value in audience:
+        if len(value.encode()) > MAX_AUDIENCE_BYTES:
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT,
+                f"audience longer than {MAX_AUDIENCE_BYTES} bytes",
+            )
 
 
 async def _abort(
