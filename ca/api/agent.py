@@ -18,7 +18,13 @@ from api.protos.sigil.agent.v1 import agent_pb2, agent_pb2_grpc
 from api.protos.sigil.types.v1 import types_pb2
 from attestation.node import join_token
 from attestation.node.errors import UnknownAttestorError
-from ca.api.convert import bundle_to_proto, entry_to_proto, selector_to_proto, svid_to_proto
+from ca.api.convert import (
+    bundle_to_proto,
+    entry_to_proto,
+    own_bundle_to_proto,
+    selector_to_proto,
+    svid_to_proto,
+)
 from ca.api.deps import ApiDeps
 from ca.api.status import grpc_method
 from ca.authorization import authorized_entries
@@ -109,9 +115,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             raise PermissionDeniedError(f"{agent_id} is not an agent of {td}")
         node = self._d.datastore.get_node(agent_id)
         if node is None:
-            raise PermissionDeniedError(f"agent {agent_id} is not attested")
+            # Never attested, or evicted: it must attest again.
+            raise PermissionDeniedError(f"agent is not attested (or was evicted): {agent_id}")
         if node.banned:
-            raise PermissionDeniedError(f"agent {agent_id} is banned")
+            raise PermissionDeniedError(f"agent is banned: {agent_id}")
         serial = cert.serial_number
         if serial == node.new_serial:
             # First use of a renewed SVID: from now on only it is current.
@@ -160,7 +167,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             )
             existing = tx.get_node(result.agent_id)
             if existing is not None and existing.banned:
-                raise PermissionDeniedError(f"agent {result.agent_id} is banned")
+                raise PermissionDeniedError(f"agent is banned: {result.agent_id}")
             chain = self._d.authority.sign_agent_svid(
                 result.agent_id, public_key, ttl=cfg.agent_svid_ttl
             )
@@ -182,7 +189,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
               alias=result.alias or "", serial=format(chain[0].serial_number, "x"))
         return agent_pb2.AttestAgentResponse(
             svid=svid_to_proto(result.agent_id, chain),
-            bundle=bundle_to_proto(self._d.authority.bundle()),
+            bundle=own_bundle_to_proto(self._d.authority),
             node_selectors=[selector_to_proto(s) for s in selectors],
         )
 
@@ -217,7 +224,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         revision = self._d.datastore.current_revision()
         entries = self._authorized(node)
         own = self._d.authority.bundle()
-        bundles: dict[str, types_pb2.Bundle] = {own.trust_domain.name: bundle_to_proto(own)}
+        bundles: dict[str, types_pb2.Bundle] = {
+            own.trust_domain.name: own_bundle_to_proto(self._d.authority)}
         for td in sorted({td for e in entries for td in e.federates_with}):
             stored = self._d.datastore.get_bundle(td)
             if stored is not None and td.name not in bundles:
