@@ -368,3 +368,60 @@ def test_py_spiffe_x509_and_jwt_sources_follow_rotation(harness: Harness) -> Non
         source.close()
         jwt_source.close()
         client.close()
+
+
+# spiffe-tls (PyPI) between two workloads ------------------------------------------------
+
+
+def test_spiffe_tls_mutual_tls_between_two_workloads(harness: Harness) -> None:
+    spiffetls = pytest.importorskip("spiffetls", reason="spiffe-tls is not installed")
+    from spiffe import SpiffeId, WorkloadApiClient, X509Source
+    from spiffetls.tlsconfig.authorize import authorize_id
+
+    db = "spiffe://example.org/db"
+    # Both workloads run as this test's user: the client uses its default
+    # identity (db sorts first), the server picks web.
+    harness.set_state([entry("w", WEB, UID), entry("d", db, UID)])
+    address = f"unix://{harness.socket_path}"
+    server_source = X509Source(
+        workload_api_client=WorkloadApiClient(address),
+        svid_picker=lambda svids: next(s for s in svids if str(s.spiffe_id) == WEB),
+    )
+    client_source = X509Source(workload_api_client=WorkloadApiClient(address))
+    port = 0
+    import socket as socketlib
+
+    with socketlib.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    listener = spiffetls.listen(
+        f"127.0.0.1:{port}", server_source,
+        spiffetls.ListenOptions(authorize_fn=authorize_id(SpiffeId(db))),
+    )
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            seen.append(conn.recv(1024))
+            conn.sendall(b"pong")
+        finally:
+            conn.shutdown()
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        conn = spiffetls.dial(f"127.0.0.1:{port}", client_source,
+                              authorize_fn=authorize_id(SpiffeId(WEB)))
+        try:
+            conn.sendall(b"ping")
+            assert conn.recv(1024) == b"pong"
+        finally:
+            conn.close()
+        t.join(timeout=10)
+        assert seen == [b"ping"]
+    finally:
+        listener.close()
+        server_source.close()
+        client_source.close()
