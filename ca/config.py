@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ca import caconfig, opsconfig
+from ca.datastore.engine import parse_database_url
 from ca.errors import ConfigError
 from ca.kubernetes import config as k8sconfig
 from identity import configvalues
@@ -212,6 +213,7 @@ def _validate(raw: Mapping[str, Any]) -> ServerConfig:
     database_url = raw.get("database_url") or f"sqlite:///{data_dir / DATABASE_FILE}"
     if not isinstance(database_url, str):
         raise ConfigError(f"database_url must be a string, not {database_url!r}")
+    parse_database_url(database_url)  # the scheme and driver, at load time
 
     log_level = _string(raw, "log_level").lower()
     if log_level not in LOG_LEVELS:

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from ca.errors import DatastoreError
 
 HERE = Path(__file__).resolve().parent
 
@@ -24,8 +28,20 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Migrate the database at ``url`` up to ``revision``."""
-    command.upgrade(alembic_config(url), revision)
+    """Migrate the database at ``url`` up to ``revision``.
+
+    Raises:
+        DatastoreError: the database cannot be reached or refused a statement; the
+            message names the database without its password.
+    """
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except DBAPIError as exc:
+        where = make_url(url).render_as_string(hide_password=True)
+        reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ""
+        raise DatastoreError(
+            f"cannot migrate the datastore at {where}: {exc.orig.__class__.__name__}: {reason}"
+        ) from exc
 
 
 def downgrade(url: str, revision: str = "base") -> None:

@@ -264,3 +264,23 @@ def test_large_ids_round_trip(ds: Datastore) -> None:
     ds.put_node(node, now=NOW)
     got = ds.get_node(node.spiffe_id)
     assert got is not None and (got.serial, got.expires_at) == (2**159 - 1, 2**40)
+
+
+def test_connection_settings(ds: Datastore) -> None:
+    with ds.engine.connect() as conn:
+        name = conn.dialect.name
+        if name == "postgresql":
+            assert conn.execute(text("SHOW transaction_isolation")).scalar_one() == (
+                "read committed")
+            assert conn.execute(text("SHOW server_encoding")).scalar_one() == "UTF8"
+        elif name in ("mysql", "mariadb"):
+            assert conn.execute(text("SELECT @@tx_isolation")).scalar_one() == "READ-COMMITTED"
+            assert conn.execute(text("SELECT @@character_set_client")).scalar_one() == "utf8mb4"
+        else:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
+
+
+def test_unicode_selectors_round_trip(ds: Datastore) -> None:
+    created = ds.create_entry(_entry("spiffe://example.org/u", "spiffe://example.org/a",
+                                     "k8s:label:team=Zürich-🚀"), now=NOW)
+    assert ds.get_entry(created.id).selectors == (Selector("k8s", "label:team=Zürich-🚀"),)
