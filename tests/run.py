@@ -43,6 +43,36 @@ def ensure_softhsm() -> None:
               "(fail in CI)", flush=True)
 
 
+NGINX = Path("/usr/sbin/nginx")
+
+
+def ensure_nginx() -> list[str]:
+    """Install Debian's nginx (light, else full) for the helper-mode mTLS test.
+
+    Only when it is missing, apt-get exists and we run as root. Returns what is
+    still missing: in CI (CI=true) that fails the run loudly; elsewhere the test
+    skips with a message.
+    """
+    if NGINX.exists():
+        return []
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    if Path("/usr/bin/apt-get").exists() and os.geteuid() == 0:
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT}
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        print("==> installing nginx (apt-get)", flush=True)
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=False, **quiet)
+        for package in ("nginx-light", "nginx"):
+            if subprocess.run(["apt-get", "install", "-y", "-q", package], env=env,
+                              check=False, **quiet).returncode == 0 and NGINX.exists():
+                return []
+    why = f"nginx is not installed ({NGINX}) and could not be installed with apt-get as root"
+    if in_ci:
+        print(f"==> ERROR: CI requires it: {why}", flush=True)
+        return ["nginx"]
+    print(f"==> WARNING: {why}; the helper-mode nginx test will skip", flush=True)
+    return []
+
+
 def ensure_databases() -> list[str]:
     """Make PostgreSQL and MariaDB reachable, starting them with this machine's commands.
 
@@ -64,6 +94,7 @@ def ensure_databases() -> list[str]:
 def main(argv: list[str]) -> int:
     failed: list[str] = []
     ensure_softhsm()
+    failed += ensure_nginx()
     failed += [f"database {name}" for name in ensure_databases()]
     if not argv:
         if step("ruff", [sys.executable, "-m", "ruff", "check", "."]) != 0:
