@@ -47,7 +47,9 @@ def authorized_entries(
         entries_by_parent: returns the entries whose parent is any of the given IDs.
         now: unix seconds; entries past their ``expires_at`` are left out.
     """
-    aliases = node_aliases(entries_by_parent({server_id}), node_selectors)
+    live_aliases = (a for a in entries_by_parent({server_id})
+                    if not (a.expires_at and a.expires_at <= now))
+    aliases = node_aliases(live_aliases, node_selectors)
     frontier: set[SpiffeId] = {agent_id, *(a.spiffe_id for a in aliases)}
     # The server's ID is never a parent to follow from here: its children are aliases,
     # which must pass the selector test above, not be inherited by nesting.
