@@ -49,6 +49,11 @@ class AgentStub:
                 request_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.SyncAuthorizedRequest.SerializeToString,
                 response_deserializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.SyncAuthorizedResponse.FromString,
                 _registered_method=True)
+        self.SyncAuthorizedEntries = channel.unary_stream(
+                '/sigil.agent.v1.Agent/SyncAuthorizedEntries',
+                request_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.SyncAuthorizedRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.SyncAuthorizedEntriesPage.FromString,
+                _registered_method=True)
         self.BatchNewX509SVID = channel.unary_unary(
                 '/sigil.agent.v1.Agent/BatchNewX509SVID',
                 request_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.BatchNewX509SVIDRequest.SerializeToString,
@@ -85,6 +90,15 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SyncAuthorizedEntries(self, request, context):
+        """What changed for the calling agent since the revision it holds, in pages:
+        entries new or changed since then, ids of entries no longer authorized, and
+        the bundles it needs. Apply the pages only once the one marked `last` arrives.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def BatchNewX509SVID(self, request, context):
         """Signs X.509-SVID CSRs, one per authorized entry.
         """
@@ -116,6 +130,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.SyncAuthorized,
                     request_deserializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.SyncAuthorizedRequest.FromString,
                     response_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.SyncAuthorizedResponse.SerializeToString,
+            ),
+            'SyncAuthorizedEntries': grpc.unary_stream_rpc_method_handler(
+                    servicer.SyncAuthorizedEntries,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.SyncAuthorizedRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.SyncAuthorizedEntriesPage.SerializeToString,
             ),
             'BatchNewX509SVID': grpc.unary_unary_rpc_method_handler(
                     servicer.BatchNewX509SVID,
@@ -209,6 +228,33 @@ class Agent:
             '/sigil.agent.v1.Agent/SyncAuthorized',
             api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.SyncAuthorizedRequest.SerializeToString,
             api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.SyncAuthorizedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncAuthorizedEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sigil.agent.v1.Agent/SyncAuthorizedEntries',
+            api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.SyncAuthorizedRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.SyncAuthorizedEntriesPage.FromString,
             options,
             channel_credentials,
             insecure,
