@@ -30,7 +30,9 @@ from agent.errors import BootstrapError
 from agent.manager import Manager
 from agent.state import AgentState
 from agent.workload_api.server import WorkloadApiServer
+from attestation.node import k8s_psat
 from attestation.node.join_token import make_attestation
+from attestation.workload.k8s import K8sAttestor
 from attestation.workload.unix import UnixAttestor
 from identity.bundle import Bundle
 from identity.clock import Clock, SystemClock
@@ -96,7 +98,9 @@ class Agent:
         self.workload_api = WorkloadApiServer(
             socket_path=self.config.socket_path,
             cache=self.cache,
-            attestors=[UnixAttestor(self.config.unix)],
+            attestors=[UnixAttestor(self.config.unix)] + (
+                [K8sAttestor(self.config.k8s)] if self.config.k8s is not None else []
+            ),
             clock=self._clock,
             request_sync=self.manager.sync_soon,
             max_connections=self.config.max_connections,
@@ -176,6 +180,15 @@ class Agent:
         return await self._attest(bundle)
 
     async def _attest(self, bundle: Bundle) -> tuple[X509Svid, Bundle]:
+        psat = self.config.k8s_psat
+        if psat is not None:
+            # A fresh projected token on every attestation: the kubelet rotates it.
+            try:
+                attestation_type, payload = k8s_psat.make_attestation(
+                    psat.cluster, psat.token_path)
+            except SigilError as exc:
+                raise BootstrapError(str(exc)) from None
+            return await self._attest_with(bundle, attestation_type, payload)
         if not self.config.join_token:
             raise BootstrapError(
                 "the agent has no valid SVID and no join token: create one with "
@@ -185,6 +198,11 @@ class Agent:
             attestation_type, payload = make_attestation(self.config.join_token)
         except SigilError as exc:
             raise BootstrapError(f"join token: {exc}") from None
+        return await self._attest_with(bundle, attestation_type, payload)
+
+    async def _attest_with(
+        self, bundle: Bundle, attestation_type: str, payload: bytes
+    ) -> tuple[X509Svid, Bundle]:
         self.client.configure(roots_pem=roots_pem(bundle))
         key = generate_private_key()
         try:

@@ -27,6 +27,8 @@ from typing import Any
 
 from agent.endpoint import parse_endpoint_address
 from agent.errors import ConfigError, EndpointAddressError
+from attestation.node import k8s_psat
+from attestation.workload import k8s as k8s_workload
 from attestation.workload.unix import UnixAttestorConfig
 from identity import configvalues
 from identity.errors import InvalidSpiffeIdError, InvalidValueError
@@ -68,11 +70,13 @@ _DEFAULTS: Mapping[str, Any] = {
     "log_level": "info",
     "log_format": "text",
     "workload_attestors": None,
+    "node_attestor": None,
     "max_connections": DEFAULT_MAX_CONNECTIONS,
 }
 KNOWN_KEYS = frozenset(_DEFAULTS)
 _ATTESTOR_KEYS: Mapping[str, frozenset[str]] = {
     "unix": frozenset({"discover_workload_path", "workload_path_sha256"}),
+    "k8s": k8s_workload.CONFIG_KEYS,
 }
 
 
@@ -92,6 +96,8 @@ class AgentConfig:
         sync_backoff_max: the longest wait between sync attempts while they fail.
         svid_cache_size: how many X.509-SVIDs to keep beyond those in use.
         unix: options of the unix workload attestor.
+        k8s: options of the k8s workload attestor; None when it is off.
+        k8s_psat: attest the node with k8s_psat (instead of a join token); None: off.
         log_level: debug, info, warning or error.
         log_format: text or json.
         max_connections: Workload API connections open at once; more are
@@ -112,6 +118,8 @@ class AgentConfig:
     log_level: str = "info"
     log_format: str = "text"
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    k8s: k8s_workload.K8sAttestorConfig | None = None
+    k8s_psat: k8s_psat.AgentAttestorConfig | None = None
 
 
 def parse_duration(text: object, *, key: str | None = None) -> dt.timedelta:
@@ -285,7 +293,21 @@ def _validate(raw: Mapping[str, Any]) -> AgentConfig:
         raise ConfigError(
             f"max_connections must be an integer from 1 to 1000000, not {max_connections!r}"
         )
+    k8s_opts = (raw.get("workload_attestors") or {}).get("k8s")
+    psat_table = raw.get("node_attestor")
+    try:
+        k8s = k8s_workload.parse_config(k8s_opts) if k8s_opts is not None else None
+        psat = None
+        if psat_table is not None:
+            if not isinstance(psat_table, dict) or set(psat_table) - {k8s_psat.NAME}:
+                raise ValueError("node_attestor may only hold a [node_attestor.k8s_psat] "
+                                 "table (join_token needs none)")
+            psat = k8s_psat.parse_agent_config(psat_table.get(k8s_psat.NAME))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return AgentConfig(
+        k8s=k8s,
+        k8s_psat=psat,
         max_connections=max_connections,
         trust_domain=trust_domain,
         server_address=server_address,

@@ -119,6 +119,40 @@ def make_attestation(cluster: str, token_path: Path = DEFAULT_TOKEN_PATH) -> tup
     return NAME, json.dumps({"cluster": cluster, "token": token}).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class AgentAttestorConfig:
+    """The agent's ``[node_attestor.k8s_psat]``.
+
+    Attributes:
+        cluster: the cluster name, as the server's config names it.
+        token_path: the projected service-account token (audience ``sigil-server``).
+    """
+
+    cluster: str
+    token_path: Path = DEFAULT_TOKEN_PATH
+
+
+def parse_agent_config(table: object) -> AgentAttestorConfig:
+    """Validate the agent's ``[node_attestor.k8s_psat]`` table.
+
+    Raises:
+        ValueError: an unknown key, or a missing or bad value, naming the key.
+    """
+    where = "node_attestor.k8s_psat"
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table")
+    for key in table:
+        if key not in ("cluster", "token_path"):
+            raise ValueError(f"unknown key '{where}.{key}'")
+    cluster = table.get("cluster")
+    if not isinstance(cluster, str) or not cluster:
+        raise ValueError(f"{where}.cluster is required: the cluster name the server knows")
+    token_path = table.get("token_path", str(DEFAULT_TOKEN_PATH))
+    if not isinstance(token_path, str) or not token_path:
+        raise ValueError(f"{where}.token_path must be a file path")
+    return AgentAttestorConfig(cluster=cluster, token_path=Path(token_path))
+
+
 # ---- server half ----------------------------------------------------------------------
 
 

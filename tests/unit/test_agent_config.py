@@ -54,7 +54,7 @@ def test_socket_path_accepts_uri() -> None:
     ("toml", "message"),
     [
         ('bogus = 1\n', "unknown key 'bogus'"),
-        ("[workload_attestors.k8s]\n", "unknown key 'workload_attestors.k8s'"),
+        ("[workload_attestors.docker]\n", "unknown key 'workload_attestors.docker'"),
         ("[workload_attestors.unix]\nfoo = true\n", "unknown key 'workload_attestors.unix.foo'"),
         ('sync_interval = 5\n', "sync_interval: duration must be a string"),
         ('sync_interval = "5 seconds"\n', "sync_interval: duration '5 seconds' is invalid"),
