@@ -3,6 +3,9 @@ step, with no drift between the migrated schema and the models."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -73,3 +76,18 @@ def test_mariadb_tables_compare_byte_for_byte(database_url: str) -> None:
     assert rows, "no string columns found"
     assert {r[2] for r in rows} == {"utf8mb4_bin"}, rows
     assert default == "utf8mb4_bin"  # tables that later revisions create inherit it
+
+
+@pytest.mark.slow
+def test_servers_starting_together_migrate_once(database_url: str) -> None:
+    # Servers started at once on a fresh shared database each run "upgrade head"
+    # (separate processes: Alembic's context is process-global); the migration lock
+    # makes one do the work and the others find the schema at head.
+    migrations.downgrade(database_url, "base")
+    code = "import sys, migrations; migrations.upgrade(sys.argv[1])"
+    procs = [subprocess.Popen([sys.executable, "-c", code, database_url],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(3)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(outputs)
+    assert _tables(database_url) >= TABLES
