@@ -29,6 +29,7 @@ from multiprocessing.sharedctypes import RawArray
 from typing import Any
 
 from ca.errors import ServerError
+from ca.metrics import count_rate_limited
 
 DEFAULT_SLOTS = 8192
 PROBES = 8
@@ -154,6 +155,7 @@ class RateLimiter:
             return
         wait = self._table.take(f"a|{peer_ip}", 1, self.attestation, self._monotonic())
         if wait:
+            count_rate_limited("attestation")
             raise RateLimitedError(
                 f"too many attestations from {peer_ip}: the limit is "
                 f"{self.attestation.per_second:g}/s (burst {self.attestation.burst}); "
@@ -170,12 +172,14 @@ class RateLimiter:
         if not self.signing.enabled or count <= 0:
             return
         if count > self.signing.burst:
+            count_rate_limited("signing")
             raise RateLimitedError(
                 f"a batch of {count} CSRs exceeds the signing burst of "
                 f"{self.signing.burst}; send smaller batches"
             )
         wait = self._table.take(f"s|{agent_id}", count, self.signing, self._monotonic())
         if wait:
+            count_rate_limited("signing")
             raise RateLimitedError(
                 f"agent {agent_id} asked for too many signatures: the limit is "
                 f"{self.signing.per_second:g} CSRs/s (burst {self.signing.burst}); "

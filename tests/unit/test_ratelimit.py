@@ -62,6 +62,16 @@ def test_batch_larger_than_burst_is_refused_outright() -> None:
         rl.check_signing("spiffe://td/sigil/agent/a", 21)
 
 
+def test_refusals_are_counted() -> None:
+    from ca.metrics import RATE_LIMITED
+
+    before = RATE_LIMITED.labels(limit="signing")._value.get()
+    rl = limiter(Clock())
+    with pytest.raises(RateLimitedError):
+        rl.check_signing("a", 21)
+    assert RATE_LIMITED.labels(limit="signing")._value.get() == before + 1
+
+
 def test_zero_rate_disables() -> None:
     rl = limiter(Clock(), att=RateLimit(0, 1), sign=RateLimit(0, 1))
     for _ in range(100):
