@@ -674,11 +674,21 @@ class Datastore:
             trust_domain: whose bundle.
             render: builds the bundle document given its new sequence number.
         """
-        with self._session() as s:
-            row = s.get(m.BundleRow, trust_domain.name, with_for_update=True)
-            if row is None:
-                row = m.BundleRow(trust_domain=trust_domain.name, data="", sequence=0)
-                s.add(row)
-            row.sequence = (row.sequence or 0) + 1
-            row.data = render(row.sequence)
-            return StoredBundle(row.trust_domain, row.data, row.sequence)
+        for attempt in range(2):
+            try:
+                with self._session() as s:
+                    row = s.get(m.BundleRow, trust_domain.name, with_for_update=True)
+                    if row is None:
+                        row = m.BundleRow(trust_domain=trust_domain.name, data="", sequence=0)
+                        s.add(row)
+                    row.sequence = (row.sequence or 0) + 1
+                    row.data = render(row.sequence)
+                    stored = StoredBundle(row.trust_domain, row.data, row.sequence)
+                return stored
+            except DatastoreError as exc:
+                # FOR UPDATE locks nothing while the row does not exist: two servers
+                # starting on one database may both insert it. The loser retries and
+                # now finds (and locks) the winner's row.
+                if attempt == 1 or not isinstance(exc.__cause__, IntegrityError):
+                    raise
+        raise AssertionError("unreachable")

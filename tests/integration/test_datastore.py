@@ -284,3 +284,21 @@ def test_unicode_selectors_round_trip(ds: Datastore) -> None:
     created = ds.create_entry(_entry("spiffe://example.org/u", "spiffe://example.org/a",
                                      "k8s:label:team=Zürich-🚀"), now=NOW)
     assert ds.get_entry(created.id).selectors == (Selector("k8s", "label:team=Zürich-🚀"),)
+
+
+def test_first_bundle_written_by_two_servers_at_once(database_url: str) -> None:
+    # Two servers starting on one empty database both create the bundle row.
+    stores = [Datastore(database_url) for _ in range(2)]
+    td = TrustDomain("example.org")
+    try:
+        def put(store: Datastore) -> Callable[[], str]:
+            return lambda: str(store.put_bundle(td, lambda seq: f"doc-{seq}").sequence)
+
+        workers = iter(stores * 2)
+        results = _run_concurrently(4, lambda: put(next(workers))())
+        assert results == ["1", "2", "3", "4"]
+        stored = stores[0].get_bundle(td)
+        assert stored is not None and (stored.sequence, stored.data) == (4, "doc-4")
+    finally:
+        for s in stores:
+            s.close()
