@@ -977,6 +977,16 @@ def healthcheck(socket_path: str, output: str) -> None:
         click.echo("Server is healthy.")
 
 
+def _register_subcommands() -> None:
+    # Imported here: these modules use this one's helpers.
+    from ca import cli_localauthority
+
+    cli.add_command(cli_localauthority.make_group(sys.modules[__name__]))
+
+
+_register_subcommands()
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console-script entry point: every error, click's usage errors included, is
     one ``Error: <reason>`` line on stderr and exit code 2."""

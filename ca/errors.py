@@ -47,3 +47,7 @@ class DatastoreError(ServerError):
 
 class KeyManagerError(ServerError):
     """A key could not be created, stored or loaded."""
+
+
+class FailedPreconditionError(ServerError):
+    """The request is valid but the system is not in a state that allows it."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 from cryptography import x509
@@ -27,8 +28,10 @@ from ca.api.convert import (
 )
 from ca.api.deps import ApiDeps
 from ca.api.status import grpc_method
-from ca.authorization import authorized_entries
+from ca.api.sync import sync_pages
 from ca.datastore import EntryRecord, NodeRecord
+from ca.datastore.feed import DatastoreFeed
+from ca.entry_index import EntryIndex
 from ca.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -36,13 +39,13 @@ from ca.errors import (
     UnauthenticatedError,
 )
 from ca.log import event
-from ca.metrics import count_svid
+from ca.metrics import count_svid, observe_sync_seconds
 from ca.ratelimit import RateLimiter
 from identity.bundle import Bundle
 from identity.errors import X509SvidError
 from identity.keys import PublicKey
 from identity.selectors import Selector
-from identity.spiffeid import SpiffeId
+from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import parse_csr, validate_leaf
 
 MAX_BATCH = 500
@@ -73,13 +76,16 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
     def __init__(self, deps: ApiDeps, *, peer_certificate: PeerCertificate,
                  peer_address: PeerAddress | None = None,
-                 rate_limiter: RateLimiter | None = None) -> None:
+                 rate_limiter: RateLimiter | None = None,
+                 entry_index: EntryIndex | None = None) -> None:
         """Args:
             deps: datastore, CA, config, clock.
             peer_certificate: maps ``context.peer()`` to (came through the TLS front,
                 client certificate or None); see :class:`ca.api.tls_front.TlsFront`.
             peer_address: maps ``context.peer()`` to the client's IP address.
             rate_limiter: per-caller limits (None: the limits of ``deps.config``).
+            entry_index: who may have which entry (None: built now from the
+                datastore, and told of this process's own entry changes).
         """
         self._d = deps
         self._peer_certificate = peer_certificate
@@ -87,6 +93,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         ops = deps.config.ops
         self._rate = rate_limiter or RateLimiter(attestation=ops.attestation_limit,
                                                  signing=ops.signing_limit)
+        if entry_index is None:
+            feed = DatastoreFeed(deps.datastore)
+            entry_index = EntryIndex(feed, server_id=deps.server_id, clock=deps.clock)
+            feed.on_local_change(entry_index.notify_local_change)
+            entry_index.build()
+        self._index = entry_index
 
     # ---- authentication ----------------------------------------------------------
 
@@ -129,14 +141,26 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             )
         return node
 
-    def _authorized(self, node: NodeRecord) -> list[EntryRecord]:
-        return authorized_entries(
-            agent_id=node.spiffe_id,
-            node_selectors=node.selectors,
-            server_id=self._d.server_id,
-            entries_by_parent=self._d.datastore.list_entries_by_parents,
-            now=_ts(self._d.clock.now()),
-        )
+    def _authorized(self, node: NodeRecord, entry_ids: Iterable[str]) -> dict[str, EntryRecord]:
+        """Those of ``entry_ids`` that are authorized for the node, by id."""
+        self._index.catch_up()
+        found: dict[str, EntryRecord] = {}
+        for entry_id in entry_ids:
+            entry = self._index.is_authorized(
+                entry_id, agent_id=node.spiffe_id, node_selectors=node.selectors)
+            if entry is not None:
+                found[entry_id] = entry
+        return found
+
+    def _bundles_for(self, federated: Iterable[TrustDomain]) -> dict[str, types_pb2.Bundle]:
+        own = self._d.authority.bundle()
+        bundles: dict[str, types_pb2.Bundle] = {
+            own.trust_domain.name: own_bundle_to_proto(self._d.authority)}
+        for td in federated:
+            stored = self._d.datastore.get_bundle(td)
+            if stored is not None and td.name not in bundles:
+                bundles[td.name] = bundle_to_proto(Bundle.from_jwks(td, stored.data))
+        return bundles
 
     # ---- methods ---------------------------------------------------------------------
 
@@ -217,22 +241,36 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     def SyncAuthorized(
         self, request: agent_pb2.SyncAuthorizedRequest, context: grpc.ServicerContext
     ) -> agent_pb2.SyncAuthorizedResponse:
-        """Every entry authorized for the agent, and the bundles they need."""
+        """Every entry authorized for the agent in one message, and the bundles they need.
+
+        Kept for simple clients; an agent with many entries needs
+        SyncAuthorizedEntries, whose pages fit any message size limit.
+        """
         node = self.authenticate(context)
+        started = time.perf_counter()
         # Read the revision first: a change landing during the sync then shows up
         # as a newer revision next time instead of being missed.
         revision = self._d.datastore.current_revision()
-        entries = self._authorized(node)
-        own = self._d.authority.bundle()
-        bundles: dict[str, types_pb2.Bundle] = {
-            own.trust_domain.name: own_bundle_to_proto(self._d.authority)}
-        for td in sorted({td for e in entries for td in e.federates_with}):
-            stored = self._d.datastore.get_bundle(td)
-            if stored is not None and td.name not in bundles:
-                bundles[td.name] = bundle_to_proto(Bundle.from_jwks(td, stored.data))
-        return agent_pb2.SyncAuthorizedResponse(
+        self._index.catch_up()
+        entries = self._index.authorized_entries(
+            agent_id=node.spiffe_id, node_selectors=node.selectors)
+        bundles = self._bundles_for(
+            sorted({td for e in entries for td in e.federates_with}, key=str))
+        response = agent_pb2.SyncAuthorizedResponse(
             entries=[entry_to_proto(e) for e in entries], bundles=bundles, revision=revision
         )
+        observe_sync_seconds(time.perf_counter() - started)
+        return response
+
+    @grpc_method("agent")
+    def SyncAuthorizedEntries(
+        self, request: agent_pb2.SyncAuthorizedRequest, context: grpc.ServicerContext
+    ) -> Iterator[agent_pb2.SyncAuthorizedEntriesPage]:
+        """What changed for the agent since the revision it holds, in pages."""
+        node = self.authenticate(context)
+        pages = sync_pages(self._index, request, agent_id=node.spiffe_id,
+                           node_selectors=node.selectors, bundles_for=self._bundles_for)
+        return iter(pages)
 
     @grpc_method("agent")
     def BatchNewX509SVID(
@@ -245,7 +283,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 f"a batch may hold at most {MAX_BATCH} CSRs, not {len(request.params)}"
             )
         self._rate.check_signing(str(node.spiffe_id), len(request.params))
-        authorized = {e.id: e for e in self._authorized(node)}
+        authorized = self._authorized(node, {p.entry_id for p in request.params})
         results: list[agent_pb2.BatchNewX509SVIDResult] = []
         for param in request.params:
             results.append(self._sign_one(node.spiffe_id, authorized, param))
@@ -300,7 +338,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 raise InvalidArgumentError(
                     f"each audience must be 1 to {MAX_AUDIENCE_LENGTH} characters"
                 )
-        entry = next((e for e in self._authorized(node) if e.id == request.entry_id), None)
+        entry = self._authorized(node, [request.entry_id]).get(request.entry_id)
         if entry is None:
             raise PermissionDeniedError(
                 f"entry {request.entry_id!r} is not authorized for {node.spiffe_id}"

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from api.protos.sigil.admin.v1 import admin_pb2
 from api.protos.sigil.types.v1 import types_pb2
+from ca.authority import CertificateAuthority
 from ca.datastore.records import EntryRecord, NodeRecord
 from identity.bundle import Bundle
 from identity.keys import public_key_der
@@ -76,6 +77,15 @@ def bundle_to_proto(bundle: Bundle) -> types_pb2.Bundle:
         sequence_number=bundle.sequence_number or 0,
         refresh_hint=bundle.refresh_hint or 0,
     )
+
+
+def own_bundle_to_proto(authority: CertificateAuthority) -> types_pb2.Bundle:
+    """Our trust domain's Bundle message, with the tainted authorities agents act on."""
+    msg = bundle_to_proto(authority.bundle())
+    msg.tainted_x509_authorities.extend(
+        c.public_bytes(Encoding.DER) for c in authority.tainted_x509_authorities())
+    msg.tainted_jwt_key_ids.extend(authority.tainted_jwt_key_ids())
+    return msg
 
 
 def svid_to_proto(spiffe_id: SpiffeId, chain: Sequence[x509.Certificate]) -> types_pb2.X509SVID:

@@ -24,6 +24,7 @@ from attestation.node.errors import (
 from ca.errors import (
     AlreadyExistsError,
     ConflictError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -49,6 +50,7 @@ STATUS_TABLE: Mapping[type[BaseException], grpc.StatusCode] = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     ConflictError: grpc.StatusCode.ABORTED,
+    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     RateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 

@@ -44,7 +44,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ca.datastore import CaKeyRecord, Datastore
-from ca.errors import KeyManagerError, ServerError
+from ca.errors import FailedPreconditionError, KeyManagerError, ServerError
 from ca.keys import KeyHandle, KeyManager
 from ca.log import event
 from identity.bundle import Bundle, JwtAuthority
@@ -77,7 +77,7 @@ class AuthorityError(ServerError):
     """The CA cannot sign or cannot load its keys."""
 
 
-class AuthorityStateError(AuthorityError):
+class AuthorityStateError(AuthorityError, FailedPreconditionError):
     """A localauthority step that does not fit the current slots (FailedPrecondition)."""
 
 

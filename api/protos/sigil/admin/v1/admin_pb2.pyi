@@ -274,3 +274,37 @@ class MintJWTSVIDResponse(_message.Message):
     issued_at: int
     expires_at: int
     def __init__(self, token: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., issued_at: _Optional[int] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
+class LocalAuthorityRequest(_message.Message):
+    __slots__ = ("kind", "authority_id", "force")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    AUTHORITY_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    authority_id: str
+    force: bool
+    def __init__(self, kind: _Optional[str] = ..., authority_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class LocalAuthority(_message.Message):
+    __slots__ = ("kind", "authority_id", "status", "not_after", "owner", "signed_until", "upstream_authority_id")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    AUTHORITY_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_AUTHORITY_ID_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    authority_id: str
+    status: str
+    not_after: int
+    owner: str
+    signed_until: int
+    upstream_authority_id: str
+    def __init__(self, kind: _Optional[str] = ..., authority_id: _Optional[str] = ..., status: _Optional[str] = ..., not_after: _Optional[int] = ..., owner: _Optional[str] = ..., signed_until: _Optional[int] = ..., upstream_authority_id: _Optional[str] = ...) -> None: ...
+
+class LocalAuthorities(_message.Message):
+    __slots__ = ("authorities",)
+    AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
+    authorities: _containers.RepeatedCompositeFieldContainer[LocalAuthority]
+    def __init__(self, authorities: _Optional[_Iterable[_Union[LocalAuthority, _Mapping]]] = ...) -> None: ...

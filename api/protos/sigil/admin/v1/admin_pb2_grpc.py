@@ -125,6 +125,31 @@ class AdminStub:
                 request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintJWTSVIDRequest.SerializeToString,
                 response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintJWTSVIDResponse.FromString,
                 _registered_method=True)
+        self.ListLocalAuthorities = channel.unary_unary(
+                '/sigil.admin.v1.Admin/ListLocalAuthorities',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorities.FromString,
+                _registered_method=True)
+        self.PrepareLocalAuthority = channel.unary_unary(
+                '/sigil.admin.v1.Admin/PrepareLocalAuthority',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.FromString,
+                _registered_method=True)
+        self.ActivateLocalAuthority = channel.unary_unary(
+                '/sigil.admin.v1.Admin/ActivateLocalAuthority',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.FromString,
+                _registered_method=True)
+        self.TaintLocalAuthority = channel.unary_unary(
+                '/sigil.admin.v1.Admin/TaintLocalAuthority',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.FromString,
+                _registered_method=True)
+        self.RevokeLocalAuthority = channel.unary_unary(
+                '/sigil.admin.v1.Admin/RevokeLocalAuthority',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -241,6 +266,37 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLocalAuthorities(self, request, context):
+        """This server's CA and JWT authorities: show, and force each rotation step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrepareLocalAuthority(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ActivateLocalAuthority(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TaintLocalAuthority(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeLocalAuthority(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -333,6 +389,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.MintJWTSVID,
                     request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintJWTSVIDRequest.FromString,
                     response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintJWTSVIDResponse.SerializeToString,
+            ),
+            'ListLocalAuthorities': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLocalAuthorities,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorities.SerializeToString,
+            ),
+            'PrepareLocalAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareLocalAuthority,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.SerializeToString,
+            ),
+            'ActivateLocalAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActivateLocalAuthority,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.SerializeToString,
+            ),
+            'TaintLocalAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.TaintLocalAuthority,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.SerializeToString,
+            ),
+            'RevokeLocalAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeLocalAuthority,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -821,6 +902,141 @@ class Admin:
             '/sigil.admin.v1.Admin/MintJWTSVID',
             api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintJWTSVIDRequest.SerializeToString,
             api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.MintJWTSVIDResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLocalAuthorities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/ListLocalAuthorities',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorities.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareLocalAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/PrepareLocalAuthority',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivateLocalAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/ActivateLocalAuthority',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TaintLocalAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/TaintLocalAuthority',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeLocalAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/RevokeLocalAuthority',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.FromString,
             options,
             channel_credentials,
             insecure,

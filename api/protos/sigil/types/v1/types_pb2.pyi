@@ -59,18 +59,22 @@ class JWTKey(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., expires_at: _Optional[int] = ...) -> None: ...
 
 class Bundle(_message.Message):
-    __slots__ = ("trust_domain", "x509_authorities", "jwt_authorities", "sequence_number", "refresh_hint")
+    __slots__ = ("trust_domain", "x509_authorities", "jwt_authorities", "sequence_number", "refresh_hint", "tainted_x509_authorities", "tainted_jwt_key_ids")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     X509_AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
     JWT_AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
     REFRESH_HINT_FIELD_NUMBER: _ClassVar[int]
+    TAINTED_X509_AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
+    TAINTED_JWT_KEY_IDS_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     x509_authorities: _containers.RepeatedScalarFieldContainer[bytes]
     jwt_authorities: _containers.RepeatedCompositeFieldContainer[JWTKey]
     sequence_number: int
     refresh_hint: int
-    def __init__(self, trust_domain: _Optional[str] = ..., x509_authorities: _Optional[_Iterable[bytes]] = ..., jwt_authorities: _Optional[_Iterable[_Union[JWTKey, _Mapping]]] = ..., sequence_number: _Optional[int] = ..., refresh_hint: _Optional[int] = ...) -> None: ...
+    tainted_x509_authorities: _containers.RepeatedScalarFieldContainer[bytes]
+    tainted_jwt_key_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, trust_domain: _Optional[str] = ..., x509_authorities: _Optional[_Iterable[bytes]] = ..., jwt_authorities: _Optional[_Iterable[_Union[JWTKey, _Mapping]]] = ..., sequence_number: _Optional[int] = ..., refresh_hint: _Optional[int] = ..., tainted_x509_authorities: _Optional[_Iterable[bytes]] = ..., tainted_jwt_key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class X509SVID(_message.Message):
     __slots__ = ("spiffe_id", "cert_chain", "expires_at")
