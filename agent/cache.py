@@ -29,8 +29,11 @@ import itertools
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from cryptography import x509
+
 from agent.errors import NotReadyError
 from agent.rotation import rotation_due
+from agent.taint import load_tainted, signed_by_tainted
 from identity.bundle import Bundle
 from identity.clock import Clock, SystemClock
 from identity.jwtsvid import JwtSvid
@@ -192,6 +195,7 @@ class Cache:
         self._clock = clock or SystemClock()
         self._jwt_signer = jwt_signer
         self._state = _State()
+        self._tainted: tuple[x509.Certificate, ...] = ()
         self._version = 0
         self._snapshot: Snapshot | None = None
         self._changed = asyncio.Event()
@@ -345,6 +349,10 @@ class Cache:
             self._last_used.pop(entry_id, None)
         return bool(victims)
 
+    def set_tainted(self, ders: Iterable[bytes]) -> None:
+        """The signing certificates an operator tainted (sent with the bundle)."""
+        self._tainted = load_tainted(ders)
+
     # Decisions ---------------------------------------------------------------
 
     def rotation_plan(self, now: dt.datetime | None = None) -> list[CachedEntry]:
@@ -375,6 +383,7 @@ class Cache:
             elif (
                 cached.fingerprint != entry.svid_fingerprint()
                 or rotation_due(cached.svid, now)
+                or (self._tainted and signed_by_tainted(cached.svid, self._tainted))
             ):
                 out.append(entry)
         return out

@@ -62,6 +62,8 @@ class SyncResult:
     entries: tuple[CachedEntry, ...]
     bundles: dict[TrustDomain, Bundle]
     revision: int
+    # DER signing certificates of our trust domain an operator tainted (agent/taint.py).
+    tainted_x509: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +218,9 @@ class ServerClient:
                           reason=str(exc))
                 continue
             bundles[bundle.trust_domain] = bundle
-        return SyncResult(tuple(entries), bundles, resp.revision)
+        own = resp.bundles.get(self.trust_domain.name)
+        tainted = tuple(own.tainted_x509_authorities) if own is not None else ()
+        return SyncResult(tuple(entries), bundles, resp.revision, tainted)
 
     async def batch_new_x509_svid(
         self, params: Sequence[tuple[str, bytes]]

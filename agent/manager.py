@@ -287,6 +287,7 @@ class Manager:
         bundles = dict(result.bundles)
         bundles.setdefault(self._cache.trust_domain, self.bundle)
         self._cache.set_bundles(bundles)
+        self._cache.set_tainted(result.tainted_x509)
         # Node-alias entries (parent = the server) describe agents, not workloads.
         entries = [e for e in result.entries if e.parent_id != self.server_id]
         if self._cache.set_entries(entries):
