@@ -192,6 +192,10 @@ class WorkloadApiServicer:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"process {caller.creds.pid} is gone or its PID was reused",
             )
+        if caller.creds.pidfd is not None:
+            # The pinned process is alive, so its PID cannot have been reused: the
+            # start time cannot have changed, and reading it would cost a thread hop.
+            return
         try:
             now = await asyncio.to_thread(
                 process_start_time, caller.creds.pid, proc_root=self._proc_root

@@ -161,12 +161,15 @@ def fake_proc(tmp_path: Path) -> Iterator[tuple[Harness, Path]]:
         h.close()
 
 
-def test_simulated_pid_reuse_between_calls_is_denied(fake_proc: tuple[Harness, Path]) -> None:
+def test_simulated_pid_reuse_between_calls_is_denied(
+    fake_proc: tuple[Harness, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Faithful simulation at the attestor boundary: same PID, another start time.
 
-    The pidfd of our own (live) process cannot show an exit here, so this checks
-    the start-time comparison, the guard on kernels without pidfds.
+    Runs as on a kernel without pidfds (a pidfd of our own live process could not
+    show an exit anyway), so this checks the start-time comparison.
     """
+    monkeypatch.setattr("agent.workload_api.front.peer_pidfd", lambda sock, pid: None)
     harness, proc_dir = fake_proc
     harness.set_state([entry("e1", WEB, f"unix:uid:{UID}")])
     with WorkloadApiClient(harness.socket_path) as c:
