@@ -266,6 +266,24 @@ class Cache:
         self._bump()
         return True
 
+    def apply_entry_changes(
+        self, changed: Iterable[CachedEntry], removed: Iterable[str]
+    ) -> bool:
+        """Apply a sync delta: add or replace ``changed``, drop the ``removed`` ids.
+
+        The same rules as :meth:`set_entries` hold for the SVIDs. Returns whether
+        anything changed.
+        """
+        changed, removed = list(changed), list(removed)
+        if not changed and not removed:
+            return False
+        new = dict(self._state.entries)
+        for entry_id in removed:
+            new.pop(entry_id, None)
+        for entry in changed:
+            new[entry.id] = entry
+        return self.set_entries(new.values())
+
     def set_bundles(self, bundles: Mapping[TrustDomain, Bundle]) -> bool:
         """Replace the bundles. Returns whether anything changed."""
         old = self._state.bundles

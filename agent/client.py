@@ -57,13 +57,17 @@ class AttestResult:
 
 @dataclass(frozen=True, slots=True)
 class SyncResult:
-    """What SyncAuthorized returned."""
+    """What a sync returned: the complete set (``full``) or the changes since the
+    revision we presented (``entries`` new or changed, ``removed`` ids)."""
 
     entries: tuple[CachedEntry, ...]
     bundles: dict[TrustDomain, Bundle]
     revision: int
     # DER signing certificates of our trust domain an operator tainted (agent/taint.py).
     tainted_x509: tuple[bytes, ...] = ()
+    full: bool = True
+    removed: tuple[str, ...] = ()
+    generation: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,25 +196,53 @@ class ServerClient:
         )
         return self._svid(resp.svid, key)
 
-    async def sync(self) -> SyncResult:
-        """SyncAuthorized: every entry authorized for us and the bundles we need.
+    async def sync(self, *, known_generation: str = "", known_revision: int = 0) -> SyncResult:
+        """SyncAuthorizedEntries: what changed for us since the revision we hold.
 
-        Always asks for everything (``known_revision=0``): the full list is what
-        lets us notice deleted entries, and it is small at this stage.
+        The server streams pages; they are applied only once the last one has
+        arrived, so a stream cut short changes nothing. With no known revision, or
+        one the server does not know (a restart, another server), the answer is
+        the complete set (``full``).
+
+        Raises:
+            ServerCallError: the call failed or the stream ended without its last page.
         """
-        resp: apb.SyncAuthorizedResponse = await self._call(  # type: ignore[assignment]
-            "SyncAuthorized", apb.SyncAuthorizedRequest(known_revision=0),
-            apb.SyncAuthorizedResponse,
+        if self._channel is None:
+            raise ServerCallError("the server client is not configured")
+        call = self._channel.unary_stream(
+            SERVICE + "SyncAuthorizedEntries",
+            request_serializer=apb.SyncAuthorizedRequest.SerializeToString,
+            response_deserializer=apb.SyncAuthorizedEntriesPage.FromString,
         )
+        request = apb.SyncAuthorizedRequest(
+            known_generation=known_generation, known_revision=known_revision)
+        pages: list[apb.SyncAuthorizedEntriesPage] = []
+        try:
+            async for page in call(request, timeout=CALL_TIMEOUT):
+                pages.append(page)
+                if page.last:
+                    break
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            name = code.name if code else "UNKNOWN"
+            raise ServerCallError(
+                f"SyncAuthorizedEntries failed: {name}: {exc.details()}", code=name) from None
+        if not pages or not pages[-1].last:
+            raise ServerCallError("SyncAuthorizedEntries ended before its last page")
         entries = []
-        for e in resp.entries:
-            try:
-                entries.append(entry_from_proto(e))
-            except SigilError as exc:
-                # One bad entry must not stop every other workload's rotation.
-                log.event("entry skipped", level=logging.WARNING, entry_id=e.id, reason=str(exc))
+        removed: list[str] = []
+        for page in pages:
+            removed.extend(page.removed_entry_ids)
+            for e in page.entries:
+                try:
+                    entries.append(entry_from_proto(e))
+                except SigilError as exc:
+                    # One bad entry must not stop every other workload's rotation.
+                    log.event("entry skipped", level=logging.WARNING, entry_id=e.id,
+                              reason=str(exc))
+        first = pages[0]
         bundles: dict[TrustDomain, Bundle] = {}
-        for name, b in resp.bundles.items():
+        for name, b in first.bundles.items():
             try:
                 bundle = bundle_from_proto(b)
             except SigilError as exc:
@@ -218,9 +250,11 @@ class ServerClient:
                           reason=str(exc))
                 continue
             bundles[bundle.trust_domain] = bundle
-        own = resp.bundles.get(self.trust_domain.name)
+        own = first.bundles.get(self.trust_domain.name)
         tainted = tuple(own.tainted_x509_authorities) if own is not None else ()
-        return SyncResult(tuple(entries), bundles, resp.revision, tainted)
+        return SyncResult(tuple(entries), bundles, pages[-1].revision, tainted,
+                          full=first.full_resync, removed=tuple(removed),
+                          generation=pages[-1].generation)
 
     async def batch_new_x509_svid(
         self, params: Sequence[tuple[str, bytes]]

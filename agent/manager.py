@@ -105,6 +105,10 @@ class Manager:
         cache.set_demand_callback(self.demand)
         self._lock = asyncio.Lock()
         self._last_on_demand: float | None = None
+        # The revision of our last complete sync, and the server index generation
+        # it belongs to: the server answers relative to them (only what changed).
+        self._sync_generation = ""
+        self._sync_revision = 0
         self.sync_interval = sync_interval
         self.backoff = Backoff(initial=sync_interval, maximum=max(backoff_max, sync_interval))
         self._reattest = reattest
@@ -276,7 +280,8 @@ class Manager:
                   expires_at=svid.expires_at.isoformat())
 
     async def _sync(self) -> None:
-        result = await self._client.sync()
+        result = await self._client.sync(known_generation=self._sync_generation,
+                                         known_revision=self._sync_revision)
         own = result.bundles.get(self._cache.trust_domain)
         if own is not None and own != self.bundle:
             self._state.save_bundle(own)
@@ -290,8 +295,15 @@ class Manager:
         self._cache.set_tainted(result.tainted_x509)
         # Node-alias entries (parent = the server) describe agents, not workloads.
         entries = [e for e in result.entries if e.parent_id != self.server_id]
-        if self._cache.set_entries(entries):
-            log.event("entries updated", count=len(entries), revision=result.revision)
+        if result.full:
+            changed = self._cache.set_entries(entries)
+        else:
+            changed = self._cache.apply_entry_changes(entries, result.removed)
+        self._sync_generation, self._sync_revision = result.generation, result.revision
+        if changed:
+            log.event("entries updated", full=result.full, changed=len(entries),
+                      removed=len(result.removed),
+                      count=len(self._cache.snapshot().entries), revision=result.revision)
 
     async def _rotate(self) -> None:
         plan = self._cache.rotation_plan(self._clock.now())

@@ -41,7 +41,7 @@ class FakeServer:
     async def renew(self, **_kw: object) -> X509Svid:
         raise AssertionError("not due in these tests")
 
-    async def sync(self) -> SyncResult:
+    async def sync(self, **_known: object) -> SyncResult:
         if self.fail is not None:
             raise self.fail
         return SyncResult(tuple(self.entries), {TD: BUNDLE}, 1)
