@@ -698,3 +698,16 @@ def test_admin_socket_refuses_other_users(sigil_server: RunningServer, before: i
     assert os.WEXITSTATUS(status) == 0, f"child exit {os.WEXITSTATUS(status)}"
     # And nothing changed through it.
     assert _count(sigil_server) == before
+
+
+@pytest.mark.parametrize("args", [
+    ["entry", "create"], ["entry", "show"], ["entry", "update"], ["entry", "count"],
+    ["agent", "list"], ["agent", "show"], ["agent", "ban"], ["agent", "evict"],
+    ["agent", "count"], ["agent", "purge"], ["x509", "mint"], ["jwt", "mint"],
+])
+def test_help_has_examples(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*args, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "Usage: sigil-server" in out and "Example" in out
