@@ -1,8 +1,8 @@
 """A key manager backed by a PKCS#11 module (an HSM, a cloud KMS bridge, SoftHSM).
 
 Private keys are generated inside the token as sensitive, non-extractable objects
-and never leave it: the CA signs through the module. cryptography (checked with
-50.0.2; custom key objects work since 45) accepts any object implementing the
+and never leave it: the CA signs through the module. cryptography (checked by
+experiment with 50.0.2; older releases untested) accepts any object implementing the
 ``EllipticCurvePrivateKey`` / ``RSAPrivateKey`` interfaces in
 ``CertificateBuilder.sign``, and PyJWT only calls ``sign`` and ``curve`` on them,
 so the keys here are such objects whose ``sign`` is a ``C_Sign`` call. That keeps
