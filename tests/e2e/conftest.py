@@ -7,6 +7,7 @@ a temporary data directory, exactly as an operator would start them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,6 +60,8 @@ class Stack:
     port: int
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     agent_id: str = ""
+    server_config: str = ""
+    """TOML for ``sigil-server run --config`` (empty: no config file, flags only)."""
 
     @property
     def admin_socket(self) -> Path:
@@ -118,8 +121,12 @@ class Stack:
         return proc.returncode
 
     def start_server(self) -> None:
+        config: list[str] = []
+        if self.server_config:
+            (self.root / "server.toml").write_text(self.server_config)
+            config = ["--config", str(self.root / "server.toml")]
         self.start("server", [
-            _tool("sigil-server"), "run", "--trust-domain", self.trust_domain,
+            _tool("sigil-server"), "run", *config, "--trust-domain", self.trust_domain,
             "--data-dir", str(self.root / "srv"), "--bind-address", f"127.0.0.1:{self.port}",
             "--socket-path", str(self.admin_socket), "--health-address", "127.0.0.1:0",
         ])
@@ -152,11 +159,17 @@ class Stack:
         assert self.procs["agent"].poll() is None, self.log("agent")
 
 
-@pytest.fixture
-def stack() -> Iterator[Stack]:
+@contextlib.contextmanager
+def running_stack(*, server_config: str = "") -> Iterator[Stack]:
+    """A started server and agent, stopped (and checked to exit 0) on the way out.
+
+    Args:
+        server_config: TOML for the server's ``--config`` file; empty for none.
+    """
     # Unix socket paths are limited to ~100 bytes, so keep the root short.
     root = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))
-    st = Stack(root=root, trust_domain="e2e.sigil.test", port=free_port())
+    st = Stack(root=root, trust_domain="e2e.sigil.test", port=free_port(),
+               server_config=server_config)
     try:
         st.start_server()
         st.start_agent()
@@ -166,6 +179,12 @@ def stack() -> Iterator[Stack]:
         shutil.rmtree(root, ignore_errors=True)
     # A clean shutdown on SIGTERM is part of the contract.
     assert all(code == 0 for code in codes.values()), codes
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    with running_stack() as st:
+        yield st
 
 
 @pytest.fixture
