@@ -47,6 +47,7 @@ def test_down_to_base_then_up_to_head_without_drift(
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_every_revision_goes_down_and_up(database_url: str) -> None:
     script = ScriptDirectory.from_config(migrations.alembic_config(database_url))
     revisions = [r.revision for r in script.walk_revisions("base", "heads")]  # newest first
