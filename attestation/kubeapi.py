@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,10 @@ from identity.errors import SigilError
 
 REQUEST_TIMEOUT = 10.0
 """Seconds a single API call may take before it counts as failed."""
+WATCH_TIMEOUT = 300
+"""Seconds the API server keeps a watch open before the client opens the next one."""
+IDENTITY_TEMPLATE_GROUP = "sigil.dev"
+IDENTITY_TEMPLATE_VERSION = "v1alpha1"
 
 JsonObject = Mapping[str, Any]
 
@@ -151,6 +155,143 @@ class KubeApi:
         """The node, or None when it does not exist."""
         core = self._client_mod.CoreV1Api(self._api)
         return self._call(f"get node {name}", core.read_node, _name(name))
+
+
+    # ---- lists and watches (the registration controller) ------------------------------
+
+    def _lister(self, kind: str) -> Callable[..., Any]:
+        if kind == "pods":
+            return self._client_mod.CoreV1Api(self._api).list_pod_for_all_namespaces  # type: ignore[no-any-return]
+        if kind == "namespaces":
+            return self._client_mod.CoreV1Api(self._api).list_namespace  # type: ignore[no-any-return]
+        if kind == "identitytemplates":
+            custom = self._client_mod.CustomObjectsApi(self._api)
+
+            def templates(**kwargs: Any) -> Any:
+                return custom.list_cluster_custom_object(
+                    IDENTITY_TEMPLATE_GROUP, IDENTITY_TEMPLATE_VERSION, "identitytemplates",
+                    **kwargs)
+
+            return templates
+        raise ValueError(f"no lister for {kind!r}")
+
+    def list_objects(self, kind: str) -> tuple[list[JsonObject], str]:
+        """Every object of ``kind`` (``pods``, ``namespaces``, ``identitytemplates``).
+
+        Returns:
+            The items and the list's resourceVersion (where a watch resumes).
+
+        Raises:
+            KubeApiError: the list failed (a missing CRD answers 404: an empty list).
+        """
+        doc = self._call(f"list {kind}", self._lister(kind))
+        if doc is None:
+            return [], ""
+        items = doc.get("items") or []
+        rv = str((doc.get("metadata") or {}).get("resourceVersion") or "")
+        return [i for i in items if isinstance(i, dict)], rv
+
+    def watch_objects(self, kind: str, resource_version: str, *,
+                      timeout_seconds: int = WATCH_TIMEOUT) -> WatchStream:
+        """Open a watch of ``kind`` from ``resource_version`` (with BOOKMARKs).
+
+        Raises:
+            KubeApiError: the watch could not be opened.
+        """
+        rest = self._client_mod.rest
+        try:
+            resp = self._lister(kind)(
+                watch=True, resource_version=resource_version or None,
+                allow_watch_bookmarks=True, timeout_seconds=timeout_seconds,
+                _preload_content=False,
+                # Connect fast; reads may idle until the next BOOKMARK or the timeout.
+                _request_timeout=(REQUEST_TIMEOUT, timeout_seconds + REQUEST_TIMEOUT),
+            )
+        except rest.ApiException as exc:
+            raise KubeApiError(f"Kubernetes API: watch {kind} answered {exc.status}: "
+                               f"{_status_message(exc.body or b'')}") from None
+        except Exception as exc:  # urllib3's errors share no base we can name here
+            raise KubeApiError(f"Kubernetes API: watch {kind} failed: {exc}") from None
+        return WatchStream(kind, resp)
+
+    # ---- ConfigMaps (the bundle notifier) ---------------------------------------------
+
+    def get_config_map(self, namespace: str, name: str) -> JsonObject | None:
+        """The ConfigMap, or None when it does not exist."""
+        core = self._client_mod.CoreV1Api(self._api)
+        return self._call(f"get configmap {namespace}/{name}", core.read_namespaced_config_map,
+                          _name(name), _name(namespace))
+
+    def write_config_map(self, namespace: str, body: JsonObject, *, replace: bool) -> bool:
+        """Create (``replace=False``) or replace a ConfigMap.
+
+        Returns:
+            False when the API server answered 409 (it exists already, or
+            ``metadata.resourceVersion`` is stale): read it again and retry. True when
+            written.
+
+        Raises:
+            KubeApiError: any other failure (404 on replace included).
+        """
+        core = self._client_mod.CoreV1Api(self._api)
+        name = _name(str((body.get("metadata") or {}).get("name") or ""))
+        rest = self._client_mod.rest
+        try:
+            if replace:
+                core.replace_namespaced_config_map(name, _name(namespace), dict(body),
+                                                   _preload_content=False,
+                                                   _request_timeout=REQUEST_TIMEOUT)
+            else:
+                core.create_namespaced_config_map(_name(namespace), dict(body),
+                                                  _preload_content=False,
+                                                  _request_timeout=REQUEST_TIMEOUT)
+        except rest.ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise KubeApiError(f"Kubernetes API: write configmap {namespace}/{name} answered "
+                               f"{exc.status}: {_status_message(exc.body or b'')}") from None
+        except Exception as exc:  # urllib3's errors share no base we can name here
+            raise KubeApiError(
+                f"Kubernetes API: write configmap {namespace}/{name} failed: {exc}") from None
+        return True
+
+
+class WatchStream:
+    """An open watch: iterate for ``(type, object)`` events; ``close()`` from any thread.
+
+    The iteration ends when the API server ends the stream (its timeout, a restart, a
+    load balancer); the caller resumes from the last resourceVersion it saw.
+    """
+
+    def __init__(self, kind: str, response: Any) -> None:
+        self._kind = kind
+        self._resp = response
+
+    def __iter__(self) -> Iterator[tuple[str, JsonObject]]:
+        lines: Any = importlib.import_module("kubernetes.watch.watch").iter_resp_lines
+        try:
+            for line in lines(self._resp):
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    raise KubeApiError(f"Kubernetes API: watch {self._kind} sent non-JSON"
+                                       ) from None
+                if not isinstance(doc, dict) or not isinstance(doc.get("object"), dict):
+                    raise KubeApiError(f"Kubernetes API: watch {self._kind} sent a "
+                                       "malformed event")
+                yield str(doc.get("type") or ""), doc["object"]
+        except KubeApiError:
+            raise
+        except Exception as exc:  # a cut connection, or close() from another thread
+            raise KubeApiError(f"Kubernetes API: watch {self._kind} ended: {exc}") from None
+
+    def close(self) -> None:
+        """End the stream (the iterating thread sees it end)."""
+        try:
+            self._resp.close()
+            self._resp.release_conn()
+        except Exception:  # noqa: S110 - closing a connection that is already gone
+            pass
 
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")

@@ -30,6 +30,7 @@ from ca.errors import ConfigError
 from ca.health import HealthServer, datastore_ready, read_state
 from ca.keys import KeyManager
 from ca.kubernetes.config import node_verifiers
+from ca.kubernetes.service import KubernetesServices
 from ca.log import event
 from ca.metrics import StateCollector, build_registry, multiprocess_dir
 from ca.ratelimit import BucketTable, RateLimiter
@@ -86,6 +87,7 @@ class SigilServer:
         self.datastore: Datastore | None = None
         self.authority: CertificateAuthority | None = None
         self._rotation: RotationScheduler | None = None
+        self._kubernetes: KubernetesServices | None = None
         self._agent_server: grpc.Server | None = None
         self._admin_server: grpc.Server | None = None
         self._front: TlsFront | None = None
@@ -146,6 +148,8 @@ class SigilServer:
         if self._admin_server.add_insecure_port(f"unix:{cfg.socket_path}") == 0:
             raise ConfigError(f"cannot listen on socket_path {cfg.socket_path}")
 
+        # ca/kubernetes/service.py: registration controller, bundle ConfigMaps.
+        self._kubernetes = KubernetesServices(cfg, self.datastore, self.clock)
         self._start_health()
         self._agent_server.start()
         self._admin_server.start()
@@ -153,6 +157,7 @@ class SigilServer:
         # Group may connect (operators in the server's group); the 0700 directory
         # is what keeps everyone else out.
         os.chmod(cfg.socket_path, 0o770)  # noqa: S103
+        self._kubernetes.start()
         event("server listening", agent_api=self.agent_address, admin_socket=cfg.socket_path,
               trust_domain=cfg.trust_domain)
 
@@ -184,6 +189,9 @@ class SigilServer:
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop both servers (in-flight calls get ``grace`` seconds), close the datastore."""
+        if self._kubernetes is not None:
+            self._kubernetes.stop()
+            self._kubernetes = None
         if self._rotation is not None:
             self._rotation.stop()
             self._rotation = None

@@ -41,6 +41,9 @@ SELECTOR_VALUE_LENGTH = 1024
 DNS_NAME_LENGTH = 255
 TRUST_DOMAIN_LENGTH = 255
 UUID_LENGTH = 36
+# "k8s/<cluster>/<pod uid>/<template name>" fits; 512 utf8mb4 characters still fit
+# InnoDB's index key limit, so no prefix index is needed.
+OWNER_LENGTH = 512
 
 # 64-bit everywhere: SQLite's INTEGER PRIMARY KEY is already 64-bit, and a BIGINT
 # primary key there would not autoincrement.
@@ -74,6 +77,8 @@ class RegistrationEntry(Base):
     parent_id: Mapped[str] = mapped_column(String(SPIFFE_ID_LENGTH))
     # sha256 hex of spiffe_id, parent_id and the sorted selectors: the uniqueness key.
     selector_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # NULL for operators' entries; a controller's stable key otherwise (revision 0004).
+    owner: Mapped[str | None] = mapped_column(String(OWNER_LENGTH), unique=True, default=None)
     x509_svid_ttl: Mapped[int] = mapped_column(Integer, default=0)
     jwt_svid_ttl: Mapped[int] = mapped_column(Integer, default=0)
     hint: Mapped[str] = mapped_column(String(1024), default="")

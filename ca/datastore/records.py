@@ -27,6 +27,7 @@ class EntryRecord:
     admin: bool = False
     downstream: bool = False
     expires_at: int = 0
+    owner: str = ""
     revision: int = 0
     created_at: int = 0
     updated_at: int = 0

@@ -58,6 +58,7 @@ def _entry_record(row: m.RegistrationEntry) -> EntryRecord:
         admin=row.admin,
         downstream=row.downstream,
         expires_at=row.expires_at,
+        owner=row.owner or "",
         revision=row.revision,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -119,6 +120,7 @@ def _create_entry(session: Session, entry: EntryRecord, now: int) -> EntryRecord
         admin=entry.admin,
         downstream=entry.downstream,
         expires_at=entry.expires_at,
+        owner=entry.owner or None,
         revision=revision,
         created_at=now,
         updated_at=now,
@@ -407,6 +409,7 @@ class Datastore:
             row.admin = entry.admin
             row.downstream = entry.downstream
             row.expires_at = entry.expires_at
+            row.owner = entry.owner or None
             row.revision = _record_change(s, "entry_updated", entry_id, ts)
             row.updated_at = ts
             row.selectors = [m.EntrySelector(type=sel.type, value=sel.value)
@@ -437,6 +440,20 @@ class Datastore:
                 )
                 out.extend(_entry_record(r) for r in s.scalars(query))
         return out
+
+    def list_owned_entries(self, owner_prefix: str) -> list[EntryRecord]:
+        """Entries whose owner starts with ``owner_prefix`` (a controller's entries).
+
+        Args:
+            owner_prefix: a non-empty prefix; ``%`` and ``_`` in it match themselves.
+        """
+        if not owner_prefix:
+            raise ValueError("owner_prefix must not be empty")
+        e = m.RegistrationEntry
+        query = select(e).where(e.owner.startswith(owner_prefix, autoescape=True)).order_by(
+            e.owner)
+        with self._session() as s:
+            return [_entry_record(r) for r in s.scalars(query)]
 
     def delete_entry(self, entry_id: str, *, now: dt.datetime) -> EntryRecord:
         """Delete an entry and record the change.

@@ -11,7 +11,7 @@ the real API server returns (checked against Kubernetes 1.30+ responses):
   under ``authentication.kubernetes.io/pod-name``, ``pod-uid``, ``node-name``,
   ``node-uid``). An unknown, expired or wrong-audience token yields
   ``authenticated: false`` with the API server's error text, as the real one does.
-- Pods (namespaced), Nodes (cluster-scoped), ConfigMaps (namespaced) and the
+- Pods (namespaced), Nodes and Namespaces (cluster-scoped), ConfigMaps (namespaced) and the
   custom resource IdentityTemplate (cluster-scoped, ``sigil.dev/v1alpha1``):
   get, list (all namespaces or one), create (POST), replace (PUT, with the
   optimistic-concurrency 409 Conflict on a stale ``metadata.resourceVersion``)
@@ -72,6 +72,7 @@ RESOURCES: Mapping[str, Resource] = {
     r.plural: r for r in (
         Resource("pods", "v1", "Pod", True),
         Resource("nodes", "v1", "Node", False),
+        Resource("namespaces", "v1", "Namespace", False),
         Resource("configmaps", "v1", "ConfigMap", True),
         Resource("identitytemplates", "sigil.dev/v1alpha1", "IdentityTemplate", False),
     )
@@ -180,6 +181,16 @@ def node_object(name: str, *, uid: str | None = None,
                 "operatingSystem": "linux", "architecture": "amd64",
             },
         },
+    }
+
+
+def namespace_object(name: str, *, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A Namespace as the API server returns it (with the label it sets itself)."""
+    return {
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name,
+                                              **dict(labels or {})}},
+        "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"},
     }
 
 
