@@ -95,8 +95,9 @@ def test_overlay_contents(target: str, tmp_path: Path) -> None:
          "verbs": ["create"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
         {"apiGroups": ["sigil.dev"], "resources": ["identitytemplates"],
-         "verbs": ["get", "list", "watch"]},
+         "verbs": ["list", "watch"]},
     ]
     assert _find(docs, "ClusterRole", "sigil-server-bundle-writer")["rules"] == [
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]}]

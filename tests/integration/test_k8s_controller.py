@@ -6,8 +6,10 @@ import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import yaml
 
 import migrations
 from attestation.kubeapi import KubeApi, KubeConnection
@@ -304,3 +306,44 @@ def test_bad_templates_and_conflicts_are_skipped(
     _settle(ctl)
     assert datastore.get_entry(manual.id).owner == ""
     assert datastore.count_entries() == 2
+
+
+def _verbs_used(requests: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """(resource, RBAC verb) of each request the fake API server saw."""
+    out: set[tuple[str, str]] = set()
+    for method, target in requests:
+        parts = urlsplit(target)
+        path = [p for p in parts.path.split("/") if p]
+        path = path[2:] if path[0] == "api" else path[3:]
+        if path[0] == "namespaces" and len(path) >= 3:
+            path = path[2:]
+        named = len(path) == 2
+        verb = {"POST": "create", "PUT": "update", "DELETE": "delete"}.get(method)
+        if verb is None:
+            verb = ("get" if named else
+                    "watch" if "watch" in parse_qs(parts.query) else "list")
+        out.add((path[0], verb))
+    return out
+
+
+def test_the_controller_needs_exactly_what_rbac_grants(
+    kube: FakeKubeApi, datastore: Datastore,
+    make_controller: Callable[[Datastore], RegistrationController],
+) -> None:
+    kube.put(DEFAULT_TEMPLATE)
+    kube.put(_pod("api-1", uid="uid-1"))
+    kube.requests.clear()
+    ctl = make_controller(datastore)
+    _wait(lambda: len(_owned(datastore)) == 1)
+    kube.drop_watches()
+    kube.put(_pod("api-2", uid="uid-2"))
+    _wait(lambda: len(_owned(datastore)) == 2)
+    _settle(ctl)
+    rbac = Path(__file__).resolve().parents[2] / "deploy/kubernetes/base/server-rbac.yaml"
+    [role] = [d for d in yaml.safe_load_all(rbac.read_text())
+              if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "sigil-server"]
+    granted = {(r, v) for rule in role["rules"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    # k8s_psat's own needs (docs/kubernetes.md): everything else is the controller's.
+    psat_only = {("tokenreviews", "create"), ("pods", "get")}
+    assert _verbs_used(kube.requests) == granted - psat_only
