@@ -122,6 +122,8 @@ class K8sAttestorConfig:
         token_path: the agent's service-account token, sent to the secure port.
         max_poll_attempts: how many times to ask the kubelet for a container status.
         poll_retry_interval: seconds between those attempts.
+        proc_root: where ``<pid>/cgroup`` is read (the host's ``/proc``: the agent
+            runs with ``hostPID``); another root serves tests and nested setups.
     """
 
     kubelet_host: str = "127.0.0.1"
@@ -132,6 +134,7 @@ class K8sAttestorConfig:
     token_path: Path = DEFAULT_TOKEN_PATH
     max_poll_attempts: int = 20
     poll_retry_interval: float = 0.25
+    proc_root: Path = DEFAULT_PROC_ROOT
 
 
 CONFIG_KEYS = frozenset(K8sAttestorConfig.__dataclass_fields__)
@@ -161,7 +164,7 @@ def parse_config(options: Mapping[str, Any]) -> K8sAttestorConfig:
     if not isinstance(host, str) or not host or "/" in host:
         raise ValueError(f"{where}.kubelet_host must be a host name or address, not {host!r}")
     values["kubelet_host"] = host
-    for key in ("kubelet_ca_path", "token_path"):
+    for key in ("kubelet_ca_path", "token_path", "proc_root"):
         value = options.get(key, str(getattr(defaults, key)))
         if not isinstance(value, str) or not value:
             raise ValueError(f"{where}.{key} must be a file path")
@@ -309,12 +312,12 @@ class K8sAttestor:
         self,
         config: K8sAttestorConfig | None = None,
         *,
-        proc_root: Path = DEFAULT_PROC_ROOT,
+        proc_root: Path | None = None,
         pods: PodLister | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._config = config or K8sAttestorConfig()
-        self._proc_root = proc_root
+        self._proc_root = proc_root if proc_root is not None else self._config.proc_root
         self._pods = pods or KubeletClient(self._config).pods
         self._sleep = sleep
 
