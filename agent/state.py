@@ -32,8 +32,10 @@ from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import X509Svid
 
+# The agent SVID's chain and key share one file (0600), replaced atomically: with
+# two files a crash between the two renames would pair a new key with the old
+# certificate, and the agent could not prove its identity after the restart.
 SVID_FILE = "agent_svid.pem"
-KEY_FILE = "agent_svid.key"
 BUNDLE_FILE = "bundle.json"
 WORKLOAD_CACHE_FILE = "workload_cache.json"
 WORKLOAD_CACHE_FORMAT = 1
@@ -81,22 +83,21 @@ class AgentState:
 
     def load_svid(self) -> X509Svid | None:
         """The persisted agent SVID with its key, or None (absent or unreadable)."""
-        cert_path, key_path = self.data_dir / SVID_FILE, self.data_dir / KEY_FILE
-        if not cert_path.exists() or not key_path.exists():
+        path = self.data_dir / SVID_FILE
+        if not path.exists():
             return None
         try:
-            return X509Svid.parse(cert_path.read_bytes(), key_path.read_bytes())
+            data = path.read_bytes()
+            return X509Svid.parse(data, data)
         except (OSError, SigilError) as exc:
             log.event("persisted agent svid unusable", level=logging.WARNING, reason=str(exc))
             return None
 
     def save_svid(self, svid: X509Svid) -> None:
-        """Persist the agent SVID: key first, so a crash never pairs a new cert with an old key."""
+        """Persist the agent SVID: chain and key in one file, replaced in one rename."""
         assert svid.private_key is not None
-        write_file_atomic(
-            self.data_dir / KEY_FILE, private_key_to_pem(svid.private_key), mode=0o600
-        )
-        write_file_atomic(self.data_dir / SVID_FILE, svid.chain_pem(), mode=0o644)
+        data = svid.chain_pem() + private_key_to_pem(svid.private_key)
+        write_file_atomic(self.data_dir / SVID_FILE, data, mode=0o600)
 
     def load_bundle(self, trust_domain: TrustDomain) -> Bundle | None:
         """The persisted bundle of our trust domain, or None."""

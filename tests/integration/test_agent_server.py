@@ -116,7 +116,7 @@ def test_join_token_agent_serves_py_spiffe(sigil_server: RunningServer, agent_ro
     try:
         data = agent_root / "data"
         assert stat.S_IMODE(data.stat().st_mode) == 0o700
-        assert stat.S_IMODE((data / "agent_svid.key").stat().st_mode) == 0o600
+        assert stat.S_IMODE((data / "agent_svid.pem").stat().st_mode) == 0o600
         workload_id = f"spiffe://{td}/web"
         created = sigil_server.cli(
             "entry", "create", "--spiffe-id", workload_id, "--parent-id", token["agent_id"],
