@@ -917,44 +917,7 @@ def jwt_mint(spiffe_id: str, audience: tuple[str, ...], ttl: str | None, socket_
 
 @cli.group()
 def bundle() -> None:
-    """The trust domain's bundle: the CA certificates and JWT keys to trust."""
-
-
-@bundle.command("show")
-@click.option("--format", "fmt", type=click.Choice(["pem", "spiffe"]), default="pem",
-              show_default=True, help="pem: CA certificates; spiffe: SPIFFE bundle (JWKS).")
-@socket_option
-def bundle_show(fmt: str, socket_path: str) -> None:
-    """Print the trust bundle.
-
-    \b
-    Example:
-      sigil-server bundle show > bundle.pem
-      sigil-agent run --trust-bundle bundle.pem ...
-    """
-    from cryptography import x509
-
-    from identity.bundle import Bundle, JwtAuthority
-    from identity.keys import load_public_key_der
-    from identity.spiffeid import TrustDomain
-
-    msg = _call(socket_path, lambda s: s.GetBundle(admin_pb2.GetBundleRequest(),
-                                                   timeout=ADMIN_TIMEOUT))
-    b = Bundle(
-        trust_domain=TrustDomain(msg.trust_domain),
-        x509_authorities=tuple(x509.load_der_x509_certificate(d) for d in msg.x509_authorities),
-        jwt_authorities=tuple(
-            JwtAuthority(key_id=k.key_id, public_key=load_public_key_der(k.public_key),
-                         expires_at=dt.datetime.fromtimestamp(k.expires_at, dt.UTC)
-                         if k.expires_at else None)
-            for k in msg.jwt_authorities),
-        sequence_number=msg.sequence_number,
-        refresh_hint=msg.refresh_hint or None,
-    )
-    if fmt == "pem":
-        click.echo(b.x509_pem().decode(), nl=False)
-    else:
-        click.echo(b.to_json().decode())
+    """Trust bundles: ours (show) and foreign trust domains' (list, show, set, delete)."""
 
 
 @cli.command()
@@ -979,9 +942,10 @@ def healthcheck(socket_path: str, output: str) -> None:
 
 def _register_subcommands() -> None:
     # Imported here: these modules use this one's helpers.
-    from ca import cli_localauthority
+    from ca import cli_bundle, cli_localauthority
 
     cli.add_command(cli_localauthority.make_group(sys.modules[__name__]))
+    cli_bundle.add_commands(sys.modules[__name__], bundle)
 
 
 _register_subcommands()

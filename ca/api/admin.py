@@ -19,6 +19,7 @@ from ca.api.status import grpc_method, status_for
 from ca.datastore import EntryRecord
 from ca.entries import EntryService
 from ca.errors import InvalidArgumentError
+from ca.foreign_bundles import ForeignBundles, parse_trust_domain
 from ca.log import event
 from identity.spiffeid import SpiffeId
 
@@ -33,6 +34,7 @@ class AdminServicer(LocalAuthorityMethods, admin_pb2_grpc.AdminServicer):
         self._d = deps
         self._entries = EntryService(deps.datastore, deps.clock)
         self._agents = AgentService(deps.datastore, deps.clock)
+        self._foreign_bundles = ForeignBundles(deps.datastore, deps.config.trust_domain)
 
     def _validate_entry(self, msg: types_pb2.Entry) -> EntryRecord:
         return validate.new_entry(msg, trust_domain=self._d.config.trust_domain,
@@ -250,8 +252,36 @@ class AdminServicer(LocalAuthorityMethods, admin_pb2_grpc.AdminServicer):
     def GetBundle(
         self, request: admin_pb2.GetBundleRequest, context: grpc.ServicerContext
     ) -> types_pb2.Bundle:
-        """Our trust domain's bundle."""
+        """Our trust domain's bundle, or a foreign one's when a trust domain is named."""
+        if request.trust_domain:
+            td = parse_trust_domain(request.trust_domain)
+            if td != self._d.config.trust_domain:
+                return bundle_to_proto(self._foreign_bundles.get(td))
         return bundle_to_proto(self._d.authority.bundle())
+
+    @grpc_method("admin")
+    def ListBundles(
+        self, request: admin_pb2.ListBundlesRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListBundlesResponse:
+        """Every foreign trust domain's bundle."""
+        return admin_pb2.ListBundlesResponse(
+            bundles=[bundle_to_proto(b) for b in self._foreign_bundles.list()])
+
+    @grpc_method("admin")
+    def SetBundle(
+        self, request: admin_pb2.SetBundleRequest, context: grpc.ServicerContext
+    ) -> types_pb2.Bundle:
+        """Replace (or add) a foreign trust domain's bundle by hand."""
+        td = parse_trust_domain(request.trust_domain)
+        return bundle_to_proto(self._foreign_bundles.set(td, request.format, request.data))
+
+    @grpc_method("admin")
+    def DeleteBundle(
+        self, request: admin_pb2.DeleteBundleRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.DeleteBundleResponse:
+        """Remove a foreign trust domain's bundle."""
+        self._foreign_bundles.delete(parse_trust_domain(request.trust_domain))
+        return admin_pb2.DeleteBundleResponse()
 
     @grpc_method("admin")
     def Health(

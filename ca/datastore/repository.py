@@ -709,3 +709,45 @@ class Datastore:
                 if attempt == 1 or not isinstance(exc.__cause__, IntegrityError):
                     raise
         raise AssertionError("unreachable")
+
+    # ---- foreign bundles (federation) ------------------------------------------
+    # Rows keyed by trust domain, like our own. The refresher and the admin API
+    # (bundle set/delete) write them; the agent sync reads them with get_bundle.
+
+    def list_bundles(self, *, exclude: TrustDomain | None = None) -> list[StoredBundle]:
+        """Every stored bundle ordered by trust domain, without ``exclude`` (our own)."""
+        query = select(m.BundleRow).order_by(m.BundleRow.trust_domain)
+        if exclude is not None:
+            query = query.where(m.BundleRow.trust_domain != exclude.name)
+        with self._session() as s:
+            return [StoredBundle(r.trust_domain, r.data, r.sequence) for r in s.scalars(query)]
+
+    def set_bundle(self, trust_domain: TrustDomain, data: str, sequence: int) -> StoredBundle:
+        """Store a foreign bundle as given, whatever sequence was held (an override).
+
+        Args:
+            trust_domain: whose bundle; never our own (its sequence is the CA's).
+            data: the SPIFFE bundle document.
+            sequence: the document's sequence number.
+        """
+        for attempt in range(2):
+            try:
+                with self._session() as s:
+                    row = s.get(m.BundleRow, trust_domain.name, with_for_update=True)
+                    if row is None:
+                        row = m.BundleRow(trust_domain=trust_domain.name)
+                        s.add(row)
+                    row.data, row.sequence = data, sequence
+                return StoredBundle(trust_domain.name, data, sequence)
+            except DatastoreError as exc:
+                # Two writers inserting the first row: the loser retries as an update.
+                if attempt == 1 or not isinstance(exc.__cause__, IntegrityError):
+                    raise
+        raise AssertionError("unreachable")
+
+    def delete_bundle(self, trust_domain: TrustDomain) -> bool:
+        """Remove a trust domain's bundle; False when there was none."""
+        with self._session() as s:
+            result = s.execute(
+                delete(m.BundleRow).where(m.BundleRow.trust_domain == trust_domain.name))
+            return bool(getattr(result, "rowcount", 0))

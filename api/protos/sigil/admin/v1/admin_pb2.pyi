@@ -130,6 +130,38 @@ class DeleteEntryResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GetBundleRequest(_message.Message):
+    __slots__ = ("trust_domain",)
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ...) -> None: ...
+
+class ListBundlesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListBundlesResponse(_message.Message):
+    __slots__ = ("bundles",)
+    BUNDLES_FIELD_NUMBER: _ClassVar[int]
+    bundles: _containers.RepeatedCompositeFieldContainer[_types_pb2.Bundle]
+    def __init__(self, bundles: _Optional[_Iterable[_Union[_types_pb2.Bundle, _Mapping]]] = ...) -> None: ...
+
+class SetBundleRequest(_message.Message):
+    __slots__ = ("trust_domain", "format", "data")
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    format: str
+    data: bytes
+    def __init__(self, trust_domain: _Optional[str] = ..., format: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class DeleteBundleRequest(_message.Message):
+    __slots__ = ("trust_domain",)
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ...) -> None: ...
+
+class DeleteBundleResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

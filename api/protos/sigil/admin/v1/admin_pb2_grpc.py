@@ -150,6 +150,21 @@ class AdminStub:
                 request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.SerializeToString,
                 response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.FromString,
                 _registered_method=True)
+        self.ListBundles = channel.unary_unary(
+                '/sigil.admin.v1.Admin/ListBundles',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListBundlesRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListBundlesResponse.FromString,
+                _registered_method=True)
+        self.SetBundle = channel.unary_unary(
+                '/sigil.admin.v1.Admin/SetBundle',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.SetBundleRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_types_dot_v1_dot_types__pb2.Bundle.FromString,
+                _registered_method=True)
+        self.DeleteBundle = channel.unary_unary(
+                '/sigil.admin.v1.Admin/DeleteBundle',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.DeleteBundleRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.DeleteBundleResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -297,6 +312,25 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBundles(self, request, context):
+        """Foreign trust domains' bundles, managed by hand (GetBundle shows one too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetBundle(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBundle(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -414,6 +448,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RevokeLocalAuthority,
                     request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.FromString,
                     response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.SerializeToString,
+            ),
+            'ListBundles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBundles,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListBundlesRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListBundlesResponse.SerializeToString,
+            ),
+            'SetBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBundle,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.SetBundleRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_types_dot_v1_dot_types__pb2.Bundle.SerializeToString,
+            ),
+            'DeleteBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBundle,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.DeleteBundleRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.DeleteBundleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1037,6 +1086,87 @@ class Admin:
             '/sigil.admin.v1.Admin/RevokeLocalAuthority',
             api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthorityRequest.SerializeToString,
             api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.LocalAuthority.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBundles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/ListBundles',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListBundlesRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListBundlesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/SetBundle',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.SetBundleRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_types_dot_v1_dot_types__pb2.Bundle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/DeleteBundle',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.DeleteBundleRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.DeleteBundleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,133 @@
+"""Foreign trust domains' bundles managed by hand (``sigil-server bundle set``).
+
+Federated bundles live in the datastore's ``bundles`` table, one row per trust
+domain, next to our own. The federation refresher writes them from bundle
+endpoints; an operator may also set, replace or delete one here. A bundle set by
+hand always replaces the one held, whatever its sequence number: it is how an
+operator recovers from a bad refresh. Every check runs before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ca.datastore.records import StoredBundle
+from ca.datastore.repository import Datastore
+from ca.errors import InvalidArgumentError, NotFoundError
+from ca.log import event
+from identity.bundle import Bundle
+from identity.errors import BundleError, InvalidSpiffeIdError
+from identity.spiffeid import TrustDomain
+
+MAX_BUNDLE_BYTES = 1024 * 1024
+"""Largest bundle accepted (the same bound the refresher applies to endpoints)."""
+FORMATS = ("pem", "spiffe")
+
+
+def parse_trust_domain(text: str, field: str = "trust_domain") -> TrustDomain:
+    """A trust domain from ``name`` or ``spiffe://name`` (a path is refused).
+
+    Raises:
+        InvalidArgumentError: empty, malformed, or a SPIFFE ID with a path.
+    """
+    if not text:
+        raise InvalidArgumentError(f"{field} is required")
+    if text.startswith("spiffe://") and "/" in text[len("spiffe://"):].rstrip("/"):
+        raise InvalidArgumentError(
+            f"{field} {text!r} must be a trust domain (spiffe://name), not a workload ID")
+    try:
+        return TrustDomain.parse(text)
+    except InvalidSpiffeIdError as exc:
+        raise InvalidArgumentError(f"{field}: {exc}") from None
+
+
+def parse_bundle(trust_domain: TrustDomain, fmt: str, data: bytes) -> Bundle:
+    """Parse a bundle in ``fmt`` (``pem`` or ``spiffe``) for ``trust_domain``.
+
+    Raises:
+        InvalidArgumentError: unknown format, oversized, unparsable, or empty.
+    """
+    if fmt not in FORMATS:
+        raise InvalidArgumentError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise InvalidArgumentError(
+            f"bundle is {len(data)} bytes, more than the limit of {MAX_BUNDLE_BYTES}")
+    try:
+        bundle = (Bundle.from_x509_pem(trust_domain, data) if fmt == "pem"
+                  else Bundle.from_jwks(trust_domain, data))
+    except BundleError as exc:
+        raise InvalidArgumentError(f"bundle of {trust_domain} ({fmt}): {exc}") from None
+    if not bundle.x509_authorities and not bundle.jwt_authorities:
+        raise InvalidArgumentError(
+            f"bundle of {trust_domain} ({fmt}) holds no CA certificate and no JWT key")
+    return bundle
+
+
+class ForeignBundles:
+    """List, get, set and delete other trust domains' bundles.
+
+    Args:
+        datastore: where bundle rows live.
+        own: our trust domain, whose bundle only the CA writes.
+    """
+
+    def __init__(self, datastore: Datastore, own: TrustDomain) -> None:
+        self._ds = datastore
+        self._own = own
+
+    def _foreign(self, td: TrustDomain) -> TrustDomain:
+        if td == self._own:
+            raise InvalidArgumentError(
+                f"{td} is this server's own trust domain: its bundle is managed by the CA "
+                "(see localauthority), not set or deleted by hand")
+        return td
+
+    def list(self) -> list[Bundle]:
+        """Every foreign bundle, ordered by trust domain."""
+        return [_load(row) for row in self._ds.list_bundles(exclude=self._own)]
+
+    def get(self, td: TrustDomain) -> Bundle:
+        """One foreign bundle.
+
+        Raises:
+            NotFoundError: none is held for ``td``.
+        """
+        stored = self._ds.get_bundle(self._foreign(td))
+        if stored is None:
+            raise NotFoundError(f"no bundle for trust domain {td}")
+        return _load(stored)
+
+    def set(self, td: TrustDomain, fmt: str, data: bytes) -> Bundle:
+        """Parse and store ``td``'s bundle, replacing the one held.
+
+        The sequence number is the document's ``spiffe_sequence`` when it has one,
+        otherwise one more than the one held, so agents and refreshers see a change.
+
+        Raises:
+            InvalidArgumentError: our own trust domain, or a bad bundle (nothing written).
+        """
+        bundle = parse_bundle(self._foreign(td), fmt, data)
+        if bundle.sequence_number is None:
+            held = self._ds.get_bundle(td)
+            bundle = replace(bundle, sequence_number=(held.sequence if held else 0) + 1)
+        sequence = bundle.sequence_number or 0
+        self._ds.set_bundle(td, bundle.to_json().decode(), sequence)
+        event("foreign bundle set", trust_domain=td.name, sequence=sequence,
+              x509_authorities=len(bundle.x509_authorities),
+              jwt_authorities=len(bundle.jwt_authorities))
+        return bundle
+
+    def delete(self, td: TrustDomain) -> None:
+        """Remove ``td``'s bundle. Entries that federate with it keep the name.
+
+        Raises:
+            InvalidArgumentError: our own trust domain.
+            NotFoundError: none is held.
+        """
+        if not self._ds.delete_bundle(self._foreign(td)):
+            raise NotFoundError(f"no bundle for trust domain {td}")
+        event("foreign bundle deleted", trust_domain=td.name)
+
+
+def _load(stored: StoredBundle) -> Bundle:
+    return Bundle.from_jwks(TrustDomain(stored.trust_domain), stored.data)
