@@ -2,7 +2,9 @@
 
 Every ``sync_interval``:
 
-1. renew the agent's own SVID once it is past half its lifetime;
+1. renew the agent's own SVID once it is past half its lifetime, or once the
+   last sync said an authority of its chain is tainted (otherwise revoking that
+   authority would lock the agent out until half-life);
 2. SyncAuthorized: replace the entries and bundles in the cache (entries that
    disappeared lose their SVIDs there); persist a changed bundle of our trust
    domain and rebuild the server channel with it;
@@ -33,12 +35,15 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+from cryptography import x509
+
 from agent import log
 from agent.cache import Cache, CachedEntry, svid_needs_rotation
 from agent.client import ServerClient, roots_pem
 from agent.errors import AgentError, ServerCallError
 from agent.rotation import Backoff
 from agent.state import AgentState
+from agent.taint import load_tainted, signed_by_tainted
 from identity.bundle import Bundle, BundleSet
 from identity.clock import Clock, SystemClock
 from identity.errors import SigilError
@@ -116,6 +121,8 @@ class Manager:
         self._saved_version = -1
         # Why the server refuses us ("banned", "evicted"), logged once per change.
         self.refused: str | None = None
+        # Signing certificates an operator tainted, from the last sync.
+        self._tainted: tuple[x509.Certificate, ...] = ()
 
     async def _sign_jwt(self, entry: CachedEntry, audience: Sequence[str]) -> JwtSvid:
         return await self._client.new_jwt_svid(entry.id, audience)
@@ -269,7 +276,8 @@ class Manager:
         self._saved_version = version
 
     async def _renew_agent_svid(self) -> None:
-        if not svid_needs_rotation(self.agent_svid, self._clock.now()):
+        tainted = bool(self._tainted) and signed_by_tainted(self.agent_svid, self._tainted)
+        if not tainted and not svid_needs_rotation(self.agent_svid, self._clock.now()):
             return
         key = self._new_key()
         svid = await self._client.renew(csr=new_csr(key), key=key)
@@ -293,6 +301,7 @@ class Manager:
         bundles.setdefault(self._cache.trust_domain, self.bundle)
         self._cache.set_bundles(bundles)
         self._cache.set_tainted(result.tainted_x509)
+        self._tainted = load_tainted(result.tainted_x509)
         # Node-alias entries (parent = the server) describe agents, not workloads.
         entries = [e for e in result.entries if e.parent_id != self.server_id]
         if result.full:

@@ -1,17 +1,26 @@
-"""agent/taint.py and Cache.rotation_plan: SVIDs signed by a tainted CA rotate early."""
+"""agent/taint.py, Cache.rotation_plan and the Manager: SVIDs signed by a tainted CA
+rotate early, the agent's own included."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from agent.cache import Cache
+from agent.client import SyncResult
+from agent.manager import Manager
+from agent.state import AgentState
 from agent.taint import load_tainted, signed_by_tainted
+from identity.bundle import Bundle
 from identity.clock import FakeClock
-from identity.keys import generate_private_key
+from identity.keys import PrivateKey, generate_private_key
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import X509Svid, new_ca_certificate, new_svid_certificate
-from tests.unit.test_agent_cache import T0, entry, make_cache
+from tests.unit.test_agent_cache import AGENT, T0, entry, make_cache
 
 TD = TrustDomain("example.org")
 
@@ -59,3 +68,61 @@ def test_rotation_plan_reissues_svids_of_a_tainted_ca_at_once() -> None:
     assert [e.id for e in cache.rotation_plan(T0)] == ["a"]
     cache.set_x509_svid("a", _svid(new, "spiffe://example.org/a"))
     assert cache.rotation_plan(T0) == []
+
+
+class _RenewingServer:
+    """Stands in for ServerClient: syncs nothing but the taint, renews with ``new``."""
+
+    def __init__(self, new: tuple[object, object], tainted: tuple[bytes, ...]) -> None:
+        self.new = new
+        self.tainted = tainted
+        self.renewed = 0
+
+    def configure(self, **_kw: object) -> None:
+        pass
+
+    async def sync(self, **_known: object) -> SyncResult:
+        return SyncResult((), {}, 1, tainted_x509=self.tainted)
+
+    async def batch_new_x509_svid(self, params: list[object]) -> list[object]:
+        assert params == []
+        return []
+
+    async def renew(self, *, csr: bytes, key: PrivateKey) -> X509Svid:
+        cert, ca_key = self.new
+        leaf = new_svid_certificate(
+            spiffe_id=AGENT, public_key=key.public_key(), ca_cert=cert,  # type: ignore[arg-type]
+            ca_key=ca_key, not_before=T0, not_after=T0 + dt.timedelta(hours=1))  # type: ignore[arg-type]
+        self.renewed += 1
+        return X509Svid(AGENT, (leaf,), key)
+
+
+@pytest.mark.parametrize("taint_old", [True, False])
+def test_agent_renews_its_own_svid_when_its_signer_is_tainted(
+        tmp_path: Path, taint_old: bool) -> None:
+    old, new = _ca(), _ca()
+    agent_svid = _svid(old, str(AGENT))  # fresh: half-life is 30 min away
+    tainted = (old[0].public_bytes(Encoding.DER),) if taint_old else ()  # type: ignore[attr-defined]
+    server = _RenewingServer(new, tainted)
+    state = AgentState(tmp_path / "data")
+    state.prepare()
+
+    async def run() -> Manager:
+        clock = FakeClock(T0)
+        bundle = Bundle(trust_domain=TD, x509_authorities=(old[0], new[0]))  # type: ignore[arg-type]
+        manager = Manager(client=server, cache=Cache(trust_domain=TD, clock=clock),  # type: ignore[arg-type]
+                          state=state, agent_svid=agent_svid, bundle=bundle, clock=clock)
+        assert await manager.sync_once()  # learns of the taint
+        assert await manager.sync_once()  # renews, if tainted
+        assert await manager.sync_once()  # and only once
+        return manager
+
+    manager = asyncio.run(run())
+    if taint_old:
+        assert server.renewed == 1
+        manager.agent_svid.leaf.verify_directly_issued_by(new[0])  # type: ignore[arg-type]
+        saved = state.load_svid()
+        assert saved is not None and saved.cert_chain == manager.agent_svid.cert_chain
+    else:
+        assert server.renewed == 0
+        assert manager.agent_svid is agent_svid
