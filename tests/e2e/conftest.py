@@ -160,15 +160,17 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(*, server_config: str = "") -> Iterator[Stack]:
+def running_stack(*, server_config: str = "",
+                  trust_domain: str = "e2e.sigil.test") -> Iterator[Stack]:
     """A started server and agent, stopped (and checked to exit 0) on the way out.
 
     Args:
         server_config: TOML for the server's ``--config`` file; empty for none.
+        trust_domain: the stack's trust domain (federation tests run two).
     """
     # Unix socket paths are limited to ~100 bytes, so keep the root short.
     root = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))
-    st = Stack(root=root, trust_domain="e2e.sigil.test", port=free_port(),
+    st = Stack(root=root, trust_domain=trust_domain, port=free_port(),
                server_config=server_config)
     try:
         st.start_server()
@@ -185,6 +187,22 @@ def running_stack(*, server_config: str = "") -> Iterator[Stack]:
 def stack() -> Iterator[Stack]:
     with running_stack() as st:
         yield st
+
+
+StackFactory = Callable[..., Stack]
+"""``make_stack(trust_domain, *, server_config="")``: one more running stack."""
+
+
+@pytest.fixture
+def make_stack() -> Iterator[StackFactory]:
+    """Start any number of stacks, each with its own trust domain, ports and
+    directories; all are stopped (and checked to exit 0) when the test ends."""
+    with contextlib.ExitStack() as stacks:
+        def make(trust_domain: str, *, server_config: str = "") -> Stack:
+            return stacks.enter_context(
+                running_stack(server_config=server_config, trust_domain=trust_domain))
+
+        yield make
 
 
 @pytest.fixture
