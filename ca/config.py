@@ -17,6 +17,7 @@ from typing import Any
 from ca import caconfig, opsconfig
 from ca.datastore.engine import parse_database_url
 from ca.errors import ConfigError
+from ca.federation import config as fedconfig
 from ca.kubernetes import config as k8sconfig
 from identity import configvalues
 from identity.errors import InvalidSpiffeIdError, InvalidValueError
@@ -65,8 +66,11 @@ _OPS_DEFAULTS: Mapping[str, object] = opsconfig.DEFAULTS
 _CA_DEFAULTS: Mapping[str, object] = caconfig.DEFAULTS
 # Kubernetes (node_attestors.k8s_psat): ca/kubernetes/config.py.
 _K8S_DEFAULTS: Mapping[str, object] = k8sconfig.DEFAULTS
+# Federation and OIDC discovery: ca/federation/config.py.
+_FED_DEFAULTS: Mapping[str, object] = fedconfig.DEFAULTS
 KNOWN_KEYS = (frozenset(_DURATION_DEFAULTS) | frozenset(_STRING_DEFAULTS)
-              | frozenset(_OPS_DEFAULTS) | frozenset(_CA_DEFAULTS) | frozenset(_K8S_DEFAULTS))
+              | frozenset(_OPS_DEFAULTS) | frozenset(_CA_DEFAULTS) | frozenset(_K8S_DEFAULTS)
+              | frozenset(_FED_DEFAULTS))
 
 
 def parse_duration(text: str, *, key: str | None = None) -> dt.timedelta:
@@ -118,6 +122,7 @@ class ServerConfig:
     ops: opsconfig.OpsConfig = opsconfig.OpsConfig()  # noqa: RUF009
     ca: caconfig.CaConfig = caconfig.CaConfig()  # noqa: RUF009
     kubernetes: k8sconfig.KubernetesConfig = k8sconfig.KubernetesConfig()  # noqa: RUF009
+    federation: fedconfig.FederationConfig = fedconfig.FederationConfig()  # noqa: RUF009
 
     @property
     def key_dir(self) -> Path:
@@ -170,7 +175,7 @@ def load_config(
     try:
         raw = configvalues.layer_settings(
             {**_STRING_DEFAULTS, **_DURATION_DEFAULTS, **_OPS_DEFAULTS, **_CA_DEFAULTS,
-             **_K8S_DEFAULTS},
+             **_K8S_DEFAULTS, **_FED_DEFAULTS},
             document, env=env,
             env_vars=ENV_VARS, overrides=overrides, known_keys=KNOWN_KEYS,
         )
@@ -240,4 +245,5 @@ def _validate(raw: Mapping[str, Any]) -> ServerConfig:
         ops=opsconfig.validate(raw),
         ca=caconfig.validate(raw),
         kubernetes=k8sconfig.validate(raw),
+        federation=fedconfig.validate(raw, trust_domain),
     )

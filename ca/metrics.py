@@ -50,6 +50,25 @@ SYNC_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 
+FEDERATION_REFRESHES = Counter(
+    "sigil_federation_refreshes",
+    "Foreign bundle fetches that succeeded, by trust domain (stored or unchanged).",
+    ["trust_domain"],
+)
+FEDERATION_REFRESH_ERRORS = Counter(
+    "sigil_federation_refresh_errors",
+    "Foreign bundle fetches refused, by trust domain and reason (ca/federation/fetch.py).",
+    ["trust_domain", "reason"],
+)
+
+
+def count_federation_refresh(trust_domain: str, error_reason: str | None = None) -> None:
+    """Record one foreign bundle fetch: ``error_reason`` None for a success."""
+    if error_reason is None:
+        FEDERATION_REFRESHES.labels(trust_domain=trust_domain).inc()
+    else:
+        FEDERATION_REFRESH_ERRORS.labels(trust_domain=trust_domain, reason=error_reason).inc()
+
 
 def count_svid(svid_type: str, n: int = 1) -> None:
     """Record ``n`` SVIDs signed of ``svid_type`` (one of :data:`SVID_TYPES`)."""

@@ -245,3 +245,19 @@ class ChangeEvent(Base):
     kind: Mapped[str] = mapped_column(String(32))  # "entry_created" | "entry_deleted" | ...
     entry_id: Mapped[str] = mapped_column(String(UUID_LENGTH))
     at: Mapped[int] = mapped_column(BigInteger)
+
+
+class FederationRelationshipRow(Base):
+    """A federation relationship with a foreign trust domain (revision 0005).
+
+    The foreign bundle itself is a row of ``bundles`` keyed by the same trust domain.
+    """
+
+    __tablename__ = "federation_relationships"
+
+    trust_domain: Mapped[str] = mapped_column(String(TRUST_DOMAIN_LENGTH), primary_key=True)
+    bundle_endpoint_url: Mapped[str] = mapped_column(String(2048))
+    profile: Mapped[str] = mapped_column(String(16))  # "https_web" | "https_spiffe"
+    endpoint_spiffe_id: Mapped[str] = mapped_column(String(SPIFFE_ID_LENGTH), default="")
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from attestation.node.join_token import StoredJoinToken
 from ca.datastore import models as m
 from ca.datastore.engine import make_engine
+from ca.datastore.federation import FederationQueries
 from ca.datastore.records import (
     CaKeyRecord,
     EntryFilter,
@@ -248,7 +249,7 @@ class Transaction:
         return _create_entry(self._session, entry, _ts(now))
 
 
-class Datastore:
+class Datastore(FederationQueries):
     """The repository. Thread-safe: every call opens its own session."""
 
     def __init__(self, url: str) -> None:
