@@ -303,11 +303,6 @@ def _run_rotation(st: Stack, uid_selector: str, workdir: Path) -> None:
     try:
         with MtlsLoop(server, client) as loop:
 
-            def phase_done(phase: str, condition: Callable[[], bool]) -> Callable[[], bool]:
-                # Stop early on a failure: the assertion below then says which.
-                return lambda: bool(loop.failures) or (
-                    loop.count(phase) >= MIN_HANDSHAKES_PER_PHASE and condition())
-
             def state() -> str:
                 try:
                     held = (f"bundles {[sorted(w.bundle_ids()) for w in workloads]}, "
@@ -318,55 +313,55 @@ def _run_rotation(st: Stack, uid_selector: str, workdir: Path) -> None:
                         f"{loop.timeline} s, failures {loop.failures[:3]}, "
                         f"{held}, authorities {_authorities(st)})")
 
+            def settle(phase: str, condition: Callable[[], bool], *, what: str,
+                       timeout: float = PHASE_TIMEOUT) -> None:
+                """Wait for ``condition`` and enough handshakes in ``phase``; none may fail."""
+                wait_until(lambda: bool(loop.failures) or (
+                    loop.count(phase) >= MIN_HANDSHAKES_PER_PHASE and condition()),
+                    timeout=timeout, what=what, describe=state)
+                assert loop.failures == [], f"handshakes failed in phase {phase} {state()}"
+
             prepare_at = (dt.datetime.fromisoformat(first["not_after"])
                           - dt.timedelta(seconds=CA_TTL_SECONDS / 2))
-            wait_until(phase_done("warm-up", lambda: dt.datetime.now(dt.UTC) >= prepare_at),
-                       timeout=CA_TTL_SECONDS, what="half the first CA's life",
-                       describe=state)
+            settle("warm-up", lambda: dt.datetime.now(dt.UTC) >= prepare_at,
+                   timeout=CA_TTL_SECONDS, what="half the first CA's life")
             assert {w.svid_issuer() for w in workloads} == {old}
 
             loop.enter("prepared")
             new = _step(st, "prepare")["authority_id"]
             assert new != old
-            wait_until(phase_done("prepared", lambda: all(
-                w.bundle_ids() == {old, new} for w in workloads)),
-                timeout=PHASE_TIMEOUT, what="the new CA in both bundles", describe=state)
+            settle("prepared", lambda: all(w.bundle_ids() == {old, new} for w in workloads),
+                   what="the new CA in both bundles")
 
             loop.enter("activated")
             assert _step(st, "activate")["authority_id"] == new
-            wait_until(phase_done("activated", lambda: all(
-                w.svid_issuer() == new for w in workloads)),
-                timeout=PHASE_TIMEOUT, what="SVIDs signed by the new CA", describe=state)
+            settle("activated", lambda: all(w.svid_issuer() == new for w in workloads),
+                   what="SVIDs signed by the new CA")
 
             loop.enter("tainted")
             assert _step(st, "taint", old)["status"] == "tainted"
-            wait_until(phase_done("tainted", lambda: all(
-                w.svid_issuer() != old for w in workloads)),
-                timeout=PHASE_TIMEOUT, what="no SVID signed by the tainted CA",
-                describe=state)
+            settle("tainted", lambda: all(w.svid_issuer() != old for w in workloads),
+                   what="no SVID signed by the tainted CA")
             # Revoking is legitimate (no --force) once everything the old CA signed
             # has expired: its last SVIDs, the agent's and the server's own TLS
             # certificate, at the latest its own end of life.
             (tainted,) = [a for a in _authorities(st) if a["authority_id"] == old]
             assert tainted["status"] == "tainted"
             revocable = _revocable_at(tainted) + dt.timedelta(seconds=1)
-            wait_until(lambda: bool(loop.failures) or dt.datetime.now(dt.UTC) >= revocable,
-                       timeout=CA_TTL_SECONDS + PHASE_TIMEOUT,
-                       what=f"the old CA to be revocable at {revocable}", describe=state)
+            settle("tainted", lambda: dt.datetime.now(dt.UTC) >= revocable,
+                   timeout=CA_TTL_SECONDS + PHASE_TIMEOUT,
+                   what=f"the old CA to be revocable at {revocable}")
 
             loop.enter("revoked")
             revoked = st.server_cli("localauthority", "x509", "revoke", old, check=False)
             assert revoked.returncode == 0, revoked.stderr
             assert [a["authority_id"] for a in _authorities(st)] == [new]
-            wait_until(phase_done("revoked", lambda: all(
-                w.bundle_ids() == {new} for w in workloads)),
-                timeout=PHASE_TIMEOUT, what="the old CA gone from both bundles",
-                describe=state)
+            settle("revoked", lambda: all(w.bundle_ids() == {new} for w in workloads),
+                   what="the old CA gone from both bundles")
 
             # And connections keep working with the bundle that lost the old CA.
             loop.enter("after")
-            wait_until(phase_done("after", lambda: True), timeout=PHASE_TIMEOUT,
-                       what="handshakes after the revocation", describe=state)
+            settle("after", lambda: True, what="handshakes after the revocation")
         final = [(w.svid_issuer(), w.bundle_ids()) for w in workloads]
     finally:
         for w in workloads:
