@@ -10,10 +10,12 @@ import json
 import subprocess
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from api.protos.sigil.admin.v1 import admin_pb2, admin_pb2_grpc
 from api.protos.sigil.agent.v1 import agent_pb2
 from identity.bundle import Bundle, JwtAuthority
 from identity.keys import generate_private_key, key_id
@@ -212,3 +214,43 @@ def test_sync_sends_federated_bundles_of_the_agents_entries(sigil_server: Runnin
     finally:
         a.channel.close()
         b.channel.close()
+
+
+def test_admin_api_statuses_and_nothing_written(sigil_server: RunningServer) -> None:
+    """The RPCs themselves (what a client other than our CLI sends)."""
+    pem = _foreign_bundle().x509_pem()
+    cases = [
+        ("SetBundle", admin_pb2.SetBundleRequest(trust_domain="b.fed.test", format="der",
+                                                 data=pem),
+         grpc.StatusCode.INVALID_ARGUMENT, "format must be one of pem, spiffe, not 'der'"),
+        ("SetBundle", admin_pb2.SetBundleRequest(trust_domain="b.fed.test", format="pem",
+                                                 data=b"\n" * (1024 * 1024 + 1)),
+         grpc.StatusCode.INVALID_ARGUMENT,
+         "bundle is 1048577 bytes, more than the limit of 1048576"),
+        ("SetBundle", admin_pb2.SetBundleRequest(format="pem", data=pem),
+         grpc.StatusCode.INVALID_ARGUMENT, "trust_domain is required"),
+        ("SetBundle", admin_pb2.SetBundleRequest(trust_domain="spiffe://b.fed.test/x",
+                                                 format="pem", data=pem),
+         grpc.StatusCode.INVALID_ARGUMENT,
+         "trust_domain 'spiffe://b.fed.test/x' must be a trust domain (spiffe://name), "
+         "not a workload ID"),
+        ("SetBundle", admin_pb2.SetBundleRequest(trust_domain="it.sigil.test", format="pem",
+                                                 data=pem),
+         grpc.StatusCode.INVALID_ARGUMENT, "it.sigil.test is this server's own trust domain"),
+        ("GetBundle", admin_pb2.GetBundleRequest(trust_domain="Bad Domain"),
+         grpc.StatusCode.INVALID_ARGUMENT, "trust_domain: "),
+        ("GetBundle", admin_pb2.GetBundleRequest(trust_domain="b.fed.test"),
+         grpc.StatusCode.NOT_FOUND, "no bundle for trust domain b.fed.test"),
+        ("DeleteBundle", admin_pb2.DeleteBundleRequest(trust_domain="b.fed.test"),
+         grpc.StatusCode.NOT_FOUND, "no bundle for trust domain b.fed.test"),
+    ]
+    with grpc.insecure_channel(f"unix:{sigil_server.socket_path}") as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+        own_before = stub.GetBundle(admin_pb2.GetBundleRequest(), timeout=10)
+        for method, request, code, details in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                getattr(stub, method)(request, timeout=10)
+            assert err.value.code() == code, (method, err.value.details())
+            assert err.value.details().startswith(details), err.value.details()
+        assert list(stub.ListBundles(admin_pb2.ListBundlesRequest(), timeout=10).bundles) == []
+        assert stub.GetBundle(admin_pb2.GetBundleRequest(), timeout=10) == own_before
