@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,6 +24,9 @@ from agent.workload_api.servicer import SECURITY_HEADER
 from api.protos import workload_pb2 as pb
 from identity.x509svid import load_certificates_der
 from tests.integration.workload_api_harness import Harness, entry
+from tests.support.raw_workload_client import raw_fetch_x509
+
+RAW_CLIENT = Path(__file__).resolve().parents[1] / "support" / "raw_workload_client.py"
 
 UID = os.getuid()
 GID = os.getgid()
@@ -311,79 +317,20 @@ def test_raw_socket_garbage_does_not_break_the_server(harness: Harness) -> None:
 # -- Another user ----------------------------------------------------------------
 
 
-def _raw_fetch_x509(path: str) -> bytes:
-    """FetchX509SVID by hand over HTTP/2, with the standard library only.
-
-    Runs in a forked child that dropped to another user: that child cannot use
-    grpc (not fork-safe) nor exec our interpreter (it may live in a directory
-    only root can enter). Returns b"OK" when a message arrives, b"DENIED" when
-    the call ends without one.
-    """
-
-    def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-        head = len(payload).to_bytes(3, "big") + bytes([kind, flags])
-        return head + stream.to_bytes(4, "big") + payload
-
-    def literal(name: bytes, value: bytes) -> bytes:  # HPACK literal, no indexing, no Huffman
-        return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
-
-    headers = b"".join(literal(n, v) for n, v in (
-        (b":method", b"POST"), (b":scheme", b"http"),
-        (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"), (b":authority", b"localhost"),
-        (b"content-type", b"application/grpc"), (b"te", b"trailers"),
-        (b"workload.spiffe.io", b"true"),
-    ))
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(path)
-        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"")
-                  + frame(1, 4, 1, headers) + frame(0, 1, 1, b"\x00" * 5))
-        buf = b""
-        while True:
-            while len(buf) < 9 or len(buf) < 9 + int.from_bytes(buf[:3], "big"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    return b"CLOSED"
-                buf += chunk
-            size = int.from_bytes(buf[:3], "big")
-            kind, flags, stream = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
-            payload, buf = buf[9:9 + size], buf[9 + size:]
-            if kind == 4 and not flags & 1:
-                s.sendall(frame(4, 1, 0, b""))  # acknowledge the server's SETTINGS
-            elif kind == 0 and stream == 1 and len(payload) > 5:
-                return b"OK"
-            elif kind == 1 and stream == 1 and flags & 1:
-                return b"DENIED"
-            elif kind in (3, 7):
-                return b"RESET"
-
-
 def _fetch_as(uid: int, path: str) -> bytes:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (child)
-        code = 1
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            os.write(w, _raw_fetch_x509(path))
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read()
-    os.waitpid(pid, 0)
-    return out
+    done = subprocess.run(
+        [sys.executable, str(RAW_CLIENT), str(uid), path],
+        capture_output=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    return done.stdout
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a process as another user")
 def test_process_of_another_uid_is_denied(harness: Harness) -> None:
     harness.set_state([entry("e1", WEB, f"unix:uid:{UID}")])
     # The raw client itself works (as us).
-    assert _raw_fetch_x509(str(harness.socket_path)) == b"OK"
+    assert raw_fetch_x509(str(harness.socket_path)) == b"OK"
     assert _fetch_as(65534, str(harness.socket_path)) == b"DENIED"
     # With an entry for that uid, the same kind of process gets its SVID.
     harness.set_state([entry("e2", DB, "unix:uid:65534")])
