@@ -10,7 +10,8 @@ the other trust domain. The workloads are py-spiffe clients of their own agent:
 - a JWT-SVID minted in one domain (audience: the other workload) is refused by
   the other domain's Workload API before, and accepted after;
 - while ``a.test`` rotates its X.509 CA (prepare, then activate), the two
-  workloads keep connecting in a loop: not one handshake may fail.
+  workloads keep connecting in a loop: not one handshake may fail; then it
+  rotates its JWT key, and b.test validates JWT-SVIDs signed by the new one.
 
 Federation here is by hand (``bundle show --format spiffe`` on one side,
 ``bundle set`` on the other), which is also how an operator bootstraps an
@@ -20,6 +21,7 @@ Federation here is by hand (``bundle show --format spiffe`` on one side,
 from __future__ import annotations
 
 import datetime as dt
+import json
 import socket
 import ssl
 import tempfile
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jwt as pyjwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -40,6 +43,7 @@ from identity.x509svid import verify_chain
 from tests.e2e.conftest import Stack, StackFactory
 
 spiffe = pytest.importorskip("spiffe")
+from spiffe import TrustDomain as SpiffeTrustDomain  # noqa: E402
 from spiffe import WorkloadApiClient, X509Source  # noqa: E402
 from spiffe.workloadapi.errors import ValidateJwtSvidError  # noqa: E402
 
@@ -49,6 +53,7 @@ A, B = "a.test", "b.test"
 A_ID, B_ID = f"spiffe://{A}/web", f"spiffe://{B}/api"
 SERVER_CONFIG = """\
 x509_svid_ttl = "20s"
+jwt_svid_ttl = "20s"
 # The test forces each rotation step; the schedule must not race it.
 ca_rotation_interval = "1h"
 """
@@ -227,64 +232,109 @@ def hand_exchange(src: Stack, dst: Stack) -> None:
                    "--format", "spiffe", "--path", str(path))
 
 
-def jwt_across(minter: Workload, validator: Workload) -> str:
+def jwt_across(minter: Workload, validator: Workload) -> tuple[str, str]:
     """A JWT-SVID minted by ``minter`` for ``validator``, validated by the
-    validator's own Workload API: the SPIFFE ID it vouches for."""
+    validator's own Workload API: the SPIFFE ID it vouches for, and the token's kid."""
     with WorkloadApiClient(minter.stack.endpoint) as client:
         token = client.fetch_jwt_svid(audience={validator.spiffe_id}).token
     with WorkloadApiClient(validator.stack.endpoint) as client:
-        return str(client.validate_jwt_svid(token, validator.spiffe_id).spiffe_id)
+        validated = str(client.validate_jwt_svid(token, validator.spiffe_id).spiffe_id)
+    return validated, str(pyjwt.get_unverified_header(token)["kid"])
 
 
-def test_federation_by_hand_mtls_jwt_and_ca_rotation(
-    make_stack: StackFactory, uid_selector: str
-) -> None:
+def jwt_kids(workload: Workload, trust_domain: str) -> set[str]:
+    """The JWT key ids ``workload`` holds for ``trust_domain`` (FetchJWTBundles)."""
+    with WorkloadApiClient(workload.stack.endpoint) as client:
+        bundle = client.fetch_jwt_bundles().get_bundle_for_trust_domain(
+            SpiffeTrustDomain(trust_domain))
+    return set(bundle.jwt_authorities) if bundle is not None else set()
+
+
+Propagate = Callable[[Stack, Stack], None]
+"""After ``src`` changed its bundle: make ``dst`` hold the new one (by hand), or
+nothing (the refresher will)."""
+
+
+def assert_not_federated(wa: Workload, wb: Workload) -> None:
+    """Each workload holds only its own bundle; neither mTLS nor JWT-SVIDs cross."""
+    assert set(wa.bundles()) == {A} and set(wb.bundles()) == {B}
+    for server, client in ((wa, wb), (wb, wa)):
+        error = mtls_once(server, client)
+        assert error is not None and "CERTIFICATE_VERIFY_FAILED" in error, error
+    with pytest.raises(ValidateJwtSvidError,
+                       match=f"no JWT bundle found for trust domain {A}"):
+        jwt_across(wa, wb)
+
+
+def assert_federated(wa: Workload, wb: Workload) -> None:
+    """Both workloads hold both bundles; mTLS and JWT-SVIDs cross both ways."""
+    wait_until(lambda: set(wa.bundles()) == {A, B} and set(wb.bundles()) == {A, B},
+               timeout=TIMEOUT, what="the federated bundles at both workloads")
+    assert mtls_once(wa, wb) is None
+    assert mtls_once(wb, wa) is None
+    assert jwt_across(wa, wb)[0] == A_ID
+    assert jwt_across(wb, wa)[0] == B_ID
+
+
+def rotate_a(sa: Stack, sb: Stack, wa: Workload, wb: Workload, propagate: Propagate) -> None:
+    """a.test rotates its CA, then its JWT key, while the workloads keep connecting:
+    not one handshake fails, and b.test validates JWT-SVIDs signed by the new key."""
+    old_a = key_ids(wa.bundles()[A], x509.SubjectKeyIdentifier)
+    with Loop(wa, wb) as loop:
+        loop.enter("prepare")
+        sa.server_cli("localauthority", "x509", "prepare")
+        wait_until(lambda: len(wa.bundles()[A]) == 2, timeout=TIMEOUT,
+                   what="a.test's new CA in its own workload's bundle")
+        (new_a,) = key_ids(wa.bundles()[A], x509.SubjectKeyIdentifier) - old_a
+        propagate(sa, sb)
+        wait_until(lambda: new_a in key_ids(wb.bundles()[A], x509.SubjectKeyIdentifier),
+                   timeout=TIMEOUT, what="a.test's new CA at b.test's workload")
+        loop.enter("activate")
+        sa.server_cli("localauthority", "x509", "activate")
+        wait_until(lambda: wa.svid_issuer() == new_a, timeout=TIMEOUT,
+                   what="a.test's workload SVID signed by the new CA")
+        loop.enter("after")
+        loop.enter("done")
+    assert loop.failures == []
+    assert all(loop.handshakes[p] >= MIN_HANDSHAKES_PER_PHASE
+               for p in ("warm-up", "prepare", "activate", "after")), loop.handshakes
+
+    new_kid = json.loads(sa.server_cli("localauthority", "jwt", "prepare",
+                                       "--output", "json").stdout)["authority_id"]
+    propagate(sa, sb)
+    wait_until(lambda: new_kid in jwt_kids(wb, A), timeout=TIMEOUT,
+               what="a.test's new JWT key at b.test's workload")
+    sa.server_cli("localauthority", "jwt", "activate")
+    # The agent hands out a cached JWT-SVID until its half-life (jwt_svid_ttl 20 s).
+    wait_until(lambda: jwt_across(wa, wb) == (A_ID, new_kid), timeout=TIMEOUT,
+               what="a JWT-SVID signed by a.test's new key, validated in b.test")
+
+
+def hand_federation(sa: Stack, sb: Stack) -> None:
+    """Each side sets the other's bundle by hand."""
+    hand_exchange(sa, sb)
+    hand_exchange(sb, sa)
+
+
+def two_domains(make_stack: StackFactory, uid_selector: str
+                ) -> tuple[Stack, Stack, Workload, Workload]:
+    """Both stacks, and a workload in each whose entry federates with the other side."""
     sa = make_stack(A, server_config=SERVER_CONFIG)
     sb = make_stack(B, server_config=SERVER_CONFIG)
     sa.create_entry(A_ID, uid_selector, extra=("--federates-with", f"spiffe://{B}"))
     sb.create_entry(B_ID, uid_selector, extra=("--federates-with", f"spiffe://{A}"))
-    wa, wb = Workload(sa, A_ID), Workload(sb, B_ID)
+    return sa, sb, Workload(sa, A_ID), Workload(sb, B_ID)
+
+
+def test_federation_by_hand_mtls_jwt_and_rotation(
+    make_stack: StackFactory, uid_selector: str
+) -> None:
+    sa, sb, wa, wb = two_domains(make_stack, uid_selector)
     try:
-        # Before federation: each workload holds only its own bundle; nothing crosses.
-        assert set(wa.bundles()) == {A} and set(wb.bundles()) == {B}
-        for server, client in ((wa, wb), (wb, wa)):
-            error = mtls_once(server, client)
-            assert error is not None and "CERTIFICATE_VERIFY_FAILED" in error, error
-        with pytest.raises(ValidateJwtSvidError,
-                           match=f"no JWT bundle found for trust domain {A}"):
-            jwt_across(wa, wb)
-
-        # Each side sets the other's bundle: both workloads receive it at the next sync.
-        hand_exchange(sa, sb)
-        hand_exchange(sb, sa)
-        wait_until(lambda: set(wa.bundles()) == {A, B} and set(wb.bundles()) == {A, B},
-                   timeout=TIMEOUT, what="the federated bundles at both workloads")
-        assert mtls_once(wa, wb) is None
-        assert mtls_once(wb, wa) is None
-        assert jwt_across(wa, wb) == A_ID
-        assert jwt_across(wb, wa) == B_ID
-
-        # a.test rotates its CA while the two keep connecting.
-        old_a = key_ids(wa.bundles()[A], x509.SubjectKeyIdentifier)
-        with Loop(wa, wb) as loop:
-            loop.enter("prepare")
-            sa.server_cli("localauthority", "x509", "prepare")
-            wait_until(lambda: len(wa.bundles()[A]) == 2, timeout=TIMEOUT,
-                       what="a.test's new CA in its own workload's bundle")
-            (new_a,) = key_ids(wa.bundles()[A], x509.SubjectKeyIdentifier) - old_a
-            hand_exchange(sa, sb)
-            wait_until(lambda: new_a in key_ids(wb.bundles()[A], x509.SubjectKeyIdentifier),
-                       timeout=TIMEOUT, what="a.test's new CA at b.test's workload")
-            loop.enter("activate")
-            sa.server_cli("localauthority", "x509", "activate")
-            wait_until(lambda: wa.svid_issuer() == new_a, timeout=TIMEOUT,
-                       what="a.test's workload SVID signed by the new CA")
-            loop.enter("after")
-            loop.enter("done")
-        assert loop.failures == []
-        assert all(loop.handshakes[p] >= MIN_HANDSHAKES_PER_PHASE
-                   for p in ("warm-up", "prepare", "activate", "after")), loop.handshakes
-        assert jwt_across(wa, wb) == A_ID
+        assert_not_federated(wa, wb)
+        hand_federation(sa, sb)
+        assert_federated(wa, wb)
+        rotate_a(sa, sb, wa, wb, hand_exchange)
     finally:
         wa.source.close()
         wb.source.close()
