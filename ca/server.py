@@ -27,6 +27,7 @@ from ca.authority.setup import build_authority
 from ca.config import ServerConfig, parse_host_port
 from ca.datastore import Datastore
 from ca.errors import ConfigError
+from ca.federation.server import FederationServices
 from ca.health import HealthServer, datastore_ready, read_state
 from ca.keys import KeyManager
 from ca.kubernetes.config import node_verifiers
@@ -88,12 +89,15 @@ class SigilServer:
         self.authority: CertificateAuthority | None = None
         self._rotation: RotationScheduler | None = None
         self._kubernetes: KubernetesServices | None = None
+        self._federation: FederationServices | None = None
         self._agent_server: grpc.Server | None = None
         self._admin_server: grpc.Server | None = None
         self._front: TlsFront | None = None
         self._health: HealthServer | None = None
         self.agent_address = ""
         self.health_address = ""
+        self.bundle_endpoint_address = ""
+        self.oidc_discovery_address = ""
 
     def start(self) -> None:
         """Migrate, load the CA and start both gRPC servers."""
@@ -110,9 +114,14 @@ class SigilServer:
                                          rotate=self._role != ROLE_WORKER)
         self._rotation = RotationScheduler(self.authority, cfg.ca.rotation_interval)
         self._rotation.start()
+        # ca/federation/server.py: bundle endpoint, refresher, OIDC discovery (main only).
+        if self._role != ROLE_WORKER:
+            self._federation = FederationServices(cfg, self.datastore, self.authority,
+                                                  self.clock)
         deps = ApiDeps(config=cfg, datastore=self.datastore, authority=self.authority,
                        clock=self.clock,
-                       node_verifiers=node_verifiers(cfg.kubernetes, cfg.trust_domain))
+                       node_verifiers=node_verifiers(cfg.kubernetes, cfg.trust_domain),
+                       refresher=self._federation.refresher if self._federation else None)
 
         host, port = parse_host_port(cfg.bind_address)
         contexts = TlsContextSource(self.authority, self.clock, cfg.data_dir)
@@ -158,6 +167,10 @@ class SigilServer:
         # is what keeps everyone else out.
         os.chmod(cfg.socket_path, 0o770)  # noqa: S103
         self._kubernetes.start()
+        if self._federation is not None:
+            self._federation.start()
+            self.bundle_endpoint_address = self._federation.bundle_endpoint_address
+            self.oidc_discovery_address = self._federation.oidc_discovery_address
         event("server listening", agent_api=self.agent_address, admin_socket=cfg.socket_path,
               trust_domain=cfg.trust_domain)
 
@@ -192,6 +205,9 @@ class SigilServer:
         if self._kubernetes is not None:
             self._kubernetes.stop()
             self._kubernetes = None
+        if self._federation is not None:
+            self._federation.stop()
+            self._federation = None
         if self._rotation is not None:
             self._rotation.stop()
             self._rotation = None

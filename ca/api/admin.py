@@ -14,6 +14,7 @@ from ca.agents import DEFAULT_PURGE_EXPIRED_FOR, AgentService
 from ca.api import validate
 from ca.api.convert import agent_to_proto, bundle_to_proto, entry_to_proto, svid_to_proto
 from ca.api.deps import ApiDeps
+from ca.api.federation import FederationMethods
 from ca.api.localauthority import LocalAuthorityMethods
 from ca.api.status import grpc_method, status_for
 from ca.datastore import EntryRecord
@@ -27,7 +28,7 @@ from identity.spiffeid import SpiffeId
 MAX_JOIN_TOKEN_TTL = dt.timedelta(days=30)
 
 
-class AdminServicer(LocalAuthorityMethods, admin_pb2_grpc.AdminServicer):
+class AdminServicer(LocalAuthorityMethods, FederationMethods, admin_pb2_grpc.AdminServicer):
     """The Admin service."""
 
     def __init__(self, deps: ApiDeps) -> None:

@@ -9,6 +9,7 @@ from attestation.node import AttestationResult
 from ca.authority import CertificateAuthority, server_id
 from ca.config import ServerConfig
 from ca.datastore import Datastore
+from ca.federation.refresher import Refresher
 from identity.clock import Clock
 from identity.spiffeid import SpiffeId
 
@@ -26,6 +27,8 @@ class ApiDeps:
     node_verifiers: Mapping[str, Callable[[bytes], AttestationResult]] = field(
         default_factory=dict
     )
+    # The federation refresher the server runs (None: the admin API makes its own).
+    refresher: Refresher | None = None
 
     @property
     def server_id(self) -> SpiffeId:

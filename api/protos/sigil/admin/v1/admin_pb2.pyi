@@ -340,3 +340,73 @@ class LocalAuthorities(_message.Message):
     AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
     authorities: _containers.RepeatedCompositeFieldContainer[LocalAuthority]
     def __init__(self, authorities: _Optional[_Iterable[_Union[LocalAuthority, _Mapping]]] = ...) -> None: ...
+
+class FederationRelationship(_message.Message):
+    __slots__ = ("trust_domain", "bundle_endpoint_url", "profile", "endpoint_spiffe_id", "created_at", "updated_at", "bundle_sequence", "has_bundle", "last_refresh", "last_refresh_message", "next_refresh_at")
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ENDPOINT_URL_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    HAS_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    LAST_REFRESH_FIELD_NUMBER: _ClassVar[int]
+    LAST_REFRESH_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_REFRESH_AT_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    bundle_endpoint_url: str
+    profile: str
+    endpoint_spiffe_id: str
+    created_at: int
+    updated_at: int
+    bundle_sequence: int
+    has_bundle: bool
+    last_refresh: str
+    last_refresh_message: str
+    next_refresh_at: int
+    def __init__(self, trust_domain: _Optional[str] = ..., bundle_endpoint_url: _Optional[str] = ..., profile: _Optional[str] = ..., endpoint_spiffe_id: _Optional[str] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., bundle_sequence: _Optional[int] = ..., has_bundle: _Optional[bool] = ..., last_refresh: _Optional[str] = ..., last_refresh_message: _Optional[str] = ..., next_refresh_at: _Optional[int] = ...) -> None: ...
+
+class FederationRelationshipRequest(_message.Message):
+    __slots__ = ("relationship", "bootstrap_bundle")
+    RELATIONSHIP_FIELD_NUMBER: _ClassVar[int]
+    BOOTSTRAP_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    relationship: FederationRelationship
+    bootstrap_bundle: bytes
+    def __init__(self, relationship: _Optional[_Union[FederationRelationship, _Mapping]] = ..., bootstrap_bundle: _Optional[bytes] = ...) -> None: ...
+
+class FederationRelationshipName(_message.Message):
+    __slots__ = ("trust_domain",)
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ...) -> None: ...
+
+class ListFederationRelationshipsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListFederationRelationshipsResponse(_message.Message):
+    __slots__ = ("relationships",)
+    RELATIONSHIPS_FIELD_NUMBER: _ClassVar[int]
+    relationships: _containers.RepeatedCompositeFieldContainer[FederationRelationship]
+    def __init__(self, relationships: _Optional[_Iterable[_Union[FederationRelationship, _Mapping]]] = ...) -> None: ...
+
+class DeleteFederationRelationshipResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RefreshFederatedBundleResponse(_message.Message):
+    __slots__ = ("ok", "reason", "message", "changed", "sequence", "next_refresh_at")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_REFRESH_AT_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    reason: str
+    message: str
+    changed: bool
+    sequence: int
+    next_refresh_at: int
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., changed: _Optional[bool] = ..., sequence: _Optional[int] = ..., next_refresh_at: _Optional[int] = ...) -> None: ...

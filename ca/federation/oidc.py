@@ -1,0 +1,104 @@
+"""OIDC discovery for JWT-SVIDs: what a cloud identity provider reads to trust them.
+
+Two documents over HTTPS (``[oidc_discovery]``), built from the current bundle at
+each request so a JWT key rotation shows at once:
+
+- ``/.well-known/openid-configuration``: issuer ``https://<domain>``, ``jwks_uri``
+  ``https://<domain>/keys``, ``authorization_endpoint`` "" (there is none: JWT-SVIDs
+  are not obtained through OAuth flows), ``response_types_supported`` ["id_token"],
+  ``subject_types_supported`` ["public"] and the algorithms of our JWT keys;
+- ``/keys``: the JWKS of the JWT-SVID keys, each with ``kid``, ``use`` "sig" and
+  ``alg`` (the algorithm the authority signs with for that key type).
+
+The certificate comes from ``cert_file``/``key_file`` (a Web PKI one for ``domain``),
+re-read when they change.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from ca.authority import CertificateAuthority
+from ca.federation.config import OidcDiscoveryConfig
+from ca.federation.https import Document, FileContextSource, HttpsServer
+from identity.bundle import Bundle
+from identity.keys import PublicKey
+
+CONFIGURATION_PATH = "/.well-known/openid-configuration"
+KEYS_PATH = "/keys"
+
+
+def algorithm_for(key: PublicKey) -> str:
+    """The JWS algorithm our signer uses for a key (identity.jwtsvid's default)."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}[key.curve.name]
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256"
+    raise ValueError(f"no JWS algorithm for {type(key).__name__}")
+
+
+def jwks(bundle: Bundle) -> dict[str, Any]:
+    """The JWT-SVID keys of ``bundle`` as an OIDC JWKS."""
+    doc = json.loads(bundle.jwt_jwks())
+    by_kid = {a.key_id: a for a in bundle.jwt_authorities}
+    keys = []
+    for jwk in doc["keys"]:
+        jwk["use"] = "sig"
+        jwk["alg"] = algorithm_for(by_kid[jwk["kid"]].public_key)
+        keys.append(jwk)
+    return {"keys": keys}
+
+
+def configuration(domain: str, bundle: Bundle) -> dict[str, Any]:
+    """The discovery document for issuer ``https://<domain>``."""
+    issuer = f"https://{domain}"
+    algs = sorted({algorithm_for(a.public_key) for a in bundle.jwt_authorities})
+    return {
+        "issuer": issuer,
+        "jwks_uri": f"{issuer}{KEYS_PATH}",
+        "authorization_endpoint": "",
+        "response_types_supported": ["id_token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": algs,
+    }
+
+
+def _json(doc: dict[str, Any]) -> Document:
+    return Document(json.dumps(doc, separators=(",", ":")).encode())
+
+
+class OidcDiscovery:
+    """Serves the two documents on ``[oidc_discovery] address``."""
+
+    def __init__(self, config: OidcDiscoveryConfig, authority: CertificateAuthority) -> None:
+        self._config = config
+        self._authority = authority
+        contexts = FileContextSource(config.cert_file, config.key_file, what="oidc_discovery")
+        self._server = HttpsServer(config.address, name="oidc_discovery",
+                                   contexts=contexts.current, routes={
+                                       CONFIGURATION_PATH: self.configuration_document,
+                                       KEYS_PATH: self.keys_document})
+
+    @property
+    def bound_address(self) -> str:
+        """``HOST:PORT`` actually bound (after start)."""
+        return self._server.bound_address
+
+    def configuration_document(self) -> Document:
+        """``/.well-known/openid-configuration``."""
+        return _json(configuration(self._config.domain, self._authority.bundle()))
+
+    def keys_document(self) -> Document:
+        """``/keys``."""
+        return _json(jwks(self._authority.bundle()))
+
+    def start(self) -> None:
+        """Listen (ConfigError when the certificate or address is unusable)."""
+        self._server.start()
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.stop()

@@ -1,0 +1,178 @@
+"""The bundle endpoint and OIDC discovery over real HTTPS, in process: what they
+serve, what they refuse, the https_web certificate files re-read when they change,
+and PyJWT's PyJWKClient validating a JWT-SVID with the JWKS from /keys."""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import os
+import ssl
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography import x509
+
+from ca.errors import ConfigError
+from ca.federation.config import BundleEndpointConfig, OidcDiscoveryConfig
+from ca.federation.endpoint import BundleEndpoint
+from ca.federation.oidc import OidcDiscovery
+from identity.bundle import Bundle
+from identity.clock import FakeClock
+from identity.jwtsvid import sign_jwt_svid
+from identity.keys import key_id, private_key_to_pem
+from identity.spiffeid import SpiffeId
+from identity.x509svid import certificates_to_pem
+from tests.integration.federation_helpers import NOW, TestCa
+
+
+class StubAuthority:
+    """What the endpoints read from the CA: its bundle."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self._bundle = bundle
+        self.trust_domain = bundle.trust_domain
+
+    def bundle(self) -> Bundle:
+        return self._bundle
+
+
+def _write(dir_: Path, ca: TestCa, host: str = "localhost") -> tuple[Path, Path]:
+    chain, key = ca.svid("/web", dns_names=(host,))
+    cert_file, key_file = dir_ / "endpoint.crt", dir_ / "endpoint.key"
+    # Written aside and renamed in: a reader never sees half a file.
+    for path, data in ((cert_file, certificates_to_pem(chain)),
+                       (key_file, private_key_to_pem(key))):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return cert_file, key_file
+
+
+def _request(address: str, method: str = "GET", path: str = "/"
+             ) -> tuple[int, dict[str, str], bytes, x509.Certificate]:
+    host, port = address.rsplit(":", 1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=10)
+    try:
+        conn.connect()
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        der = conn.sock.getpeercert(binary_form=True)
+        assert der is not None
+        conn.request(method, path)
+        resp = conn.getresponse()
+        return (resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read(),
+                x509.load_der_x509_certificate(der))
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def own_ca() -> TestCa:
+    return TestCa("endpoint.fed.test")
+
+
+def test_https_web_serves_the_bundle_and_refuses_the_rest(tmp_path: Path, own_ca: TestCa) -> None:
+    web = TestCa("webpki.test")
+    cert_file, key_file = _write(tmp_path, web)
+    bundle = own_ca.bundle(sequence=42, hint=None)
+    cfg = BundleEndpointConfig(address="127.0.0.1:0", profile="https_web",
+                               refresh_hint=dt.timedelta(minutes=7),
+                               cert_file=cert_file, key_file=key_file)
+    endpoint = BundleEndpoint(cfg, StubAuthority(bundle), FakeClock(NOW))  # type: ignore[arg-type]
+    endpoint.start()
+    try:
+        status, headers, body, _ = _request(endpoint.bound_address)
+        assert (status, headers["content-type"]) == (200, "application/json")
+        doc = json.loads(body)
+        assert (doc["spiffe_sequence"], doc["spiffe_refresh_hint"]) == (42, 420)
+        assert Bundle.from_jwks(own_ca.td, body).x509_authorities == (own_ca.cert,)
+        for method in ("POST", "PUT", "DELETE", "HEAD"):
+            status, headers, _, _ = _request(endpoint.bound_address, method)
+            assert (status, headers.get("allow")) == (405, "GET"), method
+        assert _request(endpoint.bound_address, "GET", "/other")[0] == 404
+    finally:
+        endpoint.stop()
+
+
+def test_https_web_certificate_files_are_reread(tmp_path: Path, own_ca: TestCa) -> None:
+    first, second = TestCa("web1.test"), TestCa("web2.test")
+    cert_file, key_file = _write(tmp_path, first)
+    cfg = BundleEndpointConfig(address="127.0.0.1:0", profile="https_web",
+                               refresh_hint=dt.timedelta(minutes=5),
+                               cert_file=cert_file, key_file=key_file)
+    endpoint = BundleEndpoint(cfg, StubAuthority(own_ca.bundle()), FakeClock(NOW))  # type: ignore[arg-type]
+    endpoint.start()
+    try:
+        issuer = _request(endpoint.bound_address)[3].issuer
+        assert issuer == first.cert.subject
+        _write(tmp_path, second)
+        assert _request(endpoint.bound_address)[3].issuer == second.cert.subject
+        # A broken replacement keeps the last good certificate serving.
+        cert_file.write_bytes(b"not a certificate")
+        assert _request(endpoint.bound_address)[3].issuer == second.cert.subject
+    finally:
+        endpoint.stop()
+
+
+def test_https_web_unreadable_certificate_fails_at_start(tmp_path: Path, own_ca: TestCa) -> None:
+    cfg = BundleEndpointConfig(address="127.0.0.1:0", profile="https_web",
+                               refresh_hint=dt.timedelta(minutes=5),
+                               cert_file=tmp_path / "missing.crt",
+                               key_file=tmp_path / "missing.key")
+    endpoint = BundleEndpoint(cfg, StubAuthority(own_ca.bundle()), FakeClock(NOW))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"federation\.bundle_endpoint: cannot load cert_file"):
+        endpoint.start()
+
+
+def test_oidc_discovery_with_pyjwkclient(tmp_path: Path, own_ca: TestCa) -> None:
+    web = TestCa("oidc-web.test")
+    cert_file, key_file = _write(tmp_path, web)
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(web.bundle().x509_pem())
+    cfg = OidcDiscoveryConfig(address="127.0.0.1:0", domain="oidc.endpoint.fed.test",
+                              cert_file=cert_file, key_file=key_file)
+    oidc = OidcDiscovery(cfg, StubAuthority(own_ca.bundle()))  # type: ignore[arg-type]
+    oidc.start()
+    try:
+        port = oidc.bound_address.rsplit(":", 1)[1]
+        status, headers, body, _ = _request(oidc.bound_address, "GET",
+                                            "/.well-known/openid-configuration")
+        assert (status, headers["content-type"]) == (200, "application/json")
+        assert json.loads(body) == {
+            "issuer": "https://oidc.endpoint.fed.test",
+            "jwks_uri": "https://oidc.endpoint.fed.test/keys",
+            "authorization_endpoint": "",
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+        }
+        kid = key_id(own_ca.jwt_key.public_key())
+        keys = json.loads(_request(oidc.bound_address, "GET", "/keys")[2])["keys"]
+        assert [(k["kid"], k["use"], k["alg"], k["kty"]) for k in keys] == [
+            (kid, "sig", "ES256", "EC")]
+        assert _request(oidc.bound_address, "POST", "/keys")[0] == 405
+
+        now = dt.datetime.now(dt.UTC)
+        token = sign_jwt_svid(spiffe_id=SpiffeId.parse("spiffe://endpoint.fed.test/web"),
+                              audience=["cloud"], key=own_ca.jwt_key, key_id=kid,
+                              issued_at=now, expires_at=now + dt.timedelta(minutes=5))
+        client = jwt.PyJWKClient(f"https://localhost:{port}/keys",
+                                 ssl_context=ssl.create_default_context(cafile=str(roots)))
+        signing_key = client.get_signing_key_from_jwt(token)
+        claims = jwt.decode(token, signing_key.key, algorithms=["ES256"], audience="cloud")
+        assert claims["sub"] == "spiffe://endpoint.fed.test/web"
+        # A token signed by a key not in /keys is not found there.
+        stranger = TestCa("stranger.test")
+        forged = sign_jwt_svid(spiffe_id=SpiffeId.parse("spiffe://endpoint.fed.test/web"),
+                               audience=["cloud"], key=stranger.jwt_key,
+                               key_id=key_id(stranger.jwt_key.public_key()),
+                               issued_at=now, expires_at=now + dt.timedelta(minutes=5))
+        with pytest.raises(jwt.PyJWKClientError, match="Unable to find a signing key"):
+            client.get_signing_key_from_jwt(forged)
+    finally:
+        oidc.stop()
