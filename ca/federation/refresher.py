@@ -98,6 +98,9 @@ class Refresher:
         self._interval: dict[TrustDomain, dt.timedelta] = {}
         self._last: dict[TrustDomain, RefreshOutcome] = {}
         self._scheduler: BackgroundScheduler | None = None
+        # Set by stop(): a tick with several slow endpoints ends after the current
+        # fetch instead of making shutdown wait for all of them.
+        self._stopping = threading.Event()
 
     # ---- timing ------------------------------------------------------------------
 
@@ -130,7 +133,12 @@ class Refresher:
                 self._interval.pop(gone, None)
             due = [r for td, r in sorted(relationships.items(), key=lambda kv: kv[0].name)
                    if self._due.get(td, now) <= now]
-        return [self._refresh(r) for r in due]
+        outcomes = []
+        for rel in due:
+            if self._stopping.is_set():
+                break
+            outcomes.append(self._refresh(rel))
+        return outcomes
 
     def refresh(self, trust_domain: TrustDomain) -> RefreshOutcome:
         """Fetch ``trust_domain``'s bundle now (``federation refresh``).
@@ -223,6 +231,7 @@ class Refresher:
 
     def start(self) -> None:
         """Check for due refreshes every second on a background thread."""
+        self._stopping.clear()
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.add_job(self._run, "interval", seconds=TICK_SECONDS,
                                 id="federation-refresh", max_instances=1, coalesce=True,
@@ -231,6 +240,7 @@ class Refresher:
 
     def stop(self) -> None:
         """Stop the background thread (a running fetch finishes first)."""
+        self._stopping.set()
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=True)
         self._scheduler = None

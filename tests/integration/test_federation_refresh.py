@@ -338,3 +338,32 @@ def test_no_bundle_to_authenticate_with(datastore: Datastore, tmp_path: Path) ->
     assert outcome.reason == "no_trust_bundle"
     assert datastore.get_bundle(ca.td) is None
     assert _errors(ca.td, "no_trust_bundle") == before + 1
+
+
+def test_tick_follows_the_datastore_and_stops_between_fetches(datastore: Datastore) -> None:
+    cas = [TestCa(f"tick{i}.fed.test") for i in range(3)]
+    calls: list[str] = []
+    refresher: Refresher | None = None
+
+    def fake_fetch(rel: Relationship, **_: object) -> fetch.Fetched:
+        calls.append(rel.trust_domain.name)
+        if rel.trust_domain == cas[1].td:
+            assert refresher is not None
+            refresher.stop()  # as a shutdown arriving during this fetch
+        ca = next(c for c in cas if c.td == rel.trust_domain)
+        return fetch.Fetched(ca.bundle(sequence=1, hint=None), ())
+
+    for ca in cas:
+        datastore.put_relationship(Relationship(ca.td, "https://x.test/", "https_web"), now=NOW)
+    refresher = Refresher(datastore, CONFIG, FakeClock(NOW), fetch=fake_fetch)
+    outcomes = refresher.tick()
+    # Stopped during the second fetch: the third is not started.
+    assert calls == ["tick0.fed.test", "tick1.fed.test"]
+    assert [o.trust_domain for o in outcomes] == [cas[0].td, cas[1].td]
+    assert outcomes[0].next_refresh_at == NOW + dt.timedelta(minutes=5)  # no hint: default
+    datastore.delete_relationship(cas[0].td)
+    refresher._stopping.clear()
+    calls.clear()
+    refresher.tick()
+    assert calls == ["tick2.fed.test"]  # tick0 deleted, tick1 not due yet
+    assert refresher.next_refresh_at(cas[0].td) is None
