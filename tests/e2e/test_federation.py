@@ -13,9 +13,12 @@ the other trust domain. The workloads are py-spiffe clients of their own agent:
   workloads keep connecting in a loop: not one handshake may fail; then it
   rotates its JWT key, and b.test validates JWT-SVIDs signed by the new one.
 
-Federation here is by hand (``bundle show --format spiffe`` on one side,
-``bundle set`` on the other), which is also how an operator bootstraps an
-``https_spiffe`` relationship.
+The main test federates the servers with ``federation create`` on both sides
+(``https_spiffe`` bundle endpoints, bootstrap bundle from ``bundle show --format
+spiffe``), so b.test picks up a.test's rotated bundle through its refresher; a
+smaller one federates by hand (``bundle show`` on one side, ``bundle set`` on the
+other). The rotation helper takes a ``propagate`` step, so the same scenario runs
+with a hand exchange too.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from identity.bundle import Bundle, BundleSet
 from identity.spiffeid import TrustDomain as SigilTrustDomain
 from identity.x509svid import verify_chain
-from tests.e2e.conftest import Stack, StackFactory
+from tests.e2e.conftest import Stack, StackFactory, free_port
 
 spiffe = pytest.importorskip("spiffe")
 from spiffe import TrustDomain as SpiffeTrustDomain  # noqa: E402
@@ -316,25 +319,67 @@ def hand_federation(sa: Stack, sb: Stack) -> None:
     hand_exchange(sb, sa)
 
 
-def two_domains(make_stack: StackFactory, uid_selector: str
-                ) -> tuple[Stack, Stack, Workload, Workload]:
+def two_domains(make_stack: StackFactory, uid_selector: str, *, config_a: str = "",
+                config_b: str = "") -> tuple[Stack, Stack, Workload, Workload]:
     """Both stacks, and a workload in each whose entry federates with the other side."""
-    sa = make_stack(A, server_config=SERVER_CONFIG)
-    sb = make_stack(B, server_config=SERVER_CONFIG)
+    sa = make_stack(A, server_config=SERVER_CONFIG + config_a)
+    sb = make_stack(B, server_config=SERVER_CONFIG + config_b)
     sa.create_entry(A_ID, uid_selector, extra=("--federates-with", f"spiffe://{B}"))
     sb.create_entry(B_ID, uid_selector, extra=("--federates-with", f"spiffe://{A}"))
     return sa, sb, Workload(sa, A_ID), Workload(sb, B_ID)
 
 
-def test_federation_by_hand_mtls_jwt_and_rotation(
-    make_stack: StackFactory, uid_selector: str
-) -> None:
+def test_federation_by_hand(make_stack: StackFactory, uid_selector: str) -> None:
+    """No relationship, no endpoint: bundles exchanged with bundle show/set."""
     sa, sb, wa, wb = two_domains(make_stack, uid_selector)
     try:
         assert_not_federated(wa, wb)
         hand_federation(sa, sb)
         assert_federated(wa, wb)
-        rotate_a(sa, sb, wa, wb, hand_exchange)
+    finally:
+        wa.source.close()
+        wb.source.close()
+
+
+def endpoint_config(port: int) -> str:
+    """Serve our bundle (https_spiffe) on ``port``, with a short refresh hint."""
+    return f"""
+[federation]
+refresh_min_interval = "1s"
+[federation.bundle_endpoint]
+address = "127.0.0.1:{port}"
+profile = "https_spiffe"
+refresh_hint = "2s"
+"""
+
+
+def relate(local: Stack, remote: Stack, remote_port: int) -> None:
+    """``local`` fetches ``remote``'s bundle from its endpoint; the first fetch is
+    authenticated with the bundle ``remote`` shows (the bootstrap bundle)."""
+    path = local.root / f"{remote.trust_domain}.bootstrap.json"
+    path.write_text(remote.server_cli("bundle", "show", "--format", "spiffe").stdout)
+    local.server_cli(
+        "federation", "create", "--trust-domain", remote.trust_domain,
+        "--bundle-endpoint-url", f"https://127.0.0.1:{remote_port}/",
+        "--profile", "https_spiffe",
+        "--endpoint-spiffe-id", f"spiffe://{remote.trust_domain}/sigil/server",
+        "--bootstrap-bundle", str(path))
+
+
+def test_federation_relationships_refresh_through_rotation(
+    make_stack: StackFactory, uid_selector: str
+) -> None:
+    port_a, port_b = free_port(), free_port()
+    sa, sb, wa, wb = two_domains(make_stack, uid_selector, config_a=endpoint_config(port_a),
+                                 config_b=endpoint_config(port_b))
+    try:
+        assert_not_federated(wa, wb)
+        relate(sa, sb, port_b)
+        relate(sb, sa, port_a)
+        assert_federated(wa, wb)
+        # Nobody copies anything now: b.test's refresher fetches a.test's new bundle
+        # (authenticated with the bundle it holds, so the rotation rolls forward).
+        rotate_a(sa, sb, wa, wb, lambda src, dst: None)
     finally:
         wa.source.close()
         wb.source.close()
