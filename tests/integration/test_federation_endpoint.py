@@ -14,6 +14,7 @@ from pathlib import Path
 import jwt
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from ca.errors import ConfigError
 from ca.federation.config import BundleEndpointConfig, OidcDiscoveryConfig
@@ -176,3 +177,56 @@ def test_oidc_discovery_with_pyjwkclient(tmp_path: Path, own_ca: TestCa) -> None
             client.get_signing_key_from_jwt(forged)
     finally:
         oidc.stop()
+
+
+class RotatingAuthority:
+    """A CA whose bundle sequence and signing CA a test changes (a rotation)."""
+
+    def __init__(self, ca: TestCa) -> None:
+        self.ca = ca
+        self.trust_domain = ca.td
+        self.sequence = 1
+        self.signed: list[SpiffeId] = []
+
+    def bundle(self) -> Bundle:
+        return self.ca.bundle(sequence=self.sequence)
+
+    def sign_x509_svid(self, spiffe_id: SpiffeId, public_key: object, *,
+                       ttl: dt.timedelta) -> tuple[x509.Certificate, ...]:
+        from identity.x509svid import new_svid_certificate
+
+        self.signed.append(spiffe_id)
+        return (new_svid_certificate(spiffe_id=spiffe_id, public_key=public_key,  # type: ignore[arg-type]
+                                     ca_cert=self.ca.cert, ca_key=self.ca.key,
+                                     not_before=NOW, not_after=NOW + ttl),)
+
+
+def test_https_spiffe_serves_the_server_svid_renewed_on_rotation(own_ca: TestCa) -> None:
+    authority = RotatingAuthority(own_ca)
+    clock = FakeClock(NOW + dt.timedelta(seconds=1))
+    cfg = BundleEndpointConfig(address="127.0.0.1:0", profile="https_spiffe",
+                               refresh_hint=dt.timedelta(minutes=5))
+    endpoint = BundleEndpoint(cfg, authority, clock)  # type: ignore[arg-type]
+    endpoint.start()
+    try:
+        leaf = _request(endpoint.bound_address)[3]
+        from identity.x509svid import validate_leaf
+
+        assert validate_leaf(leaf) == SpiffeId.parse("spiffe://endpoint.fed.test/sigil/server")
+        leaf.verify_directly_issued_by(own_ca.cert)
+        assert _request(endpoint.bound_address)[3] == leaf  # same SVID while nothing changed
+        # The CA rotated: the bundle changed and a new CA signs; the next connection
+        # gets an SVID from it.
+        new_ca = TestCa("endpoint.fed.test")
+        authority.ca, authority.sequence = new_ca, 2
+        rotated = _request(endpoint.bound_address)[3]
+        rotated.verify_directly_issued_by(new_ca.cert)
+        with pytest.raises((InvalidSignature, ValueError)):
+            rotated.verify_directly_issued_by(own_ca.cert)
+        # Past half its life (30 of 60 minutes): renewed.
+        clock.advance(dt.timedelta(minutes=31))
+        renewed = _request(endpoint.bound_address)[3]
+        assert renewed != rotated
+        assert len(authority.signed) == 3
+    finally:
+        endpoint.stop()
