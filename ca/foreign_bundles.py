@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from cryptography import x509
+
 from ca.datastore.records import StoredBundle
 from ca.datastore.repository import Datastore
 from ca.errors import InvalidArgumentError, NotFoundError
@@ -60,7 +62,31 @@ def parse_bundle(trust_domain: TrustDomain, fmt: str, data: bytes) -> Bundle:
     if not bundle.x509_authorities and not bundle.jwt_authorities:
         raise InvalidArgumentError(
             f"bundle of {trust_domain} ({fmt}) holds no CA certificate and no JWT key")
+    _check_authority_names(trust_domain, bundle)
     return bundle
+
+
+def _check_authority_names(trust_domain: TrustDomain, bundle: Bundle) -> None:
+    # A document does not name its trust domain, but SPIFFE CA certificates carry
+    # spiffe://<td> (Sigil's and SPIRE's do): catch another domain's bundle set under
+    # this name (files swapped), which would make its workloads trusted as ours.
+    # Authorities without such a SAN (an upstream root) cannot be checked.
+    for cert in bundle.x509_authorities:
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            continue
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+            if not uri.startswith("spiffe://"):
+                continue
+            try:
+                named = TrustDomain.parse(uri)
+            except InvalidSpiffeIdError:
+                continue
+            if named != trust_domain:
+                raise InvalidArgumentError(
+                    f"bundle holds a CA certificate of trust domain {named}, "
+                    f"not {trust_domain}")
 
 
 class ForeignBundles:

@@ -124,6 +124,8 @@ BAD_SET = [
     (["--id", "spiffe://b.fed.test"], "x" * (1024 * 1024 + 1), "larger than 1048576 bytes"),
     (["--id", "spiffe://b.fed.test", "--path", "/nonexistent/b.pem"], "", "cannot read"),
     (["--id", "spiffe://b.fed.test", "--format", "der"], "PEM", "'der'"),
+    (["--id", "spiffe://c.fed.test"], "PEM",
+     "bundle holds a CA certificate of trust domain b.fed.test, not c.fed.test"),
 ]
 
 
