@@ -42,7 +42,7 @@ from ca.log import event
 from ca.metrics import count_svid, observe_sync_seconds
 from ca.ratelimit import RateLimiter
 from identity.bundle import Bundle
-from identity.errors import X509SvidError
+from identity.errors import BundleError, X509SvidError
 from identity.keys import PublicKey
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
@@ -159,7 +159,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         for td in federated:
             stored = self._d.datastore.get_bundle(td)
             if stored is not None and td.name not in bundles:
-                bundles[td.name] = bundle_to_proto(Bundle.from_jwks(td, stored.data))
+                try:
+                    bundles[td.name] = bundle_to_proto(Bundle.from_jwks(td, stored.data))
+                except BundleError as exc:
+                    # Both writers parse before storing; a row damaged in the database
+                    # must not fail every agent's sync, only go missing (and be seen).
+                    event("stored foreign bundle unreadable", level=logging.ERROR,
+                          trust_domain=td.name, error=str(exc))
         return bundles
 
     # ---- methods ---------------------------------------------------------------------

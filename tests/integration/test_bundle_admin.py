@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 
@@ -256,3 +257,24 @@ def test_admin_api_statuses_and_nothing_written(sigil_server: RunningServer) -> 
             assert err.value.details().startswith(details), err.value.details()
         assert list(stub.ListBundles(admin_pb2.ListBundlesRequest(), timeout=10).bundles) == []
         assert stub.GetBundle(admin_pb2.GetBundleRequest(), timeout=10) == own_before
+
+
+def test_a_damaged_foreign_bundle_row_does_not_fail_the_sync(
+    sigil_server: RunningServer
+) -> None:
+    td = sigil_server.trust_domain
+    a = _attest(sigil_server, _token(sigil_server)["token"])
+    try:
+        _ok(_run(sigil_server, "bundle", "set", "--trust-domain", "b.fed.test", "--format",
+                 "spiffe", stdin=_foreign_bundle().to_json().decode()))
+        _entry(sigil_server, f"spiffe://{td}/web", a.agent_id, "--selector", "unix:uid:1",
+               "--federates-with", "spiffe://b.fed.test")
+        assert _sync_bundles(a) == {td: 1, "b.fed.test": 7}
+        # Damaged behind the server's back (neither writer stores what does not parse).
+        with sqlite3.connect(sigil_server.data_dir / "datastore.sqlite3") as db:
+            db.execute("UPDATE bundles SET data = '{not json' WHERE trust_domain = 'b.fed.test'")
+        assert _sync_bundles(a) == {td: 1}
+        assert "stored foreign bundle unreadable" in sigil_server.log
+        assert "trust_domain=b.fed.test" in sigil_server.log
+    finally:
+        a.channel.close()
