@@ -24,7 +24,6 @@ from agent import log
 from agent.config import DEFAULT_SOCKET_PATH, load_config
 from agent.endpoint import ENV_VAR, parse_endpoint_address
 from agent.errors import AgentError, ConfigError, EndpointAddressError
-from agent.state import write_file_atomic
 from agent.workload_api.client import WorkloadApiClient
 from api.protos import workload_pb2 as pb
 from identity.errors import SigilError
@@ -216,6 +215,9 @@ def fetch_x509(socket_path: str | None, write_dir: Path | None, output: str,
         rows.append({"spiffe_id": str(svid.spiffe_id),
                      "expires_at": svid.expires_at.isoformat(), "hint": s.hint})
         if write_dir is not None and i == 0:
+            # Imported here: agent.state pulls in the agent's cache (only `run` needs it).
+            from agent.state import write_file_atomic
+
             write_dir.mkdir(parents=True, exist_ok=True)
             write_file_atomic(write_dir / "svid.pem", svid.chain_pem(), mode=0o644)
             write_file_atomic(write_dir / "svid.key", svid.key_pem(), mode=0o600)

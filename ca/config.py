@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ca import caconfig, opsconfig
-from ca.datastore.engine import parse_database_url
+from ca.dburl import parse_database_url
 from ca.errors import ConfigError
 from ca.federation import config as fedconfig
 from ca.kubernetes import config as k8sconfig

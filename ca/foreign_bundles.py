@@ -10,16 +10,21 @@ operator recovers from a bad refresh. Every check runs before anything is writte
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
-from ca.datastore.records import StoredBundle
-from ca.datastore.repository import Datastore
 from ca.errors import InvalidArgumentError, NotFoundError
 from ca.log import event
 from identity.bundle import Bundle
 from identity.errors import BundleError, InvalidSpiffeIdError
 from identity.spiffeid import TrustDomain
+
+if TYPE_CHECKING:
+    # Annotations only: importing ca.datastore loads SQLAlchemy, which the admin CLI
+    # (ca/cli_bundle.py uses parse_trust_domain and MAX_BUNDLE_BYTES) must not pay for.
+    from ca.datastore.records import StoredBundle
+    from ca.datastore.repository import Datastore
 
 MAX_BUNDLE_BYTES = 1024 * 1024
 """Largest bundle accepted (the same bound the refresher applies to endpoints)."""

@@ -29,10 +29,19 @@ from multiprocessing.sharedctypes import RawArray
 from typing import Any
 
 from ca.errors import ServerError
-from ca.metrics import count_rate_limited
 
 DEFAULT_SLOTS = 8192
 PROBES = 8
+
+
+def _count_rate_limited(kind: str) -> None:
+    # ca.metrics imports prometheus_client, which picks its value store (per process
+    # or multiprocess files) at import time: the config (which imports this module
+    # for RateLimit) must not import it before `sigil-server run` has set
+    # PROMETHEUS_MULTIPROC_DIR. It is also heavy for the admin CLI.
+    from ca.metrics import count_rate_limited
+
+    count_rate_limited(kind)
 
 
 class RateLimitedError(ServerError):
@@ -155,7 +164,7 @@ class RateLimiter:
             return
         wait = self._table.take(f"a|{peer_ip}", 1, self.attestation, self._monotonic())
         if wait:
-            count_rate_limited("attestation")
+            _count_rate_limited("attestation")
             raise RateLimitedError(
                 f"too many attestations from {peer_ip}: the limit is "
                 f"{self.attestation.per_second:g}/s (burst {self.attestation.burst}); "
@@ -172,14 +181,14 @@ class RateLimiter:
         if not self.signing.enabled or count <= 0:
             return
         if count > self.signing.burst:
-            count_rate_limited("signing")
+            _count_rate_limited("signing")
             raise RateLimitedError(
                 f"a batch of {count} CSRs exceeds the signing burst of "
                 f"{self.signing.burst}; send smaller batches"
             )
         wait = self._table.take(f"s|{agent_id}", count, self.signing, self._monotonic())
         if wait:
-            count_rate_limited("signing")
+            _count_rate_limited("signing")
             raise RateLimitedError(
                 f"agent {agent_id} asked for too many signatures: the limit is "
                 f"{self.signing.per_second:g} CSRs/s (burst {self.signing.burst}); "

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from agent.workload_api.servicer import SECURITY_HEADER, SERVICE_NAME
+from agent.workload_api.names import SECURITY_HEADER, SERVICE_NAME
 from api.protos import workload_pb2 as pb
 
 DEFAULT_METADATA: tuple[tuple[str, str], ...] = ((SECURITY_HEADER, "true"),)

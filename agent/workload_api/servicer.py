@@ -26,6 +26,8 @@ from agent import log
 from agent.cache import Cache, CachedEntry, Identity, Snapshot
 from agent.errors import AgentError
 from agent.workload_api.front import PeerCredentials
+from agent.workload_api.names import SECURITY_HEADER as SECURITY_HEADER  # re-exported
+from agent.workload_api.names import SERVICE_NAME as SERVICE_NAME  # re-exported
 from api.protos import workload_pb2 as pb
 from attestation.workload import (
     DEFAULT_PROC_ROOT,
@@ -41,8 +43,6 @@ from identity.jwtsvid import validate_jwt_svid
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 
-SERVICE_NAME = "SpiffeWorkloadAPI"
-SECURITY_HEADER = "workload.spiffe.io"
 NO_IDENTITY = "no identity issued"
 HEADER_MISSING = "security header missing from request"
 # Bounds on what a caller may ask for, checked before anything goes to the server

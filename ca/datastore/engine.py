@@ -16,21 +16,16 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
 
-from ca.errors import ConfigError
+# The URL rules live in ca/dburl.py (no SQLAlchemy at import: the config uses them).
+from ca.dburl import SUPPORTED_DRIVERS, dialect_of, parse_database_url
+
+__all__ = [
+    "MAX_OVERFLOW", "POOL_RECYCLE_SECONDS", "POOL_SIZE", "SQLITE_BUSY_TIMEOUT_MS",
+    "SUPPORTED_DRIVERS", "dialect_of", "make_engine", "parse_database_url",
+]
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
-
-# The drivers we ship and test (pyproject.toml); a bare "postgresql://" or
-# "mysql://" would pick a driver SQLAlchemy defaults to and we do not install.
-SUPPORTED_DRIVERS = {
-    "sqlite": ("sqlite", "pysqlite"),
-    "postgresql": ("postgresql", "psycopg"),
-    "mysql": ("mysql", "pymysql"),
-    "mariadb": ("mariadb", "pymysql"),
-}
 
 # Server pools: one connection per concurrently running RPC handler thread is
 # plenty; overflow absorbs bursts (batch signing, sync storms) without holding
@@ -40,38 +35,6 @@ MAX_OVERFLOW = 20
 # Below MariaDB's default wait_timeout (8h) and typical proxy idle limits, so a
 # pooled connection is replaced before the server drops it.
 POOL_RECYCLE_SECONDS = 1800
-
-
-def parse_database_url(url: str) -> URL:
-    """Parse and check a ``database_url``.
-
-    Raises:
-        ConfigError: not a URL, or not one of the supported database/driver forms.
-    """
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigError(
-            "database_url is not a valid URL: expected sqlite:///PATH, "
-            "postgresql+psycopg://USER@HOST:PORT/DB or mysql+pymysql://USER@HOST:PORT/DB"
-        ) from None
-    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
-    allowed = SUPPORTED_DRIVERS.get(backend)
-    if allowed is None or driver not in allowed[1:]:
-        forms = ", ".join(f"{b}+{d}" if b != "sqlite" else b for b, d in SUPPORTED_DRIVERS.values())
-        raise ConfigError(
-            f"database_url scheme {parsed.drivername!r} is not supported; use one of: {forms}"
-        )
-    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
-        # Each pooled connection would get its own empty in-memory database.
-        raise ConfigError("database_url: SQLite needs a file path (sqlite:///PATH)")
-    return parsed
-
-
-def dialect_of(url: str) -> str:
-    """``"sqlite"``, ``"postgresql"`` or ``"mysql"`` (MariaDB counts as mysql)."""
-    backend = parse_database_url(url).get_backend_name()
-    return "mysql" if backend == "mariadb" else backend
 
 
 def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
