@@ -32,16 +32,22 @@ def parse_database_url(url: str) -> URL:
         ConfigError: not a URL, or not one of the supported database/driver forms.
     """
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+    invalid = ConfigError(
+        "database_url is not a valid URL: expected sqlite:///PATH, "
+        "postgresql+psycopg://USER@HOST:PORT/DB or mysql+pymysql://USER@HOST:PORT/DB"
+    )
     try:
+        # A non-numeric port surfaces as ValueError from SQLAlchemy's parser.
         parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigError(
-            "database_url is not a valid URL: expected sqlite:///PATH, "
-            "postgresql+psycopg://USER@HOST:PORT/DB or mysql+pymysql://USER@HOST:PORT/DB"
-        ) from None
-    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    except (ArgumentError, ValueError):
+        raise invalid from None
+    try:
+        # Asking for the driver name loads the dialect, which fails for an unknown one.
+        backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    except NoSuchModuleError:
+        backend, driver = parsed.get_backend_name(), ""
     allowed = SUPPORTED_DRIVERS.get(backend)
     if allowed is None or driver not in allowed[1:]:
         forms = ", ".join(f"{b}+{d}" if b != "sqlite" else b for b, d in SUPPORTED_DRIVERS.values())

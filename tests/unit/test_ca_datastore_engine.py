@@ -32,6 +32,8 @@ def test_accepted_urls(url: str, dialect: str) -> None:
     ("mysql+mysqldb://u@h/d", "scheme 'mysql+mysqldb' is not supported"),
     ("postgresql+psycopg2://u@h/d", "scheme 'postgresql+psycopg2' is not supported"),
     ("oracle://u:secretpw@h/d", "scheme 'oracle' is not supported"),
+    ("foo://x", "scheme 'foo' is not supported"),
+    ("postgresql+psycopg://u@h:abc/db", "database_url is not a valid URL"),
 ])
 def test_refused_urls(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
