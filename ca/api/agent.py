@@ -145,11 +145,20 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         """Those of ``entry_ids`` that are authorized for the node, by id."""
         self._index.catch_up()
         found: dict[str, EntryRecord] = {}
-        for entry_id in entry_ids:
-            entry = self._index.is_authorized(
-                entry_id, agent_id=node.spiffe_id, node_selectors=node.selectors)
-            if entry is not None:
-                found[entry_id] = entry
+        wanted = list(entry_ids)
+        for attempt in range(2):
+            for entry_id in wanted:
+                entry = self._index.is_authorized(
+                    entry_id, agent_id=node.spiffe_id, node_selectors=node.selectors)
+                if entry is not None:
+                    found[entry_id] = entry
+            wanted = [i for i in wanted if i not in found]
+            if not wanted or attempt:
+                break
+            # Another process (the main one's admin API, another worker or server)
+            # may have written the entry since our last poll: before refusing, ask
+            # the datastore, the source of truth. Only a miss pays for this.
+            self._index.poll()
         return found
 
     def _bundles_for(self, federated: Iterable[TrustDomain]) -> dict[str, types_pb2.Bundle]:

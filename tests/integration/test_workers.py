@@ -72,7 +72,7 @@ def test_workers_share_the_port_and_aggregate_metrics(pooled_server: RunningServ
     status, _, text = _get(srv.health_address, "/metrics")
     assert status == 200
     # Summed over the processes that served the connections, whichever they were.
-    assert _metric(text, 'sigil_svids_issued_total{type="x509"}') == float(issued)
+    assert _metric(text, 'sigil_svids_issued_total{type="x509"}') == float(issued), srv.log
     assert _metric(text, 'sigil_svids_issued_total{type="agent"}') == 6.0
     assert _metric(text, "sigil_agents") == 6.0
 
