@@ -119,6 +119,7 @@ def sign_jwt_svid(
     issued_at: dt.datetime,
     expires_at: dt.datetime,
     algorithm: str | None = None,
+    issuer: str | None = None,
 ) -> str:
     """Sign a JWT-SVID.
 
@@ -135,6 +136,9 @@ def sign_jwt_svid(
         expires_at: ``exp`` (aware), after ``issued_at``.
         algorithm: a JWT-SVID algorithm; by default ES256/ES384/ES512 by curve, or
             RS256 for RSA. PS256 etc. on request.
+        issuer: an ``iss`` claim, when set. JWT-SVID §3 allows it; identity
+            providers that trust us through OIDC discovery require it to equal the
+            discovery document's issuer.
 
     Returns:
         The compact serialization.
@@ -166,6 +170,8 @@ def sign_jwt_svid(
         "exp": math.floor(expires_at.timestamp()),
         "iat": math.floor(issued_at.timestamp()),
     }
+    if issuer:
+        claims["iss"] = issuer
     return jwt.encode(claims, key, algorithm=alg, headers={"kid": key_id, "typ": "JWT"})
 
 

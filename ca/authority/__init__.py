@@ -115,6 +115,8 @@ class AuthorityConfig:
     safety_margin: dt.timedelta = dt.timedelta(minutes=10)
     rotate: bool = True
     """False in extra worker processes: follow the slots, never change them."""
+    jwt_issuer: str | None = None
+    """The ``iss`` of JWT-SVIDs: the OIDC discovery issuer when that endpoint is on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -668,6 +670,7 @@ class CertificateAuthority:
         token = sign_jwt_svid(
             spiffe_id=spiffe_id, audience=tuple(audience), key=slot.key.private_key,
             key_id=slot.kid, issued_at=now, expires_at=expires_at,
+            issuer=self._cfg.jwt_issuer,
         )
         return SignedJwtSvid(token, spiffe_id, now, expires_at)
 

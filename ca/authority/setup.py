@@ -17,6 +17,7 @@ from ca.caconfig import pkcs11_pin
 from ca.config import ServerConfig
 from ca.datastore import Datastore
 from ca.errors import ConfigError
+from ca.federation.oidc import oidc_issuer
 from ca.keys import DiskKeyManager, KeyManager, MemoryKeyManager
 from identity.clock import Clock
 
@@ -87,6 +88,8 @@ def build_authority(cfg: ServerConfig, datastore: Datastore, clock: Clock, *,
         owner=instance_id(cfg.data_dir),
         upstream=load_upstream(cfg.ca.upstream) if cfg.ca.upstream is not None else None,
         safety_margin=cfg.ca.safety_margin, rotate=rotate,
+        jwt_issuer=oidc_issuer(cfg.federation.oidc_discovery.domain)
+        if cfg.federation.oidc_discovery is not None else None,
     ))
     authority.load_or_create()
     return authority

@@ -52,9 +52,14 @@ def jwks(bundle: Bundle) -> dict[str, Any]:
     return {"keys": keys}
 
 
+def oidc_issuer(domain: str) -> str:
+    """The issuer for ``domain``: in the discovery document and in every JWT-SVID's ``iss``."""
+    return f"https://{domain}"
+
+
 def configuration(domain: str, bundle: Bundle) -> dict[str, Any]:
     """The discovery document for issuer ``https://<domain>``."""
-    issuer = f"https://{domain}"
+    issuer = oidc_issuer(domain)
     algs = sorted({algorithm_for(a.public_key) for a in bundle.jwt_authorities})
     return {
         "issuer": issuer,

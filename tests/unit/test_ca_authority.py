@@ -82,3 +82,35 @@ def test_bad_key_ids(tmp_path: Path, key_id: str) -> None:
 
     with pytest.raises(KeyManagerError):
         DiskKeyManager(tmp_path).generate_key(key_id, KeyType.EC_P256)
+
+
+def _claims(token: str) -> dict[str, object]:
+    import jwt as pyjwt
+
+    return pyjwt.decode(token, options={"verify_signature": False})  # type: ignore[no-any-return]
+
+
+def test_jwt_svids_carry_the_oidc_issuer_only_when_discovery_is_on(tmp_path: Path) -> None:
+    from ca.authority.setup import build_authority
+    from ca.config import load_config
+
+    sid = SpiffeId.parse("spiffe://example.org/w")
+    (tmp_path / "a").mkdir()
+    plain = _ca(tmp_path / "a", FakeClock(), MemoryKeyManager())
+    assert "iss" not in _claims(plain.sign_jwt_svid(sid, ["x"], ttl=dt.timedelta(minutes=5)).token)
+
+    (tmp_path / "b" / "data").mkdir(parents=True)
+    conf = tmp_path / "b" / "server.toml"
+    conf.write_text(
+        'trust_domain = "example.org"\n'
+        f'data_dir = "{tmp_path / "b" / "data"}"\n'
+        '[oidc_discovery]\naddress = "127.0.0.1:0"\ndomain = "oidc.example.org"\n'
+        f'cert_file = "{tmp_path / "c.pem"}"\nkey_file = "{tmp_path / "k.pem"}"\n'
+    )
+    cfg = load_config(conf, env={})
+    url = f"sqlite:///{tmp_path / 'b' / 'ds.sqlite3'}"
+    migrations.upgrade(url)
+    ca = build_authority(cfg, Datastore(url), FakeClock(), key_manager=MemoryKeyManager())
+    token = ca.sign_jwt_svid(sid, ["x"], ttl=dt.timedelta(minutes=5)).token
+    # Cloud identity providers match iss against the discovery document's issuer.
+    assert _claims(token)["iss"] == "https://oidc.example.org"
