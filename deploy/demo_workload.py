@@ -20,10 +20,12 @@ import socket
 import ssl
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from cryptography import x509
 from spiffe import WorkloadApiClient
+from spiffe.workloadapi.errors import FetchX509SvidError
 
 
 def say(role: str, text: str) -> None:
@@ -81,9 +83,22 @@ def main() -> int:
     role = args.hint
 
     client = WorkloadApiClient()  # SPIFFE_ENDPOINT_SOCKET
-    ctx = client.fetch_x509_context()
-    mine = [s for s in ctx.x509_svids if str(s.spiffe_id).endswith("/" + role)]
-    svid = mine[0] if mine else ctx.default_svid
+    # An entry registered a moment ago reaches the agent at its next sync, so wait
+    # (bounded) until our identity is among those the agent hands us.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ctx = client.fetch_x509_context(timeout=10)
+            mine = [s for s in ctx.x509_svids if str(s.spiffe_id).endswith("/" + role)]
+        except FetchX509SvidError:  # no identity yet: PermissionDenied until the entry syncs
+            mine = []
+        if mine:
+            svid = mine[0]
+            break
+        if time.monotonic() > deadline:
+            say(role, "no SVID for this workload after 30 s; is it registered?")
+            return 1
+        time.sleep(0.2)
     td_bundle = ctx.x509_bundle_set.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
     from cryptography.hazmat.primitives import serialization
 
