@@ -2,9 +2,13 @@
 
 Every ``sync_interval``:
 
-1. renew the agent's own SVID once it is past half its lifetime, or once the
+1. renew the agent's own SVID once it reaches its renewal point, or once the
    last sync said an authority of its chain is tainted (otherwise revoking that
-   authority would lock the agent out until half-life);
+   authority would lock the agent out until then). The renewal point is the
+   same as a workload SVID's (:func:`agent.rotation.rotation_time`): half its
+   lifetime +/- 10 % of it, fixed per SVID by its serial number, so it does not
+   move between ticks or restarts, and a fleet of agents started together does
+   not renew in lock step;
 2. SyncAuthorized: replace the entries and bundles in the cache (entries that
    disappeared lose their SVIDs there); persist a changed bundle of our trust
    domain and rebuild the server channel with it;
@@ -38,10 +42,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from cryptography import x509
 
 from agent import log
-from agent.cache import Cache, CachedEntry, svid_needs_rotation
+from agent.cache import Cache, CachedEntry
 from agent.client import ServerClient, roots_pem
 from agent.errors import AgentError, ServerCallError
-from agent.rotation import Backoff
+from agent.rotation import Backoff, rotation_time
 from agent.state import AgentState
 from agent.taint import load_tainted, signed_by_tainted
 from identity.bundle import Bundle, BundleSet
@@ -275,9 +279,18 @@ class Manager:
             return
         self._saved_version = version
 
+    @property
+    def agent_svid_renew_at(self) -> dt.datetime:
+        """When the current agent SVID is due for renewal (40-60 % of its lifetime).
+
+        Derived from the SVID alone, so it stays put across ticks and restarts and
+        moves only when the SVID is replaced.
+        """
+        return rotation_time(self.agent_svid)
+
     async def _renew_agent_svid(self) -> None:
         tainted = bool(self._tainted) and signed_by_tainted(self.agent_svid, self._tainted)
-        if not tainted and not svid_needs_rotation(self.agent_svid, self._clock.now()):
+        if not tainted and self._clock.now() < self.agent_svid_renew_at:
             return
         key = self._new_key()
         svid = await self._client.renew(csr=new_csr(key), key=key)
@@ -285,7 +298,8 @@ class Manager:
         self.agent_svid = svid
         self._reconfigure()
         log.event("agent svid renewed", agent_id=svid.spiffe_id,
-                  expires_at=svid.expires_at.isoformat())
+                  expires_at=svid.expires_at.isoformat(),
+                  renew_at=self.agent_svid_renew_at.isoformat())
 
     async def _sync(self) -> None:
         result = await self._client.sync(known_generation=self._sync_generation,
