@@ -602,6 +602,149 @@ def _check_dns_name(name: str) -> None:
         raise X509SvidError(f"invalid DNS name {name!r}")
 
 
+class SvidSigner:
+    """Signs X509-SVID leaves (the profile in the module docstring) under one CA.
+
+    The CA is checked once, when the signer is made: it may sign (CA flag,
+    keyCertSign, a SPIFFE ID without path if it has one), ``ca_key`` is its key, and
+    the parts every leaf shares (issuer, constraints, key usage, AKI) are built
+    then. Each leaf is then built, signed and validated as a relying party would
+    (:func:`validate_leaf`, and it ends no later than the CA).
+
+    Args:
+        ca_cert: the signing certificate.
+        ca_key: its private key.
+        verify_signatures: also verify each leaf's signature against ``ca_cert``.
+            Worth it where the key lives outside this process (an HSM through
+            PKCS#11), so a faulty signer is caught before anyone gets its output.
+            For a key in this process, whose signature OpenSSL computes, the
+            check doubles the public-key work per SVID and catches nothing the
+            agent does not: the agent verifies every SVID it receives against the
+            bundle before serving it.
+
+    Raises:
+        X509SvidError: the CA may not sign, or the key does not match it.
+    """
+
+    def __init__(self, ca_cert: x509.Certificate, ca_key: PrivateKey, *,
+                 verify_signatures: bool = True) -> None:
+        validate_signing_certificate(ca_cert)
+        if not public_keys_equal(ca_key.public_key(), ca_cert.public_key()):
+            raise X509SvidError("ca_key does not match ca_cert")
+        self._trust_domains = tuple(SpiffeId.parse(uri).trust_domain
+                                    for uri in _uri_sans(ca_cert) if uri.startswith("spiffe://"))
+        self.ca_certificate = ca_cert
+        self._ca_key = ca_key
+        self._hash = _hash_for(ca_key)
+        self._verify = verify_signatures
+        self._not_before = ca_cert.not_valid_before_utc
+        self._not_after = ca_cert.not_valid_after_utc
+        self._aki = _aki_for(ca_cert, ca_key.public_key())
+        self._base: dict[bool, x509.CertificateBuilder] = {}
+
+    def _base_for(self, rsa_leaf: bool) -> x509.CertificateBuilder:
+        # What every leaf with this kind of key shares; RSA key transport (TLS 1.2
+        # RSA kx) needs keyEncipherment, EC keys have no such use (RFC 5480 §3).
+        base = self._base.get(rsa_leaf)
+        if base is None:
+            base = self._base[rsa_leaf] = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([]))
+                .issuer_name(self.ca_certificate.subject)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                               critical=True)
+                .add_extension(_leaf_key_usage(rsa_leaf), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                      ExtendedKeyUsageOID.CLIENT_AUTH]),
+                               critical=False)
+                .add_extension(self._aki, critical=False)
+            )
+        return base
+
+    def sign(
+        self,
+        *,
+        spiffe_id: SpiffeId,
+        public_key: PublicKey,
+        not_before: dt.datetime,
+        not_after: dt.datetime,
+        dns_names: Sequence[str] = (),
+        serial: int | None = None,
+    ) -> x509.Certificate:
+        """Build, sign and validate one leaf.
+
+        Validity is clamped into the CA's, so the leaf never outlives its issuer
+        (X509-SVID §5.2 path validation would reject it then anyway).
+
+        Args:
+            spiffe_id: the workload's ID; must have a path and belong to the CA's
+                trust domain when the CA names one.
+            public_key: the workload's public key (from its CSR).
+            not_before: start of validity (aware).
+            not_after: end of validity (aware); clamped to the CA's notAfter.
+            dns_names: DNS SANs to add.
+            serial: a serial number, or None for a random 128-bit one.
+
+        Raises:
+            X509SvidError: a root ID, a foreign trust domain, bad DNS names, an
+                empty lifetime, or a leaf that fails validation.
+            InvalidKeyError: a weak or unsupported workload key.
+        """
+        if not spiffe_id.has_path:
+            raise X509SvidError(f"an X509-SVID leaf needs an ID with a path, got {spiffe_id}")
+        check_public_key_strength(public_key)
+        for ca_td in self._trust_domains:
+            if not spiffe_id.is_member_of(ca_td):
+                raise X509SvidError(
+                    f"CA of trust domain {ca_td} cannot issue {spiffe_id} (X509-SVID §3)"
+                )
+        for name in dns_names:
+            _check_dns_name(name)
+        not_before = max(_utc(not_before, "not_before"), self._not_before)
+        not_after = min(_utc(not_after, "not_after"), self._not_after)
+        if not_after <= not_before:
+            raise X509SvidError(
+                f"SVID lifetime is empty after clamping to the CA: "
+                f"not_before={not_before} not_after={not_after}"
+            )
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+        sans.extend(x509.DNSName(n) for n in dict.fromkeys(dns_names))
+        cert = (
+            self._base_for(isinstance(public_key, rsa.RSAPublicKey))
+            .public_key(public_key)
+            .serial_number(_new_serial(serial))
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            # Empty subject, so the SAN MUST be critical (RFC 5280 §4.1.2.6).
+            .add_extension(x509.SubjectAlternativeName(sans), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
+                           critical=False)
+            .sign(self._ca_key, self._hash)
+        )
+        # Build, sign, then validate (SPIRE's habit): the checks a relying party runs.
+        if validate_leaf(cert) != spiffe_id:
+            raise X509SvidError("issued certificate carries the wrong SPIFFE ID")
+        if cert.not_valid_after_utc > self._not_after:
+            raise X509SvidError("issued certificate outlives its CA")
+        if self._verify:
+            _check_signed_by(cert, self.ca_certificate)
+        return cert
+
+
+def _leaf_key_usage(rsa_leaf: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=rsa_leaf,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def new_svid_certificate(
     *,
     spiffe_id: SpiffeId,
@@ -613,99 +756,18 @@ def new_svid_certificate(
     dns_names: Sequence[str] = (),
     serial: int | None = None,
 ) -> x509.Certificate:
-    """Build, sign and validate an X509-SVID leaf (the profile in the module docstring).
+    """Build, sign and validate one X509-SVID leaf, signature check included.
 
-    Validity is clamped into the CA's, so the leaf never outlives its issuer
-    (X509-SVID §5.2 path validation would reject it then anyway).
-
-    Args:
-        spiffe_id: the workload's ID; must have a path and belong to the CA's trust
-            domain when the CA names one.
-        public_key: the workload's public key (from its CSR).
-        ca_cert: the signing certificate.
-        ca_key: the signing certificate's private key.
-        not_before: start of validity (aware).
-        not_after: end of validity (aware); clamped to the CA's notAfter.
-        dns_names: DNS SANs to add.
-        serial: a serial number, or None for a random 128-bit one.
-
-    Returns:
-        The leaf certificate, validated with :func:`validate_leaf` and its signature
-        checked against ``ca_cert``.
+    A one-off :class:`SvidSigner`; a CA that signs many leaves keeps one instead.
 
     Raises:
-        X509SvidError: a root ID, a foreign trust domain, bad DNS names, an empty
-            lifetime, a key that does not match ``ca_cert``, or a CA that may not sign.
+        X509SvidError: see :class:`SvidSigner` and :meth:`SvidSigner.sign`.
         InvalidKeyError: a weak or unsupported workload key.
     """
-    if not spiffe_id.has_path:
-        raise X509SvidError(f"an X509-SVID leaf needs an ID with a path, got {spiffe_id}")
-    check_public_key_strength(public_key)
-    validate_signing_certificate(ca_cert)
-    if not public_keys_equal(ca_key.public_key(), ca_cert.public_key()):
-        raise X509SvidError("ca_key does not match ca_cert")
-    for uri in _uri_sans(ca_cert):
-        if uri.startswith("spiffe://"):
-            ca_td = SpiffeId.parse(uri).trust_domain
-            if not spiffe_id.is_member_of(ca_td):
-                raise X509SvidError(
-                    f"CA of trust domain {ca_td} cannot issue {spiffe_id} (X509-SVID §3)"
-                )
-    for name in dns_names:
-        _check_dns_name(name)
-    not_before = max(_utc(not_before, "not_before"), ca_cert.not_valid_before_utc)
-    not_after = min(_utc(not_after, "not_after"), ca_cert.not_valid_after_utc)
-    if not_after <= not_before:
-        raise X509SvidError(
-            f"SVID lifetime is empty after clamping to the CA: "
-            f"not_before={not_before} not_after={not_after}"
-        )
-    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
-    sans.extend(x509.DNSName(n) for n in dict.fromkeys(dns_names))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(ca_cert.subject)
-        .public_key(public_key)
-        .serial_number(_new_serial(serial))
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                # RSA key transport (TLS 1.2 RSA kx) needs keyEncipherment; EC keys
-                # have no such use (RFC 5480 §3).
-                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        # Empty subject, so the SAN MUST be critical (RFC 5280 §4.1.2.6).
-        .add_extension(x509.SubjectAlternativeName(sans), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(_aki_for(ca_cert, ca_key.public_key()), critical=False)
-        .sign(ca_key, _hash_for(ca_key))
+    return SvidSigner(ca_cert, ca_key).sign(
+        spiffe_id=spiffe_id, public_key=public_key, not_before=not_before,
+        not_after=not_after, dns_names=dns_names, serial=serial,
     )
-    # Build, sign, then validate (SPIRE's habit): the checks a relying party runs.
-    if validate_leaf(cert) != spiffe_id:
-        raise X509SvidError("issued certificate carries the wrong SPIFFE ID")
-    _check_signed_by(cert, ca_cert)
-    if cert.not_valid_after_utc > ca_cert.not_valid_after_utc:
-        raise X509SvidError("issued certificate outlives its CA")
-    return cert
 
 
 # --------------------------------------------------------------------------------
@@ -847,6 +909,19 @@ def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
         X509SvidError: too large, not DER, a bad signature, or a weak or
             unsupported key.
     """
+    return _checked_csr(der)[0]
+
+
+def csr_public_key(der: bytes) -> PublicKey:
+    """The public key of a DER CSR, after the checks of :func:`parse_csr`.
+
+    Raises:
+        X509SvidError: as :func:`parse_csr`.
+    """
+    return _checked_csr(der)[1]
+
+
+def _checked_csr(der: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey]:
     if len(der) > MAX_CSR_BYTES:
         raise X509SvidError(f"CSR of {len(der)} bytes exceeds the limit of {MAX_CSR_BYTES}")
     try:
@@ -864,4 +939,4 @@ def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
         check_public_key_strength(public_key)
     except InvalidKeyError as exc:
         raise X509SvidError(f"CSR key rejected: {exc}") from exc
-    return csr
+    return csr, public_key  # type: ignore[return-value]  # checked: EC or RSA

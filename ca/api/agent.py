@@ -46,7 +46,7 @@ from identity.errors import BundleError, X509SvidError
 from identity.keys import PublicKey
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
-from identity.x509svid import parse_csr, validate_leaf
+from identity.x509svid import csr_public_key, validate_leaf
 
 MAX_BATCH = 500
 MAX_AUDIENCES = 32
@@ -56,11 +56,9 @@ AGENT_PATH_PREFIX = "/sigil/agent/"
 
 def _public_key_from_csr(der: bytes) -> PublicKey:
     try:
-        csr = parse_csr(der)
+        return csr_public_key(der)  # unsupported and weak keys already rejected
     except X509SvidError as exc:
         raise InvalidArgumentError(f"invalid CSR: {exc}") from None
-    # parse_csr already rejected unsupported and weak keys.
-    return csr.public_key()  # type: ignore[return-value]
 
 
 PeerCertificate = Callable[[str], tuple[bool, x509.Certificate | None]]

@@ -52,7 +52,7 @@ from identity.clock import Clock
 from identity.jwtsvid import sign_jwt_svid
 from identity.keys import KeyType, PrivateKey, PublicKey, key_id, public_key_der
 from identity.spiffeid import SpiffeId, TrustDomain
-from identity.x509svid import new_ca_certificate, new_svid_certificate
+from identity.x509svid import SvidSigner, new_ca_certificate
 
 SERVER_DNS_NAME = "server.sigil.invalid"
 """The DNS SAN of the server's TLS certificate; agents use it as the TLS target name."""
@@ -126,6 +126,8 @@ class X509Slot:
     record_id: str
     key: KeyHandle
     certificate: x509.Certificate
+    signer: SvidSigner
+    """Checked the CA once; signs every leaf (re-verified if the key is external)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,8 +274,10 @@ class CertificateAuthority:
         j = self._own(KIND_JWT, STATUS_ACTIVE)
         if x is None or x.certificate is None or j is None:
             raise AuthorityError("no active CA slot after start-up")
-        self._x509 = X509Slot(x.id, self._key(x.key_id),
-                              x509.load_der_x509_certificate(x.certificate))
+        handle = self._key(x.key_id)
+        cert = x509.load_der_x509_certificate(x.certificate)
+        self._x509 = X509Slot(x.id, handle, cert, SvidSigner(
+            cert, handle.private_key, verify_signatures=handle.external))
         jh = self._key(j.key_id)
         self._jwt = JwtSlot(j.id, jh, key_id(jh.public_key), _dt(j.not_after))
         self._watermark = {x.id: x.signed_until, j.id: j.signed_until}
@@ -620,14 +624,13 @@ class CertificateAuthority:
     ) -> tuple[x509.Certificate, ...]:
         """Sign a workload X.509-SVID; returns the chain, leaf first.
 
-        The lifetime never exceeds the CA's: new_svid_certificate clamps it.
+        The lifetime never exceeds the CA's: the signer clamps it.
         """
         slot = self._active_x509()
         now = self._cfg.clock.now()
-        leaf = new_svid_certificate(
-            spiffe_id=spiffe_id, public_key=public_key, ca_cert=slot.certificate,
-            ca_key=slot.key.private_key, not_before=now - BACKDATE, not_after=now + ttl,
-            dns_names=tuple(dns_names),
+        leaf = slot.signer.sign(
+            spiffe_id=spiffe_id, public_key=public_key, not_before=now - BACKDATE,
+            not_after=now + ttl, dns_names=tuple(dns_names),
         )
         self._note_signed(slot.record_id, leaf.not_valid_after_utc)
         return self._chain_for(leaf, slot)

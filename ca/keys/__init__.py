@@ -36,6 +36,8 @@ class KeyHandle:
     key_id: str
     key_type: KeyType
     private_key: PrivateKey
+    external: bool = False
+    """The key lives outside this process (an HSM): what it signs is verified."""
 
     @property
     def public_key(self) -> PublicKey:

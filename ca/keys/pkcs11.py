@@ -256,10 +256,12 @@ class Pkcs11KeyManager:
                                       f"{exc.__class__.__name__}") from None
         if isinstance(public, ec.EllipticCurvePublicKey):
             key_type = KeyType.EC_P384 if public.curve.name == "secp384r1" else KeyType.EC_P256
-            return KeyHandle(key_id, key_type, Pkcs11EcPrivateKey(self, key_id, public))
+            return KeyHandle(key_id, key_type, Pkcs11EcPrivateKey(self, key_id, public),
+                             external=True)
         if isinstance(public, rsa.RSAPublicKey):
             key_type = KeyType.RSA_4096 if public.key_size >= 4096 else KeyType.RSA_2048
-            return KeyHandle(key_id, key_type, Pkcs11RsaPrivateKey(self, key_id, public))
+            return KeyHandle(key_id, key_type, Pkcs11RsaPrivateKey(self, key_id, public),
+                             external=True)
         raise KeyManagerError(f"key {key_id} in the PKCS#11 token is neither EC nor RSA")
 
     def sign(self, key_id: str, data: bytes, mechanism: Mechanism) -> bytes:

@@ -8,14 +8,18 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import migrations
 from ca.authority import AuthorityConfig, CertificateAuthority
 from ca.datastore import Datastore
-from ca.keys import DiskKeyManager, MemoryKeyManager
+from ca.keys import DiskKeyManager, KeyHandle, MemoryKeyManager
 from identity.clock import FakeClock
+from identity.errors import X509SvidError
 from identity.keys import KeyType, generate_private_key
 from identity.spiffeid import SpiffeId, TrustDomain
+from identity.x509svid import verify_chain
+from tests.unit.test_x509svid import _FaultySigner
 
 TD = TrustDomain("example.org")
 
@@ -114,3 +118,46 @@ def test_jwt_svids_carry_the_oidc_issuer_only_when_discovery_is_on(tmp_path: Pat
     token = ca.sign_jwt_svid(sid, ["x"], ttl=dt.timedelta(minutes=5)).token
     # Cloud identity providers match iss against the discovery document's issuer.
     assert _claims(token)["iss"] == "https://oidc.example.org"
+
+
+class _FaultyHsm(MemoryKeyManager):
+    """Keys whose signatures come from another key: a faulty signer, as an HSM can be.
+
+    ``external`` says whether the handles present the keys as living outside the
+    process (as PKCS#11 handles do).
+    """
+
+    def __init__(self, *, external: bool) -> None:
+        super().__init__()
+        self._external = external
+        self.signers: list[_FaultySigner] = []
+
+    def generate_key(self, key_id: str, key_type: KeyType) -> KeyHandle:
+        real = super().generate_key(key_id, key_type)
+        assert isinstance(real.private_key, ec.EllipticCurvePrivateKey)
+        signer = _FaultySigner(real.private_key, faulty=False)
+        self.signers.append(signer)
+        handle = KeyHandle(key_id, key_type, signer, external=self._external)
+        self._keys[key_id] = handle
+        return handle
+
+
+@pytest.mark.parametrize("external", [True, False])
+def test_signatures_of_external_keys_are_verified_before_use(
+    tmp_path: Path, external: bool
+) -> None:
+    hsm = _FaultyHsm(external=external)
+    ca = _ca(tmp_path, FakeClock(), hsm)
+    for signer in hsm.signers:  # the CA was made; its key now signs wrongly
+        signer.faulty = True
+    workload = SpiffeId.parse("spiffe://example.org/w")
+    key = generate_private_key()
+    if external:
+        with pytest.raises(X509SvidError, match="does not verify against its issuer"):
+            ca.sign_x509_svid(workload, key.public_key(), ttl=dt.timedelta(minutes=5))
+    else:
+        # An in-process key is not re-verified on the server; the agent's check of
+        # every SVID against the bundle is what rejects such a leaf.
+        (leaf,) = ca.sign_x509_svid(workload, key.public_key(), ttl=dt.timedelta(minutes=5))
+        with pytest.raises(X509SvidError):
+            verify_chain([leaf], ca.bundle(), now=FakeClock().now())

@@ -22,6 +22,7 @@ from identity.keys import (
 )
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import (
+    SvidSigner,
     X509Svid,
     certificates_to_der,
     certificates_to_pem,
@@ -212,6 +213,93 @@ def test_issue_rejects_wrong_ca_key(ca1: tuple[x509.Certificate, PrivateKey]) ->
 
 
 # ------------------------------------------------------------------ CA certificates
+
+
+class _FaultySigner(ec.EllipticCurvePrivateKey):
+    """A CA key (as an HSM would present it) whose signatures are made by another key."""
+
+    def __init__(self, claimed: ec.EllipticCurvePrivateKey, *, faulty: bool = True) -> None:
+        self._claimed = claimed
+        self._actual = ec.generate_private_key(ec.SECP256R1())
+        self.faulty = faulty
+
+    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm  # type: ignore[override]
+             ) -> bytes:
+        return (self._actual if self.faulty else self._claimed).sign(data, signature_algorithm)
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._claimed.public_key()
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return self._claimed.curve
+
+    @property
+    def key_size(self) -> int:
+        return self._claimed.key_size
+
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        raise NotImplementedError
+
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        raise NotImplementedError
+
+    def private_bytes(self, *args: object, **kwargs: object) -> bytes:
+        raise NotImplementedError
+
+    def __copy__(self) -> _FaultySigner:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _FaultySigner:
+        return self
+
+
+def test_signer_verifying_signatures_catches_a_faulty_signer() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert, _ = make_ca(key=key)
+    faulty = _FaultySigner(key)
+    leaf_key = generate_private_key()
+    kwargs = {"spiffe_id": WORKLOAD, "public_key": leaf_key.public_key(),
+              "not_before": NOW, "not_after": NOW + dt.timedelta(hours=1)}
+    with pytest.raises(X509SvidError, match="does not verify against its issuer"):
+        SvidSigner(cert, faulty, verify_signatures=True).sign(**kwargs)  # type: ignore[arg-type]
+    # Without the check the bad leaf comes out; a relying party then rejects it
+    # (the agent does, before serving it), which is what makes skipping it safe
+    # for keys whose signatures this process computes itself.
+    leaf = SvidSigner(cert, faulty, verify_signatures=False).sign(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(X509SvidError, match="signature"):
+        verify_chain([leaf], Bundle(TD, x509_authorities=(cert,)), now=NOW)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_signer_leaves_verify_and_follow_the_profile(
+    ca1: tuple[x509.Certificate, PrivateKey], verify: bool
+) -> None:
+    signer = SvidSigner(*ca1, verify_signatures=verify)
+    bundle = Bundle(TD, x509_authorities=(ca1[0],))
+    for n, key in enumerate([generate_private_key(), generate_private_key(KeyType.RSA_2048)]):
+        spiffe_id = SpiffeId.parse(f"spiffe://domain1.test/w/{n}")
+        leaf = signer.sign(spiffe_id=spiffe_id, public_key=key.public_key(),
+                           not_before=NOW, not_after=NOW + dt.timedelta(hours=1),
+                           dns_names=("a.example",))
+        assert verify_chain([leaf], bundle, now=NOW + dt.timedelta(minutes=1)) == spiffe_id
+        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        assert ku.key_encipherment is (n == 1)  # RSA leaf only
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        ski = ca1[0].extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        assert aki.key_identifier == ski.digest
+    with pytest.raises(X509SvidError, match=r"trust domain domain1\.test cannot issue"):
+        signer.sign(spiffe_id=SpiffeId.parse("spiffe://domain2.test/w"),
+                    public_key=generate_private_key().public_key(),
+                    not_before=NOW, not_after=NOW + dt.timedelta(hours=1))
+
+
+def test_signer_checks_the_ca_once_when_made(ca1: tuple[x509.Certificate, PrivateKey]) -> None:
+    leaf, _ = issue(ca1)
+    with pytest.raises(X509SvidError, match="CA flag"):
+        SvidSigner(leaf, ca1[1])
+    with pytest.raises(X509SvidError, match="does not match"):
+        SvidSigner(ca1[0], generate_private_key())
 
 
 def test_root_ca_profile(ca1: tuple[x509.Certificate, PrivateKey]) -> None:
