@@ -6,7 +6,9 @@ runs several processes that accept on the same agent API port: the main process
 API) and ``worker_processes - 1`` workers started with :class:`WorkerPool`. Each
 listens with SO_REUSEPORT (the TLS front is ours, so it can), and the kernel spreads
 new connections over them. Each worker has its own internal gRPC server, TLS
-context and datastore engine; it loads the CA the main process created.
+context and datastore engine; it loads the CA the main process created, and its
+rotation scheduler reloads the slots, bundle and taints the main process changes
+(``rotate=False``: a worker never rotates).
 
 What is per process stays correct:
 

@@ -53,7 +53,12 @@ INTERNAL_SOCKET_NAME = "agent-api.sock"
 
 
 class TlsContextSource:
-    """The current server-side SSLContext, rebuilt on bundle change or at half-life."""
+    """The current server-side SSLContext, rebuilt on bundle change or at half-life.
+
+    Also when the active CA changes with the bundle as it was: a worker process
+    (``worker_processes``) may read the bundle the main process published on an
+    activation before it reloads the new active slot.
+    """
 
     def __init__(self, authority: CertificateAuthority, clock: Clock, workdir: Path) -> None:
         self._authority = authority
@@ -62,17 +67,21 @@ class TlsContextSource:
         self._lock = threading.Lock()
         self._context: ssl.SSLContext | None = None
         self._sequence: int | None = None
+        self._signer: x509.Certificate | None = None
         self._renew_at: dt.datetime | None = None
 
     def current(self) -> ssl.SSLContext:
         """The context for a new handshake."""
         with self._lock:
             seq = self._authority.bundle().sequence_number
+            signer = self._authority.ca_certificate()
             fresh = (self._context is not None and seq == self._sequence
+                     and signer == self._signer
                      and self._renew_at is not None and self._clock.now() < self._renew_at)
             if not fresh:
                 self._context = self._build()
                 self._sequence = seq
+                self._signer = signer
                 event("server tls certificate updated", bundle_sequence=seq)
             assert self._context is not None
             return self._context

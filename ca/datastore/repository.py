@@ -625,18 +625,28 @@ class Datastore(FederationQueries):
     def update_ca_key(self, record_id: str, **fields: object) -> None:
         """Change some columns of a CA key slot (rotation: status, times, signed_until).
 
+        ``signed_until`` only moves forward: the processes of one server
+        (``worker_processes``) sign with the same slot, and one that signed less
+        must not lower what another wrote. The comparison is in the UPDATE itself,
+        so concurrent writers cannot undo each other.
+
         Raises:
             NotFoundError: no such slot.
         """
         allowed = {"status", "activated_at", "deactivated_at", "signed_until"}
         if not set(fields) <= allowed:
             raise ValueError(f"update_ca_key: cannot change {sorted(set(fields) - allowed)}")
+        signed_until = fields.pop("signed_until", None)
         with self._session() as s:
             row = s.get(m.CaKey, record_id)
             if row is None:
                 raise NotFoundError(f"CA key slot {record_id} not found")
             for name, value in fields.items():
                 setattr(row, name, value)
+            if signed_until is not None:
+                s.execute(update(m.CaKey)
+                          .where(m.CaKey.id == record_id, m.CaKey.signed_until < signed_until)
+                          .values(signed_until=signed_until))
 
     def delete_ca_key(self, record_id: str) -> bool:
         """Remove a CA key slot; False when it was already gone."""

@@ -302,3 +302,21 @@ def test_first_bundle_written_by_two_servers_at_once(database_url: str) -> None:
     finally:
         for s in stores:
             s.close()
+
+
+def test_ca_key_signed_until_only_moves_forward(ds: Datastore) -> None:
+    # worker_processes: several processes sign with one slot and each writes what it
+    # signed; a smaller value written later must not lower a larger one.
+    from ca.datastore import CaKeyRecord
+
+    ds.add_ca_key(CaKeyRecord(id="slot-1", kind="x509", status="active", key_id="k",
+                              public_key=b"\x01", certificate=None, not_after=9000,
+                              created_at=1000))
+    ds.update_ca_key("slot-1", signed_until=5000)
+    ds.update_ca_key("slot-1", status="old", deactivated_at=3000, signed_until=4000)
+    (rec,) = ds.list_ca_keys()
+    assert (rec.status, rec.deactivated_at, rec.signed_until) == ("old", 3000, 5000)
+    ds.update_ca_key("slot-1", signed_until=6000)
+    assert ds.list_ca_keys()[0].signed_until == 6000
+    with pytest.raises(NotFoundError):
+        ds.update_ca_key("slot-2", signed_until=7000)

@@ -234,3 +234,80 @@ def test_intermediate_under_upstream(url: str, tmp_path: Path) -> None:
     assert ca.bundle().x509_authorities == (root,)
     bc = inter.extensions.get_extension_for_class(x509.BasicConstraints)
     assert bc.critical and bc.value.ca
+
+
+# ---- worker processes (worker_processes > 1): one owner, several processes -------------
+
+
+def _follower(url: str, clock: FakeClock, keys: MemoryKeyManager) -> CertificateAuthority:
+    """What an extra worker process builds: the main process's slots, rotate=False."""
+    ca = CertificateAuthority(AuthorityConfig(
+        trust_domain=TD, datastore=Datastore(url), key_manager=keys, clock=clock,
+        ca_ttl=24 * H, owner="a", safety_margin=MARGIN, rotate=False))
+    ca.load_or_create()
+    return ca
+
+
+def test_a_worker_follows_the_main_process(url: str) -> None:
+    clock = FakeClock()
+    keys = MemoryKeyManager()
+    main = _ca(url, clock, keys)
+    worker = _follower(url, clock, keys)
+    first = main.ca_certificate()
+    first_kid = main.list_authorities(KIND_JWT)[0].authority_id
+    main.prepare(KIND_X509)
+    main.prepare(KIND_JWT)
+    worker.tick()
+    assert len(worker.bundle().x509_authorities) == 2
+    assert worker.ca_certificate() == first  # prepared: published, not signing
+    main.activate(KIND_X509)
+    main.activate(KIND_JWT)
+    main.taint(KIND_X509, subject_key_id(first))
+    main.taint(KIND_JWT, first_kid)
+    worker.tick()
+    assert worker.ca_certificate() == main.ca_certificate() != first
+    signed = worker.sign_jwt_svid(WORKLOAD, ["db"], ttl=H)
+    assert main.sign_jwt_svid(WORKLOAD, ["db"], ttl=H).token.split(".")[0] == \
+        signed.token.split(".")[0]  # the same header: the same kid
+    assert worker.tainted_x509_authorities() == (first,)
+    assert worker.tainted_jwt_key_ids() == (first_kid,)
+    assert worker.bundle() == main.bundle()
+    assert sorted(_statuses(worker, KIND_X509)) == ["active", "tainted"]  # unchanged
+
+
+def test_signed_until_never_moves_back_when_processes_share_a_slot(url: str) -> None:
+    clock = FakeClock()
+    keys = MemoryKeyManager()
+    main = _ca(url, clock, keys)
+    worker = _follower(url, clock, keys)
+    key = generate_private_key().public_key()
+    (long,) = worker.sign_x509_svid(WORKLOAD, key, ttl=3 * H)
+    main.sign_x509_svid(WORKLOAD, key, ttl=dt.timedelta(minutes=10))
+    worker.sign_jwt_svid(WORKLOAD, ["db"], ttl=2 * H)
+    main.sign_jwt_svid(WORKLOAD, ["db"], ttl=dt.timedelta(minutes=5))
+    x, j = main.list_authorities(KIND_X509)[0], main.list_authorities(KIND_JWT)[0]
+    assert x.signed_until is not None and x.signed_until >= long.not_valid_after_utc
+    assert j.signed_until is not None and j.signed_until >= clock.now() + 2 * H
+
+
+def test_a_worker_tls_certificate_follows_an_activation_it_reads_late(
+        url: str, tmp_path: Path) -> None:
+    from ca.api.tls_front import TlsContextSource
+
+    clock = FakeClock()
+    keys = MemoryKeyManager()
+    main = _ca(url, clock, keys)
+    worker = _follower(url, clock, keys)
+    contexts = TlsContextSource(worker, clock, tmp_path)
+    contexts.current()
+    main.prepare(KIND_X509)
+    main.activate(KIND_X509)
+    # The worker reads the bundle published by the activation before it reloads the
+    # active slot (its tick ran between the two reads): the context is rebuilt with
+    # the old CA, then again once the worker signs with the new one.
+    worker.refresh_bundle()
+    stale = contexts.current()
+    assert worker.ca_certificate() != main.ca_certificate()
+    worker.tick()
+    assert worker.ca_certificate() == main.ca_certificate()
+    assert contexts.current() is not stale
