@@ -467,7 +467,7 @@ def _new_serial(serial: int | None) -> int:
     if serial is None:
         # RFC 5280 §4.1.2.2: positive, at most 20 octets; CA/B BR §7.1 asks for 64+
         # bits of randomness. 128 random bits leave collisions out of reach.
-        return 1 + secrets.randbelow(2**128 - 1)
+        return int.from_bytes(secrets.token_bytes(16), "big") or 1
     if serial <= 0 or serial.bit_length() > 159:
         raise X509SvidError(f"serial {serial} must be positive and fit in 20 octets")
     return serial
@@ -647,18 +647,21 @@ class SvidSigner:
         # RSA kx) needs keyEncipherment, EC keys have no such use (RFC 5480 §3).
         base = self._base.get(rsa_leaf)
         if base is None:
-            base = self._base[rsa_leaf] = (
-                x509.CertificateBuilder()
-                .subject_name(x509.Name([]))
-                .issuer_name(self.ca_certificate.subject)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None),
-                               critical=True)
-                .add_extension(_leaf_key_usage(rsa_leaf), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]),
-                               critical=False)
-                .add_extension(self._aki, critical=False)
-            )
+            shared: list[tuple[x509.ExtensionType, bool]] = [
+                (x509.BasicConstraints(ca=False, path_length=None), True),
+                (_leaf_key_usage(rsa_leaf), True),
+                (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                        ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+                (self._aki, False),
+            ]
+            base = x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(
+                self.ca_certificate.subject)
+            for ext, critical in shared:
+                # Encoded once, here, by cryptography; every leaf then carries the
+                # same bytes without converting the extension again.
+                base = base.add_extension(
+                    x509.UnrecognizedExtension(ext.oid, ext.public_bytes()), critical=critical)
+            self._base[rsa_leaf] = base
         return base
 
     def sign(
