@@ -79,6 +79,17 @@ class SignResult:
     error: str = ""
 
 
+_HeldBundle = tuple[str, tpb.Bundle, Bundle | None]
+
+
+def _held(digest: str, name: str, message: tpb.Bundle) -> _HeldBundle:
+    try:
+        return digest, message, bundle_from_proto(message)
+    except SigilError as exc:
+        log.event("bundle skipped", level=logging.WARNING, trust_domain=name, reason=str(exc))
+        return digest, message, None
+
+
 class ServerClient:
     """Calls the server's agent API over TLS / mTLS.
 
@@ -93,6 +104,9 @@ class ServerClient:
         self.trust_domain = trust_domain
         self._channel: grpc.aio.Channel | None = None
         self._retired: set[grpc.aio.Channel] = set()
+        # Bundles from the last sync, trust domain name -> (digest, message, parsed
+        # or None if unusable): the server sends only those whose digest changed.
+        self._held_bundles: dict[str, _HeldBundle] = {}
 
     def configure(self, *, roots_pem: bytes, svid: X509Svid | None = None) -> None:
         """(Re)build the channel: server-verified TLS, plus our SVID when given.
@@ -204,8 +218,12 @@ class ServerClient:
         one the server does not know (a restart, another server), the answer is
         the complete set (``full``).
 
+        Bundles come by digest: the request names those held, the first page names
+        every bundle to hold now and carries only the new or changed ones.
+
         Raises:
-            ServerCallError: the call failed or the stream ended without its last page.
+            ServerCallError: the call failed, the stream ended without its last
+                page, or it kept a bundle version this agent does not hold.
         """
         if self._channel is None:
             raise ServerCallError("the server client is not configured")
@@ -215,7 +233,8 @@ class ServerClient:
             response_deserializer=apb.SyncAuthorizedEntriesPage.FromString,
         )
         request = apb.SyncAuthorizedRequest(
-            known_generation=known_generation, known_revision=known_revision)
+            known_generation=known_generation, known_revision=known_revision,
+            known_bundle_digests={n: h[0] for n, h in self._held_bundles.items() if h[0]})
         pages: list[apb.SyncAuthorizedEntriesPage] = []
         try:
             async for page in call(request, timeout=CALL_TIMEOUT):
@@ -229,6 +248,8 @@ class ServerClient:
                 f"SyncAuthorizedEntries failed: {name}: {exc.details()}", code=name) from None
         if not pages or not pages[-1].last:
             raise ServerCallError("SyncAuthorizedEntries ended before its last page")
+        first = pages[0]
+        held = self._bundle_messages(first)
         entries = []
         removed: list[str] = []
         for page in pages:
@@ -240,21 +261,37 @@ class ServerClient:
                     # One bad entry must not stop every other workload's rotation.
                     log.event("entry skipped", level=logging.WARNING, entry_id=e.id,
                               reason=str(exc))
-        first = pages[0]
-        bundles: dict[TrustDomain, Bundle] = {}
-        for name, b in first.bundles.items():
-            try:
-                bundle = bundle_from_proto(b)
-            except SigilError as exc:
-                log.event("bundle skipped", level=logging.WARNING, trust_domain=name,
-                          reason=str(exc))
-                continue
-            bundles[bundle.trust_domain] = bundle
-        own = first.bundles.get(self.trust_domain.name)
-        tainted = tuple(own.tainted_x509_authorities) if own is not None else ()
+        bundles = {h[2].trust_domain: h[2] for h in held.values() if h[2] is not None}
+        self._held_bundles = held
+        own = held.get(self.trust_domain.name)
+        tainted = tuple(own[1].tainted_x509_authorities) if own is not None else ()
         return SyncResult(tuple(entries), bundles, pages[-1].revision, tainted,
                           full=first.full_resync, removed=tuple(removed),
                           generation=pages[-1].generation)
+
+    def _bundle_messages(self, first: apb.SyncAuthorizedEntriesPage) -> dict[str, _HeldBundle]:
+        """Every bundle to hold after this sync: sent ones, and held ones named unchanged.
+
+        Raises:
+            ServerCallError: the page names a bundle by a digest we do not hold and
+                does not send it (we then forget what we hold, so the next sync
+                asks for every bundle).
+        """
+        if not first.bundle_digests:  # an older server: the bundles are the whole set
+            return {name: _held("", name, b) for name, b in first.bundles.items()}
+        held: dict[str, _HeldBundle] = {}
+        for name, digest in first.bundle_digests.items():
+            if name in first.bundles:
+                held[name] = _held(digest, name, first.bundles[name])
+                continue
+            ours = self._held_bundles.get(name)
+            if ours is None or ours[0] != digest:
+                self._held_bundles = {}
+                raise ServerCallError(
+                    f"SyncAuthorizedEntries kept the bundle of {name} as held, but this "
+                    "agent does not hold that version")
+            held[name] = ours
+        return held
 
     async def batch_new_x509_svid(
         self, params: Sequence[tuple[str, bytes]]

@@ -20,7 +20,6 @@ from api.protos.sigil.types.v1 import types_pb2
 from attestation.node import join_token
 from attestation.node.errors import UnknownAttestorError
 from ca.api.convert import (
-    bundle_to_proto,
     entry_to_proto,
     own_bundle_to_proto,
     selector_to_proto,
@@ -28,7 +27,7 @@ from ca.api.convert import (
 )
 from ca.api.deps import ApiDeps
 from ca.api.status import grpc_method
-from ca.api.sync import sync_pages
+from ca.api.sync import SyncBundles, sync_pages
 from ca.datastore import EntryRecord, NodeRecord
 from ca.datastore.feed import DatastoreFeed
 from ca.entry_index import EntryIndex
@@ -41,11 +40,10 @@ from ca.errors import (
 from ca.log import event
 from ca.metrics import count_svid, observe_sync_seconds
 from ca.ratelimit import RateLimiter
-from identity.bundle import Bundle
-from identity.errors import BundleError, X509SvidError
+from identity.errors import X509SvidError
 from identity.keys import PublicKey
 from identity.selectors import Selector
-from identity.spiffeid import SpiffeId, TrustDomain
+from identity.spiffeid import SpiffeId
 from identity.x509svid import csr_public_key, validate_leaf
 
 MAX_BATCH = 500
@@ -97,6 +95,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             feed.on_local_change(entry_index.notify_local_change)
             entry_index.build()
         self._index = entry_index
+        self._bundles = SyncBundles(deps.authority, deps.datastore)
 
     # ---- authentication ----------------------------------------------------------
 
@@ -158,22 +157,6 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             # the datastore, the source of truth. Only a miss pays for this.
             self._index.poll()
         return found
-
-    def _bundles_for(self, federated: Iterable[TrustDomain]) -> dict[str, types_pb2.Bundle]:
-        own = self._d.authority.bundle()
-        bundles: dict[str, types_pb2.Bundle] = {
-            own.trust_domain.name: own_bundle_to_proto(self._d.authority)}
-        for td in federated:
-            stored = self._d.datastore.get_bundle(td)
-            if stored is not None and td.name not in bundles:
-                try:
-                    bundles[td.name] = bundle_to_proto(Bundle.from_jwks(td, stored.data))
-                except BundleError as exc:
-                    # Both writers parse before storing; a row damaged in the database
-                    # must not fail every agent's sync, only go missing (and be seen).
-                    event("stored foreign bundle unreadable", level=logging.ERROR,
-                          trust_domain=td.name, error=str(exc))
-        return bundles
 
     # ---- methods ---------------------------------------------------------------------
 
@@ -267,10 +250,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self._index.catch_up()
         entries = self._index.authorized_entries(
             agent_id=node.spiffe_id, node_selectors=node.selectors)
-        bundles = self._bundles_for(
+        bundles = self._bundles(
             sorted({td for e in entries for td in e.federates_with}, key=str))
         response = agent_pb2.SyncAuthorizedResponse(
-            entries=[entry_to_proto(e) for e in entries], bundles=bundles, revision=revision
+            entries=[entry_to_proto(e) for e in entries],
+            bundles={name: b.message for name, b in bundles.items()}, revision=revision
         )
         observe_sync_seconds(time.perf_counter() - started)
         return response
@@ -282,7 +266,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         """What changed for the agent since the revision it holds, in pages."""
         node = self.authenticate(context)
         pages = sync_pages(self._index, request, agent_id=node.spiffe_id,
-                           node_selectors=node.selectors, bundles_for=self._bundles_for)
+                           node_selectors=node.selectors, bundles_for=self._bundles)
         return iter(pages)
 
     @grpc_method("agent")

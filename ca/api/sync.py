@@ -8,24 +8,107 @@ below grpc's default 4 MiB receive limit.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from api.protos.sigil.agent.v1 import agent_pb2
 from api.protos.sigil.types.v1 import types_pb2
-from ca.api.convert import entry_to_proto
+from ca.api.convert import bundle_to_proto, entry_to_proto, own_bundle_to_proto
 from ca.entry_index import EntryIndex, SyncDelta
 from ca.errors import InvalidArgumentError
+from ca.log import event
 from ca.metrics import observe_sync_seconds
+from identity.bundle import Bundle
+from identity.errors import BundleError
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
+
+if TYPE_CHECKING:
+    from ca.authority import CertificateAuthority
+    from ca.datastore import Datastore
 
 PAGE_BYTES = 1024 * 1024
 """Target encoded size of one page (the first also carries the bundles)."""
 MAX_GENERATION_LENGTH = 64
+MAX_KNOWN_BUNDLES = 1024
+"""Bundle digests an agent may present: far more trust domains than anyone federates with."""
+DIGEST_LENGTH = 32
+MAX_TRUST_DOMAIN_LENGTH = 255
 
-BundlesFor = Callable[[Iterable[TrustDomain]], dict[str, types_pb2.Bundle]]
+
+@dataclass(frozen=True, slots=True)
+class SyncBundle:
+    """A bundle as a sync sends it, and the digest that names its content."""
+
+    message: types_pb2.Bundle
+    digest: str
+
+    @classmethod
+    def of(cls, message: types_pb2.Bundle) -> SyncBundle:
+        """Digest the message (deterministic encoding, so equal content, equal digest)."""
+        data = message.SerializeToString(deterministic=True)
+        return cls(message, hashlib.sha256(data).hexdigest()[:DIGEST_LENGTH])
+
+
+BundlesFor = Callable[[Iterable[TrustDomain]], dict[str, SyncBundle]]
 """Our bundle plus those of the given federated trust domains, keyed by name."""
+
+
+class SyncBundles:
+    """The bundles syncs send, each encoded and digested once per version.
+
+    Our own bundle is rebuilt when the authority's bundle or taint lists change
+    (new objects: the authority replaces them, never mutates them); a federated
+    one when its stored document changes. Called as a :data:`BundlesFor`.
+    """
+
+    def __init__(self, authority: CertificateAuthority, datastore: Datastore) -> None:
+        self._authority = authority
+        self._datastore = datastore
+        self._own: tuple[object, object, object, SyncBundle] | None = None
+        self._foreign: dict[str, tuple[str, SyncBundle | None]] = {}
+
+    def own(self) -> SyncBundle:
+        """Our trust domain's bundle, with the tainted authorities agents act on."""
+        a = self._authority
+        bundle, tx, tj = a.bundle(), a.tainted_x509_authorities(), a.tainted_jwt_key_ids()
+        cached = self._own
+        if cached is not None and cached[0] is bundle and cached[1] is tx and cached[2] is tj:
+            return cached[3]
+        built = SyncBundle.of(own_bundle_to_proto(a))
+        self._own = (bundle, tx, tj, built)
+        return built
+
+    def foreign(self, td: TrustDomain) -> SyncBundle | None:
+        """A federated trust domain's stored bundle; None if absent or unreadable."""
+        stored = self._datastore.get_bundle(td)
+        if stored is None:
+            return None
+        cached = self._foreign.get(td.name)
+        if cached is not None and cached[0] == stored.data:
+            return cached[1]
+        built: SyncBundle | None = None
+        try:
+            built = SyncBundle.of(bundle_to_proto(Bundle.from_jwks(td, stored.data)))
+        except BundleError as exc:
+            # Both writers parse before storing; a row damaged in the database must
+            # not fail every agent's sync, only go missing (and be seen, once).
+            event("stored foreign bundle unreadable", level=logging.ERROR,
+                  trust_domain=td.name, error=str(exc))
+        self._foreign[td.name] = (stored.data, built)
+        return built
+
+    def __call__(self, federated: Iterable[TrustDomain]) -> dict[str, SyncBundle]:
+        own = self.own()
+        bundles = {self._authority.trust_domain.name: own}
+        for td in federated:
+            if td.name not in bundles and (found := self.foreign(td)) is not None:
+                bundles[td.name] = found
+        return bundles
 
 
 def sync_delta(
@@ -43,15 +126,29 @@ def sync_delta(
     if len(request.known_generation) > MAX_GENERATION_LENGTH:
         raise InvalidArgumentError(
             f"known_generation is at most {MAX_GENERATION_LENGTH} characters")
+    known = request.known_bundle_digests
+    if len(known) > MAX_KNOWN_BUNDLES:
+        raise InvalidArgumentError(
+            f"known_bundle_digests holds at most {MAX_KNOWN_BUNDLES} entries, not {len(known)}")
+    for name, digest in known.items():
+        if not name or len(name) > MAX_TRUST_DOMAIN_LENGTH or len(digest) != DIGEST_LENGTH:
+            raise InvalidArgumentError(
+                "known_bundle_digests maps trust domain names (1 to "
+                f"{MAX_TRUST_DOMAIN_LENGTH} characters) to {DIGEST_LENGTH}-character digests")
     return index.sync(agent_id=agent_id, node_selectors=node_selectors,
                       known_generation=request.known_generation,
                       known_revision=request.known_revision)
 
 
 def delta_pages(
-    delta: SyncDelta, bundles: dict[str, types_pb2.Bundle], *, page_bytes: int = PAGE_BYTES
+    delta: SyncDelta, bundles: Mapping[str, SyncBundle], *,
+    known_digests: Mapping[str, str] | None = None, page_bytes: int = PAGE_BYTES,
 ) -> list[agent_pb2.SyncAuthorizedEntriesPage]:
-    """The delta as pages of at most about ``page_bytes`` each; the last is marked."""
+    """The delta as pages of at most about ``page_bytes`` each; the last is marked.
+
+    The first page names every bundle by digest and carries those whose digest
+    is not among ``known_digests`` (what the agent holds).
+    """
 
     def new_page() -> agent_pb2.SyncAuthorizedEntriesPage:
         return agent_pb2.SyncAuthorizedEntriesPage(
@@ -59,8 +156,11 @@ def delta_pages(
 
     first = new_page()
     first.full_resync = delta.full
+    known = known_digests or {}
     for name, bundle in bundles.items():
-        first.bundles[name].CopyFrom(bundle)
+        first.bundle_digests[name] = bundle.digest
+        if known.get(name) != bundle.digest:
+            first.bundles[name].CopyFrom(bundle.message)
     pages = [first]
     page, size = first, first.ByteSize()
     for entry in delta.entries:
@@ -94,6 +194,7 @@ def sync_pages(
     """
     started = time.perf_counter()
     delta = sync_delta(index, request, agent_id=agent_id, node_selectors=node_selectors)
-    pages = delta_pages(delta, bundles_for(sorted(delta.federates_with, key=str)))
+    pages = delta_pages(delta, bundles_for(sorted(delta.federates_with, key=str)),
+                        known_digests=request.known_bundle_digests)
     observe_sync_seconds(time.perf_counter() - started)
     return pages

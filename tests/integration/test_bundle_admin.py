@@ -211,9 +211,27 @@ def test_sync_sends_federated_bundles_of_the_agents_entries(sigil_server: Runnin
         assert got.sequence_number == 9
         assert list(got.x509_authorities) == [new.x509_authorities[0].public_bytes(Encoding.DER)]
 
-        # Deleted: no longer sent.
+        # By digest: a bundle the agent holds unchanged is named, not sent again;
+        # one it holds in another version comes whole.
+        digests = dict(again[0].bundle_digests)
+        assert sorted(digests) == sorted([td, "b.fed.test"])
+        assert sorted(again[0].bundles) == sorted(digests)  # it presented none
+
+        def resync(known: dict[str, str]) -> agent_pb2.SyncAuthorizedEntriesPage:
+            return list(a.stub.SyncAuthorizedEntries(agent_pb2.SyncAuthorizedRequest(
+                known_revision=again[0].revision, known_generation=again[0].generation,
+                known_bundle_digests=known), timeout=10))[0]
+
+        same = resync(digests)
+        assert dict(same.bundle_digests) == digests and not same.bundles
+        stale = resync({**digests, "b.fed.test": "0" * 32})
+        assert list(stale.bundles) == ["b.fed.test"]
+        assert stale.bundles["b.fed.test"].sequence_number == 9
+
+        # Deleted: no longer sent, nor named (the agent drops it).
         _ok(_run(sigil_server, "bundle", "delete", "--id", "spiffe://b.fed.test"))
         assert _sync_bundles(a) == {td: 1}
+        assert sorted(resync(digests).bundle_digests) == [td]
     finally:
         a.channel.close()
         b.channel.close()

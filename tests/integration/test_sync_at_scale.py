@@ -129,6 +129,27 @@ def test_bad_known_revision_is_invalid_argument(
     assert detail in (err.value.details() or "")
 
 
+@pytest.mark.parametrize(
+    ("known", "detail"),
+    [({f"td{i}.test": "0" * 32 for i in range(1025)}, "at most 1024 entries"),
+     ({"td.test": "short"}, "32-character digests"),
+     ({"": "0" * 32}, "trust domain names"),
+     ({"x" * 256: "0" * 32}, "trust domain names")],
+    ids=["too-many", "bad-digest", "empty-name", "long-name"],
+)
+def test_bad_known_bundle_digests_are_invalid_argument(
+    sigil_server: RunningServer, agent: Agent, known: dict[str, str], detail: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        list(agent.stub.SyncAuthorizedEntries(agent_pb2.SyncAuthorizedRequest(
+            known_bundle_digests=known), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert detail in (err.value.details() or "")
+    # Nothing changed: a plain sync still answers with the whole bundle.
+    pages = sync(agent)
+    assert list(pages[0].bundles) == [sigil_server.trust_domain]
+
+
 def test_sync_without_client_certificate_is_unauthenticated(
     sigil_server: RunningServer,
 ) -> None:

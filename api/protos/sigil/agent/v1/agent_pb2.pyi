@@ -46,12 +46,21 @@ class RenewAgentResponse(_message.Message):
     def __init__(self, svid: _Optional[_Union[_types_pb2.X509SVID, _Mapping]] = ...) -> None: ...
 
 class SyncAuthorizedRequest(_message.Message):
-    __slots__ = ("known_revision", "known_generation")
+    __slots__ = ("known_revision", "known_generation", "known_bundle_digests")
+    class KnownBundleDigestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     KNOWN_REVISION_FIELD_NUMBER: _ClassVar[int]
     KNOWN_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_BUNDLE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     known_revision: int
     known_generation: str
-    def __init__(self, known_revision: _Optional[int] = ..., known_generation: _Optional[str] = ...) -> None: ...
+    known_bundle_digests: _containers.ScalarMap[str, str]
+    def __init__(self, known_revision: _Optional[int] = ..., known_generation: _Optional[str] = ..., known_bundle_digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SyncAuthorizedResponse(_message.Message):
     __slots__ = ("entries", "bundles", "revision")
@@ -71,7 +80,7 @@ class SyncAuthorizedResponse(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[_types_pb2.Entry, _Mapping]]] = ..., bundles: _Optional[_Mapping[str, _types_pb2.Bundle]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class SyncAuthorizedEntriesPage(_message.Message):
-    __slots__ = ("full_resync", "entries", "removed_entry_ids", "bundles", "revision", "generation", "last")
+    __slots__ = ("full_resync", "entries", "removed_entry_ids", "bundles", "revision", "generation", "last", "bundle_digests")
     class BundlesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +88,13 @@ class SyncAuthorizedEntriesPage(_message.Message):
         key: str
         value: _types_pb2.Bundle
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_types_pb2.Bundle, _Mapping]] = ...) -> None: ...
+    class BundleDigestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     FULL_RESYNC_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     REMOVED_ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +102,7 @@ class SyncAuthorizedEntriesPage(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     full_resync: bool
     entries: _containers.RepeatedCompositeFieldContainer[_types_pb2.Entry]
     removed_entry_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -93,7 +110,8 @@ class SyncAuthorizedEntriesPage(_message.Message):
     revision: int
     generation: str
     last: bool
-    def __init__(self, full_resync: _Optional[bool] = ..., entries: _Optional[_Iterable[_Union[_types_pb2.Entry, _Mapping]]] = ..., removed_entry_ids: _Optional[_Iterable[str]] = ..., bundles: _Optional[_Mapping[str, _types_pb2.Bundle]] = ..., revision: _Optional[int] = ..., generation: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
+    bundle_digests: _containers.ScalarMap[str, str]
+    def __init__(self, full_resync: _Optional[bool] = ..., entries: _Optional[_Iterable[_Union[_types_pb2.Entry, _Mapping]]] = ..., removed_entry_ids: _Optional[_Iterable[str]] = ..., bundles: _Optional[_Mapping[str, _types_pb2.Bundle]] = ..., revision: _Optional[int] = ..., generation: _Optional[str] = ..., last: _Optional[bool] = ..., bundle_digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class NewX509SVIDParams(_message.Message):
     __slots__ = ("entry_id", "csr")
