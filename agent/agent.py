@@ -13,8 +13,10 @@ Start-up order (DESIGN flow 2):
    restart while the server is down keeps serving them; otherwise a first sync
    runs before the socket opens;
 4. the sync loop runs until :meth:`Agent.stop`. If the server has evicted the
-   agent, it attests again with its join token (single use: the operator must
-   give it a new one, and the log says so).
+   agent, it attests again: with k8s_psat, with a fresh projected token; with a
+   join token only if it has one it has not spent (the token named in its own
+   agent ID was used by its first attestation, and one the server refused is
+   not presented again), otherwise the log says it needs a new one.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from agent import log
 from agent.cache import Cache
 from agent.client import ServerClient, fetch_bootstrap_root, roots_pem
 from agent.config import AgentConfig
-from agent.errors import BootstrapError
+from agent.errors import AttestationRefusedError, BootstrapError, ServerCallError
 from agent.manager import Manager
 from agent.state import AgentState
 from agent.workload_api.server import WorkloadApiServer
-from attestation.node import k8s_psat
+from attestation.node import join_token, k8s_psat
 from attestation.node.join_token import make_attestation
 from attestation.workload.k8s import K8sAttestor
 from attestation.workload.unix import UnixAttestor
@@ -38,6 +40,7 @@ from identity.bundle import Bundle
 from identity.clock import Clock, SystemClock
 from identity.errors import SigilError
 from identity.keys import generate_private_key
+from identity.spiffeid import SpiffeId
 from identity.x509svid import X509Svid, new_csr
 
 
@@ -62,6 +65,8 @@ class Agent:
         self.manager: Manager | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
+        # Ids of join tokens the server refused: never presented again.
+        self._refused_tokens: set[str] = set()
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish (safe from a signal handler on the loop)."""
@@ -131,10 +136,48 @@ class Agent:
         return bool(persisted.svids)
 
     async def _reattest(self) -> X509Svid:
-        """Attest again after an eviction (the manager calls this)."""
+        """Attest again after an eviction (the manager calls this).
+
+        Raises:
+            BootstrapError: it cannot (say, a spent join token), or attestation failed.
+        """
         assert self.manager is not None
-        svid, _bundle = await self._attest(self.manager.bundle)
+        token_id = None
+        if self.config.k8s_psat is None:
+            token_id = self._unspent_join_token_id(self.manager.agent_svid.spiffe_id)
+        try:
+            svid, _bundle = await self._attest(self.manager.bundle)
+        except AttestationRefusedError:
+            if token_id is not None:
+                self._refused_tokens.add(token_id)
+            raise
         return svid
+
+    def _unspent_join_token_id(self, current: SpiffeId) -> str:
+        """The id of the configured join token, if it may still attest.
+
+        A join token is single use. The one this agent attested with is spent
+        (its id is the last segment of the agent ID), and so is one the server
+        refused; presenting either again would only be refused again.
+
+        Raises:
+            BootstrapError: no usable join token; the message says what to do.
+        """
+        if not self.config.join_token:
+            raise BootstrapError(
+                "no join token to attest again with: create one with `sigil-server token "
+                "generate`, pass it with --join-token and restart the agent")
+        try:
+            token_id, _secret = join_token.split_token(self.config.join_token)
+        except SigilError as exc:
+            raise BootstrapError(f"join token: {exc}") from None
+        if (token_id in self._refused_tokens
+                or join_token.agent_id(self.config.trust_domain, token_id) == current):
+            raise BootstrapError(
+                f"join token {token_id} is already used (join tokens are single use): create "
+                "a new one with `sigil-server token generate`, pass it with --join-token and "
+                "restart the agent")
+        return token_id
 
     async def _initial_bundle(self) -> Bundle:
         td = self.config.trust_domain
@@ -209,6 +252,10 @@ class Agent:
             result = await self.client.attest(
                 attestation_type=attestation_type, payload=payload, csr=new_csr(key), key=key
             )
+        except ServerCallError as exc:
+            refused = exc.code in ("PERMISSION_DENIED", "INVALID_ARGUMENT")
+            raise (AttestationRefusedError if refused else BootstrapError)(
+                f"node attestation failed: {exc}") from None
         except SigilError as exc:
             raise BootstrapError(f"node attestation failed: {exc}") from None
         self.state.save_svid(result.svid)

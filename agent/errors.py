@@ -21,6 +21,11 @@ class BootstrapError(AgentError):
     """The agent cannot establish trust in the server or attest to it."""
 
 
+class AttestationRefusedError(BootstrapError):
+    """The server refused the attestation data itself (a spent or unknown join
+    token, a token the attestor does not accept): sending it again cannot help."""
+
+
 class ServerCallError(AgentError):
     """A call to the server's agent API failed.
 

@@ -19,9 +19,11 @@ Every ``sync_interval``:
 A failed step is logged and retried; the loop never dies of a server error.
 After a tick with a failure the next one waits an exponential backoff with
 jitter (:class:`agent.rotation.Backoff`, from ``sync_interval`` up to
-``sync_backoff_max``), reset by the next clean tick. Between steps the cache
-drops expired SVIDs, and a changed cache is persisted to the data directory so
-a restart while the server is down still serves it.
+``sync_backoff_max``), reset by the next clean tick. After each tick, and
+between ticks at the moment each one expires, the cache drops expired SVIDs (a
+long backoff must not leave an expired SVID on offer), and a changed cache is
+persisted to the data directory so a restart while the server is down still
+serves it.
 
 A workload that needs an SVID the bounded cache lacks makes the manager rotate
 at once (:meth:`Manager.demand`), outside the periodic tick.
@@ -30,6 +32,9 @@ When the server refuses the agent itself (PERMISSION_DENIED): a banned agent
 logs ``agent banned`` with the server's reason and gets no new SVIDs; an
 evicted one (no longer attested) attests again through ``reattest`` when it
 has a usable attestor, and otherwise logs what it needs (a new join token).
+Either way the rest of that tick is skipped (every other call would be refused
+too), each state is logged once, not every tick, and the SVIDs already held
+are served until they expire.
 """
 
 from __future__ import annotations
@@ -125,6 +130,8 @@ class Manager:
         self._saved_version = -1
         # Why the server refuses us ("banned", "evicted"), logged once per change.
         self.refused: str | None = None
+        # Why attesting again last failed (logged again only when it changes).
+        self._reattest_failure = ""
         # Signing certificates an operator tainted, from the last sync.
         self._tainted: tuple[x509.Certificate, ...] = ()
 
@@ -141,13 +148,38 @@ class Manager:
             self.backoff = Backoff(initial=interval, maximum=max(self.backoff.maximum, interval))
         while not stop.is_set():
             ok = await self.sync_once()
-            delay = self.next_delay(ok)
-            try:
-                await asyncio.wait_for(stop.wait(), delay.total_seconds())
-            except TimeoutError:
-                pass
+            await self.pause(stop, self.next_delay(ok))
         if self._demand_task is not None:
             self._demand_task.cancel()
+
+    def next_expiry(self) -> dt.datetime | None:
+        """When the first cached workload X.509-SVID expires (None: none cached)."""
+        return min((s.expires_at for s in self._cache.snapshot().svids.values()), default=None)
+
+    async def pause(self, stop: asyncio.Event, delay: dt.timedelta) -> None:
+        """Wait ``delay`` (or until ``stop``), dropping each SVID as it expires.
+
+        Normally rotation replaces an SVID long before it expires; but while the
+        server is away or refuses us, the wait can be minutes (the backoff), and
+        an SVID that expires meanwhile must leave the cache then, not at the next
+        tick: dropping it wakes the workloads' streams and persists the cache.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay.total_seconds()
+        while not stop.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            expiry = self.next_expiry()
+            wait = remaining
+            if expiry is not None:
+                wait = min(remaining, max(0.0, (expiry - self._clock.now()).total_seconds()))
+            try:
+                await asyncio.wait_for(stop.wait(), wait)
+            except TimeoutError:
+                pass
+            if expiry is not None:
+                self._after_tick()
 
     def next_delay(self, ok: bool) -> dt.timedelta:
         """How long to wait after a tick that succeeded (``ok``) or failed."""
@@ -200,7 +232,12 @@ class Manager:
     async def _sync_locked(self) -> bool:
         ok = True
         for step in (self._renew_agent_svid, self._sync, self._rotate):
-            ok = await self._step(step) and ok
+            done = await self._step(step)
+            ok = done and ok
+            if not done and self.refused is not None:
+                # Refused and not attested again: every other call would be
+                # refused as well, so stop here until the next tick.
+                break
         if ok and self.refused is not None:
             log.event("agent accepted by the server again", previously=self.refused)
             self.refused = None
@@ -244,24 +281,30 @@ class Manager:
                           "join token and restart it", level=logging.ERROR,
                           agent_id=self.agent_svid.spiffe_id, reason=reason)
             return True
-        log.event("agent evicted: attesting again", level=logging.WARNING,
-                  agent_id=self.agent_svid.spiffe_id)
+        if self.refused != "evicted":
+            log.event("agent evicted: attesting again", level=logging.WARNING,
+                      agent_id=self.agent_svid.spiffe_id, reason=reason)
         try:
             svid = await self._reattest()
         except SigilError as exc:
             # Attesting swapped the channel to one without our SVID; put it back.
             self._reconfigure()
-            if self.refused != "evicted":
-                log.event("agent evicted: attesting again failed; a join token is single "
-                          "use, give the agent a new one and restart it", level=logging.ERROR,
+            if self.refused != "evicted" or str(exc) != self._reattest_failure:
+                log.event("agent evicted: attesting again failed; serving the SVIDs it "
+                          "holds until they expire", level=logging.ERROR,
                           agent_id=self.agent_svid.spiffe_id, reason=str(exc))
             self.refused = "evicted"
+            self._reattest_failure = str(exc)
             return True
         self.agent_svid = svid
         self._reconfigure()
         self.refused = None
+        self._reattest_failure = ""
+        # A new node record: ask for everything again rather than a delta.
+        self._sync_generation, self._sync_revision = "", 0
         log.event("agent attested again", agent_id=svid.spiffe_id,
-                  expires_at=svid.expires_at.isoformat())
+                  expires_at=svid.expires_at.isoformat(),
+                  renew_at=self.agent_svid_renew_at.isoformat())
         return True
 
     def _after_tick(self) -> None:

@@ -63,7 +63,7 @@ class WorkloadApiServicer:
         peers: maps ``context.peer()`` to the credentials the front recorded.
         attestors: the workload attestors to run on each caller.
         proc_root: the /proc to read (a fixture tree in tests).
-        clock: time for JWT validation.
+        clock: time for JWT validation, and to leave expired X.509-SVIDs out.
         first_response_timeout: how long a stream waits for SVIDs of entitled
             entries that the agent has not had signed yet before it answers with
             what it has (or Unavailable when it has none).
@@ -275,7 +275,11 @@ class WorkloadApiServicer:
             )
             synced = synced or did_sync
             self._cache.use(holder, (e.id for e in entitled))
-            identities = [i for i in snap.identities(entitled) if _x509_bundle(snap, i)]
+            # Never an expired SVID, even in the instant before the sync loop
+            # drops it from the cache (which wakes this stream).
+            now = self._clock.now()
+            identities = [i for i in snap.identities(entitled)
+                          if _x509_bundle(snap, i) and i.svid.expires_at > now]
             complete = len(identities) == len(entitled)
             waiting_first = last is None and not complete and loop.time() < deadline
             if identities and not waiting_first:

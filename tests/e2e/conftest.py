@@ -62,6 +62,8 @@ class Stack:
     agent_id: str = ""
     server_config: str = ""
     """TOML for ``sigil-server run --config`` (empty: no config file, flags only)."""
+    agent_config: str = ""
+    """More TOML for the agent's ``--config`` file (it always sets ``sync_interval``)."""
 
     @property
     def admin_socket(self) -> Path:
@@ -143,7 +145,7 @@ class Stack:
         (self.root / "bundle.pem").write_text(
             self.server_cli("bundle", "show", "--format", "pem").stdout
         )
-        (self.root / "agent.toml").write_text('sync_interval = "1s"\n')
+        (self.root / "agent.toml").write_text('sync_interval = "1s"\n' + self.agent_config)
         self.agent_socket.parent.mkdir(exist_ok=True)
         self.start("agent", [
             _tool("sigil-agent"), "run", "--config", str(self.root / "agent.toml"),
@@ -160,18 +162,19 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(*, server_config: str = "",
-                  trust_domain: str = "e2e.sigil.test") -> Iterator[Stack]:
+def running_stack(*, server_config: str = "", trust_domain: str = "e2e.sigil.test",
+                  agent_config: str = "") -> Iterator[Stack]:
     """A started server and agent, stopped (and checked to exit 0) on the way out.
 
     Args:
         server_config: TOML for the server's ``--config`` file; empty for none.
         trust_domain: the stack's trust domain (federation tests run two).
+        agent_config: TOML added to the agent's config file.
     """
     # Unix socket paths are limited to ~100 bytes, so keep the root short.
     root = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))
     st = Stack(root=root, trust_domain=trust_domain, port=free_port(),
-               server_config=server_config)
+               server_config=server_config, agent_config=agent_config)
     try:
         st.start_server()
         st.start_agent()
