@@ -125,6 +125,14 @@ def _discard(index: dict[K, set[str]], key: K, entry_id: str) -> None:
             del index[key]  # an empty set would read as "has children"
 
 
+def _decrement(counter: Counter[K], key: K) -> None:
+    left = counter[key] - 1
+    if left > 0:
+        counter[key] = left
+    else:
+        del counter[key]  # no zero counts: a key present is a key in use
+
+
 class EntryIndex:
     """Authorized entries per agent, current with the change-event log.
 
@@ -465,16 +473,14 @@ class EntryIndex:
                 adds.append(n)
         for o in drops:
             view.authorized.discard(o.id)
-            view.reach[o.spiffe_id] -= 1
-            if view.reach[o.spiffe_id] <= 0:
-                del view.reach[o.spiffe_id]
-            view.federates.subtract(o.federates_with)
+            _decrement(view.reach, o.spiffe_id)
+            for td in o.federates_with:
+                _decrement(view.federates, td)
         for n in adds:
             view.authorized.add(n.id)
             view.reach[n.spiffe_id] += 1
-            view.federates.update(n.federates_with)
-        if drops:
-            view.federates = +view.federates  # drop the zero counts
+            if n.federates_with:
+                view.federates.update(n.federates_with)
         view.revision = self.revision
         added = {n.id for n in adds}
         return self._delta(view, full=False, send=added,
