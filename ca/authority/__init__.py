@@ -269,9 +269,10 @@ class CertificateAuthority:
             )
         return handle
 
-    def _load_active(self) -> None:
-        x = self._own(KIND_X509, STATUS_ACTIVE)
-        j = self._own(KIND_JWT, STATUS_ACTIVE)
+    def _load_active(self, x: CaKeyRecord | None = None, j: CaKeyRecord | None = None) -> None:
+        """Load the active slots: ``x`` and ``j`` when given (just read), else the stored."""
+        x = x or self._own(KIND_X509, STATUS_ACTIVE)
+        j = j or self._own(KIND_JWT, STATUS_ACTIVE)
         if x is None or x.certificate is None or j is None:
             raise AuthorityError("no active CA slot after start-up")
         handle = self._key(x.key_id)
@@ -463,7 +464,9 @@ class CertificateAuthority:
         current = (self._x509.record_id if self._x509 else None,
                    self._jwt.record_id if self._jwt else None)
         if x is not None and j is not None and (x.id, j.id) != current:
-            self._load_active()
+            # The slots just read: reading them again could fall between the two
+            # writes of an activation in the main process (old, then active).
+            self._load_active(x, j)
 
     # ---- localauthority (operator steps) ------------------------------------------
 

@@ -22,7 +22,7 @@ from ca.authority import (
     subject_key_id,
     ttl_warnings,
 )
-from ca.datastore import Datastore
+from ca.datastore import CaKeyRecord, Datastore
 from ca.errors import NotFoundError
 from ca.keys import MemoryKeyManager
 from identity.clock import FakeClock
@@ -311,3 +311,33 @@ def test_a_worker_tls_certificate_follows_an_activation_it_reads_late(
     worker.tick()
     assert worker.ca_certificate() == main.ca_certificate()
     assert contexts.current() is not stale
+
+
+def test_a_worker_tick_during_an_activation_loads_what_it_read(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    keys = MemoryKeyManager()
+    main = _ca(url, clock, keys)
+    worker = _follower(url, clock, keys)
+    main.prepare(KIND_X509)
+    main.prepare(KIND_JWT)
+    main.activate(KIND_X509)
+    ds = worker._cfg.datastore
+    reads = ds.list_ca_keys
+    calls = 0
+
+    def list_ca_keys(kind: str | None = None) -> list[CaKeyRecord]:
+        nonlocal calls
+        calls += 1
+        records = reads(kind)
+        if calls == 2:
+            # The worker has read both active slots (a new X.509 one); now the main
+            # process is half-way through activating the JWT key: the old one is
+            # "old", the prepared one not yet active.
+            (rec,) = [r for r in records if r.status == "active"]
+            ds.update_ca_key(rec.id, status="old")
+        return records
+
+    monkeypatch.setattr(ds, "list_ca_keys", list_ca_keys)
+    worker.tick()  # must not fail
+    assert worker.ca_certificate() == main.ca_certificate()
