@@ -10,14 +10,20 @@ private directory. This module is the part they share:
    only the service's own user can enter it, so only the relay can reach the
    internal socket (and bind client sockets next to it).
 2. :meth:`ConnectionRelay.relay` opens a client socket *bound to a per-connection
-   path* in that directory, records ``path -> peer facts`` before connecting it to
-   the internal socket, unlinks the path once connected (the kernel keeps the
-   address on the connection), and pumps bytes both ways until either side
-   closes; then it forgets the record.
-3. The servicer sees ``context.peer() == "unix:<bound path>"`` (checked with
-   grpcio 1.85) and maps it back with :meth:`ConnectionRelay.lookup`. A connection
-   that did not come through the relay has no record (an unbound client shows up
-   as ``unix:`` with an empty path) and is refused by the servicer.
+   address*, records ``address -> peer facts`` before connecting it to the
+   internal socket, and pumps bytes both ways until either side closes; then it
+   forgets the record. On Linux the address is a name in the abstract socket
+   namespace (random per relay, numbered per connection): no file to create and
+   unlink, which under a burst of connections costs more than everything else a
+   connection does. Elsewhere it is a path in the private directory, unlinked
+   once connected (the kernel keeps the address on the connection). Either way
+   the label proves nothing by itself: only processes that can enter the private
+   directory can connect to the internal socket at all.
+3. The servicer sees ``context.peer()``, ``"unix-abstract:<name>"`` or
+   ``"unix:<bound path>"`` (checked with grpcio 1.85), and maps it back with
+   :meth:`ConnectionRelay.lookup`. A connection that did not come through the
+   relay has no record (an unbound client shows up as ``unix:`` with an empty
+   path) and is refused by the servicer.
 
 The front decides how to accept (plain Unix socket, TLS over TCP) and which facts
 to record; the relay does not log, so each front reports in its own words.
@@ -29,9 +35,11 @@ import asyncio
 import contextlib
 import itertools
 import os
+import secrets
 import shutil
 import socket
 import ssl
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +48,8 @@ from typing import Generic, TypeVar
 PeerT = TypeVar("PeerT")
 
 _RELAY_CHUNK = 64 * 1024
-_PEER_PREFIX = "unix:"
+ABSTRACT_ADDRESSES = sys.platform == "linux"
+"""Bind relayed connections to abstract socket names (Linux only) rather than paths."""
 
 
 class ConnectionRelay(Generic[PeerT]):
@@ -70,11 +79,24 @@ class ConnectionRelay(Generic[PeerT]):
         self.internal_socket = self.private_dir / internal_socket_name
         self._peers: dict[str, PeerT] = {}
         self._counter = itertools.count(1)
+        # Unguessable, so no other process can take a name before we bind it.
+        self._abstract_prefix = f"{prefix}{secrets.token_hex(8)}-"
         self._tasks: set[asyncio.Task[None]] = set()
 
     def connection_path(self, number: int) -> Path:
-        """The path the ``number``-th connection's client socket is bound to."""
+        """The path the ``number``-th connection's client socket is bound to.
+
+        Used where abstract socket names are not available (not Linux).
+        """
         return self.private_dir / f"c-{number}.sock"
+
+    def _address(self, number: int) -> tuple[str, str]:
+        """(address to bind, ``context.peer()`` of the resulting connection)."""
+        if ABSTRACT_ADDRESSES:
+            name = f"{self._abstract_prefix}{number}"
+            return "\0" + name, "unix-abstract:" + name
+        path = str(self.connection_path(number))
+        return path, "unix:" + path
 
     def prepare_private_dir(self) -> None:
         """Create the private directory 0700 (before the internal server binds in it)."""
@@ -96,9 +118,7 @@ class ConnectionRelay(Generic[PeerT]):
 
         Returns None for any peer the relay did not create.
         """
-        if not peer.startswith(_PEER_PREFIX):
-            return None
-        return self._peers.get(peer[len(_PEER_PREFIX):])
+        return self._peers.get(peer)
 
     @property
     def connection_count(self) -> int:
@@ -132,25 +152,28 @@ class ConnectionRelay(Generic[PeerT]):
 
         Closing ``writer`` (the accepted connection) is left to the caller.
         """
-        key = str(self.connection_path(next(self._counter)))
+        address, key = self._address(next(self._counter))
+        on_disk = not address.startswith("\0")
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             upstream.setblocking(False)
-            upstream.bind(key)
+            upstream.bind(address)
             # Recorded before connecting, so the record exists before grpcio can
             # see the connection's first RPC.
             self._peers[key] = peer
             await asyncio.get_running_loop().sock_connect(upstream, str(self.internal_socket))
-            # The kernel keeps the bound address on the connection; the file is
-            # no longer needed, and removing it now leaves nothing behind on a crash.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(key)
+            if on_disk:
+                # The kernel keeps the bound address on the connection; the file is
+                # no longer needed, and removing it now leaves nothing on a crash.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(address)
             up_reader, up_writer = await asyncio.open_unix_connection(sock=upstream)
         except BaseException:
             self._peers.pop(key, None)
             upstream.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(key)
+            if on_disk:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(address)
             raise
         try:
             pumps = [

@@ -5,9 +5,10 @@ connections itself:
 
 1. An asyncio server listens on the public socket (mode 0777: any local process
    may connect; its identity comes from the kernel, not from what it sends).
-2. For each connection it reads ``SO_PEERCRED`` (pid, uid, gid), pins the
-   process with a pidfd where the kernel offers one, and reads the process's
-   start time (PID-reuse defence: :mod:`attestation.workload.pidfd`). Beyond
+2. For each connection it reads ``SO_PEERCRED`` (pid, uid, gid) and pins the
+   process with a pidfd (PID-reuse defence: :mod:`attestation.workload.pidfd`).
+   The kernel's own pidfd of the connecting process (``SO_PEERPIDFD``) needs
+   nothing more; otherwise it also reads the process's start time. Beyond
    ``max_connections`` open connections, a new one is accepted and closed at
    once: the kernel's backlog never grows without bound and the agent keeps
    serving those it has.
@@ -16,8 +17,8 @@ connections itself:
    grpc.aio server through a client socket bound to a per-connection path in a
    private 0700 directory, remembering ``path -> credentials`` while it lasts.
 
-The servicer sees ``context.peer() == "unix:<bound path>"`` and maps it back with
-:meth:`PeerCredentialFront.lookup`. A connection that did not come through the
+The servicer sees ``context.peer()`` (``unix-abstract:<name>`` on Linux) and maps
+it back with :meth:`PeerCredentialFront.lookup`. A connection that did not come through the
 front (only the agent's user could even reach the internal socket) has no record
 and is refused.
 """
@@ -42,7 +43,12 @@ from attestation.workload import (
     WorkloadAttestationError,
     process_start_time,
 )
-from attestation.workload.pidfd import close_pidfd, peer_pidfd, pidfd_exited
+from attestation.workload.pidfd import (
+    close_pidfd,
+    kernel_peer_pidfd,
+    peer_pidfd,
+    pidfd_exited,
+)
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -61,7 +67,8 @@ class PeerCredentials:
     pid: int
     uid: int
     gid: int
-    start_time: int
+    start_time: int | None
+    """Its start time, read when the kernel gave no exact pidfd (else None)."""
     pidfd: int | None = None
     """Pins the process while the connection lasts (None where unsupported)."""
 
@@ -229,19 +236,27 @@ class PeerCredentialFront:
             # attest it, so we do not serve it.
             log.event("workload refused", level=logging.WARNING, uid=uid, reason="pid unknown")
             return
-        pidfd = peer_pidfd(sock, pid)
+        # The kernel's own pidfd names the connecting process: nothing more is
+        # needed. Otherwise pin what holds the PID now, and read its start time
+        # to narrow the window in which that is already another process.
+        pidfd = kernel_peer_pidfd(sock)
+        start_time: int | None = None
         try:
-            try:
-                start_time = await asyncio.to_thread(
-                    process_start_time, pid, proc_root=self._proc_root
-                )
-            except WorkloadAttestationError as exc:
-                log.event("workload refused", level=logging.WARNING, pid=pid, reason=str(exc))
-                return
+            if pidfd is None:
+                pidfd = peer_pidfd(sock, pid)
+                try:
+                    start_time = await asyncio.to_thread(
+                        process_start_time, pid, proc_root=self._proc_root
+                    )
+                except WorkloadAttestationError as exc:
+                    log.event("workload refused", level=logging.WARNING, pid=pid,
+                              reason=str(exc))
+                    return
             creds = PeerCredentials(
                 pid=pid, uid=uid, gid=gid, start_time=start_time, pidfd=pidfd
             )
-            # Alive after the read: the start time is the pinned process's own.
+            # Alive after the read: the start time is the pinned process's own
+            # (and a process that already exited is not served at all).
             if creds.process_exited():
                 log.event("workload refused", level=logging.WARNING, pid=pid,
                           reason="process exited before it was recorded")

@@ -36,6 +36,21 @@ SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _UNSUPPORTED = {errno.ENOPROTOOPT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 
 
+def kernel_peer_pidfd(sock: socket.socket) -> int | None:
+    """The kernel's pidfd of the process that connected (``SO_PEERPIDFD``), or None.
+
+    Exact: it names the connecting process itself, so nothing else (a start
+    time) is needed to tell it from a later holder of its PID. None on kernels
+    before 6.5, and when that process already exited.
+    """
+    try:
+        fd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        # ESRCH: the connecting process already exited; the others: no such option.
+        return None
+    return int(fd) if fd >= 0 else None
+
+
 def peer_pidfd(sock: socket.socket, pid: int) -> int | None:
     """A pidfd for the peer of a connected Unix socket, or None where unsupported.
 

@@ -16,6 +16,8 @@ import grp
 import hashlib
 import os
 import pwd
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from identity.selectors import Selector
 NAME = "unix"
 
 _HASH_CHUNK = 1 << 20
+# /proc/<pid>/status is a few KiB; Groups comes well within this.
+_STATUS_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +74,8 @@ class UnixAttestor:
             WorkloadAttestationError: /proc could not be read.
         """
         proc_dir = self._proc_root / str(process.pid)
-        if not proc_dir.is_dir():
-            raise ProcessGoneError(f"process {process.pid} is gone")
+        # Read first: a process that is gone fails here, before any selector.
+        supplementary = self._supplementary_gids(process.pid)
         out = [
             Selector(NAME, f"uid:{process.uid}"),
             Selector(NAME, f"gid:{process.gid}"),
@@ -82,7 +86,7 @@ class UnixAttestor:
         group = _group_name(process.gid)
         if group is not None:
             out.append(Selector(NAME, f"group:{group}"))
-        for gid in self._supplementary_gids(process.pid):
+        for gid in supplementary:
             out.append(Selector(NAME, f"supplementary_gid:{gid}"))
             name = _group_name(gid)
             if name is not None:
@@ -99,20 +103,29 @@ class UnixAttestor:
     def _supplementary_gids(self, pid: int) -> list[int]:
         path = self._proc_root / str(pid) / "status"
         try:
-            text = path.read_text()
-        except FileNotFoundError as exc:
+            # Plain os calls: this runs once per Workload API call, and pathlib's
+            # text layer costs more than the read itself.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.read(fd, _STATUS_LIMIT)
+            finally:
+                os.close(fd)
+        except (FileNotFoundError, ProcessLookupError) as exc:
             raise ProcessGoneError(f"process {pid} is gone") from exc
         except OSError as exc:
             raise WorkloadAttestationError(f"cannot read /proc/{pid}/status: {exc}") from exc
-        for line in text.splitlines():
-            if line.startswith("Groups:"):
-                try:
-                    return [int(g) for g in line.split(":", 1)[1].split()]
-                except ValueError as exc:
-                    raise WorkloadAttestationError(
-                        f"/proc/{pid}/status has a malformed Groups line"
-                    ) from exc
-        return []
+        data = b"\n" + data  # so a first line matches too
+        start = data.find(b"\nGroups:")
+        if start < 0:
+            return []
+        end = data.find(b"\n", start + 1)
+        line = data[start + len(b"\nGroups:"):end if end >= 0 else len(data)]
+        try:
+            return [int(g) for g in line.split()]
+        except ValueError as exc:
+            raise WorkloadAttestationError(
+                f"/proc/{pid}/status has a malformed Groups line"
+            ) from exc
 
     @staticmethod
     def _exe_path(pid: int, exe: Path) -> str:
@@ -143,15 +156,63 @@ class UnixAttestor:
         return digest.hexdigest()
 
 
+class _NameCache:
+    """uid/gid -> name lookups, kept briefly.
+
+    ``pwd``/``grp`` go through NSS (a read of /etc/passwd, or a directory
+    service) on every call, which under a burst of Workload API connections
+    costs more than the rest of the attestation. An answer is kept for
+    :data:`NAME_TTL` seconds, and all of them are dropped as soon as
+    /etc/passwd or /etc/group changes, so a local rename or removal applies to
+    the next call; one in a directory service applies within the TTL.
+    """
+
+    def __init__(self, lookup: Callable[[int], str], files: tuple[str, ...], *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._lookup = lookup
+        self._files = files
+        self._clock = clock
+        self._names: dict[int, tuple[float, str | None]] = {}
+        self._stamp: tuple[float, ...] = ()
+
+    def _files_stamp(self) -> tuple[float, ...]:
+        stamp = []
+        for name in self._files:
+            try:
+                st = os.stat(name)
+                stamp += [st.st_mtime_ns, st.st_ino, st.st_size]
+            except OSError:
+                stamp += [-1, -1, -1]
+        return tuple(stamp)
+
+    def name(self, number: int) -> str | None:
+        now = self._clock()
+        stamp = self._files_stamp()
+        if stamp != self._stamp:
+            self._names.clear()
+            self._stamp = stamp
+        found = self._names.get(number)
+        if found is not None and now - found[0] < NAME_TTL:
+            return found[1]
+        try:
+            name: str | None = self._lookup(number)
+        except KeyError:
+            name = None
+        if len(self._names) >= _NAME_CACHE_SIZE:
+            self._names.clear()
+        self._names[number] = (now, name)
+        return name
+
+
+NAME_TTL = 5.0
+_NAME_CACHE_SIZE = 4096
+_users = _NameCache(lambda uid: pwd.getpwuid(uid).pw_name, ("/etc/passwd",))
+_groups = _NameCache(lambda gid: grp.getgrgid(gid).gr_name, ("/etc/group",))
+
+
 def _user_name(uid: int) -> str | None:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
+    return _users.name(uid)
 
 
 def _group_name(gid: int) -> str | None:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return None
+    return _groups.name(gid)

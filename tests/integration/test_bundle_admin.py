@@ -218,9 +218,10 @@ def test_sync_sends_federated_bundles_of_the_agents_entries(sigil_server: Runnin
         assert sorted(again[0].bundles) == sorted(digests)  # it presented none
 
         def resync(known: dict[str, str]) -> agent_pb2.SyncAuthorizedEntriesPage:
-            return list(a.stub.SyncAuthorizedEntries(agent_pb2.SyncAuthorizedRequest(
+            pages = list(a.stub.SyncAuthorizedEntries(agent_pb2.SyncAuthorizedRequest(
                 known_revision=again[0].revision, known_generation=again[0].generation,
-                known_bundle_digests=known), timeout=10))[0]
+                known_bundle_digests=known), timeout=10))
+            return pages[0]
 
         same = resync(digests)
         assert dict(same.bundle_digests) == digests and not same.bundles

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,12 @@ import grpc
 import pytest
 
 from agent.workload_api.client import WorkloadApiClient
-from attestation.workload.pidfd import close_pidfd, peer_pidfd, pidfd_exited
+from attestation.workload.pidfd import (
+    close_pidfd,
+    kernel_peer_pidfd,
+    peer_pidfd,
+    pidfd_exited,
+)
 from tests.integration.workload_api_harness import Harness, entry
 
 UID = os.getuid()
@@ -169,6 +175,7 @@ def test_simulated_pid_reuse_between_calls_is_denied(
     Runs as on a kernel without pidfds (a pidfd of our own live process could not
     show an exit anyway), so this checks the start-time comparison.
     """
+    monkeypatch.setattr("agent.workload_api.front.kernel_peer_pidfd", lambda sock: None)
     monkeypatch.setattr("agent.workload_api.front.peer_pidfd", lambda sock, pid: None)
     harness, proc_dir = fake_proc
     harness.set_state([entry("e1", WEB, f"unix:uid:{UID}")])
@@ -213,8 +220,14 @@ def test_unreadable_proc_is_denied_and_logged(
 
 
 def test_connection_of_a_process_gone_before_it_was_recorded_is_closed(
-    fake_proc: tuple[Harness, Path],
+    fake_proc: tuple[Harness, Path], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Without the kernel's exact pidfd the front reads the start time: none, no relay.
+
+    (With it, the pidfd itself says whether the process exited: see
+    test_peer_pidfd_follows_the_connecting_process.)
+    """
+    monkeypatch.setattr("agent.workload_api.front.kernel_peer_pidfd", lambda sock: None)
     harness, proc_dir = fake_proc
     harness.set_state([entry("e1", WEB, f"unix:uid:{UID}")])
     shutil.rmtree(proc_dir)
@@ -223,9 +236,30 @@ def test_connection_of_a_process_gone_before_it_was_recorded_is_closed(
     assert harness.server.front.connection_count == 0
 
 
-def test_peer_pidfd_follows_the_connecting_process(tmp_path: Path) -> None:
-    import socket
+def test_with_the_kernels_pidfd_no_start_time_is_read(
+    fake_proc: tuple[Harness, Path],
+) -> None:
+    """SO_PEERPIDFD names the connecting process itself: the start time adds nothing."""
+    harness, proc_dir = fake_proc
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as a, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as b:
+        path = str(proc_dir.parent / "probe.sock")
+        a.bind(path)
+        a.listen(1)
+        b.connect(path)
+        conn, _ = a.accept()
+        with conn:
+            fd = kernel_peer_pidfd(conn)
+        if fd is None:
+            pytest.skip("this kernel has no SO_PEERPIDFD")
+        close_pidfd(fd)
+    harness.set_state([entry("e1", WEB, f"unix:uid:{UID}")])
+    (proc_dir / "stat").unlink()  # what the start time is read from
+    with WorkloadApiClient(harness.socket_path) as c:
+        assert c.fetch_x509_svid().svids[0].spiffe_id == WEB
 
+
+def test_peer_pidfd_follows_the_connecting_process(tmp_path: Path) -> None:
     path = str(tmp_path / "s.sock")
     with socket.socket(socket.AF_UNIX) as lst:
         lst.bind(path)
@@ -241,11 +275,15 @@ def test_peer_pidfd_follows_the_connecting_process(tmp_path: Path) -> None:
             fd = peer_pidfd(conn, child.pid)
             if fd is None:
                 pytest.skip("this kernel has neither SO_PEERPIDFD nor pidfd_open")
+            exact = kernel_peer_pidfd(conn)  # None before Linux 6.5
             try:
-                assert not pidfd_exited(fd)
+                for pinned in (fd, exact):
+                    assert pinned is None or not pidfd_exited(pinned)
                 assert child.stdin is not None
                 child.stdin.close()
                 child.wait(timeout=10)
-                assert pidfd_exited(fd)
+                for pinned in (fd, exact):
+                    assert pinned is None or pidfd_exited(pinned)
             finally:
                 close_pidfd(fd)
+                close_pidfd(exact)

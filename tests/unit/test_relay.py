@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import stat
+import sys
 from pathlib import Path
 
+import pytest
+
+from attestation import relay as relay_module
 from attestation.relay import ConnectionRelay
+
+
+def _grpc_peer(peername: str | bytes) -> str:
+    """What grpcio's ``context.peer()`` reports for a Unix peer with this address."""
+    if isinstance(peername, bytes):  # abstract: a leading NUL, then the name
+        assert peername.startswith(b"\0")
+        return "unix-abstract:" + peername[1:].decode()
+    return f"unix:{peername}"
 
 
 async def _scenario() -> None:
@@ -19,7 +31,7 @@ async def _scenario() -> None:
 
     # The "internal server": an echo that looks its caller up the way a servicer does.
     async def internal(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.append(relay.lookup(f"unix:{writer.get_extra_info('peername')}"))
+        seen.append(relay.lookup(_grpc_peer(writer.get_extra_info("peername"))))
         while data := await reader.read(1024):
             writer.write(data)
             await writer.drain()
@@ -46,7 +58,8 @@ async def _scenario() -> None:
         assert await reader.readexactly(4) == b"ping"
         assert seen == ["alice"]
         assert relay.connection_count == 1
-        # The bound path is unlinked once connected: only the internal socket remains.
+        # Nothing is left in the directory (an abstract name, or a bound path
+        # unlinked once connected): only the internal socket.
         assert sorted(p.name for p in private.iterdir()) == ["grpc.sock"]
         writer.close()
         for _ in range(200):
@@ -73,7 +86,11 @@ async def _scenario() -> None:
     assert not private.exists()
 
 
-def test_relay_records_peer_and_cleans_up() -> None:
+@pytest.mark.parametrize("abstract", [True, False], ids=["abstract-names", "bound-paths"])
+def test_relay_records_peer_and_cleans_up(monkeypatch: pytest.MonkeyPatch, abstract: bool) -> None:
+    if abstract and sys.platform != "linux":
+        pytest.skip("abstract socket names are Linux only")
+    monkeypatch.setattr(relay_module, "ABSTRACT_ADDRESSES", abstract)
     asyncio.run(_scenario())
 
 
@@ -83,6 +100,7 @@ def test_unknown_peers_are_not_found(tmp_path: Path) -> None:
     relay.prepare_private_dir()
     assert relay.lookup("unix:") is None
     assert relay.lookup(f"unix:{relay.connection_path(1)}") is None
+    assert relay.lookup("unix-abstract:sigil-1") is None
     assert relay.lookup("ipv4:127.0.0.1:1") is None
     relay.remove_private_dir()  # not ours: left in place
     assert (tmp_path / "p").is_dir()

@@ -16,7 +16,7 @@ from attestation.workload import (
     WorkloadAttestationError,
     process_start_time,
 )
-from attestation.workload.unix import UnixAttestor, UnixAttestorConfig
+from attestation.workload.unix import NAME_TTL, UnixAttestor, UnixAttestorConfig, _NameCache
 from identity.selectors import Selector
 
 PID = 4321
@@ -116,3 +116,36 @@ def test_this_process() -> None:
     with open(exe, "rb") as f:
         assert f"sha256:{hashlib.sha256(f.read()).hexdigest()}" in got
     assert process_start_time(os.getpid()) > 0
+
+
+def test_names_are_kept_briefly_and_dropped_when_the_files_change(tmp_path: Path) -> None:
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:x:1000:1000::/:/bin/sh\n")
+    names = {1000: "alice"}
+    calls: list[int] = []
+    now = [100.0]
+
+    def lookup(uid: int) -> str:
+        calls.append(uid)
+        return names[uid]  # KeyError: no such user
+
+    cache = _NameCache(lookup, (str(passwd),), clock=lambda: now[0])
+    assert cache.name(1000) == "alice"
+    assert cache.name(1000) == "alice" and calls == [1000]  # kept
+    assert cache.name(1001) is None and cache.name(1001) is None
+    assert calls == [1000, 1001]  # "no such user" is kept too
+    # A local rename shows at the next call: the file changed.
+    names[1000] = "alicia"
+    passwd.write_text("alicia:x:1000:1000::/:/bin/sh\n")
+    assert cache.name(1000) == "alicia"
+    # One from elsewhere (a directory service) shows once the TTL has passed.
+    names[1000] = "ally"
+    assert cache.name(1000) == "alicia"
+    now[0] += NAME_TTL
+    assert cache.name(1000) == "ally"
+
+
+def test_status_groups_line_at_the_end_without_newline(proc: Path) -> None:
+    (proc / str(PID) / "status").write_text("Name:\tx\nGroups:\t4 24")
+    got = values(UnixAttestor(proc_root=proc).attest(ProcessInfo(PID, UID, GID)))
+    assert "supplementary_gid:4" in got and "supplementary_gid:24" in got
