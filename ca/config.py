@@ -227,6 +227,14 @@ def _validate(raw: Mapping[str, Any]) -> ServerConfig:
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"log_format {log_format!r} is not one of: {', '.join(LOG_FORMATS)}")
 
+    ops, ca = opsconfig.validate(raw), caconfig.validate(raw)
+    if ca.key_manager == "memory" and ops.workers > 1:
+        # Each worker loads the CA keys the main process made; memory keys are
+        # the main process's alone.
+        raise ConfigError(
+            f"key_manager \"memory\" keeps the CA keys in one process; worker_processes "
+            f"({ops.workers} processes) needs \"disk\" or \"pkcs11\"")
+
     return ServerConfig(
         trust_domain=trust_domain,
         data_dir=data_dir,
@@ -242,8 +250,8 @@ def _validate(raw: Mapping[str, Any]) -> ServerConfig:
         join_token_ttl=durations["join_token_ttl"],
         log_level=log_level,
         log_format=log_format,
-        ops=opsconfig.validate(raw),
-        ca=caconfig.validate(raw),
+        ops=ops,
+        ca=ca,
         kubernetes=k8sconfig.validate(raw),
         federation=fedconfig.validate(raw, trust_domain),
     )

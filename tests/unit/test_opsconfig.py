@@ -52,6 +52,8 @@ def test_flags_arrive_as_strings() -> None:
     ("rate_limit_attestation_per_second = -1",
      "rate_limit_attestation_per_second must be >= 0, not -1"),
     ("rate_limit_signing_burst = 0", "rate_limit_signing_burst must be >= 1, not 0"),
+    ('worker_processes = 2\nkey_manager = "memory"',
+     'key_manager "memory" keeps the CA keys in one process; worker_processes (2 processes)'),
 ])
 def test_bad_values(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
