@@ -53,14 +53,24 @@ def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None
 
 
+READ_ONLY = "sigil_read_only"
+"""Execution option of connections that only read (see :func:`_on_sqlite_begin`)."""
+
+
 def _on_sqlite_begin(conn: Any) -> None:
     # A deferred BEGIN takes the write lock only at the first write; if another
     # connection committed since this one first read, SQLite fails the write at
     # once with SQLITE_BUSY (the busy timeout does not apply to that case), so a
     # read-check-then-insert such as create_entry could fail spuriously under
     # concurrency. IMMEDIATE takes the write lock at BEGIN, waiting up to the busy
-    # timeout; WAL readers are never blocked by it.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # timeout; WAL readers are never blocked by it. A transaction that only reads
+    # needs no write lock at all: it begins deferred and sees one snapshot, so
+    # reads (every agent call authenticates, every sync polls) never queue
+    # behind one another or behind writers.
+    if conn.get_execution_options().get(READ_ONLY):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:

@@ -40,7 +40,7 @@ class DatastoreFeed:
 
     def __init__(self, datastore: Datastore) -> None:
         self._datastore = datastore
-        self._engine = datastore.engine
+        self._engine = datastore.read_engine  # reads only: no write lock on SQLite
 
     def on_local_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after every commit of this process that wrote a change event.

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from attestation.node.join_token import StoredJoinToken
 from ca.datastore import models as m
-from ca.datastore.engine import make_engine
+from ca.datastore.engine import READ_ONLY, make_engine
 from ca.datastore.federation import FederationQueries
 from ca.datastore.records import (
     CaKeyRecord,
@@ -256,11 +256,19 @@ class Datastore(FederationQueries):
         self.url = url
         self._engine = make_engine(url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        # Same pool; on SQLite its transactions begin without the write lock.
+        self._read_engine = self._engine.execution_options(**{READ_ONLY: True})
+        self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
 
     @property
     def engine(self) -> Engine:
         """The SQLAlchemy engine (for migrations and tests)."""
         return self._engine
+
+    @property
+    def read_engine(self) -> Engine:
+        """The engine for connections that only read (no write lock on SQLite)."""
+        return self._read_engine
 
     def listen_session_event(self, name: str, fn: Callable[..., Any]) -> None:
         """Attach a SQLAlchemy session event listener to this datastore's sessions.
@@ -292,6 +300,18 @@ class Datastore(FederationQueries):
             session.close()
 
     @contextmanager
+    def _reading(self) -> Iterator[Session]:
+        """A session that only reads: one snapshot, no write lock (SQLite)."""
+        session = self._read_sessions()
+        try:
+            with session.begin():
+                yield session
+        except SQLAlchemyError as exc:
+            raise DatastoreError(f"datastore error: {exc.__class__.__name__}: {exc}") from exc
+        finally:
+            session.close()
+
+    @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """One transaction: commits when the block ends, rolls back if it raises."""
         with self._session() as session:
@@ -314,7 +334,7 @@ class Datastore(FederationQueries):
         Raises:
             NotFoundError: no such entry.
         """
-        with self._session() as s:
+        with self._reading() as s:
             row = s.get(m.RegistrationEntry, entry_id)
             if row is None:
                 raise NotFoundError(f"entry {entry_id!r} not found")
@@ -335,7 +355,7 @@ class Datastore(FederationQueries):
             query = query.where(m.RegistrationEntry.spiffe_id == str(spiffe_id))
         if parent_id is not None:
             query = query.where(m.RegistrationEntry.parent_id == str(parent_id))
-        with self._session() as s:
+        with self._reading() as s:
             rows = [_entry_record(r) for r in s.scalars(query)]
         if selectors:
             wanted = set(selectors)
@@ -359,12 +379,12 @@ class Datastore(FederationQueries):
             query = query.where(or_(e.created_at > created_at,
                                     and_(e.created_at == created_at, e.id > entry_id)))
         query = query.order_by(e.created_at, e.id).limit(limit)
-        with self._session() as s:
+        with self._reading() as s:
             return [_entry_record(r) for r in s.scalars(query)]
 
     def count_entries(self) -> int:
         """How many entries there are."""
-        with self._session() as s:
+        with self._reading() as s:
             return int(s.scalar(select(func.count()).select_from(m.RegistrationEntry)) or 0)
 
     def update_entry(
@@ -433,7 +453,7 @@ class Datastore(FederationQueries):
         if not ids:
             return []
         out: list[EntryRecord] = []
-        with self._session() as s:
+        with self._reading() as s:
             # Chunks keep the IN list under every database's bound-parameter limit.
             for i in range(0, len(ids), 500):
                 query = select(m.RegistrationEntry).where(
@@ -453,7 +473,7 @@ class Datastore(FederationQueries):
         e = m.RegistrationEntry
         query = select(e).where(e.owner.startswith(owner_prefix, autoescape=True)).order_by(
             e.owner)
-        with self._session() as s:
+        with self._reading() as s:
             return [_entry_record(r) for r in s.scalars(query)]
 
     def delete_entry(self, entry_id: str, *, now: dt.datetime) -> EntryRecord:
@@ -473,7 +493,7 @@ class Datastore(FederationQueries):
 
     def current_revision(self) -> int:
         """The highest change event id: grows with every entry change."""
-        with self._session() as s:
+        with self._reading() as s:
             return int(s.scalar(select(func.coalesce(func.max(m.ChangeEvent.id), 0))) or 0)
 
     # ---- join tokens -------------------------------------------------------------
@@ -505,8 +525,8 @@ class Datastore(FederationQueries):
 
     def get_node(self, spiffe_id: SpiffeId) -> NodeRecord | None:
         """The attested node with that ID, or None."""
-        with self.transaction() as tx:
-            return tx.get_node(spiffe_id)
+        with self._reading() as s:
+            return Transaction(s).get_node(spiffe_id)
 
     def put_node(self, node: NodeRecord, *, now: dt.datetime) -> None:
         """Create or replace an attested node."""
@@ -561,12 +581,12 @@ class Datastore(FederationQueries):
         if after is not None:
             query = query.where(m.AttestedNode.spiffe_id > after)
         query = query.order_by(m.AttestedNode.spiffe_id).limit(limit)
-        with self._session() as s:
+        with self._reading() as s:
             return [_node_record(r) for r in s.scalars(query)]
 
     def count_nodes(self) -> int:
         """How many attested nodes there are."""
-        with self._session() as s:
+        with self._reading() as s:
             return int(s.scalar(select(func.count()).select_from(m.AttestedNode)) or 0)
 
     def delete_node(self, spiffe_id: SpiffeId) -> NodeRecord:
@@ -607,7 +627,7 @@ class Datastore(FederationQueries):
         query = select(m.CaKey).order_by(m.CaKey.created_at, m.CaKey.id)
         if kind is not None:
             query = query.where(m.CaKey.kind == kind)
-        with self._session() as s:
+        with self._reading() as s:
             return [_ca_key_record(r) for r in s.scalars(query)]
 
     def add_ca_key(self, record: CaKeyRecord) -> None:
@@ -689,7 +709,7 @@ class Datastore(FederationQueries):
 
     def get_bundle(self, trust_domain: TrustDomain) -> StoredBundle | None:
         """The stored bundle of a trust domain, or None."""
-        with self._session() as s:
+        with self._reading() as s:
             row = s.get(m.BundleRow, trust_domain.name)
             return None if row is None else StoredBundle(row.trust_domain, row.data, row.sequence)
 
@@ -730,7 +750,7 @@ class Datastore(FederationQueries):
         query = select(m.BundleRow).order_by(m.BundleRow.trust_domain)
         if exclude is not None:
             query = query.where(m.BundleRow.trust_domain != exclude.name)
-        with self._session() as s:
+        with self._reading() as s:
             return [StoredBundle(r.trust_domain, r.data, r.sequence) for r in s.scalars(query)]
 
     def set_bundle(self, trust_domain: TrustDomain, data: str, sequence: int) -> StoredBundle:

@@ -7,6 +7,7 @@ Every test runs once per database (the ``database_url`` fixture, tests/conftest.
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 
@@ -320,3 +321,36 @@ def test_ca_key_signed_until_only_moves_forward(ds: Datastore) -> None:
     assert ds.list_ca_keys()[0].signed_until == 6000
     with pytest.raises(NotFoundError):
         ds.update_ca_key("slot-2", signed_until=7000)
+
+
+def test_reads_never_wait_for_a_writer(ds: Datastore) -> None:
+    """SQLite: a transaction that only reads takes no write lock.
+
+    Another connection holds the write lock (BEGIN IMMEDIATE) throughout. Reads
+    must be answered; before, each read began IMMEDIATE too, waited the 10 s busy
+    timeout, then failed with "database is locked". A write still needs the lock.
+    """
+    if ds.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite only: the other databases have no database-wide write lock")
+    from ca.datastore.feed import DatastoreFeed
+
+    created = ds.create_entry(_entry(), now=NOW)
+    feed = DatastoreFeed(ds)
+    path = ds.engine.url.database
+    assert path is not None
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        assert ds.get_entry(created.id) == created
+        assert [e.id for e in ds.list_entries()] == [created.id]
+        assert ds.count_entries() == 1
+        assert ds.get_node(SpiffeId.parse("spiffe://example.org/agent")) is None
+        assert ds.list_ca_keys() == []
+        assert ds.get_bundle(TrustDomain("example.org")) is None
+        assert [e for _, e in feed.events_after(0)] == [created.id]
+        assert [e.id for e in feed.entries_by_id([created.id])] == [created.id]
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+    ds.delete_entry(created.id, now=NOW)  # the lock is free again: writes proceed
+    assert ds.count_entries() == 0
