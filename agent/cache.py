@@ -147,12 +147,6 @@ def past_half_life(not_before: dt.datetime, not_after: dt.datetime, now: dt.date
     return now >= not_before + (not_after - not_before) / 2
 
 
-def svid_needs_rotation(svid: X509Svid, now: dt.datetime) -> bool:
-    """True when an X.509-SVID is at or past half its lifetime."""
-    leaf = svid.leaf
-    return past_half_life(leaf.not_valid_before_utc, leaf.not_valid_after_utc, now)
-
-
 def _bundle_key(bundle: Bundle) -> bytes:
     # Compare bundles by their SPIFFE document: certificates and keys compare by
     # encoding there, whatever object identity they have in memory.
