@@ -25,7 +25,7 @@ import grpc
 from api.protos.sigil.admin.v1 import admin_pb2, admin_pb2_grpc
 from api.protos.sigil.types.v1 import types_pb2
 from ca import log
-from ca.config import DEFAULT_SOCKET_PATH, load_config
+from ca.defaults import DEFAULT_SOCKET_PATH
 from identity.errors import SigilError
 
 EXIT_ERROR = 2
@@ -185,6 +185,8 @@ def run(config_file: str | None, **flags: str | None) -> None:
       sigil-server run --trust-domain example.org --data-dir ./data \\
           --bind-address 127.0.0.1:8081 --socket-path /tmp/sigil/admin.sock
     """
+    from ca.config import load_config
+
     try:
         config = load_config(Path(config_file) if config_file else None,
                              env=os.environ, overrides=flags)

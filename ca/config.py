@@ -16,6 +16,12 @@ from typing import Any
 
 from ca import caconfig, opsconfig
 from ca.dburl import parse_database_url
+from ca.defaults import (
+    DATABASE_FILE,
+    DEFAULT_BIND_ADDRESS,
+    DEFAULT_DATA_DIR,
+    DEFAULT_SOCKET_PATH,
+)
 from ca.errors import ConfigError
 from ca.federation import config as fedconfig
 from ca.kubernetes import config as k8sconfig
@@ -25,10 +31,8 @@ from identity.keys import KeyType
 from identity.logfmt import LOG_FORMATS, LOG_LEVELS
 from identity.spiffeid import TrustDomain
 
-DEFAULT_DATA_DIR = "./.sigil-server"
-DEFAULT_BIND_ADDRESS = "0.0.0.0:8081"
-DEFAULT_SOCKET_PATH = "/tmp/sigil-server/private/admin.sock"  # noqa: S108 - documented default
-DATABASE_FILE = "datastore.sqlite3"
+__all__ = ["DATABASE_FILE", "DEFAULT_BIND_ADDRESS", "DEFAULT_DATA_DIR", "DEFAULT_SOCKET_PATH",
+           "ServerConfig", "load_config"]
 
 # The explicit, documented list of environment overrides: variable -> config key.
 # Only these are read; anything else in the environment is ignored on purpose.
