@@ -162,9 +162,10 @@ class _NameCache:
     ``pwd``/``grp`` go through NSS (a read of /etc/passwd, or a directory
     service) on every call, which under a burst of Workload API connections
     costs more than the rest of the attestation. An answer is kept for
-    :data:`NAME_TTL` seconds, and all of them are dropped as soon as
-    /etc/passwd or /etc/group changes, so a local rename or removal applies to
-    the next call; one in a directory service applies within the TTL.
+    :data:`NAME_TTL` seconds, and all of them are dropped when /etc/passwd or
+    /etc/group changes (looked at no more than every :data:`FILES_CHECK_INTERVAL`
+    seconds), so a local rename or removal applies within a second; one in a
+    directory service within the TTL.
     """
 
     def __init__(self, lookup: Callable[[int], str], files: tuple[str, ...], *,
@@ -174,6 +175,7 @@ class _NameCache:
         self._clock = clock
         self._names: dict[int, tuple[float, str | None]] = {}
         self._stamp: tuple[float, ...] = ()
+        self._checked_at = float("-inf")
 
     def _files_stamp(self) -> tuple[float, ...]:
         stamp = []
@@ -187,10 +189,12 @@ class _NameCache:
 
     def name(self, number: int) -> str | None:
         now = self._clock()
-        stamp = self._files_stamp()
-        if stamp != self._stamp:
-            self._names.clear()
-            self._stamp = stamp
+        if now - self._checked_at >= FILES_CHECK_INTERVAL:
+            self._checked_at = now
+            stamp = self._files_stamp()
+            if stamp != self._stamp:
+                self._names.clear()
+                self._stamp = stamp
         found = self._names.get(number)
         if found is not None and now - found[0] < NAME_TTL:
             return found[1]
@@ -205,6 +209,7 @@ class _NameCache:
 
 
 NAME_TTL = 5.0
+FILES_CHECK_INTERVAL = 1.0
 _NAME_CACHE_SIZE = 4096
 _users = _NameCache(lambda uid: pwd.getpwuid(uid).pw_name, ("/etc/passwd",))
 _groups = _NameCache(lambda gid: grp.getgrgid(gid).gr_name, ("/etc/group",))

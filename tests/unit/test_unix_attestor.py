@@ -16,7 +16,13 @@ from attestation.workload import (
     WorkloadAttestationError,
     process_start_time,
 )
-from attestation.workload.unix import NAME_TTL, UnixAttestor, UnixAttestorConfig, _NameCache
+from attestation.workload.unix import (
+    FILES_CHECK_INTERVAL,
+    NAME_TTL,
+    UnixAttestor,
+    UnixAttestorConfig,
+    _NameCache,
+)
 from identity.selectors import Selector
 
 PID = 4321
@@ -134,9 +140,10 @@ def test_names_are_kept_briefly_and_dropped_when_the_files_change(tmp_path: Path
     assert cache.name(1000) == "alice" and calls == [1000]  # kept
     assert cache.name(1001) is None and cache.name(1001) is None
     assert calls == [1000, 1001]  # "no such user" is kept too
-    # A local rename shows at the next call: the file changed.
+    # A local rename shows once the file is looked at again (within a second).
     names[1000] = "alicia"
     passwd.write_text("alicia:x:1000:1000::/:/bin/sh\n")
+    now[0] += FILES_CHECK_INTERVAL
     assert cache.name(1000) == "alicia"
     # One from elsewhere (a directory service) shows once the TTL has passed.
     names[1000] = "ally"
