@@ -47,7 +47,9 @@ from typing import Generic, TypeVar
 
 PeerT = TypeVar("PeerT")
 
-_RELAY_CHUNK = 64 * 1024
+# More than a StreamReader can hold (twice its 64 KiB limit, plus one read of the
+# transport's): reading this much empties it.
+_TAKEOVER_READ = 4 * 1024 * 1024
 ABSTRACT_ADDRESSES = sys.platform == "linux"
 """Bind relayed connections to abstract socket names (Linux only) rather than paths."""
 
@@ -150,24 +152,33 @@ class ConnectionRelay(Generic[PeerT]):
     ) -> None:
         """Connect to the internal server as ``peer`` and relay until either side closes.
 
-        Closing ``writer`` (the accepted connection) is left to the caller.
+        Bytes are passed on in the transports' own callbacks (:class:`_Pipe`), not
+        by tasks reading streams: no task wake-up, no stream buffer per chunk. The
+        accepted connection's stream is read once, for what the client sent before
+        the relay took its transport over. Closing ``writer`` (the accepted
+        connection) is left to the caller.
         """
+        loop = asyncio.get_running_loop()
         address, key = self._address(next(self._counter))
         on_disk = not address.startswith("\0")
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        done: asyncio.Future[None] = loop.create_future()
+        client = writer.transport
+        down = _Pipe(done, client, previous=client.get_protocol())
         try:
             upstream.setblocking(False)
             upstream.bind(address)
             # Recorded before connecting, so the record exists before grpcio can
             # see the connection's first RPC.
             self._peers[key] = peer
-            await asyncio.get_running_loop().sock_connect(upstream, str(self.internal_socket))
+            await loop.sock_connect(upstream, str(self.internal_socket))
             if on_disk:
                 # The kernel keeps the bound address on the connection; the file is
                 # no longer needed, and removing it now leaves nothing on a crash.
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(address)
-            up_reader, up_writer = await asyncio.open_unix_connection(sock=upstream)
+            up_transport, up = await loop.create_unix_connection(
+                lambda: _Pipe(done, client), sock=upstream)
         except BaseException:
             self._peers.pop(key, None)
             upstream.close()
@@ -175,29 +186,79 @@ class ConnectionRelay(Generic[PeerT]):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(address)
             raise
+        down.other = up_transport
         try:
-            pumps = [
-                asyncio.create_task(_pump(reader, up_writer)),
-                asyncio.create_task(_pump(up_reader, writer)),
-            ]
-            try:
-                # Either side closing ends the relay: gRPC has nothing to say to a
-                # half-open HTTP/2 connection.
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for p in pumps:
-                    p.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
+            # gRPC clients speak first (the HTTP/2 preface). Reading more than the
+            # stream can hold empties its buffer; the transport is then handed to
+            # the pipe before control returns to the loop, so no byte is left
+            # behind in the stream.
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                first = await reader.read(_TAKEOVER_READ)
+                # Nothing sent, or already gone (its stream saw the close, the
+                # pipe never will): nobody to relay for.
+                if first and not client.is_closing():
+                    client.set_protocol(down)
+                    up_transport.write(first)
+                    # Either side closing ends the relay: gRPC has nothing to say
+                    # to a half-open HTTP/2 connection.
+                    await done
         finally:
             self._peers.pop(key, None)
-            up_writer.close()
-            with contextlib.suppress(Exception):
-                await up_writer.wait_closed()
+            up_transport.close()
+            if not up.closed:
+                with contextlib.suppress(Exception):
+                    await up.closed_event.wait()
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    # ssl.SSLError: a TLS peer that goes away without close_notify.
-    with contextlib.suppress(ConnectionError, ssl.SSLError):
-        while data := await src.read(_RELAY_CHUNK):
-            dst.write(data)
-            await dst.drain()
+class _Pipe(asyncio.Protocol):
+    """One side of a relay: what its transport receives is written to the other's.
+
+    Flow control follows the writing side: when the other transport's buffer
+    fills (``pause_writing`` on its protocol) this side stops reading, and
+    resumes with it. Either side closing, or sending EOF, ends the relay
+    (``done``); the accepted connection's previous protocol (the stream the
+    front handed us) is told of the close, so the front's ``wait_closed`` ends.
+    """
+
+    def __init__(self, done: asyncio.Future[None], other: asyncio.BaseTransport, *,
+                 previous: asyncio.BaseProtocol | None = None) -> None:
+        self.other = other
+        self.closed = False
+        self.closed_event = asyncio.Event()
+        self._done = done
+        self._previous = previous
+
+    def data_received(self, data: bytes) -> None:
+        other = self.other
+        if not other.is_closing():
+            other.write(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool:
+        return False  # close this side: the relay ends
+
+    def pause_writing(self) -> None:
+        # Our transport's send buffer is full: stop reading the side that fills it.
+        self._peer_reading(pause=True)
+
+    def resume_writing(self) -> None:
+        self._peer_reading(pause=False)
+
+    def _peer_reading(self, *, pause: bool) -> None:
+        # The pipe whose data fills our transport reads from the *other* transport.
+        source = self.other
+        if source.is_closing():
+            return
+        if pause:
+            source.pause_reading()  # type: ignore[attr-defined]
+        else:
+            source.resume_reading()  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.closed_event.set()
+        if self._previous is not None:
+            self._previous.connection_lost(exc)
+        if not self.other.is_closing():
+            self.other.close()  # buffered bytes are still sent first
+        if not self._done.done():
+            self._done.set_result(None)

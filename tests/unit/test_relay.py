@@ -32,7 +32,7 @@ async def _scenario() -> None:
     # The "internal server": an echo that looks its caller up the way a servicer does.
     async def internal(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         seen.append(relay.lookup(_grpc_peer(writer.get_extra_info("peername"))))
-        while data := await reader.read(1024):
+        while (data := await reader.read(1024)) and data != b"bye":
             writer.write(data)
             await writer.drain()
         writer.close()
@@ -57,10 +57,32 @@ async def _scenario() -> None:
         await writer.drain()
         assert await reader.readexactly(4) == b"ping"
         assert seen == ["alice"]
+        # Far more than any socket or transport buffer, both ways at once: the
+        # relay must pause and resume each side as the other's buffer fills.
+        blob = bytes(range(256)) * (32 * 1024)  # 8 MiB
+
+        async def send() -> None:
+            writer.write(blob)
+            await writer.drain()
+
+        sender = asyncio.create_task(send())
+        assert await reader.readexactly(len(blob)) == blob
+        await sender
         assert relay.connection_count == 1
         # Nothing is left in the directory (an abstract name, or a bound path
         # unlinked once connected): only the internal socket.
         assert sorted(p.name for p in private.iterdir()) == ["grpc.sock"]
+        writer.close()
+        for _ in range(200):
+            if relay.connection_count == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert relay.connection_count == 0
+
+        # The internal server closing ends the relay: the client sees EOF.
+        reader, writer = await asyncio.open_unix_connection(str(public))
+        writer.write(b"bye")  # the echo server closes after "bye"
+        assert await reader.read() == b""
         writer.close()
         for _ in range(200):
             if relay.connection_count == 0:
