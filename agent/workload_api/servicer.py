@@ -87,6 +87,10 @@ class WorkloadApiServicer:
         self._cache = cache
         self._peers = peers
         self._attestors = tuple(attestors)
+        # Attestors that only read /proc run on the event loop; the others (the
+        # kubelet, hashing a binary) in a thread (WorkloadAttestor, "inline").
+        self._inline = tuple(a for a in self._attestors if getattr(a, "inline", False))
+        self._threaded = tuple(a for a in self._attestors if a not in self._inline)
         self._proc_root = proc_root
         self._clock = clock or SystemClock()
         self._first_timeout = first_response_timeout
@@ -154,10 +158,12 @@ class WorkloadApiServicer:
                       reason="connection not made by the front")
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "caller not identified")
         try:
-            # run_in_executor rather than to_thread: nothing here reads context
-            # variables, so copying them for every call buys nothing.
-            selectors = await asyncio.get_running_loop().run_in_executor(
-                None, self._attest, creds)
+            selectors = self._attest(creds, self._inline)
+            if self._threaded:
+                # run_in_executor rather than to_thread: nothing here reads context
+                # variables, so copying them for every call buys nothing.
+                selectors += await asyncio.get_running_loop().run_in_executor(
+                    None, self._attest, creds, self._threaded)
         except WorkloadAttestationError as exc:
             # Process gone or /proc unreadable: whatever we could say about this
             # caller might describe another process, so it gets nothing.
@@ -170,10 +176,12 @@ class WorkloadApiServicer:
         await self._check_alive(caller, context)
         return caller
 
-    def _attest(self, creds: PeerCredentials) -> list[Selector]:
+    @staticmethod
+    def _attest(creds: PeerCredentials, attestors: Sequence[WorkloadAttestor]
+                ) -> list[Selector]:
         process = ProcessInfo(pid=creds.pid, uid=creds.uid, gid=creds.gid)
         selectors: list[Selector] = []
-        for attestor in self._attestors:
+        for attestor in attestors:
             selectors.extend(attestor.attest(process))
         return selectors
 

@@ -42,7 +42,13 @@ class ProcessInfo:
 
 
 class WorkloadAttestor(Protocol):
-    """One workload attestor plugin."""
+    """One workload attestor plugin.
+
+    An attestor may also have an ``inline`` attribute: True when ``attest`` only
+    reads ``/proc`` files the kernel answers without waiting (no network, no
+    hashing of a binary). The agent then calls it on its event loop, saving a
+    thread hop per Workload API call; any other attestor runs in a thread.
+    """
 
     @property
     def name(self) -> str:

@@ -66,6 +66,11 @@ class UnixAttestor:
         """``unix``."""
         return NAME
 
+    @property
+    def inline(self) -> bool:
+        """True unless hashing the binary: the rest reads /proc, which never waits."""
+        return not self._config.workload_path_sha256
+
     def attest(self, process: ProcessInfo) -> list[Selector]:
         """Selectors for ``process`` (see the module docstring for the list).
 

@@ -110,7 +110,10 @@ def test_connections_over_the_bound_are_closed_and_the_rest_served() -> None:
             for s in socks:
                 _connect(s, str(harness.socket_path))
             for s in socks:
-                s.sendall(_fetch_x509_request())
+                try:
+                    s.sendall(_fetch_x509_request())
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # already closed by the agent: _outcome says "refused"
             outcomes = [_outcome(s) for s in socks]
         finally:
             for s in socks:

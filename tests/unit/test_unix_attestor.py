@@ -156,3 +156,9 @@ def test_status_groups_line_at_the_end_without_newline(proc: Path) -> None:
     (proc / str(PID) / "status").write_text("Name:\tx\nGroups:\t4 24")
     got = values(UnixAttestor(proc_root=proc).attest(ProcessInfo(PID, UID, GID)))
     assert "supplementary_gid:4" in got and "supplementary_gid:24" in got
+
+
+def test_runs_inline_unless_it_hashes_the_binary() -> None:
+    assert UnixAttestor().inline
+    assert UnixAttestor(UnixAttestorConfig(discover_workload_path=True)).inline
+    assert not UnixAttestor(UnixAttestorConfig(workload_path_sha256=True)).inline
