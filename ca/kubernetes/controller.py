@@ -59,6 +59,8 @@ from identity.clock import Clock
 from identity.spiffeid import TrustDomain
 
 KINDS = ("namespaces", "identitytemplates", "pods")
+# At most this many standing problems are remembered as already logged.
+_MAX_REPORTED = 10_000
 
 
 class Stream(Protocol):
@@ -152,6 +154,9 @@ class RegistrationController:
         self._scheduler: BackgroundScheduler | None = None
         self._passes = 0
         self._bad_templates: dict[str, str] = {}
+        # Problems already logged, by subject: said again only when the reason
+        # changes, so a standing conflict does not fill the log every resync.
+        self._reported: dict[str, str] = {}
         self._busy = False
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -362,6 +367,18 @@ class RegistrationController:
         self._bad_templates = bad
         return sorted(out, key=lambda t: t.name)
 
+    def _first_report(self, subject: str, reason: str) -> bool:
+        """True when a problem with ``subject`` is new or its reason changed: log it."""
+        if self._reported.get(subject) == reason:
+            return False
+        if len(self._reported) >= _MAX_REPORTED:
+            self._reported.clear()  # bounded: at worst, old problems are said again
+        self._reported[subject] = reason
+        return True
+
+    def _resolved(self, subject: str) -> None:
+        self._reported.pop(subject, None)
+
     def _node_uid(self, name: str) -> str | None:
         with self._cond:
             found = self._node_uids.get(name)
@@ -396,19 +413,24 @@ class RegistrationController:
             if not chosen:
                 continue
             node_uid = self._node_uid(pod.node_name)
+            name = f"{pod.namespace}/{pod.name}"
             if node_uid is None:
-                event("pod skipped", level=logging.WARNING, pod=f"{pod.namespace}/{pod.name}",
-                      reason=f"node {pod.node_name} does not exist")
+                reason = f"node {pod.node_name} does not exist"
+                if self._first_report(f"pod {uid}", reason):
+                    event("pod skipped", level=logging.WARNING, pod=name, reason=reason)
                 continue
+            self._resolved(f"pod {uid}")
             for template in chosen:
+                subject = f"pod {uid} template {template.name}"
                 try:
                     entry = desired_entry(template, pod, cluster=s.cluster, node_uid=node_uid,
                                           trust_domain=s.trust_domain)
                 except RenderError as exc:
-                    event("pod skipped", level=logging.WARNING,
-                          pod=f"{pod.namespace}/{pod.name}", template=template.name,
-                          reason=str(exc))
+                    if self._first_report(subject, str(exc)):
+                        event("pod skipped", level=logging.WARNING, pod=name,
+                              template=template.name, reason=str(exc))
                     continue
+                self._resolved(subject)
                 out[entry.owner] = entry
         return out
 
@@ -450,8 +472,11 @@ class RegistrationController:
                 # Another template or entry claims the same identity, or another
                 # server wrote first: report it; the next pass sees the new state.
                 result.skipped.append(owner)
-                event("entry not reconciled", level=logging.WARNING, owner=owner,
-                      spiffe_id=entry.spiffe_id, reason=str(exc))
+                if self._first_report(f"entry {owner}", str(exc)):
+                    event("entry not reconciled", level=logging.WARNING, owner=owner,
+                          spiffe_id=entry.spiffe_id, reason=str(exc))
+            else:
+                self._resolved(f"entry {owner}")
         if result.created or result.updated or result.deleted:
             event("kubernetes entries reconciled", created=result.created,
                   updated=result.updated, deleted=result.deleted,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -281,7 +282,9 @@ def test_restart_and_two_controllers_make_no_duplicates(
 def test_bad_templates_and_conflicts_are_skipped(
     kube: FakeKubeApi, datastore: Datastore,
     make_controller: Callable[[Datastore], RegistrationController],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="sigil.server")
     kube.put(identity_template_object("unknown-placeholder", {
         "spiffeIDTemplate": "spiffe://{trust_domain}/{nonsense}"}))
     kube.put(identity_template_object("other-domain", {
@@ -306,6 +309,16 @@ def test_bad_templates_and_conflicts_are_skipped(
     _settle(ctl)
     assert datastore.get_entry(manual.id).owner == ""
     assert datastore.count_entries() == 2
+
+    # A standing conflict is logged once, not at every resync.
+    def conflicts() -> int:
+        return sum("entry not reconciled" in r.getMessage() for r in caplog.records)
+
+    assert conflicts() == 1
+    for _ in range(3):
+        ctl.request_resync()
+        _settle(ctl)
+    assert conflicts() == 1
 
 
 def _verbs_used(requests: list[tuple[str, str]]) -> set[tuple[str, str]]:
