@@ -126,6 +126,14 @@ def _emit_json(doc: object) -> None:
     click.echo(json.dumps(doc, indent=2, sort_keys=False))
 
 
+def _emit_count(count: int, output: str, one: str, many: str) -> None:
+    """A count as ``{"count": n}`` or as "n things"."""
+    if output == "json":
+        _emit_json({"count": count})
+    else:
+        click.echo(f"{count} {one if count == 1 else many}")
+
+
 def _parse_selectors(values: Sequence[str]) -> list[types_pb2.Selector]:
     from identity.selectors import Selector
 
@@ -596,10 +604,7 @@ def entry_count(socket_path: str, output: str) -> None:
     """
     resp = _call(socket_path, lambda s: s.CountEntries(admin_pb2.CountEntriesRequest(),
                                                        timeout=ADMIN_TIMEOUT))
-    if output == "json":
-        _emit_json({"count": resp.count})
-    else:
-        click.echo(f"{resp.count} {'entry' if resp.count == 1 else 'entries'}")
+    _emit_count(resp.count, output, "entry", "entries")
 
 
 @entry.command("delete")
@@ -768,10 +773,7 @@ def agent_count(socket_path: str, output: str) -> None:
     """
     resp = _call(socket_path, lambda s: s.CountAgents(admin_pb2.CountAgentsRequest(),
                                                       timeout=ADMIN_TIMEOUT))
-    if output == "json":
-        _emit_json({"count": resp.count})
-    else:
-        click.echo(f"{resp.count} {'agent' if resp.count == 1 else 'agents'}")
+    _emit_count(resp.count, output, "agent", "agents")
 
 
 @agent.command("purge")
