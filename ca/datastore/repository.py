@@ -776,6 +776,41 @@ class Datastore(FederationQueries):
                     raise
         raise AssertionError("unreachable")
 
+    def replace_bundle(self, trust_domain: TrustDomain, held: StoredBundle | None,
+                       data: str, sequence: int) -> bool:
+        """Store a foreign bundle only if what is stored is still ``held``.
+
+        For writers that decide from what they read (the federation refresher):
+        between its read and this write another server sharing the database may
+        have stored a newer bundle, which must not be overwritten by an older one.
+
+        Args:
+            held: the row read before deciding (None: there was none).
+
+        Returns:
+            Whether it was stored; False when the row changed meanwhile (re-read).
+        """
+        with self._session() as s:
+            if held is None:
+                if s.get(m.BundleRow, trust_domain.name) is not None:
+                    return False
+                try:
+                    # A savepoint: losing the race to insert must not doom the session.
+                    with s.begin_nested():
+                        s.add(m.BundleRow(trust_domain=trust_domain.name, data=data,
+                                          sequence=sequence))
+                except IntegrityError:
+                    return False
+                return True
+            result = s.execute(
+                update(m.BundleRow)
+                .where(m.BundleRow.trust_domain == trust_domain.name,
+                       m.BundleRow.sequence == held.sequence,
+                       m.BundleRow.data == held.data)
+                .values(data=data, sequence=sequence)
+            )
+            return getattr(result, "rowcount", 0) == 1
+
     def delete_bundle(self, trust_domain: TrustDomain) -> bool:
         """Remove a trust domain's bundle; False when there was none."""
         with self._session() as s:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from ca.datastore import Datastore
+from ca.datastore import Datastore, StoredBundle
 from ca.errors import NotFoundError
 from ca.federation.config import FederationConfig
 from ca.federation.fetch import REASON_SEQUENCE, Fetched, FetchError, fetch_bundle
@@ -41,6 +41,8 @@ from identity.errors import BundleError
 from identity.spiffeid import TrustDomain
 
 TICK_SECONDS = 1.0
+STORE_ATTEMPTS = 3
+"""Reads and conditional writes before giving way to other servers writing the bundle."""
 
 FetchFn = Callable[..., Fetched]
 
@@ -152,7 +154,10 @@ class Refresher:
         return self._refresh(rel)
 
     def _held(self, td: TrustDomain) -> tuple[Bundle | None, int]:
-        stored = self._ds.get_bundle(td)
+        return self._parse_held(td, self._ds.get_bundle(td))
+
+    @staticmethod
+    def _parse_held(td: TrustDomain, stored: StoredBundle | None) -> tuple[Bundle | None, int]:
         if stored is None:
             return None, 0
         try:
@@ -196,25 +201,36 @@ class Refresher:
         with self._lock:
             self._interval[td] = interval
         with self._store_lock:
-            held, held_row_sequence = self._held(td)
-            if (held is not None and held.sequence_number is not None
-                    and fetched.sequence_number is not None
-                    and fetched.sequence_number < held.sequence_number):
-                raise FetchError(REASON_SEQUENCE,
-                                 f"{rel.bundle_endpoint_url}: sequence {fetched.sequence_number}"
-                                 f" is lower than the {held.sequence_number} held")
-            if held is not None and _same_contents(held, fetched):
-                return RefreshOutcome(td, "", "unchanged", False, held.sequence_number,
+            for _ in range(STORE_ATTEMPTS):
+                row = self._ds.get_bundle(td)
+                held, held_row_sequence = self._parse_held(td, row)
+                if (held is not None and held.sequence_number is not None
+                        and fetched.sequence_number is not None
+                        and fetched.sequence_number < held.sequence_number):
+                    raise FetchError(REASON_SEQUENCE,
+                                     f"{rel.bundle_endpoint_url}: sequence "
+                                     f"{fetched.sequence_number} is lower than the "
+                                     f"{held.sequence_number} held")
+                if held is not None and _same_contents(held, fetched):
+                    return RefreshOutcome(td, "", "unchanged", False, held.sequence_number,
+                                          self._clock.now() + interval)
+                store = fetched
+                if store.sequence_number is None:
+                    # §5.3: no sequence -> the latest fetched wins; a new number tells
+                    # agents and our own comparisons that it changed.
+                    store = replace(store, sequence_number=held_row_sequence + 1)
+                sequence = store.sequence_number or 0
+                # Only over what we just read: another server sharing the database
+                # may have stored a newer bundle since; then decide again.
+                if self._ds.replace_bundle(td, row, store.to_json().decode(), sequence):
+                    break
+            else:
+                return RefreshOutcome(td, "", "not stored: other servers kept writing it",
+                                      False, held.sequence_number if held else None,
                                       self._clock.now() + interval)
-            if fetched.sequence_number is None:
-                # §5.3: no sequence -> the latest fetched wins; a new number tells
-                # agents and our own comparisons that it changed.
-                fetched = replace(fetched, sequence_number=held_row_sequence + 1)
-            sequence = fetched.sequence_number or 0
-            self._ds.set_bundle(td, fetched.to_json().decode(), sequence)
         event("federated bundle updated", trust_domain=td.name, sequence=sequence,
-              x509_authorities=len(fetched.x509_authorities),
-              jwt_authorities=len(fetched.jwt_authorities))
+              x509_authorities=len(store.x509_authorities),
+              jwt_authorities=len(store.jwt_authorities))
         return RefreshOutcome(td, "", "updated", True, sequence, self._clock.now() + interval)
 
     def _web_ca_file(self) -> Path | None:

@@ -354,3 +354,16 @@ def test_reads_never_wait_for_a_writer(ds: Datastore) -> None:
         holder.close()
     ds.delete_entry(created.id, now=NOW)  # the lock is free again: writes proceed
     assert ds.count_entries() == 0
+
+
+def test_replace_bundle_only_over_what_was_read(ds: Datastore) -> None:
+    td = TrustDomain("partner.example")
+    assert ds.replace_bundle(td, None, '{"keys": []}', 1)  # nothing held: inserted
+    assert not ds.replace_bundle(td, None, '{"keys": [1]}', 9)  # a row exists now
+    first = ds.get_bundle(td)
+    assert first is not None and first.sequence == 1
+    assert ds.replace_bundle(td, first, '{"keys": [2]}', 2)
+    # A stale read (what another server has since replaced) changes nothing.
+    assert not ds.replace_bundle(td, first, '{"keys": [3]}', 3)
+    now = ds.get_bundle(td)
+    assert now is not None and (now.sequence, now.data) == (2, '{"keys": [2]}')

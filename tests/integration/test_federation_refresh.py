@@ -367,3 +367,36 @@ def test_tick_follows_the_datastore_and_stops_between_fetches(datastore: Datasto
     refresher.tick()
     assert calls == ["tick2.fed.test"]  # tick0 deleted, tick1 not due yet
     assert refresher.next_refresh_at(cas[0].td) is None
+
+
+def test_a_newer_bundle_another_server_stored_meanwhile_is_not_overwritten(
+        datastore: Datastore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two servers on one database refresh the same relationship.
+
+    Ours reads the held bundle (sequence 1) and fetches sequence 2; before it
+    writes, the other server stores sequence 3. Ours must not put 2 over 3: its
+    write is conditional on what it read, so it reads again and finds 2 older.
+    """
+    ca = TestCa("ha.fed.test")
+    _hold(datastore, ca.bundle(sequence=1))
+    newer = ca.bundle(sequence=3)
+    real_get = datastore.get_bundle
+    reads = []
+
+    def get_bundle(td: TrustDomain) -> object:
+        found = real_get(td)
+        reads.append(found)
+        if td == ca.td and len([r for r in reads if r is not None]) == 2:
+            _hold(datastore, newer)  # the other server, between our read and write
+        return found
+
+    with https_server(context_for(tmp_path, *ca.svid()),
+                      {"/": body(ca.bundle(sequence=2).to_json())}) as addr:
+        datastore.put_relationship(_spiffe_rel(ca, addr), now=NOW)
+        refresher, _ = _refresher(datastore)
+        monkeypatch.setattr(datastore, "get_bundle", get_bundle)
+        outcome = refresher.refresh(ca.td)
+    assert (outcome.ok, outcome.reason) == (False, "sequence_regressed"), outcome.message
+    stored = real_get(ca.td)
+    assert stored is not None and stored.sequence == 3
+    assert Bundle.from_jwks(ca.td, stored.data) == newer
