@@ -62,6 +62,29 @@ FEDERATION_REFRESH_ERRORS = Counter(
 )
 
 
+KUBERNETES_RECONCILES = Counter(
+    "sigil_kubernetes_reconciles",
+    "Passes of the Kubernetes registration controller, by scope (all, pods).",
+    ["scope"],
+)
+KUBERNETES_ENTRY_CHANGES = Counter(
+    "sigil_kubernetes_entry_changes",
+    "Entries the Kubernetes registration controller wrote, by change "
+    "(created, updated, deleted, skipped: refused, e.g. two templates claim one identity).",
+    ["change"],
+)
+
+
+def count_kubernetes_reconcile(*, everything: bool, created: int, updated: int,
+                               deleted: int, skipped: int) -> None:
+    """Record one pass of the registration controller and what it wrote."""
+    KUBERNETES_RECONCILES.labels(scope="all" if everything else "pods").inc()
+    for change, n in (("created", created), ("updated", updated), ("deleted", deleted),
+                      ("skipped", skipped)):
+        if n:
+            KUBERNETES_ENTRY_CHANGES.labels(change=change).inc(n)
+
+
 def count_federation_refresh(trust_domain: str, error_reason: str | None = None) -> None:
     """Record one foreign bundle fetch: ``error_reason`` None for a success."""
     if error_reason is None:

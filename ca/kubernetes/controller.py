@@ -55,6 +55,7 @@ from ca.kubernetes.templates import (
     selects,
 )
 from ca.log import event
+from ca.metrics import count_kubernetes_reconcile
 from identity.clock import Clock
 from identity.spiffeid import TrustDomain
 
@@ -477,6 +478,9 @@ class RegistrationController:
                           spiffe_id=entry.spiffe_id, reason=str(exc))
             else:
                 self._resolved(f"entry {owner}")
+        count_kubernetes_reconcile(everything=pod_uids is None, created=result.created,
+                                   updated=result.updated, deleted=result.deleted,
+                                   skipped=len(result.skipped))
         if result.created or result.updated or result.deleted:
             event("kubernetes entries reconciled", created=result.created,
                   updated=result.updated, deleted=result.deleted,

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
 import migrations
 from attestation.kubeapi import KubeApi, KubeConnection
@@ -310,15 +311,23 @@ def test_bad_templates_and_conflicts_are_skipped(
     assert datastore.get_entry(manual.id).owner == ""
     assert datastore.count_entries() == 2
 
-    # A standing conflict is logged once, not at every resync.
+    # A standing conflict is logged once, not at every resync; it is counted each pass.
     def conflicts() -> int:
         return sum("entry not reconciled" in r.getMessage() for r in caplog.records)
 
+    def counted(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    skipped = counted("sigil_kubernetes_entry_changes_total", change="skipped")
+    passes = counted("sigil_kubernetes_reconciles_total", scope="all")
     assert conflicts() == 1
     for _ in range(3):
         ctl.request_resync()
         _settle(ctl)
     assert conflicts() == 1
+    assert counted("sigil_kubernetes_reconciles_total", scope="all") >= passes + 3
+    assert counted("sigil_kubernetes_entry_changes_total", change="skipped") >= skipped + 3
+    assert counted("sigil_kubernetes_entry_changes_total", change="created") >= 1
 
 
 def _verbs_used(requests: list[tuple[str, str]]) -> set[tuple[str, str]]:
