@@ -483,7 +483,9 @@ class Datastore(FederationQueries):
             NotFoundError: no such entry.
         """
         with self._session() as s:
-            row = s.get(m.RegistrationEntry, entry_id)
+            # Locked: of two deleters at once (two servers' controllers), the second
+            # waits, then finds nothing and says so, instead of "deleting" it again.
+            row = s.get(m.RegistrationEntry, entry_id, with_for_update=True)
             if row is None:
                 raise NotFoundError(f"entry {entry_id!r} not found")
             record = _entry_record(row)
@@ -596,7 +598,7 @@ class Datastore(FederationQueries):
             NotFoundError: no such node.
         """
         with self._session() as s:
-            row = s.get(m.AttestedNode, str(spiffe_id))
+            row = s.get(m.AttestedNode, str(spiffe_id), with_for_update=True)
             if row is None:
                 raise NotFoundError(f"agent {spiffe_id} not found")
             record = _node_record(row)

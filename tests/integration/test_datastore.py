@@ -201,6 +201,27 @@ def test_duplicate_entry_under_concurrent_creates(ds: Datastore) -> None:
     assert stored.revision == ds.current_revision()
 
 
+def test_concurrent_deletes_of_one_entry_delete_it_once(ds: Datastore) -> None:
+    """Two servers' controllers (or operators) deleting one entry at once: one wins,
+    the others are told it is gone, and one deletion event is written."""
+    workers = 8
+    for n in range(3):
+        created = ds.create_entry(_entry(f"spiffe://example.org/del{n}"), now=NOW)
+        events = _count(ds, "change_events")
+
+        def delete(entry_id: str = created.id) -> str:
+            try:
+                ds.delete_entry(entry_id, now=NOW)
+            except NotFoundError:
+                return "gone"
+            return "deleted"
+
+        assert sorted(_run_concurrently(workers, delete)) == (
+            ["deleted"] + ["gone"] * (workers - 1))
+        assert _count(ds, "change_events") == events + 1
+    assert _count(ds, "registration_entries") == 0
+
+
 def test_each_entry_change_writes_exactly_one_event(ds: Datastore) -> None:
     a = ds.create_entry(_entry("spiffe://example.org/a1"), now=NOW)
     b = ds.create_entry(_entry("spiffe://example.org/b1"), now=NOW)
