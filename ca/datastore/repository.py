@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, and_, delete, func, not_, or_, select, update
@@ -89,6 +89,21 @@ def _ca_key_record(row: m.CaKey) -> CaKeyRecord:
         not_before=row.not_before, activated_at=row.activated_at,
         deactivated_at=row.deactivated_at, signed_until=row.signed_until,
     )
+
+
+def _insert_first_bundle(session: Session, trust_domain: TrustDomain, data: str,
+                         sequence: int) -> bool:
+    """Insert a trust domain's first bundle row; False if one exists (or just appeared)."""
+    if session.get(m.BundleRow, trust_domain.name) is not None:
+        return False
+    try:
+        # A savepoint: losing the race to insert must not doom the session.
+        with session.begin_nested():
+            session.add(m.BundleRow(trust_domain=trust_domain.name, data=data,
+                                    sequence=sequence))
+    except IntegrityError:
+        return False
+    return True
 
 
 def _record_change(session: Session, kind: str, entry_id: str, now: int) -> int:
@@ -289,8 +304,8 @@ class Datastore(FederationQueries):
         self.close()
 
     @contextmanager
-    def _session(self) -> Iterator[Session]:
-        session = self._sessions()
+    def _session(self, *, read_only: bool = False) -> Iterator[Session]:
+        session = (self._read_sessions if read_only else self._sessions)()
         try:
             with session.begin():
                 yield session
@@ -299,17 +314,9 @@ class Datastore(FederationQueries):
         finally:
             session.close()
 
-    @contextmanager
-    def _reading(self) -> Iterator[Session]:
+    def _reading(self) -> AbstractContextManager[Session]:
         """A session that only reads: one snapshot, no write lock (SQLite)."""
-        session = self._read_sessions()
-        try:
-            with session.begin():
-                yield session
-        except SQLAlchemyError as exc:
-            raise DatastoreError(f"datastore error: {exc.__class__.__name__}: {exc}") from exc
-        finally:
-            session.close()
+        return self._session(read_only=True)
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -689,14 +696,7 @@ class Datastore(FederationQueries):
         new_sequence = expected_sequence + 1
         with self._session() as s:
             if expected_sequence == 0:
-                if s.get(m.BundleRow, trust_domain.name) is not None:
-                    return None
-                try:
-                    # A savepoint: losing the race to insert must not doom the session.
-                    with s.begin_nested():
-                        s.add(m.BundleRow(trust_domain=trust_domain.name, data=data,
-                                          sequence=new_sequence))
-                except IntegrityError:
+                if not _insert_first_bundle(s, trust_domain, data, new_sequence):
                     return None
             else:
                 result = s.execute(
@@ -794,16 +794,7 @@ class Datastore(FederationQueries):
         """
         with self._session() as s:
             if held is None:
-                if s.get(m.BundleRow, trust_domain.name) is not None:
-                    return False
-                try:
-                    # A savepoint: losing the race to insert must not doom the session.
-                    with s.begin_nested():
-                        s.add(m.BundleRow(trust_domain=trust_domain.name, data=data,
-                                          sequence=sequence))
-                except IntegrityError:
-                    return False
-                return True
+                return _insert_first_bundle(s, trust_domain, data, sequence)
             result = s.execute(
                 update(m.BundleRow)
                 .where(m.BundleRow.trust_domain == trust_domain.name,

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.k8s_api import FakeKubeApi, node_object, pod_object
+
 BIN = Path(sys.executable).parent
 
 
@@ -146,19 +148,45 @@ class Stack:
             self.server_cli("bundle", "show", "--format", "pem").stdout
         )
         (self.root / "agent.toml").write_text('sync_interval = "1s"\n' + self.agent_config)
+        self.run_agent(self.root / "agent.toml", "--join-token", token["token"],
+                       "--trust-bundle", str(self.root / "bundle.pem"))
+
+    def run_agent(self, config: Path, *extra: str) -> None:
+        """Start ``sigil-agent run`` with this config file and wait for its socket."""
         self.agent_socket.parent.mkdir(exist_ok=True)
         self.start("agent", [
-            _tool("sigil-agent"), "run", "--config", str(self.root / "agent.toml"),
+            _tool("sigil-agent"), "run", "--config", str(config),
             "--trust-domain", self.trust_domain,
             "--server-address", f"127.0.0.1:{self.port}", "--data-dir", str(self.root / "ag"),
-            "--socket-path", str(self.agent_socket), "--join-token", token["token"],
-            "--trust-bundle", str(self.root / "bundle.pem"),
+            "--socket-path", str(self.agent_socket), *extra,
         ])
         wait_for(
             lambda: self.agent_socket.exists() or self.procs["agent"].poll() is not None,
             timeout=30, what="agent socket",
         )
         assert self.procs["agent"].poll() is None, self.log("agent")
+
+
+def psat_stack(kube: FakeKubeApi, root: Path, *, trust_domain: str, node_name: str,
+               node_uid: str, server_config: str = "") -> Stack:
+    """A stack whose server attests agents with k8s_psat against the fake API.
+
+    Puts the node and the agent's pod, writes the server's API token to
+    ``root/api-token`` and the agent's projected token to ``root/psat`` (cluster
+    ``demo``, service account ``sigil:sigil-agent``). Not started yet.
+    """
+    node = kube.put(node_object(node_name, uid=node_uid))
+    agent_pod = kube.put(pod_object(f"sigil-agent-{node_name}", "sigil", node_name=node_name,
+                                    service_account="sigil-agent"))
+    (root / "api-token").write_text(kube.token or "")
+    (root / "psat").write_text(kube.issue_token(
+        namespace="sigil", service_account="sigil-agent", pod=agent_pod, node=node))
+    return Stack(root=root, trust_domain=trust_domain, port=free_port(), server_config=f"""
+[node_attestors.k8s_psat.clusters.demo]
+service_account_allow_list = ["sigil:sigil-agent"]
+api_server = "{kube.url}"
+token_path = "{root / 'api-token'}"
+{server_config}""")
 
 
 @contextlib.contextmanager

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Stack, _tool, free_port, running_stack, wait_for
-from tests.support.k8s_api import FakeKubeApi, node_object, pod_object
+from tests.e2e.conftest import Stack, psat_stack, running_stack, wait_for
+from tests.support.k8s_api import FakeKubeApi
 
 spiffe = pytest.importorskip("spiffe")
 from spiffe import WorkloadApiClient  # noqa: E402
@@ -179,18 +179,7 @@ def test_an_evicted_k8s_psat_agent_attests_again_and_keeps_serving(
     root = Path(tempfile.mkdtemp(prefix="se-", dir="/tmp"))
     client: WorkloadApiClient | None = None
     with FakeKubeApi() as kube:
-        node = kube.put(node_object("node-e", uid=NODE_UID))
-        agent_pod = kube.put(pod_object("sigil-agent-e1", "sigil", node_name="node-e",
-                                        service_account="sigil-agent"))
-        (root / "api-token").write_text(kube.token or "")
-        (root / "psat").write_text(kube.issue_token(
-            namespace="sigil", service_account="sigil-agent", pod=agent_pod, node=node))
-        st = Stack(root=root, trust_domain=TD, port=free_port(), server_config=f"""
-[node_attestors.k8s_psat.clusters.demo]
-service_account_allow_list = ["sigil:sigil-agent"]
-api_server = "{kube.url}"
-token_path = "{root / 'api-token'}"
-""")
+        st = psat_stack(kube, root, trust_domain=TD, node_name="node-e", node_uid=NODE_UID)
         try:
             st.start_server()
             (root / "bundle.pem").write_text(
@@ -204,15 +193,7 @@ trust_bundle_path = "{root / 'bundle.pem'}"
 cluster = "demo"
 token_path = "{root / 'psat'}"
 """)
-            st.agent_socket.parent.mkdir(exist_ok=True)
-            st.start("agent", [
-                _tool("sigil-agent"), "run", "--config", str(root / "agent.toml"),
-                "--trust-domain", TD, "--server-address", f"127.0.0.1:{st.port}",
-                "--data-dir", str(root / "ag"), "--socket-path", str(st.agent_socket),
-            ])
-            wait_for(lambda: st.agent_socket.exists() or st.procs["agent"].poll() is not None,
-                     timeout=30, what="agent socket")
-            assert st.procs["agent"].poll() is None, st.log("agent")
+            st.run_agent(root / "agent.toml")
             st.agent_id = f"spiffe://{TD}/sigil/agent/k8s_psat/demo/{NODE_UID}"
             client = WorkloadApiClient(socket_path=st.endpoint)
             held = f"spiffe://{TD}/psat-workload"

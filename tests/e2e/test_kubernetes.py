@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Stack, _tool, free_port, wait_for
+from tests.e2e.conftest import _tool, psat_stack, wait_for
 from tests.support.cgroups import write_proc
 from tests.support.k8s_api import (
     ContainerSpec,
     FakeKubeApi,
     identity_template_object,
     namespace_object,
-    node_object,
     pod_object,
 )
 from tests.support.kubelet import FakeKubelet
@@ -48,25 +47,11 @@ def root() -> Iterator[Path]:
 
 def test_pod_gets_its_identity_from_a_template_and_loses_it_with_the_pod(root: Path) -> None:
     with FakeKubeApi(bookmark_interval=0.5) as kube, FakeKubelet() as kubelet:
-        node = kube.put(node_object("node-a", uid=NODE_UID))
         kube.put(namespace_object("payments", labels={"sigil.dev/identity": "enabled"}))
         kube.put(identity_template_object("default", {
             "namespaceSelector": {"matchLabels": {"sigil.dev/identity": "enabled"}}}))
-        agent_pod = kube.put(pod_object("sigil-agent-x1", "sigil", node_name="node-a",
-                                        service_account="sigil-agent"))
-        (root / "api-token").write_text(kube.token or "")
-        (root / "psat").write_text(kube.issue_token(
-            namespace="sigil", service_account="sigil-agent", pod=agent_pod, node=node))
-
-        st = Stack(root=root, trust_domain=TD, port=free_port(), server_config=f"""
-[node_attestors.k8s_psat.clusters.demo]
-service_account_allow_list = ["sigil:sigil-agent"]
-api_server = "{kube.url}"
-token_path = "{root / 'api-token'}"
-
-[kubernetes.controller]
-cluster = "demo"
-""")
+        st = psat_stack(kube, root, trust_domain=TD, node_name="node-a", node_uid=NODE_UID,
+                        server_config='\n[kubernetes.controller]\ncluster = "demo"\n')
         workload: subprocess.Popen[str] | None = None
         try:
             st.start_server()
@@ -85,15 +70,7 @@ kubelet_host = "127.0.0.1"
 kubelet_read_only_port = {kubelet.port}
 proc_root = "{root / 'proc'}"
 """)
-            st.agent_socket.parent.mkdir(exist_ok=True)
-            st.start("agent", [
-                _tool("sigil-agent"), "run", "--config", str(root / "agent.toml"),
-                "--trust-domain", TD, "--server-address", f"127.0.0.1:{st.port}",
-                "--data-dir", str(root / "ag"), "--socket-path", str(st.agent_socket),
-            ])
-            wait_for(lambda: st.agent_socket.exists() or st.procs["agent"].poll() is not None,
-                     timeout=30, what="agent socket")
-            assert st.procs["agent"].poll() is None, st.log("agent")
+            st.run_agent(root / "agent.toml")
             agents = json.loads(st.server_cli("agent", "list", "--output", "json").stdout)
             agent_id = f"spiffe://{TD}/sigil/agent/k8s_psat/demo/{NODE_UID}"
             assert [a["id"] for a in agents] == [agent_id], agents

@@ -21,6 +21,14 @@ def _grpc_peer(peername: str | bytes) -> str:
     return f"unix:{peername}"
 
 
+async def _no_connections_left(relay: ConnectionRelay[str]) -> None:
+    for _ in range(200):
+        if relay.connection_count == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert relay.connection_count == 0
+
+
 async def _scenario() -> None:
     relay: ConnectionRelay[str] = ConnectionRelay(internal_socket_name="grpc.sock",
                                                   prefix="sigil-test-")
@@ -73,22 +81,14 @@ async def _scenario() -> None:
         # unlinked once connected): only the internal socket.
         assert sorted(p.name for p in private.iterdir()) == ["grpc.sock"]
         writer.close()
-        for _ in range(200):
-            if relay.connection_count == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert relay.connection_count == 0
+        await _no_connections_left(relay)
 
         # The internal server closing ends the relay: the client sees EOF.
         reader, writer = await asyncio.open_unix_connection(str(public))
         writer.write(b"bye")  # the echo server closes after "bye"
         assert await reader.read() == b""
         writer.close()
-        for _ in range(200):
-            if relay.connection_count == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert relay.connection_count == 0
+        await _no_connections_left(relay)
 
         # A connection that stays open is ended by cancel_all.
         reader, writer = await asyncio.open_unix_connection(str(public))
