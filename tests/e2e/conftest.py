@@ -151,6 +151,25 @@ class Stack:
         self.run_agent(self.root / "agent.toml", "--join-token", token["token"],
                        "--trust-bundle", str(self.root / "bundle.pem"))
 
+    def start_psat_agent(self, config: str = "") -> None:
+        """Start an agent that attests with k8s_psat (see :func:`psat_stack`).
+
+        ``config`` goes at the top of its agent.toml (keys, then tables).
+        """
+        (self.root / "bundle.pem").write_text(
+            self.server_cli("bundle", "show", "--format", "pem").stdout)
+        top, _, tables = config.partition("\n[")
+        (self.root / "agent.toml").write_text(f"""
+sync_interval = "1s"
+{top}
+trust_bundle_path = "{self.root / 'bundle.pem'}"
+
+[node_attestor.k8s_psat]
+cluster = "demo"
+token_path = "{self.root / 'psat'}"
+{"[" + tables if tables else ""}""")
+        self.run_agent(self.root / "agent.toml")
+
     def run_agent(self, config: Path, *extra: str) -> None:
         """Start ``sigil-agent run`` with this config file and wait for its socket."""
         self.agent_socket.parent.mkdir(exist_ok=True)

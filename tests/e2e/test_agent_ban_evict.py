@@ -182,18 +182,7 @@ def test_an_evicted_k8s_psat_agent_attests_again_and_keeps_serving(
         st = psat_stack(kube, root, trust_domain=TD, node_name="node-e", node_uid=NODE_UID)
         try:
             st.start_server()
-            (root / "bundle.pem").write_text(
-                st.server_cli("bundle", "show", "--format", "pem").stdout)
-            (root / "agent.toml").write_text(f"""
-sync_interval = "1s"
-{AGENT_CONFIG}
-trust_bundle_path = "{root / 'bundle.pem'}"
-
-[node_attestor.k8s_psat]
-cluster = "demo"
-token_path = "{root / 'psat'}"
-""")
-            st.run_agent(root / "agent.toml")
+            st.start_psat_agent(AGENT_CONFIG)
             st.agent_id = f"spiffe://{TD}/sigil/agent/k8s_psat/demo/{NODE_UID}"
             client = WorkloadApiClient(socket_path=st.endpoint)
             held = f"spiffe://{TD}/psat-workload"

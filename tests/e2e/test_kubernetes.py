@@ -55,22 +55,12 @@ def test_pod_gets_its_identity_from_a_template_and_loses_it_with_the_pod(root: P
         workload: subprocess.Popen[str] | None = None
         try:
             st.start_server()
-            (root / "bundle.pem").write_text(
-                st.server_cli("bundle", "show", "--format", "pem").stdout)
-            (root / "agent.toml").write_text(f"""
-sync_interval = "1s"
-trust_bundle_path = "{root / 'bundle.pem'}"
-
-[node_attestor.k8s_psat]
-cluster = "demo"
-token_path = "{root / 'psat'}"
-
+            st.start_psat_agent(f"""
 [workload_attestors.k8s]
 kubelet_host = "127.0.0.1"
 kubelet_read_only_port = {kubelet.port}
 proc_root = "{root / 'proc'}"
 """)
-            st.run_agent(root / "agent.toml")
             agents = json.loads(st.server_cli("agent", "list", "--output", "json").stdout)
             agent_id = f"spiffe://{TD}/sigil/agent/k8s_psat/demo/{NODE_UID}"
             assert [a["id"] for a in agents] == [agent_id], agents
