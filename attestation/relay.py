@@ -12,13 +12,14 @@ private directory. This module is the part they share:
 2. :meth:`ConnectionRelay.relay` opens a client socket *bound to a per-connection
    address*, records ``address -> peer facts`` before connecting it to the
    internal socket, and pumps bytes both ways until either side closes; then it
-   forgets the record. On Linux the address is a name in the abstract socket
-   namespace (random per relay, numbered per connection): no file to create and
-   unlink, which under a burst of connections costs more than everything else a
-   connection does. Elsewhere it is a path in the private directory, unlinked
-   once connected (the kernel keeps the address on the connection). Either way
-   the label proves nothing by itself: only processes that can enter the private
-   directory can connect to the internal socket at all.
+   forgets the record. On Linux the address is a name the kernel picks in the
+   abstract socket namespace (autobind: binding the empty address), unique while
+   the socket lives and not one anybody can take first; there is no file to
+   create and unlink, which under a burst of connections costs more than
+   everything else a connection does. Elsewhere it is a path in the private
+   directory, unlinked once connected (the kernel keeps the address on the
+   connection). Either way the label proves nothing by itself: only processes
+   that can enter the private directory can connect to the internal socket.
 3. The servicer sees ``context.peer()``, ``"unix-abstract:<name>"`` or
    ``"unix:<bound path>"`` (checked with grpcio 1.85), and maps it back with
    :meth:`ConnectionRelay.lookup`. A connection that did not come through the
@@ -35,7 +36,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import secrets
 import shutil
 import socket
 import ssl
@@ -81,8 +81,6 @@ class ConnectionRelay(Generic[PeerT]):
         self.internal_socket = self.private_dir / internal_socket_name
         self._peers: dict[str, PeerT] = {}
         self._counter = itertools.count(1)
-        # Unguessable, so no other process can take a name before we bind it.
-        self._abstract_prefix = f"{prefix}{secrets.token_hex(8)}-"
         self._tasks: set[asyncio.Task[None]] = set()
 
     def connection_path(self, number: int) -> Path:
@@ -92,12 +90,16 @@ class ConnectionRelay(Generic[PeerT]):
         """
         return self.private_dir / f"c-{number}.sock"
 
-    def _address(self, number: int) -> tuple[str, str]:
-        """(address to bind, ``context.peer()`` of the resulting connection)."""
+    def _bind(self, sock: socket.socket) -> tuple[str, str]:
+        """Bind ``sock`` to a fresh address: (the path bound or "", ``context.peer()``)."""
         if ABSTRACT_ADDRESSES:
-            name = f"{self._abstract_prefix}{number}"
-            return "\0" + name, "unix-abstract:" + name
-        path = str(self.connection_path(number))
+            sock.bind("")  # autobind: the kernel picks an unused abstract name
+            name = sock.getsockname()
+            if isinstance(name, bytes):  # b"\0" + the name
+                return "", "unix-abstract:" + name[1:].decode("ascii")
+            raise OSError(f"autobind gave an unexpected address {name!r}")
+        path = str(self.connection_path(next(self._counter)))
+        sock.bind(path)
         return path, "unix:" + path
 
     def prepare_private_dir(self) -> None:
@@ -159,32 +161,31 @@ class ConnectionRelay(Generic[PeerT]):
         connection) is left to the caller.
         """
         loop = asyncio.get_running_loop()
-        address, key = self._address(next(self._counter))
-        on_disk = not address.startswith("\0")
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         done: asyncio.Future[None] = loop.create_future()
         client = writer.transport
         down = _Pipe(done, client, previous=client.get_protocol())
+        path, key = "", ""
         try:
             upstream.setblocking(False)
-            upstream.bind(address)
+            path, key = self._bind(upstream)
             # Recorded before connecting, so the record exists before grpcio can
             # see the connection's first RPC.
             self._peers[key] = peer
             await loop.sock_connect(upstream, str(self.internal_socket))
-            if on_disk:
+            if path:
                 # The kernel keeps the bound address on the connection; the file is
                 # no longer needed, and removing it now leaves nothing on a crash.
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(address)
+                    os.unlink(path)
             up_transport, up = await loop.create_unix_connection(
                 lambda: _Pipe(done, client), sock=upstream)
         except BaseException:
             self._peers.pop(key, None)
             upstream.close()
-            if on_disk:
+            if path:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(address)
+                    os.unlink(path)
             raise
         down.other = up_transport
         try:
@@ -194,9 +195,10 @@ class ConnectionRelay(Generic[PeerT]):
             # behind in the stream.
             with contextlib.suppress(ConnectionError, ssl.SSLError):
                 first = await reader.read(_TAKEOVER_READ)
-                # Nothing sent, or already gone (its stream saw the close, the
-                # pipe never will): nobody to relay for.
-                if first and not client.is_closing():
+                # Nothing sent, already closed, or already half-closed: its stream
+                # saw that, the pipe never will, and gRPC has nothing to say to a
+                # half-open connection. Nobody to relay for.
+                if first and not client.is_closing() and not reader.at_eof():
                     client.set_protocol(down)
                     up_transport.write(first)
                     # Either side closing ends the relay: gRPC has nothing to say
@@ -259,6 +261,8 @@ class _Pipe(asyncio.Protocol):
         if self._previous is not None:
             self._previous.connection_lost(exc)
         if not self.other.is_closing():
-            self.other.close()  # buffered bytes are still sent first
+            # Buffered bytes are still sent first (except where the caller then
+            # aborts the accepted connection, as the TLS front does).
+            self.other.close()
         if not self._done.done():
             self._done.set_result(None)

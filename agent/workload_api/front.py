@@ -44,6 +44,7 @@ from attestation.workload import (
     process_start_time,
 )
 from attestation.workload.pidfd import (
+    PeerGoneError,
     close_pidfd,
     kernel_peer_pidfd,
     peer_pidfd,
@@ -239,7 +240,12 @@ class PeerCredentialFront:
         # The kernel's own pidfd names the connecting process: nothing more is
         # needed. Otherwise pin what holds the PID now, and read its start time
         # to narrow the window in which that is already another process.
-        pidfd = kernel_peer_pidfd(sock)
+        try:
+            pidfd = kernel_peer_pidfd(sock)
+        except PeerGoneError:
+            log.event("workload refused", level=logging.WARNING, pid=pid,
+                      reason="process exited before it was recorded")
+            return
         start_time: int | None = None
         try:
             if pidfd is None:

@@ -87,10 +87,6 @@ class WorkloadApiServicer:
         self._cache = cache
         self._peers = peers
         self._attestors = tuple(attestors)
-        # Attestors that only read /proc run on the event loop; the others (the
-        # kubelet, hashing a binary) in a thread (WorkloadAttestor, "inline").
-        self._inline = tuple(a for a in self._attestors if getattr(a, "inline", False))
-        self._threaded = tuple(a for a in self._attestors if a not in self._inline)
         self._proc_root = proc_root
         self._clock = clock or SystemClock()
         self._first_timeout = first_response_timeout
@@ -158,12 +154,7 @@ class WorkloadApiServicer:
                       reason="connection not made by the front")
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "caller not identified")
         try:
-            selectors = self._attest(creds, self._inline)
-            if self._threaded:
-                # run_in_executor rather than to_thread: nothing here reads context
-                # variables, so copying them for every call buys nothing.
-                selectors += await asyncio.get_running_loop().run_in_executor(
-                    None, self._attest, creds, self._threaded)
+            selectors = await self._attest_all(creds)
         except WorkloadAttestationError as exc:
             # Process gone or /proc unreadable: whatever we could say about this
             # caller might describe another process, so it gets nothing.
@@ -175,6 +166,26 @@ class WorkloadApiServicer:
         caller = _Caller(creds, frozenset(selectors))
         await self._check_alive(caller, context)
         return caller
+
+    async def _attest_all(self, creds: PeerCredentials) -> list[Selector]:
+        """Every attestor's selectors: on the loop where one can answer without
+        waiting (WorkloadAttestor, ``attest_without_waiting``), else in a thread."""
+        process = ProcessInfo(pid=creds.pid, uid=creds.uid, gid=creds.gid)
+        selectors: list[Selector] = []
+        waiting: list[WorkloadAttestor] = []
+        for attestor in self._attestors:
+            quick = getattr(attestor, "attest_without_waiting", None)
+            got = quick(process) if quick is not None else None
+            if got is None:
+                waiting.append(attestor)
+            else:
+                selectors.extend(got)
+        if waiting:
+            # run_in_executor rather than to_thread: nothing here reads context
+            # variables, so copying them for every call buys nothing.
+            selectors += await asyncio.get_running_loop().run_in_executor(
+                None, self._attest, creds, waiting)
+        return selectors
 
     @staticmethod
     def _attest(creds: PeerCredentials, attestors: Sequence[WorkloadAttestor]

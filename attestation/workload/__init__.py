@@ -44,10 +44,11 @@ class ProcessInfo:
 class WorkloadAttestor(Protocol):
     """One workload attestor plugin.
 
-    An attestor may also have an ``inline`` attribute: True when ``attest`` only
-    reads ``/proc`` files the kernel answers without waiting (no network, no
-    hashing of a binary). The agent then calls it on its event loop, saving a
-    thread hop per Workload API call; any other attestor runs in a thread.
+    An attestor may also have ``attest_without_waiting(process)``: the same
+    selectors when it can answer without waiting (only ``/proc`` reads and what it
+    keeps in memory; no network, no directory service, no hashing of a binary),
+    else None. The agent calls that on its event loop, saving a thread hop per
+    Workload API call, and ``attest`` in a thread only when it returns None.
     """
 
     @property

@@ -36,19 +36,54 @@ SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _UNSUPPORTED = {errno.ENOPROTOOPT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 
 
+def _kernel_has_peer_pidfd() -> bool:
+    """Whether this kernel answers SO_PEERPIDFD (asked once, on a socket pair)."""
+    if not hasattr(socket, "AF_UNIX"):
+        return False
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        fd = a.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        return False
+    finally:
+        a.close()
+        b.close()
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    return True
+
+
+KERNEL_PEER_PIDFD = _kernel_has_peer_pidfd()
+"""This kernel gives the pidfd of a Unix socket's peer (Linux 6.5+)."""
+
+
+class PeerGoneError(OSError):
+    """The kernel has the peer's pidfd to give, but not for this peer: it exited."""
+
+
 def kernel_peer_pidfd(sock: socket.socket) -> int | None:
-    """The kernel's pidfd of the process that connected (``SO_PEERPIDFD``), or None.
+    """The kernel's pidfd of the process that connected (``SO_PEERPIDFD``).
 
     Exact: it names the connecting process itself, so nothing else (a start
-    time) is needed to tell it from a later holder of its PID. None on kernels
-    before 6.5, and when that process already exited.
+    time) is needed to tell it from a later holder of its PID.
+
+    Returns:
+        The pidfd, or None on a kernel without SO_PEERPIDFD (before 6.5).
+
+    Raises:
+        PeerGoneError: the kernel has SO_PEERPIDFD but gave none: the connecting
+            process already exited (ESRCH, or EINVAL on 6.5 to 6.15). Its PID may
+            already name another process, so nothing read by PID may stand in.
     """
+    if not KERNEL_PEER_PIDFD:
+        return None
     try:
         fd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    except OSError:
-        # ESRCH: the connecting process already exited; the others: no such option.
-        return None
-    return int(fd) if fd >= 0 else None
+    except OSError as exc:
+        raise PeerGoneError(exc.errno, f"no pidfd for the peer: {exc.strerror}") from None
+    if fd < 0:
+        raise PeerGoneError(errno.ESRCH, "no pidfd for the peer")
+    return int(fd)
 
 
 def peer_pidfd(sock: socket.socket, pid: int) -> int | None:

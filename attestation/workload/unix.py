@@ -66,18 +66,33 @@ class UnixAttestor:
         """``unix``."""
         return NAME
 
-    @property
-    def inline(self) -> bool:
-        """True unless hashing the binary: the rest reads /proc, which never waits."""
-        return not self._config.workload_path_sha256
-
     def attest(self, process: ProcessInfo) -> list[Selector]:
         """Selectors for ``process`` (see the module docstring for the list).
+
+        Blocking: user and group names may come from a directory service.
 
         Raises:
             ProcessGoneError: the process no longer exists.
             WorkloadAttestationError: /proc could not be read.
         """
+        return self._attest(process, _user_name, _group_name)
+
+    def attest_without_waiting(self, process: ProcessInfo) -> list[Selector] | None:
+        """:meth:`attest` if it needs nothing that can wait, else None.
+
+        Reading ``/proc`` never waits; names do only when not kept
+        (:class:`_NameCache`), and hashing the binary always may. The agent calls
+        this on its event loop and :meth:`attest` in a thread only on None.
+        """
+        if self._config.workload_path_sha256:
+            return None
+        try:
+            return self._attest(process, _users.kept, _groups.kept)
+        except _NotKept:
+            return None
+
+    def _attest(self, process: ProcessInfo, user_name: Callable[[int], str | None],
+                group_name: Callable[[int], str | None]) -> list[Selector]:
         proc_dir = self._proc_root / str(process.pid)
         # Read first: a process that is gone fails here, before any selector.
         supplementary = self._supplementary_gids(process.pid)
@@ -85,15 +100,15 @@ class UnixAttestor:
             Selector(NAME, f"uid:{process.uid}"),
             Selector(NAME, f"gid:{process.gid}"),
         ]
-        user = _user_name(process.uid)
+        user = user_name(process.uid)
         if user is not None:
             out.append(Selector(NAME, f"user:{user}"))
-        group = _group_name(process.gid)
+        group = group_name(process.gid)
         if group is not None:
             out.append(Selector(NAME, f"group:{group}"))
         for gid in supplementary:
             out.append(Selector(NAME, f"supplementary_gid:{gid}"))
-            name = _group_name(gid)
+            name = group_name(gid)
             if name is not None:
                 out.append(Selector(NAME, f"supplementary_group:{name}"))
         if self._config.discover_workload_path or self._config.workload_path_sha256:
@@ -161,6 +176,10 @@ class UnixAttestor:
         return digest.hexdigest()
 
 
+class _NotKept(Exception):
+    """A name that is not kept: looking it up could wait."""
+
+
 class _NameCache:
     """uid/gid -> name lookups, kept briefly.
 
@@ -192,16 +211,28 @@ class _NameCache:
                 stamp += [-1, -1, -1]
         return tuple(stamp)
 
-    def name(self, number: int) -> str | None:
-        now = self._clock()
+    def _fresh(self, number: int, now: float) -> tuple[float, str | None] | None:
         if now - self._checked_at >= FILES_CHECK_INTERVAL:
             self._checked_at = now
-            stamp = self._files_stamp()
+            stamp = self._files_stamp()  # a stat of a local file: never waits
             if stamp != self._stamp:
                 self._names.clear()
                 self._stamp = stamp
         found = self._names.get(number)
-        if found is not None and now - found[0] < NAME_TTL:
+        return found if found is not None and now - found[0] < NAME_TTL else None
+
+    def kept(self, number: int) -> str | None:
+        """The name while it is kept; raises :class:`_NotKept` rather than look it up."""
+        found = self._fresh(number, self._clock())
+        if found is None:
+            raise _NotKept(number)
+        return found[1]
+
+    def name(self, number: int) -> str | None:
+        """The name (None: no such user or group), looked up if not kept; may wait."""
+        now = self._clock()
+        found = self._fresh(number, now)
+        if found is not None:
             return found[1]
         try:
             name: str | None = self._lookup(number)

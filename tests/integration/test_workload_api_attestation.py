@@ -259,6 +259,40 @@ def test_with_the_kernels_pidfd_no_start_time_is_read(
         assert c.fetch_x509_svid().svids[0].spiffe_id == WEB
 
 
+def test_kernel_pidfd_refused_means_the_peer_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel has SO_PEERPIDFD, failing to give one is an exited peer."""
+    import errno
+
+    from attestation.workload import pidfd as pidfd_module
+
+    class Refusing:
+        def getsockopt(self, *_args: object) -> int:
+            raise OSError(errno.ESRCH, "No such process")
+
+    monkeypatch.setattr(pidfd_module, "KERNEL_PEER_PIDFD", True)
+    with pytest.raises(pidfd_module.PeerGoneError):
+        pidfd_module.kernel_peer_pidfd(Refusing())  # type: ignore[arg-type]
+    monkeypatch.setattr(pidfd_module, "KERNEL_PEER_PIDFD", False)
+    assert pidfd_module.kernel_peer_pidfd(Refusing()) is None  # type: ignore[arg-type]
+
+
+def test_a_connection_whose_peer_is_gone_is_closed_unserved(
+    fake_proc: tuple[Harness, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No fallback to what the PID names now: the connection is closed, never relayed."""
+    from attestation.workload.pidfd import PeerGoneError
+
+    def gone(_sock: object) -> int:
+        raise PeerGoneError(3, "no pidfd for the peer")
+
+    monkeypatch.setattr("agent.workload_api.front.kernel_peer_pidfd", gone)
+    harness, _ = fake_proc
+    harness.set_state([entry("e1", WEB, f"unix:uid:{UID}")])
+    with WorkloadApiClient(harness.socket_path, timeout=5) as c:
+        assert _code(c.fetch_x509_svid) == grpc.StatusCode.UNAVAILABLE
+    assert harness.server.front.connection_count == 0
+
+
 def test_peer_pidfd_follows_the_connecting_process(tmp_path: Path) -> None:
     path = str(tmp_path / "s.sock")
     with socket.socket(socket.AF_UNIX) as lst:

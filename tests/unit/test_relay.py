@@ -90,6 +90,15 @@ async def _scenario() -> None:
         writer.close()
         await _no_connections_left(relay)
 
+        # A client that half-closes ends its relay too, whenever its EOF arrives
+        # (here with its first bytes, before the relay has taken the transport).
+        reader, writer = await asyncio.open_unix_connection(str(public))
+        writer.write(b"half")
+        writer.write_eof()
+        await reader.read()  # the relay ends and the front closes the connection
+        writer.close()
+        await _no_connections_left(relay)
+
         # A connection that stays open is ended by cancel_all.
         reader, writer = await asyncio.open_unix_connection(str(public))
         writer.write(b"x")

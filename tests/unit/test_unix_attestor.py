@@ -15,6 +15,7 @@ from attestation.workload import (
     ProcessInfo,
     WorkloadAttestationError,
     process_start_time,
+    unix,
 )
 from attestation.workload.unix import (
     FILES_CHECK_INTERVAL,
@@ -158,7 +159,26 @@ def test_status_groups_line_at_the_end_without_newline(proc: Path) -> None:
     assert "supplementary_gid:4" in got and "supplementary_gid:24" in got
 
 
-def test_runs_inline_unless_it_hashes_the_binary() -> None:
-    assert UnixAttestor().inline
-    assert UnixAttestor(UnixAttestorConfig(discover_workload_path=True)).inline
-    assert not UnixAttestor(UnixAttestorConfig(workload_path_sha256=True)).inline
+def test_answers_without_waiting_only_from_kept_names_and_never_when_hashing(
+    proc: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
+    def lookup(number: int) -> str:
+        calls.append(number)
+        raise KeyError(number)  # no such user or group
+
+    monkeypatch.setattr(unix, "_users", _NameCache(lookup, ()))
+    monkeypatch.setattr(unix, "_groups", _NameCache(lookup, ()))
+    process = ProcessInfo(PID, UID, GID)
+    attestor = UnixAttestor(proc_root=proc)
+    # Names not kept yet: no answer, and no lookup (that is what may wait).
+    assert attestor.attest_without_waiting(process) is None
+    assert calls == []
+    full = attestor.attest(process)  # in a thread, in the agent: looks up and keeps
+    assert calls
+    looked_up = len(calls)
+    assert attestor.attest_without_waiting(process) == full
+    assert len(calls) == looked_up  # answered from what is kept
+    hashing = UnixAttestor(UnixAttestorConfig(workload_path_sha256=True), proc_root=proc)
+    assert hashing.attest_without_waiting(process) is None
