@@ -80,6 +80,8 @@ class SignResult:
 
 
 _HeldBundle = tuple[str, tpb.Bundle, Bundle | None]
+MAX_KNOWN_BUNDLES = 1024
+"""How many bundle digests the server accepts in one request (ca/api/sync.py)."""
 
 
 def _held(digest: str, name: str, message: tpb.Bundle) -> _HeldBundle:
@@ -234,7 +236,7 @@ class ServerClient:
         )
         request = apb.SyncAuthorizedRequest(
             known_generation=known_generation, known_revision=known_revision,
-            known_bundle_digests={n: h[0] for n, h in self._held_bundles.items() if h[0]})
+            known_bundle_digests=self.known_bundle_digests())
         pages: list[apb.SyncAuthorizedEntriesPage] = []
         try:
             async for page in call(request, timeout=CALL_TIMEOUT):
@@ -268,6 +270,15 @@ class ServerClient:
         return SyncResult(tuple(entries), bundles, pages[-1].revision, tainted,
                           full=first.full_resync, removed=tuple(removed),
                           generation=pages[-1].generation)
+
+    def known_bundle_digests(self) -> dict[str, str]:
+        """What the next sync presents: the digest of every bundle held.
+
+        Past the server's limit (:data:`MAX_KNOWN_BUNDLES`) none: it then sends
+        every bundle, rather than refusing the request.
+        """
+        known = {n: h[0] for n, h in self._held_bundles.items() if h[0]}
+        return known if len(known) <= MAX_KNOWN_BUNDLES else {}
 
     def _bundle_messages(self, first: apb.SyncAuthorizedEntriesPage) -> dict[str, _HeldBundle]:
         """Every bundle to hold after this sync: sent ones, and held ones named unchanged.

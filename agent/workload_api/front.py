@@ -162,9 +162,11 @@ class PeerCredentialFront:
         """Stop accepting, end every relay, remove the sockets."""
         if self._server is not None:
             self._server.close()
+            # Relays first: from Python 3.12.1, wait_closed also waits for every
+            # accepted connection to close, which the relays hold open.
+            await self._relay.cancel_all()
             await self._server.wait_closed()
             self._server = None
-        await self._relay.cancel_all()
         with contextlib.suppress(FileNotFoundError):
             self.public_socket.unlink()
         self._relay.remove_private_dir()

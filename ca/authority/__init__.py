@@ -388,10 +388,15 @@ class CertificateAuthority:
 
     def _load_taints(self) -> None:
         tainted = [r for r in self._records() if r.status == STATUS_TAINTED]
-        self._tainted_x509 = tuple(x509.load_der_x509_certificate(r.certificate)
-                                   for r in tainted
-                                   if r.kind == KIND_X509 and r.certificate is not None)
-        self._tainted_jwt = tuple(_authority_id(r) for r in tainted if r.kind == KIND_JWT)
+        x509s = tuple(x509.load_der_x509_certificate(r.certificate) for r in tainted
+                      if r.kind == KIND_X509 and r.certificate is not None)
+        jwts = tuple(_authority_id(r) for r in tainted if r.kind == KIND_JWT)
+        # Unchanged lists keep their objects: what is built from them (the bundle
+        # message every sync sends) is then not built again.
+        if x509s != self._tainted_x509:
+            self._tainted_x509 = x509s
+        if jwts != self._tainted_jwt:
+            self._tainted_jwt = jwts
 
     def bundle(self) -> Bundle:
         """The current trust bundle of our trust domain."""

@@ -201,12 +201,18 @@ class Refresher:
         with self._lock:
             self._interval[td] = interval
         with self._store_lock:
-            for _ in range(STORE_ATTEMPTS):
+            for attempt in range(STORE_ATTEMPTS):
                 row = self._ds.get_bundle(td)
                 held, held_row_sequence = self._parse_held(td, row)
                 if (held is not None and held.sequence_number is not None
                         and fetched.sequence_number is not None
                         and fetched.sequence_number < held.sequence_number):
+                    if attempt:
+                        # Not a bad answer: another server stored a newer bundle
+                        # while we fetched this one.
+                        return RefreshOutcome(
+                            td, "", "superseded: another server stored a newer bundle",
+                            False, held.sequence_number, self._clock.now() + interval)
                     raise FetchError(REASON_SEQUENCE,
                                      f"{rel.bundle_endpoint_url}: sequence "
                                      f"{fetched.sequence_number} is lower than the "

@@ -60,8 +60,6 @@ from identity.clock import Clock
 from identity.spiffeid import TrustDomain
 
 KINDS = ("namespaces", "identitytemplates", "pods")
-# At most this many standing problems are remembered as already logged.
-_MAX_REPORTED = 10_000
 
 
 class Stream(Protocol):
@@ -157,7 +155,9 @@ class RegistrationController:
         self._bad_templates: dict[str, str] = {}
         # Problems already logged, by subject: said again only when the reason
         # changes, so a standing conflict does not fill the log every resync.
+        # A full pass forgets those it did not meet again (resolved, or gone).
         self._reported: dict[str, str] = {}
+        self._met: set[str] | None = None
         self._busy = False
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -370,10 +370,10 @@ class RegistrationController:
 
     def _first_report(self, subject: str, reason: str) -> bool:
         """True when a problem with ``subject`` is new or its reason changed: log it."""
+        if self._met is not None:
+            self._met.add(subject)
         if self._reported.get(subject) == reason:
             return False
-        if len(self._reported) >= _MAX_REPORTED:
-            self._reported.clear()  # bounded: at worst, old problems are said again
         self._reported[subject] = reason
         return True
 
@@ -445,6 +445,7 @@ class RegistrationController:
             SigilError: the datastore failed.
         """
         s = self._settings
+        self._met = set() if pod_uids is None else None
         want = self.desired(pod_uids)
         have: dict[str, EntryRecord] = {}
         prefixes = ([owner_key(s.cluster)] if pod_uids is None
@@ -478,6 +479,9 @@ class RegistrationController:
                           spiffe_id=entry.spiffe_id, reason=str(exc))
             else:
                 self._resolved(f"entry {owner}")
+        if self._met is not None:
+            self._reported = {k: v for k, v in self._reported.items() if k in self._met}
+            self._met = None
         count_kubernetes_reconcile(everything=pod_uids is None, created=result.created,
                                    updated=result.updated, deleted=result.deleted,
                                    skipped=len(result.skipped))

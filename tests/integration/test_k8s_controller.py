@@ -328,6 +328,16 @@ def test_bad_templates_and_conflicts_are_skipped(
     assert counted("sigil_kubernetes_reconciles_total", scope="all") >= passes + 3
     assert counted("sigil_kubernetes_entry_changes_total", change="skipped") >= skipped + 3
     assert counted("sigil_kubernetes_entry_changes_total", change="created") >= 1
+    # The refused template goes (the problem is gone, never resolved by a write:
+    # a full pass forgets it), then comes back: said again.
+    [winner] = _owned(datastore)
+    loser = {"k8s/demo/uid-1/default": "same-id",
+             "k8s/demo/uid-1/same-id": "default"}[winner.owner]
+    kube.delete("identitytemplates", loser)
+    _wait(lambda: f"k8s/demo/uid-1/{loser}" not in ctl.desired())
+    _settle(ctl)
+    kube.put(identity_template_object(loser, {}))
+    _wait(lambda: conflicts() == 2)
 
 
 def _verbs_used(requests: list[tuple[str, str]]) -> set[tuple[str, str]]:

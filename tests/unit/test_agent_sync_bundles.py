@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.client import ServerClient
+from agent.client import MAX_KNOWN_BUNDLES, ServerClient
 from api.protos.sigil.agent.v1 import agent_pb2
 from ca.api.convert import bundle_to_proto
+from ca.api.sync import MAX_KNOWN_BUNDLES as SERVER_LIMIT
 from ca.api.sync import SyncBundle
 from identity.errors import SigilError
 from identity.spiffeid import TrustDomain
@@ -70,3 +71,14 @@ def test_an_older_server_sends_the_whole_set() -> None:
     assert held[OWN.name][0] == ""  # never presented as known
     parsed = held[OWN.name][2]
     assert parsed is not None and parsed.sequence_number == 3
+
+
+def test_past_the_servers_limit_no_digests_are_presented() -> None:
+    client = ServerClient(address="127.0.0.1:1", trust_domain=OWN)
+    held = message(OWN, 1)
+    client._held_bundles = {f"td{i}.test": (held.digest, held.message, None)
+                            for i in range(MAX_KNOWN_BUNDLES)}
+    assert len(client.known_bundle_digests()) == MAX_KNOWN_BUNDLES
+    client._held_bundles["one-more.test"] = (held.digest, held.message, None)
+    assert client.known_bundle_digests() == {}
+    assert MAX_KNOWN_BUNDLES == SERVER_LIMIT  # the same limit on both sides
