@@ -32,8 +32,9 @@ from identity.selectors import Selector
 NAME = "unix"
 
 _HASH_CHUNK = 1 << 20
-# /proc/<pid>/status is a few KiB; Groups comes well within this.
-_STATUS_LIMIT = 64 * 1024
+# /proc/<pid>/status is a few KiB (more with thousands of supplementary groups).
+_STATUS_READ = 64 * 1024
+_STATUS_LIMIT = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +128,17 @@ class UnixAttestor:
             # text layer costs more than the read itself.
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                data = os.read(fd, _STATUS_LIMIT)
+                chunks: list[bytes] = []
+                size = 0
+                while chunk := os.read(fd, _STATUS_READ):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > _STATUS_LIMIT:
+                        # Never parse a cut-off Groups line: a number cut in two
+                        # is another group, one the process does not have.
+                        raise WorkloadAttestationError(
+                            f"/proc/{pid}/status is larger than {_STATUS_LIMIT} bytes")
+                data = b"".join(chunks)
             finally:
                 os.close(fd)
         except (FileNotFoundError, ProcessLookupError) as exc:

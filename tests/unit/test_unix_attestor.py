@@ -182,3 +182,19 @@ def test_answers_without_waiting_only_from_kept_names_and_never_when_hashing(
     assert len(calls) == looked_up  # answered from what is kept
     hashing = UnixAttestor(UnixAttestorConfig(workload_path_sha256=True), proc_root=proc)
     assert hashing.attest_without_waiting(process) is None
+
+
+def test_a_status_file_longer_than_one_read_is_read_whole(proc: Path) -> None:
+    groups = [5_000_000 + i for i in range(12_000)]  # about 96 KiB of Groups line
+    (proc / str(PID) / "status").write_text(
+        "Name:\tx\nGroups:\t" + " ".join(map(str, groups)) + "\nVmRSS:\t1 kB\n")
+    got = values(UnixAttestor(proc_root=proc).attest(ProcessInfo(PID, UID, GID)))
+    assert [v for v in got if v.startswith("supplementary_gid:")] == [
+        f"supplementary_gid:{g}" for g in groups]
+
+
+def test_an_oversized_status_file_is_refused(proc: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(unix, "_STATUS_LIMIT", 1024)
+    (proc / str(PID) / "status").write_text("Groups:\t" + "1 " * 2000 + "\n")
+    with pytest.raises(WorkloadAttestationError, match="larger than 1024 bytes"):
+        UnixAttestor(proc_root=proc).attest(ProcessInfo(PID, UID, GID))
