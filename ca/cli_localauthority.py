@@ -117,31 +117,57 @@ def _kind_group(kind: str, label: str) -> click.Group:
                      f"Example:\n  sigil-server localauthority {kind} activate")
 
     @group.command("taint")
-    @click.argument("authority_id")
+    @click.argument("authority_id", required=False)
+    @authority_id_option
     @socket_option
     @output_option
-    def taint(authority_id: str, socket_path: str, output: str) -> None:
+    def taint(authority_id: str | None, authority_id_flag: str | None, socket_path: str,
+              output: str) -> None:
+        chosen = _one_authority_id(authority_id, authority_id_flag)
         _emit(base._call(socket_path, lambda s: s.TaintLocalAuthority(
-            request(authority_id), timeout=60)), output)
+            request(chosen), timeout=60)), output)
 
     taint.help = (f"Mark an old {label} authority tainted: agents re-issue every SVID it "
-                  f"signed at their next sync. AUTHORITY_ID is from `show`.\n\n\b\n"
+                  f"signed at their next sync. AUTHORITY_ID is from `show`; give it as "
+                  f"--authority-id when it starts with '-'.\n\n\b\n"
                   f"Example:\n  sigil-server localauthority {kind} taint 3f2a...")
 
     @group.command("revoke")
-    @click.argument("authority_id")
+    @click.argument("authority_id", required=False)
+    @authority_id_option
     @click.option("--force", is_flag=True,
                   help="Remove it even though SVIDs it signed are still valid (they break).")
     @socket_option
     @output_option
-    def revoke(authority_id: str, force: bool, socket_path: str, output: str) -> None:
+    def revoke(authority_id: str | None, authority_id_flag: str | None, force: bool,
+               socket_path: str, output: str) -> None:
+        chosen = _one_authority_id(authority_id, authority_id_flag)
         _emit(base._call(socket_path, lambda s: s.RevokeLocalAuthority(
-            request(authority_id, force), timeout=60)), output)
+            request(chosen, force), timeout=60)), output)
 
     revoke.help = (f"Remove a tainted {label} authority from the bundle. Refused while "
-                   f"SVIDs it signed are still valid, unless --force.\n\n\b\n"
+                   f"SVIDs it signed are still valid, unless --force. AUTHORITY_ID as for "
+                   f"`taint`.\n\n\b\n"
                    f"Example:\n  sigil-server localauthority {kind} revoke 3f2a...")
     return group
+
+
+authority_id_option = click.option(
+    "--authority-id", "authority_id_flag", metavar="ID",
+    help="The authority, as `show` prints it (instead of AUTHORITY_ID; JWT key ids may "
+         "start with '-', which the shell form cannot take).")
+
+
+def _one_authority_id(positional: str | None, flag: str | None) -> str:
+    """The authority ID given either way; exactly one way."""
+    if positional and flag:
+        base._fail("give the authority ID once: as AUTHORITY_ID or as --authority-id")
+    chosen = positional or flag
+    if not chosen:
+        base._fail("an authority ID is required (AUTHORITY_ID or --authority-id; "
+                   "see `show`)")
+    assert chosen is not None  # _fail does not return
+    return chosen
 
 
 def make_group(cli_module: ModuleType) -> click.Group:

@@ -48,9 +48,10 @@ def test_cycle_and_bad_sequences(sigil_server: RunningServer, kind: str) -> None
     (first,) = _show(srv, kind)
     assert first["status"] == "active"
     _fails(srv, kind, "activate", message=f"no {kind} authority is prepared")
-    _fails(srv, kind, "taint", first["authority_id"],
+    _fails(srv, kind, "taint", "--authority-id", first["authority_id"],
            message=f"only an old {kind} authority can be tainted")
-    _fails(srv, kind, "revoke", first["authority_id"], message="only a tainted one")
+    _fails(srv, kind, "revoke", "--authority-id", first["authority_id"],
+           message="only a tainted one")
     _fails(srv, kind, "taint", "0000", message=f"no {kind} authority 0000 (NOT_FOUND)")
 
     prepared = _json(srv.cli("localauthority", kind, "prepare", "--output", "json"))
@@ -64,14 +65,16 @@ def test_cycle_and_bad_sequences(sigil_server: RunningServer, kind: str) -> None
     assert active["authority_id"] == prepared["authority_id"]
     assert [a["status"] for a in _show(srv, kind)] == ["old", "active"]
 
-    tainted = _json(srv.cli("localauthority", kind, "taint", first["authority_id"],
-                            "--output", "json"))
+    tainted = _json(srv.cli("localauthority", kind, "taint", "--authority-id",
+                            first["authority_id"], "--output", "json"))
     assert tainted["status"] == "tainted"
     # The old authority signed the server's TLS certificate (x509) a moment ago:
     # revoke must wait for it unless forced.
     if kind == "x509":
-        _fails(srv, kind, "revoke", first["authority_id"], message="signed SVIDs valid until")
-    revoked = srv.cli("localauthority", kind, "revoke", first["authority_id"], "--force")
+        _fails(srv, kind, "revoke", "--authority-id", first["authority_id"],
+               message="signed SVIDs valid until")
+    revoked = srv.cli("localauthority", kind, "revoke", "--authority-id", first["authority_id"],
+                      "--force")
     assert revoked.returncode == 0, revoked.stderr
     assert revoked.stdout.startswith("revoked ")
     assert [a["authority_id"] for a in _show(srv, kind)] == [prepared["authority_id"]]
@@ -85,7 +88,16 @@ def test_cycle_and_bad_sequences(sigil_server: RunningServer, kind: str) -> None
 def test_bad_kind_and_missing_argument(sigil_server: RunningServer) -> None:
     proc = sigil_server.cli("localauthority", "x509", "taint")
     assert proc.returncode == 2
-    assert proc.stderr == "Error: Missing argument 'AUTHORITY_ID'.\n"
+    assert proc.stderr == ("Error: an authority ID is required (AUTHORITY_ID or "
+                           "--authority-id; see `show`)\n")
+    proc = sigil_server.cli("localauthority", "jwt", "revoke", "a", "--authority-id", "b")
+    assert proc.returncode == 2
+    assert proc.stderr == ("Error: give the authority ID once: as AUTHORITY_ID or as "
+                           "--authority-id\n")
+    # An ID that starts with "-" (JWT key ids may) goes through --authority-id.
+    proc = sigil_server.cli("localauthority", "jwt", "taint", "--authority-id", "-nosuch")
+    assert proc.returncode == 2
+    assert "no jwt authority -nosuch (NOT_FOUND)" in proc.stderr
     proc = sigil_server.cli("localauthority", "rsa", "show")
     assert proc.returncode == 2
     assert proc.stderr.startswith("Error: No such command 'rsa'")

@@ -333,8 +333,8 @@ def test_workers_report_a_taint(rotating_pool: RunningServer,
     next_kid = _authority(srv, "jwt", "prepare")
     _authority(srv, "x509", "activate")
     _authority(srv, "jwt", "activate")
-    _authority(srv, "x509", "taint", first_ca)
-    _authority(srv, "jwt", "taint", first_kid)
+    _authority(srv, "x509", "taint", "--authority-id", first_ca)
+    _authority(srv, "jwt", "taint", "--authority-id", first_kid)  # a kid may start with "-"
     p.refresh_roots()
 
     def reports_taint(tls: x509.Certificate, stub: agent_pb2_grpc.AgentStub,
