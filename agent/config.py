@@ -147,14 +147,23 @@ def parse_host_port(text: str, *, key: str = "server_address") -> tuple[str, int
         raise ConfigError(f"{key}: {exc}") from None
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def load_toml(path: Path) -> dict[str, Any]:
+    """A config file's TOML document, whatever its keys.
+
+    Raises:
+        ConfigError: unreadable, or not TOML (one line naming the file).
+    """
     try:
         with path.open("rb") as fh:
-            doc = tomllib.load(fh)
+            return tomllib.load(fh)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    doc = load_toml(path)
     for key in doc:
         if key not in KNOWN_KEYS:
             raise ConfigError(f"config file {path}: unknown key {key!r}")

@@ -27,7 +27,6 @@ import signal as signal_module
 import subprocess
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import grpc
 
 from agent import log
+from agent.config import load_toml
 from agent.endpoint import parse_endpoint_address
 from agent.errors import AgentError, ConfigError, EndpointAddressError
 from agent.state import write_file_atomic
@@ -161,13 +161,7 @@ def load_config_file(path: Path, overrides: Mapping[str, Any]) -> HelperConfig:
     Raises:
         ConfigError: unreadable file, no ``[helper]`` table, or a bad value.
     """
-    try:
-        with path.open("rb") as fh:
-            doc = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    doc = load_toml(path)
     table = doc.get("helper")
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path} has no [helper] table")

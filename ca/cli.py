@@ -8,7 +8,6 @@ Errors print one line, ``Error: <reason>``, on stderr and exit with code 2.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
 import os
 import signal
@@ -423,14 +422,29 @@ def entry_create(
         click.echo(_entry_text(created))
 
 
-def _list_entries(req: admin_pb2.ListEntriesRequest,
-                  stub: admin_pb2_grpc.AdminStub) -> admin_pb2.ListEntriesResponse:
-    return stub.ListEntries(req, timeout=ADMIN_TIMEOUT)  # type: ignore[no-any-return]
+def _all_pages(socket_path: str, list_page: Callable[[admin_pb2_grpc.AdminStub, str], Any],
+               items: str) -> list[Any]:
+    """Every item of a paged admin listing: ``list_page(stub, page_token)`` per page."""
+    out: list[Any] = []
+    token = ""
+    while True:
+        page = _call(socket_path, lambda stub: list_page(stub, token))  # noqa: B023 - called now
+        out.extend(getattr(page, items))
+        token = page.next_page_token
+        if not token:
+            return out
 
 
-def _list_agents(req: admin_pb2.ListAgentsRequest,
-                 stub: admin_pb2_grpc.AdminStub) -> admin_pb2.ListAgentsResponse:
-    return stub.ListAgents(req, timeout=ADMIN_TIMEOUT)  # type: ignore[no-any-return]
+def _emit_list(items: Sequence[Any], output: str, to_json: Callable[[Any], object],
+               to_text: Callable[[Any], str], one: str, many: str) -> None:
+    """A listing as a JSON list, or "Found n things" and each thing's text."""
+    if output == "json":
+        _emit_json([to_json(i) for i in items])
+        return
+    click.echo(f"Found {len(items)} {one if len(items) == 1 else many}")
+    for i in items:
+        click.echo("")
+        click.echo(to_text(i))
 
 
 _MATCH_CHOICES = {"exact": admin_pb2.MATCH_EXACT, "subset": admin_pb2.MATCH_SUBSET,
@@ -476,26 +490,15 @@ def entry_show(
         entries = [_call(socket_path, lambda s: s.GetEntry(
             admin_pb2.GetEntryRequest(id=entry_id), timeout=ADMIN_TIMEOUT))]
     else:
-        entries = []
-        token = ""
-        while True:
-            req = admin_pb2.ListEntriesRequest(
+        def list_page(stub: admin_pb2_grpc.AdminStub, page_token: str) -> Any:
+            return stub.ListEntries(admin_pb2.ListEntriesRequest(
                 spiffe_id=spiffe_id or "", parent_id=parent_id or "", selectors=sels,
                 selector_match=_MATCH_CHOICES[match], federates_with=list(federates_with),
                 federates_with_match=_MATCH_CHOICES[federates_with_match], hint=hint or "",
-                page_token=token)
-            page = _call(socket_path, functools.partial(_list_entries, req))
-            entries.extend(page.entries)
-            token = page.next_page_token
-            if not token:
-                break
-    if output == "json":
-        _emit_json([entry_json(e) for e in entries])
-        return
-    click.echo(f"Found {len(entries)} {'entry' if len(entries) == 1 else 'entries'}")
-    for e in entries:
-        click.echo("")
-        click.echo(_entry_text(e))
+                page_token=page_token), timeout=ADMIN_TIMEOUT)
+
+        entries = _all_pages(socket_path, list_page, "entries")
+    _emit_list(entries, output, entry_json, _entry_text, "entry", "entries")
 
 
 @entry.command("update")
@@ -688,22 +691,9 @@ def agent_list(socket_path: str, output: str) -> None:
     Example:
       sigil-server agent list --output json
     """
-    agents: list[admin_pb2.Agent] = []
-    token = ""
-    while True:
-        req = admin_pb2.ListAgentsRequest(page_token=token)
-        page = _call(socket_path, functools.partial(_list_agents, req))
-        agents.extend(page.agents)
-        token = page.next_page_token
-        if not token:
-            break
-    if output == "json":
-        _emit_json([agent_json(a) for a in agents])
-        return
-    click.echo(f"Found {len(agents)} {'agent' if len(agents) == 1 else 'agents'}")
-    for a in agents:
-        click.echo("")
-        click.echo(_agent_text(a))
+    agents = _all_pages(socket_path, lambda stub, page_token: stub.ListAgents(
+        admin_pb2.ListAgentsRequest(page_token=page_token), timeout=ADMIN_TIMEOUT), "agents")
+    _emit_list(agents, output, agent_json, _agent_text, "agent", "agents")
 
 
 @agent.command("show")

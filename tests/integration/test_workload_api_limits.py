@@ -85,6 +85,35 @@ def _outcome(s: socket.socket) -> str:
     return _Frames(s).outcome()
 
 
+def _burst(harness: Harness, n: int) -> list[str]:
+    """Open ``n`` connections at once, call FetchX509SVID on each; each one's outcome."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_UNIX)
+            socks.append(s)
+            _connect(s, str(harness.socket_path))
+        for s in socks:
+            try:
+                s.sendall(_fetch_x509_request())
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # already closed by the agent: the outcome says "refused"
+        readers = [_Frames(s) for s in socks]
+        outcomes = [r.outcome() for r in readers]
+        # Within a burst grpc itself now and then ends a call with CANCELLED before
+        # the servicer sees it (about one run in ten, one call of 1,024; the agent
+        # of an earlier session did too). The connection stays served: the same
+        # call again, as a client retries, is answered.
+        for i, outcome in enumerate(outcomes):
+            if outcome == "ended (frame type 1)":
+                socks[i].sendall(_fetch_x509_call(3))
+                outcomes[i] = readers[i].outcome(3)
+        return outcomes
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _connect(s: socket.socket, path: str) -> None:
     # Blocking: a Unix socket cannot wait for a full backlog in non-blocking mode
     # (EAGAIN), and a timeout makes the socket non-blocking underneath.
@@ -124,19 +153,7 @@ def test_connections_over_the_bound_are_closed_and_the_rest_served() -> None:
     harness = Harness(max_connections=3)
     try:
         harness.set_state([entry("e1", WEB, f"unix:uid:{UID}")])
-        socks = [socket.socket(socket.AF_UNIX) for _ in range(5)]
-        try:
-            for s in socks:
-                _connect(s, str(harness.socket_path))
-            for s in socks:
-                try:
-                    s.sendall(_fetch_x509_request())
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # already closed by the agent: _outcome says "refused"
-            outcomes = [_outcome(s) for s in socks]
-        finally:
-            for s in socks:
-                s.close()
+        outcomes = _burst(harness, 5)
         assert outcomes == ["served"] * 3 + ["refused"] * 2
         assert harness.server.front.refused_count == 2
         _wait(lambda: harness.server.front.connection_count == 0)
@@ -152,30 +169,7 @@ def test_two_thousand_connections_at_once() -> None:
     harness = Harness()  # the default bound, 1024
     try:
         harness.set_state([entry("e1", WEB, f"unix:uid:{UID}")])
-        socks: list[socket.socket] = []
-        try:
-            for _ in range(2000):
-                s = socket.socket(socket.AF_UNIX)
-                socks.append(s)
-                _connect(s, str(harness.socket_path))
-            for s in socks:
-                try:
-                    s.sendall(_fetch_x509_request())
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # already closed by the agent: _outcome says "refused"
-            readers = [_Frames(s) for s in socks]
-            outcomes = [r.outcome() for r in readers]
-            # Within the burst grpc itself now and then ends a call with CANCELLED
-            # before the servicer sees it (about one run in ten, one call of 1,024;
-            # the agent of the previous session did too). The connection stays
-            # served: the same call again, as a client retries, is answered.
-            for i, outcome in enumerate(outcomes):
-                if outcome == "ended (frame type 1)":
-                    socks[i].sendall(_fetch_x509_call(3))
-                    outcomes[i] = readers[i].outcome(3)
-        finally:
-            for s in socks:
-                s.close()
+        outcomes = _burst(harness, 2000)
         assert outcomes.count("served") == 1024
         assert outcomes.count("refused") == 976
         assert harness.server.front.refused_count == 976
