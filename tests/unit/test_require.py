@@ -1,0 +1,103 @@
+"""tests/support/require.py: a missing required part skips locally and fails in CI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import require as req
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+
+
+@pytest.fixture
+def local(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CI", raising=False)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, False), ("", False), ("false", False), ("0", False), ("no", False),
+    ("true", True), ("TRUE", True), ("1", True), ("yes", True),
+])
+def test_in_ci_reads_the_ci_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, expected: bool
+) -> None:
+    if value is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", value)
+    assert req.in_ci() is expected
+
+
+@pytest.mark.usefixtures("ci")
+def test_missing_part_fails_in_ci() -> None:
+    with pytest.raises(pytest.fail.Exception, match="CI requires it: openssl is gone"):
+        req.require(False, "openssl is gone")
+
+
+@pytest.mark.usefixtures("local")
+def test_missing_part_skips_locally() -> None:
+    with pytest.raises(pytest.skip.Exception, match="openssl is gone") as info:
+        req.require(False, "openssl is gone")
+    assert "docs/development.md" in str(info.value)
+
+
+@pytest.mark.parametrize("env", ["ci", "local"])
+def test_present_part_neither_skips_nor_fails(request: pytest.FixtureRequest, env: str) -> None:
+    request.getfixturevalue(env)
+    req.require(True, "never said")
+    assert req.require_module("json").__name__ == "json"
+    assert req.require_program("sh").endswith("/sh")
+
+
+@pytest.mark.usefixtures("ci")
+def test_missing_module_and_program_fail_in_ci() -> None:
+    with pytest.raises(pytest.fail.Exception, match="no-such-dist is not installed"):
+        req.require_module("sigil_no_such_module", "no-such-dist")
+    with pytest.raises(pytest.fail.Exception, match="sigil-no-such-program is not installed"):
+        req.require_program("sigil-no-such-program")
+
+
+@pytest.mark.usefixtures("local")
+def test_missing_module_and_program_skip_locally() -> None:
+    with pytest.raises(pytest.skip.Exception, match="no-such-dist is not installed"):
+        req.require_module("sigil_no_such_module", "no-such-dist")
+    with pytest.raises(pytest.skip.Exception, match="sigil-no-such-program is not installed"):
+        req.require_program("sigil-no-such-program")
+
+
+@pytest.mark.parametrize(("ci_value", "outcome"), [("true", "failed"), ("", "skipped")])
+def test_module_level_requirement_fails_the_run_only_in_ci(
+    tmp_path: Path, ci_value: str, outcome: str
+) -> None:
+    """As test modules use it (``spiffe = require_module("spiffe")``), in a real pytest run."""
+    (tmp_path / "test_needs_it.py").write_text(
+        "from tests.support.require import require_module\n"
+        "require_module('sigil_no_such_module', 'no-such-dist')\n"
+        "def test_it():\n    pass\n"
+    )
+    (tmp_path / "test_other.py").write_text("def test_other():\n    pass\n")
+    env = {**os.environ, "CI": ci_value, "PYTHONPATH": str(REPO)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+         "-p", "no:xdist", "--rootdir", str(tmp_path), str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    out = done.stdout + done.stderr
+    assert "no-such-dist is not installed" in out, out
+    if outcome == "failed":
+        assert done.returncode != 0, out
+        assert "CI requires it" in out and "1 error" in out, out
+    else:
+        assert done.returncode == 0, out
+        assert "1 passed, 1 skipped" in out, out
