@@ -29,11 +29,12 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def missing(why: str) -> NoReturn:
+def missing(why: str, hint: str = HINT) -> NoReturn:
     """Skip (locally) or fail (in CI) because a required part is missing: ``why``."""
+    __tracebackhide__ = True  # skips and failures point at the caller
     if in_ci():
-        pytest.fail(f"CI requires it: {why} ({HINT})", pytrace=False)
-    pytest.skip(f"{why} ({HINT})", allow_module_level=True)
+        pytest.fail(f"CI requires it: {why} ({hint})", pytrace=False)
+    pytest.skip(f"{why} ({hint})", allow_module_level=True)
 
 
 def require(condition: bool, why: str) -> None:
@@ -42,12 +43,14 @@ def require(condition: bool, why: str) -> None:
     Usable in a test, a fixture, or at module level (then in CI the module's
     collection fails, which fails the run).
     """
+    __tracebackhide__ = True  # skips and failures point at the caller
     if not condition:
         missing(why)
 
 
 def require_module(name: str, package: str | None = None) -> ModuleType:
     """Import ``name`` (from the distribution ``package``, for the message), or :func:`missing`."""
+    __tracebackhide__ = True  # skips and failures point at the caller
     try:
         return importlib.import_module(name)
     except ImportError as exc:
@@ -58,6 +61,7 @@ def require_module(name: str, package: str | None = None) -> ModuleType:
 
 def require_program(name: str) -> str:
     """The path of the program ``name`` on PATH, or :func:`missing`."""
+    __tracebackhide__ = True  # skips and failures point at the caller
     path = shutil.which(name)
     require(path is not None, f"{name} is not installed (not on PATH)")
     assert path is not None
@@ -66,4 +70,5 @@ def require_program(name: str) -> str:
 
 def require_root(what: str) -> None:
     """Root is needed for ``what`` (e.g. "to run a process as another user")."""
+    __tracebackhide__ = True  # skips and failures point at the caller
     require(os.geteuid() == 0, f"needs root {what}")
