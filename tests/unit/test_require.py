@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -113,3 +114,40 @@ def test_module_level_requirement_fails_the_run_only_in_ci(
     else:
         assert done.returncode == 0, out
         assert "1 passed, 1 skipped" in out, out
+
+
+# The skips that stay plain pytest.skip: optional by nature, never a missing part.
+# docs/development.md, "Required and optional parts", explains each.
+OPTIONAL_SKIPS = {
+    "tests/integration/test_datastore.py": ["SQLite only", "SQLite only: the other"],
+    "tests/integration/test_migrations.py": ["collations are a MariaDB/MySQL matter"],
+    "tests/integration/test_workload_api_attestation.py": [
+        "other processes kept taking the PID", "this kernel has no SO_PEERPIDFD",
+        "this kernel has neither SO_PEERPIDFD nor pidfd_open"],
+    "tests/unit/test_relay.py": ["abstract socket names are Linux only"],
+}
+_SKIP = re.compile(r"pytest\.skip\(|importorskip\(|mark\.skip(if)?\b|xfail\(|mark\.xfail\b")
+
+
+def test_every_other_skip_goes_through_require() -> None:
+    """A new skip of a required part that bypasses the helper would skip silently in CI."""
+    found: dict[str, list[str]] = {}
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel in ("tests/support/require.py", "tests/unit/test_require.py"):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if _SKIP.search(line):
+                found.setdefault(rel, []).append(f"{number}: {line.strip()}")
+    unexpected = {
+        rel: [line for line in lines
+              if not any(reason in line for reason in OPTIONAL_SKIPS.get(rel, []))]
+        for rel, lines in found.items()
+    }
+    unexpected = {rel: lines for rel, lines in unexpected.items() if lines}
+    assert not unexpected, (
+        "skip a missing required part with tests.support.require (fails in CI), or add a "
+        f"genuinely optional skip to OPTIONAL_SKIPS and docs/development.md: {unexpected}")
+    gone = {rel: reasons for rel, reasons in OPTIONAL_SKIPS.items()
+            if any(not any(r in line for line in found.get(rel, [])) for r in reasons)}
+    assert not gone, f"OPTIONAL_SKIPS names skips that no longer exist: {gone}"
