@@ -71,7 +71,9 @@ SERVERS = {POSTGRES.param: POSTGRES, MARIADB.param: MARIADB}
 
 def in_ci() -> bool:
     """CI requires every database; elsewhere missing servers only skip tests."""
-    return os.environ.get("CI", "").lower() == "true"
+    from tests.support.require import in_ci as ci
+
+    return ci()
 
 
 def admin_engine(server: Server) -> Engine:

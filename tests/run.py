@@ -55,7 +55,9 @@ def ensure_nginx() -> list[str]:
     """
     if NGINX.exists():
         return []
-    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    from tests.support.require import in_ci as ci
+
+    in_ci = ci()
     if Path("/usr/bin/apt-get").exists() and os.geteuid() == 0:
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT}
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.require import missing
+
 MODULE_PATHS = (
     "/usr/lib/softhsm/libsofthsm2.so",
     "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
@@ -44,9 +46,8 @@ def module_path() -> str | None:
 
 def unavailable(reason: str) -> None:
     """Skip outside CI; fail loudly in CI, where SoftHSM2 is required."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"SoftHSM2 is required in CI: {reason}")
-    pytest.skip(f"SoftHSM2 unavailable ({reason}); install Debian's softhsm2")
+    __tracebackhide__ = True
+    missing(f"SoftHSM2 unavailable ({reason}); install Debian's softhsm2")
 
 
 _token: SoftHsmToken | None = None

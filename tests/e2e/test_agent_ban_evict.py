@@ -27,8 +27,9 @@ import pytest
 
 from tests.e2e.conftest import Stack, psat_stack, running_stack, wait_for
 from tests.support.k8s_api import FakeKubeApi
+from tests.support.require import require_module
 
-spiffe = pytest.importorskip("spiffe")
+spiffe = require_module("spiffe", "py-spiffe")
 from spiffe import WorkloadApiClient  # noqa: E402
 from spiffe.workloadapi.errors import FetchX509SvidError  # noqa: E402
 

@@ -49,8 +49,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.e2e.conftest import Stack, running_stack
+from tests.support.require import require_module
 
-spiffe = pytest.importorskip("spiffe")
+spiffe = require_module("spiffe", "py-spiffe")
 from spiffe import TrustDomain, WorkloadApiClient, X509Source  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -44,8 +44,9 @@ from identity.bundle import Bundle, BundleSet
 from identity.spiffeid import TrustDomain as SigilTrustDomain
 from identity.x509svid import verify_chain
 from tests.e2e.conftest import Stack, StackFactory, free_port
+from tests.support.require import require_module
 
-spiffe = pytest.importorskip("spiffe")
+spiffe = require_module("spiffe", "py-spiffe")
 from spiffe import TrustDomain as SpiffeTrustDomain  # noqa: E402
 from spiffe import WorkloadApiClient, X509Source  # noqa: E402
 from spiffe.workloadapi.errors import ValidateJwtSvidError  # noqa: E402

@@ -12,7 +12,6 @@ at least two rotated SVIDs: not one request may fail.
 from __future__ import annotations
 
 import http.client
-import os
 import shutil
 import socket
 import ssl
@@ -25,8 +24,9 @@ import pytest
 from cryptography import x509
 
 from tests.e2e.conftest import Stack, _tool, free_port, wait_for
+from tests.support.require import require, require_module
 
-spiffe = pytest.importorskip("spiffe")
+spiffe = require_module("spiffe", "py-spiffe")
 
 pytestmark = pytest.mark.slow
 
@@ -59,11 +59,9 @@ http {{
 
 
 def nginx_or_skip() -> str:
-    if Path(NGINX).exists():
-        return NGINX
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI requires nginx at {NGINX} (tests/run.py installs it as root)")
-    pytest.skip(f"nginx is not installed at {NGINX}; `python3 dev.py test` as root installs it")
+    require(Path(NGINX).exists(),
+            f"nginx is not installed at {NGINX}; `python3 dev.py test` as root installs it")
+    return NGINX
 
 
 def uri_san(cert_der: bytes) -> str:

@@ -8,7 +8,6 @@ from the agent's Workload API socket and validates them with its own code;
 from __future__ import annotations
 
 import json
-import shutil
 import stat
 import subprocess
 import time
@@ -20,8 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.e2e.conftest import Stack
+from tests.support.require import require_module, require_program
 
-spiffe = pytest.importorskip("spiffe")
+spiffe = require_module("spiffe", "py-spiffe")
 from spiffe import JwtSvid, SpiffeId, WorkloadApiClient  # noqa: E402
 from spiffe.workloadapi.errors import FetchX509SvidError  # noqa: E402
 
@@ -86,10 +86,10 @@ def test_py_spiffe_gets_and_validates_svids(stack: Stack, uid_selector: str) -> 
         client.close()
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_openssl_verifies_fetched_chain_and_shows_profile(
     stack: Stack, uid_selector: str, tmp_path: Path
 ) -> None:
+    require_program("openssl")
     workload_id = "spiffe://e2e.sigil.test/api"
     stack.create_entry(workload_id, uid_selector, extra=("--dns-name", "api.example.test"))
     client = WorkloadApiClient(socket_path=stack.endpoint)

@@ -40,6 +40,7 @@ from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import certificates_to_pem, new_csr
 from tests.integration.conftest import RunningServer
 from tests.integration.test_server_agent_api import TARGET, Agent, _attest_request
+from tests.support.require import require_root
 
 ENTRY_KEYS = ["id", "spiffe_id", "parent_id", "selectors", "x509_svid_ttl", "jwt_svid_ttl",
               "dns_names", "federates_with", "hint", "admin", "downstream", "expires_at",
@@ -675,8 +676,8 @@ def test_bad_mint_input(sigil_server: RunningServer, args: list[str], message: s
 # ---- the admin socket ---------------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another UID")
 def test_admin_socket_refuses_other_users(sigil_server: RunningServer, before: int) -> None:
+    require_root("to switch to another UID")
     pid = os.fork()
     if pid == 0:  # the child: become nobody and try to connect
         code = 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import queue
 import signal
 import stat
 import subprocess
@@ -29,7 +29,9 @@ from identity.bundle import Bundle
 from identity.spiffeid import TrustDomain
 from identity.x509svid import X509Svid, load_certificates_pem
 from tests.integration.workload_api_harness import Harness, TestCA, entry
+from tests.support.require import require_module, require_program
 
+REPO = Path(__file__).resolve().parents[2]
 UID = f"unix:uid:{os.getuid()}"
 WEB = "spiffe://example.org/web"
 
@@ -95,23 +97,50 @@ def test_validate_jwt_good_and_bad(harness: Harness) -> None:
         assert len(lines) == 1 and lines[0].startswith(f"Error: {message}"), bad.stderr
 
 
-def test_watch_prints_each_update(harness: Harness) -> None:
+def test_watch_prints_each_update(harness: Harness, tmp_path: Path) -> None:
+    """`sigil-agent api watch` prints a line as each update arrives: the first at once,
+    the rotation made only after that line appeared, then it stops at --count 2."""
     first = harness.set_state([entry("w", WEB, UID)])["w"]
-    rotated: list[X509Svid] = []
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from agent.cli import main; main(prog_name='sigil-agent')",
+             "api", "watch", "--count", "2", "--output", "json",
+             "--socket-path", str(harness.socket_path)],
+            stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    lines: queue.Queue[str] = queue.Queue()
 
-    def rotate() -> None:
-        time.sleep(0.5)
-        rotated.append(harness.set_state([entry("w", WEB, UID)])["w"])
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
 
-    t = threading.Thread(target=rotate)
-    t.start()
-    result = cli(harness, "api", "watch", "--count", "2", "--output", "json")
-    t.join()
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def next_row(what: str, timeout: float = 20.0) -> dict:  # type: ignore[type-arg]
+        try:
+            return json.loads(lines.get(timeout=timeout))  # type: ignore[no-any-return]
+        except queue.Empty:
+            raise AssertionError(f"no {what} line from watch in {timeout} s: "
+                                 f"{stderr.read_text()}") from None
+
+    try:
+        rows = [next_row("first")]
+        rotated = harness.set_state([entry("w", WEB, UID)])["w"]
+        rows.append(next_row("rotation"))
+        assert proc.wait(timeout=20) == 0, stderr.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert [r["svids"][0]["serial"] for r in rows] == [
-        f"{first.leaf.serial_number:x}", f"{rotated[0].leaf.serial_number:x}"]
-    assert rows[0]["svids"][0]["spiffe_id"] == WEB
+        f"{first.leaf.serial_number:x}", f"{rotated.leaf.serial_number:x}"]
+    assert [r["svids"][0]["spiffe_id"] for r in rows] == [WEB, WEB]
+    reader.join(timeout=10)
+    assert lines.empty(), "watch printed more than --count 2 updates"
 
 
 def test_healthcheck_json(harness: Harness) -> None:
@@ -270,8 +299,8 @@ def test_helper_from_config_file_with_count(harness: Harness, tmp_path: Path) ->
 # openssl with the written files --------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_openssl_mutual_tls_with_helper_files(harness: Harness, tmp_path: Path) -> None:
+    require_program("openssl")
     harness.set_state([entry("w", WEB, UID)])
     out = tmp_path / "files"
     result = CliRunner().invoke(main, ["helper", "--socket-path", str(harness.socket_path),
@@ -317,7 +346,7 @@ def test_openssl_mutual_tls_with_helper_files(harness: Harness, tmp_path: Path) 
 
 # py-spiffe follows rotations ----------------------------------------------------------
 
-spiffe = pytest.importorskip("spiffe")
+spiffe = require_module("spiffe", "py-spiffe")
 
 
 def test_py_spiffe_x509_and_jwt_sources_follow_rotation(harness: Harness) -> None:
@@ -374,7 +403,7 @@ def test_py_spiffe_x509_and_jwt_sources_follow_rotation(harness: Harness) -> Non
 
 
 def test_spiffe_tls_mutual_tls_between_two_workloads(harness: Harness) -> None:
-    spiffetls = pytest.importorskip("spiffetls", reason="spiffe-tls is not installed")
+    spiffetls = require_module("spiffetls", "spiffe-tls")
     from spiffe import SpiffeId, WorkloadApiClient, X509Source
     from spiffetls.tlsconfig.authorize import authorize_id
 

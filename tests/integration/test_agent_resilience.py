@@ -23,8 +23,9 @@ import pytest
 from agent.state import WORKLOAD_CACHE_FILE
 from tests.integration.conftest import RunningServer
 from tests.integration.test_agent_server import AgentThread, _token, _wait_for_svid
+from tests.support.require import require_module
 
-spiffe = pytest.importorskip("spiffe")
+spiffe = require_module("spiffe", "py-spiffe")
 from spiffe import WorkloadApiClient, X509Source  # noqa: E402
 
 pytestmark = pytest.mark.slow

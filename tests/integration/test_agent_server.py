@@ -19,13 +19,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.agent import Agent
 from agent.config import load_config
 from agent.errors import BootstrapError
+from identity.bundle import Bundle
+from identity.spiffeid import TrustDomain
 from tests.integration.conftest import RunningServer
+from tests.support.require import require_module
 
-spiffe = pytest.importorskip("spiffe")
+spiffe = require_module("spiffe", "py-spiffe")
 from spiffe import JwtSvid, SpiffeId, WorkloadApiClient  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -169,12 +175,50 @@ def test_reused_join_token_is_refused(sigil_server: RunningServer, agent_root: P
 def test_insecure_bootstrap_trusts_on_first_use(
     sigil_server: RunningServer, agent_root: Path
 ) -> None:
+    """Without a bootstrap bundle, the agent keeps the bundle the server gave it: the
+    server's CA and JWT keys exactly, and its own SVID chains to that CA."""
     token = _token(sigil_server)
     agent = AgentThread(
         trust_domain=sigil_server.trust_domain, server_address=sigil_server.address,
         data_dir=str(agent_root / "data"), socket_path=str(agent_root / "api.sock"),
         join_token=token["token"], insecure_bootstrap=True,
     )
+    assert agent.config.trust_bundle_path is None
     agent.start()
     agent.stop()
-    assert (agent_root / "data" / "bundle.json").exists()
+    assert agent.error is None, repr(agent.error)
+
+    td = TrustDomain(sigil_server.trust_domain)
+    kept = Bundle.from_jwks(td, (agent_root / "data" / "bundle.json").read_bytes())
+    shown = sigil_server.cli("bundle", "show", "--format", "spiffe")
+    assert shown.returncode == 0, shown.stderr
+    served = Bundle.from_jwks(td, shown.stdout)
+    pem = sigil_server.cli("bundle", "show", "--format", "pem")
+    assert pem.returncode == 0, pem.stderr
+    ders = [c.public_bytes(Encoding.DER) for c in kept.x509_authorities]
+    assert ders and ders == [c.public_bytes(Encoding.DER) for c in served.x509_authorities]
+    assert ders == [c.public_bytes(Encoding.DER)
+                    for c in x509.load_pem_x509_certificates(pem.stdout.encode())]
+    assert kept.jwt_authorities and [
+        (j.key_id, _spki(j.public_key)) for j in kept.jwt_authorities
+    ] == [(j.key_id, _spki(j.public_key)) for j in served.jwt_authorities]
+
+    agent_svid = x509.load_pem_x509_certificates(
+        (agent_root / "data" / "agent_svid.pem").read_bytes())[0]
+    assert str(agent_svid.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier)[0]) == token["agent_id"]
+    assert any(_issued_by(agent_svid, ca) for ca in kept.x509_authorities)
+
+
+def _spki(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined, no-any-return]
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def _issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        leaf.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

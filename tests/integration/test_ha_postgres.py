@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 
+from ca.authority.setup import INSTANCE_ID_FILE
 from tests.integration.conftest import RunningServer
 from tests.integration.test_agent_server import AgentThread, _token, _wait_for_svid, agent_root
+from tests.support.require import require_module
 
-spiffe = pytest.importorskip("spiffe")
+spiffe = require_module("spiffe", "py-spiffe")
 from spiffe import WorkloadApiClient  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -29,6 +33,44 @@ def _bundle_roots(srv: RunningServer) -> set[bytes]:
     out = srv.cli("bundle", "show", "--format", "pem")
     assert out.returncode == 0, out.stderr
     return {c.tbs_certificate_bytes for c in x509.load_pem_x509_certificates(out.stdout.encode())}
+
+
+@dataclass(frozen=True)
+class _Ca:
+    authority_id: str
+    cert: x509.Certificate
+
+
+def _authorities(srv: RunningServer) -> list[dict[str, Any]]:
+    out = srv.cli("localauthority", "x509", "show", "--output", "json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["authorities"]  # type: ignore[no-any-return]
+
+
+def _ski(cert: x509.Certificate) -> str:
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+
+
+def _own_active_ca(srv: RunningServer, listed: list[dict[str, Any]]) -> _Ca:
+    """The active X.509 authority owned by ``srv`` (its data directory's instance id),
+    with its certificate from the bundle ``srv`` publishes."""
+    owner = (srv.data_dir / INSTANCE_ID_FILE).read_text().strip()
+    mine = [x for x in listed if x["owner"] == owner and x["status"] == "active"]
+    assert len(mine) == 1, (owner, listed)
+    out = srv.cli("bundle", "show", "--format", "pem")
+    assert out.returncode == 0, out.stderr
+    certs = [c for c in x509.load_pem_x509_certificates(out.stdout.encode())
+             if _ski(c) == mine[0]["authority_id"]]
+    assert len(certs) == 1, f"authority {mine[0]['authority_id']} not in the bundle once"
+    return _Ca(mine[0]["authority_id"], certs[0])
+
+
+def _assert_signed_by(leaf: x509.Certificate, ca: _Ca, what: str) -> None:
+    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    named = (aki.key_identifier or b"").hex()
+    assert named == ca.authority_id, f"{what} names authority {named}, not {ca.authority_id}"
+    assert leaf.issuer == ca.cert.subject
+    leaf.verify_directly_issued_by(ca.cert)  # raises unless ca's key made the signature
 
 
 def _wait(check: object, what: str, timeout: float = 30) -> None:
@@ -80,14 +122,19 @@ def test_two_servers_one_database(database_url: str, server_root: Path,
             try:
                 ctx = _wait_for_svid(client, workload_id)
                 assert str(ctx.default_svid.spiffe_id) == workload_id
-                # Signed by B's CA: the agent talks to B.
-                b_auths = json.loads(b.cli("localauthority", "x509", "show", "--output",
-                                           "json").stdout)["authorities"]
-                leaf = ctx.default_svid.leaf
-                aki = leaf.extensions.get_extension_for_class(
-                    x509.AuthorityKeyIdentifier).value.key_identifier
-                signer = next(x for x in b_auths if x["authority_id"] == aki.hex())
-                assert signer["status"] == "active"
+                # Signed by B's own active CA (the agent talks to B), not by A's,
+                # though both are in the bundle and both servers list both.
+                b_listed = _authorities(b)
+                b_ca = _own_active_ca(b, b_listed)
+                a_ca = _own_active_ca(a, _authorities(a))
+                assert b_ca.authority_id != a_ca.authority_id
+                assert {x["authority_id"] for x in b_listed} >= {b_ca.authority_id,
+                                                                 a_ca.authority_id}
+                _assert_signed_by(ctx.default_svid.leaf, b_ca, "the workload SVID")
+                # The agent's own SVID was signed by B too, at attestation.
+                agent_svid = x509.load_pem_x509_certificates(
+                    (agent_root / "data" / "agent_svid.pem").read_bytes())[0]
+                _assert_signed_by(agent_svid, b_ca, "the agent SVID")
             finally:
                 client.close()
         finally:

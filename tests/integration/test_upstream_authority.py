@@ -6,7 +6,6 @@ Also each bad ``[upstream_authority]`` file gives one clear ConfigError.
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from identity.clock import SystemClock
 from identity.keys import generate_private_key, private_key_to_pem
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import certificates_to_pem, new_ca_certificate
+from tests.support.require import require_program
 
 TD = TrustDomain("example.org")
 
@@ -40,9 +40,7 @@ def _upstream_files(tmp: Path) -> UpstreamConfig:
 
 
 def test_svid_chain_verifies_with_openssl(tmp_path: Path) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl not installed")
+    openssl = require_program("openssl")
     upstream = load_upstream(_upstream_files(tmp_path))
     url = f"sqlite:///{tmp_path / 'ds.sqlite3'}"
     migrations.upgrade(url)

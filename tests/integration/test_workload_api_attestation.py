@@ -33,6 +33,7 @@ from attestation.workload.pidfd import (
     pidfd_exited,
 )
 from tests.integration.workload_api_harness import Harness, entry
+from tests.support.require import require
 
 UID = os.getuid()
 WEB = "spiffe://example.org/web"
@@ -100,11 +101,9 @@ def harness() -> Iterator[Harness]:
         h.close()
 
 
-@pytest.mark.skipif(
-    os.getuid() != 0 or not os.access(NS_LAST_PID, os.W_OK),
-    reason="forcing PID reuse needs root (writes /proc/sys/kernel/ns_last_pid)",
-)
 def test_real_pid_reuse_is_denied(harness: Harness) -> None:
+    require(os.getuid() == 0 and os.access(NS_LAST_PID, os.W_OK),
+            "forcing PID reuse needs root (writes /proc/sys/kernel/ns_last_pid)")
     harness.set_state([entry("e1", WEB, f"unix:uid:{UID}")])
     proxy = harness.root / "proxy.sock"
     workload = subprocess.Popen(

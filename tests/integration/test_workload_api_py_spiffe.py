@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.workload_api_harness import Harness, entry
+from tests.support.require import require_module
 
-spiffe = pytest.importorskip("spiffe")
+spiffe = require_module("spiffe", "py-spiffe")
 from spiffe import JwtSvid, SpiffeId, WorkloadApiClient, X509Source  # noqa: E402
 
 UID = os.getuid()

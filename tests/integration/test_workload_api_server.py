@@ -25,6 +25,7 @@ from api.protos import workload_pb2 as pb
 from identity.x509svid import load_certificates_der
 from tests.integration.workload_api_harness import Harness, entry
 from tests.support.raw_workload_client import raw_fetch_x509
+from tests.support.require import require_root
 
 RAW_CLIENT = Path(__file__).resolve().parents[1] / "support" / "raw_workload_client.py"
 
@@ -326,8 +327,8 @@ def _fetch_as(uid: int, path: str) -> bytes:
     return done.stdout
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a process as another user")
 def test_process_of_another_uid_is_denied(harness: Harness) -> None:
+    require_root("to run a process as another user")
     harness.set_state([entry("e1", WEB, f"unix:uid:{UID}")])
     # The raw client itself works (as us).
     assert raw_fetch_x509(str(harness.socket_path)) == b"OK"

@@ -32,6 +32,8 @@ EXTRA = "spiffe://example.org/web-extra"
 # slow machine only makes the "nothing arrives" checks weaker, never fail.
 QUIET = 1.0
 ARRIVAL = 20.0
+# The promised bound from a change in the cache to the stream's client.
+PROMPT = 1.0
 
 _CLIENT = r"""
 import hashlib, sys
@@ -169,18 +171,24 @@ def test_changes_reach_the_affected_stream_only(harness: Harness) -> None:
 
 
 def test_update_arrives_promptly(harness: Harness) -> None:
-    """Records how long a rotation takes to reach a stream (goal: under 1 s).
+    """A rotation reaches an open stream in under 1 s (PROMPT).
 
-    The assertion is generous (tests never fail on timing); the figure is printed
-    for the record and bench/workload_api.py measures the latency properly.
+    Measured from the moment the cache holds the new SVID (made beforehand, so its
+    key generation is not counted) to the child's line for the new message;
+    bench/workload_api.py measures the latency properly.
     """
     harness.set_state([entry("ea", WEB, "test:workload:a")])
     a = Workload(harness, "a")
     try:
-        a.next()
+        first = a.next()
+        assert first.startswith(f"MSG {WEB} "), first
+        rotated = harness.ca.svid(WEB)
         start = time.monotonic()
-        harness.call(lambda: harness.cache.set_x509_svid("ea", harness.ca.svid(WEB)))
-        a.next()
-        print(f"rotation reached the stream in {time.monotonic() - start:.3f} s")
+        harness.call(lambda: harness.cache.set_x509_svid("ea", rotated))
+        update = a.next()
+        elapsed = time.monotonic() - start
+        print(f"rotation reached the stream in {elapsed:.3f} s")
+        assert update.startswith(f"MSG {WEB} ") and update != first, update
+        assert elapsed < PROMPT, f"rotation took {elapsed:.3f} s to reach the stream"
     finally:
         a.close()

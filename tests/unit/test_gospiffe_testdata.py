@@ -31,6 +31,7 @@ from identity.x509svid import (
     certificates_to_pem,
     load_certificates_pem,
 )
+from tests.support.require import require
 
 
 def _root() -> Path:
@@ -43,12 +44,11 @@ def _root() -> Path:
 
 ROOT = _root()
 
-if not (ROOT / "x509svid" / "cases.json").is_file():
-    pytest.skip(
-        f"go-spiffe test vectors not found at {ROOT}; set SIGIL_SHARED_TESTDATA to the "
-        "shared testdata directory to run these tests",
-        allow_module_level=True,
-    )
+require(
+    (ROOT / "x509svid" / "cases.json").is_file(),
+    f"go-spiffe test vectors not found at {ROOT}; set SIGIL_SHARED_TESTDATA to the "
+    "shared testdata directory to run these tests",
+)
 
 X509 = json.loads((ROOT / "x509svid" / "cases.json").read_text())
 BUNDLES = json.loads((ROOT / "spiffebundle" / "cases.json").read_text())

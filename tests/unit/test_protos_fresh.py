@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from api.protos import generate
+from tests.support.require import require_module
 
-pytest.importorskip("grpc_tools")
+require_module("grpc_tools", "grpcio-tools")
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
@@ -43,7 +42,7 @@ def test_workload_messages_live_in_our_package_but_wire_names_are_bare() -> None
 
 
 def test_py_spiffe_and_our_messages_share_a_process() -> None:
-    spiffe_pb2 = pytest.importorskip("spiffe._proto.workload_pb2")
+    spiffe_pb2 = require_module("spiffe._proto.workload_pb2", "py-spiffe")
     from api.protos import workload_pb2
 
     ours = workload_pb2.X509SVID(spiffe_id="spiffe://td/w", x509_svid=b"\x01", hint="h")
