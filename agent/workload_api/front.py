@@ -32,7 +32,7 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import log
@@ -40,8 +40,14 @@ from agent.errors import AgentError
 from attestation.relay import ConnectionRelay
 from attestation.workload import (
     DEFAULT_PROC_ROOT,
+    ProcessGoneError,
     WorkloadAttestationError,
     process_start_time,
+)
+from attestation.workload.peersocket import (
+    executable_identity,
+    holds_socket,
+    unix_peer_inode,
 )
 from attestation.workload.pidfd import (
     PeerGoneError,
@@ -64,6 +70,32 @@ HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _REFUSAL_LOG_INTERVAL = 5.0
 
 
+class PeerSocket:
+    """The workload's own end of its connection, and where it last held it.
+
+    Args:
+        inode: the socket inode of the peer's end (``sock_diag``).
+    """
+
+    __slots__ = ("_fd", "inode")
+
+    def __init__(self, inode: int) -> None:
+        self.inode = inode
+        self._fd: int | None = None
+
+    def held_by(self, pid: int, *, proc_root: Path = DEFAULT_PROC_ROOT) -> bool:
+        """Whether ``pid`` still has a descriptor on this socket.
+
+        One readlink once it was found; a scan of ``/proc/<pid>/fd`` otherwise.
+
+        Raises:
+            WorkloadAttestationError: the process is gone, or its descriptors
+                cannot be read.
+        """
+        self._fd = holds_socket(pid, self.inode, hint=self._fd, proc_root=proc_root)
+        return self._fd is not None
+
+
 @dataclass(frozen=True, slots=True)
 class PeerCredentials:
     """Who is on the other end of a workload connection."""
@@ -75,6 +107,11 @@ class PeerCredentials:
     """Its start time, read when the kernel gave no exact pidfd (else None)."""
     pidfd: int | None = None
     """Pins the process while the connection lasts (None where unsupported)."""
+    executable: tuple[int, int] | None = None
+    """``(st_dev, st_ino)`` of the binary it ran at accept (None: not pinned, or
+    not readable); only recorded with ``pin_executable``."""
+    peer_socket: PeerSocket | None = field(default=None, compare=False)
+    """Its end of the connection; only recorded with ``pin_executable``."""
 
     def process_exited(self) -> bool:
         """True when the pinned process has exited (always False without a pidfd)."""
@@ -111,6 +148,9 @@ class PeerCredentialFront:
             many as ``max_connections``); more of that uid are closed at once.
         preface_timeout: seconds a new connection may take to send the HTTP/2
             client preface before it is closed (None: no limit).
+        pin_executable: record, at accept, the binary the connecting process runs
+            and its end of the connection (:mod:`attestation.workload.peersocket`),
+            for attestors whose selectors describe the executable.
     """
 
     def __init__(
@@ -122,8 +162,10 @@ class PeerCredentialFront:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_connections_per_uid: int | None = None,
         preface_timeout: float | None = DEFAULT_PREFACE_TIMEOUT,
+        pin_executable: bool = False,
     ) -> None:
         check_socket_path(public_socket)
+        self.pin_executable = pin_executable
         if max_connections < 1:
             raise AgentError(f"max_connections must be at least 1, not {max_connections}")
         if max_connections_per_uid is not None and max_connections_per_uid < 1:
@@ -309,8 +351,24 @@ class PeerCredentialFront:
                     log.event("workload refused", level=logging.WARNING, pid=pid,
                               reason=str(exc))
                     return
+            executable: tuple[int, int] | None = None
+            peer_socket: PeerSocket | None = None
+            if self.pin_executable:
+                # As early as we can: an exec after this changes the identity.
+                try:
+                    executable = executable_identity(pid, proc_root=self._proc_root)
+                    peer_socket = PeerSocket(unix_peer_inode(sock))
+                except ProcessGoneError:
+                    log.event("workload refused", level=logging.WARNING, pid=pid,
+                              reason="process exited before it was recorded")
+                    return
+                except OSError as exc:
+                    log.event("workload refused", level=logging.WARNING, pid=pid,
+                              reason=f"cannot find the peer's socket (sock_diag): {exc}")
+                    return
             creds = PeerCredentials(
-                pid=pid, uid=uid, gid=gid, start_time=start_time, pidfd=pidfd
+                pid=pid, uid=uid, gid=gid, start_time=start_time, pidfd=pidfd,
+                executable=executable, peer_socket=peer_socket,
             )
             # Alive after the read: the start time is the pinned process's own
             # (and a process that already exited is not served at all).

@@ -56,6 +56,8 @@ class WorkloadApiServer:
             socket_path, private_dir=private_dir, proc_root=proc_root,
             max_connections=max_connections, max_connections_per_uid=max_connections_per_uid,
             preface_timeout=preface_timeout,
+            # Only selectors that describe the binary need it pinned at accept.
+            pin_executable=any(getattr(a, "uses_executable", False) for a in attestors),
         )
         self._idle_timeout = idle_timeout
         self.servicer = WorkloadApiServicer(
