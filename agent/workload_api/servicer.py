@@ -251,8 +251,9 @@ class WorkloadApiServicer:
             return
         reason = ""
         try:
-            if creds.executable is None or executable_identity(
-                    creds.pid, proc_root=self._proc_root) != creds.executable:
+            if creds.executable is None:
+                reason = "had an executable the agent could not read when it connected"
+            elif executable_identity(creds.pid, proc_root=self._proc_root) != creds.executable:
                 reason = "runs another executable than when it connected"
             elif not creds.peer_socket.held_by(creds.pid, proc_root=self._proc_root):
                 reason = "no longer holds its connection"

@@ -13,6 +13,7 @@ happens before the agent looked; the socket is close-on-exec).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import subprocess
@@ -126,8 +127,17 @@ def _holds_any_socket(pid: int) -> bool:
     return any(os.readlink(fds / n).startswith("socket:") for n in os.listdir(fds))
 
 
-def test_exec_after_connect_is_refused_for_unix_path(harness: Harness) -> None:
+def _reasons(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(str(getattr(r, "fields", {}).get("reason")) for r in caplog.records
+                     if r.getMessage() == "workload refused")
+
+
+def test_exec_after_connect_is_refused_for_unix_path(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sigil.agent")
     assert _run(harness, "exec", f"unix:path:{SLEEP}") == grpc.StatusCode.PERMISSION_DENIED
+    assert "process runs another executable than when it connected" in _reasons(caplog)
 
 
 def test_exec_after_connect_is_refused_for_unix_sha256() -> None:
@@ -139,11 +149,15 @@ def test_exec_after_connect_is_refused_for_unix_sha256() -> None:
         h.close()
 
 
-def test_a_connection_the_process_no_longer_holds_is_refused(harness: Harness) -> None:
+def test_a_connection_the_process_no_longer_holds_is_refused(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
     """The exec may come before the agent looks at the executable: then the process
     no longer holds the connection (close-on-exec). Same state, without the race:
     it closed its copy, a child speaks over the one it inherited."""
+    caplog.set_level(logging.WARNING, logger="sigil.agent")
     assert _run(harness, "close", f"unix:path:{PYTHON}") == grpc.StatusCode.PERMISSION_DENIED
+    assert "process no longer holds its connection" in _reasons(caplog)
 
 
 def test_a_process_that_keeps_its_connection_is_served(harness: Harness) -> None:
