@@ -26,6 +26,7 @@ import grpc
 import pytest
 
 from agent.workload_api.client import WorkloadApiClient
+from attestation.workload import ProcessGoneError
 from attestation.workload.peersocket import holds_socket, unix_peer_inode
 from attestation.workload.unix import UnixAttestor, UnixAttestorConfig
 from tests.integration.workload_api_harness import Harness, entry
@@ -183,3 +184,13 @@ def test_peer_socket_inode_and_holder(tmp_path: Path) -> None:
             fd = client.fileno()
             client.close()
             assert holds_socket(os.getpid(), inode, hint=fd) is None
+
+
+def test_no_peer_and_no_process(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as lst:
+        lst.bind(str(tmp_path / "l.sock"))
+        lst.listen(1)
+        with pytest.raises(OSError):
+            unix_peer_inode(lst)  # a listening socket has no peer
+    with pytest.raises(ProcessGoneError):
+        holds_socket(2**22 + 12345, 1, proc_root=tmp_path)
