@@ -109,6 +109,9 @@ class Agent:
             clock=self._clock,
             request_sync=self.manager.sync_soon,
             max_connections=self.config.max_connections,
+            max_connections_per_uid=self.config.max_connections_per_uid,
+            preface_timeout=self.config.connection_preface_timeout.total_seconds(),
+            idle_timeout=self.config.connection_idle_timeout.total_seconds(),
         )
         await self.workload_api.start()
         log.event("workload api listening", socket=self.config.socket_path)

@@ -41,6 +41,9 @@ DEFAULT_SYNC_INTERVAL = "5s"
 DEFAULT_SYNC_BACKOFF_MAX = "3m"
 DEFAULT_SVID_CACHE_SIZE = 1000
 DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_CONNECTIONS_PER_UID = 256
+DEFAULT_PREFACE_TIMEOUT = "10s"
+DEFAULT_IDLE_TIMEOUT = "5m"
 
 # The explicit, documented list of environment overrides: variable -> config key.
 # Prefixed SIGIL_AGENT_ so a server and an agent can share one environment.
@@ -72,6 +75,9 @@ _DEFAULTS: Mapping[str, Any] = {
     "workload_attestors": None,
     "node_attestor": None,
     "max_connections": DEFAULT_MAX_CONNECTIONS,
+    "max_connections_per_uid": DEFAULT_MAX_CONNECTIONS_PER_UID,
+    "connection_preface_timeout": DEFAULT_PREFACE_TIMEOUT,
+    "connection_idle_timeout": DEFAULT_IDLE_TIMEOUT,
 }
 KNOWN_KEYS = frozenset(_DEFAULTS)
 _ATTESTOR_KEYS: Mapping[str, frozenset[str]] = {
@@ -102,6 +108,11 @@ class AgentConfig:
         log_format: text or json.
         max_connections: Workload API connections open at once; more are
             accepted and closed at once.
+        max_connections_per_uid: the same, for the connections of one uid.
+        connection_preface_timeout: a Workload API connection that has not sent
+            the HTTP/2 client preface this long after it was accepted is closed.
+        connection_idle_timeout: a Workload API connection with no call in
+            progress for this long is closed.
     """
 
     trust_domain: TrustDomain
@@ -118,6 +129,9 @@ class AgentConfig:
     log_level: str = "info"
     log_format: str = "text"
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
+    connection_preface_timeout: dt.timedelta = dt.timedelta(seconds=10)
+    connection_idle_timeout: dt.timedelta = dt.timedelta(minutes=5)
     k8s: k8s_workload.K8sAttestorConfig | None = None
     k8s_psat: k8s_psat.AgentAttestorConfig | None = None
 
@@ -235,6 +249,15 @@ def _bool(value: object, key: str) -> bool:
     return value
 
 
+def _count(raw: Mapping[str, Any], key: str, default: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)  # from the environment or a flag
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000:
+        raise ConfigError(f"{key} must be an integer from 1 to 1000000, not {value!r}")
+    return value
+
+
 def _validate(raw: Mapping[str, Any]) -> AgentConfig:
     td_text = _string(raw, "trust_domain", required=True)
     assert td_text is not None
@@ -291,17 +314,13 @@ def _validate(raw: Mapping[str, Any]) -> AgentConfig:
     fmt = (_string(raw, "log_format") or "text").lower()
     if fmt not in LOG_FORMATS:
         raise ConfigError(f"log_format {fmt!r} is not one of: {', '.join(LOG_FORMATS)}")
-    max_connections = raw.get("max_connections", DEFAULT_MAX_CONNECTIONS)
-    if isinstance(max_connections, str) and max_connections.isdigit():
-        max_connections = int(max_connections)  # from the environment or a flag
-    if (
-        not isinstance(max_connections, int)
-        or isinstance(max_connections, bool)
-        or not 1 <= max_connections <= 1_000_000
-    ):
-        raise ConfigError(
-            f"max_connections must be an integer from 1 to 1000000, not {max_connections!r}"
-        )
+    max_connections = _count(raw, "max_connections", DEFAULT_MAX_CONNECTIONS)
+    per_uid = _count(raw, "max_connections_per_uid", DEFAULT_MAX_CONNECTIONS_PER_UID)
+    preface_timeout = parse_duration(
+        raw.get("connection_preface_timeout", DEFAULT_PREFACE_TIMEOUT),
+        key="connection_preface_timeout")
+    idle_timeout = parse_duration(
+        raw.get("connection_idle_timeout", DEFAULT_IDLE_TIMEOUT), key="connection_idle_timeout")
     k8s_opts = (raw.get("workload_attestors") or {}).get("k8s")
     psat_table = raw.get("node_attestor")
     try:
@@ -318,6 +337,9 @@ def _validate(raw: Mapping[str, Any]) -> AgentConfig:
         k8s=k8s,
         k8s_psat=psat,
         max_connections=max_connections,
+        max_connections_per_uid=per_uid,
+        connection_preface_timeout=preface_timeout,
+        connection_idle_timeout=idle_timeout,
         trust_domain=trust_domain,
         server_address=server_address,
         data_dir=Path(_string(raw, "data_dir") or DEFAULT_DATA_DIR),

@@ -150,20 +150,37 @@ class ConnectionRelay(Generic[PeerT]):
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def relay(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerT
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerT, *,
+        preface: bytes = b"", preface_timeout: float | None = None,
     ) -> None:
         """Connect to the internal server as ``peer`` and relay until either side closes.
 
-        Bytes are passed on in the transports' own callbacks (:class:`_Pipe`), not
-        by tasks reading streams: no task wake-up, no stream buffer per chunk. The
-        accepted connection's stream is read once, for what the client sent before
-        the relay took its transport over. Closing ``writer`` (the accepted
-        connection) is left to the caller.
+        The client speaks first (an HTTP/2 client preface). Its first bytes are read
+        before anything is opened upstream: a client that sends nothing within
+        ``preface_timeout`` seconds, or whose first bytes are not ``preface``, is
+        not relayed at all (the caller then closes it), so a silent connection never
+        reaches the internal server. Then bytes are passed on in the transports' own
+        callbacks (:class:`_Pipe`), not by tasks reading streams: no task wake-up,
+        no stream buffer per chunk. Closing ``writer`` (the accepted connection) is
+        left to the caller.
+
+        Args:
+            reader: the accepted connection's stream.
+            writer: its writer, whose transport the relay takes over.
+            peer: the facts :meth:`lookup` returns while the relay lasts.
+            preface: what every client must send first (b"": anything).
+            preface_timeout: seconds to wait for that (None: no limit).
         """
+        client = writer.transport
+        first = await _read_preface(reader, client, preface, preface_timeout)
+        if first is None:
+            return
+        # Nothing more enters the stream (just emptied) until the pipe takes the
+        # transport over: no byte is left behind in it.
+        client.pause_reading()  # type: ignore[attr-defined]
         loop = asyncio.get_running_loop()
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         done: asyncio.Future[None] = loop.create_future()
-        client = writer.transport
         down = _Pipe(done, client, previous=client.get_protocol())
         path, key = "", ""
         try:
@@ -189,27 +206,47 @@ class ConnectionRelay(Generic[PeerT]):
             raise
         down.other = up_transport
         try:
-            # gRPC clients speak first (the HTTP/2 preface). Reading more than the
-            # stream can hold empties its buffer; the transport is then handed to
-            # the pipe before control returns to the loop, so no byte is left
-            # behind in the stream.
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                first = await reader.read(_TAKEOVER_READ)
-                # Nothing sent, already closed, or already half-closed: its stream
-                # saw that, the pipe never will, and gRPC has nothing to say to a
-                # half-open connection. Nobody to relay for.
-                if first and not client.is_closing() and not reader.at_eof():
-                    client.set_protocol(down)
-                    up_transport.write(first)
-                    # Either side closing ends the relay: gRPC has nothing to say
-                    # to a half-open HTTP/2 connection.
-                    await done
+            # A client that closed while we connected: its pipe will see that
+            # once reading resumes, and end the relay.
+            if not client.is_closing():
+                client.set_protocol(down)
+                up_transport.write(first)
+                client.resume_reading()  # type: ignore[attr-defined]
+                # Either side closing ends the relay: gRPC has nothing to say
+                # to a half-open HTTP/2 connection.
+                await done
         finally:
             self._peers.pop(key, None)
             up_transport.close()
             if not up.closed:
                 with contextlib.suppress(Exception):
                     await up.closed_event.wait()
+
+
+async def _read_preface(reader: asyncio.StreamReader, client: asyncio.BaseTransport,
+                        preface: bytes, timeout: float | None) -> bytes | None:
+    """The client's first bytes, at least ``len(preface)`` of them and starting with
+    it; None when it closes, half-closes, sends something else or takes too long.
+
+    Each read asks for more than the stream can hold, so it empties the stream's
+    buffer: after the last one nothing is left behind in it.
+    """
+    first = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await reader.read(_TAKEOVER_READ)
+                first += chunk
+                # Closed or half-closed: gRPC has nothing to say to a half-open
+                # connection. Nobody to relay for.
+                if not chunk or client.is_closing() or reader.at_eof():
+                    return None
+                if not first.startswith(preface[:len(first)]):
+                    return None
+                if len(first) >= len(preface):
+                    return first
+    except (TimeoutError, ConnectionError, ssl.SSLError):
+        return None
 
 
 class _Pipe(asyncio.Protocol):

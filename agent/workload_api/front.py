@@ -32,7 +32,7 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import log
@@ -40,8 +40,14 @@ from agent.errors import AgentError
 from attestation.relay import ConnectionRelay
 from attestation.workload import (
     DEFAULT_PROC_ROOT,
+    ProcessGoneError,
     WorkloadAttestationError,
     process_start_time,
+)
+from attestation.workload.peersocket import (
+    executable_identity,
+    holds_socket,
+    unix_peer_inode,
 )
 from attestation.workload.pidfd import (
     PeerGoneError,
@@ -56,9 +62,38 @@ MAX_SOCKET_PATH = 107
 _UCRED = struct.Struct("3i")
 INTERNAL_SOCKET_NAME = "grpc.sock"
 DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_PREFACE_TIMEOUT = 10.0
+# RFC 9113 section 3.4: every HTTP/2 client connection starts with these bytes.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Refused connections are logged at most this often (seconds), with a count, so
 # a flood of them cannot flood the log too.
 _REFUSAL_LOG_INTERVAL = 5.0
+
+
+class PeerSocket:
+    """The workload's own end of its connection, and where it last held it.
+
+    Args:
+        inode: the socket inode of the peer's end (``sock_diag``).
+    """
+
+    __slots__ = ("_fd", "inode")
+
+    def __init__(self, inode: int) -> None:
+        self.inode = inode
+        self._fd: int | None = None
+
+    def held_by(self, pid: int, *, proc_root: Path = DEFAULT_PROC_ROOT) -> bool:
+        """Whether ``pid`` still has a descriptor on this socket.
+
+        One readlink once it was found; a scan of ``/proc/<pid>/fd`` otherwise.
+
+        Raises:
+            WorkloadAttestationError: the process is gone, or its descriptors
+                cannot be read.
+        """
+        self._fd = holds_socket(pid, self.inode, hint=self._fd, proc_root=proc_root)
+        return self._fd is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +107,11 @@ class PeerCredentials:
     """Its start time, read when the kernel gave no exact pidfd (else None)."""
     pidfd: int | None = None
     """Pins the process while the connection lasts (None where unsupported)."""
+    executable: tuple[int, int] | None = None
+    """``(st_dev, st_ino)`` of the binary it ran at accept (None: not pinned, or
+    not readable); only recorded with ``pin_executable``."""
+    peer_socket: PeerSocket | None = field(default=None, compare=False)
+    """Its end of the connection; only recorded with ``pin_executable``."""
 
     def process_exited(self) -> bool:
         """True when the pinned process has exited (always False without a pidfd)."""
@@ -98,6 +138,19 @@ class PeerCredentialFront:
     """Accepts workload connections, records their credentials, relays to grpcio.
 
     Use as an async context manager, or call :meth:`start` and :meth:`close`.
+
+    Args:
+        public_socket: where workloads connect.
+        private_dir: the relay's private directory (None: a new temporary one).
+        proc_root: the /proc to read start times from.
+        max_connections: connections open at once; more are closed at once.
+        max_connections_per_uid: connections of one uid open at once (None: as
+            many as ``max_connections``); more of that uid are closed at once.
+        preface_timeout: seconds a new connection may take to send the HTTP/2
+            client preface before it is closed (None: no limit).
+        pin_executable: record, at accept, the binary the connecting process runs
+            and its end of the connection (:mod:`attestation.workload.peersocket`),
+            for attestors whose selectors describe the executable.
     """
 
     def __init__(
@@ -107,12 +160,26 @@ class PeerCredentialFront:
         private_dir: Path | None = None,
         proc_root: Path = DEFAULT_PROC_ROOT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_uid: int | None = None,
+        preface_timeout: float | None = DEFAULT_PREFACE_TIMEOUT,
+        pin_executable: bool = False,
     ) -> None:
         check_socket_path(public_socket)
+        self.pin_executable = pin_executable
         if max_connections < 1:
             raise AgentError(f"max_connections must be at least 1, not {max_connections}")
+        if max_connections_per_uid is not None and max_connections_per_uid < 1:
+            raise AgentError(f"max_connections_per_uid must be at least 1, not "
+                             f"{max_connections_per_uid}")
+        if preface_timeout is not None and preface_timeout <= 0:
+            raise AgentError(f"preface_timeout must be positive, not {preface_timeout}")
         self.max_connections = max_connections
+        self.max_connections_per_uid = (
+            max_connections if max_connections_per_uid is None else max_connections_per_uid)
+        self.preface_timeout = preface_timeout
         self._open = 0
+        self._open_by_uid: dict[int, int] = {}
+        self._recorded = 0
         self._refused = 0
         self._refusal_logged_at: float | None = None
         self.public_socket = public_socket
@@ -190,19 +257,21 @@ class PeerCredentialFront:
 
     @property
     def connection_count(self) -> int:
-        """How many workload connections are being relayed."""
-        return self._relay.connection_count
+        """How many workload connections are open with their credentials recorded
+        (relayed, or waiting for the client preface)."""
+        return self._recorded
 
     # Connections -------------------------------------------------------------
 
     @property
     def refused_count(self) -> int:
-        """How many connections were closed at once for exceeding max_connections."""
+        """How many connections were closed at once for exceeding max_connections
+        or max_connections_per_uid."""
         return self._refused
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._open >= self.max_connections:
-            self._refuse()
+            self._refuse("max_connections reached", self.max_connections)
             writer.close()
             return
         self._open += 1
@@ -219,15 +288,19 @@ class PeerCredentialFront:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    def _refuse(self) -> None:
+    def _refuse(self, reason: str, limit: int, uid: int | None = None) -> None:
         self._refused += 1
         now = asyncio.get_running_loop().time()
         last = self._refusal_logged_at
         if last is None or now - last >= _REFUSAL_LOG_INTERVAL:
             self._refusal_logged_at = now
-            log.event("workload connection refused", level=logging.WARNING,
-                      reason="max_connections reached", max_connections=self.max_connections,
-                      refused_total=self._refused)
+            if uid is None:
+                log.event("workload connection refused", level=logging.WARNING,
+                          reason=reason, max_connections=limit, refused_total=self._refused)
+            else:
+                log.event("workload connection refused", level=logging.WARNING,
+                          reason=reason, uid=uid, max_connections_per_uid=limit,
+                          refused_total=self._refused)
 
     async def _relay_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -239,6 +312,24 @@ class PeerCredentialFront:
             # attest it, so we do not serve it.
             log.event("workload refused", level=logging.WARNING, uid=uid, reason="pid unknown")
             return
+        held = self._open_by_uid.get(uid, 0)
+        if held >= self.max_connections_per_uid:
+            self._refuse("max_connections_per_uid reached", self.max_connections_per_uid, uid)
+            return
+        self._open_by_uid[uid] = held + 1
+        try:
+            await self._relay_attested(reader, writer, sock, pid, uid, gid)
+        finally:
+            left = self._open_by_uid[uid] - 1
+            if left:
+                self._open_by_uid[uid] = left
+            else:
+                del self._open_by_uid[uid]
+
+    async def _relay_attested(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        sock: socket.socket, pid: int, uid: int, gid: int,
+    ) -> None:
         # The kernel's own pidfd names the connecting process: nothing more is
         # needed. Otherwise pin what holds the PID now, and read its start time
         # to narrow the window in which that is already another process.
@@ -260,8 +351,24 @@ class PeerCredentialFront:
                     log.event("workload refused", level=logging.WARNING, pid=pid,
                               reason=str(exc))
                     return
+            executable: tuple[int, int] | None = None
+            peer_socket: PeerSocket | None = None
+            if self.pin_executable:
+                # As early as we can: an exec after this changes the identity.
+                try:
+                    executable = executable_identity(pid, proc_root=self._proc_root)
+                    peer_socket = PeerSocket(unix_peer_inode(sock))
+                except ProcessGoneError:
+                    log.event("workload refused", level=logging.WARNING, pid=pid,
+                              reason="process exited before it was recorded")
+                    return
+                except OSError as exc:
+                    log.event("workload refused", level=logging.WARNING, pid=pid,
+                              reason=f"cannot find the peer's socket (sock_diag): {exc}")
+                    return
             creds = PeerCredentials(
-                pid=pid, uid=uid, gid=gid, start_time=start_time, pidfd=pidfd
+                pid=pid, uid=uid, gid=gid, start_time=start_time, pidfd=pidfd,
+                executable=executable, peer_socket=peer_socket,
             )
             # Alive after the read: the start time is the pinned process's own
             # (and a process that already exited is not served at all).
@@ -269,7 +376,12 @@ class PeerCredentialFront:
                 log.event("workload refused", level=logging.WARNING, pid=pid,
                           reason="process exited before it was recorded")
                 return
-            await self._relay.relay(reader, writer, creds)
+            self._recorded += 1
+            try:
+                await self._relay.relay(reader, writer, creds, preface=HTTP2_PREFACE,
+                                        preface_timeout=self.preface_timeout)
+            finally:
+                self._recorded -= 1
         finally:
             close_pidfd(pidfd)
 

@@ -10,7 +10,11 @@ from pathlib import Path
 import grpc
 
 from agent.cache import Cache
-from agent.workload_api.front import DEFAULT_MAX_CONNECTIONS, PeerCredentialFront
+from agent.workload_api.front import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PREFACE_TIMEOUT,
+    PeerCredentialFront,
+)
 from agent.workload_api.servicer import SyncRequest, WorkloadApiServicer
 from attestation.workload import DEFAULT_PROC_ROOT, WorkloadAttestor
 from identity.clock import Clock
@@ -20,12 +24,16 @@ from identity.clock import Clock
 # chains and bundles, which stay far below 4 MiB.
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+DEFAULT_IDLE_TIMEOUT = 300.0
 
 
 class WorkloadApiServer:
     """Serves the SPIFFE Workload API on ``socket_path``.
 
     Use as an async context manager, or call :meth:`start` and :meth:`stop`.
+    ``max_connections``, ``max_connections_per_uid`` and ``preface_timeout`` are the
+    front's (:class:`PeerCredentialFront`); a connection with no call for
+    ``idle_timeout`` seconds is closed (None: never).
     """
 
     def __init__(
@@ -40,11 +48,18 @@ class WorkloadApiServer:
         first_response_timeout: float = 5.0,
         request_sync: SyncRequest | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_uid: int | None = None,
+        preface_timeout: float | None = DEFAULT_PREFACE_TIMEOUT,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.front = PeerCredentialFront(
             socket_path, private_dir=private_dir, proc_root=proc_root,
-            max_connections=max_connections,
+            max_connections=max_connections, max_connections_per_uid=max_connections_per_uid,
+            preface_timeout=preface_timeout,
+            # Only selectors that describe the binary need it pinned at accept.
+            pin_executable=any(getattr(a, "uses_executable", False) for a in attestors),
         )
+        self._idle_timeout = idle_timeout
         self.servicer = WorkloadApiServicer(
             cache=cache,
             peers=self.front.lookup,
@@ -71,6 +86,13 @@ class WorkloadApiServer:
                 # Request metadata is small too (the security header); grpc's
                 # default allows 8 KiB, plenty, and refuses more on its own.
                 ("grpc.max_metadata_size", 16 * 1024),
+                # grpc counts each connection's calls itself: one with none for
+                # this long gets GOAWAY and is closed (its relay and the workload's
+                # connection with it), so idle connections do not hold the front's
+                # connection slots. A call in progress (a watching stream) keeps
+                # its connection, however quiet.
+                *([("grpc.max_connection_idle_ms", max(1, int(self._idle_timeout * 1000)))]
+                  if self._idle_timeout is not None else []),
             ]
         )
         server.add_generic_rpc_handlers((self.servicer.handler(),))

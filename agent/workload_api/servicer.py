@@ -36,6 +36,7 @@ from attestation.workload import (
     WorkloadAttestor,
     process_start_time,
 )
+from attestation.workload.peersocket import executable_identity
 from identity.bundle import Bundle, BundleSet
 from identity.clock import Clock, SystemClock
 from identity.errors import InvalidSpiffeIdError, JwtSvidError
@@ -214,6 +215,7 @@ class WorkloadApiServicer:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"process {caller.creds.pid} is gone or its PID was reused",
             )
+        await self._check_executable(caller, context)
         if caller.creds.pidfd is not None:
             # The pinned process is alive, so its PID cannot have been reused: the
             # start time cannot have changed, and reading it would cost a thread hop.
@@ -232,6 +234,36 @@ class WorkloadApiServicer:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"process {caller.creds.pid} is gone or its PID was reused",
             )
+
+    async def _check_executable(
+        self, caller: _Caller, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Abort unless the process runs the binary it ran when it connected, and
+        still holds its end of the connection (when the front pinned those: an
+        attestor's selectors describe the executable).
+
+        Otherwise a process could connect, hand the connection to a child and exec
+        a binary with an identity: the child would be answered as that binary.
+        A stat and (once the descriptor is known) a readlink.
+        """
+        creds = caller.creds
+        if creds.peer_socket is None:
+            return
+        reason = ""
+        try:
+            if creds.executable is None:
+                reason = "had an executable the agent could not read when it connected"
+            elif executable_identity(creds.pid, proc_root=self._proc_root) != creds.executable:
+                reason = "runs another executable than when it connected"
+            elif not creds.peer_socket.held_by(creds.pid, proc_root=self._proc_root):
+                reason = "no longer holds its connection"
+        except WorkloadAttestationError:
+            reason = "is gone"
+        if reason:
+            log.event("workload refused", level=logging.WARNING, pid=creds.pid,
+                      reason=f"process {reason}")
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                         f"process {creds.pid} {reason}")
 
     async def _sync_for_newcomer(self) -> None:
         """Give a caller without identity one fresh sync before refusing it."""

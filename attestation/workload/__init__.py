@@ -49,6 +49,12 @@ class WorkloadAttestor(Protocol):
     keeps in memory; no network, no directory service, no hashing of a binary),
     else None. The agent calls that on its event loop, saving a thread hop per
     Workload API call, and ``attest`` in a thread only when it returns None.
+
+    An attestor whose selectors describe the process's executable (``unix:path``)
+    also has ``uses_executable`` true: the agent then pins, at accept, the binary
+    the connecting process runs and its end of the connection, and refuses a call
+    once either changed (a process that connected and then exec'd another binary,
+    leaving the connection to a child: :mod:`attestation.workload.peersocket`).
     """
 
     @property

@@ -6,10 +6,14 @@
    ``/kubepods/burstable/pod<uid>/<id>``; systemd:
    ``/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/<runtime>-<id>.scope``)
    and the runtimes' ID forms (containerd ``cri-containerd-<id>.scope``, CRI-O
-   ``crio-<id>.scope``, Docker ``docker-<id>.scope`` or a bare ``<id>``). Paths may be
-   relative to the agent's cgroup namespace (``/../../kubepods-...``), so the pod and
-   container segments are searched for, not anchored. A process whose cgroups name no
-   pod is not in a pod: no ``k8s`` selectors (its ``unix`` ones still apply).
+   ``crio-<id>.scope``, Docker ``docker-<id>.scope`` or a bare ``<id>``). The path
+   is anchored: it must start at the kubelet's pods cgroup (``cgroup_roots``) and
+   continue exactly ``[<qos>/]<pod>/<container>``, because anyone with a delegated
+   cgroup subtree can create a cgroup *named* like another pod's container below
+   it. Paths relative to the agent's cgroup namespace (``/../../kubepods-...``)
+   may only climb (``..``) before that layout. A process whose cgroups name no pod
+   is not in a pod: no ``k8s`` selectors (its ``unix`` ones still apply); one whose
+   cgroups name a pod anywhere else is refused.
 2. The kubelet's ``/pods`` lists the node's pods: the secure port (HTTPS, verified
    with the kubelet CA, the agent's service-account token as bearer; the agent's
    service account needs ``get`` on ``nodes/proxy``) or, when configured, the
@@ -55,14 +59,16 @@ KUBELET_TIMEOUT = 5.0
 # A pod UID: a UUID (with '_' for '-' under the systemd driver), or the 32-hex
 # config hash of a static pod.
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32}"
-# cgroupfs: "pod<uid>"; systemd: "kubepods-<qos>-pod<uid>.slice", prefixed with
-# "kubelet-" when the kubelet runs in a container (kind).
-_POD_SEGMENT = re.compile(
-    rf"^(?:pod({_UID})|(?:[a-z]+-)*kubepods(?:-[a-z]+)*-pod({_UID})\.slice)$"
-)
+# Anywhere in a path: does it *name* a pod? (cgroupfs "pod<uid>"; systemd
+# "<root>[-<qos>]-pod<uid>.slice"). Only used to tell "not in a pod" from "names a
+# pod where the kubelet never puts one", which is refused.
+_POD_NAME = re.compile(rf"^(?:pod(?:{_UID})|[a-z0-9-]*-pod(?:{_UID})\.slice)$")
 _CONTAINER_SEGMENT = re.compile(
     r"^(?:(?:cri-containerd|crio|docker|containerd)-)?([0-9a-f]{64})(?:\.scope)?$"
 )
+_QOS_CLASSES = ("burstable", "besteffort")  # guaranteed pods sit right under the root
+DEFAULT_CGROUP_ROOTS = ("/kubepods.slice", "/kubepods")
+"""The kubelet's pods cgroup under its systemd and its cgroupfs driver (--cgroup-root=/)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +79,91 @@ class PodContainer:
     container_id: str
 
 
-def parse_cgroups(text: str) -> PodContainer | None:
+def _below_root(rest: list[str], root_name: str) -> PodContainer | None:
+    """``rest``, the segments below the kubelet's pods cgroup ``root_name``, when they
+    are exactly ``[<qos>/]<pod>/<container>`` as that driver names them."""
+    if len(rest) not in (2, 3):
+        return None
+    pod, container = rest[-2], _CONTAINER_SEGMENT.match(rest[-1])
+    if container is None:
+        return None
+    if root_name.endswith(".slice"):  # systemd: each name extends its parent's
+        base = root_name.removesuffix(".slice")
+        if len(rest) == 3:
+            if not rest[0].startswith(base + "-") or not rest[0].endswith(".slice"):
+                return None
+            qos = rest[0][len(base) + 1:-len(".slice")]
+            if qos not in _QOS_CLASSES:
+                return None
+            base = f"{base}-{qos}"
+        match = re.fullmatch(rf"{re.escape(base)}-pod({_UID})\.slice", pod)
+    else:  # cgroupfs: plain names
+        if len(rest) == 3 and rest[0] not in _QOS_CLASSES:
+            return None
+        match = re.fullmatch(rf"pod({_UID})", pod)
+    if match is None:
+        return None
+    return PodContainer(match.group(1).replace("_", "-"), container.group(1))
+
+
+def _anchored(segments: list[str], roots: tuple[str, ...]) -> PodContainer | None:
+    """The pod and container of a cgroup path at the kubelet's place for them, else None.
+
+    Absolute paths must start with one of ``roots`` and continue exactly as the
+    kubelet lays pods out below it. A path relative to the agent's cgroup namespace
+    (``/../../kubepods-besteffort-pod<uid>.slice/...``) climbs only through our
+    own ancestors, which are the kubelet's (the agent runs in a pod) or the
+    host's, never a user's: there, what follows the ``..`` must be the kubelet's
+    layout from the root's name, a QoS class or a pod down.
+    """
+    for root in roots:
+        root_parts = [p for p in root.split("/") if p]
+        if segments[:len(root_parts)] == root_parts:
+            found = _below_root(segments[len(root_parts):], root_parts[-1])
+            if found is not None:
+                return found
+        ups = 0
+        while ups < len(segments) and segments[ups] == "..":
+            ups += 1
+        if ups:
+            tail = segments[ups:]
+            name = root_parts[-1]
+            for rest in (tail[1:] if tail[:1] == [name] else None, tail):
+                found = _below_root(rest, name) if rest is not None else None
+                if found is not None:
+                    return found
+            if name.endswith(".slice") and len(tail) == 2:
+                # A pod slice whose QoS slice is our ancestor:
+                # "<root>-<qos>-pod<uid>.slice" (its parent's name is part of it).
+                base = name.removesuffix(".slice")
+                for qos in _QOS_CLASSES:
+                    found = _below_root([f"{base}-{qos}.slice", *tail], name)
+                    if found is not None:
+                        return found
+    return None
+
+
+def parse_cgroups(text: str, *, roots: tuple[str, ...] = DEFAULT_CGROUP_ROOTS
+                  ) -> PodContainer | None:
     """The pod and container named by the contents of ``/proc/<pid>/cgroup``.
 
+    A container counts only where the kubelet puts it: right below one of
+    ``roots`` (the kubelet's pods cgroup), ``[<qos>/]<pod>/<container>`` and
+    nothing more. Anyone with a delegated cgroup subtree (systemd
+    ``Delegate=yes``) can create a cgroup named like any pod's container below
+    it and move into it, so a pod name anywhere else is refused, not searched for.
+
+    Args:
+        text: the file's contents.
+        roots: the kubelet's pods cgroups, absolute (``/kubepods.slice``).
+
     Returns:
-        None when no line names a pod container (not a pod's process).
+        None when no line names a pod (not a pod's process).
 
     Raises:
-        WorkloadAttestationError: lines name different pods or containers.
+        WorkloadAttestationError: a line names a pod or container where the kubelet
+            puts none (nested, or outside its root), or lines name different
+            containers.
     """
     found: PodContainer | None = None
     for line in text.splitlines():
@@ -88,23 +171,38 @@ def parse_cgroups(text: str) -> PodContainer | None:
         if len(parts) != 3:
             continue
         segments = [s for s in parts[2].split("/") if s]
-        for i, segment in enumerate(segments[:-1]):
-            pod = _POD_SEGMENT.match(segment)
-            if pod is None:
-                continue
-            container = _CONTAINER_SEGMENT.match(segments[i + 1])
-            if container is None:
-                continue  # the pod's own cgroup, or a runtime helper (crio-conmon-...)
-            uid = pod.group(1) or pod.group(2)
-            here = PodContainer(uid.replace("_", "-"), container.group(1))
-            if found is not None and found != here:
+        here = _anchored(segments, roots)
+        if here is None:
+            if any(_POD_NAME.match(s) for s in segments) and any(
+                _CONTAINER_SEGMENT.match(s) for s in segments
+            ):
                 raise WorkloadAttestationError(
-                    f"cgroups name two containers: {found.container_id} and "
-                    f"{here.container_id}"
+                    f"cgroup {parts[2]!r} names a pod container, but not where the "
+                    f"kubelet puts containers (below {', '.join(roots)})"
                 )
-            found = here
-            break
+            continue  # not a pod's (or the pod's own cgroup, or crio-conmon-...)
+        if found is not None and found != here:
+            raise WorkloadAttestationError(
+                f"cgroups name two containers: {found.container_id} and "
+                f"{here.container_id}"
+            )
+        found = here
     return found
+
+
+def _cgroup_roots(value: object, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f"{where}.cgroup_roots must be a list of absolute cgroup paths, "
+                         f"not {value!r}")
+    roots = []
+    for root in value:
+        parts = root.split("/") if isinstance(root, str) else []
+        if (not isinstance(root, str) or not root.startswith("/")
+                or not [p for p in parts if p] or {".", ".."} & set(parts)):
+            raise ValueError(f"{where}.cgroup_roots: {root!r} is not an absolute cgroup path "
+                             "below /")
+        roots.append("/" + "/".join(p for p in parts if p))
+    return tuple(roots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +222,8 @@ class K8sAttestorConfig:
         poll_retry_interval: seconds between those attempts.
         proc_root: where ``<pid>/cgroup`` is read (the host's ``/proc``: the agent
             runs with ``hostPID``); another root serves tests and nested setups.
+        cgroup_roots: the kubelet's pods cgroups (where its cgroup driver puts pods),
+            as ``/proc/<pid>/cgroup`` shows them; containers anywhere else are refused.
     """
 
     kubelet_host: str = "127.0.0.1"
@@ -135,6 +235,7 @@ class K8sAttestorConfig:
     max_poll_attempts: int = 20
     poll_retry_interval: float = 0.25
     proc_root: Path = DEFAULT_PROC_ROOT
+    cgroup_roots: tuple[str, ...] = DEFAULT_CGROUP_ROOTS
 
 
 CONFIG_KEYS = frozenset(K8sAttestorConfig.__dataclass_fields__)
@@ -184,6 +285,8 @@ def parse_config(options: Mapping[str, Any]) -> K8sAttestorConfig:
     ):
         raise ValueError(f"{where}.poll_retry_interval must be a duration up to 60s")
     values["poll_retry_interval"] = float(interval)
+    if "cgroup_roots" in options:
+        values["cgroup_roots"] = _cgroup_roots(options["cgroup_roots"], where)
     return K8sAttestorConfig(**values)
 
 
@@ -343,7 +446,7 @@ class K8sAttestor:
             raise WorkloadAttestationError(
                 f"cannot read /proc/{process.pid}/cgroup: {exc.strerror}"
             ) from exc
-        where = parse_cgroups(text)
+        where = parse_cgroups(text, roots=self._config.cgroup_roots)
         if where is None:
             return []
         attempts = self._config.max_poll_attempts

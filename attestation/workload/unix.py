@@ -67,6 +67,11 @@ class UnixAttestor:
         """``unix``."""
         return NAME
 
+    @property
+    def uses_executable(self) -> bool:
+        """True with ``unix:path`` or ``unix:sha256``: they describe the binary."""
+        return self._config.discover_workload_path or self._config.workload_path_sha256
+
     def attest(self, process: ProcessInfo) -> list[Selector]:
         """Selectors for ``process`` (see the module docstring for the list).
 

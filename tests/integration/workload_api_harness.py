@@ -108,6 +108,7 @@ class Harness:
         attestors: Sequence[WorkloadAttestor] | None = None,
         proc_root: Path | None = None,
         max_connections: int | None = None,
+        **limits: Any,
     ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="sg-wl-", dir="/tmp"))
         self.root.chmod(0o755)
@@ -125,6 +126,7 @@ class Harness:
             ],
             proc_root=proc_root or DEFAULT_PROC_ROOT,
             **({"max_connections": max_connections} if max_connections else {}),
+            **limits,
             first_response_timeout=first_response_timeout,
             request_sync=(lambda: request_sync(self)) if request_sync else None,
         )

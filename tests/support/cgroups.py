@@ -52,11 +52,8 @@ CASES: dict[str, tuple[str, str | None, str | None]] = {
     "v2-cgroupns-relative": (
         f"0::/../../kubepods-besteffort-pod{_U}.slice/cri-containerd-{_C}.scope\n",
         POD_UID, _C),
-    # kind / nested: the node itself is a container.
-    "v2-kind-nested": (
-        f"0::/system.slice/docker-{'a' * 64}.scope/kubelet.slice/kubelet-kubepods.slice/"
-        f"kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{_U}.slice/"
-        f"cri-containerd-{_C}.scope\n", POD_UID, _C),
+    # kind (the node itself a container, the kubelet's --cgroup-root /kubelet)
+    # needs workload_attestors.k8s.cgroup_roots: see tests/unit/test_k8s_cgroups.py.
     # Not in a pod.
     "v2-user-session": ("0::/user.slice/user-1000.slice/session-3.scope\n", None, None),
     "v2-system-service": ("0::/system.slice/sigil-agent.service\n", None, None),

@@ -100,3 +100,27 @@ def test_missing_file(tmp_path: Path) -> None:
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == dt.timedelta(seconds=seconds)
+
+
+def test_connection_limits() -> None:
+    c = load_config(overrides=BASE)
+    assert (c.max_connections_per_uid, c.connection_preface_timeout,
+            c.connection_idle_timeout) == (256, dt.timedelta(seconds=10), dt.timedelta(minutes=5))
+    c = load_config(overrides={**BASE, "max_connections_per_uid": "8",
+                               "connection_preface_timeout": "500ms",
+                               "connection_idle_timeout": "1h"})
+    assert (c.max_connections_per_uid, c.connection_preface_timeout,
+            c.connection_idle_timeout) == (8, dt.timedelta(milliseconds=500), dt.timedelta(hours=1))
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("max_connections_per_uid", 0, "max_connections_per_uid must be an integer from 1 to "
+                                   "1000000, not 0"),
+    ("max_connections_per_uid", True, "max_connections_per_uid must be an integer"),
+    ("connection_preface_timeout", "soon", "connection_preface_timeout: duration 'soon'"),
+    ("connection_idle_timeout", "0s", "connection_idle_timeout: "),
+])
+def test_connection_limit_errors(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={**BASE, key: value})
+    assert str(info.value).startswith(message)

@@ -75,3 +75,90 @@ def test_config_errors(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_config(options)
     assert str(info.value).startswith(message)
+
+
+_U = POD_UID.replace("-", "_")
+_C = CONTAINER_ID
+_POD_SCOPE = (f"kubepods-besteffort.slice/kubepods-besteffort-pod{_U}.slice/"
+              f"cri-containerd-{_C}.scope")
+
+
+# Paths that name a real pod's UID and container ID but are not where the kubelet
+# puts containers: a user with a delegated cgroup subtree (systemd Delegate=yes)
+# can create any of them under its own subtree and move itself there.
+@pytest.mark.parametrize("path", [
+    # The attack as reproduced: the victim's pod and container under a user's subtree.
+    f"/user.slice/user-1000.slice/user@1000.service/app.slice/{_POD_SCOPE}",
+    f"/user.slice/user-1000.slice/user@1000.service/kubepods.slice/{_POD_SCOPE}",
+    f"/system.slice/evil.service/kubepods.slice/{_POD_SCOPE}",
+    f"/user.slice/user-1000.slice/user@1000.service/kubepods/besteffort/pod{POD_UID}/{_C}",
+    # Under the real root, but with extra nesting in between or below.
+    f"/kubepods.slice/extra/{_POD_SCOPE}",
+    f"/kubepods.slice/kubepods-besteffort.slice/extra/kubepods-besteffort-pod{_U}.slice/"
+    f"cri-containerd-{_C}.scope",
+    f"/kubepods.slice/{_POD_SCOPE}/nested",
+    f"/kubepods/besteffort/extra/pod{POD_UID}/{_C}",
+    f"/kubepods/besteffort/pod{POD_UID}/{_C}/nested",
+    # Names that do not fit their place: a QoS slice that does not match the pod's,
+    # a cgroupfs name under the systemd root, a QoS class the kubelet does not have.
+    f"/kubepods.slice/kubepods-burstable.slice/kubepods-besteffort-pod{_U}.slice/"
+    f"cri-containerd-{_C}.scope",
+    f"/kubepods.slice/pod{POD_UID}/{_C}",
+    f"/kubepods/guaranteed/pod{POD_UID}/{_C}",
+    # Relative to the agent's cgroup namespace: only '..' may come before the
+    # kubelet's structure, never a directory someone could create.
+    f"/../../user.slice/{_POD_SCOPE}",
+    f"/../x/kubepods-besteffort-pod{_U}.slice/cri-containerd-{_C}.scope",
+])
+def test_pod_names_outside_the_kubelet_root_are_refused(path: str) -> None:
+    for text in (f"0::{path}\n", f"4:memory:{path}\n0::/\n"):
+        with pytest.raises(WorkloadAttestationError, match="not where the kubelet"):
+            parse_cgroups(text)
+
+
+def test_a_nested_pod_path_is_refused_by_the_attestor(tmp_path: Path) -> None:
+    write_proc(tmp_path, 42, f"0::/user.slice/user-1000.slice/user@1000.service/{_POD_SCOPE}\n")
+
+    def no_kubelet() -> list[Any]:
+        raise AssertionError("the kubelet must not be asked")
+
+    with pytest.raises(WorkloadAttestationError, match="not where the kubelet"):
+        K8sAttestor(proc_root=tmp_path, pods=no_kubelet).attest(ProcessInfo(42, 1000, 1000))
+
+
+@pytest.mark.parametrize(("roots", "path", "found"), [
+    # kind: the kubelet's --cgroup-root is /kubelet, so its pods live under
+    # kubelet.slice/kubelet-kubepods.slice, inside the node container's cgroup.
+    (["/system.slice/docker-x.scope/kubelet.slice/kubelet-kubepods.slice"],
+     f"/system.slice/docker-x.scope/kubelet.slice/kubelet-kubepods.slice/"
+     f"kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{_U}.slice/"
+     f"cri-containerd-{_C}.scope", True),
+    (["/kubelet.slice/kubelet-kubepods.slice"],
+     f"/../../kubelet-kubepods-besteffort-pod{_U}.slice/cri-containerd-{_C}.scope", True),
+    (["/custom/kubepods"], f"/custom/kubepods/pod{POD_UID}/{_C}", True),
+    # Another root configured: the default one is no longer trusted.
+    (["/custom/kubepods"], f"/kubepods/pod{POD_UID}/{_C}", False),
+    (["/kubelet.slice/kubelet-kubepods.slice"], f"/kubepods.slice/{_POD_SCOPE}", False),
+])
+def test_configured_roots(roots: list[str], path: str, found: bool) -> None:
+    cfg = parse_config({"cgroup_roots": roots})
+    if found:
+        assert parse_cgroups(f"0::{path}\n", roots=cfg.cgroup_roots) == PodContainer(
+            POD_UID, CONTAINER_ID)
+    else:
+        with pytest.raises(WorkloadAttestationError, match="not where the kubelet"):
+            parse_cgroups(f"0::{path}\n", roots=cfg.cgroup_roots)
+
+
+@pytest.mark.parametrize(("roots", "message"), [
+    ("/kubepods", "workload_attestors.k8s.cgroup_roots must be a list of absolute cgroup paths"),
+    ([], "workload_attestors.k8s.cgroup_roots must be a list of absolute cgroup paths"),
+    (["kubepods"], "workload_attestors.k8s.cgroup_roots: 'kubepods' is not an absolute"),
+    (["/a/../kubepods"],
+     "workload_attestors.k8s.cgroup_roots: '/a/../kubepods' is not an absolute"),
+    (["/"], "workload_attestors.k8s.cgroup_roots: '/' is not an absolute"),
+])
+def test_cgroup_roots_errors(roots: object, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_config({"cgroup_roots": roots})
+    assert str(info.value).startswith(message)
