@@ -24,6 +24,7 @@ import pytest
 from attestation.workload import ProcessInfo, WorkloadAttestationError
 from attestation.workload.k8s import K8sAttestor
 from tests.support.k8s_api import ContainerSpec, pod_object
+from tests.support.require import require, require_root
 
 NOBODY = 65534
 
@@ -39,16 +40,9 @@ def _cgroup2_mount() -> Path | None:
 
 
 def _require_root_and_cgroup2() -> Path:
-    why = ""
+    require_root("(delegates a cgroup subtree, creates kubelet-like cgroups)")
     mount = _cgroup2_mount()
-    if os.getuid() != 0:
-        why = "needs root (delegates a cgroup subtree, creates kubelet-like cgroups)"
-    elif mount is None:
-        why = "needs a cgroup v2 hierarchy"
-    if why:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI requires this test to run: {why}")
-        pytest.skip(why)
+    require(mount is not None, "needs a cgroup v2 hierarchy")
     assert mount is not None
     return mount
 

@@ -22,6 +22,7 @@ import pytest
 from agent.workload_api.client import WorkloadApiClient
 from api.protos import workload_pb2 as pb
 from tests.integration.workload_api_harness import Harness, entry
+from tests.support.require import require_root
 
 UID = os.getuid()
 WEB = "spiffe://example.org/web"
@@ -76,10 +77,7 @@ def _as_nobody() -> None:
 
 
 def test_silent_connections_of_one_uid_leave_room_for_another() -> None:
-    if UID != 0:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI requires this test to run: needs root (a second uid)")
-        pytest.skip("needs root (connects as a second uid)")
+    require_root("(connects as a second uid)")
     # The preface timeout is long here: this is about the per-uid cap.
     harness = Harness(max_connections=8, max_connections_per_uid=4, preface_timeout=600)
     silent = subprocess.Popen(
