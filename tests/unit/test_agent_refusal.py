@@ -26,7 +26,7 @@ from identity.clock import FakeClock
 from identity.spiffeid import SpiffeId
 from identity.x509svid import X509Svid
 from tests.unit.test_agent_cache import AGENT, CA, T0, TD, entry, svid
-from tests.unit.test_agent_resilience import FakeServer
+from tests.unit.test_agent_resilience import FakeServer, no_crashed_steps  # noqa: F401
 
 BUNDLE = Bundle(trust_domain=TD, x509_authorities=(CA,))
 BANNED = ServerCallError(
@@ -161,9 +161,20 @@ def test_pause_without_svids_waits_the_delay_or_stops(tmp_path: Path) -> None:
     _server, _cache, manager = make(tmp_path, FakeClock(T0))
 
     async def go() -> None:
+        loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        # The whole delay: not a moment less (an upper bound would be a timing test).
+        started = loop.time()
         await asyncio.wait_for(manager.pause(stop, dt.timedelta(milliseconds=50)), 10)
+        assert loop.time() - started >= 0.05
+        # An hour's pause ends when stop is set, not before.
+        pause = asyncio.create_task(manager.pause(stop, dt.timedelta(hours=1)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not pause.done()
         stop.set()
+        await asyncio.wait_for(pause, 10)
+        # Once stopped, a pause returns at once.
         await asyncio.wait_for(manager.pause(stop, dt.timedelta(hours=1)), 10)
 
     asyncio.run(go())

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,50 @@ from identity.x509svid import X509Svid, new_svid_certificate
 from tests.unit.test_agent_cache import AGENT, CA, CA_KEY, T0, TD, entry, svid
 
 BUNDLE = Bundle(trust_domain=TD, x509_authorities=(CA,))
+
+
+class _CrashedSteps(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "sync step crashed":
+            self.records.append(record)
+
+
+@contextlib.contextmanager
+def fail_on_crashed_steps() -> Iterator[None]:
+    """Fail when a sync step crashed inside the block.
+
+    ``Manager._step`` logs and swallows any exception, so that the sync loop
+    never dies; an AssertionError a fake raises on an unexpected call would be
+    swallowed with it. This turns each one back into a failure.
+    """
+    handler = _CrashedSteps()
+    logger = logging.getLogger("sigil.agent")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    # A block nested in another reports its crashes once, not again at the outer one.
+    crashed = [r for r in handler.records if not getattr(r, "reported", False)]
+    for record in crashed:
+        record.reported = True
+    if crashed:
+        details = "; ".join(
+            f"{r.fields.get('step')}: {r.exc_info[1]!r}"  # type: ignore[attr-defined]
+            if r.exc_info else str(r.fields.get("step"))  # type: ignore[attr-defined]
+            for r in crashed)
+        raise AssertionError(f"a sync step crashed (swallowed by the manager): {details}")
+
+
+@pytest.fixture(autouse=True)
+def no_crashed_steps() -> Iterator[None]:
+    """Every test here (and in modules importing this fixture) fails on a crashed step."""
+    with fail_on_crashed_steps():
+        yield
 
 
 class FakeServer:
@@ -218,3 +264,11 @@ def test_an_evicted_agent_without_attestor_logs_what_it_needs(
         asyncio.run(manager.sync_once())
     assert manager.refused == "evicted"
     assert "new join token" in caplog.text
+
+
+def test_an_unexpected_call_on_a_fake_fails_the_test(tmp_path: Path) -> None:
+    clock, _server, _state, _cache, manager = make(tmp_path, n=1)
+    clock.advance(dt.timedelta(hours=20))  # the agent SVID is due: FakeServer.renew raises
+    with pytest.raises(AssertionError, match=r"renew_agent_svid: AssertionError\('not due"):
+        with fail_on_crashed_steps():
+            assert asyncio.run(manager.sync_once()) is False
