@@ -272,3 +272,53 @@ def test_an_unexpected_call_on_a_fake_fails_the_test(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match=r"renew_agent_svid: AssertionError\('not due"):
         with fail_on_crashed_steps():
             assert asyncio.run(manager.sync_once()) is False
+
+
+def test_keys_csrs_and_chain_checks_run_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import agent.manager as manager_module
+    from identity.keys import generate_private_key
+
+    _clock, server, _state, cache, manager = make(tmp_path, n=500)
+    key = generate_private_key()
+    key_threads: set[int] = set()
+    verify_threads: set[int] = set()
+    making, probed = threading.Event(), threading.Event()
+
+    def key_factory() -> Any:
+        key_threads.add(threading.get_ident())
+        making.set()
+        # The first key waits until a coroutine on the loop has run: made on the
+        # loop itself, it would wait in vain (and the step would crash).
+        if not probed.wait(10):
+            raise AssertionError("the loop did not run while keys were being made")
+        return key
+
+    real_verify = manager_module.verify_chain
+
+    def verify_chain(*args: Any, **kwargs: Any) -> Any:
+        verify_threads.add(threading.get_ident())
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "_new_key", key_factory)
+    monkeypatch.setattr(manager_module, "verify_chain", verify_chain)
+
+    async def probe() -> None:
+        while not making.is_set():
+            await asyncio.sleep(0.001)
+        probed.set()
+
+    async def go() -> tuple[bool, int]:
+        task = asyncio.create_task(probe())
+        ok = await manager.sync_once()
+        await task
+        return ok, threading.get_ident()
+
+    ok, loop_thread = asyncio.run(go())
+    assert ok
+    assert len(server.signed) == 500 and len(cache.snapshot().svids) == 500
+    assert key_threads and loop_thread not in key_threads
+    assert verify_threads and loop_thread not in verify_threads
