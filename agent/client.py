@@ -35,6 +35,7 @@ from identity.bundle import Bundle, JwtAuthority
 from identity.errors import SigilError
 from identity.jwtsvid import JwtSvid, parse_insecure
 from identity.keys import PrivateKey, load_public_key_der, private_key_to_pem, public_keys_equal
+from identity.refusal import reason_from_metadata
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import X509Svid, certificates_to_pem, validate_leaf
@@ -177,9 +178,7 @@ class ServerClient:
         try:
             return await call(request, timeout=CALL_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            name = code.name if code else "UNKNOWN"
-            raise ServerCallError(f"{method} failed: {name}: {exc.details()}", code=name) from None
+            raise _call_error(method, exc) from None
 
     # Calls -------------------------------------------------------------------
 
@@ -244,10 +243,7 @@ class ServerClient:
                 if page.last:
                     break
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            name = code.name if code else "UNKNOWN"
-            raise ServerCallError(
-                f"SyncAuthorizedEntries failed: {name}: {exc.details()}", code=name) from None
+            raise _call_error("SyncAuthorizedEntries", exc) from None
         if not pages or not pages[-1].last:
             raise ServerCallError("SyncAuthorizedEntries ended before its last page")
         first = pages[0]
@@ -352,6 +348,14 @@ class ServerClient:
         if not spiffe_id.is_member_of(self.trust_domain):
             raise ServerCallError(f"server returned an SVID of another trust domain: {spiffe_id}")
         return X509Svid(spiffe_id, chain, key)
+
+
+def _call_error(method: str, exc: grpc.aio.AioRpcError) -> ServerCallError:
+    """A failed call as a ServerCallError, with the refusal reason the server sent."""
+    code = exc.code()
+    name = code.name if code else "UNKNOWN"
+    return ServerCallError(f"{method} failed: {name}: {exc.details()}", code=name,
+                           reason=reason_from_metadata(exc.trailing_metadata()))
 
 
 # Conversions -------------------------------------------------------------------------

@@ -28,9 +28,11 @@ serves it.
 A workload that needs an SVID the bounded cache lacks makes the manager rotate
 at once (:meth:`Manager.demand`), outside the periodic tick.
 
-When the server refuses the agent itself (PERMISSION_DENIED): a banned agent
-logs ``agent banned`` with the server's reason and gets no new SVIDs; an
-evicted one (no longer attested) attests again through ``reattest`` when it
+When the server refuses the agent itself (PERMISSION_DENIED with a reason token
+in the trailing metadata, :mod:`identity.refusal`; the message's words do not
+count): a banned agent (``agent_banned``) logs ``agent banned`` with the
+server's message and gets no new SVIDs; an ``agent_not_attested`` (evicted)
+one attests again through ``reattest`` when it
 has a usable attestor, and otherwise logs what it needs (a new join token).
 Either way the rest of that tick is skipped (every other call would be refused
 too), each state is logged once, not every tick, and the SVIDs already held
@@ -58,6 +60,7 @@ from identity.clock import Clock, SystemClock
 from identity.errors import SigilError
 from identity.jwtsvid import JwtSvid
 from identity.keys import PrivateKey, generate_private_key, public_keys_equal
+from identity.refusal import RefusalReason
 from identity.spiffeid import SpiffeId
 from identity.x509svid import X509Svid, new_csr, verify_chain
 
@@ -249,7 +252,7 @@ class Manager:
         try:
             await step()
         except ServerCallError as exc:
-            if exc.code == "PERMISSION_DENIED" and await self._refused(str(exc)):
+            if exc.reason is not None and await self._refused(exc.reason, str(exc)):
                 return False
             log.event("sync step failed", level=logging.WARNING, step=name, reason=str(exc))
             return False
@@ -263,16 +266,20 @@ class Manager:
             return False
         return True
 
-    async def _refused(self, reason: str) -> bool:
-        """The server refused the agent itself; log why once. True if handled."""
-        if "is banned" in reason:
+    async def _refused(self, why: RefusalReason, reason: str) -> bool:
+        """The server refused the agent itself (``why``); log ``reason`` once.
+
+        Returns:
+            True if handled (banned, or not attested); False for another reason.
+        """
+        if why is RefusalReason.AGENT_BANNED:
             if self.refused != "banned":
                 self.refused = "banned"
                 log.event("agent banned: the server refuses this agent, no new SVIDs will "
                           "be served", level=logging.ERROR, agent_id=self.agent_svid.spiffe_id,
                           reason=reason)
             return True
-        if "is not attested" not in reason:
+        if why is not RefusalReason.AGENT_NOT_ATTESTED:
             return False
         if self._reattest is None:
             if self.refused != "evicted":

@@ -23,6 +23,7 @@ from agent.manager import Manager
 from agent.state import AgentState
 from identity.bundle import Bundle
 from identity.clock import FakeClock
+from identity.refusal import RefusalReason, reason_from_metadata
 from identity.spiffeid import SpiffeId
 from identity.x509svid import X509Svid
 from tests.unit.test_agent_cache import AGENT, CA, T0, TD, entry, svid
@@ -31,10 +32,10 @@ from tests.unit.test_agent_resilience import FakeServer, no_crashed_steps  # noq
 BUNDLE = Bundle(trust_domain=TD, x509_authorities=(CA,))
 BANNED = ServerCallError(
     f"SyncAuthorizedEntries failed: PERMISSION_DENIED: agent is banned: {AGENT}",
-    code="PERMISSION_DENIED")
+    code="PERMISSION_DENIED", reason=RefusalReason.AGENT_BANNED)
 EVICTED = ServerCallError(
     f"SyncAuthorizedEntries failed: PERMISSION_DENIED: agent is not attested (or was "
-    f"evicted): {AGENT}", code="PERMISSION_DENIED")
+    f"evicted): {AGENT}", code="PERMISSION_DENIED", reason=RefusalReason.AGENT_NOT_ATTESTED)
 
 
 class CountingServer(FakeServer):
@@ -114,6 +115,59 @@ def test_a_banned_agent_keeps_its_svids_until_they_expire(tmp_path: Path) -> Non
     clock.advance(dt.timedelta(minutes=1))
     assert asyncio.run(manager.sync_once()) is False
     assert cache.snapshot().svids == {}
+
+
+# The reason token decides, not the message --------------------------------------
+
+
+@pytest.mark.parametrize("message", [
+    f"SyncAuthorizedEntries failed: PERMISSION_DENIED: agent is banned: {AGENT}",
+    f"SyncAuthorizedEntries failed: PERMISSION_DENIED: agent is not attested: {AGENT}",
+])
+def test_the_old_words_without_a_reason_are_only_a_failed_step(
+    tmp_path: Path, agent_log: pytest.LogCaptureFixture, message: str
+) -> None:
+    server, _cache, manager = make(tmp_path, FakeClock(T0))
+    reattests: list[int] = []
+
+    async def reattest() -> X509Svid:
+        reattests.append(1)
+        raise AssertionError("not evicted")
+
+    manager._reattest = reattest
+    server.fail = ServerCallError(message, code="PERMISSION_DENIED")
+    assert asyncio.run(manager.sync_once()) is False
+    assert manager.refused is None and reattests == []
+    assert messages(agent_log, "agent banned") == messages(agent_log, "agent evicted") == []
+    assert len(messages(agent_log, "sync step failed")) == 1
+
+
+@pytest.mark.parametrize(("reason", "refused"), [
+    (RefusalReason.AGENT_BANNED, "banned"),
+    (RefusalReason.AGENT_NOT_ATTESTED, "evicted"),
+])
+def test_the_reason_token_decides_whatever_the_message_says(
+    tmp_path: Path, agent_log: pytest.LogCaptureFixture, reason: RefusalReason, refused: str
+) -> None:
+    server, _cache, manager = make(tmp_path, FakeClock(T0))
+    server.fail = ServerCallError("SyncAuthorizedEntries failed: PERMISSION_DENIED: refused",
+                                  code="PERMISSION_DENIED", reason=reason)
+    assert asyncio.run(manager.sync_once()) is False
+    assert manager.refused == refused
+    assert server.batches == 0
+    assert messages(agent_log, "sync step failed") == []
+
+
+def test_a_refusal_for_a_replaced_svid_is_a_failed_step(
+    tmp_path: Path, agent_log: pytest.LogCaptureFixture
+) -> None:
+    server, _cache, manager = make(tmp_path, FakeClock(T0))
+    server.fail = ServerCallError("SyncAuthorizedEntries failed: PERMISSION_DENIED: not current",
+                                  code="PERMISSION_DENIED",
+                                  reason=RefusalReason.SVID_NOT_CURRENT)
+    assert asyncio.run(manager.sync_once()) is False
+    assert manager.refused is None
+    assert len(messages(agent_log, "sync step failed")) == 1
 
 
 # Expiry between ticks --------------------------------------------------------------
@@ -330,3 +384,18 @@ def test_no_usable_join_token_says_what_to_do(
     with pytest.raises(BootstrapError, match=message):
         asyncio.run(agent._reattest())
     assert client.attests == 0
+
+
+@pytest.mark.parametrize(("metadata", "expected"), [
+    ((("sigil-reason", "agent_banned"),), RefusalReason.AGENT_BANNED),
+    ((("other", "x"), ("Sigil-Reason", b"agent_not_attested")), RefusalReason.AGENT_NOT_ATTESTED),
+    ((("sigil-reason", "svid_not_current"),), RefusalReason.SVID_NOT_CURRENT),
+    ((("sigil-reason", "agent banned"),), None),  # not a token
+    ((("sigil-reason", "something_new"), ("sigil-reason", "agent_banned")),
+     RefusalReason.AGENT_BANNED),
+    ((("grpc-message", "agent is banned"),), None),
+    ((), None),
+    (None, None),
+])
+def test_reason_from_metadata(metadata: Any, expected: RefusalReason | None) -> None:
+    assert reason_from_metadata(metadata) is expected

@@ -21,6 +21,7 @@ from agent.manager import Manager
 from agent.state import WORKLOAD_CACHE_FILE, AgentState
 from identity.bundle import Bundle
 from identity.clock import FakeClock
+from identity.refusal import RefusalReason
 from identity.spiffeid import SpiffeId
 from identity.x509svid import X509Svid, new_svid_certificate
 from tests.unit.test_agent_cache import AGENT, CA, CA_KEY, T0, TD, entry, svid
@@ -220,7 +221,7 @@ def test_a_banned_agent_says_why_once(tmp_path: Path, caplog: pytest.LogCaptureF
     logging.getLogger("sigil.agent").propagate = True
     server.fail = ServerCallError(
         "SyncAuthorized failed: PERMISSION_DENIED: agent spiffe://example.org/sigil/agent/"
-        "join_token/t is banned", code="PERMISSION_DENIED")
+        "join_token/t is banned", code="PERMISSION_DENIED", reason=RefusalReason.AGENT_BANNED)
     with caplog.at_level(logging.INFO, logger="sigil.agent"):
         assert asyncio.run(manager.sync_once()) is False
         assert asyncio.run(manager.sync_once()) is False
@@ -246,7 +247,7 @@ def test_an_evicted_agent_attests_again(tmp_path: Path) -> None:
     manager._reattest = reattest
     server.fail = ServerCallError(
         "SyncAuthorized failed: PERMISSION_DENIED: agent x is not attested",
-        code="PERMISSION_DENIED")
+        code="PERMISSION_DENIED", reason=RefusalReason.AGENT_NOT_ATTESTED)
     asyncio.run(manager.sync_once())
     assert calls == [1]
     assert manager.agent_svid is new_svid
@@ -259,7 +260,8 @@ def test_an_evicted_agent_without_attestor_logs_what_it_needs(
     _clock, server, _state, _cache, manager = make(tmp_path)
     logging.getLogger("sigil.agent").propagate = True
     server.fail = ServerCallError("PERMISSION_DENIED: agent x is not attested",
-                                  code="PERMISSION_DENIED")
+                                  code="PERMISSION_DENIED",
+                                  reason=RefusalReason.AGENT_NOT_ATTESTED)
     with caplog.at_level(logging.INFO, logger="sigil.agent"):
         asyncio.run(manager.sync_once())
     assert manager.refused == "evicted"
