@@ -23,7 +23,12 @@ import grpc
 from agent import log
 from agent.config import DEFAULT_SOCKET_PATH, load_config
 from agent.endpoint import ENV_VAR, parse_endpoint_address
-from agent.errors import AgentError, ConfigError, EndpointAddressError
+from agent.errors import (
+    AgentError,
+    ConfigError,
+    EndpointAddressError,
+    TrustDomainMismatchError,
+)
 from agent.workload_api.client import WorkloadApiClient
 from api.protos import workload_pb2 as pb
 from identity.errors import SigilError
@@ -139,6 +144,9 @@ def run(config_path: Path | None, trust_domain: str | None, server_address: str 
 
     try:
         asyncio.run(runner())
+    except TrustDomainMismatchError as exc:
+        # A configuration error, found before anything was sent: exit 2, one line.
+        _usage_error(str(exc))
     except AgentError as exc:
         log.event("agent failed", level=logging.ERROR, reason=str(exc))
         _failure(str(exc))

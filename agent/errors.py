@@ -22,6 +22,14 @@ class BootstrapError(AgentError):
     """The agent cannot establish trust in the server or attest to it."""
 
 
+class TrustDomainMismatchError(BootstrapError):
+    """The server is the CA of another trust domain than the one configured.
+
+    Found from the server's SVID during a TLS handshake, before any attestation
+    data is sent: a join token is not spent on a server that cannot use it.
+    """
+
+
 class AttestationRefusedError(BootstrapError):
     """The server refused the attestation data itself (a spent or unknown join
     token, a token the attestor does not accept): sending it again cannot help."""

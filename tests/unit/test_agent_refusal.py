@@ -18,13 +18,18 @@ from agent.agent import Agent
 from agent.cache import Cache
 from agent.client import SignResult, SyncResult
 from agent.config import load_config
-from agent.errors import AttestationRefusedError, BootstrapError, ServerCallError
+from agent.errors import (
+    AttestationRefusedError,
+    BootstrapError,
+    ServerCallError,
+    TrustDomainMismatchError,
+)
 from agent.manager import Manager
 from agent.state import AgentState
 from identity.bundle import Bundle
 from identity.clock import FakeClock
 from identity.refusal import RefusalReason, reason_from_metadata
-from identity.spiffeid import SpiffeId
+from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import X509Svid
 from tests.unit.test_agent_cache import AGENT, CA, T0, TD, entry, svid
 from tests.unit.test_agent_resilience import FakeServer, no_crashed_steps  # noqa: F401
@@ -310,12 +315,16 @@ def test_after_attesting_again_the_tick_goes_on_and_the_next_sync_is_full(
 class AttestingClient:
     """Stands in for the agent's ServerClient during attestation."""
 
-    def __init__(self, fail: ServerCallError | None) -> None:
+    def __init__(self, fail: ServerCallError | None, trust_domain: TrustDomain = TD) -> None:
         self.fail = fail
+        self.trust_domain = trust_domain
         self.attests = 0
 
     def configure(self, **_kw: object) -> None:
         pass
+
+    async def server_trust_domain(self, **_kw: object) -> TrustDomain:
+        return self.trust_domain
 
     async def attest(self, **_kw: object) -> object:
         self.attests += 1
@@ -331,11 +340,12 @@ class StubManager:
 
 
 def join_token_agent(tmp_path: Path, token: str | None, current_token_id: str,
-                     fail: ServerCallError | None = None) -> tuple[Agent, AttestingClient]:
+                     fail: ServerCallError | None = None,
+                     server_td: TrustDomain = TD) -> tuple[Agent, AttestingClient]:
     config = load_config(overrides={"trust_domain": "example.org", "server_address": "srv:8081",
                                     "data_dir": str(tmp_path / "ag"), "join_token": token})
     agent = Agent(config, clock=FakeClock(T0))
-    client = AttestingClient(fail)
+    client = AttestingClient(fail, server_td)
     agent.client = client  # type: ignore[assignment]
     agent.manager = StubManager(  # type: ignore[assignment]
         f"spiffe://example.org/sigil/agent/join_token/{current_token_id}")
@@ -399,3 +409,15 @@ def test_no_usable_join_token_says_what_to_do(
 ])
 def test_reason_from_metadata(metadata: Any, expected: RefusalReason | None) -> None:
     assert reason_from_metadata(metadata) is expected
+
+
+def test_the_server_of_another_trust_domain_gets_no_attestation(tmp_path: Path) -> None:
+    agent, client = join_token_agent(tmp_path, "ef01.secret", "abcd",
+                                     server_td=TrustDomain("other.org"))
+    with pytest.raises(TrustDomainMismatchError,
+                       match=r"^wrong trust domain: configured example.org; the server is "
+                             r"other.org$"):
+        asyncio.run(agent._reattest())
+    assert client.attests == 0
+    # Not a refusal of the token: it may be presented to the right server later.
+    assert agent._refused_tokens == set()
