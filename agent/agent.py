@@ -34,6 +34,7 @@ from agent.errors import (
     ServerCallError,
     TrustDomainMismatchError,
 )
+from agent.health import health_handler
 from agent.manager import Manager
 from agent.state import AgentState
 from agent.workload_api.server import WorkloadApiServer
@@ -114,6 +115,7 @@ class Agent:
             clock=self._clock,
             request_sync=self.manager.sync_soon,
             max_connections=self.config.max_connections,
+            extra_handlers=[health_handler(self.manager.health)],
         )
         await self.workload_api.start()
         log.event("workload api listening", socket=self.config.socket_path)

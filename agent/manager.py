@@ -52,6 +52,7 @@ from agent import log
 from agent.cache import Cache, CachedEntry
 from agent.client import ServerClient, SignResult, roots_pem
 from agent.errors import AgentError, ServerCallError
+from agent.health import HealthReport, HealthState
 from agent.rotation import Backoff, rotation_time
 from agent.state import AgentState
 from agent.taint import load_tainted, signed_by_tainted
@@ -137,6 +138,11 @@ class Manager:
         self._reattest_failure = ""
         # Signing certificates an operator tainted, from the last sync.
         self._tainted: tuple[x509.Certificate, ...] = ()
+        # For health(): how the last tick went and why a step last failed.
+        self._last_tick_ok: bool | None = None
+        self._last_sync_at: dt.datetime | None = None
+        self._last_failure = ""
+        self._refusal_message = ""
 
     async def _sign_jwt(self, entry: CachedEntry, audience: Sequence[str]) -> JwtSvid:
         return await self._client.new_jwt_svid(entry.id, audience)
@@ -244,8 +250,35 @@ class Manager:
         if ok and self.refused is not None:
             log.event("agent accepted by the server again", previously=self.refused)
             self.refused = None
+        self._last_tick_ok = ok
+        if ok:
+            self._last_sync_at = self._clock.now()
         self._after_tick()
         return ok
+
+    def health(self) -> HealthReport:
+        """The agent's state for ``sigil-agent healthcheck`` (:mod:`agent.health`).
+
+        Banned or evicted (and not attested again) while refused; degraded when
+        the last tick failed otherwise (the server away, say): in all three the
+        SVIDs held are served until they expire, and nothing new comes. Healthy
+        after a clean tick, and before the first one ends.
+        """
+        if self.refused == "banned":
+            state, reason = HealthState.BANNED, self._refusal_message
+        elif self.refused == "evicted":
+            state, reason = HealthState.EVICTED, self._reattest_failure or self._refusal_message
+        elif self._last_tick_ok is False:
+            state, reason = HealthState.DEGRADED, self._last_failure
+        else:
+            state, reason = HealthState.HEALTHY, ""
+        expiry = self.next_expiry()
+        return HealthReport(
+            state, reason,
+            last_sync=self._last_sync_at.isoformat() if self._last_sync_at else "",
+            svids=len(self._cache.snapshot().svids),
+            next_expiry=expiry.isoformat() if expiry else "",
+        )
 
     async def _step(self, step: Callable[[], Awaitable[None]]) -> bool:
         name = step.__name__.strip("_")
@@ -255,14 +288,17 @@ class Manager:
             if exc.reason is not None and await self._refused(exc.reason, str(exc)):
                 return False
             log.event("sync step failed", level=logging.WARNING, step=name, reason=str(exc))
+            self._last_failure = f"{name}: {exc}"
             return False
         except (AgentError, SigilError) as exc:
             log.event("sync step failed", level=logging.WARNING, step=name, reason=str(exc))
+            self._last_failure = f"{name}: {exc}"
             return False
-        except Exception:
+        except Exception as exc:
             # Never let an unexpected error end the loop: the workloads
             # depend on rotation continuing.
             log.event("sync step crashed", level=logging.ERROR, step=name, exc_info=True)
+            self._last_failure = f"{name}: {type(exc).__name__}"
             return False
         return True
 
@@ -272,6 +308,7 @@ class Manager:
         Returns:
             True if handled (banned, or not attested); False for another reason.
         """
+        self._refusal_message = reason
         if why is RefusalReason.AGENT_BANNED:
             if self.refused != "banned":
                 self.refused = "banned"

@@ -40,7 +40,10 @@ class WorkloadApiServer:
         first_response_timeout: float = 5.0,
         request_sync: SyncRequest | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     ) -> None:
+        # Served next to the Workload API on the same socket (the agent's health).
+        self._extra_handlers = tuple(extra_handlers)
         self.front = PeerCredentialFront(
             socket_path, private_dir=private_dir, proc_root=proc_root,
             max_connections=max_connections,
@@ -73,7 +76,7 @@ class WorkloadApiServer:
                 ("grpc.max_metadata_size", 16 * 1024),
             ]
         )
-        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        server.add_generic_rpc_handlers((self.servicer.handler(), *self._extra_handlers))
         internal = self.front.internal_socket
         with contextlib.suppress(FileNotFoundError):
             internal.unlink()

@@ -4,6 +4,7 @@ exits 2 with one line, and the token still attests a correctly configured agent.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from agent.cli import main as cli_main
 from tests.integration.conftest import RunningServer
 from tests.integration.test_agent_server import AgentThread, _token
 
@@ -63,6 +66,11 @@ def test_wrong_trust_domain_exits_2_and_keeps_the_join_token(
     try:
         assert agent.agent is not None and agent.agent.manager is not None
         assert str(agent.agent.manager.agent_svid.spiffe_id) == token["agent_id"]
+        # The running agent reports its state next to the Workload API.
+        health = CliRunner().invoke(cli_main, ["healthcheck", "--output", "json",
+                                               "--socket-path", str(agent_root / "r.sock")])
+        assert health.exit_code == 0, health.output
+        assert json.loads(health.stdout)["state"] == "healthy"
     finally:
         agent.stop()
     assert agent.error is None
