@@ -251,18 +251,25 @@ class Cache:
     def snapshot(self) -> Snapshot:
         """The current state, immutable."""
         if self._snapshot is None or self._snapshot.version != self._version:
-            if self._sorted is None:
-                entries = tuple(sorted(self._state.entries.values(), key=CachedEntry.sort_key))
-                self._sorted = entries, _index_by_selector(entries)
+            entries, index = self._sorted_entries()
             self._snapshot = Snapshot(
                 version=self._version,
                 trust_domain=self.trust_domain,
-                entries=self._sorted[0],
+                entries=entries,
                 svids={k: v.svid for k, v in self._state.svids.items()},
                 bundles=dict(self._state.bundles),
-                by_selector=self._sorted[1],
+                by_selector=index,
             )
         return self._snapshot
+
+    def _sorted_entries(
+        self,
+    ) -> tuple[tuple[CachedEntry, ...], Mapping[Selector, tuple[int, ...]]]:
+        """The entries in the stable order and their index, kept until they change."""
+        if self._sorted is None:
+            entries = tuple(sorted(self._state.entries.values(), key=CachedEntry.sort_key))
+            self._sorted = entries, _index_by_selector(entries)
+        return self._sorted
 
     async def wait_for_change(self, version: int) -> int:
         """Return the current version once it differs from ``version``."""
@@ -432,7 +439,7 @@ class Cache:
         room = self.svid_cache_size - len(self._state.svids) - sum(
             1 for i in used if i in self._state.entries and i not in self._state.svids
         )
-        for entry in sorted(self._state.entries.values(), key=CachedEntry.sort_key):
+        for entry in self._sorted_entries()[0]:
             cached = self._state.svids.get(entry.id)
             if cached is None:
                 if entry.id in used:

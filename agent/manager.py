@@ -132,6 +132,7 @@ class Manager:
         self._reattest = reattest
         self._demand_task: asyncio.Task[None] | None = None
         self._saved_version = -1
+        self._save_lock = asyncio.Lock()
         # Why the server refuses us ("banned", "evicted"), logged once per change.
         self.refused: str | None = None
         # Why attesting again last failed (logged again only when it changes).
@@ -188,7 +189,7 @@ class Manager:
             except TimeoutError:
                 pass
             if expiry is not None:
-                self._after_tick()
+                await self._after_tick()
 
     def next_delay(self, ok: bool) -> dt.timedelta:
         """How long to wait after a tick that succeeded (``ok``) or failed."""
@@ -209,7 +210,7 @@ class Manager:
     async def _rotate_on_demand(self) -> None:
         async with self._lock:
             if await self._step(self._rotate):
-                self._after_tick()
+                await self._after_tick()
 
     async def sync_soon(self) -> None:
         """Sync now for a caller without identity, and wait for it.
@@ -253,7 +254,7 @@ class Manager:
         self._last_tick_ok = ok
         if ok:
             self._last_sync_at = self._clock.now()
-        self._after_tick()
+        await self._after_tick()
         return ok
 
     def health(self) -> HealthReport:
@@ -351,20 +352,25 @@ class Manager:
                   renew_at=self.agent_svid_renew_at.isoformat())
         return True
 
-    def _after_tick(self) -> None:
+    async def _after_tick(self) -> None:
         """Drop expired SVIDs; persist the cache when it changed."""
         for entry_id in self._cache.drop_expired(self._clock.now()):
             log.event("svid expired", level=logging.WARNING, entry_id=entry_id)
-        version = self._cache.version
-        if version == self._saved_version:
-            return
-        try:
-            self._state.save_workload_cache(self._cache.snapshot())
-        except OSError as exc:
-            log.event("workload cache not persisted", level=logging.WARNING,
-                      reason=exc.strerror or str(exc))
-            return
-        self._saved_version = version
+        # One save at a time (they share a temporary file): a pause and an
+        # on-demand rotation may both get here.
+        async with self._save_lock:
+            snapshot = self._cache.snapshot()
+            if snapshot.version == self._saved_version:
+                return
+            try:
+                # Encoding a thousand keys takes tens of milliseconds: not on the
+                # loop. The snapshot is immutable, so the thread reads it safely.
+                await asyncio.to_thread(self._state.save_workload_cache, snapshot)
+            except OSError as exc:
+                log.event("workload cache not persisted", level=logging.WARNING,
+                          reason=exc.strerror or str(exc))
+                return
+            self._saved_version = snapshot.version
 
     @property
     def agent_svid_renew_at(self) -> dt.datetime:

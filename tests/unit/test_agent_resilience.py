@@ -276,7 +276,7 @@ def test_an_unexpected_call_on_a_fake_fails_the_test(tmp_path: Path) -> None:
             assert asyncio.run(manager.sync_once()) is False
 
 
-def test_keys_csrs_and_chain_checks_run_off_the_loop(
+def test_keys_csrs_chain_checks_and_saving_run_off_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import threading
@@ -284,10 +284,11 @@ def test_keys_csrs_and_chain_checks_run_off_the_loop(
     import agent.manager as manager_module
     from identity.keys import generate_private_key
 
-    _clock, server, _state, cache, manager = make(tmp_path, n=500)
+    _clock, server, state, cache, manager = make(tmp_path, n=500)
     key = generate_private_key()
     key_threads: set[int] = set()
     verify_threads: set[int] = set()
+    save_threads: set[int] = set()
     making, probed = threading.Event(), threading.Event()
 
     def key_factory() -> Any:
@@ -305,8 +306,15 @@ def test_keys_csrs_and_chain_checks_run_off_the_loop(
         verify_threads.add(threading.get_ident())
         return real_verify(*args, **kwargs)
 
+    real_save = state.save_workload_cache
+
+    def save_workload_cache(snapshot: Any) -> None:
+        save_threads.add(threading.get_ident())
+        real_save(snapshot)
+
     monkeypatch.setattr(manager, "_new_key", key_factory)
     monkeypatch.setattr(manager_module, "verify_chain", verify_chain)
+    monkeypatch.setattr(state, "save_workload_cache", save_workload_cache)
 
     async def probe() -> None:
         while not making.is_set():
@@ -324,3 +332,7 @@ def test_keys_csrs_and_chain_checks_run_off_the_loop(
     assert len(server.signed) == 500 and len(cache.snapshot().svids) == 500
     assert key_threads and loop_thread not in key_threads
     assert verify_threads and loop_thread not in verify_threads
+    # Persisting 500 keys is done off the loop too, and done by the end of the tick.
+    assert save_threads and loop_thread not in save_threads
+    restored = state.load_workload_cache(TD, now=T0)
+    assert restored is not None and len(restored.svids) == 500
