@@ -16,6 +16,11 @@ Every ``sync_interval``:
    CSR, send them in one BatchNewX509SVID, verify each returned chain against
    the bundle, and store it.
 
+Making keys and CSRs, verifying chains and persisting the cache (every key)
+cost milliseconds per SVID; they run in worker threads, so the loop that
+serves the Workload API is not held up while hundreds of SVIDs rotate. The
+cache itself is only ever changed on the loop.
+
 A failed step is logged and retried; the loop never dies of a server error.
 After a tick with a failure the next one waits an exponential backoff with
 jitter (:class:`agent.rotation.Backoff`, from ``sync_interval`` up to
@@ -32,8 +37,8 @@ When the server refuses the agent itself (PERMISSION_DENIED with a reason token
 in the trailing metadata, :mod:`identity.refusal`; the message's words do not
 count): a banned agent (``agent_banned``) logs ``agent banned`` with the
 server's message and gets no new SVIDs; an ``agent_not_attested`` (evicted)
-one attests again through ``reattest`` when it
-has a usable attestor, and otherwise logs what it needs (a new join token).
+one attests again through ``reattest`` when it has a usable attestor, and
+otherwise logs what it needs (a new join token).
 Either way the rest of that tick is skipped (every other call would be refused
 too), each state is logged once, not every tick, and the SVIDs already held
 are served until they expire.
@@ -286,7 +291,8 @@ class Manager:
         try:
             await step()
         except ServerCallError as exc:
-            if exc.reason is not None and await self._refused(exc.reason, str(exc)):
+            if (exc.code == "PERMISSION_DENIED" and exc.reason is not None
+                    and await self._refused(exc.reason, str(exc))):
                 return False
             log.event("sync step failed", level=logging.WARNING, step=name, reason=str(exc))
             self._last_failure = f"{name}: {exc}"
