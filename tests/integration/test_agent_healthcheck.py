@@ -26,6 +26,7 @@ from attestation.workload.unix import UnixAttestor
 from identity.clock import FakeClock
 from tests.unit.test_agent_cache import T0
 from tests.unit.test_agent_refusal import BANNED, EVICTED, CountingServer, make
+from tests.unit.test_agent_resilience import no_crashed_steps  # noqa: F401
 
 T = TypeVar("T")
 DOWN = ServerCallError("SyncAuthorizedEntries failed: UNAVAILABLE: connection refused",
