@@ -296,7 +296,7 @@ def test_keys_csrs_chain_checks_and_saving_run_off_the_loop(
         making.set()
         # The first key waits until a coroutine on the loop has run: made on the
         # loop itself, it would wait in vain (and the step would crash).
-        if not probed.wait(10):
+        if not probed.wait(60):
             raise AssertionError("the loop did not run while keys were being made")
         return key
 
