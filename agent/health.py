@@ -8,8 +8,9 @@ socket, ``/sigil.agent.v1.AgentHealth/Check``: a JSON :class:`HealthReport`
 (the request is empty). It needs no identity; it tells a local process no more
 than the agent's logs do (its state and the reason for it), never a key.
 
-The body is JSON rather than a protobuf message: only our own CLI reads it, and
-it stays readable with any gRPC client (``grpcurl`` with ``-format text``).
+The body is JSON rather than a protobuf message: only ``sigil-agent healthcheck``
+reads it, and it is no part of the server's API, so it needs no message in
+api/protos.
 """
 
 from __future__ import annotations
