@@ -28,7 +28,13 @@ from agent import log
 from agent.cache import Cache
 from agent.client import ServerClient, fetch_bootstrap_root, roots_pem
 from agent.config import AgentConfig
-from agent.errors import AttestationRefusedError, BootstrapError, ServerCallError
+from agent.errors import (
+    AttestationRefusedError,
+    BootstrapError,
+    ServerCallError,
+    TrustDomainMismatchError,
+)
+from agent.health import health_handler
 from agent.manager import Manager
 from agent.state import AgentState
 from agent.workload_api.server import WorkloadApiServer
@@ -112,6 +118,7 @@ class Agent:
             max_connections_per_uid=self.config.max_connections_per_uid,
             preface_timeout=self.config.connection_preface_timeout.total_seconds(),
             idle_timeout=self.config.connection_idle_timeout.total_seconds(),
+            extra_handlers=[health_handler(self.manager.health)],
         )
         await self.workload_api.start()
         log.event("workload api listening", socket=self.config.socket_path)
@@ -249,7 +256,15 @@ class Agent:
     async def _attest_with(
         self, bundle: Bundle, attestation_type: str, payload: bytes
     ) -> tuple[X509Svid, Bundle]:
-        self.client.configure(roots_pem=roots_pem(bundle))
+        roots = roots_pem(bundle)
+        # Before any attestation data leaves: a join token sent to the server of
+        # another trust domain would be spent there for nothing.
+        actual = await self.client.server_trust_domain(roots_pem=roots)
+        if actual != self.config.trust_domain:
+            raise TrustDomainMismatchError(
+                f"wrong trust domain: configured {self.config.trust_domain}; "
+                f"the server is {actual}")
+        self.client.configure(roots_pem=roots)
         key = generate_private_key()
         try:
             result = await self.client.attest(

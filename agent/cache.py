@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -86,6 +87,25 @@ class Identity:
     svid: X509Svid
 
 
+def _index_by_selector(entries: Sequence[CachedEntry]) -> dict[Selector, tuple[int, ...]]:
+    """Positions in ``entries`` under one selector of each entry: its rarest.
+
+    An entry a caller is entitled to has all its selectors among the caller's,
+    so in particular its key selector: looking up the caller's selectors finds
+    every candidate. The rarest selector keeps the candidates that then fail
+    the full check few (``unix:uid:0`` may be on thousands of entries, a
+    service account on one). An entry without selectors matches nobody and is
+    left out.
+    """
+    counts = Counter(s for e in entries for s in e.selectors)
+    index: dict[Selector, list[int]] = {}
+    for position, entry in enumerate(entries):
+        if entry.selectors:
+            key = min(entry.selectors, key=lambda s: (counts[s], s))
+            index.setdefault(key, []).append(position)
+    return {s: tuple(positions) for s, positions in index.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """An immutable view of the cache at one version."""
@@ -95,15 +115,36 @@ class Snapshot:
     entries: tuple[CachedEntry, ...]
     svids: Mapping[str, X509Svid]
     bundles: Mapping[TrustDomain, Bundle]
+    # What :meth:`entitled` reads (:func:`_index_by_selector` of ``entries``); the
+    # cache passes the one it keeps while the entries do not change, since
+    # building it costs as much as a thousand lookups.
+    by_selector: Mapping[Selector, tuple[int, ...]] | None = field(
+        default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.by_selector is None:
+            object.__setattr__(self, "by_selector", _index_by_selector(self.entries))
 
     def entitled(self, selectors: Iterable[Selector]) -> list[CachedEntry]:
         """Entries whose selectors are all among ``selectors``, in the stable order.
 
         This is the security invariant of the Workload API: a workload never
-        receives an SVID whose entry selectors it does not all carry.
+        receives an SVID whose entry selectors it does not all carry. The cost
+        is in proportion to the caller's selectors and the entries indexed under
+        them, not to all the entries.
         """
         available = frozenset(selectors)
-        return [e for e in self.entries if selectors_match(e.selectors, available)]
+        index = self.by_selector
+        assert index is not None  # set in __post_init__
+        positions: list[int] = []
+        for selector in available:
+            positions.extend(index.get(selector, ()))
+        # Each entry sits under one key, so no position comes twice.
+        positions.sort()
+        return [
+            self.entries[i] for i in positions
+            if selectors_match(self.entries[i].selectors, available)
+        ]
 
     def identities(self, entries: Iterable[CachedEntry]) -> list[Identity]:
         """The entries among ``entries`` that have an SVID, as identities."""
@@ -192,6 +233,9 @@ class Cache:
         self._tainted: tuple[x509.Certificate, ...] = ()
         self._version = 0
         self._snapshot: Snapshot | None = None
+        # The entries in the stable order and their index, until the entries change.
+        self._sorted: tuple[tuple[CachedEntry, ...], Mapping[Selector, tuple[int, ...]]] | None
+        self._sorted = None
         self._changed = asyncio.Event()
         self._jwt: dict[tuple[str, tuple[str, ...]], _JwtCacheItem] = {}
         # Concurrent requests for one (entry, audience) share one server call.
@@ -207,15 +251,25 @@ class Cache:
     def snapshot(self) -> Snapshot:
         """The current state, immutable."""
         if self._snapshot is None or self._snapshot.version != self._version:
-            entries = tuple(sorted(self._state.entries.values(), key=CachedEntry.sort_key))
+            entries, index = self._sorted_entries()
             self._snapshot = Snapshot(
                 version=self._version,
                 trust_domain=self.trust_domain,
                 entries=entries,
                 svids={k: v.svid for k, v in self._state.svids.items()},
                 bundles=dict(self._state.bundles),
+                by_selector=index,
             )
         return self._snapshot
+
+    def _sorted_entries(
+        self,
+    ) -> tuple[tuple[CachedEntry, ...], Mapping[Selector, tuple[int, ...]]]:
+        """The entries in the stable order and their index, kept until they change."""
+        if self._sorted is None:
+            entries = tuple(sorted(self._state.entries.values(), key=CachedEntry.sort_key))
+            self._sorted = entries, _index_by_selector(entries)
+        return self._sorted
 
     async def wait_for_change(self, version: int) -> int:
         """Return the current version once it differs from ``version``."""
@@ -257,6 +311,7 @@ class Cache:
         for entry_id in [i for i in self._last_used if i not in new]:
             del self._last_used[entry_id]
         self._state.entries = new
+        self._sorted = None
         self._bump()
         return True
 
@@ -384,7 +439,7 @@ class Cache:
         room = self.svid_cache_size - len(self._state.svids) - sum(
             1 for i in used if i in self._state.entries and i not in self._state.svids
         )
-        for entry in sorted(self._state.entries.values(), key=CachedEntry.sort_key):
+        for entry in self._sorted_entries()[0]:
             cached = self._state.svids.get(entry.id)
             if cached is None:
                 if entry.id in used:

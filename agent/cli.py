@@ -1,7 +1,8 @@
 """``sigil-agent``: run the node agent, and talk to a running one's Workload API.
 
 Exit codes: 0 success; 1 the operation failed (agent unreachable, no identity);
-2 bad input (one line ``Error: <reason>`` on stderr).
+2 bad input (one line ``Error: <reason>`` on stderr); ``healthcheck`` also 3, 4
+and 5 (degraded, evicted, banned: agent/health.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ import grpc
 from agent import log
 from agent.config import DEFAULT_SOCKET_PATH, load_config
 from agent.endpoint import ENV_VAR, parse_endpoint_address
-from agent.errors import AgentError, ConfigError, EndpointAddressError
+from agent.errors import (
+    AgentError,
+    ConfigError,
+    EndpointAddressError,
+    TrustDomainMismatchError,
+)
+from agent.health import EXIT_CODES, HealthReport, HealthState
+from agent.health import METHOD as HEALTH_METHOD
 from agent.workload_api.client import WorkloadApiClient
 from api.protos import workload_pb2 as pb
 from identity.errors import SigilError
@@ -88,7 +96,7 @@ def main() -> None:
     sigil-agent api validate   validate a JWT-SVID
     sigil-agent api watch      print X.509-SVID updates as they arrive
     sigil-agent helper         keep svid.pem/svid.key/bundle.pem files current
-    sigil-agent healthcheck    exit 0 if the agent's socket answers
+    sigil-agent healthcheck    exit 0 if the agent answers and gets new SVIDs
     """
 
 
@@ -139,6 +147,9 @@ def run(config_path: Path | None, trust_domain: str | None, server_address: str 
 
     try:
         asyncio.run(runner())
+    except TrustDomainMismatchError as exc:
+        # A configuration error, found before anything was sent: exit 2, one line.
+        _usage_error(str(exc))
     except AgentError as exc:
         log.event("agent failed", level=logging.ERROR, reason=str(exc))
         _failure(str(exc))
@@ -276,18 +287,59 @@ def fetch_jwt(socket_path: str | None, audience: tuple[str, ...], spiffe_id: str
             click.echo(row["token"])
 
 
-@main.command(epilog="\b\nExamples:\n  sigil-agent healthcheck --socket-path /run/sigil/api.sock\n"
-                     "  sigil-agent healthcheck --output json")
+_EPILOG_HEALTHCHECK = """\b
+Exit codes:
+  0  healthy: the Workload API answers and the last sync with the server succeeded
+  1  the agent does not answer (not running, or its socket is not served)
+  2  bad input (a bad --socket-path)
+  3  degraded: the last sync failed (server unreachable, or refused)
+  4  evicted: the server no longer knows the agent and it could not attest again
+  5  banned: the server refuses the agent
+In 3, 4 and 5 the agent serves the SVIDs it holds until they expire, and gets
+no new ones.
+
+\b
+Examples:
+  sigil-agent healthcheck --socket-path /run/sigil/api.sock
+  sigil-agent healthcheck --output json
+"""
+
+_NOT_HEALTHY = {
+    HealthState.DEGRADED: "agent is degraded: the last sync with the server failed",
+    HealthState.EVICTED: "agent is evicted: the server no longer knows it",
+    HealthState.BANNED: "agent is banned: the server refuses it",
+}
+
+
+def _health_report(path: str, timeout: float) -> HealthReport | None:
+    """The agent's own report (agent/health.py); None from an agent without one."""
+    with grpc.insecure_channel(f"unix:{path}") as channel:
+        check = channel.unary_unary(HEALTH_METHOD)
+        try:
+            data = check(b"", timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return None
+            _rpc_failure(exc, "agent is not healthy")
+    try:
+        return HealthReport.from_json(data)
+    except ValueError as exc:
+        _failure(f"the agent sent an unusable health report: {exc}")
+
+
+@main.command(epilog=_EPILOG_HEALTHCHECK)
 @_socket_option
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
               show_default=True, help="Seconds.")
 @click.option("--output", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
 def healthcheck(socket_path: str | None, timeout: float, output: str) -> None:
-    """Exit 0 if the agent's Workload API answers.
+    """Exit 0 if the agent answers and gets new SVIDs; 3, 4, 5 if it only serves
+    those it holds (degraded, evicted, banned).
 
     Asks for X.509 bundles as this process: an answer, or PermissionDenied (this
-    process has no identity), both prove the agent is attested and serving.
+    process has no identity), both prove the Workload API is served. Then asks
+    the agent for its state on the same socket.
     """
     path = _resolve_socket(socket_path)
     if not Path(path).exists():
@@ -298,10 +350,30 @@ def healthcheck(socket_path: str | None, timeout: float, output: str) -> None:
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
             _rpc_failure(exc, "agent is not healthy")
-    if output == "json":
-        click.echo(json.dumps({"healthy": True, "socket_path": path}))
+    report = _health_report(path, timeout)
+    if report is None:
+        # An agent that does not report its state: that it answers is all we know.
+        if output == "json":
+            click.echo(json.dumps({"healthy": True, "socket_path": path}))
+            return
+        click.echo(f"agent is healthy ({dt.datetime.now(dt.UTC):%H:%M:%S} UTC)")
         return
-    click.echo(f"agent is healthy ({dt.datetime.now(dt.UTC):%H:%M:%S} UTC)")
+    healthy = report.state is HealthState.HEALTHY
+    if output == "json":
+        click.echo(json.dumps({
+            "healthy": healthy, "state": report.state.value, "reason": report.reason,
+            "last_sync": report.last_sync, "svids": report.svids,
+            "next_expiry": report.next_expiry, "socket_path": path,
+        }))
+    elif healthy:
+        click.echo(f"agent is healthy ({dt.datetime.now(dt.UTC):%H:%M:%S} UTC)")
+    else:
+        held = (f"{report.svids} held, the first expires at {report.next_expiry}"
+                if report.svids else "none held")
+        click.echo(f"{_NOT_HEALTHY[report.state]}; serving the SVIDs it holds until they "
+                   f"expire ({held}); last successful sync: {report.last_sync or 'none'}; "
+                   f"reason: {report.reason or 'unknown'}")
+    sys.exit(EXIT_CODES[report.state])
 
 
 # -- more Workload API commands: jwt-bundles, validate, watch --------------------------

@@ -35,6 +35,7 @@ from identity.bundle import Bundle, JwtAuthority
 from identity.errors import SigilError
 from identity.jwtsvid import JwtSvid, parse_insecure
 from identity.keys import PrivateKey, load_public_key_der, private_key_to_pem, public_keys_equal
+from identity.refusal import reason_from_metadata
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import X509Svid, certificates_to_pem, validate_leaf
@@ -177,9 +178,15 @@ class ServerClient:
         try:
             return await call(request, timeout=CALL_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            name = code.name if code else "UNKNOWN"
-            raise ServerCallError(f"{method} failed: {name}: {exc.details()}", code=name) from None
+            raise _call_error(method, exc) from None
+
+    async def server_trust_domain(self, *, roots_pem: bytes) -> TrustDomain:
+        """The trust domain the server's SVID names (:func:`server_trust_domain`).
+
+        Raises:
+            BootstrapError: unreachable, not verified by ``roots_pem``, or no SVID.
+        """
+        return await asyncio.to_thread(server_trust_domain, self.address, roots_pem=roots_pem)
 
     # Calls -------------------------------------------------------------------
 
@@ -244,10 +251,7 @@ class ServerClient:
                 if page.last:
                     break
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            name = code.name if code else "UNKNOWN"
-            raise ServerCallError(
-                f"SyncAuthorizedEntries failed: {name}: {exc.details()}", code=name) from None
+            raise _call_error("SyncAuthorizedEntries", exc) from None
         if not pages or not pages[-1].last:
             raise ServerCallError("SyncAuthorizedEntries ended before its last page")
         first = pages[0]
@@ -354,6 +358,14 @@ class ServerClient:
         return X509Svid(spiffe_id, chain, key)
 
 
+def _call_error(method: str, exc: grpc.aio.AioRpcError) -> ServerCallError:
+    """A failed call as a ServerCallError, with the refusal reason the server sent."""
+    code = exc.code()
+    name = code.name if code else "UNKNOWN"
+    return ServerCallError(f"{method} failed: {name}: {exc.details()}", code=name,
+                           reason=reason_from_metadata(exc.trailing_metadata()))
+
+
 # Conversions -------------------------------------------------------------------------
 
 
@@ -442,6 +454,41 @@ def fetch_bootstrap_root(address: str, *, timeout: float = 10.0) -> x509.Certifi
         f"the server at {address} did not present a self-signed CA certificate; "
         "pass its bundle with --trust-bundle"
     )
+
+
+def server_trust_domain(address: str, *, roots_pem: bytes, timeout: float = 10.0) -> TrustDomain:
+    """The trust domain of the server at ``address``, from its SVID.
+
+    A TLS handshake only (nothing is sent over it), verified like the agent API's
+    channel: against ``roots_pem``, for the name ``server.sigil.invalid``. The
+    agent calls this before attesting, so that it never hands attestation data
+    (a single-use join token) to the server of another trust domain.
+
+    Raises:
+        BootstrapError: unreachable, the handshake failed (the bundle does not
+            verify the server), or its certificate is not an X.509-SVID.
+    """
+    host, port = parse_host_port(address)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        ctx.load_verify_locations(cadata=roots_pem.decode("ascii"))
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except ssl.SSLError as exc:
+        raise BootstrapError(
+            f"the server at {address} is not verified by the trust bundle: {exc}") from None
+    except OSError as exc:
+        raise BootstrapError(f"cannot reach the server at {address}: {exc}") from None
+    if der is None:
+        raise BootstrapError(f"the server at {address} presented no certificate")
+    try:
+        return validate_leaf(x509.load_der_x509_certificate(der)).trust_domain
+    except (ValueError, SigilError) as exc:
+        raise BootstrapError(
+            f"the server at {address} presented a certificate that is not an SVID: {exc}"
+        ) from None
 
 
 def roots_pem(bundle: Bundle) -> bytes:

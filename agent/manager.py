@@ -16,6 +16,11 @@ Every ``sync_interval``:
    CSR, send them in one BatchNewX509SVID, verify each returned chain against
    the bundle, and store it.
 
+Making keys and CSRs, verifying chains and persisting the cache (every key)
+cost milliseconds per SVID; they run in worker threads, so the loop that
+serves the Workload API is not held up while hundreds of SVIDs rotate. The
+cache itself is only ever changed on the loop.
+
 A failed step is logged and retried; the loop never dies of a server error.
 After a tick with a failure the next one waits an exponential backoff with
 jitter (:class:`agent.rotation.Backoff`, from ``sync_interval`` up to
@@ -28,10 +33,12 @@ serves it.
 A workload that needs an SVID the bounded cache lacks makes the manager rotate
 at once (:meth:`Manager.demand`), outside the periodic tick.
 
-When the server refuses the agent itself (PERMISSION_DENIED): a banned agent
-logs ``agent banned`` with the server's reason and gets no new SVIDs; an
-evicted one (no longer attested) attests again through ``reattest`` when it
-has a usable attestor, and otherwise logs what it needs (a new join token).
+When the server refuses the agent itself (PERMISSION_DENIED with a reason token
+in the trailing metadata, :mod:`identity.refusal`; the message's words do not
+count): a banned agent (``agent_banned``) logs ``agent banned`` with the
+server's message and gets no new SVIDs; an ``agent_not_attested`` (evicted)
+one attests again through ``reattest`` when it has a usable attestor, and
+otherwise logs what it needs (a new join token).
 Either way the rest of that tick is skipped (every other call would be refused
 too), each state is logged once, not every tick, and the SVIDs already held
 are served until they expire.
@@ -42,14 +49,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from cryptography import x509
 
 from agent import log
 from agent.cache import Cache, CachedEntry
-from agent.client import ServerClient, roots_pem
+from agent.client import ServerClient, SignResult, roots_pem
 from agent.errors import AgentError, ServerCallError
+from agent.health import HealthReport, HealthState
 from agent.rotation import Backoff, rotation_time
 from agent.state import AgentState
 from agent.taint import load_tainted, signed_by_tainted
@@ -58,6 +66,7 @@ from identity.clock import Clock, SystemClock
 from identity.errors import SigilError
 from identity.jwtsvid import JwtSvid
 from identity.keys import PrivateKey, generate_private_key, public_keys_equal
+from identity.refusal import RefusalReason
 from identity.spiffeid import SpiffeId
 from identity.x509svid import X509Svid, new_csr, verify_chain
 
@@ -128,12 +137,18 @@ class Manager:
         self._reattest = reattest
         self._demand_task: asyncio.Task[None] | None = None
         self._saved_version = -1
+        self._save_lock = asyncio.Lock()
         # Why the server refuses us ("banned", "evicted"), logged once per change.
         self.refused: str | None = None
         # Why attesting again last failed (logged again only when it changes).
         self._reattest_failure = ""
         # Signing certificates an operator tainted, from the last sync.
         self._tainted: tuple[x509.Certificate, ...] = ()
+        # For health(): how the last tick went and why a step last failed.
+        self._last_tick_ok: bool | None = None
+        self._last_sync_at: dt.datetime | None = None
+        self._last_failure = ""
+        self._refusal_message = ""
 
     async def _sign_jwt(self, entry: CachedEntry, audience: Sequence[str]) -> JwtSvid:
         return await self._client.new_jwt_svid(entry.id, audience)
@@ -179,7 +194,7 @@ class Manager:
             except TimeoutError:
                 pass
             if expiry is not None:
-                self._after_tick()
+                await self._after_tick()
 
     def next_delay(self, ok: bool) -> dt.timedelta:
         """How long to wait after a tick that succeeded (``ok``) or failed."""
@@ -200,7 +215,7 @@ class Manager:
     async def _rotate_on_demand(self) -> None:
         async with self._lock:
             if await self._step(self._rotate):
-                self._after_tick()
+                await self._after_tick()
 
     async def sync_soon(self) -> None:
         """Sync now for a caller without identity, and wait for it.
@@ -241,38 +256,74 @@ class Manager:
         if ok and self.refused is not None:
             log.event("agent accepted by the server again", previously=self.refused)
             self.refused = None
-        self._after_tick()
+        self._last_tick_ok = ok
+        if ok:
+            self._last_sync_at = self._clock.now()
+        await self._after_tick()
         return ok
+
+    def health(self) -> HealthReport:
+        """The agent's state for ``sigil-agent healthcheck`` (:mod:`agent.health`).
+
+        Banned or evicted (and not attested again) while refused; degraded when
+        the last tick failed otherwise (the server away, say): in all three the
+        SVIDs held are served until they expire, and nothing new comes. Healthy
+        after a clean tick, and before the first one ends.
+        """
+        if self.refused == "banned":
+            state, reason = HealthState.BANNED, self._refusal_message
+        elif self.refused == "evicted":
+            state, reason = HealthState.EVICTED, self._reattest_failure or self._refusal_message
+        elif self._last_tick_ok is False:
+            state, reason = HealthState.DEGRADED, self._last_failure
+        else:
+            state, reason = HealthState.HEALTHY, ""
+        expiry = self.next_expiry()
+        return HealthReport(
+            state, reason,
+            last_sync=self._last_sync_at.isoformat() if self._last_sync_at else "",
+            svids=len(self._cache.snapshot().svids),
+            next_expiry=expiry.isoformat() if expiry else "",
+        )
 
     async def _step(self, step: Callable[[], Awaitable[None]]) -> bool:
         name = step.__name__.strip("_")
         try:
             await step()
         except ServerCallError as exc:
-            if exc.code == "PERMISSION_DENIED" and await self._refused(str(exc)):
+            if (exc.code == "PERMISSION_DENIED" and exc.reason is not None
+                    and await self._refused(exc.reason, str(exc))):
                 return False
             log.event("sync step failed", level=logging.WARNING, step=name, reason=str(exc))
+            self._last_failure = f"{name}: {exc}"
             return False
         except (AgentError, SigilError) as exc:
             log.event("sync step failed", level=logging.WARNING, step=name, reason=str(exc))
+            self._last_failure = f"{name}: {exc}"
             return False
-        except Exception:
+        except Exception as exc:
             # Never let an unexpected error end the loop: the workloads
             # depend on rotation continuing.
             log.event("sync step crashed", level=logging.ERROR, step=name, exc_info=True)
+            self._last_failure = f"{name}: {type(exc).__name__}"
             return False
         return True
 
-    async def _refused(self, reason: str) -> bool:
-        """The server refused the agent itself; log why once. True if handled."""
-        if "is banned" in reason:
+    async def _refused(self, why: RefusalReason, reason: str) -> bool:
+        """The server refused the agent itself (``why``); log ``reason`` once.
+
+        Returns:
+            True if handled (banned, or not attested); False for another reason.
+        """
+        self._refusal_message = reason
+        if why is RefusalReason.AGENT_BANNED:
             if self.refused != "banned":
                 self.refused = "banned"
                 log.event("agent banned: the server refuses this agent, no new SVIDs will "
                           "be served", level=logging.ERROR, agent_id=self.agent_svid.spiffe_id,
                           reason=reason)
             return True
-        if "is not attested" not in reason:
+        if why is not RefusalReason.AGENT_NOT_ATTESTED:
             return False
         if self._reattest is None:
             if self.refused != "evicted":
@@ -307,20 +358,25 @@ class Manager:
                   renew_at=self.agent_svid_renew_at.isoformat())
         return True
 
-    def _after_tick(self) -> None:
+    async def _after_tick(self) -> None:
         """Drop expired SVIDs; persist the cache when it changed."""
         for entry_id in self._cache.drop_expired(self._clock.now()):
             log.event("svid expired", level=logging.WARNING, entry_id=entry_id)
-        version = self._cache.version
-        if version == self._saved_version:
-            return
-        try:
-            self._state.save_workload_cache(self._cache.snapshot())
-        except OSError as exc:
-            log.event("workload cache not persisted", level=logging.WARNING,
-                      reason=exc.strerror or str(exc))
-            return
-        self._saved_version = version
+        # One save at a time (they share a temporary file): a pause and an
+        # on-demand rotation may both get here.
+        async with self._save_lock:
+            snapshot = self._cache.snapshot()
+            if snapshot.version == self._saved_version:
+                return
+            try:
+                # Encoding a thousand keys takes tens of milliseconds: not on the
+                # loop. The snapshot is immutable, so the thread reads it safely.
+                await asyncio.to_thread(self._state.save_workload_cache, snapshot)
+            except OSError as exc:
+                log.event("workload cache not persisted", level=logging.WARNING,
+                          reason=exc.strerror or str(exc))
+                return
+            self._saved_version = snapshot.version
 
     @property
     def agent_svid_renew_at(self) -> dt.datetime:
@@ -335,14 +391,18 @@ class Manager:
         tainted = bool(self._tainted) and signed_by_tainted(self.agent_svid, self._tainted)
         if not tainted and self._clock.now() < self.agent_svid_renew_at:
             return
-        key = self._new_key()
-        svid = await self._client.renew(csr=new_csr(key), key=key)
+        key, csr = await asyncio.to_thread(self._make_key_and_csr)
+        svid = await self._client.renew(csr=csr, key=key)
         self._state.save_svid(svid)
         self.agent_svid = svid
         self._reconfigure()
         log.event("agent svid renewed", agent_id=svid.spiffe_id,
                   expires_at=svid.expires_at.isoformat(),
                   renew_at=self.agent_svid_renew_at.isoformat())
+
+    def _make_key_and_csr(self) -> tuple[PrivateKey, bytes]:
+        key = self._new_key()
+        return key, new_csr(key)
 
     async def _sync(self) -> None:
         result = await self._client.sync(known_generation=self._sync_generation,
@@ -375,34 +435,63 @@ class Manager:
         plan = self._cache.rotation_plan(self._clock.now())
         for start in range(0, len(plan), MAX_BATCH):
             batch = plan[start:start + MAX_BATCH]
-            keys = {e.id: self._new_key() for e in batch}
-            results = await self._client.batch_new_x509_svid(
-                [(entry_id, new_csr(key)) for entry_id, key in keys.items()]
-            )
-            by_id = {e.id: e for e in batch}
+            # Key and CSR generation and chain verification cost milliseconds per
+            # SVID: for 500 of them, seconds. They run in a worker thread so that
+            # the loop keeps serving the Workload API meanwhile; the cache is only
+            # touched here, on the loop.
+            keys, csrs = await asyncio.to_thread(self._make_keys, batch)
+            results = await self._client.batch_new_x509_svid(csrs)
             bundles = BundleSet(self._cache.snapshot().bundles.values())
-            for r in results:
-                entry = by_id.get(r.entry_id)
-                if entry is None:
+            checked = await asyncio.to_thread(self._check_results, batch, keys, results, bundles)
+            for entry_id, outcome in checked:
+                if isinstance(outcome, str):
+                    log.event("svid rejected", level=logging.WARNING, entry_id=entry_id,
+                              reason=outcome)
                     continue
-                if r.error:
-                    log.event("svid signing refused", level=logging.WARNING,
-                              entry_id=r.entry_id, reason=r.error)
-                    continue
-                try:
-                    spiffe_id = verify_chain(r.chain, bundles, now=self._clock.now())
-                    if spiffe_id != entry.spiffe_id:
-                        raise AgentError(
-                            f"server signed {spiffe_id}, the entry says {entry.spiffe_id}"
-                        )
-                    key = keys[r.entry_id]
-                    if not public_keys_equal(r.chain[0].public_key(), key.public_key()):
-                        raise AgentError("server signed another key")
-                    svid = X509Svid(spiffe_id, r.chain, keys[r.entry_id])
-                except (SigilError, ValueError) as exc:
-                    log.event("svid rejected", level=logging.WARNING,
-                              entry_id=r.entry_id, reason=str(exc))
-                    continue
-                self._cache.set_x509_svid(entry.id, svid)
-                log.event("svid updated", entry_id=entry.id, spiffe_id=spiffe_id,
-                          expires_at=svid.expires_at.isoformat())
+                self._cache.set_x509_svid(entry_id, outcome)
+                log.event("svid updated", entry_id=entry_id, spiffe_id=outcome.spiffe_id,
+                          expires_at=outcome.expires_at.isoformat())
+
+    def _make_keys(
+        self, batch: Sequence[CachedEntry]
+    ) -> tuple[dict[str, PrivateKey], list[tuple[str, bytes]]]:
+        """A new key and its CSR per entry (run in a worker thread)."""
+        keys = {e.id: self._new_key() for e in batch}
+        return keys, [(entry_id, new_csr(key)) for entry_id, key in keys.items()]
+
+    def _check_results(
+        self,
+        batch: Sequence[CachedEntry],
+        keys: Mapping[str, PrivateKey],
+        results: Sequence[SignResult],
+        bundles: BundleSet,
+    ) -> list[tuple[str, X509Svid | str]]:
+        """Each signed chain as an SVID, or why it is rejected (run in a worker thread).
+
+        A chain must verify against our bundles, name the entry's SPIFFE ID and
+        certify the key we made for it. Results for entries not in ``batch`` are
+        ignored; refusals by the server are logged here (logging is thread-safe).
+        """
+        by_id = {e.id: e for e in batch}
+        out: list[tuple[str, X509Svid | str]] = []
+        for r in results:
+            entry = by_id.get(r.entry_id)
+            if entry is None:
+                continue
+            if r.error:
+                log.event("svid signing refused", level=logging.WARNING,
+                          entry_id=r.entry_id, reason=r.error)
+                continue
+            try:
+                spiffe_id = verify_chain(r.chain, bundles, now=self._clock.now())
+                if spiffe_id != entry.spiffe_id:
+                    raise AgentError(
+                        f"server signed {spiffe_id}, the entry says {entry.spiffe_id}"
+                    )
+                key = keys[r.entry_id]
+                if not public_keys_equal(r.chain[0].public_key(), key.public_key()):
+                    raise AgentError("server signed another key")
+                out.append((entry.id, X509Svid(spiffe_id, r.chain, key)))
+            except (SigilError, ValueError) as exc:
+                out.append((r.entry_id, str(exc)))
+        return out

@@ -7,6 +7,7 @@ status code in one table, and the CLI maps them to exit codes.
 from __future__ import annotations
 
 from identity.errors import SigilError
+from identity.refusal import RefusalReason
 
 
 class ServerError(SigilError):
@@ -34,7 +35,16 @@ class ConflictError(ServerError):
 
 
 class PermissionDeniedError(ServerError):
-    """The caller is known but not allowed to do this."""
+    """The caller is known but not allowed to do this.
+
+    Attributes:
+        reason: why, as a token the agent acts on (sent in the trailing metadata
+            by ``ca.api.status``); None when no agent needs to tell it apart.
+    """
+
+    def __init__(self, message: str, *, reason: RefusalReason | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class UnauthenticatedError(ServerError):

@@ -51,7 +51,10 @@ class WorkloadApiServer:
         max_connections_per_uid: int | None = None,
         preface_timeout: float | None = DEFAULT_PREFACE_TIMEOUT,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     ) -> None:
+        # Served next to the Workload API on the same socket (the agent's health).
+        self._extra_handlers = tuple(extra_handlers)
         self.front = PeerCredentialFront(
             socket_path, private_dir=private_dir, proc_root=proc_root,
             max_connections=max_connections, max_connections_per_uid=max_connections_per_uid,
@@ -95,7 +98,7 @@ class WorkloadApiServer:
                   if self._idle_timeout is not None else []),
             ]
         )
-        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        server.add_generic_rpc_handlers((self.servicer.handler(), *self._extra_handlers))
         internal = self.front.internal_socket
         with contextlib.suppress(FileNotFoundError):
             internal.unlink()

@@ -42,6 +42,7 @@ from ca.metrics import count_svid, observe_sync_seconds
 from ca.ratelimit import RateLimiter
 from identity.errors import X509SvidError
 from identity.keys import PublicKey
+from identity.refusal import RefusalReason
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId
 from identity.x509svid import csr_public_key, validate_leaf
@@ -125,16 +126,19 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         node = self._d.datastore.get_node(agent_id)
         if node is None:
             # Never attested, or evicted: it must attest again.
-            raise PermissionDeniedError(f"agent is not attested (or was evicted): {agent_id}")
+            raise PermissionDeniedError(f"agent is not attested (or was evicted): {agent_id}",
+                                        reason=RefusalReason.AGENT_NOT_ATTESTED)
         if node.banned:
-            raise PermissionDeniedError(f"agent is banned: {agent_id}")
+            raise PermissionDeniedError(f"agent is banned: {agent_id}",
+                                        reason=RefusalReason.AGENT_BANNED)
         serial = cert.serial_number
         if serial == node.new_serial:
             # First use of a renewed SVID: from now on only it is current.
             self._d.datastore.promote_node_serial(agent_id, now=self._d.clock.now())
         elif serial != node.serial:
             raise PermissionDeniedError(
-                f"the client certificate is not the current SVID of agent {agent_id}"
+                f"the client certificate is not the current SVID of agent {agent_id}",
+                reason=RefusalReason.SVID_NOT_CURRENT,
             )
         return node
 
@@ -187,7 +191,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             )
             existing = tx.get_node(result.agent_id)
             if existing is not None and existing.banned:
-                raise PermissionDeniedError(f"agent is banned: {result.agent_id}")
+                raise PermissionDeniedError(f"agent is banned: {result.agent_id}",
+                                            reason=RefusalReason.AGENT_BANNED)
             chain = self._d.authority.sign_agent_svid(
                 result.agent_id, public_key, ttl=cfg.agent_svid_ttl
             )

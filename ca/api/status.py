@@ -34,6 +34,7 @@ from ca.log import event
 from ca.metrics import count_error
 from ca.ratelimit import RateLimitedError
 from identity.errors import InvalidKeyError, InvalidSelectorError, InvalidSpiffeIdError
+from identity.refusal import REASON_KEY
 
 STATUS_TABLE: Mapping[type[BaseException], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -84,6 +85,9 @@ def grpc_method(api: str) -> Callable[[F], F]:
                     context.abort(code, "internal error")
                 event("request refused", level=logging.WARNING, api=api, method=fn.__name__,
                       code=code.name, reason=str(exc))
+                if isinstance(exc, PermissionDeniedError) and exc.reason is not None:
+                    # The message is for people; the agent acts on this token.
+                    context.set_trailing_metadata(((REASON_KEY, exc.reason.value),))
                 context.abort(code, str(exc))
 
         return wrapper  # type: ignore[return-value]

@@ -195,3 +195,53 @@ def test_jwt_without_signer_is_not_ready() -> None:
             await cache.jwt_svid(entry("a", "spiffe://example.org/a"), ["x"])
 
     run(scenario())
+
+
+def _brute_force_entitled(entries: list[CachedEntry], available: set[Selector]) -> list[str]:
+    # The definition, entry by entry, in the stable order.
+    ordered = sorted(entries, key=CachedEntry.sort_key)
+    return [e.id for e in ordered if e.selectors and e.selectors <= available]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_entitled_by_index_equals_the_scan_of_every_entry(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    # A small pool, so entries share selectors and callers hit many of them.
+    pool = [Selector(t, f"{k}:{rng.randrange(6)}") for t in ("unix", "k8s")
+            for k in ("uid", "gid", "ns", "sa")]
+    pool = sorted(set(pool))
+    entries = []
+    for i in range(rng.randrange(1, 120)):
+        selectors = frozenset(rng.sample(pool, rng.randrange(0, 4)))
+        # Duplicate SPIFFE IDs on purpose: the order then falls back to the entry id.
+        entries.append(CachedEntry(
+            id=f"id{rng.randrange(1000):03d}-{i}",
+            spiffe_id=SpiffeId.parse(f"spiffe://example.org/w{rng.randrange(30)}"),
+            parent_id=AGENT, selectors=selectors))
+    cache = make_cache()
+    cache.set_entries(entries)
+    snap = cache.snapshot()
+    for _ in range(60):
+        available = set(rng.sample(pool, rng.randrange(0, len(pool) + 1)))
+        # Selectors no entry has change nothing.
+        caller = [*available, Selector("unix", "pid:1")]
+        rng.shuffle(caller)
+        assert [e.id for e in snap.entitled(caller)] == _brute_force_entitled(
+            entries, available)
+
+
+def test_entitled_follows_entry_changes() -> None:
+    cache = make_cache()
+    uid, ns = Selector("unix", "uid:1000"), Selector("k8s", "ns:a")
+    cache.set_entries([entry("a", "spiffe://example.org/a")])
+    assert [e.id for e in cache.snapshot().entitled([uid])] == ["a"]
+    cache.apply_entry_changes(
+        [dataclasses.replace(entry("a", "spiffe://example.org/a"), selectors=frozenset({uid, ns})),
+         entry("b", "spiffe://example.org/b")], [])
+    snap = cache.snapshot()
+    assert [e.id for e in snap.entitled([uid])] == ["b"]
+    assert [e.id for e in snap.entitled([uid, ns])] == ["a", "b"]
+    cache.apply_entry_changes([], ["b"])
+    assert cache.snapshot().entitled([uid]) == []

@@ -52,3 +52,13 @@ def test_help_has_examples() -> None:
         result = invoke(*args)
         assert result.exit_code == 0, result.output
     assert "Examples:" in invoke("run", "--help").output
+
+
+def test_healthcheck_help_lists_each_exit_code() -> None:
+    from agent.health import EXIT_CODES
+
+    text = invoke("healthcheck", "--help").output
+    for state, code in EXIT_CODES.items():
+        assert f"  {code}  {state.value}" in text
+    for code, what in ((1, "the agent does not answer"), (2, "bad input")):
+        assert f"  {code}  {what}" in text

@@ -18,23 +18,29 @@ from agent.agent import Agent
 from agent.cache import Cache
 from agent.client import SignResult, SyncResult
 from agent.config import load_config
-from agent.errors import AttestationRefusedError, BootstrapError, ServerCallError
+from agent.errors import (
+    AttestationRefusedError,
+    BootstrapError,
+    ServerCallError,
+    TrustDomainMismatchError,
+)
 from agent.manager import Manager
 from agent.state import AgentState
 from identity.bundle import Bundle
 from identity.clock import FakeClock
-from identity.spiffeid import SpiffeId
+from identity.refusal import RefusalReason, reason_from_metadata
+from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import X509Svid
 from tests.unit.test_agent_cache import AGENT, CA, T0, TD, entry, svid
-from tests.unit.test_agent_resilience import FakeServer
+from tests.unit.test_agent_resilience import FakeServer, no_crashed_steps  # noqa: F401
 
 BUNDLE = Bundle(trust_domain=TD, x509_authorities=(CA,))
 BANNED = ServerCallError(
     f"SyncAuthorizedEntries failed: PERMISSION_DENIED: agent is banned: {AGENT}",
-    code="PERMISSION_DENIED")
+    code="PERMISSION_DENIED", reason=RefusalReason.AGENT_BANNED)
 EVICTED = ServerCallError(
     f"SyncAuthorizedEntries failed: PERMISSION_DENIED: agent is not attested (or was "
-    f"evicted): {AGENT}", code="PERMISSION_DENIED")
+    f"evicted): {AGENT}", code="PERMISSION_DENIED", reason=RefusalReason.AGENT_NOT_ATTESTED)
 
 
 class CountingServer(FakeServer):
@@ -116,6 +122,59 @@ def test_a_banned_agent_keeps_its_svids_until_they_expire(tmp_path: Path) -> Non
     assert cache.snapshot().svids == {}
 
 
+# The reason token decides, not the message --------------------------------------
+
+
+@pytest.mark.parametrize("message", [
+    f"SyncAuthorizedEntries failed: PERMISSION_DENIED: agent is banned: {AGENT}",
+    f"SyncAuthorizedEntries failed: PERMISSION_DENIED: agent is not attested: {AGENT}",
+])
+def test_the_old_words_without_a_reason_are_only_a_failed_step(
+    tmp_path: Path, agent_log: pytest.LogCaptureFixture, message: str
+) -> None:
+    server, _cache, manager = make(tmp_path, FakeClock(T0))
+    reattests: list[int] = []
+
+    async def reattest() -> X509Svid:
+        reattests.append(1)
+        raise AssertionError("not evicted")
+
+    manager._reattest = reattest
+    server.fail = ServerCallError(message, code="PERMISSION_DENIED")
+    assert asyncio.run(manager.sync_once()) is False
+    assert manager.refused is None and reattests == []
+    assert messages(agent_log, "agent banned") == messages(agent_log, "agent evicted") == []
+    assert len(messages(agent_log, "sync step failed")) == 1
+
+
+@pytest.mark.parametrize(("reason", "refused"), [
+    (RefusalReason.AGENT_BANNED, "banned"),
+    (RefusalReason.AGENT_NOT_ATTESTED, "evicted"),
+])
+def test_the_reason_token_decides_whatever_the_message_says(
+    tmp_path: Path, agent_log: pytest.LogCaptureFixture, reason: RefusalReason, refused: str
+) -> None:
+    server, _cache, manager = make(tmp_path, FakeClock(T0))
+    server.fail = ServerCallError("SyncAuthorizedEntries failed: PERMISSION_DENIED: refused",
+                                  code="PERMISSION_DENIED", reason=reason)
+    assert asyncio.run(manager.sync_once()) is False
+    assert manager.refused == refused
+    assert server.batches == 0
+    assert messages(agent_log, "sync step failed") == []
+
+
+def test_a_refusal_for_a_replaced_svid_is_a_failed_step(
+    tmp_path: Path, agent_log: pytest.LogCaptureFixture
+) -> None:
+    server, _cache, manager = make(tmp_path, FakeClock(T0))
+    server.fail = ServerCallError("SyncAuthorizedEntries failed: PERMISSION_DENIED: not current",
+                                  code="PERMISSION_DENIED",
+                                  reason=RefusalReason.SVID_NOT_CURRENT)
+    assert asyncio.run(manager.sync_once()) is False
+    assert manager.refused is None
+    assert len(messages(agent_log, "sync step failed")) == 1
+
+
 # Expiry between ticks --------------------------------------------------------------
 
 
@@ -161,9 +220,20 @@ def test_pause_without_svids_waits_the_delay_or_stops(tmp_path: Path) -> None:
     _server, _cache, manager = make(tmp_path, FakeClock(T0))
 
     async def go() -> None:
+        loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        # The whole delay: not a moment less (an upper bound would be a timing test).
+        started = loop.time()
         await asyncio.wait_for(manager.pause(stop, dt.timedelta(milliseconds=50)), 10)
+        assert loop.time() - started >= 0.05
+        # An hour's pause ends when stop is set, not before.
+        pause = asyncio.create_task(manager.pause(stop, dt.timedelta(hours=1)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not pause.done()
         stop.set()
+        await asyncio.wait_for(pause, 10)
+        # Once stopped, a pause returns at once.
         await asyncio.wait_for(manager.pause(stop, dt.timedelta(hours=1)), 10)
 
     asyncio.run(go())
@@ -245,12 +315,16 @@ def test_after_attesting_again_the_tick_goes_on_and_the_next_sync_is_full(
 class AttestingClient:
     """Stands in for the agent's ServerClient during attestation."""
 
-    def __init__(self, fail: ServerCallError | None) -> None:
+    def __init__(self, fail: ServerCallError | None, trust_domain: TrustDomain = TD) -> None:
         self.fail = fail
+        self.trust_domain = trust_domain
         self.attests = 0
 
     def configure(self, **_kw: object) -> None:
         pass
+
+    async def server_trust_domain(self, **_kw: object) -> TrustDomain:
+        return self.trust_domain
 
     async def attest(self, **_kw: object) -> object:
         self.attests += 1
@@ -266,11 +340,12 @@ class StubManager:
 
 
 def join_token_agent(tmp_path: Path, token: str | None, current_token_id: str,
-                     fail: ServerCallError | None = None) -> tuple[Agent, AttestingClient]:
+                     fail: ServerCallError | None = None,
+                     server_td: TrustDomain = TD) -> tuple[Agent, AttestingClient]:
     config = load_config(overrides={"trust_domain": "example.org", "server_address": "srv:8081",
                                     "data_dir": str(tmp_path / "ag"), "join_token": token})
     agent = Agent(config, clock=FakeClock(T0))
-    client = AttestingClient(fail)
+    client = AttestingClient(fail, server_td)
     agent.client = client  # type: ignore[assignment]
     agent.manager = StubManager(  # type: ignore[assignment]
         f"spiffe://example.org/sigil/agent/join_token/{current_token_id}")
@@ -319,3 +394,30 @@ def test_no_usable_join_token_says_what_to_do(
     with pytest.raises(BootstrapError, match=message):
         asyncio.run(agent._reattest())
     assert client.attests == 0
+
+
+@pytest.mark.parametrize(("metadata", "expected"), [
+    ((("sigil-reason", "agent_banned"),), RefusalReason.AGENT_BANNED),
+    ((("other", "x"), ("Sigil-Reason", b"agent_not_attested")), RefusalReason.AGENT_NOT_ATTESTED),
+    ((("sigil-reason", "svid_not_current"),), RefusalReason.SVID_NOT_CURRENT),
+    ((("sigil-reason", "agent banned"),), None),  # not a token
+    ((("sigil-reason", "something_new"), ("sigil-reason", "agent_banned")),
+     RefusalReason.AGENT_BANNED),
+    ((("grpc-message", "agent is banned"),), None),
+    ((), None),
+    (None, None),
+])
+def test_reason_from_metadata(metadata: Any, expected: RefusalReason | None) -> None:
+    assert reason_from_metadata(metadata) is expected
+
+
+def test_the_server_of_another_trust_domain_gets_no_attestation(tmp_path: Path) -> None:
+    agent, client = join_token_agent(tmp_path, "ef01.secret", "abcd",
+                                     server_td=TrustDomain("other.org"))
+    with pytest.raises(TrustDomainMismatchError,
+                       match=r"^wrong trust domain: configured example.org; the server is "
+                             r"other.org$"):
+        asyncio.run(agent._reattest())
+    assert client.attests == 0
+    # Not a refusal of the token: it may be presented to the right server later.
+    assert agent._refused_tokens == set()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,56 @@ from agent.manager import Manager
 from agent.state import WORKLOAD_CACHE_FILE, AgentState
 from identity.bundle import Bundle
 from identity.clock import FakeClock
+from identity.refusal import RefusalReason
 from identity.spiffeid import SpiffeId
 from identity.x509svid import X509Svid, new_svid_certificate
 from tests.unit.test_agent_cache import AGENT, CA, CA_KEY, T0, TD, entry, svid
 
 BUNDLE = Bundle(trust_domain=TD, x509_authorities=(CA,))
+
+
+class _CrashedSteps(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "sync step crashed":
+            self.records.append(record)
+
+
+@contextlib.contextmanager
+def fail_on_crashed_steps() -> Iterator[None]:
+    """Fail when a sync step crashed inside the block.
+
+    ``Manager._step`` logs and swallows any exception, so that the sync loop
+    never dies; an AssertionError a fake raises on an unexpected call would be
+    swallowed with it. This turns each one back into a failure.
+    """
+    handler = _CrashedSteps()
+    logger = logging.getLogger("sigil.agent")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    # A block nested in another reports its crashes once, not again at the outer one.
+    crashed = [r for r in handler.records if not getattr(r, "reported", False)]
+    for record in crashed:
+        record.reported = True
+    if crashed:
+        details = "; ".join(
+            f"{r.fields.get('step')}: {r.exc_info[1]!r}"  # type: ignore[attr-defined]
+            if r.exc_info else str(r.fields.get("step"))  # type: ignore[attr-defined]
+            for r in crashed)
+        raise AssertionError(f"a sync step crashed (swallowed by the manager): {details}")
+
+
+@pytest.fixture(autouse=True)
+def no_crashed_steps() -> Iterator[None]:
+    """Every test here (and in modules importing this fixture) fails on a crashed step."""
+    with fail_on_crashed_steps():
+        yield
 
 
 class FakeServer:
@@ -174,7 +221,7 @@ def test_a_banned_agent_says_why_once(tmp_path: Path, caplog: pytest.LogCaptureF
     logging.getLogger("sigil.agent").propagate = True
     server.fail = ServerCallError(
         "SyncAuthorized failed: PERMISSION_DENIED: agent spiffe://example.org/sigil/agent/"
-        "join_token/t is banned", code="PERMISSION_DENIED")
+        "join_token/t is banned", code="PERMISSION_DENIED", reason=RefusalReason.AGENT_BANNED)
     with caplog.at_level(logging.INFO, logger="sigil.agent"):
         assert asyncio.run(manager.sync_once()) is False
         assert asyncio.run(manager.sync_once()) is False
@@ -200,7 +247,7 @@ def test_an_evicted_agent_attests_again(tmp_path: Path) -> None:
     manager._reattest = reattest
     server.fail = ServerCallError(
         "SyncAuthorized failed: PERMISSION_DENIED: agent x is not attested",
-        code="PERMISSION_DENIED")
+        code="PERMISSION_DENIED", reason=RefusalReason.AGENT_NOT_ATTESTED)
     asyncio.run(manager.sync_once())
     assert calls == [1]
     assert manager.agent_svid is new_svid
@@ -213,8 +260,79 @@ def test_an_evicted_agent_without_attestor_logs_what_it_needs(
     _clock, server, _state, _cache, manager = make(tmp_path)
     logging.getLogger("sigil.agent").propagate = True
     server.fail = ServerCallError("PERMISSION_DENIED: agent x is not attested",
-                                  code="PERMISSION_DENIED")
+                                  code="PERMISSION_DENIED",
+                                  reason=RefusalReason.AGENT_NOT_ATTESTED)
     with caplog.at_level(logging.INFO, logger="sigil.agent"):
         asyncio.run(manager.sync_once())
     assert manager.refused == "evicted"
     assert "new join token" in caplog.text
+
+
+def test_an_unexpected_call_on_a_fake_fails_the_test(tmp_path: Path) -> None:
+    clock, _server, _state, _cache, manager = make(tmp_path, n=1)
+    clock.advance(dt.timedelta(hours=20))  # the agent SVID is due: FakeServer.renew raises
+    with pytest.raises(AssertionError, match=r"renew_agent_svid: AssertionError\('not due"):
+        with fail_on_crashed_steps():
+            assert asyncio.run(manager.sync_once()) is False
+
+
+def test_keys_csrs_chain_checks_and_saving_run_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import agent.manager as manager_module
+    from identity.keys import generate_private_key
+
+    _clock, server, state, cache, manager = make(tmp_path, n=500)
+    key = generate_private_key()
+    key_threads: set[int] = set()
+    verify_threads: set[int] = set()
+    save_threads: set[int] = set()
+    making, probed = threading.Event(), threading.Event()
+
+    def key_factory() -> Any:
+        key_threads.add(threading.get_ident())
+        making.set()
+        # The first key waits until a coroutine on the loop has run: made on the
+        # loop itself, it would wait in vain (and the step would crash).
+        if not probed.wait(60):
+            raise AssertionError("the loop did not run while keys were being made")
+        return key
+
+    real_verify = manager_module.verify_chain
+
+    def verify_chain(*args: Any, **kwargs: Any) -> Any:
+        verify_threads.add(threading.get_ident())
+        return real_verify(*args, **kwargs)
+
+    real_save = state.save_workload_cache
+
+    def save_workload_cache(snapshot: Any) -> None:
+        save_threads.add(threading.get_ident())
+        real_save(snapshot)
+
+    monkeypatch.setattr(manager, "_new_key", key_factory)
+    monkeypatch.setattr(manager_module, "verify_chain", verify_chain)
+    monkeypatch.setattr(state, "save_workload_cache", save_workload_cache)
+
+    async def probe() -> None:
+        while not making.is_set():
+            await asyncio.sleep(0.001)
+        probed.set()
+
+    async def go() -> tuple[bool, int]:
+        task = asyncio.create_task(probe())
+        ok = await manager.sync_once()
+        await task
+        return ok, threading.get_ident()
+
+    ok, loop_thread = asyncio.run(go())
+    assert ok
+    assert len(server.signed) == 500 and len(cache.snapshot().svids) == 500
+    assert key_threads and loop_thread not in key_threads
+    assert verify_threads and loop_thread not in verify_threads
+    # Persisting 500 keys is done off the loop too, and done by the end of the tick.
+    assert save_threads and loop_thread not in save_threads
+    restored = state.load_workload_cache(TD, now=T0)
+    assert restored is not None and len(restored.svids) == 500

@@ -22,6 +22,7 @@ from identity.clock import FakeClock
 from identity.keys import generate_private_key
 from identity.x509svid import X509Svid, new_svid_certificate
 from tests.unit.test_agent_cache import AGENT, CA, CA_KEY, T0, TD
+from tests.unit.test_agent_resilience import no_crashed_steps  # noqa: F401
 
 BUNDLE = Bundle(trust_domain=TD, x509_authorities=(CA,))
 LIFETIME = dt.timedelta(hours=1)

@@ -21,6 +21,7 @@ from identity.keys import PrivateKey, generate_private_key
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import X509Svid, new_ca_certificate, new_svid_certificate
 from tests.unit.test_agent_cache import AGENT, T0, entry, make_cache
+from tests.unit.test_agent_resilience import no_crashed_steps  # noqa: F401
 
 TD = TrustDomain("example.org")
 
