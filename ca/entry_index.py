@@ -174,6 +174,9 @@ class EntryIndex:
         self._views: dict[SpiffeId, _View] = {}
         self._last_event = 0
         self._gaps: dict[int, float] = {}
+        # Commits of any thread notify: the increment must not lose one (a lost one
+        # can leave the counter equal to the last polled, and the commit unseen).
+        self._changes_lock = threading.Lock()
         self._local_changes = 0
         self._seen_local_changes = 0
         self._last_poll = float("-inf")
@@ -199,8 +202,12 @@ class EntryIndex:
         event("entry index built", entries=len(entries), generation=self.generation)
 
     def notify_local_change(self) -> None:
-        """This process committed an entry change: poll before the next sync."""
-        self._local_changes += 1
+        """This process committed an entry change: poll before the next sync.
+
+        Called from whichever thread committed (gRPC, controllers): thread-safe.
+        """
+        with self._changes_lock:
+            self._local_changes += 1
 
     def catch_up(self) -> None:
         """Poll the event log if this process wrote or the poll interval passed."""
