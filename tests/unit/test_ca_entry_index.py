@@ -20,6 +20,7 @@ import pytest
 
 from ca.authorization import authorized_entries
 from ca.datastore import EntryRecord
+from ca.datastore.records import FOREIGN_BUNDLES_CHANGED
 from ca.entry_index import EntryIndex, SyncDelta
 from identity.clock import FakeClock
 from identity.selectors import Selector
@@ -361,3 +362,24 @@ def test_local_change_notifications_from_many_threads_are_all_counted() -> None:
     for w in workers:
         w.join()
     assert index._local_changes == threads * each
+
+
+def test_a_foreign_bundle_event_bumps_the_bundles_version_only() -> None:
+    feed, index, agent = setup(make("1", "/web", AGENT_A))
+    agent.sync(index)
+    asked: list[Collection[str]] = []
+    by_id = feed.entries_by_id
+
+    def entries_by_id(ids: Collection[str]) -> list[EntryRecord]:
+        asked.append(set(ids))
+        return by_id(ids)
+
+    feed.entries_by_id = entries_by_id  # type: ignore[method-assign]
+    revision, version = index.revision, index.bundles_version
+    feed.change(FOREIGN_BUNDLES_CHANGED, None)
+    d = agent.sync(index)
+    assert (d.entries, d.removed, d.full) == ((), (), False)
+    assert (index.revision, index.bundles_version) == (revision, version + 1)
+    assert asked == []  # names no entry: nothing to read
+    agent.sync(index)
+    assert index.bundles_version == version + 1  # counted once
