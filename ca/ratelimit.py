@@ -10,13 +10,14 @@ connections over the workers (SO_REUSEPORT), and per-process buckets would let
 it through N times as fast. The supervisor creates one :class:`BucketTable` and
 hands it to every worker; a single process uses one the same way.
 
-One lock guards the table: a POSIX record lock (``fcntl.lockf``) on an unlinked
-temporary file every process holds open, plus a thread lock inside each process
-(record locks belong to a process, not a thread). The kernel releases a record
-lock when its holder dies, so a worker killed inside :meth:`BucketTable.take`
-cannot freeze the other processes, as a shared semaphore would (nothing releases
-one whose holder is gone). What such a worker leaves half-written is one slot,
-which can at worst hand one caller a fresh bucket once.
+One lock guards the table: a POSIX record lock (``fcntl.lockf``) on an anonymous
+file (memfd; elsewhere an unlinked temporary file) every process holds open, plus
+a thread lock inside each process (record locks belong to a process, not a
+thread). The kernel releases a record lock when its holder dies, so a worker
+killed inside :meth:`BucketTable.take` cannot freeze the other processes, as a
+shared semaphore would (nothing releases one whose holder is gone). What such a
+worker leaves half-written is one slot, which can at worst hand one caller a
+fresh bucket once.
 
 The table is a fixed open-addressing hash table (no allocation per caller, so a
 flood of new source addresses cannot grow memory): a caller's key is hashed to a
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import tempfile
 import threading
 import time
@@ -75,6 +77,13 @@ class RateLimit:
         return self.per_second > 0
 
 
+def _anonymous_file() -> Any:
+    """A file with no name: nothing is left on disk, whatever way the server ends."""
+    if hasattr(os, "memfd_create"):  # Linux: needs no writable directory either
+        return open(os.memfd_create("sigil-ratelimit", os.MFD_CLOEXEC), "rb", buffering=0)
+    return tempfile.TemporaryFile(prefix="sigil-ratelimit-")
+
+
 class BucketTable:
     """Token buckets in shared memory, safe across threads and processes.
 
@@ -87,8 +96,7 @@ class BucketTable:
         self._keys: Any = RawArray("Q", slots)  # 0 = empty
         self._tokens: Any = RawArray("d", slots)
         self._stamps: Any = RawArray("d", slots)
-        # Unlinked at once: nothing is left on disk, whatever way the server ends.
-        self._lock_file: Any = tempfile.TemporaryFile(prefix="sigil-ratelimit-")
+        self._lock_file: Any = _anonymous_file()
         self._fd: int = self._lock_file.fileno()
         self._thread_lock = threading.Lock()
 
