@@ -229,6 +229,7 @@ def run(config_file: str | None, **flags: str | None) -> None:
             pool = WorkerPool(config, count=config.ops.workers - 1, table=table,
                               bind_address=server.agent_address)
             pool.start()
+            server.readiness.add(pool.not_ready)
     except (SigilError, RuntimeError) as exc:
         server.stop(0)
         _fail(str(exc))

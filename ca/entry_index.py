@@ -8,10 +8,15 @@ cycles included). Expired entries count as absent.
 
 The index holds every entry, by parent, by SPIFFE ID and (aliases) by their
 smallest selector. It is built from the datastore once, then follows the
-change-event log: every event names an entry, whose current row is read again, so
+change-event log: every entry event names an entry, whose current row is read again, so
 the event kind does not matter and replaying an event changes nothing. Each
 change that alters the index gets the next *index revision*; the change log maps
 revisions to entry ids (and to the entry as it was before).
+
+Foreign bundle writes are in the same log (entry id
+:data:`~ca.datastore.records.FOREIGN_BUNDLES_CHANGED`): they name no entry, and
+only bump :attr:`EntryIndex.bundles_version`, which tells the sync's bundle cache
+to read the stored bundles again.
 
 Revisions are local to one index: a restarted server, or another server on the
 same database, has another *generation*, and an agent presenting a foreign or
@@ -43,7 +48,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from ca.datastore.records import EntryRecord
+from ca.datastore.records import FOREIGN_BUNDLES_CHANGED, EntryRecord
 from ca.log import event
 from identity.clock import Clock
 from identity.selectors import Selector, selectors_match
@@ -174,9 +179,14 @@ class EntryIndex:
         self._views: dict[SpiffeId, _View] = {}
         self._last_event = 0
         self._gaps: dict[int, float] = {}
+        # Commits of any thread notify: the increment must not lose one (a lost one
+        # can leave the counter equal to the last polled, and the commit unseen).
+        self._changes_lock = threading.Lock()
         self._local_changes = 0
         self._seen_local_changes = 0
         self._last_poll = float("-inf")
+        # Foreign bundle change events seen (a version, compared for equality only).
+        self.bundles_version = 0
 
     # ---- building and tailing ----------------------------------------------------
 
@@ -199,8 +209,12 @@ class EntryIndex:
         event("entry index built", entries=len(entries), generation=self.generation)
 
     def notify_local_change(self) -> None:
-        """This process committed an entry change: poll before the next sync."""
-        self._local_changes += 1
+        """This process committed an entry change: poll before the next sync.
+
+        Called from whichever thread committed (gRPC, controllers): thread-safe.
+        """
+        with self._changes_lock:
+            self._local_changes += 1
 
     def catch_up(self) -> None:
         """Poll the event log if this process wrote or the poll interval passed."""
@@ -215,6 +229,8 @@ class EntryIndex:
             self._last_poll = self._monotonic()
             events = self._feed.events_after(self._last_event, self._gaps.keys())
             ids = {entry_id for _, entry_id in events}
+            bundle_changes = FOREIGN_BUNDLES_CHANGED in ids
+            ids.discard(FOREIGN_BUNDLES_CHANGED)
             records = {e.id: e for e in self._feed.entries_by_id(ids)} if ids else {}
             now = self._now()
             with self._lock:
@@ -229,6 +245,8 @@ class EntryIndex:
                     self._apply(entry_id, records.get(entry_id), now)
                 self._expire(now)
                 self._gaps = {i: t for i, t in self._gaps.items() if now - t < GAP_TIMEOUT}
+                if bundle_changes:
+                    self.bundles_version += 1
             self._seen_local_changes = seen
 
     def _now(self) -> int:

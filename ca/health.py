@@ -2,8 +2,8 @@
 
 - ``GET /live``: 200 while the process runs (it answers, so it runs).
 - ``GET /ready``: 200 once the datastore answers and the CA is loaded (and, with
-  worker processes, at least one worker serves the agent API), else 503 with the
-  reason in the body.
+  worker processes, while the supervisor keeps every worker running: see
+  :meth:`ca.workers.WorkerPool.not_ready`), else 503 with the reason in the body.
 - ``GET /metrics``: Prometheus text format (:mod:`ca.metrics`).
 
 Anything else: an unknown path is 404, a method other than GET is 405. The server
@@ -53,6 +53,28 @@ def datastore_ready(datastore: Callable[[], Datastore | None],
         return None
 
     return check
+
+
+class ReadinessChecks:
+    """Several readiness checks as one: ready when each is; the first reason wins.
+
+    Parts that start after the health server (the worker pool) add their check
+    with :meth:`add`.
+    """
+
+    def __init__(self, *checks: Readiness) -> None:
+        self._checks = list(checks)
+
+    def add(self, check: Readiness) -> None:
+        """Consult ``check`` too from now on."""
+        self._checks = [*self._checks, check]  # a new list: a scrape may be iterating
+
+    def __call__(self) -> str | None:
+        for check in self._checks:
+            reason = check()
+            if reason is not None:
+                return reason
+        return None
 
 
 def read_state(datastore: Datastore) -> StateSnapshot:

@@ -61,6 +61,15 @@ FEDERATION_REFRESH_ERRORS = Counter(
     ["trust_domain", "reason"],
 )
 
+WORKER_RESTARTS = Counter(
+    "sigil_worker_restarts",
+    "Worker processes started again by the supervisor after one exited.",
+)
+WORKER_SPAWN_FAILURES = Counter(
+    "sigil_worker_spawn_failures",
+    "Failed attempts to restart a worker process: starting it raised, or it exited "
+    "before it listened (retried with backoff).",
+)
 
 KUBERNETES_RECONCILES = Counter(
     "sigil_kubernetes_reconciles",
@@ -91,6 +100,16 @@ def count_federation_refresh(trust_domain: str, error_reason: str | None = None)
         FEDERATION_REFRESHES.labels(trust_domain=trust_domain).inc()
     else:
         FEDERATION_REFRESH_ERRORS.labels(trust_domain=trust_domain, reason=error_reason).inc()
+
+
+def count_worker_restart() -> None:
+    """Record one worker process started again after it exited."""
+    WORKER_RESTARTS.inc()
+
+
+def count_worker_spawn_failure() -> None:
+    """Record one failed attempt to restart a worker process."""
+    WORKER_SPAWN_FAILURES.inc()
 
 
 def count_svid(svid_type: str, n: int = 1) -> None:

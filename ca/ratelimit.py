@@ -10,6 +10,15 @@ connections over the workers (SO_REUSEPORT), and per-process buckets would let
 it through N times as fast. The supervisor creates one :class:`BucketTable` and
 hands it to every worker; a single process uses one the same way.
 
+One lock guards the table: a POSIX record lock (``fcntl.lockf``) on an anonymous
+file (memfd; elsewhere an unlinked temporary file) every process holds open, plus
+a thread lock inside each process (record locks belong to a process, not a
+thread). The kernel releases a record lock when its holder dies, so a worker
+killed inside :meth:`BucketTable.take` cannot freeze the other processes, as a
+shared semaphore would (nothing releases one whose holder is gone). What such a
+worker leaves half-written is one slot, which can at worst hand one caller a
+fresh bucket once.
+
 The table is a fixed open-addressing hash table (no allocation per caller, so a
 flood of new source addresses cannot grow memory): a caller's key is hashed to a
 64-bit fingerprint; a slot whose bucket has refilled to ``burst`` carries no
@@ -20,11 +29,15 @@ looser.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
-import multiprocessing
+import os
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import reduction
 from multiprocessing.sharedctypes import RawArray
 from typing import Any
 
@@ -64,31 +77,45 @@ class RateLimit:
         return self.per_second > 0
 
 
+def _anonymous_file() -> Any:
+    """A file with no name: nothing is left on disk, whatever way the server ends."""
+    if hasattr(os, "memfd_create"):  # Linux: needs no writable directory either
+        return open(os.memfd_create("sigil-ratelimit", os.MFD_CLOEXEC), "rb", buffering=0)
+    return tempfile.TemporaryFile(prefix="sigil-ratelimit-")
+
+
 class BucketTable:
     """Token buckets in shared memory, safe across threads and processes.
 
-    Pass the table to a ``spawn`` child process as an argument: its arrays and lock
-    travel with it.
+    Pass the table to a ``spawn`` child process as an argument: its arrays and the
+    lock file's descriptor travel with it.
     """
 
     def __init__(self, slots: int = DEFAULT_SLOTS) -> None:
-        ctx = multiprocessing.get_context("spawn")
         self._slots = slots
         self._keys: Any = RawArray("Q", slots)  # 0 = empty
         self._tokens: Any = RawArray("d", slots)
         self._stamps: Any = RawArray("d", slots)
-        self._lock: Any = ctx.Lock()
+        self._lock_file: Any = _anonymous_file()
+        self._fd: int = self._lock_file.fileno()
+        self._thread_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
+        # DupFd hands the descriptor to the child being spawned (as multiprocessing
+        # does for the shared arrays' own file).
         return {"slots": self._slots, "keys": self._keys, "tokens": self._tokens,
-                "stamps": self._stamps, "lock": self._lock}
+                "stamps": self._stamps, "fd": reduction.DupFd(self._fd)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._slots = state["slots"]
         self._keys = state["keys"]
         self._tokens = state["tokens"]
         self._stamps = state["stamps"]
-        self._lock = state["lock"]
+        self._fd = state["fd"].detach()
+        # Owns the descriptor. Closing any descriptor of the file drops this
+        # process's record locks on it, so it is closed only with the table.
+        self._lock_file = open(self._fd, "rb", buffering=0, closefd=True)
+        self._thread_lock = threading.Lock()
 
     def take(self, key: str, cost: int, limit: RateLimit, now: float) -> float:
         """Take ``cost`` tokens from ``key``'s bucket.
@@ -100,16 +127,20 @@ class BucketTable:
         # A stable fingerprint: hash() of a str differs between processes.
         fp = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") or 1
         home = fp % self._slots
-        with self._lock:
-            slot = self._find(fp, home, limit, now)
-            tokens = min(float(limit.burst), self._tokens[slot]
-                         + (now - self._stamps[slot]) * limit.per_second)
-            self._stamps[slot] = now
-            if tokens >= cost:
-                self._tokens[slot] = tokens - cost
-                return 0.0
-            self._tokens[slot] = tokens
-            return float((cost - tokens) / limit.per_second)
+        with self._thread_lock:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+            try:
+                slot = self._find(fp, home, limit, now)
+                tokens = min(float(limit.burst), self._tokens[slot]
+                             + (now - self._stamps[slot]) * limit.per_second)
+                self._stamps[slot] = now
+                if tokens >= cost:
+                    self._tokens[slot] = tokens - cost
+                    return 0.0
+                self._tokens[slot] = tokens
+                return float((cost - tokens) / limit.per_second)
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def _find(self, fp: int, home: int, limit: RateLimit, now: float) -> int:
         reusable = -1

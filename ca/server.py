@@ -28,7 +28,7 @@ from ca.config import ServerConfig, parse_host_port
 from ca.datastore import Datastore
 from ca.errors import ConfigError
 from ca.federation.server import FederationServices
-from ca.health import HealthServer, datastore_ready, read_state
+from ca.health import HealthServer, ReadinessChecks, datastore_ready, read_state
 from ca.keys import KeyManager
 from ca.kubernetes.config import node_verifiers
 from ca.kubernetes.service import KubernetesServices
@@ -94,6 +94,9 @@ class SigilServer:
         self._admin_server: grpc.Server | None = None
         self._front: TlsFront | None = None
         self._health: HealthServer | None = None
+        # What /ready asks; a worker pool started later adds its own check.
+        self.readiness = ReadinessChecks(
+            datastore_ready(lambda: self.datastore, lambda: self.authority))
         self.agent_address = ""
         self.health_address = ""
         self.bundle_endpoint_address = ""
@@ -194,7 +197,7 @@ class SigilServer:
         registry = build_registry(StateCollector(lambda: read_state(datastore)),
                                   multiprocess_dir=multiprocess_dir())
         self._health = HealthServer(
-            address, ready=datastore_ready(lambda: self.datastore, lambda: self.authority),
+            address, ready=self.readiness,
             registry=lambda: registry,
         )
         self._health.start()

@@ -19,10 +19,15 @@ What is per process stays correct:
   ``/metrics`` aggregates every process's files);
 - everything else a worker knows comes from the datastore, the source of truth.
 
-Supervision: a worker that exits while the pool is running is restarted (at most
-once every :data:`RESTART_DELAY` seconds per slot, so a worker that cannot start
-does not spin); :meth:`WorkerPool.stop` sends SIGTERM to every worker, waits, and
-kills what is left. A worker whose main process disappears (SIGKILL) stops itself.
+Supervision: a worker that exits while the pool is running is restarted within
+:data:`RESTART_DELAY` seconds. A slot that cannot keep a worker (starting the
+process raises, or the new worker exits before it listens) is retried with a
+backoff doubling up to :data:`MAX_RESTART_BACKOFF`, so it does not spin; each
+failure is logged and counted (``sigil_worker_spawn_failures_total``), and while
+a slot is failing :meth:`WorkerPool.not_ready` names it, which makes ``/ready``
+answer 503. No error ends the supervising thread. :meth:`WorkerPool.stop` sends
+SIGTERM to every worker, waits, and kills what is left. A worker whose main
+process disappears (SIGKILL) stops itself.
 Workers are started with ``spawn``, never ``fork``: the main process has threads
 (gRPC, asyncio) that a fork would copy in an unknown state.
 """
@@ -34,7 +39,9 @@ import multiprocessing
 import os
 import signal
 import threading
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -43,6 +50,9 @@ from ca.log import event
 from ca.ratelimit import BucketTable
 
 RESTART_DELAY = 1.0
+"""Seconds between the supervisor's looks at its workers; the first retry's delay."""
+MAX_RESTART_BACKOFF = 60.0
+"""Longest wait between two attempts to restart a failing slot."""
 STOP_TIMEOUT = 15.0
 START_TIMEOUT = 60.0
 _CTX = multiprocessing.get_context("spawn")
@@ -54,6 +64,19 @@ class _WorkerArgs:
     index: int
     table: BucketTable
     parent_pid: int
+
+
+@dataclass(slots=True)
+class _Slot:
+    """What the supervisor knows of one worker slot."""
+
+    proc: BaseProcess | None = None
+    # Kept while the worker runs: a spawned child opens the parent's named
+    # semaphores after start() returns, and a collected Event unlinks its own.
+    ready: Any = None
+    failures: int = 0  # consecutive: spawn raised, or the worker died before listening
+    last_error: str = ""
+    retry_at: float = field(default=0.0)
 
 
 def worker_main(args: _WorkerArgs, ready: Any) -> None:
@@ -88,20 +111,28 @@ class WorkerPool:
     """Starts, restarts and stops the extra agent API processes."""
 
     def __init__(self, config: ServerConfig, *, count: int, table: BucketTable,
-                 bind_address: str) -> None:
+                 bind_address: str, target: Callable[[_WorkerArgs, Any], None] = worker_main,
+                 restart_delay: float = RESTART_DELAY,
+                 max_backoff: float = MAX_RESTART_BACKOFF,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         """Args:
             config: the server configuration.
             count: how many worker processes (besides the main process).
             table: the shared rate-limit buckets.
             bind_address: the port the main process bound (resolves port 0).
+            target: the worker's entry point (tests pass a light one).
+            restart_delay: seconds between looks at the workers, and the first backoff.
+            max_backoff: longest wait between two attempts for a failing slot.
+            monotonic: the backoff clock.
         """
         self._config = replace(config, bind_address=bind_address)
         self._count = count
         self._table = table
-        self._procs: list[BaseProcess | None] = [None] * count
-        # Kept while the worker runs: a spawned child opens the parent's named
-        # semaphores after start() returns, and a collected Event unlinks its own.
-        self._ready: list[Any] = [None] * count
+        self._target = target
+        self._restart_delay = restart_delay
+        self._max_backoff = max_backoff
+        self._monotonic = monotonic
+        self._slots = [_Slot() for _ in range(count)]
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="worker-pool",
                                         daemon=True)
@@ -110,12 +141,12 @@ class WorkerPool:
     def _spawn(self, index: int) -> tuple[BaseProcess, Any]:
         ready = _CTX.Event()
         proc = _CTX.Process(
-            target=worker_main, name=f"sigil-worker-{index}",
+            target=self._target, name=f"sigil-worker-{index}",
             args=(_WorkerArgs(self._config, index, self._table, os.getpid()), ready),
         )
         proc.start()
-        self._procs[index] = proc
-        self._ready[index] = ready
+        slot = self._slots[index]
+        slot.proc, slot.ready = proc, ready
         event("worker started", worker=index, pid=proc.pid)
         return proc, ready
 
@@ -135,30 +166,92 @@ class WorkerPool:
     @property
     def alive(self) -> int:
         """How many workers are running."""
-        return sum(1 for p in self._procs if p is not None and p.is_alive())
+        return sum(1 for s in self._slots if s.proc is not None and s.proc.is_alive())
+
+    def not_ready(self) -> str | None:
+        """None while the pool keeps its workers, else why not (a readiness check)."""
+        if self._stopping.is_set():
+            return None  # stopping on purpose; the server says so itself
+        if self._thread.ident is not None and not self._thread.is_alive():
+            return "worker supervisor stopped"
+        failing = [(i, s) for i, s in enumerate(self._slots) if s.failures]
+        if not failing:
+            return None
+        index, slot = failing[0]
+        return (f"{len(failing)} of {self._count} worker processes cannot be started "
+                f"(worker {index}: {slot.failures} attempts, last: {slot.last_error}); "
+                "retrying")
 
     def _supervise(self) -> None:
-        while not self._stopping.wait(RESTART_DELAY):
-            for index, proc in enumerate(self._procs):
-                if proc is None or proc.is_alive() or self._stopping.is_set():
+        while not self._stopping.wait(self._restart_delay):
+            try:
+                self._check()
+            except Exception as exc:
+                # This thread is the only one that restarts workers: it must outlive
+                # anything, and say what went wrong.
+                event("worker supervision failed", level=logging.ERROR,
+                      error=f"{type(exc).__name__}: {exc}")
+
+    def _backoff(self, slot: _Slot, now: float, error: str) -> float:
+        slot.failures += 1
+        slot.last_error = error
+        delay = min(self._max_backoff, self._restart_delay * 2.0 ** (slot.failures - 1))
+        slot.retry_at = now + delay
+        return delay
+
+    def _check(self) -> None:
+        from ca.metrics import count_worker_restart, count_worker_spawn_failure
+
+        for index, slot in enumerate(self._slots):
+            if self._stopping.is_set():
+                return
+            now = self._monotonic()
+            proc = slot.proc
+            if proc is not None:
+                if proc.is_alive():
+                    if slot.failures and slot.ready.is_set():
+                        event("worker recovered", worker=index, pid=proc.pid,
+                              attempts=slot.failures)
+                        slot.failures, slot.last_error = 0, ""
                     continue
-                event("worker exited, restarting", level=logging.WARNING, worker=index,
-                      pid=proc.pid, exit_code=proc.exitcode)
+                listened = slot.ready is not None and slot.ready.is_set()
+                slot.proc = None
                 _mark_dead(proc.pid)
-                self.restarts += 1
+                if listened:
+                    event("worker exited, restarting", level=logging.WARNING, worker=index,
+                          pid=proc.pid, exit_code=proc.exitcode)
+                    slot.retry_at = now
+                else:  # a crash loop: back off like a failed spawn
+                    delay = self._backoff(slot, now, f"exited before listening, exit code "
+                                                     f"{proc.exitcode}")
+                    event("worker exited before listening", level=logging.ERROR,
+                          worker=index, pid=proc.pid, exit_code=proc.exitcode,
+                          retry_in=f"{delay:g}s")
+                    count_worker_spawn_failure()
+            if now < slot.retry_at:
+                continue
+            try:
                 self._spawn(index)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                delay = self._backoff(slot, now, error)
+                event("worker spawn failed", level=logging.ERROR, worker=index,
+                      error=error, retry_in=f"{delay:g}s")
+                count_worker_spawn_failure()
+                continue
+            self.restarts += 1
+            count_worker_restart()
 
     def stop(self) -> None:
         """SIGTERM every worker, wait up to :data:`STOP_TIMEOUT`, then kill the rest."""
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        for proc in self._procs:
-            if proc is not None and proc.is_alive():
+        procs = [s.proc for s in self._slots if s.proc is not None]
+        for proc in procs:
+            if proc.is_alive():
                 proc.terminate()
-        for proc in self._procs:
-            if proc is None:
-                continue
+        for proc in procs:
             proc.join(STOP_TIMEOUT)
             if proc.is_alive():
                 event("worker ignored SIGTERM, killing", level=logging.WARNING, pid=proc.pid)

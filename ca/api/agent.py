@@ -96,7 +96,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             feed.on_local_change(entry_index.notify_local_change)
             entry_index.build()
         self._index = entry_index
-        self._bundles = SyncBundles(deps.authority, deps.datastore)
+        self._bundles = SyncBundles(deps.authority, deps.datastore,
+                                    version=lambda: self._index.bundles_version)
 
     # ---- authentication ----------------------------------------------------------
 

@@ -62,15 +62,25 @@ class SyncBundles:
     """The bundles syncs send, each encoded and digested once per version.
 
     Our own bundle is rebuilt when the authority's bundle or taint lists change
-    (new objects: the authority replaces them, never mutates them); a federated
-    one when its stored document changes. Called as a :data:`BundlesFor`.
+    (new objects: the authority replaces them, never mutates them). A federated
+    one is read from the datastore again only when ``version`` changes: the entry
+    index's count of foreign bundle change events
+    (:attr:`ca.entry_index.EntryIndex.bundles_version`), which every write records
+    in the change log, whichever server made it. So a sync with nothing new reads
+    no bundle; a change reaches the syncs once the index has seen its event (at
+    once for this process's writes, within the index's poll interval for another
+    server's). Without ``version`` every call reads. Called as a
+    :data:`BundlesFor`.
     """
 
-    def __init__(self, authority: CertificateAuthority, datastore: Datastore) -> None:
+    def __init__(self, authority: CertificateAuthority, datastore: Datastore, *,
+                 version: Callable[[], int] | None = None) -> None:
         self._authority = authority
         self._datastore = datastore
+        self._version = version
         self._own: tuple[object, object, object, SyncBundle] | None = None
-        self._foreign: dict[str, tuple[str, SyncBundle | None]] = {}
+        # trust domain -> (version read at, stored document or None, built message)
+        self._foreign: dict[str, tuple[int, str | None, SyncBundle | None]] = {}
 
     def own(self) -> SyncBundle:
         """Our trust domain's bundle, with the tainted authorities agents act on."""
@@ -85,21 +95,28 @@ class SyncBundles:
 
     def foreign(self, td: TrustDomain) -> SyncBundle | None:
         """A federated trust domain's stored bundle; None if absent or unreadable."""
-        stored = self._datastore.get_bundle(td)
-        if stored is None:
-            return None
+        # Read the version before the row: a write landing in between is then
+        # read again next time, never missed.
+        version = self._version() if self._version is not None else None
         cached = self._foreign.get(td.name)
-        if cached is not None and cached[0] == stored.data:
-            return cached[1]
+        if cached is not None and version is not None and cached[0] == version:
+            return cached[2]
+        stored = self._datastore.get_bundle(td)
+        data = None if stored is None else stored.data
         built: SyncBundle | None = None
-        try:
-            built = SyncBundle.of(bundle_to_proto(Bundle.from_jwks(td, stored.data)))
-        except BundleError as exc:
-            # Both writers parse before storing; a row damaged in the database must
-            # not fail every agent's sync, only go missing (and be seen, once).
-            event("stored foreign bundle unreadable", level=logging.ERROR,
-                  trust_domain=td.name, error=str(exc))
-        self._foreign[td.name] = (stored.data, built)
+        if cached is not None and cached[1] == data:
+            built = cached[2]
+        elif stored is not None:
+            try:
+                built = SyncBundle.of(bundle_to_proto(Bundle.from_jwks(td, stored.data)))
+            except BundleError as exc:
+                # Both writers parse before storing; a row damaged in the database
+                # must not fail every agent's sync, only go missing (and be seen, once).
+                event("stored foreign bundle unreadable", level=logging.ERROR,
+                      trust_domain=td.name, error=str(exc))
+        # Absent bundles are remembered too: a trust domain an entry federates
+        # with before its bundle arrives costs no read per sync either.
+        self._foreign[td.name] = (-1 if version is None else version, data, built)
         return built
 
     def __call__(self, federated: Iterable[TrustDomain]) -> dict[str, SyncBundle]:

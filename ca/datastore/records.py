@@ -68,6 +68,16 @@ class CaKeyRecord:
     signed_until: int = 0
 
 
+FOREIGN_BUNDLES_CHANGED = "foreign-bundles"
+"""The ``entry_id`` of a change event that records a foreign bundle write.
+
+Entry ids are UUIDs, so it names no entry; the entry index counts these events
+(``EntryIndex.bundles_version``) and the sync's bundle cache re-reads on a new
+count. A trust domain name can be longer than the column, so the event does not
+say which bundle changed: bundles change rarely, and each is read again once.
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredBundle:
     """A bundle row: the SPIFFE bundle JSON and its sequence number."""

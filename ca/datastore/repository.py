@@ -9,6 +9,7 @@ the same writes inside one transaction.
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -24,6 +25,7 @@ from ca.datastore import models as m
 from ca.datastore.engine import READ_ONLY, make_engine
 from ca.datastore.federation import FederationQueries
 from ca.datastore.records import (
+    FOREIGN_BUNDLES_CHANGED,
     CaKeyRecord,
     EntryFilter,
     EntryRecord,
@@ -111,6 +113,12 @@ def _record_change(session: Session, kind: str, entry_id: str, now: int) -> int:
     session.add(ev)
     session.flush()
     return ev.id
+
+
+def _record_bundle_change(session: Session) -> None:
+    # The event's time is informational (nothing reads it back): the wall clock
+    # keeps the bundle writers' signatures free of a clock they do not need.
+    _record_change(session, "bundle_changed", FOREIGN_BUNDLES_CHANGED, int(time.time()))
 
 
 def _create_entry(session: Session, entry: EntryRecord, now: int) -> EntryRecord:
@@ -746,6 +754,9 @@ class Datastore(FederationQueries):
     # ---- foreign bundles (federation) ------------------------------------------
     # Rows keyed by trust domain, like our own. The refresher and the admin API
     # (bundle set/delete) write them; the agent sync reads them with get_bundle.
+    # Each write that lands records a change event (FOREIGN_BUNDLES_CHANGED) in
+    # its transaction: every server's entry index sees it and the syncs' bundle
+    # cache reads again, so an unchanged bundle costs a sync no read.
 
     def list_bundles(self, *, exclude: TrustDomain | None = None) -> list[StoredBundle]:
         """Every stored bundle ordered by trust domain, without ``exclude`` (our own)."""
@@ -771,6 +782,7 @@ class Datastore(FederationQueries):
                         row = m.BundleRow(trust_domain=trust_domain.name)
                         s.add(row)
                     row.data, row.sequence = data, sequence
+                    _record_bundle_change(s)
                 return StoredBundle(trust_domain.name, data, sequence)
             except DatastoreError as exc:
                 # Two writers inserting the first row: the loser retries as an update.
@@ -794,19 +806,26 @@ class Datastore(FederationQueries):
         """
         with self._session() as s:
             if held is None:
-                return _insert_first_bundle(s, trust_domain, data, sequence)
-            result = s.execute(
-                update(m.BundleRow)
-                .where(m.BundleRow.trust_domain == trust_domain.name,
-                       m.BundleRow.sequence == held.sequence,
-                       m.BundleRow.data == held.data)
-                .values(data=data, sequence=sequence)
-            )
-            return getattr(result, "rowcount", 0) == 1
+                stored = _insert_first_bundle(s, trust_domain, data, sequence)
+            else:
+                result = s.execute(
+                    update(m.BundleRow)
+                    .where(m.BundleRow.trust_domain == trust_domain.name,
+                           m.BundleRow.sequence == held.sequence,
+                           m.BundleRow.data == held.data)
+                    .values(data=data, sequence=sequence)
+                )
+                stored = getattr(result, "rowcount", 0) == 1
+            if stored:
+                _record_bundle_change(s)
+            return stored
 
     def delete_bundle(self, trust_domain: TrustDomain) -> bool:
         """Remove a trust domain's bundle; False when there was none."""
         with self._session() as s:
             result = s.execute(
                 delete(m.BundleRow).where(m.BundleRow.trust_domain == trust_domain.name))
-            return bool(getattr(result, "rowcount", 0))
+            deleted = bool(getattr(result, "rowcount", 0))
+            if deleted:
+                _record_bundle_change(s)
+            return deleted

@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -292,7 +293,14 @@ def test_a_damaged_foreign_bundle_row_does_not_fail_the_sync(
         # Damaged behind the server's back (neither writer stores what does not parse).
         with sqlite3.connect(sigil_server.data_dir / "datastore.sqlite3") as db:
             db.execute("UPDATE bundles SET data = '{not json' WHERE trust_domain = 'b.fed.test'")
-        assert _sync_bundles(a) == {td: 1}
+            # With the change event a writer records: syncs keep the bundle they
+            # read until an event says it changed.
+            db.execute("INSERT INTO change_events (kind, entry_id, at) "
+                       "VALUES ('bundle_changed', 'foreign-bundles', 0)")
+        deadline = time.monotonic() + 30  # the server polls the change log every second
+        while (held := _sync_bundles(a)) != {td: 1} and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held == {td: 1}
         assert "stored foreign bundle unreadable" in sigil_server.log
         assert "trust_domain=b.fed.test" in sigil_server.log
     finally:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import threading
+import time
 from collections.abc import Collection, Set
 from dataclasses import replace
 
@@ -18,6 +20,7 @@ import pytest
 
 from ca.authorization import authorized_entries
 from ca.datastore import EntryRecord
+from ca.datastore.records import FOREIGN_BUNDLES_CHANGED
 from ca.entry_index import EntryIndex, SyncDelta
 from identity.clock import FakeClock
 from identity.selectors import Selector
@@ -326,3 +329,57 @@ def test_expired_entry_is_removed_when_the_clock_passes_it() -> None:
     clock.advance(dt.timedelta(seconds=60))
     d = agent.sync(index)
     assert (d.entries, d.removed) == ((), ("1",))
+
+
+class _YieldingInt(int):
+    """An int whose ``+`` gives the GIL away between the read and the write of ``+=``.
+
+    Under CPython 3.11 the eval loop switches threads only at calls and backward
+    jumps, so ``self.n += 1`` on a plain int practically never interleaves; this
+    forces the interleaving a free-threaded build or an unlucky switch would cause.
+    """
+
+    def __add__(self, other: object) -> _YieldingInt:
+        time.sleep(0.001)
+        assert isinstance(other, int)
+        return _YieldingInt(int(self) + other)
+
+
+def test_local_change_notifications_from_many_threads_are_all_counted() -> None:
+    # Commits of several gRPC threads notify at once; a lost increment can make the
+    # counter equal the last one polled, and the next sync would not see the commit.
+    _, index, _ = setup()
+    index._local_changes = _YieldingInt(index._local_changes)
+    threads, each = 8, 25
+
+    def commit_many() -> None:
+        for _ in range(each):
+            index.notify_local_change()
+
+    workers = [threading.Thread(target=commit_many) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert index._local_changes == threads * each
+
+
+def test_a_foreign_bundle_event_bumps_the_bundles_version_only() -> None:
+    feed, index, agent = setup(make("1", "/web", AGENT_A))
+    agent.sync(index)
+    asked: list[Collection[str]] = []
+    by_id = feed.entries_by_id
+
+    def entries_by_id(ids: Collection[str]) -> list[EntryRecord]:
+        asked.append(set(ids))
+        return by_id(ids)
+
+    feed.entries_by_id = entries_by_id  # type: ignore[method-assign]
+    revision, version = index.revision, index.bundles_version
+    feed.change(FOREIGN_BUNDLES_CHANGED, None)
+    d = agent.sync(index)
+    assert (d.entries, d.removed, d.full) == ((), (), False)
+    assert (index.revision, index.bundles_version) == (revision, version + 1)
+    assert asked == []  # names no entry: nothing to read
+    agent.sync(index)
+    assert index.bundles_version == version + 1  # counted once

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
+import signal
+import threading
+import tracemalloc
+from typing import Any
 
 import pytest
 
@@ -73,18 +79,51 @@ def test_refusals_are_counted() -> None:
 
 
 def test_zero_rate_disables() -> None:
-    rl = limiter(Clock(), att=RateLimit(0, 1), sign=RateLimit(0, 1))
-    for _ in range(100):
+    table = BucketTable(8)
+    rl = RateLimiter(attestation=RateLimit(0, 1), signing=RateLimit(0, 1), table=table,
+                     monotonic=Clock())
+    passed = 0
+    for _ in range(100):  # far past a burst of 1, at one instant
         rl.check_attestation("10.0.0.1")
         rl.check_signing("a", 50)
+        passed += 1
+    assert passed == 100
+    assert list(table._keys) == [0] * 8  # a disabled limit keeps no bucket at all
 
 
 def test_idle_slots_are_reused_so_memory_stays_bounded() -> None:
     clock = Clock()
     rl = limiter(clock, slots=8)
-    for i in range(1000):  # far more callers than slots, each well within its limit
-        rl.check_attestation(f"10.0.{i // 256}.{i % 256}")
-        clock.t += 5.0
+    passed = 0
+    tracemalloc.start()
+    try:
+        for i in range(200):  # warm up: interned strings, caches
+            rl.check_attestation(f"10.1.{i // 256}.{i % 256}")
+            clock.t += 5.0
+        before, _ = tracemalloc.get_traced_memory()
+        for i in range(20_000):  # far more callers than slots, each well within its limit
+            rl.check_attestation(f"10.{2 + i // 65536}.{i // 256 % 256}.{i % 256}")
+            passed += 1
+            clock.t += 5.0
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert passed == 20_000  # idle slots were reused, not shared
+    # 20,000 callers kept in a dict would take megabytes; the fixed table takes nothing.
+    assert after - before < 16 * 1024
+    assert sum(1 for k in rl.table._keys if k) <= 8
+
+
+def test_a_busy_bucket_is_never_given_to_a_newcomer() -> None:
+    clock = Clock()
+    rl = limiter(clock, slots=8)
+    for _ in range(3):
+        rl.check_attestation("192.0.2.1")
+    for i in range(100):  # newcomers at the same instant: every slot fills up
+        with contextlib.suppress(RateLimitedError):  # sharing a busy slot: stricter
+            rl.check_attestation(f"10.0.0.{i}")
+    with pytest.raises(RateLimitedError):  # still empty: never looser
+        rl.check_attestation("192.0.2.1")
 
 
 def _drain(table: BucketTable, n: int, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
@@ -110,3 +149,51 @@ def test_buckets_are_shared_between_processes() -> None:
     for p in procs:
         p.join(60)
     assert sum(out.get(timeout=10) for _ in procs) == 10  # one burst in all, not one each
+
+
+def _stuck_inside_take(table: BucketTable, inside: Any) -> None:
+    """A worker that takes the table's lock and stops there, to be killed."""
+
+    def stop_here(*_args: object) -> int:
+        inside.set()
+        threading.Event().wait()
+        raise AssertionError("unreachable")
+
+    BucketTable._find = stop_here  # type: ignore[method-assign,assignment]  # this child only
+    RateLimiter(attestation=RateLimit(1, 10), signing=RateLimit(0, 1), table=table,
+                monotonic=lambda: 5000.0).check_attestation("192.0.2.9")
+
+
+def test_a_worker_killed_inside_take_does_not_freeze_the_others() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    table = BucketTable(64)
+    inside = ctx.Event()
+    victim = ctx.Process(target=_stuck_inside_take, args=(table, inside))
+    victim.start()
+    assert inside.wait(60), "the victim never reached take()"
+    os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    victim.join(60)
+    assert victim.exitcode == -signal.SIGKILL
+
+    # Another worker, started before or after, still takes tokens: one burst of 10.
+    out = ctx.Queue()
+    other = ctx.Process(target=_drain, args=(table, 12, out))
+    other.start()
+    other.join(60)
+    assert out.get(timeout=60) == 10  # a hang here (no answer) is the frozen lock
+
+    # And so does this process (in a thread: a frozen lock must fail, not hang the run).
+    refused: list[bool] = []
+
+    def take() -> None:
+        rl = RateLimiter(attestation=RateLimit(0.001, 10), signing=RateLimit(0, 1),
+                         table=table, monotonic=lambda: 5000.0)
+        try:
+            rl.check_attestation("192.0.2.1")
+        except RateLimitedError:
+            refused.append(True)
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    t.join(60)
+    assert refused == [True]  # answered, from the bucket the other worker drained
