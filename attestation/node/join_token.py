@@ -147,6 +147,18 @@ def _parse_payload(payload: bytes) -> tuple[str, str]:
     return split_token(doc["token"])
 
 
+def payload_token_id(payload: bytes) -> str:
+    """The token id a join_token payload names, before (and without) verifying it.
+
+    Lets the server derive the agent ID, and sign its SVID, before the transaction
+    that verifies and consumes the token.
+
+    Raises:
+        MalformedAttestationError: the payload is not a join token.
+    """
+    return _parse_payload(payload)[0]
+
+
 def verify(
     payload: bytes, store: JoinTokenStore, *, trust_domain: TrustDomain, now: dt.datetime
 ) -> AttestationResult:

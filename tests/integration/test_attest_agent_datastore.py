@@ -1,0 +1,166 @@
+"""AttestAgent against real databases: watermark steps and racing attestations.
+
+The servicer runs in-process on SQLite, PostgreSQL and MariaDB with a fake clock,
+so the CA's ``signed_until`` watermark can be made to move on demand.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+import pytest
+from sqlalchemy import func, select
+
+from api.protos.sigil.agent.v1 import agent_pb2
+from attestation.node import AttestationResult, join_token
+from ca.api.agent import AgentServicer
+from ca.api.deps import ApiDeps
+from ca.authority import WATERMARK_STEP
+from ca.authority.setup import build_authority
+from ca.config import load_config
+from ca.datastore import Datastore
+from ca.datastore import models as m
+from ca.keys import MemoryKeyManager
+from identity.clock import FakeClock
+from identity.keys import generate_private_key
+from identity.selectors import Selector
+from identity.spiffeid import SpiffeId, TrustDomain
+from identity.x509svid import new_csr
+
+TD = TrustDomain("attest.sigil.test")
+RACE_NODE = SpiffeId.parse("spiffe://attest.sigil.test/sigil/agent/test_psat/c1/node-1")
+RACE_ALIAS = SpiffeId.parse("spiffe://attest.sigil.test/node/node-1")
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+
+
+class _Context:
+    """The part of grpc.ServicerContext the servicer uses."""
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        raise Aborted(code, details)
+
+
+def _psat_style(_payload: bytes) -> AttestationResult:
+    # What k8s_psat yields for one node: the same agent ID and alias every time.
+    return AttestationResult(agent_id=RACE_NODE,
+                             selectors=(Selector("test_psat", "node-name:node-1"),),
+                             alias=RACE_ALIAS)
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, url: str, *, agent_svid_ttl: str) -> None:
+        conf = tmp_path / "server.toml"
+        (tmp_path / "data").mkdir()
+        conf.write_text(f'trust_domain = "{TD.name}"\n'
+                        f'data_dir = "{tmp_path / "data"}"\n'
+                        f'agent_svid_ttl = "{agent_svid_ttl}"\n')
+        self.config = load_config(conf, env={}, overrides={"database_url": url})
+        self.clock = FakeClock()
+        self.datastore = Datastore(url)
+        self.authority = build_authority(self.config, self.datastore, self.clock,
+                                         key_manager=MemoryKeyManager())
+        deps = ApiDeps(config=self.config, datastore=self.datastore,
+                       authority=self.authority, clock=self.clock,
+                       node_verifiers={"test_psat": _psat_style})
+        self.servicer = AgentServicer(deps, peer_certificate=lambda _p: (True, None))
+
+    def token(self) -> str:
+        token_id, token = join_token.new_token()
+        _, secret = join_token.split_token(token)
+        self.datastore.create_join_token(
+            token_id=token_id, secret_sha256=join_token.secret_sha256(secret), alias=None,
+            expires_at=self.clock.now() + dt.timedelta(hours=1), now=self.clock.now())
+        return token
+
+    def attest(self, attestor: str, payload: bytes) -> agent_pb2.AttestAgentResponse:
+        request = agent_pb2.AttestAgentRequest(
+            data=agent_pb2.AttestationData(type=attestor, payload=payload),
+            csr=new_csr(generate_private_key()))
+        response: agent_pb2.AttestAgentResponse = self.servicer.AttestAgent(
+            request, _Context())  # type: ignore[arg-type]
+        return response
+
+    def count(self, model: Any) -> int:
+        with self.datastore.engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(model)) or 0)
+
+
+@pytest.fixture
+def harness(tmp_path: Path, database_url: str, request: pytest.FixtureRequest
+            ) -> Iterator[Harness]:
+    ttl = getattr(request, "param", "1h")
+    h = Harness(tmp_path, database_url, agent_svid_ttl=ttl)
+    try:
+        yield h
+    finally:
+        h.datastore.close()
+
+
+@pytest.mark.parametrize("harness", ["1h", "2h"], indirect=True)
+def test_attestations_across_watermark_steps(harness: Harness) -> None:
+    # Every attestation past a watermark step makes the CA write signed_until;
+    # the attestation must not wait on (or deadlock with) its own transaction.
+    serials = set()
+    for _ in range(4):
+        payload = join_token.make_attestation(harness.token())[1]
+        resp = harness.attest(join_token.NAME, payload)
+        serials.add(resp.svid.cert_chain[0])
+        harness.clock.advance(WATERMARK_STEP + dt.timedelta(seconds=1))
+    assert len(serials) == 4
+    assert harness.count(m.AttestedNode) == 4
+    # The watermark covers every SVID signed.
+    with harness.datastore.engine.connect() as conn:
+        marks = list(conn.scalars(select(m.CaKey.signed_until).where(
+            m.CaKey.kind == "x509", m.CaKey.status == "active")))
+    ttl = harness.config.agent_svid_ttl
+    assert marks and marks[0] >= int((harness.clock.now() - WATERMARK_STEP
+                                      + ttl).timestamp()) - 1
+
+
+def test_refused_attestations_write_nothing(harness: Harness) -> None:
+    # A used token, a banned agent: refused, and no row changes (token not consumed
+    # twice, no node, no entry).
+    token = harness.token()
+    payload = join_token.make_attestation(token)[1]
+    harness.attest(join_token.NAME, payload)
+    harness.clock.advance(WATERMARK_STEP * 2)
+    with pytest.raises(Aborted) as used:
+        harness.attest(join_token.NAME, payload)
+    assert used.value.code is grpc.StatusCode.PERMISSION_DENIED
+    assert harness.count(m.AttestedNode) == 1
+
+    harness.attest("test_psat", b"x")
+    harness.datastore.set_node_banned(RACE_NODE, True, now=harness.clock.now())
+    before = (harness.count(m.AttestedNode), harness.count(m.RegistrationEntry),
+              harness.count(m.ChangeEvent))
+    harness.clock.advance(WATERMARK_STEP * 2)
+    with pytest.raises(Aborted) as banned:
+        harness.attest("test_psat", b"x")
+    assert banned.value.code is grpc.StatusCode.PERMISSION_DENIED
+    node = harness.datastore.get_node(RACE_NODE)
+    assert node is not None and node.banned
+    assert (harness.count(m.AttestedNode), harness.count(m.RegistrationEntry),
+            harness.count(m.ChangeEvent)) == before
+
+    # A bad CSR consumes no join token.
+    fresh = harness.token()
+    bad = agent_pb2.AttestAgentRequest(
+        data=agent_pb2.AttestationData(type=join_token.NAME,
+                                       payload=join_token.make_attestation(fresh)[1]),
+        csr=b"not a csr")
+    with pytest.raises(Aborted) as invalid:
+        harness.servicer.AttestAgent(bad, _Context())  # type: ignore[arg-type]
+    assert invalid.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    harness.attest(join_token.NAME, join_token.make_attestation(fresh)[1])
