@@ -7,12 +7,14 @@ so the CA's ``signed_until`` watermark can be made to move on demand.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 import pytest
+from cryptography import x509
 from sqlalchemy import func, select
 
 from api.protos.sigil.agent.v1 import agent_pb2
@@ -164,3 +166,47 @@ def test_refused_attestations_write_nothing(harness: Harness) -> None:
         harness.servicer.AttestAgent(bad, _Context())  # type: ignore[arg-type]
     assert invalid.value.code is grpc.StatusCode.INVALID_ARGUMENT
     harness.attest(join_token.NAME, join_token.make_attestation(fresh)[1])
+
+
+def test_same_node_attesting_twice_at_once(harness: Harness, database_url: str) -> None:
+    # Two attestations of one node race to insert the same node row and the same
+    # alias entry. Both must succeed; one alias entry, one node.
+    racers = 2
+    barrier = threading.Barrier(racers, timeout=5)
+    sqlite = database_url.startswith("sqlite")
+
+    def before_flush(session: Any, _ctx: object, _instances: object) -> None:
+        # Hold both transactions between their "does it exist?" reads and their
+        # inserts, so both insert. (SQLite serializes writers at BEGIN: nothing to hold.)
+        if not sqlite and any(isinstance(o, m.AttestedNode) for o in session.new):
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                pass
+
+    harness.datastore.listen_session_event("before_flush", before_flush)
+    results: list[object] = [None] * racers
+
+    def run(i: int) -> None:
+        try:
+            results[i] = harness.attest("test_psat", b"x")
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(isinstance(r, agent_pb2.AttestAgentResponse) for r in results), results
+    assert harness.count(m.AttestedNode) == 1
+    entries = harness.datastore.list_entries(spiffe_id=RACE_ALIAS)
+    assert len(entries) == 1
+    assert harness.count(m.ChangeEvent) == 1
+    node = harness.datastore.get_node(RACE_NODE)
+    assert node is not None
+    served = set()
+    for r in results:
+        assert isinstance(r, agent_pb2.AttestAgentResponse)
+        served.add(x509.load_der_x509_certificate(r.svid.cert_chain[0]).serial_number)
+    assert node.serial in served
