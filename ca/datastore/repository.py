@@ -36,6 +36,9 @@ from ca.errors import AlreadyExistsError, ConflictError, DatastoreError, NotFoun
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 
+TRUST_DOMAIN_INFO = "trust_domain"
+"""The ``datastore_info`` row naming the database's trust domain (revision 0006)."""
+
 
 def _ts(value: dt.datetime) -> int:
     return int(value.timestamp())
@@ -347,6 +350,33 @@ class Datastore(FederationQueries):
         """One transaction: commits when the block ends, rolls back if it raises."""
         with self._session() as session:
             yield Transaction(session)
+
+    # ---- the database itself -------------------------------------------------------
+
+    def claim_trust_domain(self, trust_domain: TrustDomain) -> str:
+        """The trust domain the database belongs to, recording ``trust_domain`` if none.
+
+        Written only when no trust domain is recorded yet (a new database, or one
+        migrated without CA slots); of two servers recording at once, the first
+        commit wins and the other reads it.
+
+        Returns:
+            The recorded trust domain's name: compare it with ``trust_domain``.
+        """
+        with self._session() as s:
+            row = s.get(m.DatastoreInfo, TRUST_DOMAIN_INFO)
+            if row is not None:
+                return row.value
+            try:
+                with s.begin_nested():
+                    s.add(m.DatastoreInfo(name=TRUST_DOMAIN_INFO, value=trust_domain.name))
+                    s.flush()
+            except IntegrityError:
+                row = s.get(m.DatastoreInfo, TRUST_DOMAIN_INFO, populate_existing=True)
+                if row is None:  # pragma: no cover - inserted, then deleted meanwhile
+                    raise
+                return row.value
+            return trust_domain.name
 
     # ---- entries ------------------------------------------------------------------
 
