@@ -56,7 +56,7 @@ def upgrade() -> None:
         sa.select(ca_keys.c.certificate)
         .where(ca_keys.c.kind == "x509", ca_keys.c.certificate.is_not(None))
         .order_by(ca_keys.c.created_at, ca_keys.c.id)
-    )
+    ).all()  # a handful of rows; read them all before writing on this connection
     for (der,) in rows:
         name = _trust_domain_of(bytes(der))
         if name is not None:
