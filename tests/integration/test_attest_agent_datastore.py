@@ -91,7 +91,7 @@ class Harness:
             data=agent_pb2.AttestationData(type=attestor, payload=payload),
             csr=new_csr(generate_private_key()))
         response: agent_pb2.AttestAgentResponse = self.servicer.AttestAgent(
-            request, _Context())  # type: ignore[arg-type]
+            request, _Context())
         return response
 
     def count(self, model: Any) -> int:
@@ -163,7 +163,7 @@ def test_refused_attestations_write_nothing(harness: Harness) -> None:
                                        payload=join_token.make_attestation(fresh)[1]),
         csr=b"not a csr")
     with pytest.raises(Aborted) as invalid:
-        harness.servicer.AttestAgent(bad, _Context())  # type: ignore[arg-type]
+        harness.servicer.AttestAgent(bad, _Context())
     assert invalid.value.code is grpc.StatusCode.INVALID_ARGUMENT
     harness.attest(join_token.NAME, join_token.make_attestation(fresh)[1])
 

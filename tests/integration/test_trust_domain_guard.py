@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 import migrations
 from ca.authority.setup import build_authority, check_trust_domain
-from ca.config import load_config
+from ca.config import ServerConfig, load_config
 from ca.datastore import Datastore
 from ca.datastore import models as m
 from ca.errors import ConfigError
@@ -32,7 +32,7 @@ from tests.integration.conftest import server_command
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
 
-def _config(tmp_path: Path, url: str, trust_domain: str) -> object:
+def _config(tmp_path: Path, url: str, trust_domain: str) -> ServerConfig:
     data = tmp_path / f"data-{trust_domain}"
     data.mkdir(exist_ok=True)
     conf = tmp_path / f"{trust_domain}.toml"
@@ -55,13 +55,13 @@ def test_server_of_another_trust_domain_refuses_the_database(
     first = _config(tmp_path, database_url, "example.org")
     ds = Datastore(database_url)
     try:
-        build_authority(first, ds, FakeClock(NOW),  # type: ignore[arg-type]
+        build_authority(first, ds, FakeClock(NOW),
                         key_manager=MemoryKeyManager())
         before = _counts(database_url)
         assert before["datastore_info"] == 1 and before["ca_keys"] == 2
         other = _config(tmp_path, database_url, "other.org")
         with pytest.raises(ConfigError) as refused:
-            build_authority(other, ds, FakeClock(NOW),  # type: ignore[arg-type]
+            build_authority(other, ds, FakeClock(NOW),
                             key_manager=MemoryKeyManager())
         message = str(refused.value)
         assert "\n" not in message
@@ -72,7 +72,7 @@ def test_server_of_another_trust_domain_refuses_the_database(
         assert not password or str(password) not in message
         assert _counts(database_url) == before
         # The rightful server still starts.
-        check_trust_domain(first, ds)  # type: ignore[arg-type]
+        check_trust_domain(first, ds)
     finally:
         ds.close()
 
@@ -126,9 +126,8 @@ def test_migration_records_the_trust_domain_of_existing_ca_slots(database_url: s
     engine = create_engine(database_url)
     try:
         with engine.begin() as conn:
-            ca_keys = m.CaKey.__table__
             # The oldest slot decides (a database already mixed by the bug).
-            conn.execute(insert(ca_keys), [_slot("later.org", 200), _slot("first.org", 100)])
+            conn.execute(insert(m.CaKey), [_slot("later.org", 200), _slot("first.org", 100)])
     finally:
         engine.dispose()
     migrations.upgrade(database_url, "head")
