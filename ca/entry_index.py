@@ -63,6 +63,8 @@ MAX_GAP = 10_000
 MAX_CHANGE_LOG = 1_000_000
 """Changes remembered; an agent whose revision is older gets a full resync."""
 DEFAULT_POLL_INTERVAL = 1.0
+EVENT_PAGE = 5000
+"""Change events read at once: a large backlog is applied page by page."""
 
 
 class EntryFeed(Protocol):
@@ -71,8 +73,12 @@ class EntryFeed(Protocol):
     def last_event_id(self) -> int:
         """The highest change event id, 0 when none."""
 
-    def events_after(self, after: int, also: Collection[int] = ()) -> list[tuple[int, str]]:
-        """``(event id, entry id)`` of events with id > ``after`` or in ``also``, by id."""
+    def events_after(self, after: int, also: Collection[int] = (), *,
+                     limit: int) -> list[tuple[int, str]]:
+        """``(event id, entry id)`` of events with id > ``after`` or in ``also``, by id.
+
+        At most ``limit`` of those with id > ``after``: the first ones.
+        """
 
     def all_entries(self) -> list[EntryRecord]:
         """Every entry."""
@@ -223,31 +229,44 @@ class EntryIndex:
             self.poll()
 
     def poll(self) -> None:
-        """Read new change events and apply the entries they name."""
+        """Read new change events and apply the entries they name.
+
+        Page by page: each read and each entry load is bounded, and the index lock
+        (which syncs take) is held for one page at a time, not the whole backlog.
+        """
         with self._poll_lock:
             seen = self._local_changes
             self._last_poll = self._monotonic()
-            events = self._feed.events_after(self._last_event, self._gaps.keys())
-            ids = {entry_id for _, entry_id in events}
-            bundle_changes = FOREIGN_BUNDLES_CHANGED in ids
-            ids.discard(FOREIGN_BUNDLES_CHANGED)
-            records = {e.id: e for e in self._feed.entries_by_id(ids)} if ids else {}
-            now = self._now()
-            with self._lock:
-                for event_id, _ in events:
-                    self._gaps.pop(event_id, None)
-                    if event_id > self._last_event:
-                        if event_id - self._last_event <= MAX_GAP:
-                            for missing in range(self._last_event + 1, event_id):
-                                self._gaps[missing] = now
-                        self._last_event = event_id
-                for entry_id in sorted(ids):
-                    self._apply(entry_id, records.get(entry_id), now)
-                self._expire(now)
-                self._gaps = {i: t for i, t in self._gaps.items() if now - t < GAP_TIMEOUT}
-                if bundle_changes:
-                    self.bundles_version += 1
+            also: Collection[int] = self._gaps.keys()
+            while True:
+                after = self._last_event
+                events = self._feed.events_after(after, also, limit=EVENT_PAGE)
+                also = ()  # gaps are asked for once per poll
+                self._apply_events(events)
+                if sum(1 for event_id, _ in events if event_id > after) < EVENT_PAGE:
+                    break
             self._seen_local_changes = seen
+
+    def _apply_events(self, events: list[tuple[int, str]]) -> None:
+        ids = {entry_id for _, entry_id in events}
+        bundle_changes = FOREIGN_BUNDLES_CHANGED in ids
+        ids.discard(FOREIGN_BUNDLES_CHANGED)
+        records = {e.id: e for e in self._feed.entries_by_id(ids)} if ids else {}
+        now = self._now()
+        with self._lock:
+            for event_id, _ in events:
+                self._gaps.pop(event_id, None)
+                if event_id > self._last_event:
+                    if event_id - self._last_event <= MAX_GAP:
+                        for missing in range(self._last_event + 1, event_id):
+                            self._gaps[missing] = now
+                    self._last_event = event_id
+            for entry_id in sorted(ids):
+                self._apply(entry_id, records.get(entry_id), now)
+            self._expire(now)
+            self._gaps = {i: t for i, t in self._gaps.items() if now - t < GAP_TIMEOUT}
+            if bundle_changes:
+                self.bundles_version += 1
 
     def _now(self) -> int:
         return int(self._clock.now().timestamp())

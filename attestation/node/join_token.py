@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -147,6 +148,45 @@ def _parse_payload(payload: bytes) -> tuple[str, str]:
     return split_token(doc["token"])
 
 
+def _check(stored: StoredJoinToken | None, token_id: str, secret: str, *,
+           now: dt.datetime) -> None:
+    if stored is None:
+        raise UnknownJoinTokenError(f"join token {token_id} is unknown")
+    # Constant-time compare: the hash of a guessed secret must not leak how close it is.
+    if not hmac.compare_digest(stored.secret_sha256, secret_sha256(secret)):
+        raise UnknownJoinTokenError(f"join token {token_id} is unknown")
+    if stored.used_at is not None:
+        raise UsedJoinTokenError(f"join token {token_id} was already used")
+    if stored.expires_at <= now:
+        raise ExpiredJoinTokenError(f"join token {token_id} has expired")
+
+
+def precheck(
+    payload: bytes, lookup: Callable[[str], StoredJoinToken | None], *, now: dt.datetime
+) -> str:
+    """Refuse, without consuming anything, a token that :func:`verify` would refuse now.
+
+    The server runs it before it signs the agent's SVID (which happens outside,
+    and before, the transaction that consumes the token), so an unknown, wrong,
+    used or expired token costs no signature. Only :func:`verify` decides: a
+    token may be used by someone else between the two.
+
+    Args:
+        payload: the agent's ``AttestationData.payload``.
+        lookup: reads a stored token by id without changing it (None: no such token).
+        now: the current time (aware UTC).
+
+    Returns:
+        The token id.
+
+    Raises:
+        The same errors as :func:`verify`.
+    """
+    token_id, secret = _parse_payload(payload)
+    _check(lookup(token_id), token_id, secret, now=now)
+    return token_id
+
+
 def verify(
     payload: bytes, store: JoinTokenStore, *, trust_domain: TrustDomain, now: dt.datetime
 ) -> AttestationResult:
@@ -169,15 +209,8 @@ def verify(
     """
     token_id, secret = _parse_payload(payload)
     stored = store.claim_join_token(token_id, now=now)
-    if stored is None:
-        raise UnknownJoinTokenError(f"join token {token_id} is unknown")
-    # Constant-time compare: the hash of a guessed secret must not leak how close it is.
-    if not hmac.compare_digest(stored.secret_sha256, secret_sha256(secret)):
-        raise UnknownJoinTokenError(f"join token {token_id} is unknown")
-    if stored.used_at is not None:
-        raise UsedJoinTokenError(f"join token {token_id} was already used")
-    if stored.expires_at <= now:
-        raise ExpiredJoinTokenError(f"join token {token_id} has expired")
+    _check(stored, token_id, secret, now=now)
+    assert stored is not None  # _check refused a missing token
     agent = agent_id(trust_domain, token_id)
     alias: SpiffeId | None = None
     if stored.alias:

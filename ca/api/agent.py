@@ -163,6 +163,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             self._index.poll()
         return found
 
+    @staticmethod
+    def _refuse_banned(node: NodeRecord | None) -> None:
+        if node is not None and node.banned:
+            raise PermissionDeniedError(f"agent is banned: {node.spiffe_id}",
+                                        reason=RefusalReason.AGENT_BANNED)
+
     # ---- methods ---------------------------------------------------------------------
 
     @grpc_method("agent")
@@ -185,28 +191,42 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         # Attestors that ask another system (k8s_psat: the cluster's API) do so before
         # the transaction, so no database transaction waits on the network.
         verified = verifier(request.data.payload) if verifier is not None else None
+        if verified is not None:
+            agent_id = verified.agent_id
+        else:
+            # Read-only: a token the transaction would refuse costs no signature.
+            token_id = join_token.precheck(request.data.payload,
+                                           self._d.datastore.get_join_token,
+                                           now=self._d.clock.now())
+            agent_id = join_token.agent_id(cfg.trust_domain, token_id)
+        # Nothing is signed for a banned agent (checked again in the transaction).
+        self._refuse_banned(self._d.datastore.get_node(agent_id))
+        # Sign before the transaction, never inside one: signing may move the CA's
+        # signed_until watermark, a write in a session of its own, which on SQLite
+        # would wait for this transaction's write lock until the busy timeout. If the
+        # transaction refuses, the certificate is simply never handed out.
+        chain = self._d.authority.sign_agent_svid(agent_id, public_key,
+                                                  ttl=cfg.agent_svid_ttl)
         now = self._d.clock.now()
         with self._d.datastore.transaction() as tx:
             result = verified or join_token.verify(
                 request.data.payload, tx, trust_domain=cfg.trust_domain, now=now
             )
-            existing = tx.get_node(result.agent_id)
-            if existing is not None and existing.banned:
-                raise PermissionDeniedError(f"agent is banned: {result.agent_id}",
-                                            reason=RefusalReason.AGENT_BANNED)
-            chain = self._d.authority.sign_agent_svid(
-                result.agent_id, public_key, ttl=cfg.agent_svid_ttl
-            )
+            if result.agent_id != agent_id:  # pragma: no cover - the same token id
+                raise PermissionDeniedError("attestation yielded another agent ID")
+            self._refuse_banned(tx.get_node(agent_id))
             selectors = tuple(result.selectors)
             tx.put_node(NodeRecord(
-                spiffe_id=result.agent_id, attestor=attestor, serial=chain[0].serial_number,
+                spiffe_id=agent_id, attestor=attestor, serial=chain[0].serial_number,
                 expires_at=_ts(chain[0].not_valid_after_utc), selectors=selectors,
             ), now=now)
             if result.alias is not None:
                 try:
+                    # Within a savepoint (see _create_entry): a lost race to insert
+                    # the same alias leaves this transaction usable.
                     tx.create_entry(EntryRecord(
                         spiffe_id=result.alias, parent_id=self._d.server_id,
-                        selectors=(Selector("spiffe_id", str(result.agent_id)),),
+                        selectors=(Selector("spiffe_id", str(agent_id)),),
                     ), now=now)
                 except AlreadyExistsError:
                     pass  # the same alias for the same agent: already there is fine

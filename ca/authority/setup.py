@@ -11,6 +11,8 @@ import os
 import uuid
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+
 from ca.authority import AuthorityConfig, CertificateAuthority, log_ttl_warnings
 from ca.authority.upstream import load_upstream
 from ca.caconfig import pkcs11_pin
@@ -70,6 +72,22 @@ def make_key_manager(cfg: ServerConfig) -> KeyManager:
     return DiskKeyManager(cfg.key_dir)
 
 
+def check_trust_domain(cfg: ServerConfig, datastore: Datastore) -> None:
+    """Refuse a database that belongs to another trust domain (record ours if none).
+
+    Runs before anything else is written: two trust domains' CAs in one database
+    would mix into each other's authorities and bundles.
+
+    Raises:
+        ConfigError: the database records another trust domain.
+    """
+    recorded = datastore.claim_trust_domain(cfg.trust_domain)
+    if recorded != cfg.trust_domain.name:
+        where = make_url(cfg.database_url).render_as_string(hide_password=True)
+        raise ConfigError(f"the database at {where} belongs to trust domain {recorded}; "
+                          f"this server is configured for {cfg.trust_domain}")
+
+
 def build_authority(cfg: ServerConfig, datastore: Datastore, clock: Clock, *,
                     key_manager: KeyManager | None = None,
                     rotate: bool = True) -> CertificateAuthority:
@@ -79,6 +97,7 @@ def build_authority(cfg: ServerConfig, datastore: Datastore, clock: Clock, *,
         rotate: False for extra worker processes: they follow the main process's
             slots instead of rotating them.
     """
+    check_trust_domain(cfg, datastore)
     if rotate:
         log_ttl_warnings(cfg.ca_ttl, cfg.x509_svid_ttl, cfg.jwt_svid_ttl)
     authority = CertificateAuthority(AuthorityConfig(

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ca.datastore import models as m
@@ -24,6 +24,8 @@ from identity.spiffeid import SpiffeId, TrustDomain
 
 # Keeps every IN list under each database's bound-parameter limit.
 CHUNK = 500
+EVENT_PAGE = 5000
+"""Change events one read returns at most (besides asked-for gaps)."""
 
 
 def _chunks(values: list[Any]) -> Iterable[list[Any]]:
@@ -70,15 +72,23 @@ class DatastoreFeed:
         with self._engine.connect() as conn:
             return int(conn.scalar(select(func.coalesce(func.max(m.ChangeEvent.id), 0))) or 0)
 
-    def events_after(self, after: int, also: Collection[int] = ()) -> list[tuple[int, str]]:
-        """``(event id, entry id)`` of events with id > ``after`` or in ``also``, by id."""
+    def events_after(self, after: int, also: Collection[int] = (), *,
+                     limit: int = EVENT_PAGE) -> list[tuple[int, str]]:
+        """``(event id, entry id)`` of events with id > ``after`` or in ``also``, by id.
+
+        At most ``limit`` events with id > ``after`` (the first ones), plus those of
+        ``also`` that exist (at most :data:`CHUNK`): one read stays bounded however
+        large the backlog (a bulk import); the caller asks again from the last id.
+        """
         ev = m.ChangeEvent
-        cond = ev.id > after
-        if also:
-            cond = or_(cond, ev.id.in_(sorted(also)[:CHUNK]))
-        query = select(ev.id, ev.entry_id).where(cond).order_by(ev.id)
+        newer = select(ev.id, ev.entry_id).where(ev.id > after).order_by(ev.id).limit(limit)
         with self._engine.connect() as conn:
-            return [(int(i), str(e)) for i, e in conn.execute(query)]
+            found = {int(i): str(e) for i, e in conn.execute(newer)}
+            if also:
+                wanted = sorted(also)[:CHUNK]
+                found.update((int(i), str(e)) for i, e in conn.execute(
+                    select(ev.id, ev.entry_id).where(ev.id.in_(wanted))))
+        return sorted(found.items())
 
     def all_entries(self) -> list[EntryRecord]:
         """Every entry."""

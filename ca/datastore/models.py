@@ -261,3 +261,16 @@ class FederationRelationshipRow(Base):
     endpoint_spiffe_id: Mapped[str] = mapped_column(String(SPIFFE_ID_LENGTH), default="")
     created_at: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class DatastoreInfo(Base):
+    """Facts about the database itself, one row per name (revision 0006).
+
+    ``trust_domain``: the trust domain whose server created (or first started on)
+    the database; a server configured for another one refuses to start on it.
+    """
+
+    __tablename__ = "datastore_info"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(TRUST_DOMAIN_LENGTH))

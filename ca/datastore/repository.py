@@ -38,6 +38,9 @@ from ca.errors import AlreadyExistsError, ConflictError, DatastoreError, NotFoun
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 
+TRUST_DOMAIN_INFO = "trust_domain"
+"""The ``datastore_info`` row naming the database's trust domain (revision 0006)."""
+
 
 def _ts(value: dt.datetime) -> int:
     return int(value.timestamp())
@@ -132,33 +135,38 @@ def _create_entry(session: Session, entry: EntryRecord, now: int) -> EntryRecord
             f"selectors already exists (id {existing})"
         )
     entry_id = str(uuid.uuid4())
-    revision = _record_change(session, "entry_created", entry_id, now)
-    row = m.RegistrationEntry(
-        id=entry_id,
-        spiffe_id=str(entry.spiffe_id),
-        parent_id=str(entry.parent_id),
-        selector_hash=digest,
-        x509_svid_ttl=entry.x509_svid_ttl,
-        jwt_svid_ttl=entry.jwt_svid_ttl,
-        hint=entry.hint,
-        admin=entry.admin,
-        downstream=entry.downstream,
-        expires_at=entry.expires_at,
-        owner=entry.owner or None,
-        revision=revision,
-        created_at=now,
-        updated_at=now,
-        selectors=[m.EntrySelector(type=s.type, value=s.value)
-                   for s in sorted(set(entry.selectors))],
-        dns_names=[m.EntryDnsName(name=n) for n in dict.fromkeys(entry.dns_names)],
-        federates_with=[m.EntryFederatesWith(trust_domain=td.name)
-                        for td in dict.fromkeys(entry.federates_with)],
-    )
-    session.add(row)
     try:
-        session.flush()
+        # A savepoint: a concurrent insert may win the unique selector_hash between
+        # our check and our flush; the failed flush then undoes only this entry and
+        # its change event, and the caller's transaction stays usable (PostgreSQL
+        # refuses every further statement in a transaction whose statement failed;
+        # SQLAlchemy does the same to a session whose flush failed).
+        with session.begin_nested():
+            revision = _record_change(session, "entry_created", entry_id, now)
+            row = m.RegistrationEntry(
+                id=entry_id,
+                spiffe_id=str(entry.spiffe_id),
+                parent_id=str(entry.parent_id),
+                selector_hash=digest,
+                x509_svid_ttl=entry.x509_svid_ttl,
+                jwt_svid_ttl=entry.jwt_svid_ttl,
+                hint=entry.hint,
+                admin=entry.admin,
+                downstream=entry.downstream,
+                expires_at=entry.expires_at,
+                owner=entry.owner or None,
+                revision=revision,
+                created_at=now,
+                updated_at=now,
+                selectors=[m.EntrySelector(type=s.type, value=s.value)
+                           for s in sorted(set(entry.selectors))],
+                dns_names=[m.EntryDnsName(name=n) for n in dict.fromkeys(entry.dns_names)],
+                federates_with=[m.EntryFederatesWith(trust_domain=td.name)
+                                for td in dict.fromkeys(entry.federates_with)],
+            )
+            session.add(row)
+            session.flush()
     except IntegrityError:
-        # A concurrent insert won the unique selector_hash between our check and flush.
         raise AlreadyExistsError(
             f"an entry with SPIFFE ID {entry.spiffe_id}, parent {entry.parent_id} and these "
             "selectors already exists"
@@ -212,6 +220,17 @@ def _entry_query_filters(f: EntryFilter) -> list[ColumnElement[bool]]:
     return where
 
 
+def _fill_node(row: m.AttestedNode, node: NodeRecord, ts: int) -> None:
+    row.attestor = node.attestor
+    row.serial = str(node.serial)
+    row.new_serial = "" if node.new_serial is None else str(node.new_serial)
+    row.expires_at = node.expires_at
+    row.banned = node.banned
+    row.can_reattest = node.can_reattest
+    row.updated_at = ts
+    row.selectors = [m.NodeSelector(type=s.type, value=s.value) for s in node.selectors]
+
+
 class Transaction:
     """Writes that commit together. Obtain one from :meth:`Datastore.transaction`.
 
@@ -251,22 +270,30 @@ class Transaction:
         return None if row is None else _node_record(row)
 
     def put_node(self, node: NodeRecord, *, now: dt.datetime) -> None:
-        """Create or replace an attested node and its selectors."""
-        ts = _ts(now)
-        row = self._session.get(m.AttestedNode, str(node.spiffe_id))
-        if row is None:
-            row = m.AttestedNode(spiffe_id=str(node.spiffe_id), created_at=ts)
-            self._session.add(row)
-        row.attestor = node.attestor
-        row.serial = str(node.serial)
-        row.new_serial = "" if node.new_serial is None else str(node.new_serial)
-        row.expires_at = node.expires_at
-        row.banned = node.banned
-        row.can_reattest = node.can_reattest
-        row.updated_at = ts
-        row.selectors = [m.NodeSelector(type=s.type, value=s.value) for s in node.selectors]
-        self._session.flush()
+        """Create or replace an attested node and its selectors.
 
+        Two transactions may put the same new node at once (one node attesting
+        twice): the loser's insert fails inside a savepoint, and it replaces the
+        winner's row instead, so both succeed and the last one to commit stands.
+        """
+        ts = _ts(now)
+        key = str(node.spiffe_id)
+        row = self._session.get(m.AttestedNode, key, with_for_update=True)
+        if row is None:
+            try:
+                with self._session.begin_nested():
+                    row = m.AttestedNode(spiffe_id=key, created_at=ts)
+                    _fill_node(row, node, ts)
+                    self._session.add(row)
+                    self._session.flush()
+                return
+            except IntegrityError:
+                row = self._session.get(m.AttestedNode, key, with_for_update=True,
+                                        populate_existing=True)
+                if row is None:  # pragma: no cover - inserted, then deleted meanwhile
+                    raise
+        _fill_node(row, node, ts)
+        self._session.flush()
     def create_entry(self, entry: EntryRecord, *, now: dt.datetime) -> EntryRecord:
         """Create an entry (see :meth:`Datastore.create_entry`)."""
         return _create_entry(self._session, entry, _ts(now))
@@ -331,6 +358,33 @@ class Datastore(FederationQueries):
         """One transaction: commits when the block ends, rolls back if it raises."""
         with self._session() as session:
             yield Transaction(session)
+
+    # ---- the database itself -------------------------------------------------------
+
+    def claim_trust_domain(self, trust_domain: TrustDomain) -> str:
+        """The trust domain the database belongs to, recording ``trust_domain`` if none.
+
+        Written only when no trust domain is recorded yet (a new database, or one
+        migrated without CA slots); of two servers recording at once, the first
+        commit wins and the other reads it.
+
+        Returns:
+            The recorded trust domain's name: compare it with ``trust_domain``.
+        """
+        with self._session() as s:
+            row = s.get(m.DatastoreInfo, TRUST_DOMAIN_INFO)
+            if row is not None:
+                return row.value
+            try:
+                with s.begin_nested():
+                    s.add(m.DatastoreInfo(name=TRUST_DOMAIN_INFO, value=trust_domain.name))
+                    s.flush()
+            except IntegrityError:
+                row = s.get(m.DatastoreInfo, TRUST_DOMAIN_INFO, populate_existing=True)
+                if row is None:  # pragma: no cover - inserted, then deleted meanwhile
+                    raise
+                return row.value
+            return trust_domain.name
 
     # ---- entries ------------------------------------------------------------------
 
@@ -526,6 +580,18 @@ class Datastore(FederationQueries):
                 alias=None if alias is None else str(alias),
                 expires_at=_ts(expires_at), used_at=None, created_at=_ts(now),
             ))
+
+    def get_join_token(self, token_id: str) -> StoredJoinToken | None:
+        """A stored join token as it is now, changing nothing (None: no such token)."""
+        with self._reading() as s:
+            row = s.get(m.JoinToken, token_id)
+            if row is None:
+                return None
+            return StoredJoinToken(
+                token_id=row.token_id, secret_sha256=row.secret_sha256, alias=row.alias,
+                expires_at=_dt(row.expires_at),
+                used_at=None if row.used_at is None else _dt(row.used_at),
+            )
 
     def claim_join_token(self, token_id: str, *, now: dt.datetime) -> StoredJoinToken | None:
         """Claim a token in a transaction of its own (see JoinTokenStore)."""

@@ -1,6 +1,6 @@
 """A SIGKILLed server loses no acknowledged entry and leaves nothing half-written.
 
-A real ``sigil-server run`` on SQLite and on PostgreSQL; several threads create
+A real ``sigil-server run`` on SQLite, PostgreSQL and MariaDB; several threads create
 entries through the admin API as fast as they can; once enough have been
 acknowledged the server is killed with SIGKILL while writes are in flight. It is
 then restarted on the same datastore, and the datastore is checked row by row.
@@ -95,7 +95,6 @@ def server(server_root: Path, database_url: str) -> Iterator[RunningServer]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_sigkill_during_entry_creation_loses_nothing(
     server: RunningServer, database_url: str
 ) -> None:

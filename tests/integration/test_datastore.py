@@ -201,6 +201,48 @@ def test_duplicate_entry_under_concurrent_creates(ds: Datastore) -> None:
     assert stored.revision == ds.current_revision()
 
 
+def test_lost_entry_race_leaves_the_transaction_usable(ds: Datastore) -> None:
+    """Two transactions insert the same entry at once; the loser is told it exists
+    and its transaction goes on to commit its other writes (as AttestAgent does)."""
+    entry = _entry("spiffe://example.org/alias", "spiffe://example.org/sigil/server",
+                   "spiffe_id:spiffe://example.org/sigil/agent/x")
+    barrier = threading.Barrier(2, timeout=5)
+    sqlite = ds.engine.dialect.name == "sqlite"
+
+    def before_flush(session: object, _ctx: object, _instances: object) -> None:
+        # Both past their "does it exist?" check before either inserts. (SQLite
+        # serializes write transactions at BEGIN: nothing to hold there.)
+        if not sqlite and any(isinstance(o, m.RegistrationEntry)
+                              for o in session.new):  # type: ignore[attr-defined]
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                pass
+
+    ds.listen_session_event("before_flush", before_flush)
+    names = iter(range(2))
+    lock = threading.Lock()
+
+    def attest() -> str:
+        with lock:
+            n = next(names)
+        with ds.transaction() as tx:
+            outcome = "created"
+            try:
+                tx.create_entry(entry, now=NOW)
+            except AlreadyExistsError:
+                outcome = "exists"
+            tx.put_node(NodeRecord(
+                spiffe_id=SpiffeId.parse(f"spiffe://example.org/sigil/agent/n{n}"),
+                attestor="test", serial=n + 1, expires_at=0, selectors=()), now=NOW)
+        return outcome
+
+    assert sorted(_run_concurrently(2, attest)) == ["created", "exists"]
+    assert _count(ds, "registration_entries") == 1
+    assert _count(ds, "change_events") == 1
+    assert _count(ds, "attested_nodes") == 2
+
+
 def test_concurrent_deletes_of_one_entry_delete_it_once(ds: Datastore) -> None:
     """Two servers' controllers (or operators) deleting one entry at once: one wins,
     the others are told it is gone, and one deletion event is written."""

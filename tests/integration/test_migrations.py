@@ -18,6 +18,7 @@ from ca.datastore.models import Base
 TABLES = {
     "registration_entries", "entry_selectors", "entry_dns_names", "entry_federates_with",
     "attested_nodes", "node_selectors", "join_tokens", "bundles", "ca_keys", "change_events",
+    "datastore_info",
 }
 
 

@@ -59,9 +59,11 @@ class FakeFeed:
     def last_event_id(self) -> int:
         return max((i for i, _ in self.events if i not in self.hidden), default=0)
 
-    def events_after(self, after: int, also: Collection[int] = ()) -> list[tuple[int, str]]:
-        return [(i, e) for i, e in self.events
-                if (i > after or i in also) and i not in self.hidden]
+    def events_after(self, after: int, also: Collection[int] = (), *,
+                     limit: int) -> list[tuple[int, str]]:
+        newer = [(i, e) for i, e in self.events if i > after and i not in self.hidden]
+        return sorted(newer[:limit] + [(i, e) for i, e in self.events
+                                       if i in also and i <= after and i not in self.hidden])
 
     def all_entries(self) -> list[EntryRecord]:
         return list(self.entries.values())
