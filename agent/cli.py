@@ -153,9 +153,27 @@ def _resolve_socket(value: str | None) -> str:
     """--socket-path, else $SPIFFE_ENDPOINT_SOCKET, else the default; URI forms allowed."""
     raw = value or os.environ.get(ENV_VAR) or DEFAULT_SOCKET_PATH
     try:
-        return parse_endpoint_address(raw)
+        path = parse_endpoint_address(raw)
     except EndpointAddressError as exc:
         _usage_error(str(exc))
+    check_client_socket(path)
+    return path
+
+
+def check_client_socket(path: str) -> None:
+    """Refuse a socket whose directory another user controls: they could serve a
+    fake Workload API there and collect what we send (a JWT-SVID to validate) or
+    feed us their bundles. A missing directory is left to the call to report."""
+    from attestation.socketdir import check_socket_directory
+
+    try:
+        check_socket_directory(Path(path), client=True)
+    except SigilError as exc:
+        _failure(str(exc))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        _failure(f"cannot check socket {path}: {exc.strerror}")
 
 
 def _socket_option(f: F) -> F:

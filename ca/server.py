@@ -17,6 +17,7 @@ import grpc
 import migrations
 from api.protos.sigil.admin.v1 import admin_pb2_grpc
 from api.protos.sigil.agent.v1 import agent_pb2_grpc
+from attestation.socketdir import check_socket_directory
 from ca.api.admin import AdminServicer
 from ca.api.agent import AgentServicer
 from ca.api.deps import ApiDeps
@@ -36,6 +37,7 @@ from ca.log import event
 from ca.metrics import StateCollector, build_registry, multiprocess_dir
 from ca.ratelimit import BucketTable, RateLimiter
 from identity.clock import Clock, SystemClock
+from identity.errors import SigilError
 
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 MAX_SEND_BYTES = 16 * 1024 * 1024
@@ -53,12 +55,21 @@ ROLE_WORKER = "worker"
 shares the agent API port (SO_REUSEPORT) and the datastore, and serves nothing else."""
 
 
-def _prepare_socket(path: Path) -> None:
+def _prepare_socket_dir(path: Path) -> None:
+    """Create the admin socket's directory 0700, refusing one another user controls."""
     parent = path.parent
-    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Only we may enter the directory: the socket's own mode is not enough on every
-    # platform, the directory's is (DESIGN flow 1).
-    os.chmod(parent, 0o700)
+    try:
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.stat(parent).st_uid == os.geteuid():
+            # Only we may enter the directory: the socket's own mode is not enough on
+            # every platform, the directory's is (DESIGN flow 1).
+            os.chmod(parent, 0o700)
+        check_socket_directory(path, client=False)
+    except SigilError as exc:
+        raise ConfigError(f"socket_path: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"socket_path {path}: cannot prepare its directory: "
+                          f"{exc.strerror}") from None
     if path.is_socket():
         path.unlink()
     elif path.exists():
@@ -148,7 +159,7 @@ class SigilServer:
             event("worker listening", agent_api=self.agent_address, pid=os.getpid())
             return
 
-        _prepare_socket(cfg.socket_path)
+        _prepare_socket_dir(cfg.socket_path)
         self._admin_server = grpc.server(
             ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin-api"),
             options=GRPC_OPTIONS,

@@ -38,6 +38,7 @@ from pathlib import Path
 from agent import log
 from agent.errors import AgentError
 from attestation.relay import ConnectionRelay
+from attestation.socketdir import check_socket_directory
 from attestation.workload import (
     DEFAULT_PROC_ROOT,
     WorkloadAttestationError,
@@ -50,6 +51,7 @@ from attestation.workload.pidfd import (
     peer_pidfd,
     pidfd_exited,
 )
+from identity.errors import SigilError
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -123,6 +125,7 @@ class PeerCredentialFront:
         check_socket_path(self._relay.connection_path(999_999_999))
         self._proc_root = proc_root
         self._server: asyncio.Server | None = None
+        self._socket_id: tuple[int, int] | None = None
 
     @property
     def private_dir(self) -> Path:
@@ -143,10 +146,7 @@ class PeerCredentialFront:
     async def start(self) -> None:
         """Listen on the public socket. The internal server must already be up."""
         self.prepare_private_dir()
-        parent = self.public_socket.parent
-        if not parent.exists():
-            parent.mkdir(mode=0o755, parents=True)
-            os.chmod(parent, 0o755)  # noqa: S103 (workloads of any user must reach the socket)
+        prepare_socket_dir(self.public_socket)
         _remove_stale_socket(self.public_socket)
         self._server = await asyncio.start_unix_server(
             self._handle,
@@ -155,6 +155,8 @@ class PeerCredentialFront:
             # the kernel caps it at net.core.somaxconn anyway.
             backlog=min(self.max_connections, 4096),
         )
+        # Remembered so that close() removes this socket and never another agent's.
+        self._socket_id = _socket_id(self.public_socket)
         # Any local process may connect: the kernel tells us who it is.
         os.chmod(self.public_socket, 0o777)  # noqa: S103 (identity comes from the kernel)
 
@@ -167,8 +169,10 @@ class PeerCredentialFront:
             await self._relay.cancel_all()
             await self._server.wait_closed()
             self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.public_socket.unlink()
+        if self._socket_id is not None and _socket_id(self.public_socket) == self._socket_id:
+            with contextlib.suppress(FileNotFoundError):
+                self.public_socket.unlink()
+        self._socket_id = None
         self._relay.remove_private_dir()
 
     async def __aenter__(self) -> PeerCredentialFront:
@@ -272,6 +276,34 @@ class PeerCredentialFront:
             await self._relay.relay(reader, writer, creds)
         finally:
             close_pidfd(pidfd)
+
+
+def prepare_socket_dir(path: Path) -> None:
+    """Create the public socket's directory 0755 if missing; refuse one that another
+    user controls (:mod:`attestation.socketdir`: they could swap in their own socket).
+
+    Raises:
+        AgentError: the directory is unsafe or cannot be created.
+    """
+    parent = path.parent
+    try:
+        if not parent.exists():
+            parent.mkdir(mode=0o755, parents=True)
+            os.chmod(parent, 0o755)  # noqa: S103 (workloads of any user must reach the socket)
+        check_socket_directory(path, client=False)
+    except SigilError as exc:
+        raise AgentError(f"socket_path: {exc}") from None
+    except OSError as exc:
+        raise AgentError(f"socket_path {str(path)!r}: cannot prepare its directory: "
+                         f"{exc.strerror}") from None
+
+
+def _socket_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _remove_stale_socket(path: Path) -> None:
