@@ -185,9 +185,9 @@ def test_server_refuses_a_socket_directory_another_user_made(shared_tmp: Path,
          "--socket-path", str(shared_tmp / "sigil-server" / "private" / "admin.sock")],
         capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
-    line = proc.stderr.splitlines()[-1]
-    assert line.startswith("Error: "), proc.stderr
+    line = _one_error_line(proc.stderr)
     assert f"{shared_tmp}/sigil-server is owned by nobody (uid 65534)" in line, line
+    assert not (data_dir / "datastore.sqlite3").exists()
 
 
 def test_admin_client_refuses_a_socket_another_user_serves(shared_tmp: Path) -> None:

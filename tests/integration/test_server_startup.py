@@ -1,0 +1,139 @@
+"""Start-up refuses what it cannot do before it changes anything, and a server or
+agent never takes over, or removes, a socket another one serves on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.errors import AgentError
+from agent.workload_api.front import PeerCredentialFront
+from tests.integration.conftest import RunningServer, server_command
+
+
+def _run(data_dir: Path, socket_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*server_command(), "run", "--trust-domain", "it.sigil.test",
+         "--data-dir", str(data_dir), "--bind-address", "127.0.0.1:0",
+         "--socket-path", str(socket_path), *extra],
+        capture_output=True, text=True, timeout=60)
+
+
+def _only_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def _nothing_created(data_dir: Path) -> None:
+    created = sorted(p.name for p in data_dir.iterdir()) if data_dir.exists() else []
+    assert created == [], f"start-up created {created} in {data_dir}"
+
+
+def test_busy_health_port_fails_before_anything_is_created(server_root: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        data_dir = server_root / "data"
+        proc = _run(data_dir, server_root / "admin" / "admin.sock",
+                    "--health-address", f"127.0.0.1:{port}")
+    assert proc.returncode == 2, proc.stderr
+    assert _only_line(proc.stderr) == (
+        f"Error: address 127.0.0.1:{port} is in use: choose another with --health-address")
+    _nothing_created(data_dir)
+    assert not (server_root / "admin" / "admin.sock").exists()
+
+
+def test_busy_agent_api_port_names_its_flag(server_root: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        data_dir = server_root / "data"
+        proc = _run(data_dir, server_root / "admin" / "admin.sock",
+                    "--health-address", "127.0.0.1:0", "--bind-address", f"127.0.0.1:{port}")
+    assert proc.returncode == 2, proc.stderr
+    assert _only_line(proc.stderr) == (
+        f"Error: address 127.0.0.1:{port} is in use: choose another with --bind-address")
+    _nothing_created(data_dir)
+
+
+def test_second_server_refuses_a_live_admin_socket(sigil_server: RunningServer,
+                                                   server_root: Path) -> None:
+    second_data = server_root / "data2"
+    proc = _run(second_data, sigil_server.socket_path, "--health-address", "127.0.0.1:0")
+    assert proc.returncode == 2, proc.stderr
+    assert _only_line(proc.stderr) == (
+        f"Error: another server is serving on socket_path {sigil_server.socket_path}")
+    _nothing_created(second_data)
+    # The first one still answers on its socket.
+    health = sigil_server.cli("healthcheck")
+    assert health.returncode == 0, health.stderr
+
+
+def test_server_removes_only_the_socket_it_bound(server_root: Path) -> None:
+    sock = server_root / "admin" / "admin.sock"
+    first = RunningServer(trust_domain="it.sigil.test", data_dir=server_root / "d1",
+                          socket_path=sock)
+    second = RunningServer(trust_domain="it.sigil.test", data_dir=server_root / "d2",
+                           socket_path=sock)
+    first.start()
+    try:
+        # Someone removes the first server's socket; a second server may then start.
+        sock.unlink()
+        second.start()
+        assert first.stop() == 0, first.log
+        # The first server's exit left the second server's socket alone.
+        health = second.cli("healthcheck")
+        assert health.returncode == 0, f"{health.stderr}\n{second.log}"
+    finally:
+        if first.proc is not None and first.proc.poll() is None:
+            first.stop()
+        if second.proc is not None:
+            assert second.stop() == 0, second.log
+    assert not sock.exists()
+    assert "server stopped" in second.log
+
+
+def test_stale_admin_socket_is_replaced(server_root: Path) -> None:
+    sock = server_root / "admin" / "admin.sock"
+    srv = RunningServer(trust_domain="it.sigil.test", data_dir=server_root / "d1",
+                        socket_path=sock)
+    srv.start()
+    assert srv.proc is not None
+    srv.proc.send_signal(signal.SIGKILL)
+    srv.proc.wait()
+    assert sock.is_socket()  # left behind
+    srv.start()
+    assert srv.stop() == 0, srv.log
+
+
+def test_second_agent_front_leaves_the_first_ones_socket(server_root: Path) -> None:
+    path = server_root / "public" / "api.sock"
+
+    async def scenario() -> None:
+        first = PeerCredentialFront(path)
+        await first.start()
+        try:
+            second = PeerCredentialFront(path)
+            with pytest.raises(AgentError, match="another process is serving"):
+                await second.start()
+            await second.close()
+            assert path.is_socket(), "the refused agent removed the first agent's socket"
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            finally:
+                probe.close()
+        finally:
+            await first.close()
+        assert not os.path.exists(path)
+
+    asyncio.run(scenario())
