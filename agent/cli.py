@@ -520,6 +520,8 @@ def helper(config_path: Path | None, socket_path: str | None, directory: str | N
             config = build_config({k: v for k, v in flags.items() if v is not None})
     except ConfigError as exc:
         _usage_error(str(exc))
+    # A fake agent could hand the program its own bundle to trust.
+    check_client_socket(str(config.socket_path))
     log.configure(level="info", fmt="text")
     runner: Helper
 

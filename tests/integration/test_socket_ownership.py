@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -94,7 +95,9 @@ class FakeServer:
                 os.chmod(path, 0o777)
                 s.listen(8)
                 os.write(ready_w, b"r")
-                os.read(self._done_r, 1)  # until the test is done with the client
+                # Until the test is done with the client (bounded: a failed test
+                # must not leave this process behind).
+                select.select([self._done_r], [], [], 120)
                 s.setblocking(False)
                 try:
                     s.accept()
@@ -226,6 +229,18 @@ def test_agent_cli_refuses_a_socket_another_user_serves(shared_tmp: Path) -> Non
          "--audience", "spiffe://example.org/db", "--svid", "eyJhbGciOiJFUzI1NiJ9.e30.sig"],
         capture_output=True, text=True, timeout=60)
     assert not fake.connected(), "the client sent the JWT-SVID to the fake agent"
+    assert proc.returncode == 1
+    line = _one_error_line(proc.stderr)
+    assert f"{shared_tmp}/sigil-agent is owned by nobody (uid 65534)" in line, line
+
+
+def test_helper_refuses_a_socket_another_user_serves(shared_tmp: Path, tmp_path: Path) -> None:
+    fake = FakeServer(shared_tmp / "sigil-agent" / "public" / "api.sock")
+    proc = subprocess.run(
+        [*agent_command(), "helper", "--socket-path", str(fake.path),
+         "--dir", str(tmp_path / "svid"), "--count", "1"],
+        capture_output=True, text=True, timeout=60)
+    assert not fake.connected(), "the helper asked the fake agent for SVIDs and bundles"
     assert proc.returncode == 1
     line = _one_error_line(proc.stderr)
     assert f"{shared_tmp}/sigil-agent is owned by nobody (uid 65534)" in line, line
