@@ -128,6 +128,13 @@ def run(config_path: Path | None, trust_domain: str | None, server_address: str 
     except ConfigError as exc:
         _usage_error(str(exc))
     log.configure(level=config.log_level, fmt=config.log_format)
+    from agent.workload_api.front import claim_socket_path
+
+    try:
+        # Before attesting: a socket path we cannot serve on must not cost a join token.
+        claim_socket_path(config.socket_path)
+    except AgentError as exc:
+        _failure(str(exc))
     from agent.agent import Agent
 
     async def runner() -> None:

@@ -146,8 +146,7 @@ class PeerCredentialFront:
     async def start(self) -> None:
         """Listen on the public socket. The internal server must already be up."""
         self.prepare_private_dir()
-        prepare_socket_dir(self.public_socket)
-        _remove_stale_socket(self.public_socket)
+        claim_socket_path(self.public_socket)
         self._server = await asyncio.start_unix_server(
             self._handle,
             path=str(self.public_socket),
@@ -296,6 +295,18 @@ def prepare_socket_dir(path: Path) -> None:
     except OSError as exc:
         raise AgentError(f"socket_path {str(path)!r}: cannot prepare its directory: "
                          f"{exc.strerror}") from None
+
+
+def claim_socket_path(path: Path) -> None:
+    """Make ``path`` ready to bind: a safe directory, and no socket anyone serves on
+    (a stale one is removed). ``sigil-agent run`` calls it before attesting too, so
+    a bad socket path fails before a join token is spent.
+
+    Raises:
+        AgentError: the directory is unsafe, or another process serves on ``path``.
+    """
+    prepare_socket_dir(path)
+    _remove_stale_socket(path)
 
 
 def _socket_id(path: Path) -> tuple[int, int] | None:

@@ -222,6 +222,21 @@ def test_agent_front_refuses_a_socket_directory_another_user_made(shared_tmp: Pa
     assert not (shared_tmp / "sigil-agent" / "public" / "api.sock").exists()
 
 
+def test_agent_run_refuses_before_attesting(shared_tmp: Path, tmp_path: Path) -> None:
+    as_nobody_mkdir(shared_tmp / "sigil-agent" / "public")
+    data_dir = tmp_path / "agent-data"
+    proc = subprocess.run(
+        [*agent_command(), "run", "--trust-domain", "example.org",
+         "--server-address", "127.0.0.1:1", "--join-token", "not-spent",
+         "--insecure-bootstrap", "--data-dir", str(data_dir),
+         "--socket-path", str(shared_tmp / "sigil-agent" / "public" / "api.sock")],
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1, proc.stderr
+    line = _one_error_line(proc.stderr)
+    assert f"{shared_tmp}/sigil-agent is owned by nobody (uid 65534)" in line, line
+    assert not data_dir.exists()
+
+
 def test_agent_cli_refuses_a_socket_another_user_serves(shared_tmp: Path) -> None:
     fake = FakeServer(shared_tmp / "sigil-agent" / "public" / "api.sock")
     proc = subprocess.run(
