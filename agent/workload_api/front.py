@@ -147,17 +147,16 @@ class PeerCredentialFront:
         """Listen on the public socket. The internal server must already be up."""
         self.prepare_private_dir()
         claim_socket_path(self.public_socket)
+        listener = bind_public_socket(self.public_socket)
+        # Remembered so that close() removes this socket and never another agent's.
+        self._socket_id = _socket_id(self.public_socket)
         self._server = await asyncio.start_unix_server(
             self._handle,
-            path=str(self.public_socket),
+            sock=listener,
             # asyncio's default of 100 makes a burst of clients wait in connect();
             # the kernel caps it at net.core.somaxconn anyway.
             backlog=min(self.max_connections, 4096),
         )
-        # Remembered so that close() removes this socket and never another agent's.
-        self._socket_id = _socket_id(self.public_socket)
-        # Any local process may connect: the kernel tells us who it is.
-        os.chmod(self.public_socket, 0o777)  # noqa: S103 (identity comes from the kernel)
 
     async def close(self) -> None:
         """Stop accepting, end every relay, remove the sockets."""
@@ -307,6 +306,37 @@ def claim_socket_path(path: Path) -> None:
     """
     prepare_socket_dir(path)
     _remove_stale_socket(path)
+
+
+def bind_public_socket(path: Path) -> socket.socket:
+    """A Unix socket bound to ``path`` (mode 0777), which must not exist.
+
+    asyncio, given a path, unlinks any socket already there, so an agent starting
+    just after another one's probe would take its path. Here the socket is bound
+    to a private name and gets ``path`` by link(2), which fails if ``path`` exists.
+
+    Raises:
+        AgentError: ``path`` exists (another agent got there first) or cannot be made.
+    """
+    bound = path.with_name(f".{path.name}.{os.getpid()}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(bound)
+        sock.bind(str(bound))
+        # Any local process may connect: the kernel tells us who it is.
+        os.chmod(bound, 0o777)  # noqa: S103 (identity comes from the kernel)
+        os.link(bound, path)
+    except FileExistsError:
+        sock.close()
+        raise AgentError(f"another process is serving on {str(path)!r}") from None
+    except OSError as exc:
+        sock.close()
+        raise AgentError(f"cannot listen on {str(path)!r}: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(bound)
+    return sock
 
 
 def _socket_id(path: Path) -> tuple[int, int] | None:

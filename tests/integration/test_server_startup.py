@@ -137,3 +137,31 @@ def test_second_agent_front_leaves_the_first_ones_socket(server_root: Path) -> N
         assert not os.path.exists(path)
 
     asyncio.run(scenario())
+
+
+def test_agent_front_never_takes_over_a_socket_bound_after_its_probe(
+        server_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another agent binds the path between this one's probe and its bind."""
+    from agent.workload_api import front as front_module
+
+    path = server_root / "public" / "api.sock"
+    path.parent.mkdir(mode=0o755)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(path))
+    other.listen(1)
+    other_id = (path.stat().st_dev, path.stat().st_ino)
+    monkeypatch.setattr(front_module, "claim_socket_path", lambda _path: None)
+
+    async def scenario() -> None:
+        late = PeerCredentialFront(path)
+        try:
+            with pytest.raises(AgentError, match="another process is serving"):
+                await late.start()
+        finally:
+            await late.close()
+
+    try:
+        asyncio.run(scenario())
+        assert (path.stat().st_dev, path.stat().st_ino) == other_id
+    finally:
+        other.close()
