@@ -65,6 +65,24 @@ def test_busy_agent_api_port_names_its_flag(server_root: Path) -> None:
     _nothing_created(data_dir)
 
 
+def test_busy_bundle_endpoint_port_names_its_config_key(server_root: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        config = server_root / "server.toml"
+        config.write_text('[federation.bundle_endpoint]\nprofile = "https_spiffe"\n'
+                          f'address = "127.0.0.1:{port}"\n')
+        data_dir = server_root / "data"
+        proc = _run(data_dir, server_root / "admin" / "admin.sock",
+                    "--health-address", "127.0.0.1:0", "--config", str(config))
+    assert proc.returncode == 2, proc.stderr
+    assert _only_line(proc.stderr) == (
+        f"Error: address 127.0.0.1:{port} is in use: choose another with "
+        "federation.bundle_endpoint.address in the config file")
+    _nothing_created(data_dir)
+
+
 def test_second_server_refuses_a_live_admin_socket(sigil_server: RunningServer,
                                                    server_root: Path) -> None:
     second_data = server_root / "data2"
