@@ -141,6 +141,21 @@ def test_rule_refuses_other_owner_and_accepts_own(shared_tmp: Path) -> None:
         check_socket_directory(mine / "admin.sock", client=True)
 
 
+def test_rule_allows_group_write_only_for_our_own_group(shared_tmp: Path) -> None:
+    parent = shared_tmp / "shared"
+    (parent / "private").mkdir(parents=True, mode=0o700)
+    os.chmod(parent, 0o770)
+    os.chown(parent, 0, NOBODY)  # group nogroup may write: its members could swap "private"
+    with pytest.raises(UnsafeSocketDirectoryError, match=f"writable by group {NOBODY}"):
+        check_socket_directory(parent / "private" / "admin.sock", client=True)
+    os.chown(parent, 0, os.getegid())  # our own group: as trusted as we are
+    check_socket_directory(parent / "private" / "admin.sock", client=True)
+    os.chmod(parent, 0o755)
+    os.chmod(parent / "private", 0o1777)  # the socket's own directory: sticky is not enough
+    with pytest.raises(UnsafeSocketDirectoryError, match="private: it is writable by others"):
+        check_socket_directory(parent / "private" / "admin.sock", client=True)
+
+
 def test_rule_follows_links_and_checks_their_owner(shared_tmp: Path) -> None:
     real = shared_tmp / "real"
     real.mkdir(mode=0o700)
