@@ -73,7 +73,7 @@ def _prepare_socket_dir(path: Path) -> None:
         raise ConfigError(f"socket_path: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"socket_path {path}: cannot prepare its directory: "
-                          f"{exc.strerror}") from None
+                          f"{exc.strerror}: choose another with --socket-path") from None
 
 
 def _remove_stale_socket(path: Path) -> None:
