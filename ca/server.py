@@ -1,9 +1,11 @@
 """Server assembly: config -> datastore, CA, gRPC servers; start and stop.
 
-Start-up follows DESIGN flow 1: migrate the datastore, load or create the CA,
-publish the bundle, then serve the agent API (TLS on TCP, terminated by
-:class:`ca.api.tls_front.TlsFront` because grpcio cannot make a client certificate
-optional) and the admin API (a Unix socket, in a directory only we can enter).
+Start-up follows DESIGN flow 1, after taking every address it will serve (so a
+busy port or an unsafe admin socket fails before anything is created): migrate
+the datastore, load or create the CA, publish the bundle, then serve the agent
+API (TLS on TCP, terminated by :class:`ca.api.tls_front.TlsFront` because grpcio
+cannot make a client certificate optional) and the admin API (a Unix socket, in
+a directory only we can enter).
 """
 
 from __future__ import annotations
@@ -189,7 +191,12 @@ class SigilServer:
         cfg = self.config
         if self._role != ROLE_WORKER:
             self._reserve_listeners()
-            self._bind_admin_socket()
+            try:
+                self._bind_admin_socket()
+            except BaseException:
+                self._release_all()
+                self._remove_admin_socket()
+                raise
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(cfg.data_dir, 0o700)
         if self._role != ROLE_WORKER:  # the main process migrated before starting workers

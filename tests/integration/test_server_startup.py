@@ -183,3 +183,33 @@ def test_agent_front_never_takes_over_a_socket_bound_after_its_probe(
         assert (path.stat().st_dev, path.stat().st_ino) == other_id
     finally:
         other.close()
+
+
+def test_refused_admin_socket_releases_the_addresses_taken(server_root: Path) -> None:
+    """In-process: a start that fails at the admin socket frees the ports it took."""
+    from ca.config import load_config
+    from ca.errors import ConfigError
+    from ca.server import SigilServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sock = server_root / "admin" / "admin.sock"
+    sock.parent.mkdir(mode=0o700)
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(sock))
+    live.listen(1)
+    config = load_config(None, env={}, overrides={
+        "trust_domain": "it.sigil.test", "data_dir": str(server_root / "data"),
+        "bind_address": f"127.0.0.1:{port}", "health_address": "",
+        "socket_path": str(sock)})
+    server = SigilServer(config)
+    try:
+        with pytest.raises(ConfigError, match="another server is serving"):
+            server.start()
+        with socket.socket() as again:  # the agent API port is free again
+            again.bind(("127.0.0.1", port))
+        assert sock.is_socket()  # and the live socket is untouched
+    finally:
+        server.stop(0)
+        live.close()
