@@ -136,6 +136,13 @@ def run(config_path: Path | None, trust_domain: str | None, server_address: str 
     except ConfigError as exc:
         _usage_error(str(exc))
     log.configure(level=config.log_level, fmt=config.log_format)
+    from agent.workload_api.front import claim_socket_path
+
+    try:
+        # Before attesting: a socket path we cannot serve on must not cost a join token.
+        claim_socket_path(config.socket_path)
+    except AgentError as exc:
+        _failure(str(exc))
     from agent.agent import Agent
 
     async def runner() -> None:
@@ -164,9 +171,27 @@ def _resolve_socket(value: str | None) -> str:
     """--socket-path, else $SPIFFE_ENDPOINT_SOCKET, else the default; URI forms allowed."""
     raw = value or os.environ.get(ENV_VAR) or DEFAULT_SOCKET_PATH
     try:
-        return parse_endpoint_address(raw)
+        path = parse_endpoint_address(raw)
     except EndpointAddressError as exc:
         _usage_error(str(exc))
+    check_client_socket(path)
+    return path
+
+
+def check_client_socket(path: str) -> None:
+    """Refuse a socket whose directory another user controls: they could serve a
+    fake Workload API there and collect what we send (a JWT-SVID to validate) or
+    feed us their bundles. A missing directory is left to the call to report."""
+    from attestation.socketdir import check_socket_directory
+
+    try:
+        check_socket_directory(Path(path), client=True)
+    except SigilError as exc:
+        _failure(str(exc))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        _failure(f"cannot check socket {path}: {exc.strerror}")
 
 
 def _socket_option(f: F) -> F:
@@ -574,6 +599,8 @@ def helper(config_path: Path | None, socket_path: str | None, directory: str | N
             config = build_config({k: v for k, v in flags.items() if v is not None})
     except ConfigError as exc:
         _usage_error(str(exc))
+    # A fake agent could hand the program its own bundle to trust.
+    check_client_socket(str(config.socket_path))
     log.configure(level="info", fmt="text")
     runner: Helper
 

@@ -36,7 +36,7 @@ from identity.logfmt import LOG_FORMATS, LOG_LEVELS
 from identity.spiffeid import TrustDomain
 
 DEFAULT_DATA_DIR = "./.sigil-agent"
-DEFAULT_SOCKET_PATH = "/tmp/sigil-agent/public/api.sock"  # noqa: S108 (documented default)
+DEFAULT_SOCKET_PATH = "/run/sigil-agent/public/api.sock"
 DEFAULT_SYNC_INTERVAL = "5s"
 DEFAULT_SYNC_BACKOFF_MAX = "3m"
 DEFAULT_SVID_CACHE_SIZE = 1000

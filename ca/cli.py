@@ -70,6 +70,16 @@ def _call(socket_path: str, fn: Callable[[admin_pb2_grpc.AdminStub], T]) -> T:
     if not Path(socket_path).exists():
         _fail(f"cannot reach the server: admin socket {socket_path} does not exist "
               "(is the server running? pass --socket-path)")
+    # Whoever controls the socket's directory could serve a fake admin API there
+    # (and read what we send, or hand us their join token): refuse to talk.
+    from attestation.socketdir import check_socket_directory
+
+    try:
+        check_socket_directory(Path(socket_path), client=True)
+    except SigilError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot check admin socket {socket_path}: {exc.strerror}")
     with _admin(socket_path) as stub:
         try:
             return fn(stub)
@@ -190,7 +200,7 @@ def run(config_file: str | None, **flags: str | None) -> None:
     \b
     Example:
       sigil-server run --trust-domain example.org --data-dir ./data \\
-          --bind-address 127.0.0.1:8081 --socket-path /tmp/sigil/admin.sock
+          --bind-address 127.0.0.1:8081 --socket-path /run/sigil-server/private/admin.sock
     """
     from ca.config import load_config
 
@@ -923,7 +933,7 @@ def healthcheck(socket_path: str, output: str) -> None:
 
     \b
     Example:
-      sigil-server healthcheck --socket-path /tmp/sigil-server/private/admin.sock
+      sigil-server healthcheck --socket-path /run/sigil-server/private/admin.sock
     """
     resp = _call(socket_path, lambda s: s.Health(admin_pb2.HealthRequest(), timeout=10))
     if not resp.serving:

@@ -7,5 +7,5 @@ modules out of every CLI call.
 
 DEFAULT_DATA_DIR = "./.sigil-server"
 DEFAULT_BIND_ADDRESS = "0.0.0.0:8081"
-DEFAULT_SOCKET_PATH = "/tmp/sigil-server/private/admin.sock"  # noqa: S108 - documented default
+DEFAULT_SOCKET_PATH = "/run/sigil-server/private/admin.sock"
 DATABASE_FILE = "datastore.sqlite3"

@@ -1,14 +1,20 @@
 """Server assembly: config -> datastore, CA, gRPC servers; start and stop.
 
-Start-up follows DESIGN flow 1: migrate the datastore, load or create the CA,
-publish the bundle, then serve the agent API (TLS on TCP, terminated by
-:class:`ca.api.tls_front.TlsFront` because grpcio cannot make a client certificate
-optional) and the admin API (a Unix socket, in a directory only we can enter).
+Start-up follows DESIGN flow 1, after taking every address it will serve (so a
+busy port or an unsafe admin socket fails before anything is created): migrate
+the datastore, load or create the CA, publish the bundle, then serve the agent
+API (TLS on TCP, terminated by :class:`ca.api.tls_front.TlsFront` because grpcio
+cannot make a client certificate optional) and the admin API (a Unix socket, in
+a directory only we can enter).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import socket
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +23,7 @@ import grpc
 import migrations
 from api.protos.sigil.admin.v1 import admin_pb2_grpc
 from api.protos.sigil.agent.v1 import agent_pb2_grpc
+from attestation.socketdir import check_socket_directory
 from ca.api.admin import AdminServicer
 from ca.api.agent import AgentServicer
 from ca.api.deps import ApiDeps
@@ -36,6 +43,7 @@ from ca.log import event
 from ca.metrics import StateCollector, build_registry, multiprocess_dir
 from ca.ratelimit import BucketTable, RateLimiter
 from identity.clock import Clock, SystemClock
+from identity.errors import SigilError
 
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 MAX_SEND_BYTES = 16 * 1024 * 1024
@@ -53,16 +61,88 @@ ROLE_WORKER = "worker"
 shares the agent API port (SO_REUSEPORT) and the datastore, and serves nothing else."""
 
 
-def _prepare_socket(path: Path) -> None:
+def _prepare_socket_dir(path: Path) -> None:
+    """Create the admin socket's directory 0700, refusing one another user controls."""
     parent = path.parent
-    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Only we may enter the directory: the socket's own mode is not enough on every
-    # platform, the directory's is (DESIGN flow 1).
-    os.chmod(parent, 0o700)
-    if path.is_socket():
-        path.unlink()
-    elif path.exists():
+    try:
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.stat(parent).st_uid == os.geteuid():
+            # Only we may enter the directory: the socket's own mode is not enough on
+            # every platform, the directory's is (DESIGN flow 1).
+            os.chmod(parent, 0o700)
+        check_socket_directory(path, client=False)
+    except SigilError as exc:
+        raise ConfigError(f"socket_path: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"socket_path {path}: cannot prepare its directory: "
+                          f"{exc.strerror}: choose another with --socket-path") from None
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket nobody serves on; refuse a live one, or anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"socket_path {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # stale: left by a server that did not stop cleanly
+        except OSError as exc:
+            raise ConfigError(f"socket_path {path}: cannot probe it: {exc.strerror}") from None
+        else:
+            raise ConfigError(f"another server is serving on socket_path {path}")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _socket_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+_LISTENER_FLAGS = {
+    "bind_address": "--bind-address",
+    "health_address": "--health-address",
+    "federation.bundle_endpoint.address": "federation.bundle_endpoint.address in the config file",
+    "oidc_discovery.address": "oidc_discovery.address in the config file",
+}
+
+
+def _reserve(key: str, address: str) -> socket.socket | None:
+    """Bind ``address`` now, so a busy port fails start-up before anything is created.
+
+    The component that serves there binds it again right after this socket is
+    closed (both set SO_REUSEADDR). Port 0 cannot be busy: nothing is reserved.
+    """
+    host, port = parse_host_port(address, key=key)
+    if port == 0:
+        return None
+    flag = _LISTENER_FLAGS[key]
+    try:
+        family, kind, proto, _name, sockaddr = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}: "
+                          f"choose another with {flag}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(1)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"address {address} is in use: choose another with {flag}") from None
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}: "
+                          f"choose another with {flag}") from None
+    return sock
 
 
 class SigilServer:
@@ -101,10 +181,25 @@ class SigilServer:
         self.health_address = ""
         self.bundle_endpoint_address = ""
         self.oidc_discovery_address = ""
+        self._reserved: dict[str, socket.socket] = {}
+        self._admin_socket_id: tuple[int, int] | None = None
+        self._started = False
 
     def start(self) -> None:
-        """Migrate, load the CA and start both gRPC servers."""
+        """Bind every listener, then migrate, load the CA and start serving.
+
+        Listeners come first: a busy port or a socket directory another user
+        controls stops start-up before a database or a CA key is created.
+        """
         cfg = self.config
+        if self._role != ROLE_WORKER:
+            self._reserve_listeners()
+            try:
+                self._bind_admin_socket()
+            except BaseException:
+                self._release_all()
+                self._remove_admin_socket()
+                raise
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(cfg.data_dir, 0o700)
         if self._role != ROLE_WORKER:  # the main process migrated before starting workers
@@ -148,17 +243,12 @@ class SigilServer:
         if self._role == ROLE_WORKER:
             self._agent_server.start()
             self._start_front()
+            self._started = True
             event("worker listening", agent_api=self.agent_address, pid=os.getpid())
             return
 
-        _prepare_socket(cfg.socket_path)
-        self._admin_server = grpc.server(
-            ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin-api"),
-            options=GRPC_OPTIONS,
-        )
+        assert self._admin_server is not None
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(deps), self._admin_server)  # type: ignore[no-untyped-call]
-        if self._admin_server.add_insecure_port(f"unix:{cfg.socket_path}") == 0:
-            raise ConfigError(f"cannot listen on socket_path {cfg.socket_path}")
 
         # ca/kubernetes/service.py: registration controller, bundle ConfigMaps.
         self._kubernetes = KubernetesServices(cfg, self.datastore, self.clock)
@@ -166,21 +256,83 @@ class SigilServer:
         self._agent_server.start()
         self._admin_server.start()
         self._start_front()
-        # Group may connect (operators in the server's group); the 0700 directory
-        # is what keeps everyone else out.
-        os.chmod(cfg.socket_path, 0o770)  # noqa: S103
         self._kubernetes.start()
         if self._federation is not None:
+            self._release("federation.bundle_endpoint.address")
+            self._release("oidc_discovery.address")
             self._federation.start()
             self.bundle_endpoint_address = self._federation.bundle_endpoint_address
             self.oidc_discovery_address = self._federation.oidc_discovery_address
+        self._started = True
         event("server listening", agent_api=self.agent_address, admin_socket=cfg.socket_path,
               trust_domain=cfg.trust_domain)
+
+    def _reserve_listeners(self) -> None:
+        """Bind each TCP address the main process serves (see :func:`_reserve`)."""
+        cfg = self.config
+        wanted = {"bind_address": cfg.bind_address, "health_address": cfg.ops.health_address}
+        if cfg.federation.bundle_endpoint is not None:
+            wanted["federation.bundle_endpoint.address"] = cfg.federation.bundle_endpoint.address
+        if cfg.federation.oidc_discovery is not None:
+            wanted["oidc_discovery.address"] = cfg.federation.oidc_discovery.address
+        try:
+            for key, address in wanted.items():
+                sock = _reserve(key, address) if address else None
+                if sock is not None:
+                    self._reserved[key] = sock
+        except ConfigError:
+            self._release_all()
+            raise
+
+    def _release(self, key: str) -> None:
+        sock = self._reserved.pop(key, None)
+        if sock is not None:
+            sock.close()
+
+    def _release_all(self) -> None:
+        for key in list(self._reserved):
+            self._release(key)
+
+    def _bind_admin_socket(self) -> None:
+        """Listen on socket_path, in a directory only we control, never over a live socket.
+
+        grpc unlinks the path it bound when it stops, whoever serves there by then.
+        So it binds a name of its own, and the socket gets its public name by
+        link(2), which fails if the name exists: of two servers starting at once,
+        one gets it. The private name goes at once; stop() removes the public
+        one only while it is still this socket.
+        """
+        path = self.config.socket_path
+        _prepare_socket_dir(path)
+        _remove_stale_socket(path)
+        bound = path.with_name(f".{path.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            bound.unlink()
+        self._admin_server = grpc.server(
+            ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin-api"),
+            options=GRPC_OPTIONS,
+        )
+        if self._admin_server.add_insecure_port(f"unix:{bound}") == 0:
+            raise ConfigError(f"cannot listen on socket_path {path}")
+        try:
+            # Group may connect (operators in the server's group); the 0700
+            # directory is what keeps everyone else out.
+            os.chmod(bound, 0o770)  # noqa: S103
+            os.link(bound, path)
+        except FileExistsError:
+            raise ConfigError(f"another server is serving on socket_path {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on socket_path {path}: {exc.strerror}") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                bound.unlink()
+        self._admin_socket_id = _socket_id(path)
 
     def _start_front(self) -> None:
         cfg = self.config
         assert self._front is not None
         host, _port = parse_host_port(cfg.bind_address)
+        self._release("bind_address")
         try:
             self._front.start()
         except OSError as exc:
@@ -200,6 +352,7 @@ class SigilServer:
             address, ready=self.readiness,
             registry=lambda: registry,
         )
+        self._release("health_address")
         self._health.start()
         self.health_address = self._health.bound_address
 
@@ -227,12 +380,19 @@ class SigilServer:
         if self.datastore is not None:
             self.datastore.close()
             self.datastore = None
-        if self._role != ROLE_WORKER:  # the admin socket is the main process's
-            try:
-                self.config.socket_path.unlink()
-            except FileNotFoundError:
-                pass
-        event("server stopped")
+        self._release_all()
+        self._remove_admin_socket()
+        if self._started:
+            self._started = False
+            event("server stopped")
+
+    def _remove_admin_socket(self) -> None:
+        """Unlink the admin socket if it is still the one we bound."""
+        path = self.config.socket_path
+        if self._admin_socket_id is not None and _socket_id(path) == self._admin_socket_id:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._admin_socket_id = None
 
     def __enter__(self) -> SigilServer:
         self.start()

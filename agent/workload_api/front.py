@@ -38,6 +38,7 @@ from pathlib import Path
 from agent import log
 from agent.errors import AgentError
 from attestation.relay import ConnectionRelay
+from attestation.socketdir import check_socket_directory
 from attestation.workload import (
     DEFAULT_PROC_ROOT,
     ProcessGoneError,
@@ -56,6 +57,7 @@ from attestation.workload.pidfd import (
     peer_pidfd,
     pidfd_exited,
 )
+from identity.errors import SigilError
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -190,6 +192,7 @@ class PeerCredentialFront:
         check_socket_path(self._relay.connection_path(999_999_999))
         self._proc_root = proc_root
         self._server: asyncio.Server | None = None
+        self._socket_id: tuple[int, int] | None = None
 
     @property
     def private_dir(self) -> Path:
@@ -210,20 +213,17 @@ class PeerCredentialFront:
     async def start(self) -> None:
         """Listen on the public socket. The internal server must already be up."""
         self.prepare_private_dir()
-        parent = self.public_socket.parent
-        if not parent.exists():
-            parent.mkdir(mode=0o755, parents=True)
-            os.chmod(parent, 0o755)  # noqa: S103 (workloads of any user must reach the socket)
-        _remove_stale_socket(self.public_socket)
+        claim_socket_path(self.public_socket)
+        listener = bind_public_socket(self.public_socket)
+        # Remembered so that close() removes this socket and never another agent's.
+        self._socket_id = _socket_id(self.public_socket)
         self._server = await asyncio.start_unix_server(
             self._handle,
-            path=str(self.public_socket),
+            sock=listener,
             # asyncio's default of 100 makes a burst of clients wait in connect();
             # the kernel caps it at net.core.somaxconn anyway.
             backlog=min(self.max_connections, 4096),
         )
-        # Any local process may connect: the kernel tells us who it is.
-        os.chmod(self.public_socket, 0o777)  # noqa: S103 (identity comes from the kernel)
 
     async def close(self) -> None:
         """Stop accepting, end every relay, remove the sockets."""
@@ -234,8 +234,10 @@ class PeerCredentialFront:
             await self._relay.cancel_all()
             await self._server.wait_closed()
             self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.public_socket.unlink()
+        if self._socket_id is not None and _socket_id(self.public_socket) == self._socket_id:
+            with contextlib.suppress(FileNotFoundError):
+                self.public_socket.unlink()
+        self._socket_id = None
         self._relay.remove_private_dir()
 
     async def __aenter__(self) -> PeerCredentialFront:
@@ -384,6 +386,77 @@ class PeerCredentialFront:
                 self._recorded -= 1
         finally:
             close_pidfd(pidfd)
+
+
+def prepare_socket_dir(path: Path) -> None:
+    """Create the public socket's directory 0755 if missing; refuse one that another
+    user controls (:mod:`attestation.socketdir`: they could swap in their own socket).
+
+    Raises:
+        AgentError: the directory is unsafe or cannot be created.
+    """
+    parent = path.parent
+    try:
+        if not parent.exists():
+            parent.mkdir(mode=0o755, parents=True)
+            os.chmod(parent, 0o755)  # noqa: S103 (workloads of any user must reach the socket)
+        check_socket_directory(path, client=False)
+    except SigilError as exc:
+        raise AgentError(f"socket_path: {exc}") from None
+    except OSError as exc:
+        raise AgentError(f"socket_path {str(path)!r}: cannot prepare its directory: "
+                         f"{exc.strerror}") from None
+
+
+def claim_socket_path(path: Path) -> None:
+    """Make ``path`` ready to bind: a safe directory, and no socket anyone serves on
+    (a stale one is removed). ``sigil-agent run`` calls it before attesting too, so
+    a bad socket path fails before a join token is spent.
+
+    Raises:
+        AgentError: the directory is unsafe, or another process serves on ``path``.
+    """
+    prepare_socket_dir(path)
+    _remove_stale_socket(path)
+
+
+def bind_public_socket(path: Path) -> socket.socket:
+    """A Unix socket bound to ``path`` (mode 0777), which must not exist.
+
+    asyncio, given a path, unlinks any socket already there, so an agent starting
+    just after another one's probe would take its path. Here the socket is bound
+    to a private name and gets ``path`` by link(2), which fails if ``path`` exists.
+
+    Raises:
+        AgentError: ``path`` exists (another agent got there first) or cannot be made.
+    """
+    bound = path.with_name(f".{path.name}.{os.getpid()}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(bound)
+        sock.bind(str(bound))
+        # Any local process may connect: the kernel tells us who it is.
+        os.chmod(bound, 0o777)  # noqa: S103 (identity comes from the kernel)
+        os.link(bound, path)
+    except FileExistsError:
+        sock.close()
+        raise AgentError(f"another process is serving on {str(path)!r}") from None
+    except OSError as exc:
+        sock.close()
+        raise AgentError(f"cannot listen on {str(path)!r}: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(bound)
+    return sock
+
+
+def _socket_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _remove_stale_socket(path: Path) -> None:

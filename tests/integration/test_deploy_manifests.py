@@ -133,6 +133,8 @@ def test_overlay_contents(target: str, tmp_path: Path) -> None:
     server_toml.write_text(_find(docs, "ConfigMap", "sigil-server")["data"]["server.toml"])
     server_cfg = load_server_config(server_toml)
     assert server_cfg.ops.health_address == "0.0.0.0:8080"
+    # `kubectl exec ... sigil-server entry show` finds the socket the server serves on.
+    assert env["SIGIL_SERVER_SOCKET"]["value"] == str(server_cfg.socket_path)
     assert [c.name for c, _ in server_cfg.kubernetes.psat_clusters] == ["demo"]
     agent_toml = tmp_path / "agent.toml"
     agent_toml.write_text(_find(docs, "ConfigMap", "sigil-agent")["data"]["agent.toml"])

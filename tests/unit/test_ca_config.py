@@ -53,7 +53,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.jwt_svid_ttl == dt.timedelta(minutes=5)
     assert cfg.join_token_ttl == dt.timedelta(minutes=10)
     assert cfg.database_url == f"sqlite:///{tmp_path / 'datastore.sqlite3'}"
-    assert str(cfg.socket_path) == "/tmp/sigil-server/private/admin.sock"
+    assert str(cfg.socket_path) == "/run/sigil-server/private/admin.sock"
 
 
 @pytest.mark.parametrize(
