@@ -27,16 +27,13 @@ from agent.errors import AgentError
 from agent.workload_api.front import PeerCredentialFront
 from attestation.socketdir import UnsafeSocketDirectoryError, check_socket_directory
 from tests.integration.conftest import server_command
+from tests.support.require import require_root
 
 NOBODY = 65534
 
 
 def _require_root() -> None:
-    if os.geteuid() == 0:
-        return
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail("CI must run this test as root: it switches to uid 65534 (nobody)")
-    pytest.skip("needs root to act as another user (uid 65534)")
+    require_root("to act as another user (uid 65534, nobody)")
 
 
 def agent_command() -> list[str]:
