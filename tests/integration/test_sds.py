@@ -9,8 +9,11 @@ sends no ``workload.spiffe.io`` header, as Envoy does not.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -24,6 +27,7 @@ from agent.config import SdsSettings
 from identity.spiffeid import TrustDomain
 from tests.integration.workload_api_harness import TD, Harness, TestCA, entry
 from tests.support import sds_client as sds
+from tests.support.require import require_root
 from tests.support.sds_client import SdsStream, secrets_of
 
 UID = f"unix:uid:{os.getuid()}"
@@ -316,6 +320,7 @@ def test_streams_are_cleaned_up_when_callers_go_away(harness: Harness) -> None:
     assert harness.call(lambda: harness.cache.in_use()) == frozenset()
 
 
+@pytest.mark.slow
 def test_a_thousand_streams_from_one_process(harness: Harness) -> None:
     harness.set_state([entry("e-web", WEB, UID)])
     with sds.channel(harness.socket_path) as ch:
@@ -374,3 +379,35 @@ def test_sds_off_is_unimplemented_and_the_workload_api_needs_its_header() -> Non
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         on.close()
+
+
+_NOBODY_CLIENT = r"""
+import json, sys
+import grpc
+from tests.support import sds_client as sds
+out = {}
+try:
+    with sds.SdsStream(sys.argv[1]) as stream:
+        stream.send([])
+        first = stream.recv()
+        out["all"] = sorted(sds.secrets_of(first))
+        stream.ack(first, sys.argv[2:])
+        out["asked"] = sorted(sds.secrets_of(stream.recv()))
+except AssertionError as exc:
+    out["error"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_a_process_of_another_uid_gets_only_its_own(harness: Harness) -> None:
+    require_root("to run an SDS client as another user")
+    nobody = 65534
+    harness.set_state([entry("e-web", WEB, UID), entry("e-api", API, f"unix:uid:{nobody}")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _NOBODY_CLIENT, str(harness.socket_path), WEB, API],
+        capture_output=True, text=True, timeout=120, user=nobody, group=nobody,
+        env={**os.environ, "PYTHONPATH": str(os.getcwd())}, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    # Its own SVID and the bundle; never this uid's SVID, even asked by name.
+    assert got == {"all": sorted([API, "spiffe://example.org"]), "asked": [API]}, got
