@@ -411,3 +411,44 @@ def test_a_process_of_another_uid_gets_only_its_own(harness: Harness) -> None:
     got = json.loads(proc.stdout)
     # Its own SVID and the bundle; never this uid's SVID, even asked by name.
     assert got == {"all": sorted([API, "spiffe://example.org"]), "asked": [API]}, got
+
+
+_HOLDER = r"""
+import sys, time
+from tests.support import sds_client as sds
+stream = sds.SdsStream(sys.argv[1])
+stream.send([sys.argv[2]])
+stream.recv()
+print("holding", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_caller_killed_mid_stream_is_cleaned_up(harness: Harness) -> None:
+    harness.set_state([entry("e-web", WEB, UID)])
+    sds_servicer = harness.server.sds
+    assert sds_servicer is not None
+    procs = [subprocess.Popen([sys.executable, "-c", _HOLDER, str(harness.socket_path), WEB],
+                              stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+             for _ in range(3)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "holding"
+        assert harness.call(lambda: sds_servicer.stream_count) == 3
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+                harness.call(lambda: sds_servicer.stream_count)
+                or harness.server.front.connection_count):
+            time.sleep(0.05)
+        assert harness.call(lambda: sds_servicer.stream_count) == 0
+        assert harness.server.front.connection_count == 0
+        assert harness.call(lambda: harness.cache.in_use()) == frozenset()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
