@@ -29,8 +29,9 @@ whose nonce is not the last one sent is stale and ignored; a new set of names,
 or a change of what the names resolve to, sends the new state at once.
 
 Where Sigil differs from SPIRE, on purpose: a name the caller is not entitled to
-(or that names nothing) is logged and left out, and the known ones are answered
-(SPIRE ends the stream with InvalidArgument); the request's ``type_url`` must be
+(or that names nothing) is logged and left out, and the known ones are answered;
+when none is known, nothing is sent until one is (SPIRE ends the stream with
+InvalidArgument; Envoy would reject an empty answer); the request's ``type_url`` must be
 the Secret type's (or empty), else InvalidArgument (SPIRE does not check it);
 ``spiffe://<td>`` and ``ROOTCA`` are always ``trusted_ca`` (SPIRE sends Envoy
 1.18+ a one-trust-domain SPIFFE validator instead; both verify the same chains,
@@ -257,6 +258,7 @@ class SecretDiscoveryServicer:
         deadline: float | None = None
         synced = False
         sent: bytes | None = None
+        pending = False
         version = 0
         while True:
             if stream.error:
@@ -292,14 +294,19 @@ class SecretDiscoveryServicer:
                                entitled=entitled, settings=self._settings,
                                spiffe_validation=self._spiffe_validation(stream.node))
             content = resolved.key()
-            if stream.names_changed or content != sent:
-                if stream.names_changed:
-                    _log_unknown(caller, resolved.unknown)
+            if stream.names_changed:
+                stream.names_changed = False
+                pending = True
+                _log_unknown(caller, resolved.unknown)
+            # Never an empty answer to names: Envoy rejects one ("missing SDS
+            # resources") and keeps what it has, so it would only cost a NACK.
+            # The names are answered when something they name is there.
+            if (pending or content != sent) and (resolved.secrets or not stream.names):
                 version += 1
                 nonce = secrets.token_hex(8)
                 # Before the write: the acknowledgement may come back before it returns.
                 stream.last_nonce = nonce
-                stream.names_changed = False
+                pending = False
                 sent = content
                 await self._workload.check_alive(caller, context)
                 await context.write(_response(resolved.secrets, version=str(version),

@@ -452,3 +452,25 @@ def test_a_caller_killed_mid_stream_is_cleaned_up(harness: Harness) -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_names_that_resolve_to_nothing_wait_for_it(harness: Harness) -> None:
+    """No empty answer (Envoy would reject it); the secret is pushed once it exists."""
+    harness.set_state([entry("e-web", WEB, UID)])
+    with SdsStream(harness.socket_path) as stream:
+        stream.send([API])
+        assert stream.quiet(QUIET), "an empty answer was sent"
+        # An entry for it is registered and its SVID signed: pushed promptly.
+        api = entry("e-api", API, UID)
+        svid = harness.ca.svid(API)
+
+        def register() -> None:
+            harness.cache.set_entries([entry("e-web", WEB, UID), api])
+            harness.cache.set_x509_svid("e-api", svid)
+
+        started = time.monotonic()
+        harness.call(register)
+        got = secrets_of(stream.recv())
+        elapsed = time.monotonic() - started
+    assert list(got) == [API] and elapsed < PROMPT, elapsed
+    assert pem(sds.certificate_chain(got[API])) == pem(list(svid.cert_chain))
