@@ -41,10 +41,11 @@ and Envoy applies ``match_typed_subject_alt_names`` to either).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -65,6 +66,7 @@ from agent.workload_api.servicer import Caller, WorkloadApiServicer
 from identity.bundle import Bundle
 from identity.clock import Clock, SystemClock
 from identity.errors import InvalidSpiffeIdError
+from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 
 SERVICE_NAME = "envoy.service.secret.v3.SecretDiscoveryService"
@@ -117,6 +119,9 @@ class SecretDiscoveryServicer:
         self._max_streams_per_uid = max_streams_per_uid
         self._streams_by_uid: dict[int, int] = {}
         self._streams = 0
+        # Caller views of the current cache version, by selectors (see _view).
+        self._views: dict[frozenset[Selector], CallerView] = {}
+        self._views_version = -1
 
     @property
     def stream_count(self) -> int:
@@ -190,23 +195,21 @@ class SecretDiscoveryServicer:
             synced = False
             while True:
                 snap = self._cache.snapshot()
-                entitled = snap.entitled(caller.selectors)
-                if not entitled and not synced:
+                view = self._view(snap, caller.selectors)
+                if not view.entitled and not synced:
                     synced = True
                     await self._workload.sync_for_newcomer()
                     continue
-                if not entitled:
+                if not view.entitled:
                     await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
-                self._cache.use(holder, (e.id for e in entitled))
-                identities = self._identities(snap, entitled)
-                if len(identities) == len(entitled) or loop.time() >= deadline:
+                self._cache.use(holder, view.entry_ids)
+                if len(view.identities) == len(view.entitled) or loop.time() >= deadline:
                     break
                 await _wait_any(self._cache.wait_for_change(snap.version),
                                 timeout=deadline - loop.time())
         finally:
             self._cache.release(holder)
-        resolved = resolve(names, snap=snap, identities=identities, entitled=entitled,
-                           settings=self._settings,
+        resolved = resolve(names, view, settings=self._settings,
                            spiffe_validation=self._spiffe_validation(request.node))
         _log_unknown(caller, resolved.unknown)
         await self._workload.check_alive(caller, context)
@@ -275,23 +278,22 @@ class SecretDiscoveryServicer:
             if deadline is None:
                 deadline = loop.time() + self._first_timeout
             snap = self._cache.snapshot()
-            entitled = snap.entitled(caller.selectors)
-            if not entitled and not synced and sent is None:
+            view = self._view(snap, caller.selectors)
+            if not view.entitled and not synced and sent is None:
                 synced = True
                 await self._workload.sync_for_newcomer()
                 continue
-            if not entitled:
+            if not view.entitled:
                 # As the Workload API: no identity (or none left) ends the stream.
                 await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
-            self._cache.use(holder, (e.id for e in entitled))
-            identities = self._identities(snap, entitled)
-            if sent is None and len(identities) < len(entitled) and loop.time() < deadline:
+            self._cache.use(holder, view.entry_ids)
+            if (sent is None and len(view.identities) < len(view.entitled)
+                    and loop.time() < deadline):
                 # SVIDs signed on demand are on their way: answer once with all.
                 await _wait_any(self._cache.wait_for_change(snap.version), stream.wake.wait(),
                                 timeout=deadline - loop.time())
                 continue
-            resolved = resolve(stream.names, snap=snap, identities=identities,
-                               entitled=entitled, settings=self._settings,
+            resolved = resolve(stream.names, view, settings=self._settings,
                                spiffe_validation=self._spiffe_validation(stream.node))
             content = resolved.key()
             if stream.names_changed:
@@ -316,10 +318,19 @@ class SecretDiscoveryServicer:
             await _wait_any(self._cache.wait_for_change(snap.version), stream.wake.wait(),
                             reader)
 
-    def _identities(self, snap: Snapshot, entitled: list[CachedEntry]) -> list[Identity]:
-        # Never an expired SVID, even in the instant before the sync loop drops it.
+    def _view(self, snap: Snapshot, selectors: frozenset[Selector]) -> CallerView:
+        """The caller view of ``selectors`` at ``snap``, shared by streams alike."""
         now = self._clock.now()
-        return [i for i in snap.identities(entitled) if i.svid.expires_at > now]
+        if snap.version != self._views_version:
+            self._views.clear()
+            self._views_version = snap.version
+        view = self._views.get(selectors)
+        if view is None or (view.expires_first is not None and now >= view.expires_first):
+            view = caller_view(snap, selectors, now=now)
+            # Bounded: one per distinct set of selectors among the open streams.
+            if len(self._views) < self._max_streams:
+                self._views[selectors] = view
+        return view
 
     def _spiffe_validation(self, node: Any) -> bool:
         """Whether ``ALL`` may be served: the agent's switch, which an Envoy may
@@ -364,12 +375,53 @@ class Resolved:
         return hashlib.sha256(self.key()).hexdigest()[:16]
 
 
+@dataclass(frozen=True, slots=True)
+class CallerView:
+    """What one set of selectors may have at one cache version.
+
+    Streams of callers with the same selectors (an Envoy's streams) share one,
+    so a change costs each stream what its names need, not a pass over every
+    entry the caller is entitled to.
+    """
+
+    trust_domain: TrustDomain
+    entitled: tuple[CachedEntry, ...]
+    entry_ids: frozenset[str]
+    identities: tuple[Identity, ...]
+    """Unexpired X.509-SVIDs, in the stable order."""
+    by_id: Mapping[str, Identity]
+    """The first identity of each SPIFFE ID."""
+    bundles: Mapping[TrustDomain, Bundle]
+    """Bundles with X.509 authorities the caller may see (own and federated)."""
+    expires_first: dt.datetime | None
+    """When the first of ``identities`` expires (the view is stale from then)."""
+
+
+def caller_view(snap: Snapshot, selectors: frozenset[Selector], *, now: dt.datetime
+                ) -> CallerView:
+    """The :class:`CallerView` of ``selectors`` in ``snap`` at ``now``."""
+    entitled = tuple(snap.entitled(selectors))
+    # Never an expired SVID, even in the instant before the sync loop drops it.
+    identities = tuple(i for i in snap.identities(entitled) if i.svid.expires_at > now)
+    by_id: dict[str, Identity] = {}
+    for identity in identities:
+        # Two entries with one SPIFFE ID: the first in the stable order.
+        by_id.setdefault(str(identity.entry.spiffe_id), identity)
+    return CallerView(
+        trust_domain=snap.trust_domain,
+        entitled=entitled,
+        entry_ids=frozenset(e.id for e in entitled),
+        identities=identities,
+        by_id=by_id,
+        bundles={td: b for td, b in snap.bundles_for(entitled).items() if b.x509_authorities},
+        expires_first=min((i.svid.expires_at for i in identities), default=None),
+    )
+
+
 def resolve(
     names: Sequence[str],
+    view: CallerView,
     *,
-    snap: Snapshot,
-    identities: Sequence[Identity],
-    entitled: Sequence[CachedEntry],
     settings: SdsSettings,
     spiffe_validation: bool,
 ) -> Resolved:
@@ -377,18 +429,12 @@ def resolve(
 
     Args:
         names: resource names, in the order asked, without duplicates.
-        snap: the cache now.
-        identities: the caller's X.509-SVIDs, in the stable order.
-        entitled: the caller's entries (their federated trust domains count).
+        view: what the caller may have.
         settings: the configured names and switches.
         spiffe_validation: whether ``ALL`` (the SPIFFE validator) may be served.
     """
-    bundles = {td: b for td, b in snap.bundles_for(entitled).items() if b.x509_authorities}
-    by_id: dict[str, Identity] = {}
-    for identity in identities:
-        # Two entries with one SPIFFE ID: the first in the stable order.
-        by_id.setdefault(str(identity.entry.spiffe_id), identity)
-    own = snap.trust_domain
+    bundles, by_id, identities = view.bundles, view.by_id, view.identities
+    own = view.trust_domain
     out: list[Any] = []
     unknown: list[str] = []
     if not names:
@@ -449,7 +495,7 @@ def _trusted_ca(name: str, bundle: Bundle) -> Any:
     )
 
 
-def _spiffe_validator(name: str, bundles: dict[TrustDomain, Bundle]) -> Any:
+def _spiffe_validator(name: str, bundles: Mapping[TrustDomain, Bundle]) -> Any:
     """One validation context, each trust domain with its own roots: Envoy picks
     the roots by the trust domain of the peer's SPIFFE ID, never pooling them."""
     config = tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig(
