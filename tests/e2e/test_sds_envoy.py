@@ -126,3 +126,15 @@ def test_sds_stream_follows_prepare_and_activate(uid_selector: str) -> None:
                            if _ski(c) == new]
             follow.leaf().verify_directly_issued_by(new_root)
         assert len(set(follow.versions)) == len(follow.versions), "a version was reused"
+
+
+def test_sds_off_in_the_agents_config(uid_selector: str) -> None:
+    with running_stack(agent_config='\n[sds]\nenabled = false\n') as st:
+        st.create_entry(ENVOY_ID, uid_selector)
+        deadline = time.monotonic() + TIMEOUT
+        while st.agent_cli("api", "fetch", "x509", check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the Workload API never served the entry"
+            time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as err:
+            sds.fetch(st.agent_socket, [ENVOY_ID])
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
