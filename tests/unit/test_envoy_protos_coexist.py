@@ -42,3 +42,14 @@ def test_imports_in_one_process(order: tuple[str, ...]) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize("statement", ["import agent.cli", "import agent.workload_api.server",
+                                       "import agent.agent"])
+def test_envoys_protos_load_only_when_sds_is_served(statement: str) -> None:
+    code = (f"import sys\n{statement}\n"
+            "print(sorted(m for m in sys.modules if m.startswith('envoy')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
