@@ -79,7 +79,7 @@ NODE_METADATA_DISABLE_KEY = "disable_spiffe_cert_validation"
 # ID a party must accept.
 MAX_RESOURCE_NAMES = 1024
 MAX_RESOURCE_NAME_BYTES = 2048
-# SDS streams open at once, in all and per uid: an Envoy opens one per secret it
+# SDS streams open at once, in all and per uid: an Envoy may hold one per secret it
 # watches (a few per listener and cluster). More get ResourceExhausted.
 DEFAULT_MAX_STREAMS = 8192
 DEFAULT_MAX_STREAMS_PER_UID = 2048
