@@ -75,14 +75,16 @@ SPIFFE_VALIDATOR_NAME = "envoy.tls.cert_validator.spiffe"
 # SPIRE's per-Envoy override of disable_spiffe_cert_validation, in the node metadata.
 NODE_METADATA_DISABLE_KEY = "disable_spiffe_cert_validation"
 # An Envoy asks for a handful of names per stream; a request is also capped in
-# bytes by the server (MAX_SDS_REQUEST_BYTES). 2048 bytes is the longest SPIFFE
-# ID a party must accept.
+# bytes by the server (MAX_SDS_REQUEST_BYTES, for Envoy's node description, which
+# a stream does not keep). 2048 bytes is the longest SPIFFE ID a party must
+# accept. What a stream keeps of its requests is thus at most 64 KiB.
 MAX_RESOURCE_NAMES = 1024
 MAX_RESOURCE_NAME_BYTES = 2048
+MAX_RESOURCE_NAMES_TOTAL_BYTES = 64 * 1024
 # SDS streams open at once, in all and per uid: an Envoy may hold one per secret it
 # watches (a few per listener and cluster). More get ResourceExhausted.
 DEFAULT_MAX_STREAMS = 8192
-DEFAULT_MAX_STREAMS_PER_UID = 2048
+DEFAULT_MAX_STREAMS_PER_UID = 1024
 
 
 class SecretDiscoveryServicer:
@@ -162,7 +164,7 @@ class SecretDiscoveryServicer:
                          "too many SDS streams open; close some and retry")
         self._streams += 1
         self._streams_by_uid[uid] = held + 1
-        stream = _Stream()
+        stream = _Stream(spiffe_validation=self._spiffe_validation(None))
         reader = asyncio.ensure_future(self._read(requests, stream))
         # The stream holds its entries' SVIDs in the bounded cache (never evicted,
         # signed on demand) until the RPC ends, however it ends.
@@ -232,7 +234,8 @@ class SecretDiscoveryServicer:
                 stream.wake.set()
                 return
             if request.HasField("node"):
-                stream.node = request.node
+                # Only what it says about ALL: the node itself may be large.
+                stream.spiffe_validation = self._spiffe_validation(request.node)
             if stream.last_nonce and request.response_nonce != stream.last_nonce:
                 # A reply to an older response: the state it answers is gone.
                 log.event("sds request ignored", level=logging.DEBUG,
@@ -294,7 +297,7 @@ class SecretDiscoveryServicer:
                                 timeout=deadline - loop.time())
                 continue
             resolved = resolve(stream.names, view, settings=self._settings,
-                               spiffe_validation=self._spiffe_validation(stream.node))
+                               spiffe_validation=stream.spiffe_validation)
             content = resolved.key()
             if stream.names_changed:
                 stream.names_changed = False
@@ -336,7 +339,7 @@ class SecretDiscoveryServicer:
         """Whether ``ALL`` may be served: the agent's switch, which an Envoy may
         override in its node metadata (SPIRE's ``disable_spiffe_cert_validation``)."""
         disabled = self._settings.disable_spiffe_cert_validation
-        if node is not None:
+        if node is not None and node.HasField("metadata"):
             value = node.metadata.fields.get(NODE_METADATA_DISABLE_KEY)
             if value is not None:
                 kind = value.WhichOneof("kind")
@@ -354,7 +357,8 @@ class _Stream:
     names: tuple[str, ...] | None = None
     names_changed: bool = False
     last_nonce: str = ""
-    node: Any = None
+    spiffe_validation: bool = True
+    """Whether ALL may be served (the agent's switch or the Envoy node's override)."""
     error: str = ""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -530,9 +534,14 @@ def _check_request(request: Any) -> str:
     if len(request.resource_names) > MAX_RESOURCE_NAMES:
         return (f"too many resource names: {len(request.resource_names)} "
                 f"(at most {MAX_RESOURCE_NAMES})")
+    total = 0
     for name in request.resource_names:
-        if len(name.encode()) > MAX_RESOURCE_NAME_BYTES:
+        size = len(name.encode())
+        if size > MAX_RESOURCE_NAME_BYTES:
             return f"resource name longer than {MAX_RESOURCE_NAME_BYTES} bytes"
+        total += size
+    if total > MAX_RESOURCE_NAMES_TOTAL_BYTES:
+        return f"resource names longer than {MAX_RESOURCE_NAMES_TOTAL_BYTES} bytes in all"
     return ""
 
 

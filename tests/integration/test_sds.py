@@ -257,8 +257,9 @@ def test_a_caller_of_another_uid_gets_nothing(harness: Harness) -> None:
         ({"type_url": "type.googleapis.com/envoy.config.cluster.v3.Cluster"}, [WEB]),
         ({}, [f"n{i}" for i in range(1025)]),
         ({}, ["spiffe://example.org/" + "a" * 3000]),
+        ({}, [f"spiffe://example.org/{i:02d}" + "a" * 2000 for i in range(40)]),
     ],
-    ids=["type-url", "too-many-names", "name-too-long"],
+    ids=["type-url", "too-many-names", "name-too-long", "names-too-long-in-all"],
 )
 def test_bad_requests_are_invalid_argument(
         harness: Harness, kwargs: dict, names: list[str]) -> None:  # type: ignore[type-arg]
