@@ -1,11 +1,13 @@
-"""SDS against a real ``sigil-server`` and ``sigil-agent``: pushes through a CA rotation.
+"""SDS against a real ``sigil-server`` and ``sigil-agent``: CA rotation, federation, off.
 
 An Envoy-like SDS client (tests/support/sds_client.py) keeps a StreamSecrets
 stream open on the agent's socket for its SVID and ``ROOTCA``, acknowledging
 every response as Envoy does. The test then drives ``sigil-server localauthority
 x509 prepare`` and ``activate``: the stream must be pushed the bundle holding
 both CAs, then an SVID signed by the new CA (at the rotation of its 20-second
-SVID), each time with a key that matches its certificate.
+SVID), each time with a key that matches its certificate. A foreign bundle
+reaches a stream only once one of the caller's entries federates with it; and
+``[sds] enabled = false`` turns SDS off.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from identity.spiffeid import TrustDomain
 from tests.e2e.conftest import running_stack
+from tests.integration.workload_api_harness import TestCA
 from tests.support import sds_client as sds
 from tests.support.sds_client import SdsStream, secrets_of
 
@@ -138,3 +142,38 @@ def test_sds_off_in_the_agents_config(uid_selector: str) -> None:
         with pytest.raises(grpc.RpcError) as err:
             sds.fetch(st.agent_socket, [ENVOY_ID])
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_federated_bundle_only_for_a_caller_whose_entry_federates(uid_selector: str) -> None:
+    """partner.test's bundle (set by hand) reaches an SDS stream only once one of
+    the caller's entries federates with it, and is pushed then."""
+
+    partner = TestCA(TrustDomain("partner.test"))
+    pem = partner.cert.public_bytes(serialization.Encoding.PEM)
+    with running_stack() as st:
+        (st.root / "partner.pem").write_bytes(pem)
+        st.server_cli("bundle", "set", "--trust-domain", "partner.test",
+                      "--path", str(st.root / "partner.pem"))
+        st.create_entry(ENVOY_ID, uid_selector)
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # PermissionDenied until the agent has synced the entry
+            try:
+                sds.fetch(st.agent_socket, [ENVOY_ID])
+                break
+            except grpc.RpcError as exc:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no SVID over SDS: {exc}") from None
+                time.sleep(0.5)
+        names = ["spiffe://partner.test", ENVOY_ID]
+        with SdsStream(st.agent_socket) as stream:
+            stream.send(names)
+            follow = Follower(stream, names)
+            follow.next(TIMEOUT)
+            assert set(follow.secrets) == {ENVOY_ID}, "partner.test without federation"
+            # A second entry of the same caller federates with partner.test.
+            st.create_entry(f"{ENVOY_ID}-federated", uid_selector,
+                            extra=("--federates-with", "partner.test"))
+            follow.until(lambda: "spiffe://partner.test" in follow.secrets,
+                         "partner.test's bundle once an entry federates with it")
+            assert _der(sds.trusted_ca(follow.secrets["spiffe://partner.test"])) == \
+                _der([partner.cert])
