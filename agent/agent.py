@@ -119,6 +119,7 @@ class Agent:
             preface_timeout=self.config.connection_preface_timeout.total_seconds(),
             idle_timeout=self.config.connection_idle_timeout.total_seconds(),
             extra_handlers=[health_handler(self.manager.health)],
+            sds=self.config.sds,
         )
         await self.workload_api.start()
         log.event("workload api listening", socket=self.config.socket_path)

@@ -78,12 +78,41 @@ _DEFAULTS: Mapping[str, Any] = {
     "max_connections_per_uid": DEFAULT_MAX_CONNECTIONS_PER_UID,
     "connection_preface_timeout": DEFAULT_PREFACE_TIMEOUT,
     "connection_idle_timeout": DEFAULT_IDLE_TIMEOUT,
+    "sds": None,
 }
 KNOWN_KEYS = frozenset(_DEFAULTS)
+_SDS_KEYS = frozenset({
+    "enabled", "default_svid_name", "default_bundle_name", "default_all_bundles_name",
+    "disable_spiffe_cert_validation",
+})
 _ATTESTOR_KEYS: Mapping[str, frozenset[str]] = {
     "unix": frozenset({"discover_workload_path", "workload_path_sha256"}),
     "k8s": k8s_workload.CONFIG_KEYS,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class SdsSettings:
+    """Envoy SDS on the Workload API socket (the ``[sds]`` table; docs/envoy.md).
+
+    The resource names are SPIRE's, so Envoy configs written for SPIRE work
+    unchanged.
+
+    Attributes:
+        enabled: serve ``envoy.service.secret.v3.SecretDiscoveryService``.
+        default_svid_name: the name of the caller's first X.509-SVID.
+        default_bundle_name: the name of the trust domain's own bundle.
+        default_all_bundles_name: the name of one validation context holding every
+            bundle the caller may see (Envoy's SPIFFE certificate validator).
+        disable_spiffe_cert_validation: do not serve that one (an Envoy may also
+            say so in its node metadata, key ``disable_spiffe_cert_validation``).
+    """
+
+    enabled: bool = True
+    default_svid_name: str = "default"
+    default_bundle_name: str = "ROOTCA"
+    default_all_bundles_name: str = "ALL"
+    disable_spiffe_cert_validation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +142,7 @@ class AgentConfig:
             the HTTP/2 client preface this long after it was accepted is closed.
         connection_idle_timeout: a Workload API connection with no call in
             progress for this long is closed.
+        sds: Envoy SDS on the Workload API socket.
     """
 
     trust_domain: TrustDomain
@@ -134,6 +164,7 @@ class AgentConfig:
     connection_idle_timeout: dt.timedelta = dt.timedelta(minutes=5)
     k8s: k8s_workload.K8sAttestorConfig | None = None
     k8s_psat: k8s_psat.AgentAttestorConfig | None = None
+    sds: SdsSettings = field(default_factory=SdsSettings)
 
 
 def parse_duration(text: object, *, key: str | None = None) -> dt.timedelta:
@@ -181,6 +212,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
     for key in doc:
         if key not in KNOWN_KEYS:
             raise ConfigError(f"config file {path}: unknown key {key!r}")
+    sds = doc.get("sds")
+    if sds is not None:
+        if not isinstance(sds, dict):
+            raise ConfigError(f"config file {path}: sds must be a table")
+        for key in sds:
+            if key not in _SDS_KEYS:
+                raise ConfigError(f"config file {path}: unknown key 'sds.{key}'")
     attestors = doc.get("workload_attestors")
     if attestors is not None:
         if not isinstance(attestors, dict):
@@ -256,6 +294,32 @@ def _count(raw: Mapping[str, Any], key: str, default: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000:
         raise ConfigError(f"{key} must be an integer from 1 to 1000000, not {value!r}")
     return value
+
+
+def _sds(table: object) -> SdsSettings:
+    if table is None:
+        return SdsSettings()
+    if not isinstance(table, dict):
+        raise ConfigError("sds must be a table")
+    defaults = SdsSettings()
+    names = {}
+    for key in ("default_svid_name", "default_bundle_name", "default_all_bundles_name"):
+        value = table.get(key, getattr(defaults, key))
+        # A resource name travels in every request: bounded like the SDS servicer's.
+        if not isinstance(value, str) or not value or len(value.encode()) > 2048:
+            raise ConfigError(f"sds.{key} must be a non-empty string of at most 2048 bytes, "
+                              f"not {value!r}")
+        names[key] = value
+    if len(set(names.values())) != len(names):
+        raise ConfigError(f"sds: default_svid_name, default_bundle_name and "
+                          f"default_all_bundles_name must differ, not {sorted(names.values())}")
+    return SdsSettings(
+        enabled=_bool(table.get("enabled", True), "sds.enabled"),
+        disable_spiffe_cert_validation=_bool(
+            table.get("disable_spiffe_cert_validation", False),
+            "sds.disable_spiffe_cert_validation"),
+        **names,
+    )
 
 
 def _validate(raw: Mapping[str, Any]) -> AgentConfig:
@@ -334,6 +398,7 @@ def _validate(raw: Mapping[str, Any]) -> AgentConfig:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return AgentConfig(
+        sds=_sds(raw.get("sds")),
         k8s=k8s,
         k8s_psat=psat,
         max_connections=max_connections,

@@ -6,10 +6,12 @@ import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from agent.cache import Cache
+from agent.config import SdsSettings
 from agent.workload_api.front import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PREFACE_TIMEOUT,
@@ -19,10 +21,17 @@ from agent.workload_api.servicer import SyncRequest, WorkloadApiServicer
 from attestation.workload import DEFAULT_PROC_ROOT, WorkloadAttestor
 from identity.clock import Clock
 
+if TYPE_CHECKING:
+    from agent.workload_api.sds import SecretDiscoveryServicer
+
 # Requests are tiny (the largest is a JWT to validate); bound them so a local
 # process cannot make the agent buffer megabytes. Responses carry certificate
 # chains and bundles, which stay far below 4 MiB.
 MAX_REQUEST_BYTES = 64 * 1024
+# With SDS on, more: Envoy's node description (sent with its requests) lists
+# every extension the binary was built with, some tens of KiB. SDS bounds the
+# names in a request itself (agent/workload_api/sds.py).
+MAX_SDS_REQUEST_BYTES = 1024 * 1024
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 DEFAULT_IDLE_TIMEOUT = 300.0
 
@@ -33,7 +42,8 @@ class WorkloadApiServer:
     Use as an async context manager, or call :meth:`start` and :meth:`stop`.
     ``max_connections``, ``max_connections_per_uid`` and ``preface_timeout`` are the
     front's (:class:`PeerCredentialFront`); a connection with no call for
-    ``idle_timeout`` seconds is closed (None: never).
+    ``idle_timeout`` seconds is closed (None: never). ``sds`` (when enabled) also
+    serves Envoy's SDS on the socket (:mod:`agent.workload_api.sds`).
     """
 
     def __init__(
@@ -52,6 +62,7 @@ class WorkloadApiServer:
         preface_timeout: float | None = DEFAULT_PREFACE_TIMEOUT,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+        sds: SdsSettings | None = None,
     ) -> None:
         # Served next to the Workload API on the same socket (the agent's health).
         self._extra_handlers = tuple(extra_handlers)
@@ -72,6 +83,17 @@ class WorkloadApiServer:
             first_response_timeout=first_response_timeout,
             request_sync=request_sync,
         )
+        # Envoy's SDS on the same socket, callers attested the same way (None: off).
+        self.sds: SecretDiscoveryServicer | None = None
+        if sds is not None and sds.enabled:
+            # Imported only when served: Envoy's generated protos take a fifth of
+            # a second to load, which the helper and the CLI need not pay.
+            from agent.workload_api.sds import SecretDiscoveryServicer
+
+            self.sds = SecretDiscoveryServicer(
+                workload=self.servicer, cache=cache, settings=sds, clock=clock,
+                first_response_timeout=first_response_timeout,
+            )
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -84,7 +106,8 @@ class WorkloadApiServer:
         self.front.prepare_private_dir()
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                ("grpc.max_receive_message_length",
+                 MAX_SDS_REQUEST_BYTES if self.sds is not None else MAX_REQUEST_BYTES),
                 ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
                 # Request metadata is small too (the security header); grpc's
                 # default allows 8 KiB, plenty, and refuses more on its own.
@@ -98,7 +121,10 @@ class WorkloadApiServer:
                   if self._idle_timeout is not None else []),
             ]
         )
-        server.add_generic_rpc_handlers((self.servicer.handler(), *self._extra_handlers))
+        handlers = [self.servicer.handler(), *self._extra_handlers]
+        if self.sds is not None:
+            handlers.append(self.sds.handler())
+        server.add_generic_rpc_handlers(handlers)
         internal = self.front.internal_socket
         with contextlib.suppress(FileNotFoundError):
             internal.unlink()

@@ -147,6 +147,15 @@ class WorkloadApiServicer:
         # SPIRE's rule: exactly one value, exactly "true".
         if values != ["true"]:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, HEADER_MISSING)
+        return await self.identify(context)
+
+    async def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> _Caller:
+        """Identify and attest the caller, without the security header check.
+
+        For the services that share the socket but not the Workload API's header
+        (Envoy's SDS sends none). Aborts the RPC with PermissionDenied (unknown
+        connection, process gone or PID reused).
+        """
         creds = self._peers(context.peer())
         if creds is None:
             # Not a connection the front made: someone reached the internal socket
@@ -196,6 +205,18 @@ class WorkloadApiServicer:
         for attestor in attestors:
             selectors.extend(attestor.attest(process))
         return selectors
+
+    async def check_alive(
+        self, caller: _Caller, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Abort unless the caller is still the process that was attested (see
+        :meth:`_check_alive`); for the other services on the socket."""
+        await self._check_alive(caller, context)
+
+    async def sync_for_newcomer(self) -> None:
+        """One fresh sync for a caller without identity (bounded by the first
+        response timeout); for the other services on the socket."""
+        await self._sync_for_newcomer()
 
     async def _check_alive(
         self, caller: _Caller, context: grpc.aio.ServicerContext[Any, Any]
@@ -499,7 +520,7 @@ class WorkloadApiServicer:
 
 
 class _Caller:
-    """An attested caller: its credentials and selectors."""
+    """An attested caller: its credentials and selectors (:data:`Caller`)."""
 
     __slots__ = ("creds", "selectors")
 
@@ -563,3 +584,7 @@ def _x509_svid_response(
         if td != snap.trust_domain and der:
             response.federated_bundles[td.id_string()] = der
     return response
+
+
+Caller = _Caller
+"""An attested caller, as :meth:`WorkloadApiServicer.identify` returns it."""
