@@ -133,7 +133,7 @@ def write_x509_node(directory: Path, chain: Sequence[x509.Certificate],
 
 def sha1_hex(cert: x509.Certificate) -> str:
     """The SHA-1 fingerprint as the selectors spell it, computed independently."""
-    return hashlib.sha1(cert.public_bytes(serialization.Encoding.DER)).hexdigest()  # noqa: S324
+    return hashlib.sha1(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 # ---- SSH --------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def ssh_host_cert(ca_key: Key, host_key: Key, *, now: dt.datetime,
                .valid_after(int((valid_after or now - DAY).timestamp()))
                .valid_before(int((valid_before or now + 30 * DAY).timestamp())))
     builder = (builder.valid_principals([p.encode() for p in principals]) if principals
-               else builder.valid_for_all_principals())
+               else builder.valid_for_all_principals())  # type: ignore[no-untyped-call]
     for name, value in critical_options:
         builder = builder.add_critical_option(name.encode(), value.encode())
     return builder.sign(ca_key)
