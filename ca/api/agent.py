@@ -19,6 +19,7 @@ from api.protos.sigil.agent.v1 import agent_pb2, agent_pb2_grpc
 from api.protos.sigil.types.v1 import types_pb2
 from attestation.node import join_token
 from attestation.node.errors import UnknownAttestorError
+from attestation.node.pop import CHALLENGE_ATTESTORS, issue_nonce
 from ca.api.convert import (
     entry_to_proto,
     own_bundle_to_proto,
@@ -353,3 +354,22 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             token=signed.token, spiffe_id=str(entry.spiffe_id),
             issued_at=_ts(signed.issued_at), expires_at=_ts(signed.expires_at),
         )
+
+    @grpc_method("agent")
+    def GetAttestationChallenge(
+        self, request: agent_pb2.AttestationChallengeRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.AttestationChallengeResponse:
+        """A fresh single-use nonce for a challenge-response attestor (x509pop, sshpop).
+
+        Unauthenticated, like AttestAgent, so it shares AttestAgent's per-address
+        rate limit: each nonce is a datastore row until answered or expired.
+        """
+        peer = context.peer()
+        self._rate.check_attestation(self._peer_address(peer) or peer)
+        attestor = request.type
+        if attestor not in CHALLENGE_ATTESTORS or attestor not in self._d.node_verifiers:
+            raise UnknownAttestorError(
+                f"node attestor {attestor!r} is not enabled or takes no challenge")
+        nonce, expires_at = issue_nonce(self._d.datastore, attestor=attestor,
+                                        now=self._d.clock.now())
+        return agent_pb2.AttestationChallengeResponse(nonce=nonce, expires_at=_ts(expires_at))
