@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import SSHCertificate, SSHCertificateType
 
+from agent.config import load_config as load_agent_config
 from attestation.node import pop, sshpop
 from attestation.node.errors import AttestationError, MalformedAttestationError
+from ca.config import load_config as load_server_config
 from identity.clock import FakeClock
 from identity.selectors import Selector
 from identity.spiffeid import TrustDomain
@@ -259,3 +261,25 @@ def test_agent_config_defaults_and_errors() -> None:
         sshpop.parse_agent_config({"host_key": "/k"})
     with pytest.raises(ValueError, match="host_cert_path must be a file path"):
         sshpop.parse_agent_config({"host_cert_path": 5})
+
+
+def test_agent_and_server_config_files(tmp_path: Path) -> None:
+    agent_file = tmp_path / "agent.toml"
+    agent_file.write_text('trust_domain = "example.org"\nserver_address = "s:8081"\n'
+                          '[node_attestor.sshpop]\n'
+                          'host_key_path = "/etc/ssh/ssh_host_ed25519_key"\n')
+    agent_cfg = load_agent_config(agent_file)
+    assert agent_cfg.sshpop == sshpop.AgentAttestorConfig(
+        Path("/etc/ssh/ssh_host_ed25519_key"), Path("/etc/ssh/ssh_host_rsa_key-cert.pub"))
+    assert (agent_cfg.x509pop, agent_cfg.k8s_psat, agent_cfg.uses_join_token) == (
+        None, None, False)
+    ca_key = new_key("ed25519")
+    (tmp_path / "cas.pub").write_bytes(ssh_public(ca_key) + b"\n")
+    server_file = tmp_path / "server.toml"
+    server_file.write_text('trust_domain = "example.org"\n[node_attestors.sshpop]\n'
+                           f'cert_authorities_path = "{tmp_path / "cas.pub"}"\n')
+    server_cfg = load_server_config(server_file, env={})
+    assert server_cfg.node_pop.x509pop is None
+    assert server_cfg.node_pop.sshpop is not None
+    assert server_cfg.node_pop.sshpop.cert_authorities == (ssh_public(ca_key),)
+    assert server_cfg.kubernetes.psat_clusters == ()
