@@ -1,8 +1,8 @@
 """A VM fleet without join tokens: a real server and a real agent attest by x509pop
 and by sshpop, a workload gets its SVID over the Workload API, the agent attests
-again after a restart with its data dir cleared, and is refused once its CA is no
-longer trusted (server restarted with the new CA file). Every CA and certificate
-is made at run time (tests/support/pop.py)."""
+again after a restart with its data dir cleared and after an eviction, and is
+refused once its CA is no longer trusted (server restarted with the new CA
+file). Every CA and certificate is made at run time (tests/support/pop.py)."""
 
 from __future__ import annotations
 
@@ -120,6 +120,12 @@ def test_fleet_node_attests_reattests_and_is_refused_when_distrusted(
         _fetch_svid(stack, workload)
         assert f"agent attested agent_id={agent_id}" in stack.log("agent")  # a new log
         assert stack.log("server").count(f"agent attested agent_id={agent_id}") == 2
+
+        # Evicted: it attests again by itself (no token to spend), as the same agent.
+        stack.server_cli("agent", "evict", "--id", agent_id)
+        wait_for(lambda: stack.log("server").count(f"agent attested agent_id={agent_id}") == 3,
+                 timeout=30, what="the evicted agent to attest again")
+        _fetch_svid(stack, workload)
 
         # The node's CA is no longer trusted: the next attestation is refused.
         assert stack.stop("agent") == 0
