@@ -30,7 +30,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -187,12 +187,17 @@ class ServerAttestorConfig:
     """The server's ``[node_attestors.x509pop]``.
 
     Attributes:
-        ca_bundle: the CA certificates node certificates must chain to.
+        ca_bundle: the CA certificates node certificates must chain to, DER (bytes
+            pickle: the configuration travels to worker processes).
         agent_path_template: the agent ID's path after ``/sigil/agent/``.
     """
 
-    ca_bundle: tuple[x509.Certificate, ...]
+    ca_bundle: tuple[bytes, ...]
     agent_path_template: pop.PathTemplate
+
+    def certificates(self) -> list[x509.Certificate]:
+        """The CA bundle, parsed."""
+        return [x509.load_der_x509_certificate(der) for der in self.ca_bundle]
 
 
 def parse_server_config(table: object) -> ServerAttestorConfig:
@@ -216,7 +221,7 @@ def parse_server_config(table: object) -> ServerAttestorConfig:
     if not isinstance(template, str):
         raise ValueError(f"{where}.agent_path_template must be a string")
     return ServerAttestorConfig(
-        ca_bundle=tuple(bundle),
+        ca_bundle=tuple(c.public_bytes(serialization.Encoding.DER) for c in bundle),
         agent_path_template=pop.PathTemplate.parse(NAME, template, PLACEHOLDERS))
 
 
@@ -315,6 +320,10 @@ class X509PopVerifier:
     config: ServerAttestorConfig
     nonces: pop.NonceStore
     clock: Clock
+    _bundle: list[x509.Certificate] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._bundle = self.config.certificates()
 
     def verify(self, payload: bytes) -> AttestationResult:
         """Verify an agent's answer (see the module docstring).
@@ -335,7 +344,7 @@ class X509PopVerifier:
         _check_leaf(leaf)
         key = pop.check_key(NAME, leaf.public_key())
         now = self.clock.now()
-        verified = _verify_path(leaf, chain[1:], self.config.ca_bundle, now)
+        verified = _verify_path(leaf, chain[1:], self._bundle, now)
         pop.verify_signature(NAME, key, signature,
                              pop.challenge_message(NAME, self.trust_domain, nonce))
         result = self._result(leaf, verified[1:])  # may still refuse (the template)

@@ -59,8 +59,8 @@ def creds(server_root: Path) -> Credentials:
     return Credentials(server_root)
 
 
-@pytest.fixture
-def pop_server(server_root: Path, creds: Credentials) -> Iterator[RunningServer]:
+@contextlib.contextmanager
+def _running(server_root: Path, *extra: str) -> Iterator[RunningServer]:
     config = server_root / "server.toml"
     config.write_text(f"""
 [node_attestors.x509pop]
@@ -71,7 +71,7 @@ cert_authorities_path = "{server_root / 'ssh-cas.pub'}"
 """)
     srv = RunningServer(trust_domain=TD.name, data_dir=server_root / "data",
                         socket_path=server_root / "admin" / "admin.sock",
-                        extra_args=("--config", str(config)))
+                        extra_args=("--config", str(config), *extra))
     srv.start()
     try:
         yield srv
@@ -79,6 +79,12 @@ cert_authorities_path = "{server_root / 'ssh-cas.pub'}"
         code = srv.stop()
     assert code == 0, srv.log
     assert "Traceback" not in srv.log, srv.log
+
+
+@pytest.fixture
+def pop_server(server_root: Path, creds: Credentials) -> Iterator[RunningServer]:
+    with _running(server_root) as srv:
+        yield srv
 
 
 _ROOTS: dict[str, bytes] = {}
@@ -260,6 +266,27 @@ def test_challenge_only_for_enabled_pop_attestors(pop_server: RunningServer) -> 
         assert info.value.details() == (
             f"node attestor {attestor!r} is not enabled or takes no challenge")
     assert _snapshot(pop_server) == before
+
+
+@pytest.mark.slow
+def test_challenge_and_answer_on_different_worker_processes(
+        server_root: Path, creds: Credentials) -> None:
+    """Each call below is a new connection, which SO_REUSEPORT spreads over the
+    three processes: a nonce issued by one is answered at another, once."""
+    with _running(server_root, "--worker-processes", "3") as srv:
+        deadline = time.monotonic() + 30
+        while srv.log.count("worker listening") < 2:
+            assert time.monotonic() < deadline, srv.log
+            time.sleep(0.1)
+        key = new_key()
+        leaf = x509_leaf(creds.x509, key, now=NOW)
+        payloads = [_x509_payload(srv, server_root, [leaf], key) for _ in range(6)]
+        for payload in payloads:
+            assert _attest(srv, "x509pop", payload).svid.spiffe_id.endswith(sha1_hex(leaf))
+        for payload in payloads:
+            code, details = _refused(srv, "x509pop", payload)
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+            assert "already used" in details
 
 
 def test_nonces_are_single_use_across_servers(tmp_path: Path) -> None:

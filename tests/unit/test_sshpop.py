@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,3 +284,5 @@ def test_agent_and_server_config_files(tmp_path: Path) -> None:
     assert server_cfg.node_pop.sshpop is not None
     assert server_cfg.node_pop.sshpop.cert_authorities == (ssh_public(ca_key),)
     assert server_cfg.kubernetes.psat_clusters == ()
+    # The whole configuration goes to worker processes by pickling.
+    assert pickle.loads(pickle.dumps(server_cfg)) == server_cfg

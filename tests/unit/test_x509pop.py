@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ def _world(tmp_path: Path, template: str = x509pop.DEFAULT_TEMPLATE) -> World:
     ca = x509_ca("Node CA", now=clock.now())
     nonces = MemoryNonces()
     config = x509pop.ServerAttestorConfig(
-        ca_bundle=(ca.cert,),
+        ca_bundle=(ca.cert.public_bytes(serialization.Encoding.DER),),
         agent_path_template=pop.PathTemplate.parse(x509pop.NAME, template,
                                                    x509pop.PLACEHOLDERS))
     return World(clock, ca, nonces, x509pop.X509PopVerifier(TD, config, nonces, clock), tmp_path)
@@ -303,7 +304,9 @@ def test_server_config(tmp_path: Path, table: dict[str, object], message: str) -
     with pytest.raises(ValueError, match=message):
         x509pop.parse_server_config(table)
     good = x509pop.parse_server_config({"ca_bundle_path": paths["CA"]})
-    assert good.ca_bundle == (ca.cert,)
+    assert good.certificates() == [ca.cert]
+    # The configuration goes to worker processes by pickling.
+    assert pickle.loads(pickle.dumps(good)) == good
     assert good.agent_path_template.template == "x509pop/{fingerprint}"
 
 
