@@ -258,7 +258,7 @@ class Agent:
             raise BootstrapError(f"join token: {exc}") from None
         return await self._attest_with(bundle, attestation_type, payload)
 
-    def _proof_of_possession(self) -> tuple[str, Callable[[bytes], bytes]] | None:
+    def _proof_of_possession(self) -> tuple[str, Callable[[bytes, bytes], bytes]] | None:
         """x509pop / sshpop: the attestor's name and how to answer a nonce.
 
         The node's credentials are read now, so a missing or mismatched file stops
@@ -273,19 +273,19 @@ class Agent:
         try:
             if x509_cfg is not None:
                 x509pop.load_credentials(x509_cfg)
-                return x509pop.NAME, lambda nonce: x509pop.make_attestation(
-                    x509_cfg, trust_domain=td, nonce=nonce)[1]
+                return x509pop.NAME, lambda nonce, csr: x509pop.make_attestation(
+                    x509_cfg, trust_domain=td, nonce=nonce, csr=csr)[1]
             if ssh_cfg is not None:
                 sshpop.load_credentials(ssh_cfg)
-                return sshpop.NAME, lambda nonce: sshpop.make_attestation(
-                    ssh_cfg, trust_domain=td, nonce=nonce)[1]
+                return sshpop.NAME, lambda nonce, csr: sshpop.make_attestation(
+                    ssh_cfg, trust_domain=td, nonce=nonce, csr=csr)[1]
         except SigilError as exc:
             raise BootstrapError(str(exc)) from None
         return None
 
     async def _attest_with(
         self, bundle: Bundle, attestation_type: str,
-        payload: bytes | Callable[[bytes], bytes],
+        payload: bytes | Callable[[bytes, bytes], bytes],
     ) -> tuple[X509Svid, Bundle]:
         roots = roots_pem(bundle)
         # Before any attestation data leaves: a join token sent to the server of
@@ -297,13 +297,15 @@ class Agent:
                 f"the server is {actual}")
         self.client.configure(roots_pem=roots)
         key = generate_private_key()
+        csr = new_csr(key)
         try:
             if callable(payload):
-                # Challenge-response (x509pop, sshpop): sign a fresh server nonce.
+                # Challenge-response (x509pop, sshpop): sign a fresh server nonce,
+                # bound to this CSR's key.
                 nonce = await self.client.attestation_challenge(attestation_type)
-                payload = payload(nonce)
+                payload = payload(nonce, csr)
             result = await self.client.attest(
-                attestation_type=attestation_type, payload=payload, csr=new_csr(key), key=key
+                attestation_type=attestation_type, payload=payload, csr=csr, key=key
             )
         except ServerCallError as exc:
             refused = exc.code in ("PERMISSION_DENIED", "INVALID_ARGUMENT")

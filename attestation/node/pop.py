@@ -8,10 +8,14 @@ server checks the credential, the signature, and that it issued the nonce, for
 that attestor, not long ago, and that nobody answered it before.
 
 The signed message is :func:`challenge_message`: a fixed label, the attestor's
-name, the trust domain the agent attests to, and the nonce. The trust domain
-binds the proof to the server: a server of another trust domain that relays our
-server's nonce to an agent attesting to it gets a signature our server refuses.
-The attestor's name keeps a proof for one attestor from serving the other.
+name, the trust domain the agent attests to, the SHA-256 of the public key of
+the CSR the agent sends with the proof (:func:`csr_binding`), and the nonce. The
+trust domain binds the proof to the server: a server of another trust domain
+that relays our server's nonce to an agent attesting to it gets a signature our
+server refuses. The CSR key binds it to the agent's SVID key: the verifier
+returns it as ``AttestationResult.csr_binding`` for AttestAgent to compare with
+the CSR it signs. The attestor's name keeps a proof for one attestor from
+serving the other.
 
 Nonces live in the datastore (:class:`NonceStore`): one row per issued nonce,
 deleted by the answer; see docs/internals.md, "Challenge nonces", for why.
@@ -30,8 +34,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from attestation.node.errors import AttestationError, MalformedAttestationError
@@ -105,10 +110,38 @@ def take_nonce(store: NonceStore, nonce: bytes, *, attestor: str, now: dt.dateti
             "or was already used: ask for a new one")
 
 
-def challenge_message(attestor: str, trust_domain: TrustDomain, nonce: bytes) -> bytes:
-    """The bytes the agent signs: label, attestor, trust domain, nonce."""
+def csr_binding(csr_der: bytes) -> bytes:
+    """SHA-256 of the SubjectPublicKeyInfo of a PKCS#10 CSR (DER).
+
+    Raises:
+        MalformedAttestationError: not a DER CSR.
+    """
+    try:
+        public_key = x509.load_der_x509_csr(csr_der).public_key()
+    except ValueError:
+        raise MalformedAttestationError("the CSR is not a DER PKCS#10 request") from None
+    return hashlib.sha256(public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
+
+
+def check_binding(attestor: str, binding: bytes) -> bytes:
+    """A payload's ``csr_key_sha256``: 32 bytes.
+
+    Raises:
+        MalformedAttestationError: another length.
+    """
+    if len(binding) != hashlib.sha256().digest_size:
+        raise MalformedAttestationError(f"{attestor} payload: 'csr_key_sha256' must be a "
+                                        "SHA-256 (32 bytes)")
+    return binding
+
+
+def challenge_message(attestor: str, trust_domain: TrustDomain, binding: bytes,
+                      nonce: bytes) -> bytes:
+    """The bytes the agent signs: label, attestor, trust domain, CSR key binding
+    (:func:`csr_binding`, 32 bytes), nonce."""
     return b"".join((_LABEL, attestor.encode(), b"\x00", trust_domain.name.encode(),
-                     b"\x00", nonce))
+                     b"\x00", binding, nonce))
 
 
 def check_key(attestor: str, key: object) -> VerifyingKey:

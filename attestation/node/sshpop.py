@@ -203,7 +203,7 @@ def load_credentials(config: AgentAttestorConfig) -> tuple[SSHCertificate, pop.S
 
 
 def make_attestation(config: AgentAttestorConfig, *, trust_domain: TrustDomain,
-                     nonce: bytes) -> tuple[str, bytes]:
+                     nonce: bytes, csr: bytes) -> tuple[str, bytes]:
     """Answer a challenge: the host certificate, the nonce and the signature.
 
     Returns:
@@ -213,9 +213,11 @@ def make_attestation(config: AgentAttestorConfig, *, trust_domain: TrustDomain,
         MalformedAttestationError: see :func:`load_credentials`.
     """
     cert, key = load_credentials(config)
-    signature = pop.sign(key, pop.challenge_message(NAME, trust_domain, nonce))
+    binding = pop.csr_binding(csr)
+    signature = pop.sign(key, pop.challenge_message(NAME, trust_domain, binding, nonce))
     return NAME, json.dumps({
         "certificate": cert.public_bytes().decode(),
+        "csr_key_sha256": pop.b64encode(binding),
         "nonce": pop.b64encode(nonce),
         "signature": pop.b64encode(signature),
     }).encode()
@@ -262,7 +264,7 @@ def parse_server_config(table: object) -> ServerAttestorConfig:
         agent_path_template=pop.PathTemplate.parse(NAME, template, PLACEHOLDERS))
 
 
-def _parse_payload(payload: bytes) -> tuple[str, bytes, bytes]:
+def _parse_payload(payload: bytes) -> tuple[str, bytes, bytes, bytes]:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise MalformedAttestationError(f"{NAME} payload is larger than {MAX_PAYLOAD_BYTES} "
                                         "bytes")
@@ -272,9 +274,10 @@ def _parse_payload(payload: bytes) -> tuple[str, bytes, bytes]:
         raise MalformedAttestationError(f"{NAME} payload is not JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("certificate"), str):
         raise MalformedAttestationError(
-            f'{NAME} payload must be {{"certificate": ..., "nonce": ..., "signature": ...}}')
-    return doc["certificate"], pop.b64field(doc, "nonce", NAME), pop.b64field(
-        doc, "signature", NAME)
+            f'{NAME} payload must be {{"certificate": ..., "csr_key_sha256": ..., '
+            '"nonce": ..., "signature": ...}')
+    return (doc["certificate"], pop.check_binding(NAME, pop.b64field(doc, "csr_key_sha256", NAME)),
+            pop.b64field(doc, "nonce", NAME), pop.b64field(doc, "signature", NAME))
 
 
 def _parse_certificate(text: str) -> SSHCertificate:
@@ -311,7 +314,7 @@ class SshPopVerifier:
             MalformedAttestationError: the payload is not sshpop data.
             AttestationError: refused; the message says why.
         """
-        text, nonce, signature = _parse_payload(payload)
+        text, binding, nonce, signature = _parse_payload(payload)
         cert = _parse_certificate(text)
         if cert.type != SSHCertificateType.HOST:
             raise AttestationError(f"{NAME}: the certificate is a user certificate, not a "
@@ -340,12 +343,12 @@ class SshPopVerifier:
                                    f"({names}), which host certificates must not have")
         key = pop.check_key(NAME, cert.public_key())
         pop.verify_signature(NAME, key, signature,
-                             pop.challenge_message(NAME, self.trust_domain, nonce))
-        result = self._result(cert)  # may still refuse (the template)
+                             pop.challenge_message(NAME, self.trust_domain, binding, nonce))
+        result = self._result(cert, binding)  # may still refuse (the template)
         pop.take_nonce(self.nonces, nonce, attestor=NAME, now=now)
         return result
 
-    def _result(self, cert: SSHCertificate) -> AttestationResult:
+    def _result(self, cert: SSHCertificate, binding: bytes) -> AttestationResult:
         principals = [p.decode(errors="replace") for p in cert.valid_principals]
         key_id = cert.key_id.decode(errors="replace")
         fp = fingerprint(cert)
@@ -357,7 +360,8 @@ class SshPopVerifier:
         if key_id:
             selectors.append(Selector(NAME, f"key_id:{key_id}"))
         selectors.append(Selector(NAME, f"ca:fingerprint:{key_fingerprint(cert.signature_key())}"))
-        return AttestationResult(agent_id=agent, selectors=tuple(dict.fromkeys(selectors)))
+        return AttestationResult(agent_id=agent, selectors=tuple(dict.fromkeys(selectors)),
+                                 csr_binding=binding)
 
 
 def _when(unix: int) -> str:

@@ -159,7 +159,7 @@ def load_credentials(config: AgentAttestorConfig) -> tuple[list[x509.Certificate
 
 
 def make_attestation(config: AgentAttestorConfig, *, trust_domain: TrustDomain,
-                     nonce: bytes) -> tuple[str, bytes]:
+                     nonce: bytes, csr: bytes) -> tuple[str, bytes]:
     """Answer a challenge: the chain, the nonce and the signature over it.
 
     Returns:
@@ -170,10 +170,12 @@ def make_attestation(config: AgentAttestorConfig, *, trust_domain: TrustDomain,
             :func:`load_credentials`).
     """
     chain, key = load_credentials(config)
-    signature = pop.sign(key, pop.challenge_message(NAME, trust_domain, nonce))
+    binding = pop.csr_binding(csr)
+    signature = pop.sign(key, pop.challenge_message(NAME, trust_domain, binding, nonce))
     return NAME, json.dumps({
         "certificates": [pop.b64encode(c.public_bytes(serialization.Encoding.DER))
                          for c in chain],
+        "csr_key_sha256": pop.b64encode(binding),
         "nonce": pop.b64encode(nonce),
         "signature": pop.b64encode(signature),
     }).encode()
@@ -225,7 +227,7 @@ def parse_server_config(table: object) -> ServerAttestorConfig:
         agent_path_template=pop.PathTemplate.parse(NAME, template, PLACEHOLDERS))
 
 
-def _parse_payload(payload: bytes) -> tuple[list[bytes], bytes, bytes]:
+def _parse_payload(payload: bytes) -> tuple[list[bytes], bytes, bytes, bytes]:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise MalformedAttestationError(f"{NAME} payload is larger than {MAX_PAYLOAD_BYTES} "
                                         "bytes")
@@ -235,13 +237,16 @@ def _parse_payload(payload: bytes) -> tuple[list[bytes], bytes, bytes]:
         raise MalformedAttestationError(f"{NAME} payload is not JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("certificates"), list):
         raise MalformedAttestationError(
-            f'{NAME} payload must be {{"certificates": [...], "nonce": ..., "signature": ...}}')
+            f'{NAME} payload must be {{"certificates": [...], "csr_key_sha256": ..., '
+            '"nonce": ..., "signature": ...}')
     raw = doc["certificates"]
     if not raw or len(raw) > MAX_CHAIN:
         raise MalformedAttestationError(
             f"{NAME} payload must hold 1 to {MAX_CHAIN} certificates, not {len(raw)}")
     ders = [pop.b64field({"certificates": c}, "certificates", NAME) for c in raw]
-    return ders, pop.b64field(doc, "nonce", NAME), pop.b64field(doc, "signature", NAME)
+    binding = pop.check_binding(NAME, pop.b64field(doc, "csr_key_sha256", NAME))
+    return (ders, binding, pop.b64field(doc, "nonce", NAME),
+            pop.b64field(doc, "signature", NAME))
 
 
 def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
@@ -332,7 +337,7 @@ class X509PopVerifier:
             MalformedAttestationError: the payload is not x509pop data.
             AttestationError: refused; the message says why.
         """
-        ders, nonce, signature = _parse_payload(payload)
+        ders, binding, nonce, signature = _parse_payload(payload)
         chain: list[x509.Certificate] = []
         for i, der in enumerate(ders):
             try:
@@ -346,13 +351,13 @@ class X509PopVerifier:
         now = self.clock.now()
         verified = _verify_path(leaf, chain[1:], self._bundle, now)
         pop.verify_signature(NAME, key, signature,
-                             pop.challenge_message(NAME, self.trust_domain, nonce))
-        result = self._result(leaf, verified[1:])  # may still refuse (the template)
+                             pop.challenge_message(NAME, self.trust_domain, binding, nonce))
+        result = self._result(leaf, verified[1:], binding)  # may refuse (the template)
         pop.take_nonce(self.nonces, nonce, attestor=NAME, now=now)
         return result
 
-    def _result(self, leaf: x509.Certificate,
-                cas: Sequence[x509.Certificate]) -> AttestationResult:
+    def _result(self, leaf: x509.Certificate, cas: Sequence[x509.Certificate],
+                binding: bytes) -> AttestationResult:
         cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         cn = str(cns[0].value) if cns else None
         san = _extension(leaf, x509.SubjectAlternativeName)
@@ -369,4 +374,5 @@ class X509PopVerifier:
         selectors += [Selector(NAME, f"san:dns:{d}") for d in dns]
         selectors += [Selector(NAME, f"san:uri:{u}") for u in uris]
         selectors.append(Selector(NAME, f"serialnumber:{serial}"))
-        return AttestationResult(agent_id=agent, selectors=tuple(dict.fromkeys(selectors)))
+        return AttestationResult(agent_id=agent, selectors=tuple(dict.fromkeys(selectors)),
+                                 csr_binding=binding)

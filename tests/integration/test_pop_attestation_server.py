@@ -41,6 +41,7 @@ from tests.support.pop import (
 TARGET = "server.sigil.invalid"
 TD = TrustDomain("it.sigil.test")
 NOW = dt.datetime.now(dt.UTC)
+CSR = new_csr(generate_private_key())  # proofs are bound to the CSR they come with
 
 
 class Credentials:
@@ -115,14 +116,14 @@ def _attest(server: RunningServer, attestor: str, payload: bytes) -> agent_pb2.A
     with _stub(server) as stub:
         return stub.AttestAgent(agent_pb2.AttestAgentRequest(  # type: ignore[no-any-return]
             data=agent_pb2.AttestationData(type=attestor, payload=payload),
-            csr=new_csr(generate_private_key())), timeout=20)
+            csr=CSR), timeout=20)
 
 
 def _x509_payload(server: RunningServer, root: Path, chain: list, key: Key,  # type: ignore[type-arg]
                   nonce: bytes | None = None) -> bytes:
     config = write_x509_node(root / "x509-node", chain, key)
     nonce = nonce if nonce is not None else _challenge(server, x509pop.NAME)
-    return x509pop.make_attestation(config, trust_domain=TD, nonce=nonce)[1]
+    return x509pop.make_attestation(config, trust_domain=TD, nonce=nonce, csr=CSR)[1]
 
 
 def _ssh_payload(server: RunningServer, root: Path, ca_key: Key, host_key: Key,
@@ -130,7 +131,7 @@ def _ssh_payload(server: RunningServer, root: Path, ca_key: Key, host_key: Key,
     cert = ssh_host_cert(ca_key, host_key, now=NOW, **kwargs)  # type: ignore[arg-type]
     config = write_ssh_node(root / "ssh-node", cert, host_key)
     return sshpop.make_attestation(config, trust_domain=TD,
-                                   nonce=_challenge(server, sshpop.NAME))[1]
+                                   nonce=_challenge(server, sshpop.NAME), csr=CSR)[1]
 
 
 def _snapshot(server: RunningServer) -> dict[str, list[tuple[object, ...]]]:

@@ -19,11 +19,14 @@ from attestation.node import pop, sshpop
 from attestation.node.errors import AttestationError, MalformedAttestationError
 from ca.config import load_config as load_server_config
 from identity.clock import FakeClock
+from identity.keys import generate_private_key
 from identity.selectors import Selector
 from identity.spiffeid import TrustDomain
+from identity.x509svid import new_csr
 from tests.support.pop import Key, MemoryNonces, new_key, ssh_host_cert, ssh_public, write_ssh_node
 
 TD = TrustDomain("example.org")
+CSR = new_csr(generate_private_key())
 NOW = FakeClock().now()
 
 
@@ -50,7 +53,8 @@ class World:
         if nonce is None:
             nonce, _ = pop.issue_nonce(self.nonces, attestor=attestor, now=self.now)
         config = write_ssh_node(self.tmp / "node", cert, key)
-        return sshpop.make_attestation(config, trust_domain=trust_domain, nonce=nonce)[1]
+        return sshpop.make_attestation(config, trust_domain=trust_domain, nonce=nonce,
+                                       csr=CSR)[1]
 
     def host(self, kind: str = "ed25519", **kwargs: object) -> tuple[SSHCertificate, Key]:
         key = new_key(kind)
@@ -86,6 +90,7 @@ def test_attests_each_key_type(world: World, kind: str) -> None:
         Selector("sshpop", "key_id:node-1"),
         Selector("sshpop", f"ca:fingerprint:{_fp(ssh_public(world.ca_key))}"),
     )
+    assert result.csr_binding == pop.csr_binding(CSR)
     assert world.nonces.issued == {}
 
 
@@ -126,7 +131,8 @@ def _wrong_key(w: World) -> bytes:
     payload = json.loads(w.answer(cert, key))
     nonce = base64.b64decode(payload["nonce"])
     payload["signature"] = pop.b64encode(
-        pop.sign(new_key("ed25519"), pop.challenge_message(sshpop.NAME, TD, nonce)))
+        pop.sign(new_key("ed25519"),
+                 pop.challenge_message(sshpop.NAME, TD, pop.csr_binding(CSR), nonce)))
     return json.dumps(payload).encode()
 
 
@@ -163,6 +169,13 @@ def _truncated_signature(w: World) -> bytes:
     return json.dumps(payload).encode()
 
 
+def _other_csr_key(w: World) -> bytes:
+    cert, key = w.host()
+    payload = json.loads(w.answer(cert, key))
+    payload["csr_key_sha256"] = pop.b64encode(pop.csr_binding(new_csr(generate_private_key())))
+    return json.dumps(payload).encode()
+
+
 def _nonce_of(attestor: str | None) -> Callable[[World], bytes]:
     def build(w: World) -> bytes:
         cert, key = w.host()
@@ -188,6 +201,7 @@ REFUSALS: list[tuple[str, Callable[[World], bytes], str]] = [
     ("truncated certificate", _truncated_certificate, "cannot be parsed"),
     ("plain public key", _plain_key, "cannot be parsed"),
     ("truncated signature", _truncated_signature, "signature over the challenge does not"),
+    ("other CSR key", _other_csr_key, "signature over the challenge does not verify"),
     ("unissued nonce", _nonce_of(None), "nonce was not issued for sshpop"),
     ("nonce of x509pop", _nonce_of("x509pop"), "nonce was not issued for sshpop"),
 ]
@@ -217,7 +231,13 @@ def test_other_trust_domain_and_replay(world: World) -> None:
 @pytest.mark.parametrize(("payload", "message"), [
     (b'{"certificate": "ssh-ed25519-cert-v01@openssh.com AAAA", "nonce": "AA', "not JSON"),
     (b'{"nonce": "AA==", "signature": "AA=="}', "payload must be"),
-    (b'{"certificate": "x", "nonce": "AA==", "signature": "**"}', "not base64"),
+    (b'{"certificate": "x", "csr_key_sha256": "", "nonce": "AA==", "signature": "AA=="}',
+     "'csr_key_sha256' must be a base64"),
+    (json.dumps({"certificate": "x", "csr_key_sha256": pop.b64encode(b"b" * 32),
+                 "nonce": "AA==", "signature": "**"}).encode(), "'signature' is not base64"),
+    (json.dumps({"certificate": "x", "csr_key_sha256": pop.b64encode(b"b" * 31),
+                 "nonce": "AA==", "signature": "AA=="}).encode(),
+     "'csr_key_sha256' must be a SHA-256"),
     (b" " * (sshpop.MAX_PAYLOAD_BYTES + 1), "larger than"),
 ])
 def test_malformed_payloads(world: World, payload: bytes, message: str) -> None:
@@ -229,7 +249,7 @@ def test_agent_half_refuses_a_key_of_another_certificate(world: World) -> None:
     cert, _key = world.host()
     config = write_ssh_node(world.tmp / "node", cert, new_key("ed25519"))
     with pytest.raises(MalformedAttestationError, match="is not the key certified by"):
-        sshpop.make_attestation(config, trust_domain=TD, nonce=b"n" * 32)
+        sshpop.make_attestation(config, trust_domain=TD, nonce=b"n" * 32, csr=CSR)
 
 
 @pytest.mark.parametrize(("content", "message"), [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import pickle
 from collections.abc import Callable
@@ -18,8 +19,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from attestation.node import pop, x509pop
 from attestation.node.errors import AttestationError, MalformedAttestationError
 from identity.clock import FakeClock
+from identity.keys import generate_private_key
 from identity.selectors import Selector
 from identity.spiffeid import TrustDomain
+from identity.x509svid import new_csr
 from tests.support.pop import (
     Key,
     MemoryNonces,
@@ -33,6 +36,11 @@ from tests.support.pop import (
 )
 
 TD = TrustDomain("example.org")
+CSR_KEY = generate_private_key()
+CSR = new_csr(CSR_KEY)
+# Computed here, not with pop.csr_binding: the SHA-256 of the CSR key's SPKI.
+BINDING = hashlib.sha256(CSR_KEY.public_key().public_bytes(
+    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
 
 
 @dataclass
@@ -54,7 +62,7 @@ class World:
             nonce, _ = pop.issue_nonce(self.nonces, attestor=attestor, now=self.now)
         config = write_x509_node(self.tmp / "node", chain, key)
         _kind, payload = x509pop.make_attestation(config, trust_domain=trust_domain,
-                                                  nonce=nonce)
+                                                  nonce=nonce, csr=CSR)
         return payload
 
 
@@ -89,6 +97,7 @@ def test_attests_each_key_type(world: World, kind: str) -> None:
         Selector("x509pop", "serialnumber:abc"),
     )
     assert result.alias is None
+    assert result.csr_binding == BINDING
     assert world.nonces.issued == {}, "the answered nonce is spent"
 
 
@@ -146,7 +155,7 @@ def _sign_with_other_key(w: World) -> bytes:
     nonce = base64.b64decode(payload["nonce"])
     other = new_key()
     payload["signature"] = pop.b64encode(
-        pop.sign(other, pop.challenge_message(x509pop.NAME, TD, nonce)))
+        pop.sign(other, pop.challenge_message(x509pop.NAME, TD, BINDING, nonce)))
     return json.dumps(payload).encode()
 
 
@@ -188,6 +197,14 @@ def _nonce_for_sshpop(w: World) -> bytes:
     return w.answer([x509_leaf(w.ca, key, now=w.now)], key, nonce=nonce)
 
 
+def _other_csr_key(w: World) -> bytes:
+    # A proof made for one CSR key, presented as if for another.
+    key = new_key()
+    payload = json.loads(w.answer([x509_leaf(w.ca, key, now=w.now)], key))
+    payload["csr_key_sha256"] = pop.b64encode(pop.csr_binding(new_csr(generate_private_key())))
+    return json.dumps(payload).encode()
+
+
 def _other_trust_domain(w: World) -> bytes:
     key = new_key()
     return w.answer([x509_leaf(w.ca, key, now=w.now)], key,
@@ -212,6 +229,7 @@ REFUSALS: list[tuple[str, Callable[[World], bytes], str]] = [
     ("weak RSA", _leaf_case(key="rsa1024"), "RSA key of 1024 bits is too weak"),
     ("wrong key", _sign_with_other_key, "signature over the challenge does not verify"),
     ("other trust domain", _other_trust_domain, "signature over the challenge does not verify"),
+    ("other CSR key", _other_csr_key, "signature over the challenge does not verify"),
     ("unissued nonce", _unissued_nonce, "nonce was not issued for x509pop"),
     ("nonce of sshpop", _nonce_for_sshpop, "nonce was not issued for x509pop"),
     ("truncated certificate", _truncate("certificates", lambda b: b[: len(b) // 2]),
@@ -254,7 +272,10 @@ def test_replay_and_expired_nonce(world: World) -> None:
     (json.dumps({"certificates": ["AA=="] * 9, "nonce": "AA==", "signature": "AA=="}).encode(),
      "1 to 8 certificates"),
     (b'{"certificates": ["%%%"], "nonce": "AA==", "signature": "AA=="}', "not base64"),
-    (b'{"certificates": ["AA=="], "signature": "AA=="}', "'nonce' must be"),
+    (b'{"certificates": ["AA=="], "csr_key_sha256": "AA==", "signature": "AA=="}',
+     "'csr_key_sha256' must be a SHA-256"),
+    (json.dumps({"certificates": ["AA=="], "csr_key_sha256": pop.b64encode(b"b" * 32),
+                 "signature": "AA=="}).encode(), "'nonce' must be"),
     (b'{"certificates": [1], "nonce": "AA==", "signature": "AA=="}', "must be a base64"),
     (b" " * (x509pop.MAX_PAYLOAD_BYTES + 1), "larger than"),
 ])
@@ -268,7 +289,7 @@ def test_agent_half_refuses_a_key_of_another_certificate(world: World) -> None:
     config = write_x509_node(world.tmp / "node", [x509_leaf(world.ca, key, now=world.now)],
                              other)
     with pytest.raises(MalformedAttestationError, match="does not belong to"):
-        x509pop.make_attestation(config, trust_domain=TD, nonce=b"n" * 32)
+        x509pop.make_attestation(config, trust_domain=TD, nonce=b"n" * 32, csr=CSR)
 
 
 def test_agent_half_appends_intermediates(world: World) -> None:
@@ -280,7 +301,7 @@ def test_agent_half_appends_intermediates(world: World) -> None:
     config = x509pop.AgentAttestorConfig(config.certificate_path, config.private_key_path,
                                          world.tmp / "inter.pem")
     nonce, _ = pop.issue_nonce(world.nonces, attestor=x509pop.NAME, now=world.now)
-    kind, payload = x509pop.make_attestation(config, trust_domain=TD, nonce=nonce)
+    kind, payload = x509pop.make_attestation(config, trust_domain=TD, nonce=nonce, csr=CSR)
     assert kind == "x509pop"
     sent = [base64.b64decode(c) for c in json.loads(payload)["certificates"]]
     assert sent == [c.public_bytes(serialization.Encoding.DER) for c in (leaf, intermediate.cert)]
