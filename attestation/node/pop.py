@@ -264,7 +264,12 @@ class PathTemplate:
                 raise ValueError(f"agent_path_template {template!r}: only letters, "
                                  "digits, '.', '_', '-' and '/' may appear outside "
                                  "placeholders")
-        return cls(attestor, template)
+        parsed = cls(attestor, template)
+        try:  # empty segments, '..': refused now rather than at every attestation
+            parsed.render(TrustDomain("example.org"), dict.fromkeys(placeholders, "x"))
+        except AttestationError as exc:
+            raise ValueError(f"agent_path_template {template!r}: {exc}") from None
+        return parsed
 
     def render(self, trust_domain: TrustDomain, values: Mapping[str, str | None]) -> SpiffeId:
         """The agent ID for one credential.

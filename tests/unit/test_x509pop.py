@@ -143,6 +143,8 @@ def test_agent_path_template(tmp_path: Path) -> None:
     ("x509pop/{fingerprint!r}", "unknown placeholder"),
     ("x509pop/{fingerprint", "x509pop/{fingerprint"),
     ("x509pop/a b/{fingerprint}", "only letters"),
+    ("x509pop//{fingerprint}", "the agent ID is not valid"),
+    ("x509pop/../{fingerprint}", "the agent ID is not valid"),
 ])
 def test_bad_templates_are_refused_at_load(template: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
