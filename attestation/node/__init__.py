@@ -35,5 +35,5 @@ class AttestationResult:
     csr_binding: bytes | None = None
 
 
-NODE_ATTESTORS: tuple[str, ...] = ("join_token",)
+NODE_ATTESTORS: tuple[str, ...] = ("join_token", "k8s_psat", "x509pop", "sshpop")
 """The node attestors the server knows, by name."""
