@@ -13,7 +13,8 @@ Start-up order (DESIGN flow 2):
    restart while the server is down keeps serving them; otherwise a first sync
    runs before the socket opens;
 4. the sync loop runs until :meth:`Agent.stop`. If the server has evicted the
-   agent, it attests again: with k8s_psat, with a fresh projected token; with a
+   agent, it attests again: with k8s_psat, with a fresh projected token; with
+   x509pop or sshpop, with a fresh challenge signed by the node's key; with a
    join token only if it has one it has not spent (the token named in its own
    agent ID was used by its first attestation, and one the server refused is
    not presented again), otherwise the log says it needs a new one.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from agent import log
 from agent.cache import Cache
@@ -38,7 +40,7 @@ from agent.health import health_handler
 from agent.manager import Manager
 from agent.state import AgentState
 from agent.workload_api.server import WorkloadApiServer
-from attestation.node import join_token, k8s_psat
+from attestation.node import join_token, k8s_psat, sshpop, x509pop
 from attestation.node.join_token import make_attestation
 from attestation.workload.k8s import K8sAttestor
 from attestation.workload.unix import UnixAttestor
@@ -154,7 +156,7 @@ class Agent:
         """
         assert self.manager is not None
         token_id = None
-        if self.config.k8s_psat is None:
+        if self.config.uses_join_token:
             token_id = self._unspent_join_token_id(self.manager.agent_svid.spiffe_id)
         try:
             svid, _bundle = await self._attest(self.manager.bundle)
@@ -234,6 +236,9 @@ class Agent:
         return await self._attest(bundle)
 
     async def _attest(self, bundle: Bundle) -> tuple[X509Svid, Bundle]:
+        prove = self._proof_of_possession()
+        if prove is not None:
+            return await self._attest_with(bundle, prove[0], prove[1])
         psat = self.config.k8s_psat
         if psat is not None:
             # A fresh projected token on every attestation: the kubelet rotates it.
@@ -254,8 +259,34 @@ class Agent:
             raise BootstrapError(f"join token: {exc}") from None
         return await self._attest_with(bundle, attestation_type, payload)
 
+    def _proof_of_possession(self) -> tuple[str, Callable[[bytes, bytes], bytes]] | None:
+        """x509pop / sshpop: the attestor's name and how to answer a nonce.
+
+        The node's credentials are read now, so a missing or mismatched file stops
+        the agent before it asks the server for anything, and again when answering
+        (a renewed certificate is picked up on the next attestation).
+
+        Raises:
+            BootstrapError: the credentials cannot be used.
+        """
+        td = self.config.trust_domain
+        x509_cfg, ssh_cfg = self.config.x509pop, self.config.sshpop
+        try:
+            if x509_cfg is not None:
+                x509pop.load_credentials(x509_cfg)
+                return x509pop.NAME, lambda nonce, csr: x509pop.make_attestation(
+                    x509_cfg, trust_domain=td, nonce=nonce, csr=csr)[1]
+            if ssh_cfg is not None:
+                sshpop.load_credentials(ssh_cfg)
+                return sshpop.NAME, lambda nonce, csr: sshpop.make_attestation(
+                    ssh_cfg, trust_domain=td, nonce=nonce, csr=csr)[1]
+        except SigilError as exc:
+            raise BootstrapError(str(exc)) from None
+        return None
+
     async def _attest_with(
-        self, bundle: Bundle, attestation_type: str, payload: bytes
+        self, bundle: Bundle, attestation_type: str,
+        payload: bytes | Callable[[bytes, bytes], bytes],
     ) -> tuple[X509Svid, Bundle]:
         roots = roots_pem(bundle)
         # Before any attestation data leaves: a join token sent to the server of
@@ -267,9 +298,15 @@ class Agent:
                 f"the server is {actual}")
         self.client.configure(roots_pem=roots)
         key = generate_private_key()
+        csr = new_csr(key)
         try:
+            if callable(payload):
+                # Challenge-response (x509pop, sshpop): sign a fresh server nonce,
+                # bound to this CSR's key.
+                nonce = await self.client.attestation_challenge(attestation_type)
+                payload = payload(nonce, csr)
             result = await self.client.attest(
-                attestation_type=attestation_type, payload=payload, csr=new_csr(key), key=key
+                attestation_type=attestation_type, payload=payload, csr=csr, key=key
             )
         except ServerCallError as exc:
             refused = exc.code in ("PERMISSION_DENIED", "INVALID_ARGUMENT")

@@ -49,6 +49,15 @@ Examples:
 
   # Later starts reuse the SVID stored in --data-dir (no token needed)
   sigil-agent run --config /etc/sigil/agent.toml
+
+\b
+  # A VM fleet: prove the node with its own certificate instead of a token.
+  # In the config file, either (docs/attestation.md):
+  #   [node_attestor.x509pop]  certificate_path, private_key_path,
+  #                            intermediates_path (optional)
+  #   [node_attestor.sshpop]   host_key_path, host_cert_path
+  #                            [/etc/ssh/ssh_host_rsa_key, ...-cert.pub]
+  sigil-agent run --config /etc/sigil/agent.toml --trust-bundle bundle.pem
 """
 
 

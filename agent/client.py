@@ -190,6 +190,18 @@ class ServerClient:
 
     # Calls -------------------------------------------------------------------
 
+    async def attestation_challenge(self, attestation_type: str) -> bytes:
+        """GetAttestationChallenge: a fresh nonce for x509pop or sshpop.
+
+        Raises:
+            ServerCallError: refused (attestor not enabled) or unreachable.
+        """
+        request = apb.AttestationChallengeRequest(type=attestation_type)
+        resp: apb.AttestationChallengeResponse = await self._call(  # type: ignore[assignment]
+            "GetAttestationChallenge", request, apb.AttestationChallengeResponse
+        )
+        return resp.nonce
+
     async def attest(
         self, *, attestation_type: str, payload: bytes, csr: bytes, key: PrivateKey
     ) -> AttestResult:

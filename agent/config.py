@@ -27,7 +27,7 @@ from typing import Any
 
 from agent.endpoint import parse_endpoint_address
 from agent.errors import ConfigError, EndpointAddressError
-from attestation.node import k8s_psat
+from attestation.node import k8s_psat, sshpop, x509pop
 from attestation.workload import k8s as k8s_workload
 from attestation.workload.unix import UnixAttestorConfig
 from identity import configvalues
@@ -133,6 +133,8 @@ class AgentConfig:
         unix: options of the unix workload attestor.
         k8s: options of the k8s workload attestor; None when it is off.
         k8s_psat: attest the node with k8s_psat (instead of a join token); None: off.
+        x509pop: attest the node with its X.509 certificate and key; None: off.
+        sshpop: attest the node with its SSH host certificate and key; None: off.
         log_level: debug, info, warning or error.
         log_format: text or json.
         max_connections: Workload API connections open at once; more are
@@ -165,6 +167,13 @@ class AgentConfig:
     k8s: k8s_workload.K8sAttestorConfig | None = None
     k8s_psat: k8s_psat.AgentAttestorConfig | None = None
     sds: SdsSettings = field(default_factory=SdsSettings)
+    x509pop: x509pop.AgentAttestorConfig | None = None
+    sshpop: sshpop.AgentAttestorConfig | None = None
+
+    @property
+    def uses_join_token(self) -> bool:
+        """No other node attestor is configured: the agent attests with a join token."""
+        return self.k8s_psat is None and self.x509pop is None and self.sshpop is None
 
 
 def parse_duration(text: object, *, key: str | None = None) -> dt.timedelta:
@@ -389,18 +398,28 @@ def _validate(raw: Mapping[str, Any]) -> AgentConfig:
     psat_table = raw.get("node_attestor")
     try:
         k8s = k8s_workload.parse_config(k8s_opts) if k8s_opts is not None else None
-        psat = None
+        psat = x509 = ssh = None
         if psat_table is not None:
-            if not isinstance(psat_table, dict) or set(psat_table) - {k8s_psat.NAME}:
-                raise ValueError("node_attestor may only hold a [node_attestor.k8s_psat] "
-                                 "table (join_token needs none)")
-            psat = k8s_psat.parse_agent_config(psat_table.get(k8s_psat.NAME))
+            known = {k8s_psat.NAME, x509pop.NAME, sshpop.NAME}
+            if (not isinstance(psat_table, dict) or set(psat_table) - known
+                    or len(psat_table) != 1):
+                raise ValueError("node_attestor must hold one table of: "
+                                 "[node_attestor.k8s_psat], [node_attestor.x509pop], "
+                                 "[node_attestor.sshpop] (join_token needs none)")
+            if k8s_psat.NAME in psat_table:
+                psat = k8s_psat.parse_agent_config(psat_table[k8s_psat.NAME])
+            if x509pop.NAME in psat_table:
+                x509 = x509pop.parse_agent_config(psat_table[x509pop.NAME])
+            if sshpop.NAME in psat_table:
+                ssh = sshpop.parse_agent_config(psat_table[sshpop.NAME])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return AgentConfig(
         sds=_sds(raw.get("sds")),
         k8s=k8s,
         k8s_psat=psat,
+        x509pop=x509,
+        sshpop=ssh,
         max_connections=max_connections,
         max_connections_per_uid=per_uid,
         connection_preface_timeout=preface_timeout,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ca import caconfig, opsconfig
+from ca import caconfig, opsconfig, popconfig
 from ca.dburl import parse_database_url
 from ca.defaults import (
     DATABASE_FILE,
@@ -127,6 +127,7 @@ class ServerConfig:
     ca: caconfig.CaConfig = caconfig.CaConfig()  # noqa: RUF009
     kubernetes: k8sconfig.KubernetesConfig = k8sconfig.KubernetesConfig()  # noqa: RUF009
     federation: fedconfig.FederationConfig = fedconfig.FederationConfig()  # noqa: RUF009
+    node_pop: popconfig.PopConfig = popconfig.PopConfig()  # noqa: RUF009
 
     @property
     def key_dir(self) -> Path:
@@ -257,5 +258,6 @@ def _validate(raw: Mapping[str, Any]) -> ServerConfig:
         ops=ops,
         ca=ca,
         kubernetes=k8sconfig.validate(raw),
+        node_pop=popconfig.validate(raw),
         federation=fedconfig.validate(raw, trust_domain),
     )

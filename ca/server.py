@@ -41,6 +41,7 @@ from ca.kubernetes.config import node_verifiers
 from ca.kubernetes.service import KubernetesServices
 from ca.log import event
 from ca.metrics import StateCollector, build_registry, multiprocess_dir
+from ca.popconfig import pop_verifiers
 from ca.ratelimit import BucketTable, RateLimiter
 from identity.clock import Clock, SystemClock
 from identity.errors import SigilError
@@ -218,7 +219,10 @@ class SigilServer:
                                                   self.clock)
         deps = ApiDeps(config=cfg, datastore=self.datastore, authority=self.authority,
                        clock=self.clock,
-                       node_verifiers=node_verifiers(cfg.kubernetes, cfg.trust_domain),
+                       node_verifiers={
+                           **node_verifiers(cfg.kubernetes, cfg.trust_domain),
+                           **pop_verifiers(cfg.node_pop, cfg.trust_domain, self.datastore,
+                                           self.clock)},
                        refresher=self._federation.refresher if self._federation else None)
 
         host, port = parse_host_port(cfg.bind_address)

@@ -23,12 +23,17 @@ class AttestationResult:
         selectors: the node's selectors.
         alias: an extra SPIFFE ID the agent should be known by (a node-alias entry),
             or None.
+        csr_binding: for proofs bound to the agent's SVID key (x509pop, sshpop):
+            the SHA-256 of the SubjectPublicKeyInfo the proof covers
+            (:func:`attestation.node.pop.csr_binding`). AttestAgent must refuse a
+            CSR whose key gives another value. None: the attestor binds none.
     """
 
     agent_id: SpiffeId
     selectors: Sequence[Selector]
     alias: SpiffeId | None = None
+    csr_binding: bytes | None = None
 
 
-NODE_ATTESTORS: tuple[str, ...] = ("join_token",)
+NODE_ATTESTORS: tuple[str, ...] = ("join_token", "k8s_psat", "x509pop", "sshpop")
 """The node attestors the server knows, by name."""

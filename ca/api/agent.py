@@ -8,6 +8,7 @@ other method authenticates the agent from its client certificate (see
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -17,8 +18,9 @@ from cryptography import x509
 
 from api.protos.sigil.agent.v1 import agent_pb2, agent_pb2_grpc
 from api.protos.sigil.types.v1 import types_pb2
-from attestation.node import join_token
+from attestation.node import join_token, pop
 from attestation.node.errors import UnknownAttestorError
+from attestation.node.pop import CHALLENGE_ATTESTORS, issue_nonce
 from ca.api.convert import (
     entry_to_proto,
     own_bundle_to_proto,
@@ -192,6 +194,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         # the transaction, so no database transaction waits on the network.
         verified = verifier(request.data.payload) if verifier is not None else None
         if verified is not None:
+            # A proof of possession (x509pop, sshpop) signs the CSR's key: one made for
+            # another attestation cannot be relayed with this CSR.
+            if (verified.csr_binding is not None
+                    and not hmac.compare_digest(verified.csr_binding,
+                                                pop.csr_binding(request.csr))):
+                raise PermissionDeniedError(
+                    f"{attestor}: the proof was made for another CSR key")
             agent_id = verified.agent_id
         else:
             # Read-only: a token the transaction would refuse costs no signature.
@@ -374,3 +383,22 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             token=signed.token, spiffe_id=str(entry.spiffe_id),
             issued_at=_ts(signed.issued_at), expires_at=_ts(signed.expires_at),
         )
+
+    @grpc_method("agent")
+    def GetAttestationChallenge(
+        self, request: agent_pb2.AttestationChallengeRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.AttestationChallengeResponse:
+        """A fresh single-use nonce for a challenge-response attestor (x509pop, sshpop).
+
+        Unauthenticated, like AttestAgent, so it shares AttestAgent's per-address
+        rate limit: each nonce is a datastore row until answered or expired.
+        """
+        peer = context.peer()
+        self._rate.check_attestation(self._peer_address(peer) or peer)
+        attestor = request.type
+        if attestor not in CHALLENGE_ATTESTORS or attestor not in self._d.node_verifiers:
+            raise UnknownAttestorError(
+                f"node attestor {attestor!r} is not enabled or takes no challenge")
+        nonce, expires_at = issue_nonce(self._d.datastore, attestor=attestor,
+                                        now=self._d.clock.now())
+        return agent_pb2.AttestationChallengeResponse(nonce=nonce, expires_at=_ts(expires_at))

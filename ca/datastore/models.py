@@ -196,6 +196,21 @@ class JoinToken(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
 
 
+class AttestationNonce(Base):
+    """A challenge nonce issued to an agent and not yet answered (x509pop, sshpop).
+
+    Only its SHA-256 is kept; the row is deleted when the nonce is answered, so a
+    nonce counts once, whichever server or worker process checks the answer.
+    """
+
+    __tablename__ = "attestation_nonces"
+
+    nonce_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    attestor: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
 class BundleRow(Base):
     """A trust domain's bundle as a SPIFFE bundle document (JWKS JSON)."""
 

@@ -604,6 +604,36 @@ class Datastore(FederationQueries):
             result = s.execute(delete(m.JoinToken).where(m.JoinToken.expires_at < _ts(before)))
             return int(getattr(result, "rowcount", 0))
 
+    # ---- attestation nonces (x509pop, sshpop) ------------------------------------
+
+    def add_attestation_nonce(self, nonce_sha256: str, *, attestor: str,
+                              expires_at: dt.datetime, now: dt.datetime) -> None:
+        """Record an issued challenge nonce (see attestation.node.pop.NonceStore).
+
+        Nonces that expired unanswered are dropped in the same transaction, so the
+        table holds at most what was issued within the nonce lifetime.
+        """
+        with self._session() as s:
+            s.execute(delete(m.AttestationNonce)
+                      .where(m.AttestationNonce.expires_at < _ts(now))
+                      .execution_options(synchronize_session=False))
+            s.add(m.AttestationNonce(nonce_sha256=nonce_sha256, attestor=attestor,
+                                     expires_at=_ts(expires_at), created_at=_ts(now)))
+
+    def take_attestation_nonce(self, nonce_sha256: str, *, attestor: str,
+                               now: dt.datetime) -> bool:
+        """Spend a nonce: True when this call deleted it (issued for ``attestor``,
+        unexpired). The conditional DELETE alone decides, so of two concurrent
+        answers (other workers, other servers) at most one wins."""
+        with self._session() as s:
+            result = s.execute(
+                delete(m.AttestationNonce)
+                .where(m.AttestationNonce.nonce_sha256 == nonce_sha256,
+                       m.AttestationNonce.attestor == attestor,
+                       m.AttestationNonce.expires_at > _ts(now))
+                .execution_options(synchronize_session=False))
+            return int(getattr(result, "rowcount", 0)) == 1
+
     # ---- nodes -------------------------------------------------------------------
 
     def get_node(self, spiffe_id: SpiffeId) -> NodeRecord | None:

@@ -18,6 +18,7 @@ from attestation.node import AttestationResult
 from attestation.node.k8s_psat import NAME as K8S_PSAT
 from attestation.node.k8s_psat import ClusterConfig, K8sPsatVerifier, parse_clusters
 from ca.errors import ConfigError
+from ca.popconfig import NAMES as POP_ATTESTORS
 from identity.configvalues import parse_duration
 from identity.errors import InvalidValueError
 from identity.spiffeid import TrustDomain
@@ -93,11 +94,13 @@ def _validate_attestors(attestors: object) -> tuple[tuple[ClusterConfig, KubeCon
     if not isinstance(attestors, dict):
         raise ConfigError("node_attestors must be a table")
     for name in attestors:
-        if name != K8S_PSAT:
+        if name not in (K8S_PSAT, *POP_ATTESTORS):
             raise ConfigError(
                 f"unknown key 'node_attestors.{name}' (configurable node attestors: "
-                f"{K8S_PSAT}; join_token is always on)"
+                f"{', '.join((K8S_PSAT, *POP_ATTESTORS))}; join_token is always on)"
             )
+    if K8S_PSAT not in attestors:
+        return ()  # only x509pop / sshpop: ca/popconfig.py
     try:
         clusters = parse_clusters(attestors.get(K8S_PSAT))
     except ValueError as exc:

@@ -43,8 +43,13 @@ kubelet_read_only_port = 10255
      "node_attestor.k8s_psat.cluster is required: the cluster name the server knows"),
     ("[node_attestor.k8s_psat]\ncluster = \"p\"\naudience = \"x\"\n",
      "unknown key 'node_attestor.k8s_psat.audience'"),
-    ("[node_attestor.x509pop]\n",
-     "node_attestor may only hold a [node_attestor.k8s_psat] table (join_token needs none)"),
+    ("[node_attestor.tpm]\n",
+     "node_attestor must hold one table of: [node_attestor.k8s_psat], [node_attestor.x509pop], "
+     "[node_attestor.sshpop] (join_token needs none)"),
+    ("[node_attestor.sshpop]\n[node_attestor.x509pop]\ncertificate_path = \"/c\"\n"
+     "private_key_path = \"/k\"\n",
+     "node_attestor must hold one table of: [node_attestor.k8s_psat], [node_attestor.x509pop], "
+     "[node_attestor.sshpop] (join_token needs none)"),
     ("[workload_attestors.k8s]\nkubelet_secure_port = 70000\n",
      "workload_attestors.k8s.kubelet_secure_port must be a whole number from 1 to 65535, "
      "not 70000"),

@@ -33,9 +33,15 @@ def test_default_is_off(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
+    ("[node_attestors.tpm]\n",
+     "unknown key 'node_attestors.tpm' (configurable node attestors: k8s_psat, x509pop, "
+     "sshpop; join_token is always on)"),
     ("[node_attestors.x509pop]\n",
-     "unknown key 'node_attestors.x509pop' (configurable node attestors: k8s_psat; "
-     "join_token is always on)"),
+     "node_attestors.x509pop.ca_bundle_path is required: a PEM file of the CA certificates "
+     "that issue node certificates"),
+    ("[node_attestors.sshpop]\ncert_authorities_path = \"/nonexistent/cas\"\n",
+     "node_attestors.sshpop.cert_authorities_path /nonexistent/cas: cannot read: "
+     "No such file or directory"),
     ('node_attestors = "k8s_psat"\n', "node_attestors must be a table"),
     ("[node_attestors.k8s_psat.clusters.prod]\nservice_account_allow_list = []\n",
      "node_attestors.k8s_psat.clusters.prod.service_account_allow_list must be a non-empty "

@@ -15,6 +15,20 @@ class AttestationData(_message.Message):
     payload: bytes
     def __init__(self, type: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
+class AttestationChallengeRequest(_message.Message):
+    __slots__ = ("type",)
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    def __init__(self, type: _Optional[str] = ...) -> None: ...
+
+class AttestationChallengeResponse(_message.Message):
+    __slots__ = ("nonce", "expires_at")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    expires_at: int
+    def __init__(self, nonce: _Optional[bytes] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
 class AttestAgentRequest(_message.Message):
     __slots__ = ("data", "csr")
     DATA_FIELD_NUMBER: _ClassVar[int]

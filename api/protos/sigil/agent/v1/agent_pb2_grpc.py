@@ -39,6 +39,11 @@ class AgentStub:
                 request_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.AttestAgentRequest.SerializeToString,
                 response_deserializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.AttestAgentResponse.FromString,
                 _registered_method=True)
+        self.GetAttestationChallenge = channel.unary_unary(
+                '/sigil.agent.v1.Agent/GetAttestationChallenge',
+                request_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.AttestationChallengeRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.AttestationChallengeResponse.FromString,
+                _registered_method=True)
         self.RenewAgent = channel.unary_unary(
                 '/sigil.agent.v1.Agent/RenewAgent',
                 request_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.RenewAgentRequest.SerializeToString,
@@ -71,6 +76,15 @@ class AgentServicer:
 
     def AttestAgent(self, request, context):
         """Node attestation: proves which node the agent runs on, returns its SVID.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAttestationChallenge(self, request, context):
+        """A fresh single-use nonce for a challenge-response node attestor (x509pop,
+        sshpop): the agent signs it and sends the proof in AttestAgent's payload.
+        Needs no client certificate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +134,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.AttestAgent,
                     request_deserializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.AttestAgentRequest.FromString,
                     response_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.AttestAgentResponse.SerializeToString,
+            ),
+            'GetAttestationChallenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAttestationChallenge,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.AttestationChallengeRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.AttestationChallengeResponse.SerializeToString,
             ),
             'RenewAgent': grpc.unary_unary_rpc_method_handler(
                     servicer.RenewAgent,
@@ -174,6 +193,33 @@ class Agent:
             '/sigil.agent.v1.Agent/AttestAgent',
             api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.AttestAgentRequest.SerializeToString,
             api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.AttestAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAttestationChallenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.agent.v1.Agent/GetAttestationChallenge',
+            api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.AttestationChallengeRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.AttestationChallengeResponse.FromString,
             options,
             channel_credentials,
             insecure,
