@@ -1,0 +1,158 @@
+"""The agent API's TLS front under a flood of idle connections (issue 10, section 5).
+
+An attacker opened thousands of TLS connections without a client certificate and
+then said nothing: the front kept every one (each also relayed to the internal
+server, three descriptors apiece), the process ran out of descriptors, real agents
+and the admin CLI hung, and the log grew by a line per failure. Here the server
+runs with a small open-file limit (so a few hundred connections are a flood) and
+small caps and deadlines in its config file; the flood comes from other loopback
+addresses than the real agent's (127.0.0.2 and 127.0.0.3; Linux routes all of
+127.0.0.0/8 to the loopback interface).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from api.protos.sigil.agent.v1 import agent_pb2, agent_pb2_grpc
+from attestation.node.join_token import make_attestation
+from identity.keys import generate_private_key, private_key_to_pem
+from identity.x509svid import certificates_to_pem, new_csr
+from tests.integration import conftest
+from tests.integration.conftest import RunningServer
+
+TARGET = "server.sigil.invalid"
+OPEN_FILES = 400  # the server's limit: room for (400 - 128) / 3 = 90 connections
+PER_IP = 16
+TIMEOUT_SECONDS = 3
+IDLE_TLS = 300  # from 127.0.0.2: completes the handshake, then sends nothing
+SILENT_TCP = 20  # from 127.0.0.3: connects and never sends a ClientHello
+FRONT_EVENTS = ("tls handshake failed", "agent connection", "agent listener error")
+
+
+@pytest.fixture
+def limited_server(server_root: Path, monkeypatch: pytest.MonkeyPatch
+                   ) -> Iterator[RunningServer]:
+    config = server_root / "server.toml"
+    config.write_text(
+        f"agent_api_max_connections_per_ip = {PER_IP}\n"
+        f'agent_api_handshake_timeout = "{TIMEOUT_SECONDS}s"\n'
+        f'agent_api_preface_timeout = "{TIMEOUT_SECONDS}s"\n')
+    plain = conftest.server_command()
+    monkeypatch.setattr(conftest, "server_command",
+                        lambda: ["prlimit", f"--nofile={OPEN_FILES}:{OPEN_FILES}", *plain])
+    srv = RunningServer(trust_domain="limits.sigil.test", data_dir=server_root / "data",
+                        socket_path=server_root / "admin" / "admin.sock",
+                        extra_args=("--config", str(config)))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        code = srv.stop()
+    assert code == 0, f"server exited with {code}:\n{srv.log}"
+    assert "Traceback" not in srv.log, srv.log
+
+
+class Flood:
+    """Idle connections held open on a private event loop, run between the steps."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.loop = asyncio.new_event_loop()
+        self.held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.refused = 0
+
+    async def _tls(self, source: str) -> None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_alpn_protocols(["h2"])
+        try:
+            conn = await asyncio.open_connection(
+                "127.0.0.1", self.port, ssl=ctx, server_hostname=TARGET,
+                local_addr=(source, 0), ssl_handshake_timeout=15)
+        except (OSError, TimeoutError):
+            self.refused += 1
+            return
+        self.held.append(conn)
+
+    async def _tcp(self, source: str) -> None:
+        self.held.append(await asyncio.open_connection("127.0.0.1", self.port,
+                                                       local_addr=(source, 0)))
+
+    def open(self, *, tls: int, tcp: int) -> None:
+        async def _all() -> None:
+            await asyncio.gather(*(self._tls("127.0.0.2") for _ in range(tls)),
+                                 *(self._tcp("127.0.0.3") for _ in range(tcp)))
+        self.loop.run_until_complete(asyncio.wait_for(_all(), 60))
+
+    def still_open(self, within: float) -> int:
+        """How many held connections the server has not closed within ``within`` s."""
+        async def _closed(reader: asyncio.StreamReader) -> bool:
+            try:
+                return await asyncio.wait_for(reader.read(1), within) == b""
+            except (OSError, TimeoutError):
+                return isinstance(reader.exception(), OSError) or reader.at_eof()
+        async def _all() -> list[bool]:
+            return await asyncio.gather(*(_closed(r) for r, _w in self.held))
+        return sum(not c for c in self.loop.run_until_complete(_all()))
+
+    def close(self) -> None:
+        for _r, w in self.held:
+            w.transport.abort()
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+
+
+def _attest_and_sync(server: RunningServer) -> None:
+    """What a real agent does first: a join token, AttestAgent, then mTLS sync."""
+    token = server.cli("token", "generate", "--output", "json", timeout=30)
+    assert token.returncode == 0, token.stderr
+    roots = server.cli("bundle", "show", "--format", "pem", timeout=30)
+    assert roots.returncode == 0, roots.stderr
+    key = generate_private_key()
+    kind, payload = make_attestation(json.loads(token.stdout)["token"])
+    opts = [("grpc.ssl_target_name_override", TARGET)]
+    creds = grpc.ssl_channel_credentials(root_certificates=roots.stdout.encode())
+    with grpc.secure_channel(server.address, creds, options=opts) as ch:
+        resp = agent_pb2_grpc.AgentStub(ch).AttestAgent(agent_pb2.AttestAgentRequest(
+            data=agent_pb2.AttestationData(type=kind, payload=payload),
+            csr=new_csr(key)), timeout=20)
+    chain = certificates_to_pem(x509.load_der_x509_certificate(d)
+                                for d in resp.svid.cert_chain)
+    mtls = grpc.ssl_channel_credentials(root_certificates=roots.stdout.encode(),
+                                        private_key=private_key_to_pem(key),
+                                        certificate_chain=chain)
+    with grpc.secure_channel(server.address, mtls, options=opts) as ch:
+        sync = agent_pb2_grpc.AgentStub(ch).SyncAuthorized(agent_pb2.SyncAuthorizedRequest(),
+                                                           timeout=20)
+    assert server.trust_domain in sync.bundles
+
+
+def test_idle_flood_does_not_starve_agents(limited_server: RunningServer) -> None:
+    flood = Flood(limited_server.port)
+    try:
+        flood.open(tls=IDLE_TLS, tcp=SILENT_TCP)
+        started = time.monotonic()
+        _attest_and_sync(limited_server)  # the admin CLI and a real agent, during the flood
+        assert time.monotonic() - started < 60
+        # One address gets its share and no more; the rest are turned away at once.
+        assert flood.refused >= IDLE_TLS - PER_IP
+        # Idle after the handshake, or silent before it: cut at the deadline.
+        assert flood.still_open(within=TIMEOUT_SECONDS + 12) == 0
+    finally:
+        flood.close()
+    lines = [ln for ln in limited_server.log.splitlines()
+             if any(e in ln for e in FRONT_EVENTS)]
+    # A summary with a count, not a line per connection.
+    assert any("agent connections refused" in ln and "count=" in ln for ln in lines), lines
+    assert len(lines) <= 20, "\n".join(lines)
