@@ -13,10 +13,14 @@ addresses than the real agent's (127.0.0.2 and 127.0.0.3; Linux routes all of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import ssl
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import grpc
@@ -36,22 +40,17 @@ PER_IP = 16
 TIMEOUT_SECONDS = 3
 IDLE_TLS = 300  # from 127.0.0.2: completes the handshake, then sends nothing
 SILENT_TCP = 20  # from 127.0.0.3: connects and never sends a ClientHello
+CAP = 24
 FRONT_EVENTS = ("tls handshake failed", "agent connection", "agent listener error")
 
 
-@pytest.fixture
-def limited_server(server_root: Path, monkeypatch: pytest.MonkeyPatch
-                   ) -> Iterator[RunningServer]:
-    config = server_root / "server.toml"
-    config.write_text(
-        f"agent_api_max_connections_per_ip = {PER_IP}\n"
-        f'agent_api_handshake_timeout = "{TIMEOUT_SECONDS}s"\n'
-        f'agent_api_preface_timeout = "{TIMEOUT_SECONDS}s"\n')
-    plain = conftest.server_command()
-    monkeypatch.setattr(conftest, "server_command",
-                        lambda: ["prlimit", f"--nofile={OPEN_FILES}:{OPEN_FILES}", *plain])
-    srv = RunningServer(trust_domain="limits.sigil.test", data_dir=server_root / "data",
-                        socket_path=server_root / "admin" / "admin.sock",
+@contextlib.contextmanager
+def _server(root: Path, config_text: str) -> Iterator[RunningServer]:
+    config = root / "server.toml"
+    config.write_text(config_text + f'agent_api_handshake_timeout = "{TIMEOUT_SECONDS}s"\n'
+                      f'agent_api_preface_timeout = "{TIMEOUT_SECONDS}s"\n')
+    srv = RunningServer(trust_domain="limits.sigil.test", data_dir=root / "data",
+                        socket_path=root / "admin" / "admin.sock",
                         extra_args=("--config", str(config)))
     srv.start()
     try:
@@ -62,12 +61,33 @@ def limited_server(server_root: Path, monkeypatch: pytest.MonkeyPatch
     assert "Traceback" not in srv.log, srv.log
 
 
+@pytest.fixture
+def limited_server(server_root: Path, monkeypatch: pytest.MonkeyPatch
+                   ) -> Iterator[RunningServer]:
+    """A server with OPEN_FILES open files and PER_IP connections per address."""
+    plain = conftest.server_command()
+    monkeypatch.setattr(conftest, "server_command",
+                        lambda: ["prlimit", f"--nofile={OPEN_FILES}:{OPEN_FILES}", *plain])
+    with _server(server_root, f"agent_api_max_connections_per_ip = {PER_IP}\n") as srv:
+        yield srv
+
+
+@pytest.fixture
+def capped_server(server_root: Path) -> Iterator[RunningServer]:
+    """A server that holds at most CAP connections, without a per-address limit."""
+    with _server(server_root, f"agent_api_max_connections = {CAP}\n"
+                 "agent_api_max_connections_per_ip = 0\n") as srv:
+        yield srv
+
+
 class Flood:
-    """Idle connections held open on a private event loop, run between the steps."""
+    """Idle connections, opened and held by an event loop in a thread of its own."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
         self.held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.refused = 0
 
@@ -79,7 +99,7 @@ class Flood:
         try:
             conn = await asyncio.open_connection(
                 "127.0.0.1", self.port, ssl=ctx, server_hostname=TARGET,
-                local_addr=(source, 0), ssl_handshake_timeout=15)
+                local_addr=(source, 0), ssl_handshake_timeout=60)
         except (OSError, TimeoutError):
             self.refused += 1
             return
@@ -89,11 +109,12 @@ class Flood:
         self.held.append(await asyncio.open_connection("127.0.0.1", self.port,
                                                        local_addr=(source, 0)))
 
-    def open(self, *, tls: int, tcp: int) -> None:
-        async def _all() -> None:
-            await asyncio.gather(*(self._tls("127.0.0.2") for _ in range(tls)),
-                                 *(self._tcp("127.0.0.3") for _ in range(tcp)))
-        self.loop.run_until_complete(asyncio.wait_for(_all(), 60))
+    def start(self, *, tls: int, tcp: int = 0) -> Future[list[None]]:
+        """Open ``tls`` TLS connections from 127.0.0.2, ``tcp`` TCP ones from 127.0.0.3."""
+        async def _all() -> list[None]:
+            return await asyncio.gather(*(self._tls("127.0.0.2") for _ in range(tls)),
+                                        *(self._tcp("127.0.0.3") for _ in range(tcp)))
+        return asyncio.run_coroutine_threadsafe(_all(), self.loop)
 
     def still_open(self, within: float) -> int:
         """How many held connections the server has not closed within ``within`` s."""
@@ -102,14 +123,23 @@ class Flood:
                 return await asyncio.wait_for(reader.read(1), within) == b""
             except (OSError, TimeoutError):
                 return isinstance(reader.exception(), OSError) or reader.at_eof()
+
         async def _all() -> list[bool]:
             return await asyncio.gather(*(_closed(r) for r, _w in self.held))
-        return sum(not c for c in self.loop.run_until_complete(_all()))
+        closed = asyncio.run_coroutine_threadsafe(_all(), self.loop).result(within + 30)
+        return sum(not c for c in closed)
 
     def close(self) -> None:
-        for _r, w in self.held:
-            w.transport.abort()
-        self.loop.run_until_complete(asyncio.sleep(0))
+        async def _end() -> None:
+            for _r, w in self.held:
+                w.transport.abort()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(_end(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
         self.loop.close()
 
 
@@ -141,7 +171,7 @@ def _attest_and_sync(server: RunningServer) -> None:
 def test_idle_flood_does_not_starve_agents(limited_server: RunningServer) -> None:
     flood = Flood(limited_server.port)
     try:
-        flood.open(tls=IDLE_TLS, tcp=SILENT_TCP)
+        flood.start(tls=IDLE_TLS, tcp=SILENT_TCP).result(60)
         started = time.monotonic()
         _attest_and_sync(limited_server)  # the admin CLI and a real agent, during the flood
         assert time.monotonic() - started < 60
@@ -156,3 +186,31 @@ def test_idle_flood_does_not_starve_agents(limited_server: RunningServer) -> Non
     # A summary with a count, not a line per connection.
     assert any("agent connections refused" in ln and "count=" in ln for ln in lines), lines
     assert len(lines) <= 20, "\n".join(lines)
+
+
+def _open_files(server: RunningServer) -> int:
+    assert server.proc is not None
+    return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+
+
+def test_connection_cap_holds_and_agents_get_in_when_slots_free(
+        capped_server: RunningServer) -> None:
+    _attest_and_sync(capped_server)  # warm: the files a served agent costs are open
+    before = _open_files(capped_server)
+    flood = Flood(capped_server.port)
+    try:
+        pending = flood.start(tls=4 * CAP)
+        time.sleep(2)  # the flood is in: accepted up to the cap, the rest queued
+        # At most CAP connections held, one descriptor each until they speak (not
+        # three: they are not relayed); the rest wait in the kernel's backlog.
+        grown = _open_files(capped_server) - before
+        assert grown <= CAP + 8, grown
+        # A real agent waits its turn behind the flood: slots free as the idle
+        # connections reach their deadline, a few seconds each.
+        started = time.monotonic()
+        _attest_and_sync(capped_server)
+        assert time.monotonic() - started < 60
+        pending.result(60)
+    finally:
+        flood.close()
+    assert "agent connections deferred" in capped_server.log
