@@ -21,6 +21,7 @@ answered by at most :data:`MAX_HANDLERS` threads, each request within
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import selectors
 import socket
@@ -166,6 +167,14 @@ class _Server(HTTPServer):
                                         thread_name_prefix="health-handler")
         self._room = _WaitingRoom(idle_timeout, self._dispatch)
         super().__init__(address, handler)  # binds; server_close() on failure
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.1)  # out of descriptors: pause rather than spin on accept
+            raise
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self._room.admit(request, client_address)

@@ -364,11 +364,11 @@ class TlsFront:
                 transport, protocol = await loop.connect_accepted_socket(
                     lambda: asyncio.StreamReaderProtocol(reader, loop=loop), sock,
                     ssl=self._base_context, ssl_handshake_timeout=timeout)
-        except (ConnectionError, ssl.SSLError, TimeoutError, OSError) as exc:
+        except OSError as exc:  # ssl.SSLError, ConnectionError, TimeoutError among them
+            # asyncio's own handshake timeout aborts with "... is taking longer than".
             timed_out = isinstance(exc, TimeoutError) or "taking longer" in str(exc)
             self._summary.count("tls handshake failed", logging.INFO,
-                                reason="timeout" if timed_out
-                                else _reason(exc))
+                                reason="timeout" if timed_out else _reason(exc))
             return None, None
         return asyncio.StreamWriter(transport, protocol, reader, loop), reader
 

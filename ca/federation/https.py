@@ -19,6 +19,7 @@ connect and a slot held is a fetch refused:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -294,7 +295,14 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)  # binds; server_close() on failure
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = self.socket.accept()
+        try:
+            sock, addr = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Out of descriptors: the listening socket stays readable; pause
+                # rather than spin on it until one is freed.
+                time.sleep(0.1)
+            raise
         try:
             ctx = self.contexts()
         except Exception:
