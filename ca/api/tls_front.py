@@ -470,8 +470,6 @@ class _Summary:
             fields: dict[str, Any] = dict(items)
             event(what, level=level, count=n, interval_seconds=self._interval, **fields)
         self._pending.clear()
-        if self._timer is None:
-            self._quiet.clear()
 
 
 def _fit_to_open_file_limit(wanted: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import resource
 
 import pytest
@@ -39,3 +40,32 @@ def test_cap_fits_the_open_file_limit(monkeypatch: pytest.MonkeyPatch, soft: int
     monkeypatch.setattr(tls_front.resource, "setrlimit", setrlimit)
     assert tls_front._fit_to_open_file_limit(wanted) == cap
     assert set_to == ([] if raised_to is None else [raised_to])
+
+
+def test_summary_logs_a_flood_in_a_few_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines: list[tuple[str, object, object]] = []
+    monkeypatch.setattr(tls_front, "event", lambda what, **fields: lines.append(
+        (what, fields["count"], fields["reason"])))
+
+    async def flood() -> None:
+        # Intervals end when the test says (_tick), not by the clock.
+        summary = tls_front._Summary(interval=3600)
+        for _ in range(1000):
+            summary.count("tls handshake failed", 20, reason="timeout")
+        summary.count("agent connections refused", 30, reason="per-address limit")
+        summary._tick()  # end of the first interval
+        for _ in range(1000):
+            summary.count("tls handshake failed", 20, reason="timeout")
+        summary._tick()  # end of the second: still flooding, still quiet
+        summary._tick()  # a quiet interval: the next one is news again
+        summary.count("tls handshake failed", 20, reason="timeout")
+        summary.flush()  # at stop
+
+    asyncio.run(flood())
+    assert lines == [
+        ("tls handshake failed", 1, "timeout"),  # the first at once
+        ("agent connections refused", 1, "per-address limit"),
+        ("tls handshake failed", 999, "timeout"),
+        ("tls handshake failed", 1000, "timeout"),
+        ("tls handshake failed", 1, "timeout"),
+    ]
