@@ -32,6 +32,7 @@ DEFAULTS: Mapping[str, object] = {
     "agent_api_max_connections_per_ip": 256,
     "agent_api_handshake_timeout": "10s",
     "agent_api_preface_timeout": "10s",
+    "agent_api_unauthenticated_timeout": "60s",
 }
 
 
@@ -48,12 +49,15 @@ class ConnectionLimits:
         handshake_timeout: seconds from accept to a completed TLS handshake.
         preface_timeout: seconds from the handshake to the client's HTTP/2
             connection preface (what every gRPC client sends first).
+        unauthenticated_timeout: seconds a connection without a client certificate
+            may stay open at all: it can only attest, which takes one call.
     """
 
     max_connections: int = 4096
     max_per_ip: int = 256
     handshake_timeout: float = 10.0
     preface_timeout: float = 10.0
+    unauthenticated_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +122,8 @@ def validate(raw: Mapping[str, Any]) -> OpsConfig:
         max_per_ip=int(_number(raw, "agent_api_max_connections_per_ip", integer=True,
                                minimum=0)),
         handshake_timeout=_seconds(raw, "agent_api_handshake_timeout"),
-        preface_timeout=_seconds(raw, "agent_api_preface_timeout"))
+        preface_timeout=_seconds(raw, "agent_api_preface_timeout"),
+        unauthenticated_timeout=_seconds(raw, "agent_api_unauthenticated_timeout"))
     return OpsConfig(worker_processes=workers, health_address=health,
                      attestation_limit=limits[0], signing_limit=limits[1],
                      agent_api_limits=connections)

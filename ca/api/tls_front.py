@@ -33,6 +33,7 @@ holds a bounded share of the process (:class:`~ca.opsconfig.ConnectionLimits`):
 - a deadline for the TLS handshake, and one for the HTTP/2 connection preface after
   it: a connection that says nothing is closed, and is relayed (costing two more
   descriptors and a gRPC transport) only once it has spoken;
+- a lifetime for a connection without a client certificate: it can only attest;
 - refusals, timeouts and failed handshakes are counted and logged as one summary
   line per kind per :data:`LOG_INTERVAL`, so a flood cannot flood the log.
 """
@@ -410,7 +411,21 @@ class TlsFront:
         cert = x509.load_der_x509_certificate(der) if der else None
         peername = writer.get_extra_info("peername")
         address = str(peername[0]) if peername else ""
-        await self._relay.relay(reader, writer, TlsPeer(certificate=cert, address=address))
+        relay = self._relay.relay(reader, writer, TlsPeer(certificate=cert, address=address))
+        if cert is not None:
+            await relay
+            return
+        # Without a client certificate the only call that can succeed is AttestAgent
+        # (the agent then reconnects with its SVID): such a connection has a lifetime,
+        # or having sent the preface would buy a slot for ever.
+        limit = self._limits.unauthenticated_timeout
+        try:
+            async with asyncio.timeout(limit):
+                await relay
+        except TimeoutError:
+            self._summary.count("agent connections closed", logging.INFO,
+                                reason="unauthenticated connection lifetime",
+                                timeout_seconds=limit)
 
     def _log_loop_error(self, _loop: asyncio.AbstractEventLoop,
                         context: dict[str, object]) -> None:

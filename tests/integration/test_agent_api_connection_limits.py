@@ -29,6 +29,7 @@ from cryptography import x509
 
 from api.protos.sigil.agent.v1 import agent_pb2, agent_pb2_grpc
 from attestation.node.join_token import make_attestation
+from ca.api.tls_front import HTTP2_PREFACE
 from identity.keys import generate_private_key, private_key_to_pem
 from identity.x509svid import certificates_to_pem, new_csr
 from tests.integration import conftest
@@ -41,6 +42,7 @@ TIMEOUT_SECONDS = 3
 IDLE_TLS = 300  # from 127.0.0.2: completes the handshake, then sends nothing
 SILENT_TCP = 20  # from 127.0.0.3: connects and never sends a ClientHello
 CAP = 24
+LIFETIME = 4
 FRONT_EVENTS = ("tls handshake failed", "agent connection", "agent listener error")
 
 
@@ -69,6 +71,13 @@ def limited_server(server_root: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(conftest, "server_command",
                         lambda: ["prlimit", f"--nofile={OPEN_FILES}:{OPEN_FILES}", *plain])
     with _server(server_root, f"agent_api_max_connections_per_ip = {PER_IP}\n") as srv:
+        yield srv
+
+
+@pytest.fixture
+def lifetime_server(server_root: Path) -> Iterator[RunningServer]:
+    """A server that closes a connection without a client certificate after LIFETIME s."""
+    with _server(server_root, f'agent_api_unauthenticated_timeout = "{LIFETIME}s"\n') as srv:
         yield srv
 
 
@@ -214,3 +223,47 @@ def test_connection_cap_holds_and_agents_get_in_when_slots_free(
     finally:
         flood.close()
     assert "agent connections deferred" in capped_server.log
+
+
+async def _speak_http2_and_linger(port: int, seconds: float) -> float | None:
+    """Connect without a client certificate, speak HTTP/2 correctly, make no call.
+
+    Returns after how many seconds the server closed the connection, or None if it
+    was still open after ``seconds``.
+    """
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                   server_hostname=TARGET)
+    started = asyncio.get_running_loop().time()
+    # The preface, then an empty SETTINGS frame (RFC 9113 sections 3.4, 6.5).
+    writer.write(HTTP2_PREFACE + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                header = await reader.readexactly(9)
+                length = int.from_bytes(header[:3], "big")
+                kind, flags = header[3], header[4]
+                payload = await reader.readexactly(length)
+                if kind == 4 and not flags & 1:  # SETTINGS: acknowledge, as a peer must
+                    writer.write(bytes([0, 0, 0, 4, 1, 0, 0, 0, 0]))
+                elif kind == 6 and not flags & 1:  # PING: answer it
+                    writer.write(bytes([0, 0, 8, 6, 1, 0, 0, 0, 0]) + payload)
+    except TimeoutError:
+        return None
+    except (asyncio.IncompleteReadError, OSError):
+        return asyncio.get_running_loop().time() - started
+    finally:
+        writer.transport.abort()
+
+
+def test_a_connection_without_certificate_cannot_linger(
+        lifetime_server: RunningServer) -> None:
+    # It sent the preface and answers like a good HTTP/2 peer, so the preface
+    # deadline does not apply; it never attests, so it must not hold a slot for ever.
+    closed_after = asyncio.run(_speak_http2_and_linger(lifetime_server.port, LIFETIME + 30))
+    assert closed_after is not None, "still open"
+    assert closed_after >= LIFETIME - 1  # cut by its lifetime, not at once
+    _attest_and_sync(lifetime_server)  # an agent attests well within the lifetime

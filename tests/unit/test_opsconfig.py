@@ -26,15 +26,18 @@ def test_defaults(tmp_path: Path) -> None:
     assert ops.attestation_limit == RateLimit(5, 20)
     assert ops.signing_limit == RateLimit(500, 1000)
     assert ops.agent_api_limits == ConnectionLimits(
-        max_connections=4096, max_per_ip=256, handshake_timeout=10.0, preface_timeout=10.0)
+        max_connections=4096, max_per_ip=256, handshake_timeout=10.0, preface_timeout=10.0,
+        unauthenticated_timeout=60.0)
 
 
 def test_agent_api_limits_from_file(tmp_path: Path) -> None:
     ops = _load(tmp_path, "agent_api_max_connections = 50\n"
                 "agent_api_max_connections_per_ip = 0\n"
-                'agent_api_handshake_timeout = "3s"\nagent_api_preface_timeout = "1m"\n')
+                'agent_api_handshake_timeout = "3s"\nagent_api_preface_timeout = "1m"\n'
+                'agent_api_unauthenticated_timeout = "2m"\n')
     assert ops.agent_api_limits == ConnectionLimits(  # type: ignore[attr-defined]
-        max_connections=50, max_per_ip=0, handshake_timeout=3.0, preface_timeout=60.0)
+        max_connections=50, max_per_ip=0, handshake_timeout=3.0, preface_timeout=60.0,
+        unauthenticated_timeout=120.0)
 
 
 def test_file_values(tmp_path: Path) -> None:
