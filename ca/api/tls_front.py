@@ -76,7 +76,7 @@ RESERVED_FDS = 128  # kept for everything else: admin socket, health, datastore,
 LOG_INTERVAL = 60.0
 ACCEPT_BATCH = 64  # accepts per wake-up of the listening socket
 ACCEPT_RETRY_DELAY = 1.0  # after the process ran out of descriptors (EMFILE)
-_READ_SIZE = 256 * 1024
+_READ_SIZE = 4 * 1024 * 1024  # more than a StreamReader holds (as the relay reads)
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 

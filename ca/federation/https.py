@@ -327,17 +327,27 @@ class _Server(ThreadingHTTPServer):
         self.tally.count(reason)
         return False
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except Exception:
+            self._release(request, client_address)  # no thread: its slot is free again
+            raise
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.deadlines.request_read(request)
-            ip = str(client_address[0]) if client_address else ""
-            with self._lock:
-                self._open -= 1
-                self._per_ip[ip] -= 1
-                if self._per_ip[ip] <= 0:
-                    del self._per_ip[ip]
+            self._release(request, client_address)
+
+    def _release(self, request: Any, client_address: Any) -> None:
+        self.deadlines.request_read(request)
+        ip = str(client_address[0]) if client_address else ""
+        with self._lock:
+            self._open -= 1
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client that went away or failed its handshake is not our error
