@@ -72,7 +72,10 @@ SERVER_TLS_TTL = dt.timedelta(hours=1)
 INTERNAL_SOCKET_NAME = "agent-api.sock"
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 section 3.4
 FDS_PER_CONNECTION = 3  # the client's socket, the relay's, and the internal server's end
-RESERVED_FDS = 128  # kept for everything else: admin socket, health, datastore, files
+# Kept for everything else: the health listener (up to 264), the bundle and OIDC
+# endpoints (64 each), the admin socket, the datastore, gRPC's own, log files;
+# a quarter of a small open-file limit.
+RESERVED_FDS = 512
 LOG_INTERVAL = 60.0
 ACCEPT_BATCH = 64  # accepts per wake-up of the listening socket
 ACCEPT_RETRY_DELAY = 1.0  # after the process ran out of descriptors (EMFILE)
@@ -504,7 +507,8 @@ def _fit_to_open_file_limit(wanted: int) -> int:
                 soft = target
     if soft == resource.RLIM_INFINITY or soft >= need:
         return wanted
-    fitted = max(1, (soft - RESERVED_FDS) // FDS_PER_CONNECTION)
+    reserved = min(RESERVED_FDS, soft // 4)
+    fitted = max(1, (soft - reserved) // FDS_PER_CONNECTION)
     event("agent api connection limit lowered", level=logging.WARNING,
           agent_api_max_connections=wanted, max_connections=fitted, open_file_limit=soft)
     return fitted

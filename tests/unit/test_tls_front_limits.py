@@ -22,9 +22,10 @@ INF = resource.RLIM_INFINITY
     (1024, INF, 4096, 4096, 4096 * FDS_PER_CONNECTION + RESERVED_FDS),
     # The hard limit is too low: raised to it, and the cap lowered to fit.
     (1024, 4096, 4096, (4096 - RESERVED_FDS) // FDS_PER_CONNECTION, 4096),
-    (400, 400, 4096, (400 - RESERVED_FDS) // FDS_PER_CONNECTION, None),
+    # A small limit keeps a quarter for the rest.
+    (800, 800, 4096, (800 - 200) // FDS_PER_CONNECTION, None),
     # Never below one connection.
-    (100, 100, 4096, 1, None),
+    (2, 2, 4096, 1, None),
 ])
 def test_cap_fits_the_open_file_limit(monkeypatch: pytest.MonkeyPatch, soft: int, hard: int,
                                       wanted: int, cap: int, raised_to: int | None) -> None:
