@@ -380,6 +380,13 @@ def _handler(ready: Readiness, registry: Callable[[], CollectorRegistry]
             self.rfile = io.BufferedReader(
                 _DeadlineReader(self.connection, self.server.deadline(self.connection)))
 
+        def parse_request(self) -> bool:
+            parsed = super().parse_request()  # reads the headers
+            # Read: the answer's writes get their own timeout, not what the
+            # request's deadline left of it.
+            self.connection.settimeout(self.timeout)
+            return parsed
+
         def log_message(self, format: str, *args: object) -> None:
             pass  # scrapes every few seconds would drown the event log
 
