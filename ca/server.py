@@ -229,7 +229,8 @@ class SigilServer:
         contexts = TlsContextSource(self.authority, self.clock, cfg.data_dir)
         contexts.current()  # fail now, not at the first handshake, if signing fails
         self._front = TlsFront(host=host.strip("[]"), port=port, contexts=contexts.current,
-                               reuse_port=cfg.ops.workers > 1)
+                               reuse_port=cfg.ops.workers > 1,
+                               limits=cfg.ops.agent_api_limits)
         limiter = RateLimiter(attestation=cfg.ops.attestation_limit,
                               signing=cfg.ops.signing_limit, table=self._rate_table)
         self._agent_server = grpc.server(

@@ -13,6 +13,9 @@
     address = "0.0.0.0:8443"
     profile = "https_web"                        # or "https_spiffe"
     refresh_hint = "5m"
+    max_connections = 64
+    max_connections_per_ip = 8
+    request_timeout = "10s"
     cert_file = "/etc/sigil/endpoint.crt"        # https_web only
     key_file = "/etc/sigil/endpoint.key"
     [[federation.relationships]]
@@ -58,11 +61,15 @@ DEFAULT_REFRESH_INTERVAL = dt.timedelta(minutes=5)
 DEFAULT_FETCH_TIMEOUT = dt.timedelta(seconds=10)
 DEFAULT_REFRESH_HINT = dt.timedelta(minutes=5)
 DEFAULT_ENDPOINT_ADDRESS = "0.0.0.0:8443"
+DEFAULT_ENDPOINT_MAX_CONNECTIONS = 64
+DEFAULT_ENDPOINT_MAX_PER_IP = 8
+DEFAULT_ENDPOINT_REQUEST_TIMEOUT = dt.timedelta(seconds=10)
 
 _FEDERATION_KEYS = {"refresh_min_interval", "refresh_max_interval",
                     "refresh_default_interval", "fetch_timeout", "web_ca_file",
                     "bundle_endpoint", "relationships"}
-_ENDPOINT_KEYS = {"address", "profile", "refresh_hint", "cert_file", "key_file"}
+_ENDPOINT_KEYS = {"address", "profile", "refresh_hint", "cert_file", "key_file",
+                  "max_connections", "max_connections_per_ip", "request_timeout"}
 _RELATIONSHIP_KEYS = {"trust_domain", "bundle_endpoint_url", "profile",
                       "endpoint_spiffe_id", "bootstrap_bundle_file"}
 _OIDC_KEYS = {"address", "domain", "cert_file", "key_file"}
@@ -78,6 +85,9 @@ class BundleEndpointConfig:
         refresh_hint: the ``spiffe_refresh_hint`` we publish.
         cert_file: https_web: PEM certificate chain, re-read when it changes.
         key_file: https_web: its PEM private key.
+        max_connections: connections served at once; more are closed at accept.
+        max_connections_per_ip: of those, from one client address (0: no limit).
+        request_timeout: from accept to the end of the request's headers.
     """
 
     address: str
@@ -85,6 +95,9 @@ class BundleEndpointConfig:
     refresh_hint: dt.timedelta
     cert_file: Path | None = None
     key_file: Path | None = None
+    max_connections: int = DEFAULT_ENDPOINT_MAX_CONNECTIONS
+    max_connections_per_ip: int = DEFAULT_ENDPOINT_MAX_PER_IP
+    request_timeout: dt.timedelta = DEFAULT_ENDPOINT_REQUEST_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +167,14 @@ def _duration(table: Mapping[str, Any], where: str, key: str,
         raise ConfigError(f"{where}.{key}: {exc}") from None
 
 
+def _count(table: Mapping[str, Any], where: str, key: str, default: int, *,
+           minimum: int) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where}.{key} must be a whole number >= {minimum}, not {value!r}")
+    return value
+
+
 def _address(table: Mapping[str, Any], where: str, default: str | None) -> str:
     address = _str(table, where, "address", required=default is None, default=default)
     assert address is not None
@@ -184,7 +205,13 @@ def _endpoint(value: object) -> BundleEndpointConfig:
     return BundleEndpointConfig(
         address=_address(table, where, DEFAULT_ENDPOINT_ADDRESS), profile=profile,
         refresh_hint=_duration(table, where, "refresh_hint", DEFAULT_REFRESH_HINT),
-        cert_file=_path(cert_file), key_file=_path(key_file))
+        cert_file=_path(cert_file), key_file=_path(key_file),
+        max_connections=_count(table, where, "max_connections",
+                               DEFAULT_ENDPOINT_MAX_CONNECTIONS, minimum=1),
+        max_connections_per_ip=_count(table, where, "max_connections_per_ip",
+                                      DEFAULT_ENDPOINT_MAX_PER_IP, minimum=0),
+        request_timeout=_duration(table, where, "request_timeout",
+                                  DEFAULT_ENDPOINT_REQUEST_TIMEOUT))
 
 
 def _relationships(value: object, own: TrustDomain) -> tuple[ConfiguredRelationship, ...]:

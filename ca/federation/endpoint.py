@@ -23,7 +23,13 @@ from collections.abc import Callable
 
 from ca.authority import CertificateAuthority, server_id
 from ca.federation.config import BundleEndpointConfig
-from ca.federation.https import Document, FileContextSource, HttpsServer, server_context
+from ca.federation.https import (
+    Document,
+    FileContextSource,
+    HttpsServer,
+    Limits,
+    server_context,
+)
 from ca.federation.relationship import PROFILE_HTTPS_WEB
 from ca.log import event
 from identity.clock import Clock
@@ -96,8 +102,11 @@ class BundleEndpoint:
                                          what="federation.bundle_endpoint").current
         else:
             contexts = SvidContextSource(authority, clock).current
+        limits = Limits(max_connections=config.max_connections,
+                        max_per_ip=config.max_connections_per_ip,
+                        request_timeout=config.request_timeout.total_seconds())
         self._server = HttpsServer(config.address, name="bundle_endpoint", contexts=contexts,
-                                   routes={PATH: self.document})
+                                   routes={PATH: self.document}, limits=limits)
 
     @property
     def bound_address(self) -> str:

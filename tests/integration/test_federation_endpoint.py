@@ -4,11 +4,15 @@ and PyJWT's PyJWKClient validating a JWT-SVID with the JWKS from /keys."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import http.client
 import json
 import os
+import socket
 import ssl
+import threading
+import time
 from pathlib import Path
 
 import jwt
@@ -19,12 +23,14 @@ from cryptography.exceptions import InvalidSignature
 from ca.errors import ConfigError
 from ca.federation.config import BundleEndpointConfig, OidcDiscoveryConfig
 from ca.federation.endpoint import BundleEndpoint
+from ca.federation.fetch import fetch_bundle
 from ca.federation.oidc import OidcDiscovery
+from ca.federation.relationship import new_relationship
 from identity.bundle import Bundle
 from identity.clock import FakeClock
 from identity.jwtsvid import sign_jwt_svid
 from identity.keys import key_id, private_key_to_pem
-from identity.spiffeid import SpiffeId
+from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import certificates_to_pem
 from tests.integration.federation_helpers import NOW, TestCa
 
@@ -229,4 +235,108 @@ def test_https_spiffe_serves_the_server_svid_renewed_on_rotation(own_ca: TestCa)
         assert renewed != rotated
         assert len(authority.signed) == 3
     finally:
+        endpoint.stop()
+
+
+# ---- slowloris (issue 10, section 5) ------------------------------------------------
+
+DRIP_TIMEOUT = 2  # the endpoint's request_timeout in the test, in seconds
+
+
+def _drip_client_hello(port: int) -> tuple[socket.socket, bytes]:
+    """A TCP connection that will send a real ClientHello one byte at a time."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5,
+                                    source_address=("127.0.0.2", 0))
+    sock.settimeout(0.05)
+    return sock, outgoing.read()
+
+
+def _drip_request(port: int) -> socket.socket | None:
+    """A TLS connection that will send its GET one byte at a time; None if refused."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5,
+                                   source_address=("127.0.0.2", 0))
+    try:
+        sock = ctx.wrap_socket(raw)
+    except OSError:
+        raw.close()
+        return None
+    sock.settimeout(0.05)
+    return sock
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_slow_drip_does_not_hold_the_bundle_endpoint(own_ca: TestCa) -> None:
+    authority = RotatingAuthority(own_ca)
+    cfg = BundleEndpointConfig(address="127.0.0.1:0", profile="https_spiffe",
+                               refresh_hint=dt.timedelta(minutes=5),
+                               request_timeout=dt.timedelta(seconds=DRIP_TIMEOUT))
+    endpoint = BundleEndpoint(cfg, authority, FakeClock(NOW + dt.timedelta(seconds=1)))  # type: ignore[arg-type]
+    endpoint.start()
+    port = int(endpoint.bound_address.rsplit(":", 1)[1])
+    hellos: list[tuple[socket.socket, bytes]] = []
+    requests: list[socket.socket] = []
+    stop = threading.Event()
+
+    def drip() -> None:
+        # One byte a second on every connection, as long as the server keeps it.
+        sent = 0
+        while not stop.wait(1.0):
+            for s, hello in hellos:
+                with contextlib.suppress(OSError):
+                    s.send(hello[sent:sent + 1])
+            for s in requests:
+                with contextlib.suppress(OSError):
+                    s.send(b"GET / HTTP/1.1\r\n"[sent % 16:sent % 16 + 1])
+            sent += 1
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    try:
+        # All from one source: 4 stuck in the handshake, 60 after it (64: every slot).
+        hellos.extend(_drip_client_hello(port) for _ in range(4))
+        for _ in range(60):
+            sock = _drip_request(port)
+            if sock is not None:
+                requests.append(sock)
+        dripper.start()
+        # A peer refreshing after a CA rotation: the project's own fetch, served.
+        rel = new_relationship(
+            trust_domain="endpoint.fed.test",
+            bundle_endpoint_url=f"https://{endpoint.bound_address}/", profile="https_spiffe",
+            endpoint_spiffe_id="spiffe://endpoint.fed.test/sigil/server",
+            own_trust_domain=TrustDomain("peer.fed.test"), has_bootstrap=True)
+        fetched = fetch_bundle(rel, trust_bundle=own_ca.bundle(), web_ca_file=None,
+                               timeout=10, now=NOW + dt.timedelta(seconds=2))
+        assert fetched.bundle.x509_authorities == (own_ca.cert,)
+        # One source holds its share (max_connections_per_ip, 8) and no more.
+        assert 1 <= len(requests) <= 8 - len(hellos)
+        # However slowly they drip, every one is cut once the deadline has passed.
+        attackers = [s for s, _hello in hellos] + requests
+        deadline = time.monotonic() + DRIP_TIMEOUT + 30
+        open_ = attackers
+        while open_ and time.monotonic() < deadline:
+            open_ = [s for s in open_ if not _closed(s)]
+            time.sleep(0.2)
+        assert open_ == []
+    finally:
+        stop.set()
+        if dripper.is_alive():
+            dripper.join(timeout=5)
+        for s in [s for s, _hello in hellos] + requests:
+            s.close()
         endpoint.stop()

@@ -49,6 +49,9 @@ web_ca_file = "{tmp_path}/roots.pem"
 address = "127.0.0.1:0"
 profile = "https_spiffe"
 refresh_hint = "1m"
+max_connections = 32
+max_connections_per_ip = 0
+request_timeout = "3s"
 [[federation.relationships]]
 trust_domain = "b.test"
 bundle_endpoint_url = "https://b.example:8443/"
@@ -69,6 +72,8 @@ key_file = "/etc/k.pem"
     assert fed.web_ca_file == tmp_path / "roots.pem"
     assert (fed.bundle_endpoint.profile, fed.bundle_endpoint.refresh_hint) == (
         "https_spiffe", dt.timedelta(minutes=1))
+    assert (fed.bundle_endpoint.max_connections, fed.bundle_endpoint.max_connections_per_ip,
+            fed.bundle_endpoint.request_timeout) == (32, 0, dt.timedelta(seconds=3))
     [rb, rc] = fed.relationships
     assert rb.relationship.endpoint_spiffe_id == SpiffeId.parse("spiffe://b.test/sigil/server")
     assert rb.bootstrap_bundle.sequence_number == 3
@@ -89,6 +94,12 @@ key_file = "/etc/k.pem"
     ('[federation.bundle_endpoint]\nprofile = "mtls"\n', "profile 'mtls' is not one of"),
     ('[federation.bundle_endpoint]\nprofile = "https_spiffe"\naddress = "nowhere"\n',
      "federation.bundle_endpoint.address:"),
+    ('[federation.bundle_endpoint]\nprofile = "https_spiffe"\nmax_connections = 0\n',
+     "federation.bundle_endpoint.max_connections must be a whole number >= 1, not 0"),
+    ('[federation.bundle_endpoint]\nprofile = "https_spiffe"\nmax_connections_per_ip = -1\n',
+     "federation.bundle_endpoint.max_connections_per_ip must be a whole number >= 0"),
+    ('[federation.bundle_endpoint]\nprofile = "https_spiffe"\nrequest_timeout = 10\n',
+     "federation.bundle_endpoint.request_timeout must be a duration string"),
     ('[federation]\nrelationships = "b.test"\n', "must be an array of tables"),
     ('[[federation.relationships]]\ntrust_domain = "b.test"\n',
      "federation.relationships[0]: bundle_endpoint_url is required"),

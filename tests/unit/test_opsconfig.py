@@ -8,6 +8,7 @@ import pytest
 
 from ca.config import load_config
 from ca.errors import ConfigError
+from ca.opsconfig import ConnectionLimits
 from ca.ratelimit import RateLimit
 
 
@@ -24,6 +25,19 @@ def test_defaults(tmp_path: Path) -> None:
     assert ops.health_address == "127.0.0.1:8080"
     assert ops.attestation_limit == RateLimit(5, 20)
     assert ops.signing_limit == RateLimit(500, 1000)
+    assert ops.agent_api_limits == ConnectionLimits(
+        max_connections=4096, max_per_ip=256, handshake_timeout=10.0, preface_timeout=10.0,
+        unauthenticated_timeout=60.0)
+
+
+def test_agent_api_limits_from_file(tmp_path: Path) -> None:
+    ops = _load(tmp_path, "agent_api_max_connections = 50\n"
+                "agent_api_max_connections_per_ip = 0\n"
+                'agent_api_handshake_timeout = "3s"\nagent_api_preface_timeout = "1m"\n'
+                'agent_api_unauthenticated_timeout = "2m"\n')
+    assert ops.agent_api_limits == ConnectionLimits(  # type: ignore[attr-defined]
+        max_connections=50, max_per_ip=0, handshake_timeout=3.0, preface_timeout=60.0,
+        unauthenticated_timeout=120.0)
 
 
 def test_file_values(tmp_path: Path) -> None:
@@ -52,6 +66,12 @@ def test_flags_arrive_as_strings() -> None:
     ("rate_limit_attestation_per_second = -1",
      "rate_limit_attestation_per_second must be >= 0, not -1"),
     ("rate_limit_signing_burst = 0", "rate_limit_signing_burst must be >= 1, not 0"),
+    ("agent_api_max_connections = 0", "agent_api_max_connections must be >= 1, not 0"),
+    ("agent_api_max_connections_per_ip = -1",
+     "agent_api_max_connections_per_ip must be >= 0, not -1"),
+    ("agent_api_handshake_timeout = 10",
+     'agent_api_handshake_timeout must be a duration string like "10s", not 10'),
+    ('agent_api_preface_timeout = "500ms"', "agent_api_preface_timeout: duration '500ms'"),
     ('worker_processes = 2\nkey_manager = "memory"',
      'key_manager "memory" keeps the CA keys in one process; worker_processes (2 processes)'),
 ])
