@@ -20,7 +20,7 @@ import binascii
 import datetime as dt
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from cryptography import x509
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.exceptions import InvalidKeyError as JwtInvalidKeyError
 
-from identity.errors import BundleError, InvalidKeyError, X509SvidError
+from identity.errors import BundleError, InvalidKeyError, InvalidSpiffeIdError, X509SvidError
 from identity.keys import PublicKey, check_public_key_strength, public_keys_equal
 from identity.spiffeid import TrustDomain
 from identity.x509svid import (
@@ -533,3 +533,103 @@ def _jwt_entry(index: int, jwk: Mapping[str, Any], *, require_kid: bool) -> JwtA
     except InvalidKeyError as exc:
         raise BundleError(f"bundle key {index}: {exc}") from None
     return JwtAuthority(str(kid), key)
+
+
+# ------------------------------------------------------------------------------------
+# SPIFFE bundle map (Trust Domain and Bundle §5)
+# ------------------------------------------------------------------------------------
+
+BUNDLE_MAP_MEMBER = "trust_domains"
+
+
+def bundle_map_to_jwks(bundles: Iterable[Bundle]) -> dict[str, Any]:
+    """The SPIFFE bundle map of ``bundles`` as a JSON-ready dict.
+
+    ``{"trust_domains": {"<name>": <bundle>, ...}}`` keyed by trust domain name,
+    in name order. Each member bundle omits ``spiffe_refresh_hint``: the standard
+    says producers SHOULD omit it in a map (a map is not polled per trust domain).
+
+    Args:
+        bundles: at most one bundle per trust domain.
+
+    Returns:
+        The map document.
+
+    Raises:
+        BundleError: two bundles of one trust domain.
+    """
+    members: dict[str, Any] = {}
+    for bundle in sorted(bundles, key=lambda b: b.trust_domain.name):
+        name = bundle.trust_domain.name
+        if name in members:
+            raise BundleError(f"two bundles for trust domain {name} in one bundle map")
+        doc = bundle.to_jwks()
+        doc.pop("spiffe_refresh_hint", None)
+        members[name] = doc
+    return {BUNDLE_MAP_MEMBER: members}
+
+
+def bundle_map_to_json(bundles: Iterable[Bundle]) -> bytes:
+    """The SPIFFE bundle map of ``bundles`` as compact UTF-8 JSON.
+
+    Args:
+        bundles: at most one bundle per trust domain.
+
+    Returns:
+        JSON bytes.
+
+    Raises:
+        BundleError: two bundles of one trust domain.
+    """
+    return json.dumps(bundle_map_to_jwks(bundles), separators=(",", ":")).encode("utf-8")
+
+
+def parse_bundle_map(data: bytes | str) -> tuple[Bundle, ...]:
+    """Parse a SPIFFE bundle map (Trust Domain and Bundle §5).
+
+    The whole document is refused on any fault, so a consumer loads it as one
+    state of the world or not at all: duplicate member names anywhere (the
+    parser refuses them while decoding, before a later duplicate could silently
+    win), a missing or non-object ``trust_domains`` (it MUST be present; ``{}``
+    is allowed), a key that is not a trust domain name in canonical form
+    (lowercase, no ``spiffe://``), or a member that is not a valid bundle. Each
+    member's ``spiffe_refresh_hint`` is dropped: consumers must not use it.
+
+    Args:
+        data: the JSON text (bounded by :data:`MAX_BUNDLE_BYTES`).
+
+    Returns:
+        The bundles, ordered by trust domain name.
+
+    Raises:
+        BundleError: naming the fault and the trust domain it concerns.
+    """
+    if isinstance(data, Mapping):
+        raise BundleError("parse_bundle_map takes the JSON text, so duplicates can be seen")
+    doc = _load_json(data)
+    members = doc.get(BUNDLE_MAP_MEMBER)
+    if members is None:
+        raise BundleError(f"bundle map has no '{BUNDLE_MAP_MEMBER}' member")
+    if not isinstance(members, dict):
+        raise BundleError(f"bundle map '{BUNDLE_MAP_MEMBER}' must be a JSON object")
+    out: list[Bundle] = []
+    for name, member in members.items():
+        try:
+            td = TrustDomain.parse(name)
+        except InvalidSpiffeIdError as exc:
+            raise BundleError(f"bundle map key {name!r} is not a trust domain name: {exc}") \
+                from None
+        if td.name != name:
+            # Keys are names (example.org), not IDs and not another spelling of one:
+            # two spellings of one trust domain would be a duplicate in disguise.
+            raise BundleError(
+                f"bundle map key {name!r} is not a trust domain name in canonical form "
+                f"(want {td.name!r})")
+        if not isinstance(member, dict):
+            raise BundleError(f"bundle map member {name!r} is not a JSON object")
+        try:
+            bundle = Bundle.from_jwks(td, member)
+        except BundleError as exc:
+            raise BundleError(f"bundle map member {name!r}: {exc}") from None
+        out.append(replace(bundle, refresh_hint=None))
+    return tuple(sorted(out, key=lambda b: b.trust_domain.name))
