@@ -70,13 +70,13 @@ def bundle_from_proto(msg: types_pb2.Bundle) -> Bundle:
     """A Bundle from the admin API's message."""
     from cryptography import x509
 
-    from identity.keys import load_public_key_der
+    from identity.keys import load_jwt_public_key_der
 
     return Bundle(
         trust_domain=TrustDomain(msg.trust_domain),
         x509_authorities=tuple(x509.load_der_x509_certificate(d) for d in msg.x509_authorities),
         jwt_authorities=tuple(
-            JwtAuthority(key_id=k.key_id, public_key=load_public_key_der(k.public_key),
+            JwtAuthority(key_id=k.key_id, public_key=load_jwt_public_key_der(k.public_key),
                          expires_at=dt.datetime.fromtimestamp(k.expires_at, dt.UTC)
                          if k.expires_at else None)
             for k in msg.jwt_authorities),

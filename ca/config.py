@@ -156,6 +156,16 @@ def _key_type(name: str, value: object) -> KeyType:
         raise ConfigError(f"{name} {value!r} is not one of: {allowed}") from None
 
 
+def _ca_key_type(value: object) -> KeyType:
+    key_type = _key_type("ca_key_type", value)
+    if key_type.jwt_only:
+        # No TLS stack here can use an ML-DSA certificate (docs/standards.md).
+        allowed = ", ".join(k.value for k in KeyType if not k.jwt_only)
+        raise ConfigError(f"ca_key_type {value!r} is for JWT keys only (jwt_key_type); "
+                          f"the CA key is one of: {allowed}")
+    return key_type
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -246,7 +256,7 @@ def _validate(raw: Mapping[str, Any]) -> ServerConfig:
         socket_path=socket_path,
         database_url=database_url,
         ca_ttl=durations["ca_ttl"],
-        ca_key_type=_key_type("ca_key_type", raw["ca_key_type"]),
+        ca_key_type=_ca_key_type(raw["ca_key_type"]),
         jwt_key_type=_key_type("jwt_key_type", raw["jwt_key_type"]),
         x509_svid_ttl=durations["x509_svid_ttl"],
         jwt_svid_ttl=durations["jwt_svid_ttl"],
