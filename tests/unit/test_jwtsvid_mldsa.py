@@ -196,3 +196,16 @@ def test_key_helpers() -> None:
     assert len(key_id(ML65.public_key())) == 32
     assert mldsa.public_key_from_jwk(mldsa.public_jwk(ML44.public_key())).public_bytes_raw() \
         == ML44.public_key().public_bytes_raw()
+
+
+def test_oidc_discovery_names_the_ml_dsa_algorithm() -> None:
+    from ca.federation.oidc import configuration, jwks
+
+    bundle = BUNDLES.bundle_for(TD)
+    assert bundle is not None
+    keys = {k["kid"]: k for k in jwks(bundle)["keys"]}
+    assert keys["ml65"]["alg"] == "ML-DSA-65" and keys["ml65"]["use"] == "sig"
+    assert keys["ml65"]["kty"] == "AKP" and "priv" not in keys["ml65"]
+    assert keys["ec"]["alg"] == "ES256"
+    assert configuration("oidc.example.org", bundle)["id_token_signing_alg_values_supported"] \
+        == ["ES256", "ML-DSA-44", "ML-DSA-65", "ML-DSA-87"]
