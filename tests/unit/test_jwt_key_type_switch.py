@@ -165,3 +165,22 @@ def test_a_token_under_the_old_kid_with_the_new_alg_is_refused(url: str) -> None
     with pytest.raises(JwtSvidError, match="algorithm ML-DSA-65 needs an ML-DSA-65 key"):
         validate_jwt_svid(f"{forged_h}.{p}.{s}", bundles=bundle, audience="db",
                           now=clock.now())
+
+
+def test_automatic_rotation_moves_to_the_new_type(url: str) -> None:
+    # No operator: after the restart with the new jwt_key_type, the scheduled
+    # rotation prepares (at L/2) and activates (at 5/6 L) a key of the new type.
+    clock = FakeClock()
+    keys = MemoryKeyManager()
+    ca = _ca(url, clock, keys, KeyType.EC_P256)
+    v = Validator(ca, clock)
+    ca = _ca(url, clock, keys, KeyType.ML_DSA_65)
+    for _ in range(24 * 6):  # every 10 minutes for a day: tick, mint, validate, sync
+        clock.advance(dt.timedelta(minutes=10) - dt.timedelta(seconds=7))
+        ca.tick()
+        v.round(ca, n=1)
+        v.sync(ca)
+    assert v.failures == []
+    assert v.algs[0] == "ES256" and v.algs[-1] == "ML-DSA-65"
+    assert {jwt_key_type_of(a.public_key) for a in v.bundle.jwt_authorities} == {
+        KeyType.ML_DSA_65}
