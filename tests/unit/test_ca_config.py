@@ -70,6 +70,9 @@ def test_defaults(tmp_path: Path) -> None:
         ('trust_domain = "example.org"\nca_key_type = "dsa"\n', "ca_key_type"),
         ('trust_domain = "example.org"\nca_key_type = "ml-dsa-65"\n',
          "ca_key_type 'ml-dsa-65' is for JWT keys only"),
+        ('trust_domain = "example.org"\njwt_key_type = "ml-dsa-87"\nkey_manager = "pkcs11"\n'
+         '[pkcs11]\nmodule_path = "/m.so"\ntoken_label = "t"\n',
+         "jwt_key_type 'ml-dsa-87' needs key_manager \"disk\" or \"memory\""),
         ('trust_domain = "example.org"\njwt_key_type = "ml-dsa-66"\n',
          "jwt_key_type 'ml-dsa-66' is not one of: .*ml-dsa-44, ml-dsa-65, ml-dsa-87"),
         ('trust_domain = "example.org"\nlog_format = "xml"\n', "log_format"),
