@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import threading
 from typing import Any
@@ -229,8 +230,6 @@ class MlDsaAlgorithm(Algorithm):
     @staticmethod
     def to_jwk(key_obj: Any, as_dict: bool = False) -> Any:
         """The public JWK of an ML-DSA key (private keys give their public half)."""
-        import json
-
         if is_private_key(key_obj):
             key_obj = key_obj.public_key()
         doc = public_jwk(key_obj)
@@ -239,8 +238,6 @@ class MlDsaAlgorithm(Algorithm):
     @staticmethod
     def from_jwk(jwk: Any) -> Any:
         """A public key from an AKP JWK (dict or JSON text)."""
-        import json
-
         doc = json.loads(jwk) if isinstance(jwk, str) else jwk
         if not isinstance(doc, dict):
             raise JwtInvalidKeyError("a JWK must be a JSON object")
@@ -250,7 +247,7 @@ class MlDsaAlgorithm(Algorithm):
             raise JwtInvalidKeyError(str(exc)) from None
 
 
-_registered = threading.Lock()
+_register_lock = threading.Lock()
 
 
 def register() -> None:
@@ -260,7 +257,7 @@ def register() -> None:
     algorithm only when the caller lists it in ``algorithms=``, and our
     validator lists exactly the one that fits the key found by ``kid``.
     """
-    with _registered:
+    with _register_lock:
         for alg in ALGORITHMS:
             try:
                 existing = jwt.get_algorithm_by_name(alg)
