@@ -209,3 +209,26 @@ def test_oidc_discovery_names_the_ml_dsa_algorithm() -> None:
     assert keys["ec"]["alg"] == "ES256"
     assert configuration("oidc.example.org", bundle)["id_token_signing_alg_values_supported"] \
         == ["ES256", "ML-DSA-44", "ML-DSA-65", "ML-DSA-87"]
+
+
+def test_pyjwt_algorithm_object() -> None:
+    from jwt.exceptions import InvalidKeyError as JwtInvalidKeyError
+
+    alg = mldsa.MlDsaAlgorithm("ML-DSA-65")
+    doc = alg.to_jwk(ML65, as_dict=True)  # a private key gives its public JWK only
+    assert set(doc) == {"kty", "alg", "pub"}
+    back = alg.from_jwk(json.dumps(doc))
+    assert back.public_bytes_raw() == ML65.public_key().public_bytes_raw()
+    with pytest.raises(JwtInvalidKeyError, match="needs an ML-DSA-65 key object"):
+        alg.prepare_key(ML44)
+    with pytest.raises(JwtInvalidKeyError, match="got str"):
+        alg.prepare_key("-----BEGIN PUBLIC KEY-----")
+    with pytest.raises(JwtInvalidKeyError, match="alg ML-DSA-44/65/87"):
+        alg.from_jwk({"kty": "AKP", "alg": "ES256", "pub": doc["pub"]})
+    sig = alg.sign(b"m", ML65)
+    assert alg.verify(b"m", ML65.public_key(), sig)
+    assert not alg.verify(b"n", ML65.public_key(), sig)
+    assert not alg.verify(b"m", ML65.public_key(), sig[:-1])
+    assert not alg.verify(b"m", ML44.public_key(), sig)
+    with pytest.raises(ValueError, match="not an ML-DSA algorithm"):
+        mldsa.MlDsaAlgorithm("ML-DSA-66")
