@@ -25,6 +25,7 @@ and keeps the files it wrote meanwhile: they stay valid until they expire.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal as signal_module
@@ -241,7 +242,7 @@ def write_files(directory: Path, response: pb.X509SVIDResponse, *,
             bundles = [Bundle(own_td, own)]
             bundles += [Bundle(td, certs) for td, certs in federated.items() if td != own_td]
             bundle_map.parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomic(bundle_map, bundle_map_to_json(bundles) + b"\n", mode=0o644)
+            _write_public_file(bundle_map, bundle_map_to_json(bundles) + b"\n")
             if bundle_map.parent != directory:
                 _fsync_dir(bundle_map.parent)
         # Key before certificate: a reader that loads both between the two
@@ -253,6 +254,29 @@ def write_files(directory: Path, response: pb.X509SVIDResponse, *,
     except OSError as exc:
         raise HelperError(f"cannot write into {directory}: {exc.strerror or exc}") from None
     return svid
+
+
+def _write_public_file(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` with a file of mode 0644 whatever the umask.
+
+    Readers of the bundle map run as other users (that is its point), so a
+    restrictive umask of the helper must not make it unreadable.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # not filtered by the umask, unlike open's mode
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    os.replace(tmp, path)
 
 
 def _fsync_dir(directory: Path) -> None:

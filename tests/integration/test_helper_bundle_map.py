@@ -50,7 +50,7 @@ def test_helper_writes_the_bundle_map_atomically(harness: Harness, tmp_path: Pat
                     "bundle_map_file = 'bundles.json'\n")
     config = load_config_file(toml, {})
     assert config.bundle_map_file == out / "bundles.json"
-    old_umask = os.umask(0o022)
+    old_umask = os.umask(0o077)  # a restrictive umask: the map must still be 0644
     helper, t = run_helper(config)
     try:
         path = out / "bundles.json"
