@@ -102,3 +102,15 @@ def test_bundle_map_file_may_not_overwrite_another_helper_file(tmp_path: Path,
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "would overwrite one of the helper's other files" in lines[0]
+
+
+def test_helper_cli_flag_writes_the_map(harness: Harness, tmp_path: Path) -> None:
+    harness.set_state([entry("w", WEB, UID)])
+    out = tmp_path / "files"
+    elsewhere = tmp_path / "shared" / "spiffe-bundles.json"  # an absolute path
+    result = CliRunner().invoke(main, ["helper", "--socket-path", str(harness.socket_path),
+                                       "--dir", str(out), "--bundle-map-file", str(elsewhere),
+                                       "--count", "1"], env={"SPIFFE_ENDPOINT_SOCKET": ""})
+    assert result.exit_code == 0, result.output
+    assert _map(elsewhere) == {"example.org": (harness.ca.cert,)}
+    assert not (out / "spiffe-bundles.json").exists()
