@@ -564,8 +564,9 @@ def watch(socket_path: str | None, count: int | None, output: str) -> None:
 _EPILOG_HELPER = """\b
 Writes into DIR on every update: svid.pem (chain), svid.key (0600),
 bundle.pem, and federated_bundle_<trust domain>.pem per federated trust
-domain; each atomically (temporary file, fsync, rename). Then runs --cmd, or
-sends --signal to the PID in --pid-file.
+domain; with --bundle-map-file, also a SPIFFE bundle map of all those trust
+domains in one file; each atomically (temporary file, fsync, rename). Then runs
+--cmd, or sends --signal to the PID in --pid-file.
 
 \b
 Examples:
@@ -588,11 +589,14 @@ Examples:
 @click.option("--cmd", help="Command to run after each update (no shell).")
 @click.option("--signal", "sig", help="Signal to send after each update (HUP, USR1, ...).")
 @click.option("--pid-file", help="File with the PID to send --signal to.")
+@click.option("--bundle-map-file",
+              help="Also write a SPIFFE bundle map (JSON) of every trust domain here "
+                   "(relative: inside --dir).")
 @click.option("--count", type=click.IntRange(min=1), default=None,
               help="Exit after N updates (for scripts and tests).")
 def helper(config_path: Path | None, socket_path: str | None, directory: str | None,
            cmd: str | None, sig: str | None, pid_file: str | None,
-           count: int | None) -> None:
+           bundle_map_file: str | None, count: int | None) -> None:
     """Keep SVID and bundle files current for a program that reads files (nginx, ...).
 
     Streams X.509-SVID updates from the agent until SIGTERM/SIGINT (or --count).
@@ -600,7 +604,8 @@ def helper(config_path: Path | None, socket_path: str | None, directory: str | N
     from agent.helper import Helper, build_config, load_config_file
 
     flags = {"socket_path": socket_path or os.environ.get(ENV_VAR) or None, "dir": directory,
-             "cmd": cmd, "signal": sig, "pid_file": pid_file}
+             "cmd": cmd, "signal": sig, "pid_file": pid_file,
+             "bundle_map_file": bundle_map_file}
     try:
         if config_path is not None:
             config = load_config_file(config_path, flags)

@@ -34,7 +34,12 @@ from api.protos.sigil.types.v1 import types_pb2 as tpb
 from identity.bundle import Bundle, JwtAuthority
 from identity.errors import SigilError
 from identity.jwtsvid import JwtSvid, parse_insecure
-from identity.keys import PrivateKey, load_public_key_der, private_key_to_pem, public_keys_equal
+from identity.keys import (
+    PrivateKey,
+    load_jwt_public_key_der,
+    private_key_to_pem,
+    public_keys_equal,
+)
 from identity.refusal import reason_from_metadata
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
@@ -399,7 +404,8 @@ def bundle_from_proto(b: tpb.Bundle) -> Bundle:
         trust_domain=TrustDomain.parse(b.trust_domain),
         x509_authorities=certs,
         jwt_authorities=tuple(
-            JwtAuthority(k.key_id, load_public_key_der(k.public_key), _unix_time(k.expires_at))
+            JwtAuthority(k.key_id, load_jwt_public_key_der(k.public_key),
+                         _unix_time(k.expires_at))
             for k in b.jwt_authorities
         ),
         sequence_number=b.sequence_number or None,

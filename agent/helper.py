@@ -7,7 +7,11 @@ writes into its directory:
 - ``svid.key``: its private key, PKCS#8 PEM, mode 0600;
 - ``bundle.pem``: the X.509 authorities of the SVID's trust domain;
 - ``federated_bundle_<trust domain>.pem``: one per federated trust domain
-  (files of trust domains no longer federated are removed).
+  (files of trust domains no longer federated are removed);
+- with ``bundle_map_file`` set, a SPIFFE bundle map (Trust Domain and Bundle §5,
+  ``{"trust_domains": {name: bundle}}``) of the SVID's trust domain and every
+  federated one, in one file: a reader loads every trust domain's authorities in
+  one read, the direction of the SPIFFE Filesystem Delivery proposal.
 
 Each file is replaced atomically (a temporary file in the same directory,
 fsync, rename; then the directory is fsynced), so a reader sees the old file or
@@ -21,6 +25,7 @@ and keeps the files it wrote meanwhile: they stay valid until they expire.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal as signal_module
@@ -41,6 +46,7 @@ from agent.errors import AgentError, ConfigError, EndpointAddressError
 from agent.state import write_file_atomic
 from agent.workload_api.client import WorkloadApiClient
 from api.protos import workload_pb2 as pb
+from identity.bundle import Bundle, bundle_map_to_json
 from identity.errors import SigilError
 from identity.spiffeid import TrustDomain
 from identity.x509svid import X509Svid, certificates_to_pem, load_certificates_der
@@ -49,7 +55,9 @@ SVID_FILE = "svid.pem"
 KEY_FILE = "svid.key"
 BUNDLE_FILE = "bundle.pem"
 FEDERATED_PREFIX = "federated_bundle_"
-HELPER_KEYS = frozenset({"socket_path", "dir", "cmd", "signal", "pid_file", "cmd_timeout"})
+HELPER_KEYS = frozenset({"socket_path", "dir", "cmd", "signal", "pid_file", "cmd_timeout",
+                         "bundle_map_file"})
+_OWN_FILES = frozenset({SVID_FILE, KEY_FILE, BUNDLE_FILE})
 RECONNECT_MIN = 0.5
 RECONNECT_MAX = 30.0
 
@@ -69,6 +77,8 @@ class HelperConfig:
         signal: a signal to send after each update, to the PID in ``pid_file``.
         pid_file: a file holding the PID to signal.
         cmd_timeout: seconds ``cmd`` may run.
+        bundle_map_file: where to write the SPIFFE bundle map, if anywhere
+            (a relative path is inside ``dir``).
     """
 
     socket_path: Path
@@ -77,6 +87,7 @@ class HelperConfig:
     signal: signal_module.Signals | None = None
     pid_file: Path | None = None
     cmd_timeout: float = 30.0
+    bundle_map_file: Path | None = None
 
 
 def parse_signal(text: str) -> signal_module.Signals:
@@ -147,9 +158,17 @@ def build_config(raw: Mapping[str, Any], *, source: str = "") -> HelperConfig:
     timeout = raw.get("cmd_timeout", 30.0)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise ConfigError(f"{where}helper.cmd_timeout must be a positive number of seconds")
+    map_text = text("bundle_map_file")
+    bundle_map = None
+    if map_text is not None:
+        bundle_map = Path(directory) / map_text  # an absolute path stays as it is
+        if bundle_map.name in _OWN_FILES or bundle_map.name.startswith(FEDERATED_PREFIX):
+            raise ConfigError(f"{where}helper.bundle_map_file {map_text!r} would overwrite "
+                              "one of the helper's other files")
     return HelperConfig(
         socket_path=socket_path, dir=Path(directory), cmd=cmd, signal=sig,
         pid_file=Path(pid_file) if pid_file else None, cmd_timeout=float(timeout),
+        bundle_map_file=bundle_map,
     )
 
 
@@ -178,8 +197,16 @@ def federated_file_name(trust_domain: TrustDomain) -> str:
     return f"{FEDERATED_PREFIX}{trust_domain.name}.pem"
 
 
-def write_files(directory: Path, response: pb.X509SVIDResponse) -> X509Svid:
+def write_files(directory: Path, response: pb.X509SVIDResponse, *,
+                bundle_map: Path | None = None) -> X509Svid:
     """Write the default SVID, its key and the bundles of one update.
+
+    Args:
+        directory: where the files go.
+        response: one update of the X.509 stream.
+        bundle_map: also write the SPIFFE bundle map there (the X.509 authorities
+            of the SVID's trust domain and of each federated one; the X.509 stream
+            carries no JWT keys).
 
     Returns:
         The SVID written.
@@ -210,6 +237,14 @@ def write_files(directory: Path, response: pb.X509SVIDResponse) -> X509Svid:
         for stale in directory.glob(f"{FEDERATED_PREFIX}*.pem"):
             if stale.name not in wanted:
                 stale.unlink()
+        if bundle_map is not None:
+            own_td = svid.spiffe_id.trust_domain
+            bundles = [Bundle(own_td, own)]
+            bundles += [Bundle(td, certs) for td, certs in federated.items() if td != own_td]
+            bundle_map.parent.mkdir(parents=True, exist_ok=True)
+            _write_public_file(bundle_map, bundle_map_to_json(bundles) + b"\n")
+            if bundle_map.parent != directory:
+                _fsync_dir(bundle_map.parent)
         # Key before certificate: a reader that loads both between the two
         # renames gets a mismatch error and retries, rather than a stale pair
         # that looks valid.
@@ -219,6 +254,29 @@ def write_files(directory: Path, response: pb.X509SVIDResponse) -> X509Svid:
     except OSError as exc:
         raise HelperError(f"cannot write into {directory}: {exc.strerror or exc}") from None
     return svid
+
+
+def _write_public_file(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` with a file of mode 0644 whatever the umask.
+
+    Readers of the bundle map run as other users (that is its point), so a
+    restrictive umask of the helper must not make it unreadable.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # not filtered by the umask, unlike open's mode
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    os.replace(tmp, path)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -316,7 +374,8 @@ class Helper:
 
     def _handle(self, response: pb.X509SVIDResponse) -> None:
         try:
-            svid = write_files(self.config.dir, response)
+            svid = write_files(self.config.dir, response,
+                               bundle_map=self.config.bundle_map_file)
         except HelperError as exc:
             log.event("helper update not written", reason=str(exc))
             return

@@ -18,8 +18,9 @@ import click
 from api.protos.sigil.admin.v1 import admin_pb2
 from api.protos.sigil.types.v1 import types_pb2
 from ca.errors import InvalidArgumentError
-from ca.foreign_bundles import MAX_BUNDLE_BYTES, parse_trust_domain
-from identity.bundle import Bundle, JwtAuthority
+from ca.foreign_bundles import MAX_BUNDLE_BYTES, parse_bundle, parse_trust_domain
+from identity.bundle import Bundle, JwtAuthority, bundle_map_to_json, parse_bundle_map
+from identity.errors import BundleError
 from identity.spiffeid import TrustDomain
 
 base: Any = None  # the ca.cli module, set by add_commands
@@ -27,6 +28,13 @@ base: Any = None  # the ca.cli module, set by add_commands
 format_option = click.option(
     "--format", "fmt", type=click.Choice(["pem", "spiffe"]), default="pem", show_default=True,
     help="pem: CA certificates only; spiffe: SPIFFE bundle document (JWKS, with JWT keys).")
+
+MAP_FORMAT = "spiffe-map"
+map_format_option = click.option(
+    "--format", "fmt", type=click.Choice(["pem", "spiffe", MAP_FORMAT]), default="pem",
+    show_default=True,
+    help="pem: CA certificates only; spiffe: SPIFFE bundle document (JWKS, with JWT keys); "
+         "spiffe-map: SPIFFE bundle map {\"trust_domains\": {name: bundle}}.")
 
 
 def _td_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,13 +70,13 @@ def bundle_from_proto(msg: types_pb2.Bundle) -> Bundle:
     """A Bundle from the admin API's message."""
     from cryptography import x509
 
-    from identity.keys import load_public_key_der
+    from identity.keys import load_jwt_public_key_der
 
     return Bundle(
         trust_domain=TrustDomain(msg.trust_domain),
         x509_authorities=tuple(x509.load_der_x509_certificate(d) for d in msg.x509_authorities),
         jwt_authorities=tuple(
-            JwtAuthority(key_id=k.key_id, public_key=load_public_key_der(k.public_key),
+            JwtAuthority(key_id=k.key_id, public_key=load_jwt_public_key_der(k.public_key),
                          expires_at=dt.datetime.fromtimestamp(k.expires_at, dt.UTC)
                          if k.expires_at else None)
             for k in msg.jwt_authorities),
@@ -111,7 +119,7 @@ def _read_input(path: str | None) -> bytes:
 
 @click.command("show")
 @_td_options
-@format_option
+@map_format_option
 @click.option("--output", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="text: the bundle in --format; json: stable keys.")
 @click.option("--socket-path", type=click.Path(dir_okay=False), default=None,
@@ -126,12 +134,26 @@ def show(td_id: str | None, td_name: str | None, fmt: str, output: str,
       sigil-agent run --trust-bundle bundle.pem ...
       sigil-server bundle show --format spiffe > a.example.org.bundle.json
       sigil-server bundle show --id spiffe://b.example.org --format spiffe
+      sigil-server bundle show --format spiffe-map > bundles.json
+
+    --format spiffe-map prints a SPIFFE bundle map: with --id/--trust-domain, of
+    that trust domain only; otherwise of ours and every foreign bundle held.
     """
     td = _trust_domain(td_id, td_name, required=False)
-    msg = base._call(socket_path or base._default_socket(), lambda s: s.GetBundle(
+    socket = socket_path or base._default_socket()
+    msg = base._call(socket, lambda s: s.GetBundle(
         admin_pb2.GetBundleRequest(trust_domain=td.name if td else ""),
         timeout=base.ADMIN_TIMEOUT))
     b = bundle_from_proto(msg)
+    if fmt == MAP_FORMAT:
+        bundles = [b]
+        if td is None:
+            resp = base._call(socket, lambda s: s.ListBundles(
+                admin_pb2.ListBundlesRequest(), timeout=base.ADMIN_TIMEOUT))
+            bundles += [bundle_from_proto(m) for m in resp.bundles
+                        if m.trust_domain != b.trust_domain.name]
+        click.echo(bundle_map_to_json(bundles).decode())
+        return
     if output == "json":
         base._emit_json(bundle_json(b))
     else:
@@ -167,7 +189,7 @@ def list_(fmt: str, output: str, socket_path: str | None) -> None:
 
 @click.command("set")
 @_td_options
-@format_option
+@map_format_option
 @click.option("--path", type=click.Path(dir_okay=False), default=None,
               help="File holding the bundle; '-' or absent: read standard input.")
 @click.option("--output", type=click.Choice(["text", "json"]), default="text",
@@ -187,7 +209,17 @@ def set_(td_id: str | None, td_name: str | None, fmt: str, path: str | None, out
     Examples (the other side ran: sigil-server bundle show --format spiffe > b.json):
       sigil-server bundle set --id spiffe://b.example.org --format spiffe --path b.json
       ssh b-server sigil-server bundle show | sigil-server bundle set --trust-domain b.example.org
+      sigil-server bundle set --format spiffe-map --path bundles.json
+
+    --format spiffe-map sets every bundle of a SPIFFE bundle map (the map names
+    the trust domains: no --id). The whole map is checked first; a duplicate
+    trust domain, a bad name or a bad bundle refuses it and nothing is written.
+    Our own trust domain's member is skipped (the CA manages that bundle);
+    foreign bundles held but absent from the map are kept.
     """
+    if fmt == MAP_FORMAT:
+        _set_map(td_id, td_name, path, output, socket_path)
+        return
     td = _trust_domain(td_id, td_name, required=True)
     assert td is not None
     data = _read_input(path)
@@ -201,6 +233,51 @@ def set_(td_id: str | None, td_name: str | None, fmt: str, path: str | None, out
         click.echo(f"Bundle of {td.id_string()} set: sequence {b.sequence_number or 0}, "
                    f"{len(b.x509_authorities)} CA certificate(s), "
                    f"{len(b.jwt_authorities)} JWT key(s).")
+
+
+def _set_map(td_id: str | None, td_name: str | None, path: str | None, output: str,
+             socket_path: str | None) -> None:
+    if td_id or td_name:
+        _fail("a bundle map names its trust domains: drop --id/--trust-domain")
+    data = _read_input(path)
+    try:
+        bundles = parse_bundle_map(data)
+    except BundleError as exc:
+        _fail(f"{path or 'stdin'}: {exc}")
+    # Every member passes the server's own checks here, before the first write: a
+    # bad member refuses the whole map rather than leaving half of it applied.
+    members = []
+    for b in bundles:
+        body = b.to_json()
+        try:
+            parse_bundle(b.trust_domain, "spiffe", body)
+        except InvalidArgumentError as exc:
+            _fail(f"{path or 'stdin'}: bundle map member {b.trust_domain.name!r}: {exc}")
+        members.append((b.trust_domain, body))
+    socket = socket_path or base._default_socket()
+    health = base._call(socket, lambda s: s.Health(admin_pb2.HealthRequest(),
+                                                   timeout=base.ADMIN_TIMEOUT))
+    done: list[Bundle] = []
+    skipped: list[str] = []
+    for td, body in members:
+        if td.name == health.trust_domain:
+            skipped.append(td.name)
+            continue
+        msg = base._call(socket, lambda s, td=td, body=body: s.SetBundle(
+            admin_pb2.SetBundleRequest(trust_domain=td.name, format="spiffe", data=body),
+            timeout=base.ADMIN_TIMEOUT))
+        done.append(bundle_from_proto(msg))
+    if output == "json":
+        base._emit_json({"bundles": [bundle_json(b) for b in done], "skipped": skipped})
+        return
+    click.echo(f"Bundle map set: {len(done)} trust domain(s).")
+    for b in done:
+        click.echo(f"  {b.trust_domain.id_string()}: sequence {b.sequence_number or 0}, "
+                   f"{len(b.x509_authorities)} CA certificate(s), "
+                   f"{len(b.jwt_authorities)} JWT key(s)")
+    for name in skipped:
+        click.echo(f"  spiffe://{name}: skipped (this server's own trust domain; the CA "
+                   "manages its bundle)")
 
 
 @click.command("delete")

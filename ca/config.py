@@ -157,6 +157,16 @@ def _key_type(name: str, value: object) -> KeyType:
         raise ConfigError(f"{name} {value!r} is not one of: {allowed}") from None
 
 
+def _ca_key_type(value: object) -> KeyType:
+    key_type = _key_type("ca_key_type", value)
+    if key_type.jwt_only:
+        # No TLS stack here can use an ML-DSA certificate (docs/standards.md).
+        allowed = ", ".join(k.value for k in KeyType if not k.jwt_only)
+        raise ConfigError(f"ca_key_type {value!r} is for JWT keys only (jwt_key_type); "
+                          f"the CA key is one of: {allowed}")
+    return key_type
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -239,6 +249,13 @@ def _validate(raw: Mapping[str, Any]) -> ServerConfig:
         raise ConfigError(
             f"key_manager \"memory\" keeps the CA keys in one process; worker_processes "
             f"({ops.workers} processes) needs \"disk\" or \"pkcs11\"")
+    jwt_key_type = _key_type("jwt_key_type", raw["jwt_key_type"])
+    if ca.key_manager == "pkcs11" and jwt_key_type.jwt_only:
+        # Refused here, at start, rather than at the next scheduled JWT rotation,
+        # where the failed key generation would stall rotation until expiry.
+        raise ConfigError(
+            f"jwt_key_type {jwt_key_type.value!r} needs key_manager \"disk\" or \"memory\": "
+            "the PKCS#11 key store cannot make ML-DSA keys")
 
     return ServerConfig(
         trust_domain=trust_domain,
@@ -247,8 +264,8 @@ def _validate(raw: Mapping[str, Any]) -> ServerConfig:
         socket_path=socket_path,
         database_url=database_url,
         ca_ttl=durations["ca_ttl"],
-        ca_key_type=_key_type("ca_key_type", raw["ca_key_type"]),
-        jwt_key_type=_key_type("jwt_key_type", raw["jwt_key_type"]),
+        ca_key_type=_ca_key_type(raw["ca_key_type"]),
+        jwt_key_type=jwt_key_type,
         x509_svid_ttl=durations["x509_svid_ttl"],
         jwt_svid_ttl=durations["jwt_svid_ttl"],
         agent_svid_ttl=durations["agent_svid_ttl"],

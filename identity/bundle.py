@@ -20,7 +20,7 @@ import binascii
 import datetime as dt
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from cryptography import x509
@@ -29,8 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.exceptions import InvalidKeyError as JwtInvalidKeyError
 
-from identity.errors import BundleError, InvalidKeyError, X509SvidError
-from identity.keys import PublicKey, check_public_key_strength, public_keys_equal
+from identity import mldsa
+from identity.errors import BundleError, InvalidKeyError, InvalidSpiffeIdError, X509SvidError
+from identity.keys import JwtPublicKey, check_jwt_public_key, public_keys_equal
 from identity.spiffeid import TrustDomain
 from identity.x509svid import (
     certificates_to_der,
@@ -46,9 +47,13 @@ USE_JWT_SVID = "jwt-svid"
 # input is bounded). Thousands of authorities fit comfortably.
 MAX_BUNDLE_BYTES = 4 * 1024 * 1024
 
+# X.509 authorities are EC or RSA certificates. JWT authorities may also be ML-DSA
+# keys: kty "AKP" whose "alg" is ML-DSA-44/65/87 (draft-ietf-cose-dilithium-11 §3).
 _KNOWN_KTY = frozenset({"EC", "RSA"})
-# Members of a JWK that carry private key material (RFC 7518 §6.2.2, §6.3.2).
-_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth"})
+_KNOWN_JWT_KTY = _KNOWN_KTY | {mldsa.KTY}
+# Members of a JWK that carry private key material (RFC 7518 §6.2.2, §6.3.2; the
+# AKP seed of draft-ietf-cose-dilithium-11 §4).
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "priv"})
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class JwtAuthority:
     """
 
     key_id: str
-    public_key: PublicKey
+    public_key: JwtPublicKey
     expires_at: dt.datetime | None = None
 
     def __post_init__(self) -> None:
@@ -188,7 +193,8 @@ class Bundle:
             if not isinstance(jwk, dict):
                 raise BundleError(f"bundle key {index} is not a JSON object")
             use = jwk.get("use")
-            if use not in (USE_X509_SVID, USE_JWT_SVID) or jwk.get("kty") not in _KNOWN_KTY:
+            if use not in (USE_X509_SVID, USE_JWT_SVID) or not _understood(
+                    jwk, _KNOWN_KTY if use == USE_X509_SVID else _KNOWN_JWT_KTY):
                 # §4.2.1 / §4.2.2: unknown or missing kty/use -> ignore the element
                 # (this also skips go-spiffe's newer 'wit-svid' keys).
                 continue
@@ -333,7 +339,7 @@ class Bundle:
         for index, jwk in enumerate(keys):
             if not isinstance(jwk, dict):
                 raise BundleError(f"JWKS key {index} is not a JSON object")
-            if jwk.get("kty") not in _KNOWN_KTY:
+            if not _understood(jwk, _KNOWN_JWT_KTY):
                 continue
             authorities.append(_jwt_entry(index, jwk, require_kid=True))
         return cls(trust_domain, jwt_authorities=tuple(authorities))
@@ -461,8 +467,19 @@ def _optional_int(doc: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
+def _understood(jwk: Mapping[str, Any], kinds: frozenset[str]) -> bool:
+    """A key type we know; an AKP key only with an ML-DSA alg (its alg is its type)."""
+    kty = jwk.get("kty")
+    if kty not in kinds:
+        return False
+    return kty != mldsa.KTY or jwk.get("alg") in mldsa.ALGORITHMS
+
+
 def _public_jwk(key: object) -> dict[str, Any]:
-    """The RFC 7518 §6 public parameters of a key: kty plus crv/x/y or n/e."""
+    """The public parameters of a key: kty plus crv/x/y or n/e (RFC 7518 §6), or
+    alg/pub for ML-DSA (draft-ietf-cose-dilithium-11 §3)."""
+    if isinstance(key, mldsa.PUBLIC_KEY_TYPES):
+        return mldsa.public_jwk(key)
     if isinstance(key, ec.EllipticCurvePublicKey):
         jwk = ECAlgorithm.to_jwk(key, as_dict=True)
     elif isinstance(key, rsa.RSAPublicKey):
@@ -480,9 +497,14 @@ def _jwt_jwk(auth: JwtAuthority) -> dict[str, Any]:
     return entry
 
 
-def _key_from_jwk(index: int, jwk: Mapping[str, Any]) -> PublicKey:
+def _key_from_jwk(index: int, jwk: Mapping[str, Any]) -> JwtPublicKey:
     if _PRIVATE_MEMBERS & jwk.keys():
         raise BundleError(f"bundle key {index} contains private key material")
+    if jwk.get("kty") == mldsa.KTY:
+        try:
+            return mldsa.public_key_from_jwk(dict(jwk))
+        except InvalidKeyError as exc:
+            raise BundleError(f"bundle key {index} has bad AKP parameters: {exc}") from None
     params = {k: v for k, v in jwk.items() if k in ("kty", "crv", "x", "y", "n", "e")}
     try:
         if jwk["kty"] == "EC":
@@ -529,7 +551,107 @@ def _jwt_entry(index: int, jwk: Mapping[str, Any], *, require_kid: bool) -> JwtA
         raise BundleError(f"bundle key {index}: a jwt-svid key must have a non-empty 'kid'")
     key = _key_from_jwk(index, jwk)
     try:
-        check_public_key_strength(key)
+        check_jwt_public_key(key)
     except InvalidKeyError as exc:
         raise BundleError(f"bundle key {index}: {exc}") from None
     return JwtAuthority(str(kid), key)
+
+
+# ------------------------------------------------------------------------------------
+# SPIFFE bundle map (Trust Domain and Bundle §5)
+# ------------------------------------------------------------------------------------
+
+BUNDLE_MAP_MEMBER = "trust_domains"
+
+
+def bundle_map_to_jwks(bundles: Iterable[Bundle]) -> dict[str, Any]:
+    """The SPIFFE bundle map of ``bundles`` as a JSON-ready dict.
+
+    ``{"trust_domains": {"<name>": <bundle>, ...}}`` keyed by trust domain name,
+    in name order. Each member bundle omits ``spiffe_refresh_hint``: the standard
+    says producers SHOULD omit it in a map (a map is not polled per trust domain).
+
+    Args:
+        bundles: at most one bundle per trust domain.
+
+    Returns:
+        The map document.
+
+    Raises:
+        BundleError: two bundles of one trust domain.
+    """
+    members: dict[str, Any] = {}
+    for bundle in sorted(bundles, key=lambda b: b.trust_domain.name):
+        name = bundle.trust_domain.name
+        if name in members:
+            raise BundleError(f"two bundles for trust domain {name} in one bundle map")
+        doc = bundle.to_jwks()
+        doc.pop("spiffe_refresh_hint", None)
+        members[name] = doc
+    return {BUNDLE_MAP_MEMBER: members}
+
+
+def bundle_map_to_json(bundles: Iterable[Bundle]) -> bytes:
+    """The SPIFFE bundle map of ``bundles`` as compact UTF-8 JSON.
+
+    Args:
+        bundles: at most one bundle per trust domain.
+
+    Returns:
+        JSON bytes.
+
+    Raises:
+        BundleError: two bundles of one trust domain.
+    """
+    return json.dumps(bundle_map_to_jwks(bundles), separators=(",", ":")).encode("utf-8")
+
+
+def parse_bundle_map(data: bytes | str) -> tuple[Bundle, ...]:
+    """Parse a SPIFFE bundle map (Trust Domain and Bundle §5).
+
+    The whole document is refused on any fault, so a consumer loads it as one
+    state of the world or not at all: duplicate member names anywhere (the
+    parser refuses them while decoding, before a later duplicate could silently
+    win), a missing or non-object ``trust_domains`` (it MUST be present; ``{}``
+    is allowed), a key that is not a trust domain name in canonical form
+    (lowercase, no ``spiffe://``), or a member that is not a valid bundle. Each
+    member's ``spiffe_refresh_hint`` is dropped: consumers must not use it.
+
+    Args:
+        data: the JSON text (bounded by :data:`MAX_BUNDLE_BYTES`).
+
+    Returns:
+        The bundles, ordered by trust domain name.
+
+    Raises:
+        BundleError: naming the fault and the trust domain it concerns.
+    """
+    if isinstance(data, Mapping):
+        raise BundleError("parse_bundle_map takes the JSON text, so duplicates can be seen")
+    doc = _load_json(data)
+    members = doc.get(BUNDLE_MAP_MEMBER)
+    if members is None:
+        raise BundleError(f"bundle map has no '{BUNDLE_MAP_MEMBER}' member")
+    if not isinstance(members, dict):
+        raise BundleError(f"bundle map '{BUNDLE_MAP_MEMBER}' must be a JSON object")
+    out: list[Bundle] = []
+    for name, member in members.items():
+        try:
+            td = TrustDomain.parse(name)
+        except InvalidSpiffeIdError as exc:
+            raise BundleError(f"bundle map key {name!r} is not a trust domain name: {exc}") \
+                from None
+        if td.name != name:
+            # Keys are names (example.org), not IDs and not another spelling of one:
+            # two spellings of one trust domain would be a duplicate in disguise.
+            raise BundleError(
+                f"bundle map key {name!r} is not a trust domain name in canonical form "
+                f"(want {td.name!r})")
+        if not isinstance(member, dict):
+            raise BundleError(f"bundle map member {name!r} is not a JSON object")
+        try:
+            bundle = Bundle.from_jwks(td, member)
+        except BundleError as exc:
+            raise BundleError(f"bundle map member {name!r}: {exc}") from None
+        out.append(replace(bundle, refresh_hint=None))
+    return tuple(sorted(out, key=lambda b: b.trust_domain.name))

@@ -1,7 +1,8 @@
 """JWT-SVIDs: signing and validation (JWT-SVID standard, ``standards/JWT-SVID.md``).
 
 PyJWT does the JWS work (RFC 7515 compact serialization, raw ``r||s`` ECDSA
-signatures per RFC 7518 §3.4). Everything SPIFFE adds is checked here, in the
+signatures per RFC 7518 §3.4; ML-DSA through the handlers :mod:`identity.mldsa`
+registers). Everything SPIFFE adds is checked here, in the
 order of the recommended validation procedure: algorithm allow-list before any
 cryptography, then header and claims, then the key from the bundle of the
 subject's trust domain, then the signature, then time and audience. Time is always
@@ -20,19 +21,29 @@ from typing import TYPE_CHECKING, Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from identity import mldsa
 from identity.bundle import JwtBundleSource
 from identity.errors import InvalidSpiffeIdError, JwtSvidError
-from identity.keys import PrivateKey, PublicKey
+from identity.keys import JwtPrivateKey, JwtPublicKey
 from identity.spiffeid import SpiffeId
 
 if TYPE_CHECKING:
     from jwt.types import Options  # PyJWT >= 2.10; annotations only
 
-# JWT-SVID §2.1: the only algorithms a JWT-SVID may use. 'none', HMAC (a shared
-# secret is not an identity) and EdDSA are not among them.
-ALLOWED_ALGORITHMS: frozenset[str] = frozenset(
+mldsa.register()
+
+# JWT-SVID §2.1: the algorithms a JWT-SVID may use. 'none', HMAC (a shared secret
+# is not an identity) and EdDSA are not among them.
+STANDARD_ALGORITHMS: frozenset[str] = frozenset(
     {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
 )
+
+# Beyond the standard's table: ML-DSA (draft-ietf-cose-dilithium-11 / RFC 9964
+# names), for trust domains that opt in with jwt_key_type = "ml-dsa-*". A token
+# is only ever checked with the key its kid names, and only if that key's type is
+# the one its alg names (_check_key_fits), so accepting these names here lets no
+# EC or RSA key be used under an ML-DSA alg, nor the reverse.
+ALLOWED_ALGORITHMS: frozenset[str] = STANDARD_ALGORITHMS | frozenset(mldsa.ALGORITHMS)
 
 # JWT-SVID §2.3: typ, when present, is JWT or JOSE.
 _ALLOWED_TYP = frozenset({"JWT", "JOSE"})
@@ -85,17 +96,38 @@ def _aware(value: dt.datetime, what: str) -> dt.datetime:
     return value.astimezone(dt.UTC)
 
 
-def _default_algorithm(key: PrivateKey) -> str:
-    if isinstance(key, rsa.RSAPrivateKey):
+def default_algorithm(key: JwtPrivateKey | JwtPublicKey) -> str:
+    """The algorithm Sigil signs with for a key: ES* by curve, RS256, or ML-DSA-*.
+
+    Args:
+        key: a private key, or its public half.
+
+    Returns:
+        The JWS ``alg``.
+
+    Raises:
+        JwtSvidError: a key of no JWT-SVID algorithm.
+    """
+    ml = mldsa.algorithm_of(key)
+    if ml is not None:
+        return ml
+    if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
         return "RS256"
-    for alg, curve in _EC_CURVE_FOR_ALG.items():
-        if key.curve.name == curve:
-            return alg
-    raise JwtSvidError(f"no JWT-SVID algorithm for EC curve {key.curve.name}")
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        for alg, curve in _EC_CURVE_FOR_ALG.items():
+            if key.curve.name == curve:
+                return alg
+        raise JwtSvidError(f"no JWT-SVID algorithm for EC curve {key.curve.name}")
+    raise JwtSvidError(f"no JWT-SVID algorithm for {type(key).__name__}")
 
 
-def _check_key_fits(alg: str, key: PublicKey | object) -> None:
-    """RFC 7518 §3.3-3.5: RS/PS need RSA of >= 2048 bits, ES need their curve."""
+def _check_key_fits(alg: str, key: JwtPublicKey | object) -> None:
+    """RFC 7518 §3.3-3.5: RS/PS need RSA of >= 2048 bits, ES need their curve;
+    ML-DSA-n needs an ML-DSA key of that very parameter set."""
+    if alg in mldsa.ALGORITHMS:
+        if mldsa.algorithm_of(key) != alg:
+            raise JwtSvidError(f"algorithm {alg} needs an {alg} key, got {type(key).__name__}")
+        return
     if alg.startswith(("RS", "PS")):
         if not isinstance(key, rsa.RSAPublicKey):
             raise JwtSvidError(f"algorithm {alg} needs an RSA key, got {type(key).__name__}")
@@ -114,7 +146,7 @@ def sign_jwt_svid(
     *,
     spiffe_id: SpiffeId,
     audience: Sequence[str],
-    key: PrivateKey,
+    key: JwtPrivateKey,
     key_id: str,
     issued_at: dt.datetime,
     expires_at: dt.datetime,
@@ -134,8 +166,8 @@ def sign_jwt_svid(
         key_id: the kid of the key in the bundle.
         issued_at: ``iat`` (aware).
         expires_at: ``exp`` (aware), after ``issued_at``.
-        algorithm: a JWT-SVID algorithm; by default ES256/ES384/ES512 by curve, or
-            RS256 for RSA. PS256 etc. on request.
+        algorithm: a JWT-SVID algorithm; by default ES256/ES384/ES512 by curve,
+            RS256 for RSA, ML-DSA-44/65/87 for an ML-DSA key. PS256 etc. on request.
         issuer: an ``iss`` claim, when set. JWT-SVID §3 allows it; identity
             providers that trust us through OIDC discovery require it to equal the
             discovery document's issuer.
@@ -159,7 +191,7 @@ def sign_jwt_svid(
     issued_at, expires_at = _aware(issued_at, "issued_at"), _aware(expires_at, "expires_at")
     if expires_at <= issued_at:
         raise JwtSvidError(f"expires_at {expires_at} is not after issued_at {issued_at}")
-    alg = algorithm if algorithm is not None else _default_algorithm(key)
+    alg = algorithm if algorithm is not None else default_algorithm(key)
     if alg not in ALLOWED_ALGORITHMS:
         raise JwtSvidError(f"algorithm {alg!r} is not a JWT-SVID algorithm")
     _check_key_fits(alg, key.public_key())
@@ -172,7 +204,10 @@ def sign_jwt_svid(
     }
     if issuer:
         claims["iss"] = issuer
-    return jwt.encode(claims, key, algorithm=alg, headers={"kid": key_id, "typ": "JWT"})
+    # PyJWT's annotation lists its built-in key types; a registered algorithm
+    # (ML-DSA) takes its own, which PyJWT passes through to it untouched.
+    signing_key: Any = key
+    return jwt.encode(claims, signing_key, algorithm=alg, headers={"kid": key_id, "typ": "JWT"})
 
 
 def _parse_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -321,8 +356,9 @@ def validate_jwt_svid(
         raise JwtSvidError(f"no JWT authority {kid!r} found for trust domain {td}")
     alg = header["alg"]
     _check_key_fits(alg, authority.public_key)
+    verify_key: Any = authority.public_key  # ML-DSA: see sign_jwt_svid
     try:
-        jwt.decode(token, authority.public_key, algorithms=[alg], options=_PYJWT_OPTIONS)
+        jwt.decode(token, verify_key, algorithms=[alg], options=_PYJWT_OPTIONS)
     except jwt.InvalidSignatureError:
         raise JwtSvidError(
             f"token signature does not verify with JWT authority {kid!r} of {td}"

@@ -4,6 +4,11 @@ Sigil signs with ECDSA (P-256 by default) or RSA; those are the key types every
 SPIFFE implementation and TLS stack handles, and the ones the JWT-SVID standard's
 algorithm table (JWT-SVID §2.1: RS*, ES*, PS*) can use. Ed25519 is deliberately
 not offered: no JWT-SVID algorithm covers it.
+
+JWT-SVIDs may also be signed with ML-DSA (FIPS 204; :mod:`identity.mldsa`), an
+opt-in beyond the JWT-SVID standard's table. ML-DSA keys are JWT keys only: the
+:data:`PrivateKey`/:data:`PublicKey` types, which X.509 and TLS code takes, stay
+EC and RSA, and the ``Jwt*`` types and functions below add ML-DSA.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from identity import mldsa
 from identity.errors import InvalidKeyError
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -23,6 +29,12 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 """A public key Sigil can verify with."""
+
+JwtPrivateKey = PrivateKey | mldsa.MlDsaPrivateKey
+"""A private key Sigil can sign JWT-SVIDs with (EC, RSA or ML-DSA)."""
+
+JwtPublicKey = PublicKey | mldsa.MlDsaPublicKey
+"""A public key JWT-SVIDs can be verified with (EC, RSA or ML-DSA)."""
 
 # RSA below 2048 bits is deprecated for signatures (NIST SP 800-131A); the web PKI
 # and go-spiffe's test CAs agree.
@@ -44,6 +56,18 @@ class KeyType(enum.Enum):
     EC_P384 = "ec-p384"
     RSA_2048 = "rsa-2048"
     RSA_4096 = "rsa-4096"
+    ML_DSA_44 = "ml-dsa-44"
+    ML_DSA_65 = "ml-dsa-65"
+    ML_DSA_87 = "ml-dsa-87"
+
+    @property
+    def jwt_only(self) -> bool:
+        """ML-DSA: for JWT-SVID signing keys only (no X.509 CA, no TLS)."""
+        return self in _ML_DSA_ALG
+
+
+_ML_DSA_ALG = {KeyType.ML_DSA_44: mldsa.ML_DSA_44, KeyType.ML_DSA_65: mldsa.ML_DSA_65,
+               KeyType.ML_DSA_87: mldsa.ML_DSA_87}
 
 
 def generate_private_key(key_type: KeyType = KeyType.EC_P256) -> PrivateKey:
@@ -54,7 +78,12 @@ def generate_private_key(key_type: KeyType = KeyType.EC_P256) -> PrivateKey:
 
     Returns:
         The new private key.
+
+    Raises:
+        InvalidKeyError: an ML-DSA type (those are JWT keys: :func:`generate_jwt_key`).
     """
+    if key_type.jwt_only:
+        raise InvalidKeyError(f"{key_type.value} keys sign JWT-SVIDs only, not certificates")
     if key_type is KeyType.EC_P256:
         return ec.generate_private_key(ec.SECP256R1())
     if key_type is KeyType.EC_P384:
@@ -62,6 +91,39 @@ def generate_private_key(key_type: KeyType = KeyType.EC_P256) -> PrivateKey:
     if key_type is KeyType.RSA_2048:
         return rsa.generate_private_key(public_exponent=_RSA_EXPONENT, key_size=2048)
     return rsa.generate_private_key(public_exponent=_RSA_EXPONENT, key_size=4096)
+
+
+def generate_jwt_key(key_type: KeyType) -> JwtPrivateKey:
+    """Generate a fresh JWT-SVID signing key of any type, ML-DSA included.
+
+    Args:
+        key_type: which algorithm and size.
+
+    Returns:
+        The new private key.
+    """
+    if key_type.jwt_only:
+        return mldsa.generate(_ML_DSA_ALG[key_type])
+    return generate_private_key(key_type)
+
+
+def jwt_key_type_of(key: JwtPrivateKey | JwtPublicKey) -> KeyType:
+    """The :class:`KeyType` of a key (RSA above 4096 bits reads as rsa-4096).
+
+    Args:
+        key: a private or public key.
+
+    Returns:
+        Its key type.
+    """
+    alg = mldsa.algorithm_of(key)
+    if alg is not None:
+        return next(t for t, a in _ML_DSA_ALG.items() if a == alg)
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        return KeyType.EC_P384 if key.curve.name == "secp384r1" else KeyType.EC_P256
+    if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
+        return KeyType.RSA_4096 if key.key_size >= 4096 else KeyType.RSA_2048
+    raise InvalidKeyError(f"no key type for {type(key).__name__}")
 
 
 def private_key_to_pkcs8_der(key: PrivateKey) -> bytes:
@@ -83,7 +145,7 @@ def private_key_to_pkcs8_der(key: PrivateKey) -> bytes:
     )
 
 
-def private_key_to_pem(key: PrivateKey) -> bytes:
+def private_key_to_pem(key: JwtPrivateKey) -> bytes:
     """Encode a private key as an unencrypted PKCS#8 ``PRIVATE KEY`` PEM block.
 
     Args:
@@ -125,6 +187,27 @@ def load_private_key_pem(data: bytes) -> PrivateKey:
     return _as_private_key(obj, "PEM private key")
 
 
+def load_jwt_private_key_pem(data: bytes) -> JwtPrivateKey:
+    """Load an unencrypted JWT signing key from PEM: EC, RSA or ML-DSA (PKCS#8).
+
+    Args:
+        data: PEM bytes.
+
+    Returns:
+        The private key.
+
+    Raises:
+        InvalidKeyError: not PEM, encrypted, malformed, of another type, or too weak.
+    """
+    try:
+        obj = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise InvalidKeyError(f"cannot parse PEM private key: {exc}") from None
+    if mldsa.is_private_key(obj):
+        return obj  # type: ignore[return-value]
+    return _as_private_key(obj, "PEM private key")
+
+
 def load_private_key_der(data: bytes) -> PrivateKey:
     """Load an unencrypted private key from DER (PKCS#8, or the legacy EC/RSA forms).
 
@@ -144,7 +227,7 @@ def load_private_key_der(data: bytes) -> PrivateKey:
     return _as_private_key(obj, "DER private key")
 
 
-def public_key_der(key: PublicKey | PrivateKey) -> bytes:
+def public_key_der(key: JwtPublicKey | JwtPrivateKey) -> bytes:
     """Encode a public key as SubjectPublicKeyInfo DER.
 
     Args:
@@ -155,7 +238,8 @@ def public_key_der(key: PublicKey | PrivateKey) -> bytes:
     """
     pub = (
         key.public_key()
-        if isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey))
+        if isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey,
+                            *mldsa.PRIVATE_KEY_TYPES))
         else key
     )
     return pub.public_bytes(
@@ -187,7 +271,28 @@ def load_public_key_der(data: bytes) -> PublicKey:
     return obj
 
 
-def key_id(public_key: PublicKey) -> str:
+def load_jwt_public_key_der(data: bytes) -> JwtPublicKey:
+    """Load a SubjectPublicKeyInfo DER JWT key: EC, RSA or ML-DSA.
+
+    Args:
+        data: SPKI DER bytes.
+
+    Returns:
+        The public key.
+
+    Raises:
+        InvalidKeyError: malformed, of another type, or too weak.
+    """
+    try:
+        obj = serialization.load_der_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise InvalidKeyError(f"cannot parse DER public key: {exc}") from None
+    if mldsa.is_public_key(obj):
+        return obj  # type: ignore[return-value]
+    return load_public_key_der(data)
+
+
+def key_id(public_key: JwtPublicKey) -> str:
     """A stable key ID: base64url (no padding) of the SHA-256 of the SPKI DER, 32 chars.
 
     Derived from the key, so the server and anyone holding the bundle compute the same
@@ -229,6 +334,20 @@ def check_public_key_strength(pub: object) -> None:
     raise InvalidKeyError(f"unsupported public key type {type(pub).__name__}; want EC or RSA")
 
 
+def check_jwt_public_key(pub: object) -> None:
+    """Reject keys Sigil will not trust for JWT-SVIDs: EC/RSA as above, or ML-DSA.
+
+    Args:
+        pub: a public key of any type.
+
+    Raises:
+        InvalidKeyError: not EC, RSA or ML-DSA, or a weak EC/RSA key.
+    """
+    if mldsa.is_public_key(pub):
+        return  # every FIPS 204 parameter set is at least NIST category 2
+    check_public_key_strength(pub)
+
+
 def public_keys_equal(a: object, b: object) -> bool:
     """True when two public keys are the same key (compared by SPKI DER).
 
@@ -239,7 +358,10 @@ def public_keys_equal(a: object, b: object) -> bool:
     Returns:
         Whether both are EC/RSA public keys encoding to the same SubjectPublicKeyInfo.
     """
-    kinds = (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)
-    if not isinstance(a, kinds) or not isinstance(b, kinds):
+    def known(k: object) -> bool:
+        return isinstance(k, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)) \
+            or mldsa.is_public_key(k)
+
+    if not known(a) or not known(b):
         return False
-    return public_key_der(a) == public_key_der(b)
+    return public_key_der(a) == public_key_der(b)  # type: ignore[arg-type]

@@ -183,9 +183,9 @@ def subject_key_id(cert: x509.Certificate) -> str:
 def _authority_id(rec: CaKeyRecord) -> str:
     if rec.kind == KIND_X509 and rec.certificate is not None:
         return subject_key_id(x509.load_der_x509_certificate(rec.certificate))
-    from identity.keys import load_public_key_der
+    from identity.keys import load_jwt_public_key_der
 
-    return key_id(load_public_key_der(rec.public_key))
+    return key_id(load_jwt_public_key_der(rec.public_key))
 
 
 def ttl_warnings(ca_ttl: dt.timedelta, x509_svid_ttl: dt.timedelta,
@@ -278,7 +278,7 @@ class CertificateAuthority:
         handle = self._key(x.key_id)
         cert = x509.load_der_x509_certificate(x.certificate)
         self._x509 = X509Slot(x.id, handle, cert, SvidSigner(
-            cert, handle.private_key, verify_signatures=handle.external))
+            cert, handle.x509_key, verify_signatures=handle.external))
         jh = self._key(j.key_id)
         self._jwt = JwtSlot(j.id, jh, key_id(jh.public_key), _dt(j.not_after))
         self._watermark = {x.id: x.signed_until, j.id: j.signed_until}
@@ -296,13 +296,13 @@ class CertificateAuthority:
                 # An intermediate never outlives the CA that signs it.
                 not_after = min(not_after, upstream.certificate.not_valid_after_utc)
                 cert = new_ca_certificate(
-                    trust_domain=self.trust_domain, public_key=handle.public_key,
+                    trust_domain=self.trust_domain, public_key=handle.x509_public_key,
                     signer_key=upstream.key, issuer=upstream.certificate,
                     not_before=now - BACKDATE, not_after=not_after)
             else:
                 cert = new_ca_certificate(
-                    trust_domain=self.trust_domain, public_key=handle.public_key,
-                    signer_key=handle.private_key, not_before=now - BACKDATE,
+                    trust_domain=self.trust_domain, public_key=handle.x509_public_key,
+                    signer_key=handle.x509_key, not_before=now - BACKDATE,
                     not_after=not_after)
             cert_der: bytes | None = cert.public_bytes(Encoding.DER)
             not_after = cert.not_valid_after_utc
@@ -342,10 +342,10 @@ class CertificateAuthority:
         else:
             x509s = tuple(x509.load_der_x509_certificate(r.certificate) for r in records
                           if r.kind == KIND_X509 and r.certificate is not None)
-        from identity.keys import load_public_key_der
+        from identity.keys import load_jwt_public_key_der
 
-        jwts = tuple(JwtAuthority(key_id=key_id(load_public_key_der(r.public_key)),
-                                  public_key=load_public_key_der(r.public_key),
+        jwts = tuple(JwtAuthority(key_id=key_id(load_jwt_public_key_der(r.public_key)),
+                                  public_key=load_jwt_public_key_der(r.public_key),
                                   expires_at=_dt(r.not_after))
                      for r in records if r.kind == KIND_JWT)
         return Bundle(trust_domain=self.trust_domain, x509_authorities=x509s,

@@ -19,25 +19,24 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
 from ca.authority import CertificateAuthority
 from ca.federation.config import OidcDiscoveryConfig
 from ca.federation.https import Document, FileContextSource, HttpsServer
 from identity.bundle import Bundle
-from identity.keys import PublicKey
+from identity.errors import JwtSvidError
+from identity.jwtsvid import default_algorithm
+from identity.keys import JwtPublicKey
 
 CONFIGURATION_PATH = "/.well-known/openid-configuration"
 KEYS_PATH = "/keys"
 
 
-def algorithm_for(key: PublicKey) -> str:
+def algorithm_for(key: JwtPublicKey) -> str:
     """The JWS algorithm our signer uses for a key (identity.jwtsvid's default)."""
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}[key.curve.name]
-    if isinstance(key, rsa.RSAPublicKey):
-        return "RS256"
-    raise ValueError(f"no JWS algorithm for {type(key).__name__}")
+    try:
+        return default_algorithm(key)
+    except JwtSvidError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def jwks(bundle: Bundle) -> dict[str, Any]:

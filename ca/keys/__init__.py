@@ -15,14 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from ca.errors import KeyManagerError
 from identity.errors import InvalidKeyError
 from identity.keys import (
+    JwtPrivateKey,
+    JwtPublicKey,
     KeyType,
     PrivateKey,
     PublicKey,
-    generate_private_key,
-    load_private_key_pem,
+    generate_jwt_key,
+    jwt_key_type_of,
+    load_jwt_private_key_pem,
     private_key_to_pem,
 )
 
@@ -35,14 +40,33 @@ class KeyHandle:
 
     key_id: str
     key_type: KeyType
-    private_key: PrivateKey
+    private_key: JwtPrivateKey
+    """EC or RSA; ML-DSA only for a JWT key (``key_type.jwt_only``)."""
     external: bool = False
     """The key lives outside this process (an HSM): what it signs is verified."""
 
     @property
-    def public_key(self) -> PublicKey:
+    def public_key(self) -> JwtPublicKey:
         """The public half."""
         return self.private_key.public_key()
+
+    @property
+    def x509_key(self) -> PrivateKey:
+        """The key as a certificate signer (EC or RSA).
+
+        Raises:
+            KeyManagerError: an ML-DSA key (JWT-SVIDs only).
+        """
+        key = self.private_key
+        if isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+            return key
+        raise KeyManagerError(f"key {self.key_id} is {self.key_type.value}: it signs "
+                              "JWT-SVIDs only, not certificates")
+
+    @property
+    def x509_public_key(self) -> PublicKey:
+        """The public half of :attr:`x509_key`."""
+        return self.x509_key.public_key()
 
     def __repr__(self) -> str:  # never print key material, even by accident
         return f"KeyHandle(key_id={self.key_id!r}, key_type={self.key_type.value})"
@@ -78,14 +102,6 @@ def check_key_id(key_id: str) -> None:
         raise KeyManagerError(f"invalid key id {key_id!r}: letters, digits, '.', '_', '-'")
 
 
-def _key_type_of(key: PrivateKey) -> KeyType:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return KeyType.EC_P384 if key.curve.name == "secp384r1" else KeyType.EC_P256
-    return KeyType.RSA_4096 if key.key_size >= 4096 else KeyType.RSA_2048
-
-
 class MemoryKeyManager:
     """Keys in process memory only; for tests and ephemeral servers."""
 
@@ -96,7 +112,7 @@ class MemoryKeyManager:
     def generate_key(self, key_id: str, key_type: KeyType) -> KeyHandle:
         """Create (or replace) the key ``key_id`` in memory."""
         check_key_id(key_id)
-        handle = KeyHandle(key_id, key_type, generate_private_key(key_type))
+        handle = KeyHandle(key_id, key_type, generate_jwt_key(key_type))
         with self._lock:
             self._keys[key_id] = handle
         return handle
@@ -127,7 +143,7 @@ class DiskKeyManager:
     def generate_key(self, key_id: str, key_type: KeyType) -> KeyHandle:
         """Create (or replace) the key ``key_id`` and write it atomically."""
         path = self._path(key_id)
-        key = generate_private_key(key_type)
+        key = generate_jwt_key(key_type)
         pem = private_key_to_pem(key)
         with self._lock:
             try:
@@ -157,7 +173,7 @@ class DiskKeyManager:
         except OSError as exc:
             raise KeyManagerError(f"cannot read key {key_id}: {exc.strerror}") from None
         try:
-            key = load_private_key_pem(data)
+            key = load_jwt_private_key_pem(data)
         except InvalidKeyError as exc:
             raise KeyManagerError(f"key file for {key_id} is invalid: {exc}") from None
-        return KeyHandle(key_id, _key_type_of(key), key)
+        return KeyHandle(key_id, jwt_key_type_of(key), key)

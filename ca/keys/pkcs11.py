@@ -212,6 +212,10 @@ class Pkcs11KeyManager:
     def generate_key(self, key_id: str, key_type: KeyType) -> KeyHandle:
         """Generate (or replace) the key ``key_id`` inside the token."""
         check_key_id(key_id)
+        if key_type.jwt_only:
+            raise KeyManagerError(f"the PKCS#11 key store cannot make {key_type.value} keys "
+                                  "(PKCS#11 3.2 ML-DSA mechanisms are not used yet): use "
+                                  "an EC or RSA jwt_key_type, or the disk key store")
         with self._lock:
             try:
                 self._delete(key_id)

@@ -68,6 +68,13 @@ def test_defaults(tmp_path: Path) -> None:
         ('trust_domain = "example.org"\nbind_address = "nope"\n', "HOST:PORT"),
         ('trust_domain = "example.org"\nbind_address = "h:70000"\n', "outside"),
         ('trust_domain = "example.org"\nca_key_type = "dsa"\n', "ca_key_type"),
+        ('trust_domain = "example.org"\nca_key_type = "ml-dsa-65"\n',
+         "ca_key_type 'ml-dsa-65' is for JWT keys only"),
+        ('trust_domain = "example.org"\njwt_key_type = "ml-dsa-87"\nkey_manager = "pkcs11"\n'
+         '[pkcs11]\nmodule_path = "/m.so"\ntoken_label = "t"\n',
+         "jwt_key_type 'ml-dsa-87' needs key_manager \"disk\" or \"memory\""),
+        ('trust_domain = "example.org"\njwt_key_type = "ml-dsa-66"\n',
+         "jwt_key_type 'ml-dsa-66' is not one of: .*ml-dsa-44, ml-dsa-65, ml-dsa-87"),
         ('trust_domain = "example.org"\nlog_format = "xml"\n', "log_format"),
         ('trust_domain = "example.org"\nlog_level = "loud"\n', "log_level"),
         ("data_dir = 'x'\n", "trust_domain is required"),
@@ -77,6 +84,14 @@ def test_defaults(tmp_path: Path) -> None:
 def test_bad_files(tmp_path: Path, body: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, body))
+
+
+@pytest.mark.parametrize("name", ["ec-p256", "ec-p384", "rsa-2048", "rsa-4096",
+                                  "ml-dsa-44", "ml-dsa-65", "ml-dsa-87"])
+def test_jwt_key_types(tmp_path: Path, name: str) -> None:
+    cfg = load_config(_write(tmp_path, f'trust_domain = "example.org"\njwt_key_type = "{name}"\n'))
+    assert cfg.jwt_key_type.value == name
+    assert cfg.ca_key_type.value == "ec-p256"
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ from identity.x509svid import new_ca_certificate, new_svid_certificate, verify_c
 from tests import softhsm
 
 TD = TrustDomain("example.org")
-ALL_TYPES = list(KeyType)
+ALL_TYPES = [k for k in KeyType if not k.jwt_only]
+ML_DSA_TYPES = [k for k in KeyType if k.jwt_only]
 
 
 @pytest.fixture(params=["disk", "memory", "pkcs11"])
@@ -74,6 +75,34 @@ def test_generate_get_sign_verify(manager: KeyManager, key_type: KeyType) -> Non
     expected_bits = {KeyType.EC_P256: 256, KeyType.EC_P384: 384, KeyType.RSA_2048: 2048,
                      KeyType.RSA_4096: 4096}[key_type]
     assert again.public_key.key_size == expected_bits
+
+
+@pytest.mark.parametrize("key_type", ML_DSA_TYPES, ids=[k.value for k in ML_DSA_TYPES])
+def test_ml_dsa_jwt_keys(manager: KeyManager, key_type: KeyType) -> None:
+    if not isinstance(manager, (DiskKeyManager, MemoryKeyManager)):
+        # PKCS#11: refused before the token is touched; no key is left behind.
+        with pytest.raises(KeyManagerError, match=f"cannot make {key_type.value} keys"):
+            manager.generate_key("jwt-1", key_type)
+        assert manager.get_key("jwt-1") is None
+        return
+    handle = manager.generate_key("jwt-1", key_type)
+    again = manager.get_key("jwt-1")
+    assert again is not None and again.key_type is key_type
+    assert key_id(again.public_key) == key_id(handle.public_key)
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    token = sign_jwt_svid(spiffe_id=SpiffeId.parse("spiffe://example.org/w"), audience=["a"],
+                          key=again.private_key, key_id="k", issued_at=now,
+                          expires_at=now + dt.timedelta(minutes=5))
+    bundles = BundleSet([Bundle(TD, jwt_authorities=(JwtAuthority("k", handle.public_key),))])
+    assert validate_jwt_svid(token, bundles=bundles, audience="a", now=now).claims["sub"] \
+        == "spiffe://example.org/w"
+    # Never a certificate signer.
+    with pytest.raises(KeyManagerError, match="signs JWT-SVIDs only"):
+        _ = again.x509_key
+    if isinstance(manager, DiskKeyManager):
+        path = manager.directory / "jwt-1.pem"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert b"BEGIN PRIVATE KEY" in path.read_bytes()
 
 
 @pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA_2048],

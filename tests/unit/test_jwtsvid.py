@@ -16,6 +16,7 @@ from identity.bundle import Bundle, BundleSet, JwtAuthority
 from identity.errors import JwtSvidError
 from identity.jwtsvid import (
     ALLOWED_ALGORITHMS,
+    STANDARD_ALGORITHMS,
     JwtSvid,
     parse_insecure,
     sign_jwt_svid,
@@ -168,8 +169,9 @@ def test_sign_rejects_naive_times() -> None:
         )
 
 
-def test_allowed_algorithms_are_the_nine() -> None:
-    assert ALLOWED_ALGORITHMS == {
+def test_allowed_algorithms_are_the_nine_and_ml_dsa() -> None:
+    assert ALLOWED_ALGORITHMS == STANDARD_ALGORITHMS | {"ML-DSA-44", "ML-DSA-65", "ML-DSA-87"}
+    assert STANDARD_ALGORITHMS == {
         "RS256",
         "RS384",
         "RS512",
