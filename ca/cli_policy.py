@@ -70,11 +70,12 @@ def check(config_file: str, database_url: str | None, data_dir: str | None,
     else:
         for v in found:
             click.echo(f"{v.entry.id} {v.entry.spiffe_id}: {v.violation.message}")
+        rules = len(config.policy.rules)
         if found:
             click.echo(f"{len(found)} of {checked} entries break the policy")
         else:
-            click.echo(f"No entry breaks the policy ({len(config.policy.rules)} rules, "
-                       f"{checked} entries).")
+            click.echo(f"No entry breaks the policy ({rules} rule{'' if rules == 1 else 's'}"
+                       f", {checked} entr{'y' if checked == 1 else 'ies'} checked).")
     if found:
         click.get_current_context().exit(EXIT_VIOLATIONS)
 
