@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from attestation.node import k8s_psat
 from ca.datastore import Datastore, EntryRecord
 from ca.datastore.records import EntryFilter
 from ca.errors import InvalidArgumentError, ServerError
@@ -79,12 +80,19 @@ SERVER_PATH = "/sigil/server"
 
 def known_parent_selectors(datastore: Datastore, parent_id: SpiffeId) -> list[frozenset[Selector]]:
     """What is known of the agents an entry with this parent reaches: the node
-    selectors of the attested agent with that ID, and the selectors of each node
-    alias with that SPIFFE ID (every agent it matches carries them)."""
+    selectors of the attested agent with that ID (before it attests, those its ID
+    implies: k8s_psat's cluster), and the selectors of each node alias with that
+    SPIFFE ID (every agent it matches carries them)."""
     known: list[frozenset[Selector]] = []
     node = datastore.get_node(parent_id)
     if node is not None:
         known.append(frozenset(node.selectors))
+    else:
+        # Not attested yet (the Kubernetes controller parents entries by node):
+        # what the agent ID itself says it will carry.
+        implied = k8s_psat.implied_selectors(parent_id)
+        if implied:
+            known.append(frozenset(implied))
     for alias in datastore.list_entries(spiffe_id=parent_id):
         if alias.parent_id.path == SERVER_PATH and alias.selectors:
             known.append(frozenset(alias.selectors))

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from attestation.node import k8s_psat
 from ca.datastore import Datastore, EntryRecord
 from ca.datastore.records import EntryFilter
 from ca.entries import SERVER_PATH
@@ -75,6 +76,10 @@ def find_violations(datastore: Datastore, policy: Policy) -> list[EntryViolation
         known = list(aliases.get(e.parent_id, ()))
         if e.parent_id in nodes:
             known.append(nodes[e.parent_id])
+        elif policy.has_selector_rules:
+            implied = k8s_psat.implied_selectors(e.parent_id)
+            if implied:
+                known.append(frozenset(implied))
         violation = policy.check_entry(e, parent_selectors=known)
         if violation is not None:
             found.append(EntryViolation(e, violation))

@@ -333,13 +333,19 @@ CLUSTER = "prod"
 NODE_UID = "9d0c0a44-3f3c-4c5e-9b59-1d2f1f1a0002"
 
 
+@pytest.mark.parametrize(("scope", "parents"), [
+    ('parent_ids = ["/sigil/agent/k8s_psat/prod/*"]', "/sigil/agent/k8s_psat/prod/*"),
+    # No agent has attested: the cluster is known from the agent ID the entry names.
+    ('parent_selectors = ["k8s_psat:cluster:prod"]', "k8s_psat:cluster:prod"),
+])
 def test_controller_does_not_create_entries_the_policy_refuses(
-    tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture, scope: str,
+    parents: str,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="sigil.server")
     conf = tmp_path / "server.toml"
     conf.write_text('trust_domain = "policy.sigil.test"\n\n[[policy.rule]]\nname = "prod-ns"\n'
-                    'parent_ids = ["/sigil/agent/k8s_psat/prod/*"]\nallow_paths = ["/ns/prod"]\n')
+                    f'{scope}\nallow_paths = ["/ns/prod"]\n')
     policy = load_config(conf, env={}).policy
     with FakeKubeApi(bookmark_interval=0.2) as kube, Datastore(database_url) as ds:
         kube.put(node_object("node-a", uid=NODE_UID))
@@ -375,4 +381,4 @@ def test_controller_does_not_create_entries_the_policy_refuses(
         assert refusals[0]["owner"] == "k8s/prod/uid-2/default"
         assert refusals[0]["reason"] == (
             'policy rule "prod-ns" (server.toml line 3): spiffe://policy.sigil.test/ns/dev/sa/'
-            "api is not under /ns/prod/ for parents matching /sigil/agent/k8s_psat/prod/*")
+            f"api is not under /ns/prod/ for parents matching {parents}")

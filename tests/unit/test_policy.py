@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from attestation.node.k8s_psat import implied_selectors
 from ca.config import load_config
 from ca.datastore import EntryRecord
 from ca.errors import ConfigError
@@ -371,3 +372,16 @@ z = 3
     assert lines.line(("arr", 1, "items", 0, "z")) == 17
     assert lines.line(("arr", 1, "items", 1)) == 18
     assert lines.line(("arr", 1, "items", 1, "missing")) == 18   # falls back to its table
+
+
+@pytest.mark.parametrize(("agent", "implied"), [
+    ("spiffe://td.test/sigil/agent/k8s_psat/prod/uid-1",
+     (Selector("k8s_psat", "cluster:prod"), Selector("k8s_psat", "agent_node_uid:uid-1"))),
+    ("spiffe://td.test/sigil/agent/k8s_psat/prod", ()),
+    ("spiffe://td.test/sigil/agent/k8s_psat/prod/uid-1/x", ()),
+    ("spiffe://td.test/sigil/agent/join_token/abc", ()),
+    ("spiffe://td.test/nodes/k8s_psat/prod/uid-1", ()),
+])
+def test_k8s_psat_agent_ids_imply_their_cluster(agent: str, implied: tuple[Selector, ...]
+                                                ) -> None:
+    assert implied_selectors(SpiffeId.parse(agent)) == implied
