@@ -19,7 +19,7 @@ from ca.datastore import Datastore, EntryRecord
 from ca.datastore.records import EntryFilter
 from ca.errors import InvalidArgumentError, ServerError
 from ca.log import event
-from ca.policy import Policy
+from ca.policy import SERVER_PATH, Policy
 from identity.clock import Clock
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId
@@ -72,10 +72,6 @@ def _entry_cursor(token: str) -> tuple[int, str]:
         return int(created_at), entry_id
     except ValueError:
         raise InvalidArgumentError("page_token is not one this server issued") from None
-
-
-SERVER_PATH = "/sigil/server"
-"""The path of the server's ID, the parent of node aliases."""
 
 
 def known_parent_selectors(datastore: Datastore, parent_id: SpiffeId) -> list[frozenset[Selector]]:

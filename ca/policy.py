@@ -55,6 +55,9 @@ _CONSTRAINTS = ("allow_paths", "deny_paths", "allow_dns", "deny_dns", "max_x509_
 _SEGMENT = re.compile(r"^[A-Za-z0-9._*-]+$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+SERVER_PATH = "/sigil/server"
+"""The path of the server's ID: the parent of node aliases, which the policy leaves
+alone (no SVID is ever signed for an alias; its children are checked)."""
 MAX_RULES = 256
 MAX_PATTERNS = 256
 _CACHE_LIMIT = 100_000
@@ -349,9 +352,10 @@ class Policy:
         one scoped by ``parent_selectors`` when one of ``parent_selectors`` (what is
         known of the parent: the attested agent's node selectors, the selectors of
         node aliases with the parent's ID) holds them all. Signing checks again
-        with the agent's own selectors (:meth:`scope`).
+        with the agent's own selectors (:meth:`scope`). Node aliases (parent: the
+        server) pass: nothing is signed for them.
         """
-        if not self.rules:
+        if not self.rules or entry.parent_id.path == SERVER_PATH:
             return None
         known = list(parent_selectors)
         applies = [i for i, r in enumerate(self.rules)

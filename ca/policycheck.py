@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from attestation.node import k8s_psat
 from ca.datastore import Datastore, EntryRecord
 from ca.datastore.records import EntryFilter
-from ca.entries import SERVER_PATH
 from ca.log import event
-from ca.policy import Policy, Violation
+from ca.policy import SERVER_PATH, Policy, Violation
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId
 

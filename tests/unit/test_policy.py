@@ -163,6 +163,14 @@ def test_check_entry(path: str, parent: str, known: list[frozenset[Selector]],
     assert (violation.rule if violation else None) == broken
 
 
+def test_node_aliases_are_left_alone() -> None:
+    # No SVID is signed for an alias; its children are what the rules judge.
+    policy = _policy({"name": "ns-only", "allow_paths": ["/ns"]})
+    assert policy.check_entry(_entry("/nodes/rack-1", parent="/sigil/server")) is None
+    violation = policy.check_entry(_entry("/nodes/rack-1", parent="/sigil/serverx"))
+    assert violation is not None and violation.rule == "ns-only"
+
+
 def test_every_matching_rule_must_hold() -> None:
     # Two allow lists that both apply: the ID must be in both (their intersection).
     policy = _policy({"name": "a", "allow_paths": ["/ns"]},
