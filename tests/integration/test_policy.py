@@ -327,6 +327,30 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+def test_operator_mints_follow_the_rules_without_a_parent_scope(harness: Harness) -> None:
+    h = harness
+    sid = "spiffe://policy.sigil.test/ns/prod/payments/debug"
+    with pytest.raises(Aborted) as err:
+        h.admin.MintJWTSVID(admin_pb2.MintJWTSVIDRequest(spiffe_id=sid, audience=["db"],
+                                                         ttl=61), _Context())
+    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details.startswith('policy rule "payments"')
+    jwt = h.admin.MintJWTSVID(admin_pb2.MintJWTSVIDRequest(spiffe_id=sid, audience=["db"]),
+                              _Context())
+    assert jwt.expires_at - jwt.issued_at == 60   # the default 5m, clamped
+    with pytest.raises(Aborted) as err:
+        h.admin.MintX509SVID(admin_pb2.MintX509SVIDRequest(
+            spiffe_id=sid, csr=new_csr(generate_private_key()), dns_names=["x.other.org"]),
+            _Context())
+    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details.startswith('policy rule "zone"')
+    # prod-only names parents: an operator's mint has none, so it does not apply.
+    minted = h.admin.MintX509SVID(admin_pb2.MintX509SVIDRequest(
+        spiffe_id="spiffe://policy.sigil.test/ns/dev/debug",
+        csr=new_csr(generate_private_key())), _Context())
+    assert minted.svid.spiffe_id == "spiffe://policy.sigil.test/ns/dev/debug"
+
+
 # ---- the Kubernetes registration controller ------------------------------------------
 
 CLUSTER = "prod"
