@@ -947,11 +947,12 @@ def healthcheck(socket_path: str, output: str) -> None:
 
 def _register_subcommands() -> None:
     # Imported here: these modules use this one's helpers.
-    from ca import cli_bundle, cli_federation, cli_localauthority
+    from ca import cli_bundle, cli_federation, cli_localauthority, cli_policy
 
     cli.add_command(cli_localauthority.make_group(sys.modules[__name__]))
     cli.add_command(cli_federation.make_group(sys.modules[__name__]))
     cli_bundle.add_commands(sys.modules[__name__], bundle)
+    cli_policy.add_commands(entry)
 
 
 _register_subcommands()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ca import caconfig, opsconfig, popconfig
+from ca import policy as policyconfig
 from ca.dburl import parse_database_url
 from ca.defaults import (
     DATABASE_FILE,
@@ -25,6 +26,7 @@ from ca.defaults import (
 from ca.errors import ConfigError
 from ca.federation import config as fedconfig
 from ca.kubernetes import config as k8sconfig
+from ca.tomllines import KeyLines
 from identity import configvalues
 from identity.errors import InvalidSpiffeIdError, InvalidValueError
 from identity.keys import KeyType
@@ -72,9 +74,11 @@ _CA_DEFAULTS: Mapping[str, object] = caconfig.DEFAULTS
 _K8S_DEFAULTS: Mapping[str, object] = k8sconfig.DEFAULTS
 # Federation and OIDC discovery: ca/federation/config.py.
 _FED_DEFAULTS: Mapping[str, object] = fedconfig.DEFAULTS
+# The issuance policy ([policy], [[policy.rule]]): ca/policy.py.
+_POLICY_DEFAULTS: Mapping[str, object] = policyconfig.DEFAULTS
 KNOWN_KEYS = (frozenset(_DURATION_DEFAULTS) | frozenset(_STRING_DEFAULTS)
               | frozenset(_OPS_DEFAULTS) | frozenset(_CA_DEFAULTS) | frozenset(_K8S_DEFAULTS)
-              | frozenset(_FED_DEFAULTS))
+              | frozenset(_FED_DEFAULTS) | frozenset(_POLICY_DEFAULTS))
 
 
 def parse_duration(text: str, *, key: str | None = None) -> dt.timedelta:
@@ -128,6 +132,7 @@ class ServerConfig:
     kubernetes: k8sconfig.KubernetesConfig = k8sconfig.KubernetesConfig()  # noqa: RUF009
     federation: fedconfig.FederationConfig = fedconfig.FederationConfig()  # noqa: RUF009
     node_pop: popconfig.PopConfig = popconfig.PopConfig()  # noqa: RUF009
+    policy: policyconfig.Policy = policyconfig.Policy()  # noqa: RUF009
 
     @property
     def key_dir(self) -> Path:
@@ -135,18 +140,25 @@ class ServerConfig:
         return self.data_dir / "keys"
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path) -> tuple[dict[str, Any], KeyLines | None]:
+    """The document, and where its keys are when a table reports errors by line."""
     try:
         with path.open("rb") as fh:
-            doc = tomllib.load(fh)
+            data = fh.read()
+        doc = tomllib.loads(data.decode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: not UTF-8 ({exc.reason})"
+                          ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     for key in doc:
         if key not in KNOWN_KEYS:
             raise ConfigError(f"config file {path}: unknown key {key!r}")
-    return doc
+    # Only [policy] reports errors by line (ca/tomllines.py says how lines are found).
+    lines = KeyLines(data.decode("utf-8")) if "policy" in doc else None
+    return doc, lines
 
 
 def _key_type(name: str, value: object) -> KeyType:
@@ -186,17 +198,17 @@ def load_config(
     Raises:
         ConfigError: naming the file and key, or the bad value and the rule it broke.
     """
-    document = _read_toml(path) if path is not None else {}
+    document, lines = _read_toml(path) if path is not None else ({}, None)
     try:
         raw = configvalues.layer_settings(
             {**_STRING_DEFAULTS, **_DURATION_DEFAULTS, **_OPS_DEFAULTS, **_CA_DEFAULTS,
-             **_K8S_DEFAULTS, **_FED_DEFAULTS},
+             **_K8S_DEFAULTS, **_FED_DEFAULTS, **_POLICY_DEFAULTS},
             document, env=env,
             env_vars=ENV_VARS, overrides=overrides, known_keys=KNOWN_KEYS,
         )
     except InvalidValueError as exc:
         raise ConfigError(str(exc)) from None
-    return _validate(raw)
+    return _validate(raw, file=path, lines=lines)
 
 
 def _string(raw: Mapping[str, Any], key: str) -> str:
@@ -206,7 +218,8 @@ def _string(raw: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def _validate(raw: Mapping[str, Any]) -> ServerConfig:
+def _validate(raw: Mapping[str, Any], *, file: Path | None = None,
+              lines: KeyLines | None = None) -> ServerConfig:
     if not raw.get("trust_domain"):
         raise ConfigError(
             "trust_domain is required (config key trust_domain, SIGIL_TRUST_DOMAIN "
@@ -277,4 +290,5 @@ def _validate(raw: Mapping[str, Any]) -> ServerConfig:
         kubernetes=k8sconfig.validate(raw),
         node_pop=popconfig.validate(raw),
         federation=fedconfig.validate(raw, trust_domain),
+        policy=policyconfig.validate(raw, trust_domain, file=file, lines=lines),
     )

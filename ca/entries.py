@@ -12,13 +12,17 @@ import base64
 import binascii
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from attestation.node import k8s_psat
 from ca.datastore import Datastore, EntryRecord
 from ca.datastore.records import EntryFilter
 from ca.errors import InvalidArgumentError, ServerError
 from ca.log import event
+from ca.policy import SERVER_PATH, Policy
 from identity.clock import Clock
+from identity.selectors import Selector
+from identity.spiffeid import SpiffeId
 
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 1000
@@ -70,19 +74,62 @@ def _entry_cursor(token: str) -> tuple[int, str]:
         raise InvalidArgumentError("page_token is not one this server issued") from None
 
 
+def known_parent_selectors(datastore: Datastore, parent_id: SpiffeId) -> list[frozenset[Selector]]:
+    """What is known of the agents an entry with this parent reaches: the node
+    selectors of the attested agent with that ID (before it attests, those its ID
+    implies: k8s_psat's cluster), and the selectors of each node alias with that
+    SPIFFE ID (every agent it matches carries them)."""
+    known: list[frozenset[Selector]] = []
+    node = datastore.get_node(parent_id)
+    if node is not None:
+        known.append(frozenset(node.selectors))
+    else:
+        # Not attested yet (the Kubernetes controller parents entries by node):
+        # what the agent ID itself says it will carry.
+        implied = k8s_psat.implied_selectors(parent_id)
+        if implied:
+            known.append(frozenset(implied))
+    for alias in datastore.list_entries(spiffe_id=parent_id):
+        if alias.parent_id.path == SERVER_PATH and alias.selectors:
+            known.append(frozenset(alias.selectors))
+    return known
+
+
 @dataclass(frozen=True, slots=True)
 class EntryService:
-    """Entry operations on the datastore, with their log events."""
+    """Entry operations on the datastore, with their log events.
+
+    Every entry created or updated must pass ``policy`` (ca/policy.py); one that
+    does not is refused with PolicyViolationError (InvalidArgument) and nothing is
+    written.
+    """
 
     datastore: Datastore
     clock: Clock
+    policy: Policy = field(default_factory=Policy)
+
+    def check_policy(self, entry: EntryRecord) -> None:
+        """Refuse an entry that breaks the policy.
+
+        Raises:
+            PolicyViolationError: naming the rule, where it is written, and why.
+        """
+        if not self.policy:
+            return
+        known = (known_parent_selectors(self.datastore, entry.parent_id)
+                 if self.policy.has_selector_rules else [])
+        violation = self.policy.check_entry(entry, parent_selectors=known)
+        if violation is not None:
+            raise violation.error()
 
     def create(self, entry: EntryRecord) -> EntryRecord:
         """Store a validated entry.
 
         Raises:
             AlreadyExistsError: same SPIFFE ID, parent ID and selectors.
+            PolicyViolationError: the entry breaks the issuance policy.
         """
+        self.check_policy(entry)
         created = self.datastore.create_entry(entry, now=self.clock.now())
         event("entry created", entry_id=created.id, spiffe_id=created.spiffe_id,
               parent_id=created.parent_id, revision=created.revision)
@@ -92,7 +139,8 @@ class EntryService:
         """Create each entry in its own transaction; one outcome per entry, in order.
 
         The caller validates the whole batch first, so the errors here are the
-        datastore's (a duplicate, within the batch or with a stored entry).
+        policy's (PolicyViolationError) and the datastore's (a duplicate, within
+        the batch or with a stored entry).
         """
         if len(entries) > MAX_BATCH_ENTRIES:
             raise InvalidArgumentError(
@@ -131,13 +179,16 @@ class EntryService:
     ) -> EntryRecord:
         """Apply ``change`` to the stored entry and store the result.
 
-        ``change`` validates the new values; if another update lands between the
-        read and the write, the datastore refuses (ConflictError) instead of
-        losing it.
+        ``change`` validates the new values, then the result must pass the policy
+        (PolicyViolationError otherwise, nothing written); if another update lands
+        between the read and the write, the datastore refuses (ConflictError)
+        instead of losing it.
         """
         current = self.datastore.get_entry(entry_id)
+        new = change(current)
+        self.check_policy(new)
         updated = self.datastore.update_entry(
-            entry_id, change(current), expected_revision=current.revision,
+            entry_id, new, expected_revision=current.revision,
             now=self.clock.now(),
         )
         event("entry updated", entry_id=entry_id, spiffe_id=updated.spiffe_id,

@@ -41,6 +41,7 @@ from ca.kubernetes.config import node_verifiers
 from ca.kubernetes.service import KubernetesServices
 from ca.log import event
 from ca.metrics import StateCollector, build_registry, multiprocess_dir
+from ca.policycheck import report_at_start
 from ca.popconfig import pop_verifiers
 from ca.ratelimit import BucketTable, RateLimiter
 from identity.clock import Clock, SystemClock
@@ -211,6 +212,8 @@ class SigilServer:
         self.authority = build_authority(cfg, self.datastore, self.clock,
                                          key_manager=self._key_manager,
                                          rotate=self._role != ROLE_WORKER)
+        if self._role != ROLE_WORKER:  # stored entries against the issuance policy
+            report_at_start(self.datastore, cfg.policy)
         self._rotation = RotationScheduler(self.authority, cfg.ca.rotation_interval)
         self._rotation.start()
         # ca/federation/server.py: bundle endpoint, refresher, OIDC discovery (main only).

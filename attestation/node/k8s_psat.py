@@ -89,6 +89,19 @@ def agent_id(trust_domain: TrustDomain, cluster: str, node_uid: str) -> SpiffeId
     return SpiffeId.from_segments(trust_domain, "sigil", "agent", NAME, cluster, node_uid)
 
 
+def implied_selectors(agent: SpiffeId) -> tuple[Selector, ...]:
+    """The node selectors an agent with this ID carries whenever it attests: its
+    cluster and node UID are in the ID (``.../agent/k8s_psat/<cluster>/<node-uid>``).
+
+    Lets the server judge an entry parented by an agent that has not attested yet
+    (the registration controller makes those). Empty for any other ID.
+    """
+    parts = agent.path.split("/")
+    if len(parts) != 6 or parts[1:4] != ["sigil", "agent", NAME]:
+        return ()
+    return (Selector(NAME, f"cluster:{parts[4]}"), Selector(NAME, f"agent_node_uid:{parts[5]}"))
+
+
 # ---- agent half -----------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ class AdminServicer(LocalAuthorityMethods, FederationMethods, admin_pb2_grpc.Adm
 
     def __init__(self, deps: ApiDeps) -> None:
         self._d = deps
-        self._entries = EntryService(deps.datastore, deps.clock)
+        self._entries = EntryService(deps.datastore, deps.clock, deps.config.policy)
         self._agents = AgentService(deps.datastore, deps.clock)
         self._foreign_bundles = ForeignBundles(deps.datastore, deps.config.trust_domain)
 
@@ -226,8 +226,15 @@ class AdminServicer(LocalAuthorityMethods, FederationMethods, admin_pb2_grpc.Adm
         cfg = self._d.config
         spiffe_id = validate.workload_id(request.spiffe_id, "spiffe_id", cfg.trust_domain)
         ttl = mint.ttl(request.ttl, default=cfg.x509_svid_ttl, maximum=cfg.ca_ttl)
+        dns_names = validate.dns_names(request.dns_names)
+        # The policy's rules without a parent scope apply: paths, DNS names, TTLs
+        # (an asked-for TTL above the maximum is refused, the default clamped).
+        verdict = cfg.policy.check_mint(spiffe_id, dns_names=dns_names, x509_ttl=request.ttl)
+        if verdict.violation is not None:
+            raise verdict.violation.error()
+        ttl = verdict.x509_ttl(request.ttl, ttl)
         chain = mint.mint_x509_svid(self._d.authority, spiffe_id, request.csr, ttl=ttl,
-                                    dns_names=validate.dns_names(request.dns_names))
+                                    dns_names=dns_names)
         return admin_pb2.MintX509SVIDResponse(
             svid=svid_to_proto(spiffe_id, chain),
             bundle=bundle_to_proto(self._d.authority.bundle()),
@@ -242,6 +249,10 @@ class AdminServicer(LocalAuthorityMethods, FederationMethods, admin_pb2_grpc.Adm
         spiffe_id = validate.workload_id(request.spiffe_id, "spiffe_id", cfg.trust_domain)
         audience = validate.audience(request.audience)
         ttl = mint.ttl(request.ttl, default=cfg.jwt_svid_ttl, maximum=cfg.ca_ttl)
+        verdict = cfg.policy.check_mint(spiffe_id, jwt_ttl=request.ttl)
+        if verdict.violation is not None:
+            raise verdict.violation.error()
+        ttl = verdict.jwt_ttl(request.ttl, ttl)
         signed = mint.mint_jwt_svid(self._d.authority, spiffe_id, audience, ttl=ttl)
         return admin_pb2.MintJWTSVIDResponse(
             token=signed.token, spiffe_id=str(spiffe_id),

@@ -41,6 +41,7 @@ from ca.errors import (
 )
 from ca.log import event
 from ca.metrics import count_svid, observe_sync_seconds
+from ca.policy import Scope
 from ca.ratelimit import RateLimiter
 from identity.errors import X509SvidError
 from identity.keys import PublicKey
@@ -316,15 +317,16 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             )
         self._rate.check_signing(str(node.spiffe_id), len(request.params))
         authorized = self._authorized(node, {p.entry_id for p in request.params})
+        policy = self._d.config.policy.scope(node.spiffe_id, node.selectors)
         results: list[agent_pb2.BatchNewX509SVIDResult] = []
         for param in request.params:
-            results.append(self._sign_one(node.spiffe_id, authorized, param))
+            results.append(self._sign_one(node.spiffe_id, authorized, param, policy))
         count_svid("x509", sum(1 for r in results if r.status.code == 0))
         return agent_pb2.BatchNewX509SVIDResponse(results=results)
 
     def _sign_one(
         self, agent_id: SpiffeId, authorized: dict[str, EntryRecord],
-        param: agent_pb2.NewX509SVIDParams,
+        param: agent_pb2.NewX509SVIDParams, policy: Scope,
     ) -> agent_pb2.BatchNewX509SVIDResult:
         def refused(code: grpc.StatusCode, message: str) -> agent_pb2.BatchNewX509SVIDResult:
             event("svid refused", level=logging.WARNING, agent_id=agent_id,
@@ -342,8 +344,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             public_key = _public_key_from_csr(param.csr)
         except InvalidArgumentError as exc:
             return refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        ttl = (dt.timedelta(seconds=entry.x509_svid_ttl) if entry.x509_svid_ttl
-               else self._d.config.x509_svid_ttl)
+        # The issuance policy (ca/policy.py), with this agent's ID and selectors:
+        # cached per entry revision. A default TTL above its maximum is clamped.
+        verdict = policy.verdict(entry)
+        if verdict.violation is not None:
+            return refused(grpc.StatusCode.PERMISSION_DENIED, str(verdict.violation))
+        ttl = verdict.x509_ttl(entry.x509_svid_ttl, self._d.config.x509_svid_ttl)
         # Any name in the CSR is ignored: the entry alone decides the identity.
         chain = self._d.authority.sign_x509_svid(
             entry.spiffe_id, public_key, ttl=ttl, dns_names=entry.dns_names
@@ -375,8 +381,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             raise PermissionDeniedError(
                 f"entry {request.entry_id!r} is not authorized for {node.spiffe_id}"
             )
-        ttl = (dt.timedelta(seconds=entry.jwt_svid_ttl) if entry.jwt_svid_ttl
-               else self._d.config.jwt_svid_ttl)
+        verdict = self._d.config.policy.scope(node.spiffe_id, node.selectors).verdict(entry)
+        if verdict.violation is not None:
+            raise PermissionDeniedError(str(verdict.violation))
+        ttl = verdict.jwt_ttl(entry.jwt_svid_ttl, self._d.config.jwt_svid_ttl)
         signed = self._d.authority.sign_jwt_svid(entry.spiffe_id, audience, ttl=ttl)
         count_svid("jwt")
         return agent_pb2.NewJWTSVIDResponse(

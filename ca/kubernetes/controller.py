@@ -56,6 +56,7 @@ from ca.kubernetes.templates import (
 )
 from ca.log import event
 from ca.metrics import count_kubernetes_reconcile
+from ca.policy import Policy, PolicyViolationError
 from identity.clock import Clock
 from identity.spiffeid import TrustDomain
 
@@ -100,6 +101,7 @@ class ControllerSettings:
         max_ttl: the longest ``ttl`` a template may ask for.
         resync_interval: how often everything is listed again.
         retry_delay: seconds to wait after a failed API call or datastore write.
+        policy: the issuance policy; an entry breaking it is not written.
     """
 
     trust_domain: TrustDomain
@@ -107,6 +109,7 @@ class ControllerSettings:
     max_ttl: dt.timedelta
     resync_interval: dt.timedelta = dt.timedelta(minutes=10)
     retry_delay: float = 1.0
+    policy: Policy = field(default_factory=Policy)
 
 
 @dataclass
@@ -142,7 +145,7 @@ class RegistrationController:
                  *, clock: Clock) -> None:
         self._api = api
         self._datastore = datastore
-        self._entries = EntryService(datastore, clock)
+        self._entries = EntryService(datastore, clock, settings.policy)
         self._settings = settings
         self._cond = threading.Condition()
         self._state = _State()
@@ -470,9 +473,11 @@ class RegistrationController:
                 elif not same_content(current, replace(entry, id=current.id)):
                     self._update(current, entry)
                     result.updated += 1
-            except (AlreadyExistsError, ConflictError, NotFoundError) as exc:
-                # Another template or entry claims the same identity, or another
-                # server wrote first: report it; the next pass sees the new state.
+            except (AlreadyExistsError, ConflictError, NotFoundError,
+                    PolicyViolationError) as exc:
+                # Another template or entry claims the same identity, another
+                # server wrote first, or the issuance policy refuses the entry:
+                # report it (once per reason); the next pass sees the new state.
                 result.skipped.append(owner)
                 if self._first_report(f"entry {owner}", str(exc)):
                     event("entry not reconciled", level=logging.WARNING, owner=owner,

@@ -36,7 +36,8 @@ class KubernetesServices:
                 api, datastore,
                 ControllerSettings(trust_domain=config.trust_domain, cluster=ctl.cluster,
                                    max_ttl=config.ca_ttl,
-                                   resync_interval=ctl.resync_interval),
+                                   resync_interval=ctl.resync_interval,
+                                   policy=config.policy),
                 clock=clock)
         if k8s.bundle_configmap is not None:
             cm = k8s.bundle_configmap
