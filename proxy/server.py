@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+
 from identity.clock import Clock, SystemClock
 from identity.errors import X509SvidError
 from identity.spiffeid import SpiffeId
@@ -134,6 +136,8 @@ class Proxy:
         self.metrics.svid_expiry.set(state.svid.expires_at.timestamp())
         event("svid updated", spiffe_id=state.svid.spiffe_id,
               expires_at=state.svid.expires_at.isoformat(),
+              authority_id=_authority_id(state.svid.leaf),
+              authorities=sum(len(b.x509_authorities) for b in bundles),
               trust_domains=",".join(b.trust_domain.name for b in bundles))
         self._have_identity.set()
 
@@ -442,6 +446,15 @@ async def relay(plain: socket.socket, tls: TlsStream) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _authority_id(cert: x509.Certificate) -> str:
+    """The leaf's AKI in hex: which CA signed it (``localauthority`` calls it so)."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except (x509.ExtensionNotFound, ValueError):
+        return "-"
+    return aki.key_identifier.hex() if aki.key_identifier else "-"
 
 
 def _format_peer(addr: object) -> str:

@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -189,8 +189,8 @@ def test_refused_clients(st: Stack, workdir: Path) -> None:
         assert f"peer_id={OTHER} reason=not_allowed" in log
 
 
-def make_untrusted_svid(spiffe_id: str, folder: Path) -> None:
-    """An SVID for ``spiffe_id`` from a CA nobody trusts (made here)."""
+def make_untrusted_svid(spiffe_id: str, folder: Path) -> bytes:
+    """An SVID for ``spiffe_id`` from a CA made here (trusted by nobody yet); its CA in PEM."""
     import datetime as dt
 
     from identity.keys import generate_private_key, private_key_to_pem
@@ -208,9 +208,227 @@ def make_untrusted_svid(spiffe_id: str, folder: Path) -> None:
                                        not_before=now, not_after=now + dt.timedelta(minutes=30))
     (folder / "svid.pem").write_bytes(certificates_to_pem([leaf]))
     (folder / "svid.key").write_bytes(private_key_to_pem(key))
+    return certificates_to_pem([ca])
 
 
 def test_large_transfer_both_ways_and_half_close(st: Stack, workdir: Path) -> None:
     with echo_backend() as backend, pair(st, workdir, backend) as (out_port, *_):
         sent, received = echo_round_trip(out_port, 64 * 1024 * 1024)
         assert sent == received
+
+
+def test_federated_peer_passes_once_the_bundle_is_held(st: Stack, workdir: Path) -> None:
+    partner = "partner.proxy.test"
+    client = workdir / "partner-client"
+    ca_pem = make_untrusted_svid(f"spiffe://{partner}/client", client)
+    (workdir / "partner-ca.pem").write_bytes(ca_pem)
+    import os
+
+    fed_backend = f"spiffe://{TD}/backend-federated"
+    st.create_entry(fed_backend, f"unix:uid:{os.getuid()}",
+                    extra=("--federates-with", f"spiffe://{partner}"))
+    bundle = mint(st, FRONTEND, workdir / "own") / "bundle.pem"
+    in_port, metrics = free_port(), free_port()
+    with http_backend() as backend, proxies(workdir) as started:
+        inbound = start(st, started, workdir, "inbound-fed", "--spiffe-id", fed_backend,
+                        "--inbound", f"127.0.0.1:{in_port}=127.0.0.1:{backend}",
+                        "--allow", f"spiffe://{partner}",
+                        "--metrics-address", f"127.0.0.1:{metrics}")
+        listener = f"inbound:127.0.0.1:{in_port}"
+        # Not federated yet: the partner's CA is in no bundle the proxy holds, so
+        # OpenSSL refuses the chain during the handshake (before any ID is read).
+        assert tls_client(in_port, client, bundle) == b""
+        inbound.wait_for_log(r"peer_id=- reason=untrusted "
+                             r'detail="unable to get local issuer certificate"')
+        st.server_cli("bundle", "set", "--id", f"spiffe://{partner}", "--format", "pem",
+                      "--path", str(workdir / "partner-ca.pem"))
+        inbound.wait_for_log(rf"svid updated .*trust_domains=[^ ]*{partner}")
+        assert b"hello from the backend" in tls_client(in_port, client, bundle)
+        assert denied_count(metrics, listener, "untrusted") == 1
+
+
+def test_bad_input_junk_slow_handshake_and_a_flood(st: Stack, workdir: Path) -> None:
+    with http_backend() as backend, pair(
+        st, workdir, backend,
+        inbound_extra=("--handshake-timeout", "2s", "--max-connections", "100"),
+    ) as (out_port, in_port, metrics, started):
+        inbound = started[0]
+        listener = f"inbound:127.0.0.1:{in_port}"
+        # A TLS record header announcing a ClientHello, then junk.
+        with socket.create_connection(("127.0.0.1", in_port), timeout=20) as sock:
+            sock.sendall(b"\x16\x03\x01\x00\x40" + b"\xde\xad\xbe\xef" * 16)
+            assert sock.recv(4096)[:1] in (b"\x15", b"")  # an alert, or just closed
+        inbound.wait_for_log(r"connection denied .*reason=handshake_failed")
+
+        # A client that connects and never finishes: dropped after the timeout.
+        with socket.create_connection(("127.0.0.1", in_port), timeout=30) as sock:
+            sock.sendall(b"\x16\x03\x01")
+            started_at = time.monotonic()
+            assert sock.recv(4096) == b""
+            assert time.monotonic() - started_at < 25
+        inbound.wait_for_log(r"connection denied .*reason=handshake_timeout")
+
+        # 2,000 connections at once, all idle: the cap (100) closes the rest at once,
+        # the timeout the others; the proxy stays up and serves the next caller.
+        flood: list[socket.socket] = []
+        try:
+            for _ in range(2000):
+                s = socket.socket()
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    s.connect(("127.0.0.1", in_port))
+                flood.append(s)
+            deadline = time.monotonic() + 60
+            while denied_count(metrics, listener, "connection_cap") < 1:
+                assert time.monotonic() < deadline, inbound.log()[-3000:]
+                time.sleep(0.2)
+        finally:
+            for s in flood:
+                s.close()
+        assert inbound.proc.poll() is None
+        assert "connection_cap" in inbound.log()
+        deadline = time.monotonic() + 60
+        while True:  # slots come back as the idle ones time out or close
+            try:
+                assert http_get(out_port) == "hello from the backend, path /\n"
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                assert time.monotonic() < deadline, inbound.log()[-3000:]
+                time.sleep(0.5)
+
+
+def test_policy_reload_applies_to_new_connections_only(st: Stack, workdir: Path) -> None:
+    import http.client
+
+    in_port, out_port, other_port = free_port(), free_port(), free_port()
+    config = workdir / "proxy.toml"
+
+    def write(allow: str, extra: str = "") -> None:
+        config.write_text(f"""\
+# the backend's sidecar
+spiffe_id = "{BACKEND}"
+
+[[inbound]]
+name = "web"
+listen = "127.0.0.1:{in_port}"
+forward = "127.0.0.1:{{backend}}"
+allow_ids = [
+    "{allow}",{extra}
+]
+""")
+
+    with http_backend() as backend, proxies(workdir) as started:
+        def write_config(allow: str, extra: str = "") -> None:
+            write(allow, extra)
+            config.write_text(config.read_text().replace("{backend}", str(backend)))
+
+        write_config(FRONTEND)
+        inbound = start(st, started, workdir, "inbound-file", "--config", str(config))
+        start(st, started, workdir, "front", "--spiffe-id", FRONTEND,
+              "--outbound", f"127.0.0.1:{out_port}=127.0.0.1:{in_port}", "--expect", BACKEND)
+        start(st, started, workdir, "other", "--spiffe-id", OTHER,
+              "--outbound", f"127.0.0.1:{other_port}=127.0.0.1:{in_port}", "--expect", BACKEND)
+        kept = http.client.HTTPConnection("127.0.0.1", out_port, timeout=20)
+        kept.request("GET", "/before")
+        assert kept.getresponse().read() == b"hello from the backend, path /before\n"
+        sock_before = kept.sock
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            http_get(other_port)
+
+        write_config(OTHER)
+        inbound.wait_for_log(r"info policy reloaded .*web=" + OTHER)
+        assert http_get(other_port) == "hello from the backend, path /\n"
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            http_get(out_port)
+        # The connection made before the reload goes on under the old policy.
+        kept.request("GET", "/after")
+        assert kept.getresponse().read() == b"hello from the backend, path /after\n"
+        assert kept.sock is sock_before
+        kept.close()
+
+        # A bad file is refused, naming the line; the previous policy stays.
+        write_config(OTHER, '\n    "spiffe://proxy.sigil.test/bad//path",')
+        inbound.wait_for_log(r"error policy reload refused.*line 10: allow_ids: invalid SPIFFE ID")
+        assert http_get(other_port) == "hello from the backend, path /\n"
+
+
+def test_traffic_flows_through_svid_and_ca_rotation(st: Stack, workdir: Path) -> None:
+    import http.client
+    import json
+    import os
+    import threading
+
+    uid = f"unix:uid:{os.getuid()}"
+    rot_front, rot_back = f"spiffe://{TD}/rot-frontend", f"spiffe://{TD}/rot-backend"
+    for spiffe_id in (rot_front, rot_back):
+        st.create_entry(spiffe_id, uid, extra=("--x509-svid-ttl", "10"))
+    in_port, out_port = free_port(), free_port()
+    ok, failures = [0], []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                assert http_get(out_port) == "hello from the backend, path /\n"
+                ok[0] += 1
+            except Exception as exc:  # every failure counts, whatever its kind
+                failures.append(repr(exc))
+            time.sleep(0.05)
+
+    with http_backend() as backend, proxies(workdir) as started:
+        inbound = start(st, started, workdir, "rot-in", "--spiffe-id", rot_back,
+                        "--inbound", f"127.0.0.1:{in_port}=127.0.0.1:{backend}",
+                        "--allow", rot_front)
+        outbound = start(st, started, workdir, "rot-out", "--spiffe-id", rot_front,
+                         "--outbound", f"127.0.0.1:{out_port}=127.0.0.1:{in_port}",
+                         "--expect", rot_back)
+        # One connection opened now and used again after every rotation.
+        kept = http.client.HTTPConnection("127.0.0.1", out_port, timeout=20)
+        kept.request("GET", "/kept")
+        assert kept.getresponse().read() == b"hello from the backend, path /kept\n"
+        kept_sock = kept.sock
+        thread = threading.Thread(target=loop)
+        thread.start()
+        try:
+            # Two SVID rotations each (10 s SVIDs renew every 4-6 s): three SVIDs seen.
+            for proxy in (inbound, outbound):
+                wait_for_svids(proxy, lambda lines: len({_field(ln, "expires_at")
+                                                         for ln in lines}) >= 3)
+            # CA rotation: prepare, wait until both hold the new CA in their bundle,
+            # activate, wait until both present SVIDs the new CA signed.
+            new_id = json.loads(st.server_cli("localauthority", "x509", "prepare",
+                                              "--output", "json").stdout)["authority_id"]
+            for proxy in (inbound, outbound):
+                wait_for_svids(proxy, lambda lines: _field(lines[-1], "authorities") == "2")
+            st.server_cli("localauthority", "x509", "activate", "--output", "json")
+            for proxy in (inbound, outbound):
+                wait_for_svids(proxy, lambda lines: _field(lines[-1], "authority_id") == new_id)
+            time.sleep(1)  # a few more connections under the new CA
+        finally:
+            stop.set()
+            thread.join()
+        assert failures == [], failures[:5]
+        assert ok[0] >= 20
+        kept.request("GET", "/kept-again")
+        assert kept.getresponse().read() == b"hello from the backend, path /kept-again\n"
+        assert kept.sock is kept_sock
+        kept.close()
+
+
+def _field(line: str, key: str) -> str:
+    for part in line.split():
+        if part.startswith(key + "="):
+            return part[len(key) + 1:]
+    return ""
+
+
+def wait_for_svids(proxy: ProxyProcess, check: Callable[[list[str]], bool],
+                   timeout: float = 90) -> None:
+    """Wait until ``check`` holds for the proxy's ``svid updated`` log lines."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [ln for ln in proxy.log().splitlines() if "info svid updated" in ln]
+        if lines and check(lines):
+            return
+        assert time.monotonic() < deadline, (proxy.name, lines[-5:])
+        time.sleep(0.2)
