@@ -104,7 +104,9 @@ def parse_prefix(text: str) -> SpiffeId:
     Raises:
         PolicyError: not a SPIFFE ID with a path once the trailing ``/*`` is removed.
     """
-    stripped = text.removesuffix("*").removesuffix("/") if text.endswith(("/*", "/")) else text
+    stripped = text[:-2] if text.endswith("/*") else text.removesuffix("/")
+    if not stripped.startswith("spiffe://") or len(stripped) == len("spiffe://"):
+        raise PolicyError(f"invalid path prefix {text!r}: expected spiffe://TRUST-DOMAIN/PATH")
     try:
         prefix = SpiffeId.parse(stripped)
     except InvalidSpiffeIdError as exc:
@@ -125,6 +127,8 @@ def parse_rule(text: str) -> Policy:
     Raises:
         PolicyError: naming the bad value.
     """
+    if "://" in text and not text.startswith("spiffe://"):
+        raise PolicyError(f"invalid rule {text!r}: a rule is a SPIFFE ID (spiffe://...)")
     if text.endswith("/*"):
         return Policy(prefixes=frozenset([parse_prefix(text)]))
     if not text.startswith("spiffe://") or text.rstrip("/").count("/") == 2:

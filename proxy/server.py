@@ -182,6 +182,7 @@ class Proxy:
                 return
             for listener in self.settings.listeners:
                 background.append(asyncio.create_task(self._serve(listener, self._bind(listener))))
+            background.append(asyncio.create_task(self._watch_expiry()))
             if self.settings.config_path is not None:
                 background.append(asyncio.create_task(self._watch_config()))
             await self._stopping.wait()
@@ -194,6 +195,13 @@ class Proxy:
                 task.cancel()
             await asyncio.gather(*background, *self._tasks, return_exceptions=True)
             event("stopped")
+
+    async def _watch_expiry(self) -> None:
+        # Say so when the SVID runs out (agent gone too long), not only at the next
+        # connection.
+        while True:
+            await asyncio.sleep(1.0)
+            self._current()
 
     def stop(self) -> None:
         """Stop accepting, close every connection, and return from :meth:`run`."""

@@ -432,3 +432,44 @@ def wait_for_svids(proxy: ProxyProcess, check: Callable[[list[str]], bool],
             return
         assert time.monotonic() < deadline, (proxy.name, lines[-5:])
         time.sleep(0.2)
+
+
+def test_workload_api_down_at_start_and_later(workdir: Path) -> None:
+    """Down at start: retries, listens only once it has an SVID. Down later: keeps the
+    SVID it holds until that expires, then refuses new connections."""
+    import datetime as dt
+    import os
+
+    td = "down.sigil.test"
+    server_id, client_id = f"spiffe://{td}/backend", f"spiffe://{td}/frontend"
+    link = workdir / "api.sock"  # the agent's socket appears here only later
+    in_port = free_port()
+    with running_stack(trust_domain=td) as stack, http_backend() as backend, \
+            proxies(workdir) as started:
+        stack.create_entry(server_id, f"unix:uid:{os.getuid()}",
+                           extra=("--x509-svid-ttl", "20"))
+        client = mint(stack, client_id, workdir / "client")
+        bundle = client / "bundle.pem"
+        inbound = ProxyProcess("down", workdir, [
+            "--socket-path", str(link), "--spiffe-id", server_id,
+            "--inbound", f"127.0.0.1:{in_port}=127.0.0.1:{backend}", "--allow", client_id])
+        started.append(inbound)
+        inbound.wait_for_log(r"workload api retry scheduled", count=2)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", in_port), timeout=5).close()
+        assert "info listening" not in inbound.log()
+
+        link.symlink_to(stack.agent_socket)
+        inbound.wait_for_log(r"info listening ")
+        assert b"hello from the backend" in tls_client(in_port, client, bundle)
+
+        stack.stop("agent")
+        inbound.wait_for_log(r"warning workload api unavailable")
+        last = [ln for ln in inbound.log().splitlines() if "info svid updated" in ln][-1]
+        expires = dt.datetime.fromisoformat(_field(last, "expires_at"))
+        if dt.datetime.now(dt.UTC) < expires - dt.timedelta(seconds=3):
+            # Still valid: served as before, with the agent gone.
+            assert b"hello from the backend" in tls_client(in_port, client, bundle)
+        inbound.wait_for_log(r"error svid expired", timeout=90)
+        assert tls_client(in_port, client, bundle) == b""
+        inbound.wait_for_log(r"connection denied .*reason=no_svid")
