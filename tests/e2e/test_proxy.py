@@ -32,7 +32,7 @@ from tests.support.proxies import (
     http_get,
     proxies,
 )
-from tests.support.require import require_program
+from tests.support.require import require, require_program
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -247,6 +247,30 @@ def test_federated_peer_passes_once_the_bundle_is_held(st: Stack, workdir: Path)
         assert denied_count(metrics, listener, "untrusted") == 1
 
 
+@pytest.fixture
+def raised_nofile() -> Iterator[None]:
+    """Room for the flood's 2,000 client sockets in this process (root may raise the cap)."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4096
+    if soft >= want:
+        yield
+        return
+    new_hard = hard
+    if hard != resource.RLIM_INFINITY and hard < want and os.geteuid() == 0:
+        new_hard = want
+    require(new_hard == resource.RLIM_INFINITY or new_hard >= want,
+            f"RLIMIT_NOFILE hard limit {hard} is below {want} (root may raise it)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, new_hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, new_hard))
+
+
+@pytest.mark.usefixtures("raised_nofile")
 def test_bad_input_junk_slow_handshake_and_a_flood(st: Stack, workdir: Path) -> None:
     with http_backend() as backend, pair(
         st, workdir, backend,
