@@ -30,7 +30,8 @@ from proxy.errors import ConfigError
 from proxy.log import event
 from proxy.metrics import Metrics
 from proxy.policy import Policy
-from proxy.tls import RECV_SIZE, TlsStream, client_context, peer_chain, server_context
+from proxy.relay import relay
+from proxy.tls import TlsStream, client_context, peer_chain, server_context
 from proxy.workload import WorkloadApiWatcher, X509State
 
 
@@ -419,41 +420,6 @@ class Proxy:
         event("policy reloaded", file=path, listeners=",".join(
             f"{name}={self._policies[name].describe()}" for name in current))
         return True
-
-
-async def relay(plain: socket.socket, tls: TlsStream) -> None:
-    """Copy both ways until both sides have finished sending; half-close is passed on.
-
-    Raises:
-        OSError, ssl.SSLError: either side failed (the other direction is cancelled).
-    """
-    loop = asyncio.get_running_loop()
-
-    async def plain_to_tls() -> None:
-        while True:
-            data = await loop.sock_recv(plain, RECV_SIZE)
-            if not data:
-                await tls.close_write()
-                return
-            await tls.send(data)
-
-    async def tls_to_plain() -> None:
-        while True:
-            data = await tls.recv()
-            if not data:
-                with contextlib.suppress(OSError):
-                    plain.shutdown(socket.SHUT_WR)
-                return
-            await loop.sock_sendall(plain, data)
-
-    tasks = [asyncio.create_task(plain_to_tls()), asyncio.create_task(tls_to_plain())]
-    try:
-        for finished in asyncio.as_completed(tasks):
-            await finished  # the first failure ends both directions
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _authority_id(cert: x509.Certificate) -> str:

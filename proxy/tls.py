@@ -134,25 +134,25 @@ class TlsStream:
 
     def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool) -> None:
         self._loop = asyncio.get_running_loop()
-        self._sock = sock
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
         self._send_lock = asyncio.Lock()
         self._write_closed = False
 
     async def _flush(self) -> None:
         async with self._send_lock:
-            data = self._outgoing.read()
+            data = self.outgoing.read()
             if data:
-                await self._loop.sock_sendall(self._sock, data)
+                await self._loop.sock_sendall(self.sock, data)
 
     async def _fill(self) -> bool:
-        data = await self._loop.sock_recv(self._sock, RECV_SIZE)
+        data = await self._loop.sock_recv(self.sock, RECV_SIZE)
         if not data:
-            self._incoming.write_eof()
+            self.incoming.write_eof()
             return False
-        self._incoming.write(data)
+        self.incoming.write(data)
         return True
 
     async def handshake(self) -> None:
@@ -195,7 +195,7 @@ class TlsStream:
             except ssl.SSLWantReadError:
                 if chunks:
                     break
-                if self._outgoing.pending:
+                if self.outgoing.pending:
                     await self._flush()  # e.g. a TLS 1.3 KeyUpdate answer
                 if not await self._fill():
                     continue  # the next read reports the EOF
