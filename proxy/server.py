@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import ssl
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -31,8 +35,11 @@ from proxy.log import event
 from proxy.metrics import Metrics
 from proxy.policy import Policy
 from proxy.relay import relay
-from proxy.tls import TlsStream, client_context, peer_chain, server_context
+from proxy.tls import TlsStream, client_context, peer_chain_der, server_context
 from proxy.workload import WorkloadApiWatcher, X509State
+
+# Peer chains whose verification is remembered (a few hundred bytes each).
+VERIFIED_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,10 @@ class Proxy:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self._identity: Identity | None = None
+        # Chains already verified against the current bundles: peer chain DER ->
+        # (SPIFFE ID, valid from, valid until). Cleared on every bundle change.
+        self._verified: OrderedDict[bytes, tuple[SpiffeId, dt.datetime, dt.datetime]] = (
+            OrderedDict())
         self._expired_logged = False
         self._policies = {lst.name: lst.policy for lst in settings.listeners}
         self._have_identity = asyncio.Event()
@@ -132,6 +143,7 @@ class Proxy:
             event("svid update not usable", level=logging.ERROR, reason=str(exc))
             return
         self._identity = identity
+        self._verified.clear()
         self._expired_logged = False
         self.metrics.svid_updates.inc()
         self.metrics.svid_expiry.set(state.svid.expires_at.timestamp())
@@ -299,19 +311,45 @@ class Proxy:
             raise _handshake_denial(exc) from None
 
     def _check_peer(self, tls: TlsStream, identity: Identity, policy: Policy) -> SpiffeId:
-        chain = peer_chain(tls.obj)
-        if not chain:
+        ders = peer_chain_der(tls.obj)
+        if not ders:
             raise Denied("no_client_cert", "the peer sent no certificate")
+        peer_id = self._verify(ders, identity)
+        if not policy.allows(peer_id):
+            raise Denied("not_allowed", f"not in the allow list ({policy.describe()})",
+                         str(peer_id))
+        return peer_id
+
+    def _verify(self, ders: list[bytes], identity: Identity) -> SpiffeId:
+        """The peer's SPIFFE ID, its chain verified against its trust domain's bundle.
+
+        A peer making many connections shows the same chain each time: the result
+        is kept (for the same bytes, the same bundles, and only within the chain's
+        validity), since path validation costs as much as the handshake itself.
+        """
+        now = self.settings.clock.now()
+        key = b"".join(len(d).to_bytes(4, "big") + d for d in ders)
+        known = self._verified.get(key)
+        if known is not None and identity is self._identity and known[1] <= now <= known[2]:
+            self._verified.move_to_end(key)
+            return known[0]
         try:
-            peer_id = verify_chain(chain, identity.state.bundles, now=self.settings.clock.now())
+            chain = [x509.load_der_x509_certificate(d) for d in ders]
+        except ValueError as exc:
+            raise Denied("untrusted", f"unparsable certificate: {exc}") from None
+        try:
+            peer_id = verify_chain(chain, identity.state.bundles, now=now)
         except X509SvidError as exc:
             claimed = ""
             with contextlib.suppress(X509SvidError):
                 claimed = str(spiffe_id_from_certificate(chain[0]))
             raise Denied("untrusted", str(exc), claimed) from None
-        if not policy.allows(peer_id):
-            raise Denied("not_allowed", f"not in the allow list ({policy.describe()})",
-                         str(peer_id))
+        if identity is self._identity:
+            valid_from = max(c.not_valid_before_utc for c in chain)
+            valid_until = min(c.not_valid_after_utc for c in chain)
+            self._verified[key] = (peer_id, valid_from, valid_until)
+            if len(self._verified) > VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
         return peer_id
 
     async def _inbound(self, listener: Listener, conn: socket.socket, peer: str) -> None:
@@ -351,8 +389,18 @@ class Proxy:
     async def _connect(self, listener: Listener, target: Address) -> socket.socket | None:
         loop = asyncio.get_running_loop()
         try:
-            infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-            family, kind, proto, _, sockaddr = infos[0]
+            sockaddr: tuple[Any, ...]
+            try:
+                # An IP address needs no resolver (loop.getaddrinfo runs in a thread).
+                ip = ipaddress.ip_address(target.host)
+                family, sockaddr = (
+                    (socket.AF_INET, (target.host, target.port)) if ip.version == 4
+                    else (socket.AF_INET6, (target.host, target.port, 0, 0)))
+                kind, proto = socket.SOCK_STREAM, 0
+            except ValueError:
+                infos = await loop.getaddrinfo(target.host, target.port,
+                                               type=socket.SOCK_STREAM)
+                family, kind, proto, _, sockaddr = infos[0]
             sock = socket.socket(family, kind, proto)
             sock.setblocking(False)
             try:

@@ -9,11 +9,11 @@ SPIFFE rules come after the handshake: :func:`identity.x509svid.verify_chain`
 checks the peer's chain against the bundle of the peer's own trust domain (never
 pooled across trust domains, X509-SVID §5) and the leaf rules.
 
-Streams. asyncio's TLS transport cannot half-close (``can_write_eof()`` is False),
-and a TCP proxy must: a client that shuts down its sending side still waits for
-the answer. :class:`TlsStream` runs an :class:`ssl.SSLObject` over memory BIOs on
-a non-blocking socket, so it can send close_notify (TLS 1.3 §6.1) and keep
-reading.
+Connections. asyncio's TLS transport cannot half-close (``can_write_eof()`` is
+False), and a TCP proxy must: a client that shuts down its sending side still
+waits for the answer. :class:`TlsStream` runs an :class:`ssl.SSLObject` over
+memory BIOs on a non-blocking socket, so the relay (:mod:`proxy.relay`) can send
+close_notify (TLS 1.3 §6.1) and keep reading.
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
 from identity.bundle import Bundle
 from identity.x509svid import X509Svid, certificates_to_pem
 
-# Bytes asked of the socket per receive, and the most plaintext handed on at once.
-RECV_SIZE = 256 * 1024
-READ_BATCH = 256 * 1024
+# Bytes asked of the socket per receive during the handshake, and of the TLS
+# object per read (one record is at most 16 KiB of plaintext).
+RECV_SIZE = 64 * 1024
 RECORD_READ = 64 * 1024
 
 
@@ -104,8 +102,8 @@ def _der(cert: Any) -> bytes:
     return cert.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined,no-any-return]
 
 
-def peer_chain(obj: ssl.SSLObject) -> list[x509.Certificate]:
-    """The certificates the peer sent, leaf first (empty when it sent none).
+def peer_chain_der(obj: ssl.SSLObject) -> list[bytes]:
+    """The certificates the peer sent, DER, leaf first (empty when it sent none).
 
     Python 3.13 has ``get_unverified_chain()``; 3.10 to 3.12 have the same method
     on the private ``_sslobj``. Without either, only the leaf is available (enough
@@ -122,14 +120,14 @@ def peer_chain(obj: ssl.SSLObject) -> list[x509.Certificate]:
     # OpenSSL leaves the leaf out of the server side's chain; put it first.
     if not ders or ders[0] != leaf_der:
         ders.insert(0, leaf_der)
-    return [x509.load_der_x509_certificate(d) for d in ders]
+    return ders
 
 
 class TlsStream:
-    """TLS over a connected non-blocking socket, with half-close.
+    """TLS over a connected non-blocking socket: the handshake, then the relay's.
 
-    One coroutine may receive while another sends (the two directions of a
-    relay); sends to the socket are serialised so records never interleave.
+    :meth:`handshake` runs it over the loop's socket calls; afterwards
+    :func:`proxy.relay.relay` takes over the socket, the TLS object and its BIOs.
     """
 
     def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool) -> None:
@@ -138,14 +136,11 @@ class TlsStream:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
-        self._send_lock = asyncio.Lock()
-        self._write_closed = False
 
     async def _flush(self) -> None:
-        async with self._send_lock:
-            data = self.outgoing.read()
-            if data:
-                await self._loop.sock_sendall(self.sock, data)
+        data = self.outgoing.read()
+        if data:
+            await self._loop.sock_sendall(self.sock, data)
 
     async def _fill(self) -> bool:
         data = await self._loop.sock_recv(self.sock, RECV_SIZE)
@@ -179,47 +174,3 @@ class TlsStream:
                 raise
             await self._flush()
             return
-
-    async def recv(self) -> bytes:
-        """The next plaintext; ``b""`` once the peer has closed its sending side.
-
-        Raises:
-            ssl.SSLError: a TLS error (e.g. a bad record, or the peer's alert).
-            OSError: the socket failed.
-        """
-        chunks: list[bytes] = []
-        size = 0
-        while size < READ_BATCH:
-            try:
-                chunk = self.obj.read(RECORD_READ)
-            except ssl.SSLWantReadError:
-                if chunks:
-                    break
-                if self.outgoing.pending:
-                    await self._flush()  # e.g. a TLS 1.3 KeyUpdate answer
-                if not await self._fill():
-                    continue  # the next read reports the EOF
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                # close_notify, or the TCP connection ended without one: either way
-                # nothing more comes; hand on what we have, then EOF.
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
-
-    async def send(self, data: bytes) -> None:
-        """Encrypt and send ``data`` (returns once the socket took it)."""
-        self.obj.write(data)
-        await self._flush()
-
-    async def close_write(self) -> None:
-        """Send close_notify: no more data from us; receiving goes on."""
-        if self._write_closed:
-            return
-        self._write_closed = True
-        with contextlib.suppress(ssl.SSLError):
-            self.obj.unwrap()
-        await self._flush()
