@@ -26,6 +26,7 @@ import pytest
 from tests.e2e.conftest import Stack, free_port, running_stack
 from tests.support.proxies import (
     ProxyProcess,
+    count_backend,
     echo_backend,
     echo_round_trip,
     http_backend,
@@ -213,8 +214,21 @@ def make_untrusted_svid(spiffe_id: str, folder: Path) -> bytes:
 
 def test_large_transfer_both_ways_and_half_close(st: Stack, workdir: Path) -> None:
     with echo_backend() as backend, pair(st, workdir, backend) as (out_port, *_):
+        # 64 MiB out and back at the same time; the client half-closes at the end
+        # and still reads the rest of the echo.
         sent, received = echo_round_trip(out_port, 64 * 1024 * 1024)
         assert sent == received
+    with count_backend() as backend, pair(st, workdir, backend) as (out_port, *_):
+        # The backend answers only once it sees EOF: the half-close must cross both
+        # proxies (plain shutdown -> close_notify -> plain shutdown) and the answer
+        # come back on the still-open direction.
+        with socket.create_connection(("127.0.0.1", out_port), timeout=30) as sock:
+            sock.sendall(b"x" * 100_000)
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while data := sock.recv(4096):
+                answer += data
+        assert answer == b"got 100000 bytes"
 
 
 def test_federated_peer_passes_once_the_bundle_is_held(st: Stack, workdir: Path) -> None:

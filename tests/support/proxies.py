@@ -141,6 +141,39 @@ def echo_backend() -> Iterator[int]:
         listener.close()
 
 
+@contextlib.contextmanager
+def count_backend() -> Iterator[int]:
+    """A TCP server that answers only after the client's EOF: ``got N bytes``; yields its port.
+
+    Through a proxy it works only if the client's half-close reaches it and the
+    answer still travels back afterwards.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            total = 0
+            while data := conn.recv(65536):
+                total += len(data)
+            conn.sendall(f"got {total} bytes".encode())
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
 def http_get(port: int, path: str = "/", timeout: float = 20) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
         return str(resp.read().decode())
