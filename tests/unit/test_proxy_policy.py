@@ -162,3 +162,13 @@ def test_check_config(tmp_path: Path) -> None:
     bad = CliRunner().invoke(main, ["check-config", str(path)])
     assert bad.exit_code == 2
     assert bad.stderr.strip().startswith(f"Error: {path} line 14: allow_ids: invalid SPIFFE ID")
+
+
+def test_configuration_doc_lists_exactly_the_proxy_keys() -> None:
+    from proxy import config
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    section = doc.split("# Proxy configuration", 1)[1]
+    documented = {line.split("`")[1] for line in section.splitlines()
+                  if line.startswith("| `")}
+    assert documented == config._TOP_KEYS
