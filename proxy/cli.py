@@ -7,7 +7,9 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import resource
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -151,6 +153,7 @@ def run(config_path: Path | None, socket_path: str | None, spiffe_id: str | None
         _usage_error(f"{config_path}: log_level must be one of {', '.join(LOG_LEVELS)} and "
                      f"log_format one of {', '.join(LOG_FORMATS)}")
     log.configure(level=level, fmt=fmt)
+    _raise_fd_limit(settings.max_connections)
     metrics = Metrics()
     if settings.metrics_address is not None:
         try:
@@ -163,6 +166,22 @@ def run(config_path: Path | None, socket_path: str | None, spiffe_id: str | None
     except OSError as exc:
         # A listening address that cannot be bound, typically.
         _usage_error(f"cannot listen: {exc.strerror or exc}")
+
+
+def _raise_fd_limit(max_connections: int) -> None:
+    # Each relayed connection holds two descriptors; a default soft limit of 1024
+    # would make accept() fail (EMFILE) long before the connection cap.
+    want = 2 * max_connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if new > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < want:
+        log.event("file descriptor limit is below what max_connections needs",
+                  level=logging.WARNING, limit=new, max_connections=max_connections,
+                  needed=want)
 
 
 async def _run(proxy: Proxy) -> None:
