@@ -291,6 +291,9 @@ class Proxy:
         except (OSError, ssl.SSLError, EOFError) as exc:
             event("connection ended with an error", level=logging.DEBUG,
                   listener=listener.name, peer=peer, reason=str(exc) or type(exc).__name__)
+        except Exception:  # a bug: say so with the traceback; other connections go on
+            event("connection failed", level=logging.ERROR, exc_info=True,
+                  listener=listener.name, peer=peer)
         finally:
             conn.close()
             self._active -= 1
