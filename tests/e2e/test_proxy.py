@@ -510,3 +510,81 @@ def test_workload_api_down_at_start_and_later(workdir: Path) -> None:
         inbound.wait_for_log(r"error svid expired", timeout=90)
         assert tls_client(in_port, client, bundle) == b""
         inbound.wait_for_log(r"connection denied .*reason=no_svid")
+
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/tmp/body;
+    proxy_temp_path {root}/tmp/proxy;
+    fastcgi_temp_path {root}/tmp/fastcgi;
+    uwsgi_temp_path {root}/tmp/uwsgi;
+    scgi_temp_path {root}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {certs}/svid.pem;
+        ssl_certificate_key {certs}/svid.key;
+        ssl_client_certificate {certs}/bundle.pem;
+        ssl_verify_client on;
+        location / {{ return 200 "hello from nginx\\n"; }}
+    }}
+}}
+"""
+
+
+def test_interop_openssl_client_and_nginx_server(st: Stack, workdir: Path) -> None:
+    """Other TLS stacks on the far side: ``openssl s_client`` into the inbound proxy,
+    and the outbound proxy into nginx doing mTLS with files from ``x509 mint``."""
+    openssl = require_program("openssl")
+    nginx = "/usr/sbin/nginx"
+    require(Path(nginx).exists(), f"nginx is not installed at {nginx}; `python3 dev.py test` "
+            "as root installs it")
+    client = mint(st, FRONTEND, workdir / "client")
+    nginx_id = f"spiffe://{TD}/nginx"
+    certs = mint(st, nginx_id, workdir / "nginx-certs")
+    (workdir / "tmp").mkdir()
+    nginx_port, in_port, out_port, wrong_port = (free_port() for _ in range(4))
+    (workdir / "nginx.conf").write_text(NGINX_CONF.format(root=workdir, port=nginx_port,
+                                                          certs=certs))
+    with http_backend() as backend, proxies(workdir) as started:
+        start(st, started, workdir, "inbound", "--spiffe-id", BACKEND,
+              "--inbound", f"127.0.0.1:{in_port}=127.0.0.1:{backend}", "--allow", FRONTEND)
+        done = subprocess.run(
+            [openssl, "s_client", "-connect", f"127.0.0.1:{in_port}", "-quiet",
+             "-verify_return_error", "-CAfile", str(client / "bundle.pem"),
+             "-cert", str(client / "svid.pem"), "-key", str(client / "svid.key")],
+            input=b"GET /openssl HTTP/1.0\r\n\r\n", capture_output=True, timeout=60)
+        assert b"hello from the backend, path /openssl" in done.stdout, done.stderr
+
+        server = subprocess.Popen([nginx, "-p", str(workdir), "-c", str(workdir / "nginx.conf")],
+                                  stdout=subprocess.DEVNULL,
+                                  stderr=open(workdir / "nginx.out", "wb"))
+        try:
+            start(st, started, workdir, "to-nginx", "--spiffe-id", FRONTEND,
+                  "--outbound", f"127.0.0.1:{out_port}=127.0.0.1:{nginx_port}",
+                  "--expect", nginx_id)
+            wrong = start(st, started, workdir, "to-nginx-wrong", "--spiffe-id", FRONTEND,
+                          "--outbound", f"127.0.0.1:{wrong_port}=127.0.0.1:{nginx_port}",
+                          "--expect", BACKEND)
+            deadline = time.monotonic() + 30
+            while True:  # until nginx listens
+                try:
+                    body = http_get(out_port)
+                    break
+                except (urllib.error.URLError, ConnectionError, OSError):
+                    assert server.poll() is None, (workdir / "nginx.out").read_text()
+                    assert time.monotonic() < deadline, (workdir / "error.log").read_text()
+                    time.sleep(0.2)
+            assert body == "hello from nginx\n"
+            with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+                http_get(wrong_port)
+            wrong.wait_for_log(rf"connection denied .* peer_id={nginx_id} reason=not_allowed")
+        finally:
+            server.terminate()
+            server.wait(timeout=15)
