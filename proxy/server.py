@@ -19,6 +19,7 @@ import socket
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ from proxy.policy import Policy
 from proxy.relay import relay
 from proxy.tls import TlsStream, client_context, peer_chain_der, server_context
 from proxy.workload import WorkloadApiWatcher, X509State
+
+Handler = Callable[[Listener, socket.socket, str], Awaitable[None]]
+"""What serves one accepted connection of a listener: (listener, socket, peer address)."""
 
 # Peer chains whose verification is remembered (a few hundred bytes each).
 VERIFIED_CACHE_SIZE = 4096
@@ -276,7 +280,7 @@ class Proxy:
             self._cap_logged_at = now
             self._cap_refused = 0
 
-    async def _connection(self, listener: Listener, handler, conn: socket.socket,  # type: ignore[no-untyped-def]
+    async def _connection(self, listener: Listener, handler: Handler, conn: socket.socket,
                           addr: object) -> None:
         peer = _format_peer(addr)
         self._active += 1
