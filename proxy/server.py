@@ -381,7 +381,8 @@ class Proxy:
         if upstream is None:
             return
         with upstream:
-            tls = TlsStream(upstream, identity.client, server_side=False)
+            tls = TlsStream(upstream, identity.client, server_side=False,
+                            server_hostname=_sni(listener.target.host))
             try:
                 await self._handshake(tls)
                 server_id = self._check_peer(tls, identity, policy)
@@ -396,33 +397,47 @@ class Proxy:
     async def _connect(self, listener: Listener, target: Address) -> socket.socket | None:
         loop = asyncio.get_running_loop()
         try:
-            sockaddr: tuple[Any, ...]
+            candidates: list[tuple[int, tuple[Any, ...]]]
             try:
                 # An IP address needs no resolver (loop.getaddrinfo runs in a thread).
                 ip = ipaddress.ip_address(target.host)
-                family, sockaddr = (
-                    (socket.AF_INET, (target.host, target.port)) if ip.version == 4
-                    else (socket.AF_INET6, (target.host, target.port, 0, 0)))
-                kind, proto = socket.SOCK_STREAM, 0
+                candidates = [(socket.AF_INET, (target.host, target.port)) if ip.version == 4
+                              else (socket.AF_INET6, (target.host, target.port, 0, 0))]
             except ValueError:
                 infos = await loop.getaddrinfo(target.host, target.port,
                                                type=socket.SOCK_STREAM)
-                family, kind, proto, _, sockaddr = infos[0]
-            sock = socket.socket(family, kind, proto)
-            sock.setblocking(False)
-            try:
-                await asyncio.wait_for(loop.sock_connect(sock, sockaddr),
-                                       self.settings.connect_timeout)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except BaseException:
-                sock.close()
-                raise
+                candidates = [(info[0], info[4]) for info in infos]
+            return await asyncio.wait_for(self._connect_first(candidates),
+                                          self.settings.connect_timeout)
         except (OSError, TimeoutError) as exc:
             self.metrics.upstream_failures.labels(listener.name).inc()
             event("target unreachable", level=logging.WARNING, listener=listener.name,
                   target=target, reason=str(exc) or type(exc).__name__)
             return None
-        return sock
+
+    @staticmethod
+    async def _connect_first(candidates: list[tuple[int, tuple[Any, ...]]]) -> socket.socket:
+        """Connect to the first address that answers, in the resolver's order.
+
+        Raises:
+            OSError: the last address's error when none answers.
+        """
+        loop = asyncio.get_running_loop()
+        error: OSError = OSError("no address to connect to")
+        for family, sockaddr in candidates:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, sockaddr)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise error
 
     # -- policy reload --------------------------------------------------------------
 
@@ -484,6 +499,15 @@ def _authority_id(cert: x509.Certificate) -> str:
     except (x509.ExtensionNotFound, ValueError):
         return "-"
     return aki.key_identifier.hex() if aki.key_identifier else "-"
+
+
+def _sni(host: str) -> str | None:
+    """The name to send as SNI: a DNS name, never an IP address (RFC 6066 §3)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None
 
 
 def _format_peer(addr: object) -> str:

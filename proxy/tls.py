@@ -130,12 +130,16 @@ class TlsStream:
     :func:`proxy.relay.relay` takes over the socket, the TLS object and its BIOs.
     """
 
-    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool) -> None:
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool,
+                 server_hostname: str | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self.sock = sock
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
+        # server_hostname only sets SNI (host name checking is off: the SPIFFE ID is
+        # what gets checked), for servers that pick a certificate by name.
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                server_hostname=server_hostname)
 
     async def _flush(self) -> None:
         data = self.outgoing.read()

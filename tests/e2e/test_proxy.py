@@ -566,8 +566,9 @@ def test_interop_openssl_client_and_nginx_server(st: Stack, workdir: Path) -> No
                                   stdout=subprocess.DEVNULL,
                                   stderr=open(workdir / "nginx.out", "wb"))
         try:
+            # By name: resolved, every address tried in turn, sent as SNI.
             start(st, started, workdir, "to-nginx", "--spiffe-id", FRONTEND,
-                  "--outbound", f"127.0.0.1:{out_port}=127.0.0.1:{nginx_port}",
+                  "--outbound", f"127.0.0.1:{out_port}=localhost:{nginx_port}",
                   "--expect", nginx_id)
             wrong = start(st, started, workdir, "to-nginx-wrong", "--spiffe-id", FRONTEND,
                           "--outbound", f"127.0.0.1:{wrong_port}=127.0.0.1:{nginx_port}",
