@@ -10,11 +10,17 @@ server (``sigil-server x509 mint``) for the refused cases.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import http.client
+import json
+import os
+import resource
 import shutil
 import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +29,9 @@ from pathlib import Path
 
 import pytest
 
+from identity.keys import generate_private_key, private_key_to_pem
+from identity.spiffeid import SpiffeId
+from identity.x509svid import SvidSigner, certificates_to_pem, new_ca_certificate
 from tests.e2e.conftest import Stack, free_port, running_stack
 from tests.support.proxies import (
     ProxyProcess,
@@ -43,8 +52,6 @@ FRONTEND, BACKEND, OTHER = (f"spiffe://{TD}/{n}" for n in ("frontend", "backend"
 
 @pytest.fixture(scope="module")
 def st() -> Iterator[Stack]:
-    import os
-
     uid = f"unix:uid:{os.getuid()}"
     with running_stack(trust_domain=TD) as stack:
         for spiffe_id in (FRONTEND, BACKEND, OTHER):
@@ -192,12 +199,6 @@ def test_refused_clients(st: Stack, workdir: Path) -> None:
 
 def make_untrusted_svid(spiffe_id: str, folder: Path) -> bytes:
     """An SVID for ``spiffe_id`` from a CA made here (trusted by nobody yet); its CA in PEM."""
-    import datetime as dt
-
-    from identity.keys import generate_private_key, private_key_to_pem
-    from identity.spiffeid import SpiffeId
-    from identity.x509svid import SvidSigner, certificates_to_pem, new_ca_certificate
-
     folder.mkdir(parents=True)
     sid = SpiffeId.parse(spiffe_id)
     now = dt.datetime.now(dt.UTC)
@@ -236,7 +237,6 @@ def test_federated_peer_passes_once_the_bundle_is_held(st: Stack, workdir: Path)
     client = workdir / "partner-client"
     ca_pem = make_untrusted_svid(f"spiffe://{partner}/client", client)
     (workdir / "partner-ca.pem").write_bytes(ca_pem)
-    import os
 
     fed_backend = f"spiffe://{TD}/backend-federated"
     st.create_entry(fed_backend, f"unix:uid:{os.getuid()}",
@@ -264,9 +264,6 @@ def test_federated_peer_passes_once_the_bundle_is_held(st: Stack, workdir: Path)
 @pytest.fixture
 def raised_nofile() -> Iterator[None]:
     """Room for the flood's 2,000 client sockets in this process (root may raise the cap)."""
-    import os
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 4096
     if soft >= want:
@@ -335,8 +332,6 @@ def test_bad_input_junk_slow_handshake_and_a_flood(st: Stack, workdir: Path) -> 
 
 
 def test_policy_reload_applies_to_new_connections_only(st: Stack, workdir: Path) -> None:
-    import http.client
-
     in_port, out_port, other_port = free_port(), free_port(), free_port()
     config = workdir / "proxy.toml"
 
@@ -390,11 +385,6 @@ allow_ids = [
 
 
 def test_traffic_flows_through_svid_and_ca_rotation(st: Stack, workdir: Path) -> None:
-    import http.client
-    import json
-    import os
-    import threading
-
     uid = f"unix:uid:{os.getuid()}"
     rot_front, rot_back = f"spiffe://{TD}/rot-frontend", f"spiffe://{TD}/rot-backend"
     for spiffe_id in (rot_front, rot_back):
@@ -474,9 +464,6 @@ def wait_for_svids(proxy: ProxyProcess, check: Callable[[list[str]], bool],
 def test_workload_api_down_at_start_and_later(workdir: Path) -> None:
     """Down at start: retries, listens only once it has an SVID. Down later: keeps the
     SVID it holds until that expires, then refuses new connections."""
-    import datetime as dt
-    import os
-
     td = "down.sigil.test"
     server_id, client_id = f"spiffe://{td}/backend", f"spiffe://{td}/frontend"
     link = workdir / "api.sock"  # the agent's socket appears here only later
