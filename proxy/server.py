@@ -104,7 +104,7 @@ def _handshake_denial(exc: BaseException) -> Denied:
         reason = exc.reason or ""
         if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
             return Denied("no_client_cert", "the client sent no certificate")
-        if reason.startswith(("SSLV3_ALERT", "TLSV1_ALERT")):
+        if "_ALERT_" in reason:  # SSLV3_ALERT_..., TLSV1_ALERT_..., TLSV13_ALERT_...
             # The peer refused *our* certificate, or our protocol choices.
             return Denied("peer_refused", reason.lower())
         return Denied("handshake_failed", reason.lower() or str(exc))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from identity.keys import generate_private_key
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import X509Svid, new_ca_certificate, new_svid_certificate
 from proxy.errors import ConfigError, WorkloadApiError
-from proxy.server import Denied, Identity, Proxy, Settings
+from proxy.server import Denied, Identity, Proxy, Settings, _handshake_denial
 from proxy.tls import client_context, server_context
 from proxy.workload import X509State, parse_response, socket_target
 
@@ -164,3 +165,22 @@ def test_contexts_build_from_an_svid() -> None:
     assert server.verify_mode.name == client.verify_mode.name == "CERT_REQUIRED"
     assert not client.check_hostname
     assert len(server.get_ca_certs()) == 1
+
+
+def _ssl_error(reason: str) -> ssl.SSLError:
+    error = ssl.SSLError(1, reason)
+    error.reason = reason
+    return error
+
+
+@pytest.mark.parametrize(("exc", "reason"), [
+    (TimeoutError(), "handshake_timeout"),
+    (_ssl_error("PEER_DID_NOT_RETURN_A_CERTIFICATE"), "no_client_cert"),
+    (_ssl_error("TLSV13_ALERT_CERTIFICATE_REQUIRED"), "peer_refused"),
+    (_ssl_error("SSLV3_ALERT_BAD_CERTIFICATE"), "peer_refused"),
+    (_ssl_error("WRONG_VERSION_NUMBER"), "handshake_failed"),
+    (ConnectionAbortedError("peer closed the connection during the handshake"),
+     "handshake_failed"),
+])
+def test_handshake_failures_map_to_deny_reasons(exc: BaseException, reason: str) -> None:
+    assert _handshake_denial(exc).reason == reason
