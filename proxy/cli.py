@@ -163,9 +163,8 @@ def run(config_path: Path | None, socket_path: str | None, spiffe_id: str | None
     proxy = Proxy(settings, metrics)
     try:
         asyncio.run(_run(proxy))
-    except OSError as exc:
-        # A listening address that cannot be bound, typically.
-        _usage_error(f"cannot listen: {exc.strerror or exc}")
+    except ConfigError as exc:  # a listening address that cannot be bound
+        _usage_error(str(exc))
 
 
 def _raise_fd_limit(max_connections: int) -> None:

@@ -225,8 +225,17 @@ class Proxy:
         self._stopping.set()
 
     def _bind(self, listener: Listener) -> socket.socket:
-        infos = socket.getaddrinfo(listener.listen.host or None, listener.listen.port,
-                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        """A listening socket for ``listener``.
+
+        Raises:
+            ConfigError: the address cannot be resolved or bound (naming it).
+        """
+        try:
+            infos = socket.getaddrinfo(listener.listen.host or None, listener.listen.port,
+                                       type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {listener.listen} (listener {listener.name}): "
+                              f"{exc.strerror or exc}") from None
         family, kind, proto, _, sockaddr = infos[0]
         sock = socket.socket(family, kind, proto)
         try:
@@ -234,9 +243,10 @@ class Proxy:
             sock.bind(sockaddr)
             sock.listen(1024)
             sock.setblocking(False)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise ConfigError(f"cannot listen on {listener.listen} (listener {listener.name}): "
+                              f"{exc.strerror or exc}") from None
         self._listening.append(sock)
         host, port = sock.getsockname()[:2]
         self.bound[listener.name] = Address(host, port)

@@ -41,6 +41,8 @@ from tests.support.proxies import (
     http_backend,
     http_get,
     proxies,
+    proxy_command,
+    proxy_env,
 )
 from tests.support.require import require, require_program
 
@@ -576,3 +578,19 @@ def test_interop_openssl_client_and_nginx_server(st: Stack, workdir: Path) -> No
         finally:
             server.terminate()
             server.wait(timeout=15)
+
+
+def test_a_listening_address_in_use_is_one_line_and_exit_2(st: Stack) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [*proxy_command("run"), "--socket-path", str(st.agent_socket),
+             "--spiffe-id", BACKEND, "--inbound", f"127.0.0.1:{port}=127.0.0.1:1",
+             "--allow", FRONTEND],
+            capture_output=True, text=True, timeout=120, env=proxy_env())
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot listen on 127.0.0.1:{port} (listener inbound:127.0.0.1:{port}): "
+        "Address already in use")
