@@ -14,6 +14,9 @@ What happens:
     ``backend``, under that agent, selected by the Unix user they run as.
  5. Two workload processes fetch their X.509-SVIDs and a JWT-SVID over the Workload
     API with py-spiffe, then talk mutual TLS; each checks the other's SPIFFE ID.
+ 6. Two unmodified plain-HTTP programs (python's http.server and curl) talk through
+    two ``sigil-proxy`` sidecars that do the mutual TLS for them; a third sidecar
+    with an identity not on the allow list is refused, and the log line says why.
 """
 
 from __future__ import annotations
@@ -280,9 +283,95 @@ def demo(root: Path, stack: Stack) -> None:
             f"{backend.returncode}):\n{frontend.stderr}"
         )
 
+    proxy_step(root, stack, admin, agent_id, agent_sock)
+
     print("\nDone: both workloads proved their SPIFFE IDs to each other with certificates "
-          "the agent issued and rotates, and the backend checked the frontend's JWT-SVID. "
+          "the agent issued and rotates, and the backend checked the frontend's JWT-SVID; "
+          "two plain-HTTP programs did the same through sigil-proxy without a line of TLS. "
           "Everything started here is now stopped.", flush=True)
+
+
+def proxy_command() -> tuple[list[str], dict[str, str]]:
+    """``sigil-proxy``, or ``python -m proxy`` from this checkout if it is not installed."""
+    installed = BIN / "sigil-proxy"
+    if installed.exists():
+        return [str(installed)], dict(os.environ)
+    path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
+    return [sys.executable, "-m", "proxy"], dict(os.environ, PYTHONPATH=path)
+
+
+def proxy_step(root: Path, stack: Stack, admin, agent_id: str, agent_sock: Path) -> None:  # type: ignore[no-untyped-def]
+    step(6, "Plain HTTP through two sigil-proxy sidecars: mutual TLS without changing a line")
+    ids = {n: f"spiffe://{TRUST_DOMAIN}/sidecar/{n}" for n in ("web", "client", "stranger")}
+    for spiffe_id in ids.values():
+        admin("entry", "create", "--spiffe-id", spiffe_id, "--parent-id", agent_id,
+              "--selector", f"unix:uid:{os.getuid()}", "--output", "json")
+    info("registered three sidecar identities: " + ", ".join(ids.values()))
+    info("(they all run as you, so each picks its own with --spiffe-id; with distinct "
+         "users or pods each gets only its own)")
+    site = root / "site"
+    site.mkdir()
+    (site / "index.html").write_text("hello from an unmodified HTTP server\n")
+    http_port, in_port, out_port, bad_port = (free_port() for _ in range(4))
+    stack.start("http-server", [sys.executable, "-m", "http.server", str(http_port),
+                                "--bind", "127.0.0.1", "--directory", str(site)])
+    info(f"backend: python3 -m http.server on 127.0.0.1:{http_port} (plain HTTP, no TLS)")
+    cmd, env = proxy_command()
+    sock = ["--socket-path", str(agent_sock)]
+    sidecars = {
+        "proxy-web": [*cmd, "run", *sock, "--spiffe-id", ids["web"],
+                      "--inbound", f"127.0.0.1:{in_port}=127.0.0.1:{http_port}",
+                      "--allow", ids["client"]],
+        "proxy-client": [*cmd, "run", *sock, "--spiffe-id", ids["client"],
+                         "--outbound", f"127.0.0.1:{out_port}=127.0.0.1:{in_port}",
+                         "--expect", ids["web"]],
+        "proxy-stranger": [*cmd, "run", *sock, "--spiffe-id", ids["stranger"],
+                           "--outbound", f"127.0.0.1:{bad_port}=127.0.0.1:{in_port}",
+                           "--expect", ids["web"]],
+    }
+    for name, args in sidecars.items():
+        stack.start(name, args, env=env)
+    for name in sidecars:
+        log = root / f"{name}.log"
+        wait_until(lambda log=log: "info listening" in log.read_text(errors="replace"),
+                   timeout=60, what=f"{name} to get its SVID and listen")
+    info(f"sigil-proxy inbound  127.0.0.1:{in_port} (mTLS) -> http.server; allows only "
+         f"{ids['client']}")
+    info(f"sigil-proxy outbound 127.0.0.1:{out_port} (plain) -> mTLS to the inbound one, "
+         f"expects {ids['web']}")
+    info(f"sigil-proxy outbound 127.0.0.1:{bad_port} (plain), presenting {ids['stranger']}")
+
+    body = http_get(f"http://127.0.0.1:{out_port}/")
+    if body is None or "hello from an unmodified HTTP server" not in body:
+        raise DemoError(f"the request through the two sidecars failed: {body!r}")
+    info(f"curl http://127.0.0.1:{out_port}/  ->  {body.strip()}")
+    refused = http_get(f"http://127.0.0.1:{bad_port}/")
+    if refused is not None:
+        raise DemoError(f"the stranger's request got through: {refused!r}")
+    info(f"curl http://127.0.0.1:{bad_port}/  ->  refused (the connection is closed)")
+    log = root / "proxy-web.log"
+    wait_until(lambda: "connection denied" in log.read_text(errors="replace"), timeout=30,
+               what="the inbound sidecar's log line about the refusal")
+    line = next(ln for ln in log.read_text(errors="replace").splitlines()
+                if "connection denied" in ln)
+    info("the inbound sidecar says why:")
+    info(f"  {line}")
+
+
+def http_get(url: str) -> str | None:
+    """The body at ``url`` with curl (or urllib without it); None when refused."""
+    curl = shutil.which("curl")
+    if curl:
+        done = subprocess.run([curl, "-sS", "--max-time", "20", url], capture_output=True,
+                              text=True, timeout=60)
+        return done.stdout if done.returncode == 0 else None
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=20) as resp:  # noqa: S310 - our http URL
+            return str(resp.read().decode())
+    except OSError:
+        return None
 
 
 def main() -> int:

@@ -44,16 +44,26 @@ def ensure_softhsm() -> None:
 
 
 NGINX = Path("/usr/sbin/nginx")
+STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+
+
+def _nginx_stream_missing() -> bool:
+    """True when nginx lacks the stream module (bench/proxy.py's reference needs it)."""
+    if STREAM_MODULE.exists():
+        return False
+    out = subprocess.run([str(NGINX), "-V"], capture_output=True, text=True, check=False).stderr
+    return "--with-stream=dynamic" in out or "--with-stream" not in out
 
 
 def ensure_nginx() -> list[str]:
-    """Install Debian's nginx (light, else full) for the helper-mode mTLS test.
+    """Install Debian's nginx (light, else full) and its stream module.
 
-    Only when it is missing, apt-get exists and we run as root. Returns what is
-    still missing: in CI (CI=true) that fails the run loudly; elsewhere the test
-    skips with a message.
+    nginx is for the helper-mode mTLS test; the stream module for the reference
+    proxy of bench/proxy.py. Only when missing, apt-get exists and we run as root.
+    Returns what is still missing: in CI (CI=true) that fails the run loudly;
+    elsewhere the test skips with a message.
     """
-    if NGINX.exists():
+    if NGINX.exists() and not _nginx_stream_missing():
         return []
     from tests.support.require import in_ci as ci
 
@@ -61,12 +71,21 @@ def ensure_nginx() -> list[str]:
     if Path("/usr/bin/apt-get").exists() and os.geteuid() == 0:
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT}
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        print("==> installing nginx (apt-get)", flush=True)
+        print("==> installing nginx and its stream module (apt-get)", flush=True)
         subprocess.run(["apt-get", "update", "-q"], env=env, check=False, **quiet)
         for package in ("nginx-light", "nginx"):
-            if subprocess.run(["apt-get", "install", "-y", "-q", package], env=env,
-                              check=False, **quiet).returncode == 0 and NGINX.exists():
-                return []
+            if NGINX.exists():
+                break
+            subprocess.run(["apt-get", "install", "-y", "-q", package], env=env,
+                           check=False, **quiet)
+        if NGINX.exists() and _nginx_stream_missing():
+            subprocess.run(["apt-get", "install", "-y", "-q", "libnginx-mod-stream"], env=env,
+                           check=False, **quiet)
+        if NGINX.exists():
+            if _nginx_stream_missing():
+                print("==> WARNING: nginx has no stream module; bench/proxy.py cannot run its "
+                      "reference", flush=True)
+            return []
     why = f"nginx is not installed ({NGINX}) and could not be installed with apt-get as root"
     if in_ci:
         print(f"==> ERROR: CI requires it: {why}", flush=True)

@@ -1,0 +1,5 @@
+"""``python -m proxy``: the same as the ``sigil-proxy`` console script."""
+
+from proxy.cli import main
+
+main()
