@@ -40,12 +40,10 @@ import multiprocessing
 import os
 import queue
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -55,7 +53,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TARGET = "server.sigil.invalid"
+from bench import server  # noqa: E402
+from bench.server import TARGET  # noqa: E402
+
 TD = "bench.sigil.test"
 AGENT_SERVICE = "sigil.agent.v1.Agent"
 
@@ -216,18 +216,6 @@ def _phase(stubs: list[Any], request: Any, seconds: float) -> tuple[int, int, in
 # ---- servers -------------------------------------------------------------------------
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of these processes so far."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14, 15)
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass(frozen=True)
 class PhaseResult:
     """One batch size's phase."""
@@ -283,10 +271,10 @@ def run_phases(target: Target, *, clients: int, batches: tuple[int, ...], second
         for phase, batch in enumerate(batches):
             for _ in procs:  # every connection warmed up with this phase's request
                 assert warm_q.get(timeout=120) == phase
-            cpu = _cpu_seconds(target.pids)
+            cpu = server.cpu_seconds(target.pids)
             starts[phase].set()
             time.sleep(seconds)
-            server_cpu = _cpu_seconds(target.pids) - cpu
+            server_cpu = server.cpu_seconds(target.pids) - cpu
             got = [out.get(timeout=seconds + 120) for _ in procs]
             results.append(PhaseResult(
                 batch=batch, issued=sum(g[1] for g in got), refused=sum(g[2] for g in got),
@@ -300,76 +288,29 @@ def run_phases(target: Target, *, clients: int, batches: tuple[int, ...], second
     return results
 
 
-def _cli(bin_dir: Path, sock: Path, *args: str) -> dict[str, object]:
-    proc = subprocess.run([str(bin_dir / "sigil-server"), *args, "--socket-path", str(sock),
-                           "--output", "json"], capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout)  # type: ignore[no-any-return]
-
-
 @contextlib.contextmanager
 def sigil_server(workers: int) -> Iterator[Target]:
-    """``sigil-server run`` in a temporary directory, every worker listening."""
-    bin_dir = Path(sys.executable).parent
-    root = Path(tempfile.mkdtemp(prefix="sgb-", dir="/tmp"))
-    sock = root / "admin" / "admin.sock"
-    cfg = root / "server.toml"
+    """``sigil-server run`` (bench/server.py) with agents attesting by join token."""
     # The signing limit stays on (its check costs on every call) at a rate and
     # burst no client reaches; attestation is limited per IP and every client
     # attests from 127.0.0.1 at start, so that limit is off.
-    cfg.write_text(f"worker_processes = {workers}\nhealth_address = \"\"\n"
-                   "rate_limit_attestation_per_second = 0\n"
-                   "rate_limit_signing_per_second = 1000000\n"
-                   "rate_limit_signing_burst = 1000000\n"
-                   'log_level = "warning"\n')
-    server = subprocess.Popen(
-        [str(bin_dir / "sigil-server"), "run", "--config", str(cfg), "--trust-domain", TD,
-         "--data-dir", str(root / "data"), "--bind-address", "127.0.0.1:0",
-         "--socket-path", str(sock), "--log-level", "info"],
-        stderr=subprocess.PIPE, text=True)
-    address = ""
-    listening = threading.Event()
-    worker_pids: list[int] = []
+    config = ("rate_limit_attestation_per_second = 0\n"
+              "rate_limit_signing_per_second = 1000000\n"
+              "rate_limit_signing_burst = 1000000\n")
+    with server.sigil_server(trust_domain=TD, config=config, workers=workers) as srv:
 
-    def read() -> None:
-        nonlocal address
-        assert server.stderr is not None
-        for line in server.stderr:
-            if "server listening" in line:
-                address = line.split("agent_api=", 1)[1].split()[0]
-                listening.set()
-            if "worker listening" in line:
-                worker_pids.append(int(line.split(" pid=", 1)[1].split()[0]))
-            if "level=error" in line or line.startswith("error"):
-                sys.stderr.write(line)
-        listening.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        if not listening.wait(60) or not address:
-            raise SystemExit("server did not start")
-        extra = (workers or (os.cpu_count() or 1)) - 1
-        deadline = time.monotonic() + 60
-        while len(worker_pids) < extra:  # every worker listens before any client connects
-            if time.monotonic() > deadline:
-                raise SystemExit(f"only {len(worker_pids)} of {extra} workers started")
-            time.sleep(0.1)
-        roots = subprocess.run([str(bin_dir / "sigil-server"), "bundle", "show", "--format",
-                                "pem", "--socket-path", str(sock)], capture_output=True,
-                               check=True).stdout
+        def cli(*args: str) -> str:
+            return str(json.loads(srv.cli(*args, "--output", "json"))[
+                "token" if args[0] == "token" else "id"])
 
         def token() -> str:
-            return str(_cli(bin_dir, sock, "token", "generate")["token"])
+            return cli("token", "generate")
 
         def entry(n: int, agent_id: str) -> str:
-            return str(_cli(bin_dir, sock, "entry", "create", "--spiffe-id",
-                            f"spiffe://{TD}/w/{n}", "--parent-id", agent_id,
-                            "--selector", "unix:uid:1")["id"])
+            return cli("entry", "create", "--spiffe-id", f"spiffe://{TD}/w/{n}",
+                       "--parent-id", agent_id, "--selector", "unix:uid:1")
 
-        yield Target(address, roots, [server.pid, *worker_pids], token, entry)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
-        shutil.rmtree(root, ignore_errors=True)
+        yield Target(srv.address, srv.roots(), srv.pids, token, entry)
 
 
 def _serve_floor(kind: str) -> None:
