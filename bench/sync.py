@@ -3,6 +3,7 @@
 Usage:
     python bench/sync.py [--agents 1000] [--per-agent 100] [--aliases 10]
                          [--database-url URL] [--repeat 200]
+                         [--rpc-agents 20] [--rpc-rounds 10] [--no-rpc]
 
 Builds a datastore (SQLite in a temporary directory unless --database-url) with
 ``agents * per_agent`` entries parented to agents, plus node aliases (one per
@@ -20,6 +21,13 @@ pages exactly as the agent API sends them (``ca.api.sync``):
 - the process's RSS.
 
 And the ratios: incremental / full (goal < 1/100) and incremental / 1 ms (goal < 1).
+
+Then, unless --no-rpc, the same end to end (:func:`rpc_figures`): a real
+``sigil-server run`` (one process) with the same number of entries, ``--rpc-agents``
+agents attested by join token calling SyncAuthorizedEntries over mTLS, each with
+``--per-agent`` entries federating with three trust domains; full and incremental
+syncs and an authenticated empty call, timed at the client, with the server's CPU
+per call.
 """
 
 from __future__ import annotations

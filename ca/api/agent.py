@@ -31,7 +31,7 @@ from ca.api.status import grpc_method
 from ca.api.sync import SyncBundles, sync_pages
 from ca.datastore import EntryRecord, NodeRecord
 from ca.datastore.feed import DatastoreFeed
-from ca.datastore.node_state import NodeStateReader
+from ca.datastore.hot_reads import NodeStateReader
 from ca.entry_index import EntryIndex
 from ca.errors import (
     AlreadyExistsError,

@@ -4,7 +4,7 @@ Two things cost more than the checks they feed, on every call:
 
 - loading the caller's node record in full (its row and its selectors through the
   ORM). :class:`NodeCache` keeps each record, but *every call* still reads the
-  row's state (:mod:`ca.datastore.node_state`: serial, renewed serial, ban,
+  row's state (:mod:`ca.datastore.hot_reads`: serial, renewed serial, ban,
   creation and update times) from the datastore and uses the kept record only if
   that state is exactly the one it was loaded with. A ban, an eviction, a renewal
   or a promotion, written by any process or server on the same database, therefore
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from cryptography import x509
 
 from ca.datastore import NodeRecord
-from ca.datastore.node_state import NodeState
+from ca.datastore.hot_reads import NodeState
 from identity.spiffeid import SpiffeId
 from identity.x509svid import validate_leaf
 
@@ -39,7 +39,7 @@ class NodeCache:
 
     Args:
         read_state: the row's current state, or None if there is no such node
-            (:meth:`ca.datastore.node_state.NodeStateReader.read`).
+            (:meth:`ca.datastore.hot_reads.NodeStateReader.read`).
         load: the full record, or None (:meth:`ca.datastore.Datastore.get_node`).
         max_nodes: records kept at most.
     """

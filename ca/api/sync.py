@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from api.protos.sigil.agent.v1 import agent_pb2
 from api.protos.sigil.types.v1 import types_pb2
 from ca.api.convert import bundle_to_proto, entry_to_proto, own_bundle_to_proto
+from ca.datastore.hot_reads import BundleDataReader
 from ca.entry_index import EntryIndex, SyncDelta
 from ca.errors import InvalidArgumentError
 from ca.log import event
@@ -68,7 +69,10 @@ class SyncBundles:
 
     def __init__(self, authority: CertificateAuthority, datastore: Datastore) -> None:
         self._authority = authority
-        self._datastore = datastore
+        # Every sync reads the stored documents it may send (one compiled statement
+        # each, on one connection); a document is parsed and encoded again only
+        # when it differs from the one last seen.
+        self._stored = BundleDataReader(datastore.read_engine)
         self._own: tuple[object, object, object, SyncBundle] | None = None
         self._foreign: dict[str, tuple[str, SyncBundle | None]] = {}
 
@@ -85,28 +89,30 @@ class SyncBundles:
 
     def foreign(self, td: TrustDomain) -> SyncBundle | None:
         """A federated trust domain's stored bundle; None if absent or unreadable."""
-        stored = self._datastore.get_bundle(td)
-        if stored is None:
-            return None
+        data = self._stored.read([td]).get(td)
+        return None if data is None else self._built(td, data)
+
+    def _built(self, td: TrustDomain, data: str) -> SyncBundle | None:
         cached = self._foreign.get(td.name)
-        if cached is not None and cached[0] == stored.data:
+        if cached is not None and cached[0] == data:
             return cached[1]
         built: SyncBundle | None = None
         try:
-            built = SyncBundle.of(bundle_to_proto(Bundle.from_jwks(td, stored.data)))
+            built = SyncBundle.of(bundle_to_proto(Bundle.from_jwks(td, data)))
         except BundleError as exc:
             # Both writers parse before storing; a row damaged in the database must
             # not fail every agent's sync, only go missing (and be seen, once).
             event("stored foreign bundle unreadable", level=logging.ERROR,
                   trust_domain=td.name, error=str(exc))
-        self._foreign[td.name] = (stored.data, built)
+        self._foreign[td.name] = (data, built)
         return built
 
     def __call__(self, federated: Iterable[TrustDomain]) -> dict[str, SyncBundle]:
         own = self.own()
         bundles = {self._authority.trust_domain.name: own}
-        for td in federated:
-            if td.name not in bundles and (found := self.foreign(td)) is not None:
+        wanted = [td for td in dict.fromkeys(federated) if td.name not in bundles]
+        for td, data in self._stored.read(wanted).items():
+            if (found := self._built(td, data)) is not None:
                 bundles[td.name] = found
         return bundles
 

@@ -1,4 +1,5 @@
-"""Authentication's node cache (ca.api.node_cache) against real databases.
+"""Authentication's node cache (ca.api.node_cache) and the reads under it
+(ca.datastore.hot_reads) against real databases.
 
 Every change that decides whether an agent's call is accepted (ban, eviction,
 renewal, promotion, a new attestation) must show at the very next lookup, also
@@ -18,7 +19,7 @@ from cryptography import x509
 from ca.agents import AgentService
 from ca.api.node_cache import LeafIds, NodeCache
 from ca.datastore import Datastore, NodeRecord
-from ca.datastore.node_state import NodeState, NodeStateReader
+from ca.datastore.hot_reads import BundleDataReader, NodeState, NodeStateReader
 from identity.clock import FakeClock
 from identity.errors import X509SvidError
 from identity.keys import PrivateKey, generate_private_key
@@ -78,6 +79,21 @@ def test_state_reader_reads_the_row(stores: tuple[Datastore, Datastore]) -> None
     theirs.set_node_banned(AGENT, True, now=NOW)
     assert reader.read(AGENT) == NodeState(BIG_SERIAL, 7, True, stored.created_at,
                                            stored.updated_at)
+
+
+def test_bundle_reader_reads_what_is_stored_now(stores: tuple[Datastore, Datastore]) -> None:
+    ours, theirs = stores
+    reader = BundleDataReader(ours.read_engine)
+    a, b, c = TrustDomain("a.test"), TrustDomain("b.test"), TrustDomain("c.test")
+    assert reader.read([]) == {}
+    assert reader.read([a, b]) == {}
+    theirs.set_bundle(a, '{"keys": []}', 1)
+    theirs.set_bundle(c, '{"keys": [], "x": 1}', 1)
+    assert reader.read([c, b, a]) == {c: '{"keys": [], "x": 1}', a: '{"keys": []}'}
+    assert list(reader.read([c, b, a])) == [c, a]  # in the order asked
+    theirs.set_bundle(a, '{"keys": [], "y": 2}', 2)
+    theirs.delete_bundle(c)
+    assert reader.read([a, c]) == {a: '{"keys": [], "y": 2}'}
 
 
 def test_kept_record_is_used_while_the_row_is_unchanged(

@@ -1,4 +1,4 @@
-"""The one read every agent call makes: the state of the caller's node record.
+"""Reads every agent call makes: its node's state, and the bundles a sync sends.
 
 Every agent API call but AttestAgent checks that the caller's SVID is its node's
 current one and that the node is not banned, and it must see a ban, an eviction
@@ -14,10 +14,17 @@ changes: ``serial`` and ``new_serial`` (renewal, promotion, a new attestation,
 which also replaces the selectors), ``banned``, ``created_at`` (an eviction and a
 new attestation under the same ID) and ``updated_at``. So a caller may keep the
 rest of a record (its selectors) for as long as this state is unchanged.
+
+Every sync likewise sends (or names by digest) the stored bundles of the trust
+domains its entries federate with, and must send the one stored now; loading
+each through an ORM session cost about 0.3 ms, three of them several times what
+the rest of an incremental sync costs. :class:`BundleDataReader` reads their
+documents in one connection, a compiled statement each.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ca.datastore import models as m
 from ca.datastore.records import NodeRecord
 from ca.errors import DatastoreError
-from identity.spiffeid import SpiffeId
+from identity.spiffeid import SpiffeId, TrustDomain
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,17 +53,15 @@ class NodeState:
         return cls(node.serial, node.new_serial, node.banned, node.created_at, node.updated_at)
 
 
-class NodeStateReader:
-    """Reads :class:`NodeState` rows by agent ID, one statement each.
+class _KeyedRead:
+    """One compiled SELECT of one row by key, run on pooled DB-API connections.
 
     Args:
         engine: the datastore's read engine (on SQLite its reads take no write lock).
+        statement: the SELECT, with one bound parameter named ``key``.
     """
 
-    def __init__(self, engine: Engine) -> None:
-        n = m.AttestedNode
-        statement = select(n.serial, n.new_serial, n.banned, n.created_at, n.updated_at).where(
-            n.spiffe_id == bindparam("spiffe_id"))
+    def __init__(self, engine: Engine, statement: Any) -> None:
         compiled = statement.compile(dialect=engine.dialect)
         self._engine = engine
         self._sql = str(compiled)
@@ -65,30 +70,78 @@ class NodeStateReader:
         self._positional = bool(compiled.positional)
         self._dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
 
-    def read(self, spiffe_id: SpiffeId) -> NodeState | None:
-        """The node's state, or None when no node has that ID.
+    def rows(self, keys: Sequence[str]) -> list[Any]:
+        """The row of each key (None where there is none), in one connection.
 
         Raises:
             DatastoreError: the database failed.
         """
-        params: Any = (str(spiffe_id),) if self._positional else {"spiffe_id": str(spiffe_id)}
+        out: list[Any] = []
         try:
             # A pooled connection as the ORM would use (pre-pinged where the engine
-            # says so, rolled back when returned): one statement, one snapshot.
+            # says so, rolled back when returned).
             conn = self._engine.raw_connection()
             try:
                 cursor = conn.cursor()
                 try:
-                    cursor.execute(self._sql, params)
-                    row = cursor.fetchone()
+                    for key in keys:
+                        cursor.execute(self._sql, (key,) if self._positional else {"key": key})
+                        out.append(cursor.fetchone())
                 finally:
                     cursor.close()
             finally:
                 conn.close()
         except (self._dbapi_error, SQLAlchemyError) as exc:
             raise DatastoreError(f"datastore error: {type(exc).__name__}: {exc}") from exc
+        return out
+
+
+class NodeStateReader:
+    """Reads :class:`NodeState` rows by agent ID, one statement each.
+
+    Args:
+        engine: the datastore's read engine.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        n = m.AttestedNode
+        self._read = _KeyedRead(engine, select(
+            n.serial, n.new_serial, n.banned, n.created_at, n.updated_at,
+        ).where(n.spiffe_id == bindparam("key")))
+
+    def read(self, spiffe_id: SpiffeId) -> NodeState | None:
+        """The node's state, or None when no node has that ID.
+
+        Raises:
+            DatastoreError: the database failed.
+        """
+        (row,) = self._read.rows([str(spiffe_id)])
         if row is None:
             return None
         serial, new_serial, banned, created_at, updated_at = row
         return NodeState(int(serial), int(new_serial) if new_serial else None, bool(banned),
                          int(created_at), int(updated_at))
+
+
+class BundleDataReader:
+    """Reads stored bundle documents (SPIFFE JWKS) by trust domain.
+
+    Args:
+        engine: the datastore's read engine.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        b = m.BundleRow
+        self._read = _KeyedRead(engine, select(b.data).where(b.trust_domain == bindparam("key")))
+
+    def read(self, trust_domains: Sequence[TrustDomain]) -> dict[TrustDomain, str]:
+        """The stored document of each of these trust domains that has one.
+
+        Raises:
+            DatastoreError: the database failed.
+        """
+        if not trust_domains:
+            return {}
+        rows = self._read.rows([td.name for td in trust_domains])
+        return {td: str(row[0]) for td, row in zip(trust_domains, rows, strict=True)
+                if row is not None}
