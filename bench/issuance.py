@@ -4,6 +4,8 @@ Usage:
     python bench/issuance.py [--seconds 10] [--batches 0,1,10,100] [--workers 0]
                              [--clients N] [--connections 4] [--no-floor]
 
+(--seconds is per phase: about 7 x --seconds in all, plus start-up.)
+
 1. Raw limit: one ECDSA P-256 sign plus one verify (SHA-256) per certificate, with
    ``cryptography``, on every core at once (one process per core), for the same
    duration. That is the least work a CA must do per SVID: verify the CSR's
@@ -17,11 +19,13 @@ Usage:
    the same connections throughout. A batch of 0 is a whole authenticated call
    (TLS front, relay, gRPC, authentication, node lookup, rate limit) that signs
    nothing: the fixed cost of a call in our server.
-3. Call floor (unless --no-floor): the same stack with nothing of ours in it. A
-   process runs the server's TLS front (``ca.api.tls_front.TlsFront``: handshake,
-   client certificate, relay to the internal socket) and a gRPC server built as
-   the server builds it, whose BatchNewX509SVID returns an empty answer without
-   reading the request; the same clients send it the batch-of-1 request.
+3. Call floors (unless --no-floor): the same stack with nothing of ours in it,
+   each server in a process of its own, answering BatchNewX509SVID with an empty
+   message without reading the request (the same clients send it the batch-of-1
+   request): the server's TLS front (``ca.api.tls_front.TlsFront``: handshake,
+   client certificate, relay to the internal socket) in front of a gRPC server
+   built as the server builds it; and that gRPC server terminating TLS itself
+   (what the front costs is the difference).
 
 For each phase it prints SVIDs/s, calls/s and the server's CPU time per call and
 per SVID (CPU-seconds of every server process over the phase, from /proc), and
