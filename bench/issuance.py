@@ -28,7 +28,8 @@ Usage:
    (what the front costs is the difference).
 
 For each phase it prints SVIDs/s, calls/s and the server's CPU time per call and
-per SVID (CPU-seconds of every server process over the phase, from /proc), and
+per SVID (CPU-seconds of every server process over the phase, from /proc, and
+the kernel's share of it: sockets, context switches, lock waits), and
 then the ratios: issuance / raw limit (goal >= 0.5, batches of 100), and the CPU
 of an SVID in a batch of 1 against one in a batch of 100 (goal <= 2). Client and
 server share the machine's cores, as they would not in production.
@@ -230,6 +231,8 @@ class PhaseResult:
     calls: int
     seconds: float
     server_cpu: float
+    server_sys: float
+    """Of server_cpu, the kernel's part."""
     client_cpu: float
 
     @property
@@ -275,14 +278,16 @@ def run_phases(target: Target, *, clients: int, batches: tuple[int, ...], second
         for phase, batch in enumerate(batches):
             for _ in procs:  # every connection warmed up with this phase's request
                 assert warm_q.get(timeout=120) == phase
-            cpu = server.cpu_seconds(target.pids)
+            cpu = server.cpu_split(target.pids)
             starts[phase].set()
             time.sleep(seconds)
-            server_cpu = server.cpu_seconds(target.pids) - cpu
+            user, system = (b - a for a, b in zip(cpu, server.cpu_split(target.pids),
+                                                  strict=True))
             got = [out.get(timeout=seconds + 120) for _ in procs]
             results.append(PhaseResult(
                 batch=batch, issued=sum(g[1] for g in got), refused=sum(g[2] for g in got),
-                calls=sum(g[3] for g in got), seconds=seconds, server_cpu=server_cpu,
+                calls=sum(g[3] for g in got), seconds=seconds, server_cpu=user + system,
+                server_sys=system,
                 client_cpu=sum(g[4] for g in got)))
     finally:
         for p in procs:
@@ -426,12 +431,13 @@ def _us(seconds: float) -> str:
 
 def _print_phases(results: list[PhaseResult], cores: int) -> None:
     print(f"{'batch':>5} {'SVIDs/s':>9} {'calls/s':>9} {'server CPU':>11} "
-          f"{'CPU/call':>10} {'CPU/SVID':>10}")
+          f"{'CPU/call':>10} {'CPU/SVID':>10} {'kernel':>7}")
     for r in results:
         share = r.server_cpu / (r.seconds * cores)
+        kernel = r.server_sys / r.server_cpu if r.server_cpu else float("nan")
         print(f"{r.batch:>5} {r.issued / r.seconds:>9,.0f} {r.calls / r.seconds:>9,.0f} "
               f"{share:>10.0%} {_us(r.cpu_per_call):>10} "
-              f"{_us(r.cpu_per_svid) if r.issued else '-':>10}")
+              f"{_us(r.cpu_per_svid) if r.issued else '-':>10} {kernel:>7.0%}")
 
 
 def main() -> None:
@@ -475,7 +481,9 @@ def main() -> None:
                                              connections=args.connections)
             f = floors[kind]
             print(f"call floor, {label}: {f.calls / f.seconds:,.0f} calls/s, "
-                  f"{_us(f.cpu_per_call)} of CPU per call (1 process, empty answer)")
+                  f"{_us(f.cpu_per_call)} of CPU per call, kernel "
+                  f"{f.server_sys / f.server_cpu if f.server_cpu else float('nan'):.0%} "
+                  "(1 process, empty answer)")
         floor = floors["front"]
 
     by_batch = {r.batch: r for r in results}

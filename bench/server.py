@@ -63,14 +63,23 @@ class SigilProcess:
 
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time of these processes so far."""
-    total = 0
+    user, system = cpu_split(pids)
+    return user + system
+
+
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU time of these processes so far; system is the kernel's
+    work for them (sockets, context switches, futexes)."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14, 15)
-    return total / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])  # utime (stat field 14)
+        system += int(fields[12])  # stime (stat field 15)
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 @contextlib.contextmanager
