@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cryptography import x509
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -38,18 +40,56 @@ from ca.datastore import Datastore  # noqa: E402
 from ca.federation.config import BundleEndpointConfig, FederationConfig  # noqa: E402
 from ca.federation.endpoint import BundleEndpoint  # noqa: E402
 from ca.federation.fetch import fetch_bundle  # noqa: E402
-from ca.federation.https import Document, HttpsServer  # noqa: E402
+from ca.federation.https import Document, HttpsServer, server_context  # noqa: E402
 from ca.federation.refresher import Refresher  # noqa: E402
 from ca.federation.relationship import Relationship  # noqa: E402
 from identity.bundle import Bundle, JwtAuthority  # noqa: E402
 from identity.clock import SystemClock  # noqa: E402
-from identity.keys import generate_private_key, key_id  # noqa: E402
-from identity.spiffeid import SpiffeId  # noqa: E402
-from tests.integration.federation_helpers import TestCa, context_for  # noqa: E402
+from identity.keys import PrivateKey, generate_private_key, key_id, private_key_to_pem  # noqa: E402
+from identity.spiffeid import SpiffeId, TrustDomain  # noqa: E402
+from identity.x509svid import (  # noqa: E402
+    certificates_to_pem,
+    new_ca_certificate,
+    new_svid_certificate,
+)
+
+
+class _Ca:
+    """A self-signed CA of one trust domain: the foreign server's."""
+
+    def __init__(self, td: str) -> None:
+        now = dt.datetime.now(dt.UTC)
+        self.td = TrustDomain(td)
+        self.key = generate_private_key()
+        self.cert = new_ca_certificate(
+            trust_domain=self.td, public_key=self.key.public_key(), signer_key=self.key,
+            not_before=now - dt.timedelta(hours=1), not_after=now + dt.timedelta(days=2))
+
+    def svid(self) -> tuple[tuple[x509.Certificate, ...], PrivateKey]:
+        """The bundle endpoint's X509-SVID (chain, key): the server's ID."""
+        now = dt.datetime.now(dt.UTC)
+        key = generate_private_key()
+        leaf = new_svid_certificate(
+            spiffe_id=SpiffeId.from_segments(self.td, "sigil", "server"),
+            public_key=key.public_key(), ca_cert=self.cert, ca_key=self.key,
+            not_before=now - dt.timedelta(minutes=5), not_after=now + dt.timedelta(days=1))
+        return (leaf,), key
+
+
+def _context(tmp: Path, chain: tuple[x509.Certificate, ...], key: PrivateKey
+             ) -> ssl.SSLContext:
+    """A server context presenting ``chain`` (ssl loads keys only from files)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = tmp / "tls.crt", tmp / "tls.key"
+    cert_file.write_bytes(certificates_to_pem(chain))
+    key_file.write_bytes(private_key_to_pem(key))
+    ctx = server_context()
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx
 
 
 class _Authority:
-    def __init__(self, ca: TestCa, bundle: Bundle) -> None:
+    def __init__(self, ca: _Ca, bundle: Bundle) -> None:
         self.ca, self._bundle, self.trust_domain = ca, bundle, ca.td
 
     def bundle(self) -> Bundle:
@@ -85,8 +125,8 @@ def main() -> None:
     parser.add_argument("--authorities", type=int, default=2)
     args = parser.parse_args()
 
-    ca = TestCa("bench.fed.test")
-    extra = tuple(TestCa("bench.fed.test").cert for _ in range(args.authorities - 1))
+    ca = _Ca("bench.fed.test")
+    extra = tuple(_Ca("bench.fed.test").cert for _ in range(args.authorities - 1))
     jwts = tuple(JwtAuthority(key_id(k.public_key()), k.public_key())
                  for k in (generate_private_key() for _ in range(args.authorities)))
     bundle = Bundle(ca.td, (ca.cert, *extra), jwts, sequence_number=7, refresh_hint=300)
@@ -97,7 +137,7 @@ def main() -> None:
     endpoint.start()
     body = endpoint.document().body
     with tempfile.TemporaryDirectory() as tmp:
-        bare_ctx = context_for(Path(tmp) / "tls", *ca.svid())
+        bare_ctx = _context(Path(tmp) / "tls", *ca.svid())
         bare = HttpsServer("127.0.0.1:0", name="bare", contexts=lambda: bare_ctx,
                            routes={"/": lambda: Document(body)})
         bare.start()

@@ -1,36 +1,56 @@
-"""X.509-SVID issuance rate through the agent API, against the raw crypto limit.
+"""X.509-SVID issuance through the agent API: per call and per SVID, against two floors.
 
 Usage:
-    python bench/issuance.py [--seconds 10] [--clients N] [--batch 100] [--workers 0]
+    python bench/issuance.py [--seconds 10] [--batches 0,1,10,100] [--workers 0]
+                             [--clients N] [--connections 4] [--no-floor]
+
+(--seconds is per phase: about 7 x --seconds in all, plus start-up.)
 
 1. Raw limit: one ECDSA P-256 sign plus one verify (SHA-256) per certificate, with
    ``cryptography``, on every core at once (one process per core), for the same
    duration. That is the least work a CA must do per SVID: verify the CSR's
    signature, sign the certificate.
 2. Server: ``sigil-server run`` with ``worker_processes`` (default 0: one per core),
-   rate limits off, on SQLite in a temporary directory. Each client process attests
-   its own agent with a join token, gets an entry parented to it, pre-generates its
-   CSRs, then sends ``BatchNewX509SVID`` batches over mTLS with the agent SVID as
-   client certificate, exactly as the agent does, until the time is up.
+   on SQLite in a temporary directory, the signing rate limit on (at a rate no
+   client reaches: its check is part of every call's cost). Each client process
+   attests its own agent with a join token, gets an entry parented to it,
+   pre-generates its CSRs, then sends ``BatchNewX509SVID`` over mTLS with the agent
+   SVID as client certificate, exactly as the agent does: one phase per batch size,
+   the same connections throughout. A batch of 0 is a whole authenticated call
+   (TLS front, relay, gRPC, authentication, node lookup, rate limit) that signs
+   nothing: the fixed cost of a call in our server.
+3. Call floors (unless --no-floor): the same stack with nothing of ours in it,
+   each server in a process of its own, answering BatchNewX509SVID with an empty
+   message without reading the request (the same clients send it the batch-of-1
+   request): the server's TLS front (``ca.api.tls_front.TlsFront``: handshake,
+   client certificate, relay to the internal socket) in front of a gRPC server
+   built as the server builds it; and that gRPC server terminating TLS itself
+   (what the front costs is the difference).
 
-Prints both rates and their ratio (goal: >= 0.5). Client and server share the
-machine's cores, as they would not in production, so the ratio is a lower bound.
+For each phase it prints SVIDs/s, calls/s and the server's CPU time per call and
+per SVID (CPU-seconds of every server process over the phase, from /proc, and
+the kernel's share of it: sockets, context switches, lock waits), and
+then the ratios: issuance / raw limit (goal >= 0.5, batches of 100), and the CPU
+of an SVID in a batch of 1 against one in a batch of 100 (goal <= 2). Client and
+server share the machine's cores, as they would not in production.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
 import json
 import multiprocessing
 import os
 import queue
 import shutil
-import signal
+import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +58,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TARGET = "server.sigil.invalid"
+from bench import server  # noqa: E402
+from bench.server import TARGET  # noqa: E402
+
 TD = "bench.sigil.test"
+AGENT_SERVICE = "sigil.agent.v1.Agent"
+
+
+# ---- raw limit -----------------------------------------------------------------------
 
 
 def _raw_worker(seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
@@ -71,20 +97,38 @@ def raw_rate(seconds: float, procs: int) -> float:
     total = sum(out.get() for _ in ps)
     for p in ps:
         p.join()
-    return total / seconds
+    return float(total) / seconds
 
 
-def _cli(bin_dir: Path, sock: Path, *args: str) -> dict[str, object]:
-    proc = subprocess.run([str(bin_dir / "sigil-server"), *args, "--socket-path", str(sock),
-                           "--output", "json"], capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+# ---- clients -------------------------------------------------------------------------
 
 
-def _client(address: str, roots: bytes, token: str, entry_ready: multiprocessing.Queue,  # type: ignore[type-arg]
-            entry_q: multiprocessing.Queue, batch: int, seconds: float,  # type: ignore[type-arg]
-            start_at: multiprocessing.Event, out: multiprocessing.Queue,  # type: ignore[type-arg]
-            connections: int) -> None:
+@dataclass(frozen=True)
+class Credentials:
+    """How a client authenticates: a join token to attest with, or a ready key and chain."""
+
+    token: str = ""
+    key_pem: bytes = b""
+    chain_pem: bytes = b""
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What one client process does."""
+
+    address: str
+    roots: bytes
+    credentials: Credentials
+    batches: tuple[int, ...]
+    seconds: float
+    connections: int
+
+
+def _attest(plan: ClientPlan) -> tuple[bytes, bytes, str]:
+    """Attest with the plan's token: (key PEM, chain PEM, agent ID)."""
     import grpc
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
 
     from api.protos.sigil.agent.v1 import agent_pb2, agent_pb2_grpc
     from attestation.node.join_token import make_attestation
@@ -92,38 +136,64 @@ def _client(address: str, roots: bytes, token: str, entry_ready: multiprocessing
     from identity.x509svid import new_csr
 
     key = generate_private_key()
-    kind, payload = make_attestation(token)
+    kind, payload = make_attestation(plan.credentials.token)
     opts = [("grpc.ssl_target_name_override", TARGET)]
-    with grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=opts) as ch:
-        resp = agent_pb2_grpc.AgentStub(ch).AttestAgent(agent_pb2.AttestAgentRequest(
+    with grpc.secure_channel(plan.address, grpc.ssl_channel_credentials(plan.roots),
+                             options=opts) as ch:
+        stub = agent_pb2_grpc.AgentStub(ch)  # type: ignore[no-untyped-call]
+        resp = stub.AttestAgent(agent_pb2.AttestAgentRequest(
             data=agent_pb2.AttestationData(type=kind, payload=payload), csr=new_csr(key)),
             timeout=30)
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     chain_pem = b"".join(x509.load_der_x509_certificate(d).public_bytes(Encoding.PEM)
                          for d in resp.svid.cert_chain)
-    entry_ready.put(resp.svid.spiffe_id)
-    entry_id = entry_q.get()
+    return private_key_to_pem(key), chain_pem, str(resp.svid.spiffe_id)
+
+
+def _client(plan: ClientPlan, agent_q: Any, entry_q: Any, warm_q: Any,
+            starts: Sequence[Any], out: Any) -> None:
+    """One client process: attest (or not), then one measured phase per batch size."""
+    import grpc
+
+    from api.protos.sigil.agent.v1 import agent_pb2, agent_pb2_grpc
+    from identity.keys import generate_private_key
+    from identity.x509svid import new_csr
+
+    if plan.credentials.token:
+        key_pem, chain_pem, agent_id = _attest(plan)
+        agent_q.put(agent_id)
+        entry_id = str(entry_q.get())
+    else:
+        key_pem, chain_pem, entry_id = plan.credentials.key_pem, plan.credentials.chain_pem, "-"
     # Pre-generated: the client's own key generation must not limit the measurement.
     csrs = [new_csr(generate_private_key()) for _ in range(16)]
-    request = agent_pb2.BatchNewX509SVIDRequest(params=[
-        agent_pb2.NewX509SVIDParams(entry_id=entry_id, csr=csrs[i % len(csrs)])
-        for i in range(batch)])
-    creds = grpc.ssl_channel_credentials(roots, private_key_to_pem(key), chain_pem)
-    issued = failed = 0
+    creds = grpc.ssl_channel_credentials(plan.roots, key_pem, chain_pem)
     # Several connections, as several agents would open: the kernel spreads
     # connections (not calls) over the server's processes.
-    channels = [grpc.secure_channel(address, creds,
-                                    options=[*opts, ("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(connections)]
-    stubs = [agent_pb2_grpc.AgentStub(ch) for ch in channels]
-    for stub in stubs:
-        stub.BatchNewX509SVID(request, timeout=60)  # warm up the connection
-    start_at.wait()
+    opts = [("grpc.ssl_target_name_override", TARGET), ("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.secure_channel(plan.address, creds, options=opts)
+                for _ in range(plan.connections)]
+    stubs = [agent_pb2_grpc.AgentStub(ch) for ch in channels]  # type: ignore[no-untyped-call]
+    try:
+        for phase, batch in enumerate(plan.batches):
+            request = agent_pb2.BatchNewX509SVIDRequest(params=[
+                agent_pb2.NewX509SVIDParams(entry_id=entry_id, csr=csrs[i % len(csrs)])
+                for i in range(batch)])
+            for stub in stubs:
+                stub.BatchNewX509SVID(request, timeout=60)  # warm up (first: connect)
+            warm_q.put(phase)
+            starts[phase].wait()
+            out.put((phase, *_phase(stubs, request, plan.seconds)))
+    finally:
+        for ch in channels:
+            ch.close()
+
+
+def _phase(stubs: list[Any], request: Any, seconds: float) -> tuple[int, int, int, float]:
+    """Calls until the time is up, one in flight per connection: (issued, refused, calls,
+    client CPU seconds)."""
+    issued = refused = calls = 0
     cpu = time.process_time()
     deadline = time.perf_counter() + seconds
-    # One call in flight per connection; a finished one is followed by the next.
     done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
 
     def send(i: int) -> None:
@@ -136,153 +206,313 @@ def _client(address: str, roots: bytes, token: str, entry_ready: multiprocessing
     while in_flight:
         i, future = done.get()
         in_flight -= 1
+        calls += 1
         for r in future.result().results:
             if r.status.code == 0:
                 issued += 1
             else:
-                failed += 1
+                refused += 1
         if time.perf_counter() < deadline:
             send(i)
             in_flight += 1
-    cpu = time.process_time() - cpu
-    for ch in channels:
-        ch.close()
-    out.put((issued, failed, cpu))
+    return issued, refused, calls, time.process_time() - cpu
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of these processes so far."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14, 15)
-    return total / os.sysconf("SC_CLK_TCK")
+# ---- servers -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ServerRun:
-    rate: float
-    """SVIDs issued per second."""
+class PhaseResult:
+    """One batch size's phase."""
+
+    batch: int
+    issued: int
+    refused: int
+    calls: int
+    seconds: float
     server_cpu: float
-    """CPU seconds the server's processes used during the measurement."""
+    server_sys: float
+    """Of server_cpu, the kernel's part."""
     client_cpu: float
-    """CPU seconds the client processes used during it."""
-    processes: int
+
+    @property
+    def cpu_per_call(self) -> float:
+        return self.server_cpu / self.calls if self.calls else float("nan")
+
+    @property
+    def cpu_per_svid(self) -> float:
+        return self.server_cpu / self.issued if self.issued else float("nan")
 
 
-def server_rate(*, seconds: float, clients: int, batch: int, workers: int,
-                connections: int) -> ServerRun:
-    """SVIDs per second through a real server and ``clients`` agent processes."""
-    bin_dir = Path(sys.executable).parent
-    root = Path(tempfile.mkdtemp(prefix="sgb-", dir="/tmp"))
-    sock = root / "admin" / "admin.sock"
-    cfg = root / "server.toml"
-    cfg.write_text(f"worker_processes = {workers}\nhealth_address = \"\"\n"
-                   "rate_limit_attestation_per_second = 0\nrate_limit_signing_per_second = 0\n"
-                   'log_level = "warning"\n')
-    server = subprocess.Popen(
-        [str(bin_dir / "sigil-server"), "run", "--config", str(cfg), "--trust-domain", TD,
-         "--data-dir", str(root / "data"), "--bind-address", "127.0.0.1:0",
-         "--socket-path", str(sock), "--log-level", "info"],
-        stderr=subprocess.PIPE, text=True)
-    address = ""
-    listening = threading.Event()
-    worker_pids: list[int] = []
+@dataclass(frozen=True)
+class Target:
+    """A running server to measure: address, roots, and its processes."""
 
-    def read() -> None:
-        nonlocal address
-        assert server.stderr is not None
-        for line in server.stderr:
-            if "server listening" in line:
-                address = line.split("agent_api=", 1)[1].split()[0]
-                listening.set()
-            if "worker listening" in line:
-                worker_pids.append(int(line.split(" pid=", 1)[1].split()[0]))
-            if "level=error" in line or line.startswith("error"):
-                sys.stderr.write(line)
-        listening.set()
+    address: str
+    roots: bytes
+    pids: list[int]
+    token: Any  # () -> a fresh join token, or None: clients use `credentials`
+    entry: Any  # (index, agent ID) -> entry id
+    credentials: Credentials | None = None
 
-    threading.Thread(target=read, daemon=True).start()
+
+def run_phases(target: Target, *, clients: int, batches: tuple[int, ...], seconds: float,
+               connections: int) -> list[PhaseResult]:
+    """Start the clients, run one phase per batch size, and measure each."""
+    ctx = multiprocessing.get_context("spawn")
+    agent_q, warm_q, out = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    starts = [ctx.Event() for _ in batches]
+    procs, entry_qs = [], []  # each queue lives until its client has read it
+    for n in range(clients):
+        creds = target.credentials or Credentials(token=target.token())
+        plan = ClientPlan(target.address, target.roots, creds, batches, seconds, connections)
+        entry_q = ctx.Queue()
+        entry_qs.append(entry_q)
+        p = ctx.Process(target=_client, args=(plan, agent_q, entry_q, warm_q, starts, out))
+        p.start()
+        procs.append(p)
+        if creds.token:
+            entry_q.put(target.entry(n, agent_q.get(timeout=120)))
+    results = []
     try:
-        if not listening.wait(60) or not address:
-            raise SystemExit("server did not start")
-        extra = (workers or (os.cpu_count() or 1)) - 1
-        deadline = time.monotonic() + 60
-        while len(worker_pids) < extra:  # every worker listens before any client connects
-            if time.monotonic() > deadline:
-                raise SystemExit(f"only {len(worker_pids)} of {extra} workers started")
-            time.sleep(0.1)
-        roots = subprocess.run([str(bin_dir / "sigil-server"), "bundle", "show", "--format",
-                                "pem", "--socket-path", str(sock)], capture_output=True,
-                               check=True).stdout
-        ctx = multiprocessing.get_context("spawn")
-        ready, out, start_at = ctx.Queue(), ctx.Queue(), ctx.Event()
-        procs = []
-        for _ in range(clients):
-            token = str(_cli(bin_dir, sock, "token", "generate")["token"])
-            entry_q = ctx.Queue()
-            p = ctx.Process(target=_client, args=(address, roots, token, ready, entry_q, batch,
-                                                  seconds, start_at, out, connections))
-            p.start()
-            agent_id = ready.get(timeout=60)
-            entry = _cli(bin_dir, sock, "entry", "create", "--spiffe-id",
-                         f"spiffe://{TD}/w/{len(procs)}", "--parent-id", agent_id,
-                         "--selector", "unix:uid:1")
-            entry_q.put(entry["id"])
-            procs.append(p)
-        time.sleep(1.0)  # every client has warmed up its connections
-        server_pids = [server.pid, *worker_pids]
-        cpu = _cpu_seconds(server_pids)
-        start_at.set()
-        time.sleep(seconds)
-        server_cpu = _cpu_seconds(server_pids) - cpu
-        results = [out.get(timeout=seconds + 120) for _ in procs]
-        for p in procs:
-            p.join()
-        issued = sum(r[0] for r in results)
-        failed = sum(r[1] for r in results)
-        if failed:
-            raise SystemExit(f"{failed} CSRs were refused")
-        return ServerRun(issued / seconds, server_cpu, sum(r[2] for r in results),
-                         len(server_pids))
+        for phase, batch in enumerate(batches):
+            for _ in procs:  # every connection warmed up with this phase's request
+                assert warm_q.get(timeout=120) == phase
+            cpu = server.cpu_split(target.pids)
+            starts[phase].set()
+            time.sleep(seconds)
+            user, system = (b - a for a, b in zip(cpu, server.cpu_split(target.pids),
+                                                  strict=True))
+            got = [out.get(timeout=seconds + 120) for _ in procs]
+            results.append(PhaseResult(
+                batch=batch, issued=sum(g[1] for g in got), refused=sum(g[2] for g in got),
+                calls=sum(g[3] for g in got), seconds=seconds, server_cpu=user + system,
+                server_sys=system,
+                client_cpu=sum(g[4] for g in got)))
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
-        shutil.rmtree(root, ignore_errors=True)
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    return results
+
+
+@contextlib.contextmanager
+def sigil_server(workers: int) -> Iterator[Target]:
+    """``sigil-server run`` (bench/server.py) with agents attesting by join token."""
+    # The signing limit stays on (its check costs on every call) at a rate and
+    # burst no client reaches; attestation is limited per IP and every client
+    # attests from 127.0.0.1 at start, so that limit is off.
+    config = ("rate_limit_attestation_per_second = 0\n"
+              "rate_limit_signing_per_second = 1000000\n"
+              "rate_limit_signing_burst = 1000000\n")
+    with server.sigil_server(trust_domain=TD, config=config, workers=workers) as srv:
+
+        def cli(*args: str) -> str:
+            return str(json.loads(srv.cli(*args, "--output", "json"))[
+                "token" if args[0] == "token" else "id"])
+
+        def token() -> str:
+            return cli("token", "generate")
+
+        def entry(n: int, agent_id: str) -> str:
+            return cli("entry", "create", "--spiffe-id", f"spiffe://{TD}/w/{n}",
+                       "--parent-id", agent_id, "--selector", "unix:uid:1")
+
+        yield Target(srv.address, srv.roots(), srv.pids, token, entry)
+
+
+def _serve_floor(kind: str) -> None:
+    """A call floor's server (a child process): an empty answer to every call.
+
+    ``front``: the server's TLS front relaying to a gRPC server on a Unix socket, as
+    the server runs; ``grpc``: the same gRPC server terminating TLS itself (what
+    the front costs is the difference).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from ca.api.tls_front import TlsFront
+    from ca.server import GRPC_OPTIONS, WORKERS
+    from identity.keys import generate_private_key, private_key_to_pem
+    from identity.spiffeid import SpiffeId, TrustDomain
+    from identity.x509svid import (
+        certificates_to_pem,
+        new_ca_certificate,
+        new_svid_certificate,
+    )
+
+    now = dt.datetime.now(dt.UTC)
+    td = TrustDomain(TD)
+    ca_key = generate_private_key()
+    ca = new_ca_certificate(trust_domain=td, public_key=ca_key.public_key(),
+                            signer_key=ca_key, not_before=now - dt.timedelta(minutes=1),
+                            not_after=now + dt.timedelta(days=1))
+
+    def leaf(path: str, *dns: str) -> tuple[bytes, bytes]:
+        key = generate_private_key()
+        cert = new_svid_certificate(
+            spiffe_id=SpiffeId.from_segments(td, *path.split("/")),
+            public_key=key.public_key(), ca_cert=ca, ca_key=ca_key,
+            not_before=now - dt.timedelta(minutes=1), not_after=now + dt.timedelta(hours=2),
+            dns_names=dns)
+        return private_key_to_pem(key), certificates_to_pem([cert, ca])
+
+    server_key, server_chain = leaf("sigil/server", TARGET)
+    client_key, client_chain = leaf("sigil/agent/join_token/floor")
+    workdir = Path(tempfile.mkdtemp(prefix="sgf-", dir="/tmp"))
+    # As the server's TlsContextSource builds its context.
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.minimum_version = ssl.TLSVersion.TLSv1_2
+    tls.set_alpn_protocols(["h2"])
+    tls.verify_mode = ssl.CERT_OPTIONAL
+    tls.load_verify_locations(cadata=certificates_to_pem([ca]).decode())
+    (workdir / "key.pem").write_bytes(server_key)
+    (workdir / "chain.pem").write_bytes(server_chain)
+    tls.load_cert_chain(workdir / "chain.pem", workdir / "key.pem")
+    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=WORKERS,
+                                                 thread_name_prefix="agent-api"),
+                              options=GRPC_OPTIONS)
+
+    def empty(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+        return b""
+
+    grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        AGENT_SERVICE, {"BatchNewX509SVID": grpc.unary_unary_rpc_method_handler(empty)}),))
+    front: TlsFront | None = None
+    if kind == "front":
+        front = TlsFront(host="127.0.0.1", port=0, contexts=lambda: tls)
+        grpc_server.add_insecure_port(f"unix:{front.internal_socket}")
+        grpc_server.start()
+        front.start()
+        port = front.bound_port
+    else:
+        port = grpc_server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+            [(server_key, server_chain)], root_certificates=certificates_to_pem([ca]),
+            require_client_auth=True))
+        grpc_server.start()
+    print(json.dumps({"address": f"127.0.0.1:{port}",
+                      "roots": certificates_to_pem([ca]).decode(),
+                      "key": client_key.decode(), "chain": client_chain.decode()}), flush=True)
+    sys.stdin.read()
+    if front is not None:
+        front.stop()
+    grpc_server.stop(0.5).wait()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def floor_server(kind: str) -> Iterator[Target]:
+    """A call floor (see :func:`_serve_floor`) in a child process."""
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-floor", kind],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        creds = Credentials(key_pem=info["key"].encode(), chain_pem=info["chain"].encode())
+        yield Target(info["address"], info["roots"].encode(), [proc.pid], None, None, creds)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---- report --------------------------------------------------------------------------
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.0f} µs"
+
+
+def _print_phases(results: list[PhaseResult], cores: int) -> None:
+    print(f"{'batch':>5} {'SVIDs/s':>9} {'calls/s':>9} {'server CPU':>11} "
+          f"{'CPU/call':>10} {'CPU/SVID':>10} {'kernel':>7}")
+    for r in results:
+        share = r.server_cpu / (r.seconds * cores)
+        kernel = r.server_sys / r.server_cpu if r.server_cpu else float("nan")
+        print(f"{r.batch:>5} {r.issued / r.seconds:>9,.0f} {r.calls / r.seconds:>9,.0f} "
+              f"{share:>10.0%} {_us(r.cpu_per_call):>10} "
+              f"{_us(r.cpu_per_svid) if r.issued else '-':>10} {kernel:>7.0%}")
 
 
 def main() -> None:
     cores = os.cpu_count() or 1
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--seconds", type=float, default=10.0, help="per phase")
+    ap.add_argument("--batches", default="0,1,10,100",
+                    help="batch sizes, one phase each (0: an authenticated call, no CSR)")
     ap.add_argument("--clients", type=int, default=2 * cores)
-    ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--workers", type=int, default=0, help="worker_processes (0: per core)")
     ap.add_argument("--connections", type=int, default=4,
                     help="connections per client process, one call in flight on each")
+    ap.add_argument("--no-floor", action="store_true", help="skip the call floor")
+    ap.add_argument("--serve-floor", choices=("front", "grpc"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_floor:
+        _serve_floor(args.serve_floor)
+        return
+    batches = tuple(int(b) for b in args.batches.split(","))
     raw = raw_rate(args.seconds, cores)
-    print(f"raw ECDSA P-256 sign+verify on {cores} cores: {raw:,.0f}/s")
-    run = server_rate(seconds=args.seconds, clients=args.clients, batch=args.batch,
-                      workers=args.workers, connections=args.connections)
-    got = run.rate
-    print(f"X.509-SVIDs issued via the agent API (worker_processes={args.workers}, "
-          f"{args.clients} clients, batches of {args.batch}): {got:,.0f}/s")
-    print(f"ratio: {got / raw:.3f} (goal >= 0.5)")
-    # Where the cores went: the clients (TLS, gRPC, CSR batches) share them here,
-    # as they would not in production.
-    wall = args.seconds * cores
-    print(f"CPU during the run: server {run.server_cpu:.1f} s in {run.processes} processes "
-          f"({run.server_cpu / wall:.0%} of {cores} cores), clients {run.client_cpu:.1f} s "
-          f"({run.client_cpu / wall:.0%})")
-    if run.server_cpu > 0:
-        per_core = got * args.seconds / run.server_cpu
-        raw_core = raw / cores
-        print(f"per CPU-second of the server: {per_core:,.0f} SVIDs vs raw {raw_core:,.0f} "
-              f"sign+verify per core-second: ratio {per_core / raw_core:.3f}")
+    raw_core = raw / cores
+    print(f"raw ECDSA P-256 sign+verify on {cores} cores: {raw:,.0f}/s "
+          f"({_us(1 / raw_core)} of CPU per pair)")
+    print(f"\nserver: worker_processes={args.workers}, {args.clients} client processes x "
+          f"{args.connections} connections, one call in flight on each, "
+          f"{args.seconds:g} s per phase")
+    with sigil_server(args.workers) as target:
+        results = run_phases(target, clients=args.clients, batches=batches,
+                             seconds=args.seconds, connections=args.connections)
+    _print_phases(results, cores)
+    if any(r.refused for r in results):
+        raise SystemExit(f"{sum(r.refused for r in results)} CSRs were refused")
+    floor: PhaseResult | None = None
+    if not args.no_floor:
+        floors = {}
+        for kind, label in (("front", "TLS front + gRPC (as the server)"),
+                            ("grpc", "gRPC with its own TLS, no front")):
+            with floor_server(kind) as target:
+                (floors[kind],) = run_phases(target, clients=args.clients, batches=(1,),
+                                             seconds=args.seconds,
+                                             connections=args.connections)
+            f = floors[kind]
+            print(f"call floor, {label}: {f.calls / f.seconds:,.0f} calls/s, "
+                  f"{_us(f.cpu_per_call)} of CPU per call, kernel "
+                  f"{f.server_sys / f.server_cpu if f.server_cpu else float('nan'):.0%} "
+                  "(1 process, empty answer)")
+        floor = floors["front"]
+
+    by_batch = {r.batch: r for r in results}
+    print()
+    big = by_batch.get(max(batches))
+    if big is not None and big.issued:
+        rate = big.issued / big.seconds
+        print(f"ratio issuance / raw (batches of {big.batch}): {rate / raw:.3f} (goal >= 0.5); "
+              f"per server CPU-second {1 / big.cpu_per_svid:,.0f} SVIDs vs raw "
+              f"{raw_core:,.0f}: {(1 / big.cpu_per_svid) / raw_core:.3f}")
+        wall = big.seconds * cores
+        print(f"  CPU in that phase: server {big.server_cpu / wall:.0%} of {cores} cores, "
+              f"clients {big.client_cpu / wall:.0%}")
+    one = by_batch.get(1)
+    if one is not None and big is not None and one.issued and big.issued and big.batch > 1:
+        print(f"ratio CPU per SVID, batch of 1 / batch of {big.batch}: "
+              f"{one.cpu_per_svid / big.cpu_per_svid:.2f} (goal <= 2)")
+    empty = by_batch.get(0)
+    if empty is not None:
+        print(f"fixed cost of a call (batch of 0, authenticated): {_us(empty.cpu_per_call)}"
+              + (f" = floor {_us(floor.cpu_per_call)} + ours "
+                 f"{_us(empty.cpu_per_call - floor.cpu_per_call)}" if floor else ""))
+        if big is not None and big.issued:
+            print(f"ratio fixed cost of a call / CPU per SVID (batch of {big.batch}): "
+                  f"{empty.cpu_per_call / big.cpu_per_svid:.2f} (goal <= 1)")
+    if floor is not None and big is not None and big.issued:
+        print(f"ratio call floor / CPU per SVID (batch of {big.batch}): "
+              f"{floor.cpu_per_call / big.cpu_per_svid:.2f} (the least a call can cost "
+              "on this stack)")
 
 
 if __name__ == "__main__":

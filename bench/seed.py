@@ -1,9 +1,9 @@
 """Bulk-insert registration entries for benchmarks and the large-sync test.
 
 Creating 100,000 entries through the admin API takes one transaction each; this
-writes the same rows (entries, selectors, one ``entry_created`` change event each)
-in a few executemany statements, so a server tailing the change log sees them
-exactly as it would see entries created one by one.
+writes the same rows (entries, selectors, federated trust domains, one
+``entry_created`` change event each) in a few executemany statements, so a server
+tailing the change log sees them exactly as it would see entries created one by one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy import Engine, func, insert, select
 from ca.datastore import models as m
 from ca.datastore.records import selector_hash
 from identity.selectors import Selector
-from identity.spiffeid import SpiffeId
+from identity.spiffeid import SpiffeId, TrustDomain
 
 BATCH = 5000
 
@@ -30,6 +30,7 @@ class NewEntry:
     spiffe_id: SpiffeId
     parent_id: SpiffeId
     selectors: tuple[Selector, ...]
+    federates_with: tuple[TrustDomain, ...] = ()
 
 
 def insert_entries(engine: Engine, entries: Sequence[NewEntry]) -> list[str]:
@@ -55,4 +56,8 @@ def insert_entries(engine: Engine, entries: Sequence[NewEntry]) -> list[str]:
             conn.execute(insert(m.EntrySelector), [
                 {"entry_id": i, "type": s.type, "value": s.value}
                 for i, e in chunk for s in sorted(set(e.selectors))])
+            federated = [{"entry_id": i, "trust_domain": td.name}
+                         for i, e in chunk for td in e.federates_with]
+            if federated:
+                conn.execute(insert(m.EntryFederatesWith), federated)
     return ids

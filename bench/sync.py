@@ -3,6 +3,7 @@
 Usage:
     python bench/sync.py [--agents 1000] [--per-agent 100] [--aliases 10]
                          [--database-url URL] [--repeat 200]
+                         [--rpc-agents 20] [--rpc-rounds 10] [--no-rpc]
 
 Builds a datastore (SQLite in a temporary directory unless --database-url) with
 ``agents * per_agent`` entries parented to agents, plus node aliases (one per
@@ -20,6 +21,13 @@ pages exactly as the agent API sends them (``ca.api.sync``):
 - the process's RSS.
 
 And the ratios: incremental / full (goal < 1/100) and incremental / 1 ms (goal < 1).
+
+Then, unless --no-rpc, the same end to end (:func:`rpc_figures`): a real
+``sigil-server run`` (one process) with the same number of entries, ``--rpc-agents``
+agents attested by join token calling SyncAuthorizedEntries over mTLS, each with
+``--per-agent`` entries federating with three trust domains; full and incremental
+syncs and an authenticated empty call, timed at the client, with the server's CPU
+per call.
 """
 
 from __future__ import annotations
@@ -33,15 +41,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import migrations  # noqa: E402
-from api.protos.sigil.agent.v1 import agent_pb2  # noqa: E402
+from api.protos.sigil.agent.v1 import agent_pb2, agent_pb2_grpc  # noqa: E402
 from bench.seed import NewEntry, insert_entries  # noqa: E402
 from ca.api.convert import bundle_to_proto  # noqa: E402
 from ca.api.sync import SyncBundle, delta_pages, sync_delta  # noqa: E402
@@ -135,6 +143,11 @@ def main() -> int:
     ap.add_argument("--aliases", type=int, default=10, help="clusters, one node alias each")
     ap.add_argument("--database-url", default="")
     ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--rpc-agents", type=int, default=20,
+                    help="agents measured end to end over mTLS (the rest only fill)")
+    ap.add_argument("--rpc-rounds", type=int, default=10,
+                    help="calls of each kind per measured agent, end to end")
+    ap.add_argument("--no-rpc", action="store_true", help="skip the end-to-end figures")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="sigil-bench-sync-"))
@@ -260,7 +273,193 @@ def main() -> int:
         datastore.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if not args.no_rpc:
+        rpc_figures(args)
     return 0
+
+
+# ---- end to end: SyncAuthorizedEntries over mTLS on a running server ---------------------
+
+FEDERATED = tuple(TrustDomain(f"fed{k}.bench.test") for k in range(1, 4))
+
+
+@dataclass
+class _RpcAgent:
+    """An attested agent with its own mTLS connection, and what it last synced."""
+
+    agent_id: SpiffeId
+    stub: Any
+    channel: Any
+    entry_ids: list[str]
+    generation: str = ""
+    revision: int = 0
+    digests: dict[str, str] | None = None
+
+    def sync(self, *, full: bool = False) -> tuple[float, list[Any]]:
+        """One SyncAuthorizedEntries call (full: as a fresh agent); (wall, pages)."""
+        request = agent_pb2.SyncAuthorizedRequest() if full else agent_pb2.SyncAuthorizedRequest(
+            known_generation=self.generation, known_revision=self.revision,
+            known_bundle_digests=self.digests or {})
+        start = time.perf_counter()
+        pages = list(self.stub.SyncAuthorizedEntries(request, timeout=60))
+        wall = time.perf_counter() - start
+        self.generation, self.revision = pages[-1].generation, pages[-1].revision
+        if full:
+            self.digests = dict(pages[0].bundle_digests)
+        return wall, pages
+
+    def empty_call(self) -> float:
+        """An authenticated call that does nothing (BatchNewX509SVID, no CSR)."""
+        start = time.perf_counter()
+        self.stub.BatchNewX509SVID(agent_pb2.BatchNewX509SVIDRequest(), timeout=60)
+        return time.perf_counter() - start
+
+
+def _foreign_bundle(td: TrustDomain) -> bytes:
+    now = dt.datetime.now(dt.UTC)
+    key = generate_private_key()
+    ca = new_ca_certificate(trust_domain=td, public_key=key.public_key(), signer_key=key,
+                            not_before=now, not_after=now + dt.timedelta(days=1))
+    jwt = generate_private_key().public_key()
+    return Bundle(td, (ca,), (JwtAuthority(key_id=f"{td.name}-k", public_key=jwt),),
+                  sequence_number=1).to_json()
+
+
+def _attest_rpc(srv: Any, admin: Any, roots: bytes) -> tuple[SpiffeId, Any, Any]:
+    import grpc
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from api.protos.sigil.admin.v1 import admin_pb2
+    from attestation.node.join_token import make_attestation
+    from bench.server import TARGET
+    from identity.keys import private_key_to_pem
+    from identity.x509svid import new_csr
+
+    token = admin.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(), timeout=30).token
+    key = generate_private_key()
+    kind, payload = make_attestation(token)
+    opts = [("grpc.ssl_target_name_override", TARGET)]
+    with grpc.secure_channel(srv.address, grpc.ssl_channel_credentials(roots),
+                             options=opts) as ch:
+        resp = agent_pb2_grpc.AgentStub(ch).AttestAgent(agent_pb2.AttestAgentRequest(  # type: ignore[no-untyped-call]
+            data=agent_pb2.AttestationData(type=kind, payload=payload), csr=new_csr(key)),
+            timeout=30)
+    chain = b"".join(x509.load_der_x509_certificate(d).public_bytes(Encoding.PEM)
+                     for d in resp.svid.cert_chain)
+    channel = grpc.secure_channel(
+        srv.address, grpc.ssl_channel_credentials(roots, private_key_to_pem(key), chain),
+        options=[*opts, ("grpc.use_local_subchannel_pool", 1)])
+    return (SpiffeId.parse(resp.svid.spiffe_id),
+            agent_pb2_grpc.AgentStub(channel), channel)  # type: ignore[no-untyped-call]
+
+
+def rpc_figures(args: argparse.Namespace) -> None:
+    """SyncAuthorizedEntries end to end: a real server, real agents over mTLS."""
+    from sqlalchemy import create_engine
+
+    from api.protos.sigil.admin.v1 import admin_pb2
+    from api.protos.sigil.types.v1 import types_pb2
+    from bench.server import cpu_seconds, sigil_server
+
+    measured = min(args.rpc_agents, args.agents)
+    total = args.agents * args.per_agent + args.aliases * (1 + ALIAS_CHILDREN)
+    with sigil_server(trust_domain=TD.name, workers=1,
+                      config="rate_limit_attestation_per_second = 0\n") as srv:
+        admin, admin_channel = srv.admin()
+        roots = srv.roots()
+        for td in FEDERATED:
+            admin.SetBundle(admin_pb2.SetBundleRequest(
+                trust_domain=td.name, format="spiffe", data=_foreign_bundle(td)), timeout=30)
+        agents = []
+        for _ in range(measured):
+            agent, stub, channel = _attest_rpc(srv, admin, roots)
+            agents.append(_RpcAgent(agent, stub, channel, []))
+        # The other agents' entries (and the node aliases') fill the datastore to the
+        # same size as in-process; then the measured agents' entries, each federating
+        # with every foreign trust domain. Written last, so once the server shows
+        # them, it has read the whole change log.
+        filler = Datastore(srv.database_url)
+        seed(filler, args.agents - measured, args.per_agent, args.aliases)
+        filler.close()
+        rows = [NewEntry(SpiffeId.from_segments(TD, "rpc", f"a{n}", f"w{j}"), a.agent_id,
+                         (Selector("k8s", f"sa:w{j}"),), FEDERATED)
+                for n, a in enumerate(agents) for j in range(args.per_agent)]
+        ids = insert_entries(create_engine(srv.database_url), rows)
+        for n, a in enumerate(agents):
+            a.entry_ids = ids[n * args.per_agent:(n + 1) * args.per_agent]
+        # The server reads other processes' writes on its poll interval.
+        deadline = time.monotonic() + 300
+        while sum(len(p.entries) for p in agents[-1].sync(full=True)[1]) < args.per_agent:
+            if time.monotonic() > deadline:
+                raise SystemExit("the server did not see the seeded entries")
+            time.sleep(0.5)
+        print(f"\nend to end: sigil-server (worker_processes = 1, SQLite), {total} entries; "
+              f"{measured} agents over mTLS with {args.per_agent} entries each, every entry "
+              f"federating with {len(FEDERATED)} trust domains (4 bundles)")
+
+        def batch(fn: Callable[[_RpcAgent], float], rounds: int
+                  ) -> tuple[list[float], float]:
+            """``rounds`` calls per agent: wall times, and server CPU per call."""
+            for a in agents:
+                fn(a)  # warm
+            walls: list[float] = []
+            cpu = cpu_seconds(srv.pids)
+            for _ in range(rounds):
+                walls += [fn(a) for a in agents]
+            return walls, (cpu_seconds(srv.pids) - cpu) / len(walls)
+
+        def full(a: _RpcAgent) -> float:
+            wall, pages = a.sync(full=True)
+            assert sum(len(p.entries) for p in pages) == args.per_agent
+            assert len(pages[0].bundles) == 1 + len(FEDERATED), pages[0].bundles.keys()
+            return wall
+
+        def idle(a: _RpcAgent) -> float:
+            wall, pages = a.sync()
+            assert not pages[0].entries and not pages[0].bundles
+            return wall
+
+        results = {
+            "full sync": batch(full, args.rpc_rounds),
+            "incremental, nothing changed": batch(idle, 5 * args.rpc_rounds),
+            "authenticated empty call": batch(_RpcAgent.empty_call, 5 * args.rpc_rounds),
+        }
+        # One of the agent's entries changes (admin API, in the server: its index
+        # catches up at the next sync); another agent's sync takes that catch-up,
+        # as on a busy server, then this agent's incremental sync is timed.
+        changed: list[float] = []
+        rng = random.Random(2)
+        for _ in range(args.rpc_rounds):
+            for n, a in enumerate(agents):
+                target = rng.choice(a.entry_ids)
+                admin.UpdateEntry(admin_pb2.UpdateEntryRequest(
+                    entry=types_pb2.Entry(id=target, dns_names=[f"d{rng.random():.6f}.test"]),
+                    fields=["dns_names"]), timeout=30)
+                agents[(n + 1) % len(agents)].sync()
+                wall, pages = a.sync()
+                assert [e.id for p in pages for e in p.entries] == [target], "delta is wrong"
+                assert not pages[0].bundles
+                changed.append(wall)
+        admin_channel.close()
+        for a in agents:
+            a.channel.close()
+
+    def p(values: list[float], q: float) -> float:
+        return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1e3
+
+    print(f"{'':32} {'wall p50':>9} {'p90':>8} {'server CPU/call':>16}")
+    rows_out = [(k, w, c) for k, (w, c) in results.items()]
+    rows_out.insert(1, ("incremental, one entry changed", changed, float("nan")))
+    for label, walls, cpu in rows_out:
+        cpu_text = "-" if cpu != cpu else f"{cpu * 1e3:.3f} ms"
+        print(f"{label:32} {p(walls, .5):7.3f}ms {p(walls, .9):6.3f}ms {cpu_text:>16}")
+    full_w = p(results["full sync"][0], .5)
+    print(f"ratio incremental (one change) / full, wall p50: {p(changed, .5) / full_w:.3f}")
+    print(f"ratio incremental (nothing) / full, server CPU: "
+          f"{results['incremental, nothing changed'][1] / results['full sync'][1]:.3f}")
+    print(f"ratio incremental (one change) / empty authenticated call, wall p50: "
+          f"{p(changed, .5) / p(results['authenticated empty call'][0], .5):.2f}")
 
 
 if __name__ == "__main__":

@@ -28,10 +28,12 @@ from ca.api.convert import (
     svid_to_proto,
 )
 from ca.api.deps import ApiDeps
+from ca.api.node_cache import LeafIds, NodeCache
 from ca.api.status import grpc_method
 from ca.api.sync import SyncBundles, sync_pages
 from ca.datastore import EntryRecord, NodeRecord
 from ca.datastore.feed import DatastoreFeed
+from ca.datastore.hot_reads import NodeStateReader
 from ca.entry_index import EntryIndex
 from ca.errors import (
     AlreadyExistsError,
@@ -48,7 +50,7 @@ from identity.keys import PublicKey
 from identity.refusal import RefusalReason
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId
-from identity.x509svid import csr_public_key, validate_leaf
+from identity.x509svid import csr_public_key
 
 MAX_BATCH = 500
 MAX_AUDIENCES = 32
@@ -101,6 +103,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self._index = entry_index
         self._bundles = SyncBundles(deps.authority, deps.datastore,
                                     version=lambda: self._index.bundles_version)
+        self._nodes = NodeCache(NodeStateReader(deps.datastore.read_engine).read,
+                                deps.datastore.get_node)
+        self._leaf_ids = LeafIds()
 
     # ---- authentication ----------------------------------------------------------
 
@@ -108,7 +113,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         """The attested node behind the call's client certificate.
 
         The TLS front verified the certificate chain against the current bundle
-        during the handshake; here we check that it is an agent's *current* SVID.
+        during the handshake; here we check that it is an agent's *current* SVID,
+        against the node's row as the datastore holds it at this call (a ban, an
+        eviction or a renewal by any process applies at once; see
+        :mod:`ca.api.node_cache` for what is kept between calls).
 
         Raises:
             UnauthenticatedError: no client certificate.
@@ -121,13 +129,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         if cert is None:
             raise UnauthenticatedError("a client certificate (the agent's SVID) is required")
         try:
-            agent_id = validate_leaf(cert)
+            agent_id = self._leaf_ids.validate(cert)
         except X509SvidError as exc:
             raise UnauthenticatedError(f"client certificate is not an X.509-SVID: {exc}") from None
         td = self._d.config.trust_domain
         if not agent_id.is_member_of(td) or not agent_id.path.startswith(AGENT_PATH_PREFIX):
             raise PermissionDeniedError(f"{agent_id} is not an agent of {td}")
-        node = self._d.datastore.get_node(agent_id)
+        node = self._nodes.get(agent_id)
         if node is None:
             # Never attested, or evicted: it must attest again.
             raise PermissionDeniedError(f"agent is not attested (or was evicted): {agent_id}",

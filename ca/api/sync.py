@@ -106,9 +106,9 @@ class SyncBundles:
         built: SyncBundle | None = None
         if cached is not None and cached[1] == data:
             built = cached[2]
-        elif stored is not None:
+        elif data is not None:
             try:
-                built = SyncBundle.of(bundle_to_proto(Bundle.from_jwks(td, stored.data)))
+                built = SyncBundle.of(bundle_to_proto(Bundle.from_jwks(td, data)))
             except BundleError as exc:
                 # Both writers parse before storing; a row damaged in the database
                 # must not fail every agent's sync, only go missing (and be seen, once).
@@ -122,7 +122,7 @@ class SyncBundles:
     def __call__(self, federated: Iterable[TrustDomain]) -> dict[str, SyncBundle]:
         own = self.own()
         bundles = {self._authority.trust_domain.name: own}
-        for td in federated:
+        for td in dict.fromkeys(federated):
             if td.name not in bundles and (found := self.foreign(td)) is not None:
                 bundles[td.name] = found
         return bundles
