@@ -131,9 +131,13 @@ class BucketTable:
             fcntl.lockf(self._fd, fcntl.LOCK_EX)
             try:
                 slot = self._find(fp, home, limit, now)
+                # ``now`` was read before the lock: another process may have stamped
+                # the bucket with a later time since. Time never runs backwards for a
+                # bucket (a negative refill would refuse a caller within its limit).
+                stamp = self._stamps[slot]
                 tokens = min(float(limit.burst), self._tokens[slot]
-                             + (now - self._stamps[slot]) * limit.per_second)
-                self._stamps[slot] = now
+                             + max(0.0, now - stamp) * limit.per_second)
+                self._stamps[slot] = max(stamp, now)
                 if tokens >= cost:
                     self._tokens[slot] = tokens - cost
                     return 0.0

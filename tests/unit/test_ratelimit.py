@@ -197,3 +197,17 @@ def test_a_worker_killed_inside_take_does_not_freeze_the_others() -> None:
     t.start()
     t.join(60)
     assert refused == [True]  # answered, from the bucket the other worker drained
+
+
+def test_a_bucket_stamped_later_by_another_process_is_not_drained() -> None:
+    # Each process reads the clock before it takes the shared lock, so a bucket may
+    # carry a stamp later than the ``now`` of the next taker. At a high rate the
+    # negative refill drained the bucket and refused a caller within its limit.
+    table = BucketTable(8)
+    fast = RateLimit(1_000_000_000, 2)
+    assert table.take("agent", 1, fast, now=100.0) == 0.0
+    assert table.take("agent", 1, fast, now=100.001) == 0.0  # another process, later
+    assert table.take("agent", 1, fast, now=100.0005) == 0.0  # read before that one
+    # The bucket's clock did not run backwards: the next taker still refills from
+    # the later stamp, not from the earlier reading.
+    assert table.take("agent", 2, fast, now=100.001) > 0.0
