@@ -235,25 +235,25 @@ class Authorizer:
         grants = self.grants_for(caller)
         if not grants:
             raise PermissionDeniedError(
-                f"role {needed!r} is required for {method}; {caller.name} has no admin grant")
+                f"role \"{needed}\" is required for {method}; {caller.name} has no admin grant")
         allowing = [g for g in grants if g.allows(needed)]
         has = "; ".join(dict.fromkeys(g.describe() for g in grants))
         if not allowing:
             raise PermissionDeniedError(
-                f"role {needed!r} is required for {method}; {caller.name} has {has}")
+                f"role \"{needed}\" is required for {method}; {caller.name} has {has}")
         if needed != ENTRIES or any(g.role == ALL for g in allowing):
             return ALL if any(g.role == ALL for g in allowing) else needed
         touched = target() if target is not None else EntryTarget()
         if touched.sets_admin:
             raise PermissionDeniedError(
-                f"role {ALL!r} is required to set the admin flag of an entry; "
+                f"role \"{ALL}\" is required to set the admin flag of an entry; "
                 f"{caller.name} has {has}")
         for value in touched.spiffe_ids:
             path = self._path_of(value)
             if path is None or not any(g.covers(path) for g in allowing):
                 shown = path if path is not None else value
                 raise PermissionDeniedError(
-                    f"role {ENTRIES!r} for {shown} is required; {caller.name} has {has}")
+                    f"role \"{ENTRIES}\" for {shown} is required; {caller.name} has {has}")
         return ENTRIES
 
     def _path_of(self, value: str) -> str | None:
