@@ -252,7 +252,7 @@ class SigilServer:
             identify=svid_caller(self._front.peer_certificate, self.datastore,
                                  cfg.trust_domain, self.clock),
             authorizer=authorizer, audit=self._audit, datastore=self.datastore,
-            clock=self.clock)
+            clock=self.clock, worker=self._role == ROLE_WORKER)
         self._agent_server = grpc.server(
             ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="agent-api"),
             options=GRPC_OPTIONS, interceptors=[tls_guard],

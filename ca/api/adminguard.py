@@ -26,7 +26,12 @@ from cryptography import x509
 from ca.adminauth import METHOD_ROLES, Authorizer, Caller, EntryTarget
 from ca.api.status import status_for
 from ca.datastore import Datastore
-from ca.errors import NotFoundError, PermissionDeniedError, UnauthenticatedError
+from ca.errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
 from ca.log import event
 from identity.clock import Clock
 from identity.errors import SigilError
@@ -34,6 +39,9 @@ from identity.spiffeid import TrustDomain
 from identity.x509svid import validate_leaf
 
 SERVICE_PREFIX = "/sigil.admin.v1.Admin/"
+MAIN_PROCESS_ONLY = frozenset({"PrepareLocalAuthority", "ActivateLocalAuthority",
+                               "TaintLocalAuthority", "RevokeLocalAuthority"})
+"""Steps only the main process may take: it alone rotates this server's authorities."""
 MAX_AUDITED_IDS = 20  # of a batch: the first ones, and the count
 
 Identify = Callable[[grpc.ServicerContext], Caller]
@@ -113,7 +121,12 @@ class AdminGuard(grpc.ServerInterceptor):  # type: ignore[misc]
     """Authorizes and audits every Admin call (see the module docstring)."""
 
     def __init__(self, *, identify: Identify, authorizer: Authorizer, audit: AuditLog,
-                 datastore: Datastore, clock: Clock) -> None:
+                 datastore: Datastore, clock: Clock, worker: bool = False) -> None:
+        """Args:
+            worker: in an extra agent API process (``worker_processes``), where
+                :data:`MAIN_PROCESS_ONLY` calls are refused (FAILED_PRECONDITION).
+        """
+        self._worker = worker
         self._identify = identify
         self._authorizer = authorizer
         self._audit = audit
@@ -148,7 +161,12 @@ class AdminGuard(grpc.ServerInterceptor):  # type: ignore[misc]
                 caller = self._identify(context)
                 role = self._authorizer.check(method, caller,
                                               lambda: self._entry_target(method, request))
-            except (PermissionDeniedError, UnauthenticatedError) as exc:
+                if self._worker and method in MAIN_PROCESS_ONLY:
+                    raise FailedPreconditionError(
+                        f"{method} is served by the server's main process only; this "
+                        "connection reached a worker process: use the admin socket")
+            except (PermissionDeniedError, UnauthenticatedError,
+                    FailedPreconditionError) as exc:
                 code = status_for(exc)
                 self._record(method, caller, METHOD_ROLES.get(method, ""), request, None,
                              code, str(exc))

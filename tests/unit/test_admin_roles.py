@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pwd
 from pathlib import Path
 
+import grpc
 import pytest
 
 from api.protos.sigil.admin.v1 import admin_pb2
 from api.protos.sigil.types.v1 import types_pb2
 from ca import adminauth
 from ca.adminauth import METHOD_ROLES, AdminConfig, Authorizer, Caller, EntryTarget, Grant
-from ca.api.adminguard import AuditLog, audited_ids
+from ca.api.adminguard import AdminGuard, AuditLog, audited_ids, unix_caller
 from ca.config import load_config
 from ca.errors import ConfigError, PermissionDeniedError
+from identity.clock import FakeClock
 from identity.spiffeid import SpiffeId, TrustDomain
 
 TD = TrustDomain("td.test")
@@ -234,3 +238,79 @@ def test_audit_log_is_0600_json_lines(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.read_text() == ('{"method":"A","code":"OK"}\n'
                                 '{"method":"B","code":"PERMISSION_DENIED"}\n')
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """The parts of grpc.ServicerContext the guard uses."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self._code: grpc.StatusCode | None = None
+
+    def peer(self) -> str:
+        return "unix-abstract:test"
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        self._code = code
+        raise _Aborted(details)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+
+def _guard(tmp_path: Path, *, worker: bool = False) -> tuple[AdminGuard, list[str]]:
+    ran: list[str] = []
+    guard = AdminGuard(
+        identify=unix_caller(lambda peer: (ALICE, ALICE) if peer == "unix-abstract:test"
+                             else None),
+        authorizer=_authorizer(Grant(role="authority", uid=ALICE)),
+        audit=AuditLog(tmp_path / "audit.log"), datastore=None,  # type: ignore[arg-type]
+        clock=FakeClock(), worker=worker)
+    return guard, ran
+
+
+def _run(guard: AdminGuard, ran: list[str], method: str, request: object,
+         response: object) -> _Context:
+    def inner(req: object, ctx: object) -> object:
+        ran.append(method)
+        return response
+
+    call = guard._guarded(method, inner)
+    context = _Context()
+    with contextlib.suppress(_Aborted):
+        assert call(request, context) is response
+    return context
+
+
+def test_guard_runs_only_allowed_calls_and_audits_each(tmp_path: Path) -> None:
+    guard, ran = _guard(tmp_path)
+    req = admin_pb2.LocalAuthorityRequest(kind="x509")
+    ok = _run(guard, ran, "PrepareLocalAuthority", req, admin_pb2.LocalAuthority())
+    assert ok.aborted is None
+    refused = _run(guard, ran, "BanAgent", admin_pb2.BanAgentRequest(id="spiffe://td.test/a"),
+                   admin_pb2.Agent())
+    assert refused.aborted == (grpc.StatusCode.PERMISSION_DENIED,
+                               'role "agents" is required for BanAgent; uid 40001 has authority')
+    assert ran == ["PrepareLocalAuthority"]  # the refused method never ran
+    lines = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [(x["method"], x["role"], x["code"], x["ids"]) for x in lines] == [
+        ("PrepareLocalAuthority", "authority", "OK", {"kind": "x509"}),
+        ("BanAgent", "agents", "PERMISSION_DENIED", {"id": "spiffe://td.test/a"})]
+
+
+def test_worker_refuses_localauthority_steps(tmp_path: Path) -> None:
+    guard, ran = _guard(tmp_path, worker=True)
+    context = _run(guard, ran, "ActivateLocalAuthority",
+                   admin_pb2.LocalAuthorityRequest(kind="jwt"), admin_pb2.LocalAuthority())
+    assert context.aborted is not None
+    assert context.aborted[0] == grpc.StatusCode.FAILED_PRECONDITION
+    assert "main process only" in context.aborted[1]
+    assert ran == []
+    listed = _run(guard, ran, "ListLocalAuthorities",
+                  admin_pb2.LocalAuthorityRequest(kind="jwt"), admin_pb2.LocalAuthorities())
+    assert listed.aborted is None and ran == ["ListLocalAuthorities"]
