@@ -29,6 +29,7 @@ TEAM = 65534  # nobody: entries under /team-a/
 READER = 40001  # no passwd entry: shown as "uid 40001"
 AGENTS = 40002
 AUTHORITY = 40003
+GROUP_MEMBER = 40004  # no grant of its own; its gid is daemon's (1)
 OPS = f"spiffe://{TD}/ops/admin"  # an admin SVID with role agents
 NO_GRANT = f"spiffe://{TD}/ops/nogrant"  # an admin entry nobody granted a role
 PLAIN = f"spiffe://{TD}/ops/plain"  # an SVID of no admin entry
@@ -49,6 +50,10 @@ role = "agents"
 [[admin.grant]]
 unix_user = {AUTHORITY}
 role = "authority"
+[[admin.grant]]
+unix_group = "daemon"
+role = "entries"
+paths = ["/team-g/"]
 [[admin.grant]]
 spiffe_id = "{OPS}"
 role = "agents"
@@ -74,11 +79,13 @@ def server() -> Iterator[RunningServer]:
     assert "Traceback" not in srv.log, srv.log
 
 
-def as_user(srv: RunningServer, uid: int, *args: str) -> subprocess.CompletedProcess[str]:
-    """``sigil-server <args>`` run as ``uid`` (its group the same number)."""
+def as_user(srv: RunningServer, uid: int, *args: str,
+            gid: int | None = None) -> subprocess.CompletedProcess[str]:
+    """``sigil-server <args>`` run as ``uid`` (its group ``gid``, default the same number)."""
     return subprocess.run(
         [*server_command(), *args, "--socket-path", str(srv.socket_path)],
-        capture_output=True, text=True, timeout=60, user=uid, group=uid, extra_groups=[],
+        capture_output=True, text=True, timeout=60, user=uid,
+        group=uid if gid is None else gid, extra_groups=[],
         env={**os.environ, "HOME": "/"}, cwd="/",
     )
 
@@ -272,3 +279,30 @@ def test_an_agent_svid_is_not_an_admin(server: RunningServer) -> None:
         assert err.value.details() == (f"{agent.agent_id} is not an admin workload ID of {TD}")
     finally:
         agent.channel.close()
+
+
+def test_group_grant(server: RunningServer) -> None:
+    made = as_user(server, GROUP_MEMBER, "entry", "create", "--spiffe-id",
+                   f"spiffe://{TD}/team-g/job", "--parent-id", PARENT, "--selector",
+                   "unix:uid:5", gid=1)
+    assert made.returncode == 0, made.stderr
+    denied(as_user(server, GROUP_MEMBER, "entry", "create", "--spiffe-id",
+                   f"spiffe://{TD}/team-a/job", "--parent-id", PARENT, "--selector",
+                   "unix:uid:5", gid=1),
+           'role "entries" for /team-a/job is required; uid 40004 has entries for /team-g/')
+    # The same uid in another group has no grant.
+    denied(as_user(server, GROUP_MEMBER, "entry", "count"),
+           'role "read" is required for CountEntries; uid 40004 has no admin grant')
+
+
+def test_bad_admin_config_stops_start_up(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text('[[admin.grant]]\nunix_user = "root"\nrole = "entries"\n')
+    proc = subprocess.run(
+        [*server_command(), "run", "--trust-domain", TD, "--data-dir", str(tmp_path / "data"),
+         "--config", str(config), "--socket-path", str(tmp_path / "admin" / "admin.sock")],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ('Error: admin.grant[0]: role "entries" needs paths, a non-empty '
+                           'list of path prefixes like ["/team-a/"]\n')
+    assert not (tmp_path / "data").exists()
