@@ -173,6 +173,11 @@ class AdminGuard(grpc.ServerInterceptor):  # type: ignore[misc]
                 event("admin call refused", level=logging.WARNING, method=method,
                       caller=caller.name if caller else "", code=code.name, reason=str(exc))
                 context.abort(code, str(exc))
+            except Exception:  # a bug, or the datastore failing: refuse, never run
+                self._record(method, caller, METHOD_ROLES.get(method, ""), request, None,
+                             grpc.StatusCode.INTERNAL, "")
+                event("admin call failed", level=logging.ERROR, exc_info=True, method=method)
+                context.abort(grpc.StatusCode.INTERNAL, "internal error")
             try:
                 response = inner(request, context)
             except BaseException:
