@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -109,6 +110,13 @@ def audit(srv: RunningServer) -> list[dict[str, Any]]:
 def denied(result: subprocess.CompletedProcess[str], message: str) -> None:
     assert result.returncode == 2, result
     assert result.stderr == f"Error: {message} (PERMISSION_DENIED)\n"
+
+
+def test_socket_lets_granted_users_in(server: RunningServer) -> None:
+    # Unix users have grants: anyone may connect (the kernel names them, the grants
+    # decide), and the directory lets them pass without listing it.
+    assert stat.S_IMODE(server.socket_path.stat().st_mode) == 0o777
+    assert stat.S_IMODE(server.socket_path.parent.stat().st_mode) == 0o711
 
 
 def test_team_admin_manages_only_its_own_path(server: RunningServer) -> None:
