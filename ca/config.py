@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ca import caconfig, opsconfig, popconfig
+from ca import adminauth, caconfig, opsconfig, popconfig
 from ca import policy as policyconfig
 from ca.dburl import parse_database_url
 from ca.defaults import (
@@ -76,9 +76,12 @@ _K8S_DEFAULTS: Mapping[str, object] = k8sconfig.DEFAULTS
 _FED_DEFAULTS: Mapping[str, object] = fedconfig.DEFAULTS
 # The issuance policy ([policy], [[policy.rule]]): ca/policy.py.
 _POLICY_DEFAULTS: Mapping[str, object] = policyconfig.DEFAULTS
+# Scoped admins and the audit log ([admin], [[admin.grant]]): ca/adminauth.py.
+_ADMIN_DEFAULTS: Mapping[str, object] = adminauth.DEFAULTS
 KNOWN_KEYS = (frozenset(_DURATION_DEFAULTS) | frozenset(_STRING_DEFAULTS)
               | frozenset(_OPS_DEFAULTS) | frozenset(_CA_DEFAULTS) | frozenset(_K8S_DEFAULTS)
-              | frozenset(_FED_DEFAULTS) | frozenset(_POLICY_DEFAULTS))
+              | frozenset(_FED_DEFAULTS) | frozenset(_POLICY_DEFAULTS)
+              | frozenset(_ADMIN_DEFAULTS))
 
 
 def parse_duration(text: str, *, key: str | None = None) -> dt.timedelta:
@@ -133,6 +136,7 @@ class ServerConfig:
     federation: fedconfig.FederationConfig = fedconfig.FederationConfig()  # noqa: RUF009
     node_pop: popconfig.PopConfig = popconfig.PopConfig()  # noqa: RUF009
     policy: policyconfig.Policy = policyconfig.Policy()  # noqa: RUF009
+    admin: adminauth.AdminConfig = adminauth.AdminConfig()  # noqa: RUF009
 
     @property
     def key_dir(self) -> Path:
@@ -202,7 +206,7 @@ def load_config(
     try:
         raw = configvalues.layer_settings(
             {**_STRING_DEFAULTS, **_DURATION_DEFAULTS, **_OPS_DEFAULTS, **_CA_DEFAULTS,
-             **_K8S_DEFAULTS, **_FED_DEFAULTS, **_POLICY_DEFAULTS},
+             **_K8S_DEFAULTS, **_FED_DEFAULTS, **_POLICY_DEFAULTS, **_ADMIN_DEFAULTS},
             document, env=env,
             env_vars=ENV_VARS, overrides=overrides, known_keys=KNOWN_KEYS,
         )
@@ -291,4 +295,5 @@ def _validate(raw: Mapping[str, Any], *, file: Path | None = None,
         node_pop=popconfig.validate(raw),
         federation=fedconfig.validate(raw, trust_domain),
         policy=policyconfig.validate(raw, trust_domain, file=file, lines=lines),
+        admin=adminauth.validate(raw, trust_domain, data_dir),
     )

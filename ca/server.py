@@ -24,7 +24,10 @@ import migrations
 from api.protos.sigil.admin.v1 import admin_pb2_grpc
 from api.protos.sigil.agent.v1 import agent_pb2_grpc
 from attestation.socketdir import check_socket_directory
+from ca.adminauth import AUDIT_LOG_FILE, Authorizer
 from ca.api.admin import AdminServicer
+from ca.api.admin_front import AdminSocketFront
+from ca.api.adminguard import AdminGuard, AuditLog, svid_caller, unix_caller
 from ca.api.agent import AgentServicer
 from ca.api.deps import ApiDeps
 from ca.api.tls_front import TlsContextSource, TlsFront
@@ -63,15 +66,17 @@ ROLE_WORKER = "worker"
 shares the agent API port (SO_REUSEPORT) and the datastore, and serves nothing else."""
 
 
-def _prepare_socket_dir(path: Path) -> None:
-    """Create the admin socket's directory 0700, refusing one another user controls."""
+def _prepare_socket_dir(path: Path, *, mode: int = 0o700) -> None:
+    """Create the admin socket's directory ``mode``, refusing one another user controls."""
     parent = path.parent
     try:
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if os.stat(parent).st_uid == os.geteuid():
             # Only we may enter the directory: the socket's own mode is not enough on
-            # every platform, the directory's is (DESIGN flow 1).
-            os.chmod(parent, 0o700)
+            # every platform, the directory's is (DESIGN flow 1). With Unix users
+            # granted admin roles ([admin]), they must reach the socket: 0711 lets
+            # them pass without listing it, and their peer credentials decide.
+            os.chmod(parent, mode)
         check_socket_directory(path, client=False)
     except SigilError as exc:
         raise ConfigError(f"socket_path: {exc}") from None
@@ -174,6 +179,9 @@ class SigilServer:
         self._federation: FederationServices | None = None
         self._agent_server: grpc.Server | None = None
         self._admin_server: grpc.Server | None = None
+        self._admin_listener: socket.socket | None = None
+        self._admin_front: AdminSocketFront | None = None
+        self._audit: AuditLog | None = None
         self._front: TlsFront | None = None
         self._health: HealthServer | None = None
         # What /ready asks; a worker pool started later adds its own check.
@@ -236,15 +244,27 @@ class SigilServer:
                                limits=cfg.ops.agent_api_limits)
         limiter = RateLimiter(attestation=cfg.ops.attestation_limit,
                               signing=cfg.ops.signing_limit, table=self._rate_table)
+        # Every admin call, on the admin socket or over TLS, is authorized by the
+        # [admin] grants and written to the audit log (ca/adminauth.py).
+        self._audit = AuditLog(cfg.admin.audit_log or cfg.data_dir / AUDIT_LOG_FILE)
+        authorizer = Authorizer(cfg.admin, cfg.trust_domain)
+        tls_guard = AdminGuard(
+            identify=svid_caller(self._front.peer_certificate, self.datastore,
+                                 cfg.trust_domain, self.clock),
+            authorizer=authorizer, audit=self._audit, datastore=self.datastore,
+            clock=self.clock, worker=self._role == ROLE_WORKER)
         self._agent_server = grpc.server(
             ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="agent-api"),
-            options=GRPC_OPTIONS,
+            options=GRPC_OPTIONS, interceptors=[tls_guard],
         )
         agent_pb2_grpc.add_AgentServicer_to_server(  # type: ignore[no-untyped-call]
             AgentServicer(deps, peer_certificate=self._front.peer_certificate,
                           peer_address=self._front.peer_address, rate_limiter=limiter),
             self._agent_server,
         )
+        # Workloads with an admin entry's SVID may call the admin service on this
+        # port too; the guard refuses every other caller of it.
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(deps), self._agent_server)  # type: ignore[no-untyped-call]
         if self._agent_server.add_insecure_port(f"unix:{self._front.internal_socket}") == 0:
             raise ConfigError("cannot listen on the internal agent API socket")
 
@@ -255,7 +275,18 @@ class SigilServer:
             event("worker listening", agent_api=self.agent_address, pid=os.getpid())
             return
 
-        assert self._admin_server is not None
+        assert self._admin_listener is not None
+        self._admin_front = AdminSocketFront(self._admin_listener)
+        self._admin_listener = None  # the front owns it now
+        self._admin_server = grpc.server(
+            ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin-api"),
+            options=GRPC_OPTIONS,
+            interceptors=[AdminGuard(identify=unix_caller(self._admin_front.lookup),
+                                     authorizer=authorizer, audit=self._audit,
+                                     datastore=self.datastore, clock=self.clock)],
+        )
+        if self._admin_server.add_insecure_port(f"unix:{self._admin_front.internal_socket}") == 0:
+            raise ConfigError("cannot listen on the internal admin socket")
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(deps), self._admin_server)  # type: ignore[no-untyped-call]
 
         # ca/kubernetes/service.py: registration controller, bundle ConfigMaps.
@@ -263,6 +294,7 @@ class SigilServer:
         self._start_health()
         self._agent_server.start()
         self._admin_server.start()
+        self._admin_front.start()
         self._start_front()
         self._kubernetes.start()
         if self._federation is not None:
@@ -304,36 +336,39 @@ class SigilServer:
     def _bind_admin_socket(self) -> None:
         """Listen on socket_path, in a directory only we control, never over a live socket.
 
-        grpc unlinks the path it bound when it stops, whoever serves there by then.
-        So it binds a name of its own, and the socket gets its public name by
-        link(2), which fails if the name exists: of two servers starting at once,
-        one gets it. The private name goes at once; stop() removes the public
-        one only while it is still this socket.
+        The socket binds a name of its own and gets its public name by link(2),
+        which fails if the name exists: of two servers starting at once, one gets
+        it. The private name goes at once; stop() removes the public one only
+        while it is still this socket. The admin front (ca/api/admin_front.py)
+        accepts on it, so that the caller's uid is known.
         """
         path = self.config.socket_path
-        _prepare_socket_dir(path)
+        unix_admins = self.config.admin.unix_grants
+        _prepare_socket_dir(path, mode=0o711 if unix_admins else 0o700)
         _remove_stale_socket(path)
         bound = path.with_name(f".{path.name}.{os.getpid()}")
         with contextlib.suppress(FileNotFoundError):
             bound.unlink()
-        self._admin_server = grpc.server(
-            ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin-api"),
-            options=GRPC_OPTIONS,
-        )
-        if self._admin_server.add_insecure_port(f"unix:{bound}") == 0:
-            raise ConfigError(f"cannot listen on socket_path {path}")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            listener.bind(str(bound))
             # Group may connect (operators in the server's group); the 0700
-            # directory is what keeps everyone else out.
-            os.chmod(bound, 0o770)  # noqa: S103
+            # directory is what keeps everyone else out. With Unix users granted
+            # roles, anyone may connect: the kernel says who they are, and a
+            # caller without a grant is refused every call.
+            os.chmod(bound, 0o777 if unix_admins else 0o770)
             os.link(bound, path)
+            listener.listen(socket.SOMAXCONN)
         except FileExistsError:
+            listener.close()
             raise ConfigError(f"another server is serving on socket_path {path}") from None
         except OSError as exc:
+            listener.close()
             raise ConfigError(f"cannot listen on socket_path {path}: {exc.strerror}") from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 bound.unlink()
+        self._admin_listener = listener
         self._admin_socket_id = _socket_id(path)
 
     def _start_front(self) -> None:
@@ -381,10 +416,19 @@ class SigilServer:
         if self._front is not None:
             self._front.stop()
             self._front = None
+        if self._admin_front is not None:
+            self._admin_front.stop()
+            self._admin_front = None
+        if self._admin_listener is not None:
+            self._admin_listener.close()
+            self._admin_listener = None
         waits = [s.stop(grace) for s in (self._agent_server, self._admin_server) if s]
         for done in waits:
             done.wait()
         self._agent_server = self._admin_server = None
+        if self._audit is not None:
+            self._audit.close()
+            self._audit = None
         if self.datastore is not None:
             self.datastore.close()
             self.datastore = None

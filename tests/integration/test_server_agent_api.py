@@ -204,11 +204,14 @@ def test_no_client_certificate_is_refused(sigil_server: RunningServer) -> None:
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_admin_api_not_on_tcp(sigil_server: RunningServer) -> None:
+def test_admin_api_on_tcp_needs_an_admin_svid(sigil_server: RunningServer) -> None:
+    # Only workloads with an admin entry's SVID and an [admin] grant may call it here
+    # (tests/integration/test_scoped_admins.py); a caller without a certificate cannot.
     with _channel(sigil_server) as ch, pytest.raises(grpc.RpcError) as err:
         admin_pb2_grpc.AdminStub(ch).CreateJoinToken(admin_pb2.CreateJoinTokenRequest(),
                                                      timeout=10)
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert err.value.details() == "the admin API over TLS needs an admin X.509-SVID"
 
 
 def test_sync_returns_exactly_authorized_entries(
