@@ -28,6 +28,7 @@ from ca.api.convert import (
     svid_to_proto,
 )
 from ca.api.deps import ApiDeps
+from ca.api.revocations import RevocationListMethods
 from ca.api.status import grpc_method
 from ca.api.sync import SyncBundles, sync_pages
 from ca.datastore import EntryRecord, NodeRecord
@@ -71,7 +72,7 @@ def _ts(value: dt.datetime) -> int:
     return int(value.timestamp())
 
 
-class AgentServicer(agent_pb2_grpc.AgentServicer):
+class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
     """The Agent service."""
 
     def __init__(self, deps: ApiDeps, *, peer_certificate: PeerCertificate,
@@ -303,6 +304,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         node = self.authenticate(context)
         pages = sync_pages(self._index, request, agent_id=node.spiffe_id,
                            node_selectors=node.selectors, bundles_for=self._bundles)
+        self.revocations.add_to_page(pages[0], request.known_revocation_id)
         return iter(pages)
 
     @grpc_method("agent")
