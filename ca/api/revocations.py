@@ -33,9 +33,10 @@ from identity.spiffeid import SpiffeId
 
 POLL_SECONDS = 1.0
 """How often a process re-reads the newest revocation id (one indexed MAX query)."""
-RECENT = dt.timedelta(seconds=60)
-"""Revocations this young are sent again to agents that have seen a later id: a
-transaction that committed a lower id after a higher one was read is not missed."""
+RECENT = dt.timedelta(minutes=5)
+"""Revocations this young are sent again to agents that have seen a later id: ids
+are not commit order on PostgreSQL and MariaDB, and a transaction that committed a
+lower id after a higher one was read is not missed (the entry index's GAP_TIMEOUT)."""
 PRUNE_EVERY = dt.timedelta(minutes=10)
 MAX_VALUE_LENGTH = 2048
 
