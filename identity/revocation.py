@@ -270,9 +270,10 @@ def verify_revocation_list(token: str, *, bundle: Bundle) -> RevocationList:
     if not isinstance(version, int) or not isinstance(issued_at, int) or not isinstance(
             items, list):
         raise JwtSvidError("revocation list lacks version, iat or revocations")
+    if not all(isinstance(i, dict) for i in items):
+        raise JwtSvidError("revocation list is malformed: revocations must be objects")
     try:
-        parsed = tuple(Revocation.from_json(i) if isinstance(i, dict) else
-                       Revocation.from_json({}) for i in items)
+        parsed = tuple(Revocation.from_json(i) for i in items)
     except InvalidValueError as exc:
         raise JwtSvidError(f"revocation list is malformed: {exc}") from None
     return RevocationList(trust_domain=bundle.trust_domain.name, version=version,
