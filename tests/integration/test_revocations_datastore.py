@@ -73,3 +73,35 @@ def test_an_unknown_kind_is_refused(ds: Datastore) -> None:
     with pytest.raises(ValueError, match="unknown revocation kind"):
         ds.add_revocation("crl", "1", now=NOW, expires_at=None)
     assert ds.list_revocations(now=NOW) == []
+
+
+def test_server_revocations_send_what_an_agent_lacks(ds: Datastore) -> None:
+    from types import SimpleNamespace
+    from typing import Any
+
+    from ca.api.revocations import RECENT, ServerRevocations
+    from identity.clock import FakeClock
+
+    clock = FakeClock(NOW)
+    ticks = iter(range(1_000_000))
+    deps: Any = SimpleNamespace(datastore=ds, clock=clock)
+    # Every call polls the datastore (a monotonic clock that moves 1 s a call).
+    held = ServerRevocations(deps, monotonic=lambda: float(next(ticks)))
+    empty = held.delta(0)
+    assert empty.full and empty.version == 0 and empty.revocations == ()
+    a = ds.add_revocation(rv.X509_SERIAL, "a", now=NOW, expires_at=NOW + HOUR)
+    first = held.delta(0)
+    assert first.full and first.version == a.id and first.revocations == (a,)
+    clock.advance(RECENT + dt.timedelta(seconds=1))
+    b = ds.add_revocation(rv.X509_SERIAL, "b", now=clock.now(), expires_at=NOW + HOUR)
+    # Only what is new (a is older than the resend window); nothing once up to date
+    # and past the window.
+    assert held.delta(a.id) == type(first)((b,), b.id, False)
+    assert held.delta(b.id).revocations == (b,)  # still young: sent again
+    clock.advance(RECENT + dt.timedelta(seconds=1))
+    assert held.delta(b.id).revocations == ()
+    # An id this database never issued: everything again.
+    assert held.delta(b.id + 100).full
+    # Past their expiry they are no longer sent.
+    clock.advance(HOUR)
+    assert held.delta(0).revocations == ()
