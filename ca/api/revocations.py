@@ -22,14 +22,15 @@ import grpc
 from api.protos.sigil.admin.v1 import admin_pb2
 from api.protos.sigil.agent.v1 import agent_pb2
 from api.protos.sigil.types.v1 import types_pb2
+from ca.api import validate
 from ca.api.deps import ApiDeps
 from ca.api.status import grpc_method
 from ca.authority import BACKDATE
 from ca.errors import InvalidArgumentError
 from ca.log import event
 from identity import revocation as rv
-from identity.errors import InvalidSpiffeIdError, InvalidValueError
-from identity.spiffeid import SpiffeId
+from identity.errors import InvalidValueError
+from identity.spiffeid import TrustDomain
 
 POLL_SECONDS = 1.0
 """How often a process re-reads the newest revocation id (one indexed MAX query)."""
@@ -139,12 +140,14 @@ class ServerRevocations:
         return version, token
 
 
-def parse_target(request: admin_pb2.RevokeSVIDRequest) -> tuple[str, str]:
+def parse_target(request: admin_pb2.RevokeSVIDRequest,
+                 trust_domain: TrustDomain) -> tuple[str, str]:
     """The kind and canonical value a revoke request names.
 
     Raises:
         InvalidArgumentError: no target, an empty or oversized value, a serial that
-            is not hex, a SPIFFE ID that does not parse.
+            is not hex, a SPIFFE ID that is not a workload ID of ``trust_domain``
+            (agents' own SVIDs are cut off with ``agent ban``, not here).
     """
     which = request.WhichOneof("target")
     if which is None:
@@ -157,8 +160,9 @@ def parse_target(request: admin_pb2.RevokeSVIDRequest) -> tuple[str, str]:
         if which == "x509_serial":
             return rv.X509_SERIAL, rv.serial_text(rv.parse_serial(value))
         if which == "spiffe_id":
-            return rv.X509_SPIFFE_ID, str(SpiffeId.parse(value))
-    except (InvalidValueError, InvalidSpiffeIdError) as exc:
+            return rv.X509_SPIFFE_ID, str(validate.workload_id(value, "spiffe_id",
+                                                               trust_domain))
+    except InvalidValueError as exc:
         raise InvalidArgumentError(str(exc)) from None
     return (rv.JWT_ID if which == "jwt_id" else rv.JWT_KEY_ID), value
 
@@ -184,7 +188,7 @@ class RevocationMethods:
         self, request: admin_pb2.RevokeSVIDRequest, context: grpc.ServicerContext
     ) -> types_pb2.Revocation:
         """Record a revocation; agents stop serving what it names at their next sync."""
-        kind, value = parse_target(request)
+        kind, value = parse_target(request, self._d.config.trust_domain)
         now = self._d.clock.now()
         keep = self._keep_for(kind)
         cutoff: int | None = None

@@ -37,6 +37,8 @@ def _listed(server: RunningServer) -> dict:  # type: ignore[type-arg]
     (("--serial", "0"), "not a positive number"),
     (("--spiffe-id", "https://it.sigil.test/x"), "--spiffe-id:"),
     (("--jti", ""), "--jti must not be empty"),
+    (("--spiffe-id", "spiffe://elsewhere.test/w"), "not in the trust domain it.sigil.test"),
+    (("--spiffe-id", "spiffe://it.sigil.test/sigil/agent/join_token/x"), "reserved"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     sigil_server: RunningServer, args: tuple[str, ...], error: str,
