@@ -41,7 +41,7 @@ from identity.keys import (
     public_keys_equal,
 )
 from identity.refusal import reason_from_metadata
-from identity.revocation import Revocation
+from identity.revocation import Revocation, RevocationList, verify_revocation_list
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import X509Svid, certificates_to_pem, validate_leaf
@@ -376,6 +376,20 @@ class ServerClient:
             return parse_insecure(resp.token, audience=list(audience))
         except SigilError as exc:
             raise ServerCallError(f"server returned an unusable JWT-SVID: {exc}") from None
+
+    async def revocation_list(self, bundle: Bundle) -> RevocationList:
+        """GetRevocationList: every unexpired revocation, verified with ``bundle``
+        (our trust domain's: the list is signed with one of its JWT keys).
+
+        Raises:
+            ServerCallError: the call failed, or the list does not verify.
+        """
+        resp: apb.RevocationListResponse = await self._call(  # type: ignore[assignment]
+            "GetRevocationList", apb.RevocationListRequest(), apb.RevocationListResponse)
+        try:
+            return verify_revocation_list(resp.signed_list, bundle=bundle)
+        except SigilError as exc:
+            raise ServerCallError(f"server returned an unusable revocation list: {exc}") from None
 
     def _svid(self, proto: tpb.X509SVID, key: PrivateKey) -> X509Svid:
         try:

@@ -122,3 +122,35 @@ def test_the_signed_list_needs_an_agent_svid(sigil_server: RunningServer) -> Non
         agent_pb2_grpc.AgentStub(ch).GetRevocationList(agent_pb2.RevocationListRequest(),
                                                        timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_agent_client_fetches_and_verifies_the_list(
+    sigil_server: RunningServer, agent: Agent,
+) -> None:
+    import asyncio
+
+    from cryptography import x509
+
+    from agent.client import ServerClient
+    from identity.spiffeid import SpiffeId
+    from identity.x509svid import X509Svid
+
+    revoked = _json(sigil_server.cli("svid", "revoke", "--jti", "j-9", "--output", "json"))
+    svid = X509Svid(SpiffeId.parse(agent.agent_id),
+                    tuple(x509.load_der_x509_certificate(d) for d in agent.chain_der),
+                    agent.key)
+    bundle = _bundle(sigil_server)
+    roots = sigil_server.cli("bundle", "show", "--format", "pem").stdout.encode()
+
+    async def fetch() -> rv.RevocationList:
+        client = ServerClient(address=sigil_server.address,
+                              trust_domain=TrustDomain(sigil_server.trust_domain))
+        client.configure(roots_pem=roots, svid=svid)
+        try:
+            return await client.revocation_list(bundle)
+        finally:
+            await client.close()
+
+    got = asyncio.run(fetch())
+    assert got.version == revoked["id"]  # type: ignore[index]
+    assert [(r.kind, r.value) for r in got.revocations] == [("jwt_id", "j-9")]
