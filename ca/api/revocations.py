@@ -193,9 +193,11 @@ class RevocationMethods:
         keep = self._keep_for(kind)
         cutoff: int | None = None
         if kind == rv.X509_SPIFFE_ID:
-            # Every SVID signed up to now (whole seconds, rounded up) has a notBefore
-            # of at most now - BACKDATE: those are revoked, later ones are not.
-            cutoff = math.ceil(now.timestamp()) - int(BACKDATE.total_seconds())
+            # An SVID signed at t has notBefore floor(t) - BACKDATE (certificates
+            # count whole seconds), so this cutoff revokes every SVID signed before
+            # now, and also those signed later within the same second (they are
+            # replaced once more, harmlessly); none signed in a later second.
+            cutoff = math.floor(now.timestamp()) - int(BACKDATE.total_seconds())
         found = self._d.datastore.add_revocation(
             kind, value, now=now, expires_at=None if keep is None else now + keep,
             not_before_max=cutoff)
