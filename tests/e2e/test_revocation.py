@@ -112,3 +112,20 @@ def test_a_revoked_jti_is_refused_by_validate_jwt_svid(uid_selector: str) -> Non
             assert str(client.validate_jwt_svid(fresh, AUDIENCE).spiffe_id) == WORKLOAD
         finally:
             client.close()
+
+
+def test_revoking_a_spiffe_id_replaces_its_svid(uid_selector: str) -> None:
+    with running_stack() as st:
+        client = WorkloadApiClient(socket_path=st.endpoint)
+        try:
+            st.create_entry(WORKLOAD, uid_selector)
+            revoked = _wait_for_svid(client, st)
+            out = st.server_cli("svid", "revoke", "--spiffe-id", WORKLOAD, "--output", "json")
+            assert '"kind": "x509_spiffe_id"' in out.stdout
+            wait_for(lambda: _serial(client) != revoked, timeout=30,
+                     what="a new SVID after revoking the SPIFFE ID")
+            # The new SVIDs were signed after the cutoff: served, and the revoked
+            # one never again.
+            assert revoked not in [_serial(client) for _ in range(3)]
+        finally:
+            client.close()
