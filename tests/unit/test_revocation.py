@@ -122,3 +122,15 @@ def test_ten_thousand_serials_fit_in_a_small_list() -> None:
     # grpc's 4 MiB default message limit (docs/internals.md, "Revocations").
     assert len(token) < 1_800_000
     assert len(rv.verify_revocation_list(token, bundle=BUNDLE).revocations) == 10_000
+
+
+def test_a_list_signed_with_an_ml_dsa_key_verifies() -> None:
+    from identity.keys import KeyType, generate_jwt_key
+
+    key = generate_jwt_key(KeyType.ML_DSA_65)
+    bundle = Bundle(TD, jwt_authorities=(JwtAuthority("ml", key.public_key()),))
+    token = rv.sign_revocation_list(trust_domain="example.org", version=1, issued_at=NOW,
+                                    revocations=_list(1), key=key, key_id="ml")
+    assert rv.verify_revocation_list(token, bundle=bundle).revocations == tuple(_list(1))
+    with pytest.raises(JwtSvidError, match="signature does not verify"):
+        rv.verify_revocation_list(_tamper(token), bundle=bundle)
