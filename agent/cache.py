@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import jwt
 from cryptography import x509
 
 from agent.errors import NotReadyError
@@ -38,6 +39,7 @@ from agent.taint import load_tainted, signed_by_tainted
 from identity.bundle import Bundle
 from identity.clock import Clock, SystemClock
 from identity.jwtsvid import JwtSvid
+from identity.revocation import Revocation, RevocationSet
 from identity.selectors import Selector, selectors_match
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import X509Svid
@@ -240,6 +242,7 @@ class Cache:
         self._jwt: dict[tuple[str, tuple[str, ...]], _JwtCacheItem] = {}
         # Concurrent requests for one (entry, audience) share one server call.
         self._jwt_inflight: dict[tuple[str, tuple[str, ...]], asyncio.Future[JwtSvid]] = {}
+        self._revoked = RevocationSet()
 
     # Reading -----------------------------------------------------------------
 
@@ -369,6 +372,57 @@ class Cache:
         if gone:
             self._bump()
         return gone
+
+    # Revocations ---------------------------------------------------------------
+
+    @property
+    def revoked(self) -> RevocationSet:
+        """The revocations the last syncs delivered (read-only for callers)."""
+        return self._revoked
+
+    def apply_revocations(self, revocations: Iterable[Revocation], *, full: bool,
+                          now: dt.datetime | None = None) -> list[str]:
+        """Take in what a sync delivered and forget every SVID it revokes.
+
+        A dropped X.509-SVID has no SVID in the cache any more, so the next
+        :meth:`rotation_plan` (the same sync tick) signs a new one for it; until
+        then its workloads are sent nothing rather than the revoked one. Cached
+        JWT-SVIDs that are revoked are dropped too, so none is handed out again.
+
+        Args:
+            revocations: new revocations, or with ``full`` the complete set.
+            full: replace what is held instead of adding.
+            now: for dropping revocations past their expiry.
+
+        Returns:
+            The entry ids whose X.509-SVID was dropped.
+        """
+        now = now or self._clock.now()
+        if full:
+            self._revoked.replace(revocations)
+        else:
+            self._revoked.add(revocations)
+        self._revoked.prune(now)
+        gone = [i for i, c in self._state.svids.items() if self._revoked.x509_revoked(
+            serial=c.svid.leaf.serial_number, spiffe_id=str(c.svid.spiffe_id),
+            not_before=c.svid.leaf.not_valid_before_utc)]
+        for entry_id in gone:
+            del self._state.svids[entry_id]
+        for key in [k for k, item in self._jwt.items() if self.jwt_revoked(item.svid)]:
+            del self._jwt[key]
+        if gone:
+            self._bump()
+        return gone
+
+    def jwt_revoked(self, svid: JwtSvid) -> bool:
+        """Whether a JWT-SVID's ``jti`` or signing key is revoked."""
+        jti = svid.claims.get("jti")
+        try:
+            kid = jwt.get_unverified_header(svid.token).get("kid")
+        except jwt.PyJWTError:
+            kid = None
+        return self._revoked.jwt_revoked(jwt_id=jti if isinstance(jti, str) else None,
+                                         key_id=kid if isinstance(kid, str) else None)
 
     # The bounded SVID cache --------------------------------------------------
 

@@ -41,6 +41,7 @@ from identity.keys import (
     public_keys_equal,
 )
 from identity.refusal import reason_from_metadata
+from identity.revocation import Revocation, RevocationList, verify_revocation_list
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import X509Svid, certificates_to_pem, validate_leaf
@@ -74,6 +75,11 @@ class SyncResult:
     full: bool = True
     removed: tuple[str, ...] = ()
     generation: str = ""
+    # Revocations new since the known_revocation_id presented (all of them when
+    # revocations_full), and the id to present next (docs/internals.md, "Revocations").
+    revocations: tuple[Revocation, ...] = ()
+    revocation_id: int = 0
+    revocations_full: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +242,8 @@ class ServerClient:
         )
         return self._svid(resp.svid, key)
 
-    async def sync(self, *, known_generation: str = "", known_revision: int = 0) -> SyncResult:
+    async def sync(self, *, known_generation: str = "", known_revision: int = 0,
+                   known_revocation_id: int = 0) -> SyncResult:
         """SyncAuthorizedEntries: what changed for us since the revision we hold.
 
         The server streams pages; they are applied only once the last one has
@@ -260,7 +267,8 @@ class ServerClient:
         )
         request = apb.SyncAuthorizedRequest(
             known_generation=known_generation, known_revision=known_revision,
-            known_bundle_digests=self.known_bundle_digests())
+            known_bundle_digests=self.known_bundle_digests(),
+            known_revocation_id=known_revocation_id)
         pages: list[apb.SyncAuthorizedEntriesPage] = []
         try:
             async for page in call(request, timeout=CALL_TIMEOUT):
@@ -288,9 +296,18 @@ class ServerClient:
         self._held_bundles = held
         own = held.get(self.trust_domain.name)
         tainted = tuple(own[1].tainted_x509_authorities) if own is not None else ()
+        revocations = []
+        for r in first.revocations:
+            try:
+                revocations.append(revocation_from_proto(r))
+            except SigilError as exc:
+                log.event("revocation skipped", level=logging.WARNING, revocation_id=r.id,
+                          reason=str(exc))
         return SyncResult(tuple(entries), bundles, pages[-1].revision, tainted,
                           full=first.full_resync, removed=tuple(removed),
-                          generation=pages[-1].generation)
+                          generation=pages[-1].generation, revocations=tuple(revocations),
+                          revocation_id=first.revocation_id,
+                          revocations_full=first.revocations_full)
 
     def known_bundle_digests(self) -> dict[str, str]:
         """What the next sync presents: the digest of every bundle held.
@@ -360,6 +377,20 @@ class ServerClient:
         except SigilError as exc:
             raise ServerCallError(f"server returned an unusable JWT-SVID: {exc}") from None
 
+    async def revocation_list(self, bundle: Bundle) -> RevocationList:
+        """GetRevocationList: every unexpired revocation, verified with ``bundle``
+        (our trust domain's: the list is signed with one of its JWT keys).
+
+        Raises:
+            ServerCallError: the call failed, or the list does not verify.
+        """
+        resp: apb.RevocationListResponse = await self._call(  # type: ignore[assignment]
+            "GetRevocationList", apb.RevocationListRequest(), apb.RevocationListResponse)
+        try:
+            return verify_revocation_list(resp.signed_list, bundle=bundle)
+        except SigilError as exc:
+            raise ServerCallError(f"server returned an unusable revocation list: {exc}") from None
+
     def _svid(self, proto: tpb.X509SVID, key: PrivateKey) -> X509Svid:
         try:
             chain = tuple(x509.load_der_x509_certificate(d) for d in proto.cert_chain)
@@ -388,6 +419,18 @@ def _call_error(method: str, exc: grpc.aio.AioRpcError) -> ServerCallError:
 
 def _unix_time(seconds: int) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(seconds, dt.UTC) if seconds > 0 else None
+
+
+def revocation_from_proto(r: tpb.Revocation) -> Revocation:
+    """A revocation as a sync sends it (0 for an absent time).
+
+    Raises:
+        InvalidValueError: an unknown kind, an empty or oversized value.
+    """
+    return Revocation.from_json({
+        "id": r.id, "kind": r.kind, "value": r.value,
+        "not_before_max": r.not_before_max or None, "expires_at": r.expires_at or None,
+        "created_at": r.created_at})
 
 
 def bundle_from_proto(b: tpb.Bundle) -> Bundle:

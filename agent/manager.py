@@ -132,6 +132,8 @@ class Manager:
         # it belongs to: the server answers relative to them (only what changed).
         self._sync_generation = ""
         self._sync_revision = 0
+        # The newest revocation id the last sync delivered (0: ask for them all).
+        self._revocation_id = 0
         self.sync_interval = sync_interval
         self.backoff = Backoff(initial=sync_interval, maximum=max(backoff_max, sync_interval))
         self._reattest = reattest
@@ -353,6 +355,7 @@ class Manager:
         self._reattest_failure = ""
         # A new node record: ask for everything again rather than a delta.
         self._sync_generation, self._sync_revision = "", 0
+        self._revocation_id = 0
         log.event("agent attested again", agent_id=svid.spiffe_id,
                   expires_at=svid.expires_at.isoformat(),
                   renew_at=self.agent_svid_renew_at.isoformat())
@@ -406,7 +409,8 @@ class Manager:
 
     async def _sync(self) -> None:
         result = await self._client.sync(known_generation=self._sync_generation,
-                                         known_revision=self._sync_revision)
+                                         known_revision=self._sync_revision,
+                                         known_revocation_id=self._revocation_id)
         own = result.bundles.get(self._cache.trust_domain)
         if own is not None and own != self.bundle:
             self._state.save_bundle(own)
@@ -426,6 +430,17 @@ class Manager:
         else:
             changed = self._cache.apply_entry_changes(entries, result.removed)
         self._sync_generation, self._sync_revision = result.generation, result.revision
+        # After the entries: _rotate, the next step of this tick, signs a new SVID
+        # for every entry whose SVID a revocation dropped here.
+        dropped = self._cache.apply_revocations(result.revocations,
+                                                full=result.revocations_full)
+        self._revocation_id = result.revocation_id
+        if result.revocations:
+            log.event("revocations updated", received=len(result.revocations),
+                      full=result.revocations_full, count=len(self._cache.revoked),
+                      revocation_id=result.revocation_id)
+        for entry_id in dropped:
+            log.event("revoked svid dropped", level=logging.WARNING, entry_id=entry_id)
         if changed:
             log.event("entries updated", full=result.full, changed=len(entries),
                       removed=len(result.removed),

@@ -10,7 +10,7 @@ left out: one missing from it is refused to everybody).
 Roles: ``read`` (every call that changes nothing), ``entries`` (read, and create,
 update and delete entries whose SPIFFE IDs are under the grant's ``paths``),
 ``agents`` (read, ban, evict, purge, join tokens), ``authority`` (read, local
-authorities, foreign bundles, federation relationships), ``all`` (everything,
+authorities, foreign bundles, federation relationships, revoking SVIDs), ``all`` (everything,
 minting SVIDs and the ``admin`` flag of entries included). The socket's owner
 (root and the server's own user) always has ``all``; without an ``[admin]`` table
 everybody who can open the socket has ``all``, as before scoped admins.
@@ -75,6 +75,9 @@ METHOD_ROLES: Mapping[str, str] = {
     # An SVID for any ID of the trust domain: whoever may do this may be anybody.
     "MintX509SVID": ALL,
     "MintJWTSVID": ALL,
+    # Cutting off issued SVIDs is an incident response for the trust domain.
+    "RevokeSVID": AUTHORITY,
+    "ListRevokedSVIDs": READ,
     "Health": READ,
 }
 

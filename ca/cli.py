@@ -947,12 +947,13 @@ def healthcheck(socket_path: str, output: str) -> None:
 
 def _register_subcommands() -> None:
     # Imported here: these modules use this one's helpers.
-    from ca import cli_bundle, cli_federation, cli_localauthority, cli_policy
+    from ca import cli_bundle, cli_federation, cli_localauthority, cli_policy, cli_svid
 
     cli.add_command(cli_localauthority.make_group(sys.modules[__name__]))
     cli.add_command(cli_federation.make_group(sys.modules[__name__]))
     cli_bundle.add_commands(sys.modules[__name__], bundle)
     cli_policy.add_commands(entry)
+    cli.add_command(cli_svid.make_group(sys.modules[__name__]))
 
 
 _register_subcommands()

@@ -152,6 +152,7 @@ def sign_jwt_svid(
     expires_at: dt.datetime,
     algorithm: str | None = None,
     issuer: str | None = None,
+    jwt_id: str | None = None,
 ) -> str:
     """Sign a JWT-SVID.
 
@@ -171,6 +172,8 @@ def sign_jwt_svid(
         issuer: an ``iss`` claim, when set. JWT-SVID §3 allows it; identity
             providers that trust us through OIDC discovery require it to equal the
             discovery document's issuer.
+        jwt_id: a ``jti`` claim, when set (RFC 7519 §4.1.7): names this one token,
+            so it can be revoked alone.
 
     Returns:
         The compact serialization.
@@ -204,6 +207,8 @@ def sign_jwt_svid(
     }
     if issuer:
         claims["iss"] = issuer
+    if jwt_id:
+        claims["jti"] = jwt_id
     # PyJWT's annotation lists its built-in key types; a registered algorithm
     # (ML-DSA) takes its own, which PyJWT passes through to it untouched.
     signing_key: Any = key

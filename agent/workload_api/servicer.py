@@ -493,6 +493,11 @@ class WorkloadApiServicer:
             )
         except (JwtSvidError, InvalidSpiffeIdError) as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        # Our server's revocations name our trust domain's tokens only.
+        if (svid.spiffe_id.trust_domain == self._cache.trust_domain
+                and self._cache.jwt_revoked(svid)):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "token is revoked (its jti or signing key)")
         claims = struct_pb2.Struct()
         doc = dict(svid.claims)
         # A single-string aud is legal in a JWT; hand it out as a list, as SPIRE does.

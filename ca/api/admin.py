@@ -16,6 +16,7 @@ from ca.api.convert import agent_to_proto, bundle_to_proto, entry_to_proto, svid
 from ca.api.deps import ApiDeps
 from ca.api.federation import FederationMethods
 from ca.api.localauthority import LocalAuthorityMethods
+from ca.api.revocations import RevocationMethods
 from ca.api.status import grpc_method, status_for
 from ca.datastore import EntryRecord
 from ca.entries import EntryService
@@ -28,7 +29,8 @@ from identity.spiffeid import SpiffeId
 MAX_JOIN_TOKEN_TTL = dt.timedelta(days=30)
 
 
-class AdminServicer(LocalAuthorityMethods, FederationMethods, admin_pb2_grpc.AdminServicer):
+class AdminServicer(LocalAuthorityMethods, FederationMethods, RevocationMethods,
+                    admin_pb2_grpc.AdminServicer):
     """The Admin service."""
 
     def __init__(self, deps: ApiDeps) -> None:

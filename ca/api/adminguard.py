@@ -234,7 +234,8 @@ class AdminGuard(grpc.ServerInterceptor):  # type: ignore[misc]
 
 # Only these fields of requests and responses are audited: names, never secrets
 # (a join token, a key, a CSR, a JWT, a bundle document are not among them).
-_ID_FIELDS = ("id", "spiffe_id", "parent_id", "trust_domain", "kind", "authority_id")
+_ID_FIELDS = ("id", "spiffe_id", "parent_id", "trust_domain", "kind", "authority_id",
+              "x509_serial", "jwt_id", "jwt_key_id")
 
 
 def audited_ids(request: Any, response: Any | None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from ca.api.convert import (
 )
 from ca.api.deps import ApiDeps
 from ca.api.node_cache import LeafIds, NodeCache
+from ca.api.revocations import RevocationListMethods
 from ca.api.status import grpc_method
 from ca.api.sync import SyncBundles, sync_pages
 from ca.datastore import EntryRecord, NodeRecord
@@ -73,7 +74,7 @@ def _ts(value: dt.datetime) -> int:
     return int(value.timestamp())
 
 
-class AgentServicer(agent_pb2_grpc.AgentServicer):
+class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
     """The Agent service."""
 
     def __init__(self, deps: ApiDeps, *, peer_certificate: PeerCertificate,
@@ -311,6 +312,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         node = self.authenticate(context)
         pages = sync_pages(self._index, request, agent_id=node.spiffe_id,
                            node_selectors=node.selectors, bundles_for=self._bundles)
+        self.revocations.add_to_page(pages[0], request.known_revocation_id)
         return iter(pages)
 
     @grpc_method("agent")

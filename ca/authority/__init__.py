@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import secrets
 import threading
 import uuid
 from collections.abc import Sequence
@@ -50,7 +51,7 @@ from ca.log import event
 from identity.bundle import Bundle, JwtAuthority
 from identity.clock import Clock
 from identity.jwtsvid import sign_jwt_svid
-from identity.keys import KeyType, PrivateKey, PublicKey, key_id, public_key_der
+from identity.keys import JwtPrivateKey, KeyType, PrivateKey, PublicKey, key_id, public_key_der
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import SvidSigner, new_ca_certificate
 
@@ -668,6 +669,14 @@ class CertificateAuthority:
             return (*chain, slot.certificate)
         return (*chain, *(r for r in upstream.roots if r not in chain))
 
+    def jwt_signing_key(self) -> tuple[JwtPrivateKey, str]:
+        """The active JWT key and its kid, for documents the server signs besides
+        JWT-SVIDs (the revocation list, :mod:`ca.api.revocations`)."""
+        slot = self._jwt
+        if slot is None:
+            raise AuthorityError("the CA is not loaded")
+        return slot.key.private_key, slot.kid
+
     def sign_jwt_svid(
         self, spiffe_id: SpiffeId, audience: Sequence[str], *, ttl: dt.timedelta
     ) -> SignedJwtSvid:
@@ -682,6 +691,8 @@ class CertificateAuthority:
             spiffe_id=spiffe_id, audience=tuple(audience), key=slot.key.private_key,
             key_id=slot.kid, issued_at=now, expires_at=expires_at,
             issuer=self._cfg.jwt_issuer,
+            # A jti lets an operator revoke this one token (sigil-server svid revoke --jti).
+            jwt_id=secrets.token_urlsafe(16),
         )
         return SignedJwtSvid(token, spiffe_id, now, expires_at)
 

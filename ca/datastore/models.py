@@ -289,3 +289,26 @@ class DatastoreInfo(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(TRUST_DOMAIN_LENGTH))
+
+
+class SvidRevocation(Base):
+    """A revocation of issued SVIDs (revision 0008); the id orders them for syncs.
+
+    ``kind`` says what ``value`` names: ``x509_serial`` (lowercase hex, no leading
+    zeros), ``x509_spiffe_id`` (every X.509-SVID of that ID whose notBefore is at or
+    before ``not_before_max``: no per-SVID record at issuance), ``jwt_id`` (a
+    ``jti``) or ``jwt_key_id`` (a JWT signing key's ``kid``). ``expires_at``: when
+    nothing it revokes can still be valid, so the row may be pruned; NULL keeps it.
+    """
+
+    __tablename__ = "svid_revocations"
+    __table_args__ = (
+        Index("ix_svid_revocations_kind_value", "kind", "value", mysql_length={"value": 255}),
+    )
+
+    id: Mapped[int] = mapped_column(AUTOINCREMENT_ID, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    value: Mapped[str] = mapped_column(String(SPIFFE_ID_LENGTH))
+    not_before_max: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, default=None, index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)

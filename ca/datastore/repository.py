@@ -34,6 +34,7 @@ from ca.datastore.records import (
     StoredBundle,
     selector_hash,
 )
+from ca.datastore.revocations import RevocationQueries
 from ca.errors import AlreadyExistsError, ConflictError, DatastoreError, NotFoundError
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
@@ -299,7 +300,7 @@ class Transaction:
         return _create_entry(self._session, entry, _ts(now))
 
 
-class Datastore(FederationQueries):
+class Datastore(FederationQueries, RevocationQueries):
     """The repository. Thread-safe: every call opens its own session."""
 
     def __init__(self, url: str) -> None:

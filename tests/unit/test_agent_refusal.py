@@ -287,8 +287,10 @@ def test_after_attesting_again_the_tick_goes_on_and_the_next_sync_is_full(
 ) -> None:
     server, cache, manager = make(tmp_path, FakeClock(T0))
     assert asyncio.run(manager.sync_once()) is True
-    assert server.syncs[-1] == {"known_generation": "", "known_revision": 0}
+    assert server.syncs[-1] == {"known_generation": "", "known_revision": 0,
+                                "known_revocation_id": 0}
     manager._sync_generation, manager._sync_revision = "g", 7
+    manager._revocation_id = 3
     new_svid = svid(str(SpiffeId.parse("spiffe://example.org/sigil/agent/k8s_psat/c/n")))
 
     async def reattest() -> X509Svid:
@@ -306,7 +308,8 @@ def test_after_attesting_again_the_tick_goes_on_and_the_next_sync_is_full(
     assert sorted(cache.snapshot().svids) == ["e0", "e1"]
     # The next sync starts from scratch (the node record is new).
     assert asyncio.run(manager.sync_once()) is True
-    assert server.syncs[-1] == {"known_generation": "", "known_revision": 0}
+    assert server.syncs[-1] == {"known_generation": "", "known_revision": 0,
+                                "known_revocation_id": 0}
 
 
 # The agent's re-attestation with a join token ---------------------------------------

@@ -410,3 +410,27 @@ class RefreshFederatedBundleResponse(_message.Message):
     sequence: int
     next_refresh_at: int
     def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., changed: _Optional[bool] = ..., sequence: _Optional[int] = ..., next_refresh_at: _Optional[int] = ...) -> None: ...
+
+class RevokeSVIDRequest(_message.Message):
+    __slots__ = ("x509_serial", "spiffe_id", "jwt_id", "jwt_key_id")
+    X509_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    JWT_ID_FIELD_NUMBER: _ClassVar[int]
+    JWT_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    x509_serial: str
+    spiffe_id: str
+    jwt_id: str
+    jwt_key_id: str
+    def __init__(self, x509_serial: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., jwt_id: _Optional[str] = ..., jwt_key_id: _Optional[str] = ...) -> None: ...
+
+class ListRevokedSVIDsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRevokedSVIDsResponse(_message.Message):
+    __slots__ = ("revocations", "version")
+    REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    revocations: _containers.RepeatedCompositeFieldContainer[_types_pb2.Revocation]
+    version: int
+    def __init__(self, revocations: _Optional[_Iterable[_Union[_types_pb2.Revocation, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...

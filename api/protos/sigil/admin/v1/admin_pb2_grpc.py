@@ -195,6 +195,16 @@ class AdminStub:
                 request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.FederationRelationshipName.SerializeToString,
                 response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.RefreshFederatedBundleResponse.FromString,
                 _registered_method=True)
+        self.RevokeSVID = channel.unary_unary(
+                '/sigil.admin.v1.Admin/RevokeSVID',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.RevokeSVIDRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_types_dot_v1_dot_types__pb2.Revocation.FromString,
+                _registered_method=True)
+        self.ListRevokedSVIDs = channel.unary_unary(
+                '/sigil.admin.v1.Admin/ListRevokedSVIDs',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListRevokedSVIDsRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListRevokedSVIDsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -399,6 +409,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeSVID(self, request, context):
+        """Revoke issued SVIDs before they expire: agents stop serving them at their
+        next sync. List what is revoked and not yet past its expiry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRevokedSVIDs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -561,6 +585,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RefreshFederatedBundle,
                     request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.FederationRelationshipName.FromString,
                     response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.RefreshFederatedBundleResponse.SerializeToString,
+            ),
+            'RevokeSVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSVID,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.RevokeSVIDRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_types_dot_v1_dot_types__pb2.Revocation.SerializeToString,
+            ),
+            'ListRevokedSVIDs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevokedSVIDs,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListRevokedSVIDsRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListRevokedSVIDsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1427,6 +1461,60 @@ class Admin:
             '/sigil.admin.v1.Admin/RefreshFederatedBundle',
             api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.FederationRelationshipName.SerializeToString,
             api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.RefreshFederatedBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/RevokeSVID',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.RevokeSVIDRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_types_dot_v1_dot_types__pb2.Revocation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevokedSVIDs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/ListRevokedSVIDs',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListRevokedSVIDsRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.ListRevokedSVIDsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from api.protos.sigil.types.v1 import types_pb2 as api_dot_protos_dot_sigil_dot_types_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%api/protos/sigil/agent/v1/agent.proto\x12\x0esigil.agent.v1\x1a%api/protos/sigil/types/v1/types.proto\"0\n\x0f\x41ttestationData\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"+\n\x1b\x41ttestationChallengeRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\"A\n\x1c\x41ttestationChallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\"P\n\x12\x41ttestAgentRequest\x12-\n\x04\x64\x61ta\x18\x01 \x01(\x0b\x32\x1f.sigil.agent.v1.AttestationData\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"\x97\x01\n\x13\x41ttestAgentResponse\x12&\n\x04svid\x18\x01 \x01(\x0b\x32\x18.sigil.types.v1.X509SVID\x12&\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x16.sigil.types.v1.Bundle\x12\x30\n\x0enode_selectors\x18\x03 \x03(\x0b\x32\x18.sigil.types.v1.Selector\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"<\n\x12RenewAgentResponse\x12&\n\x04svid\x18\x01 \x01(\x0b\x32\x18.sigil.types.v1.X509SVID\"\xe1\x01\n\x15SyncAuthorizedRequest\x12\x16\n\x0eknown_revision\x18\x01 \x01(\x03\x12\x18\n\x10known_generation\x18\x02 \x01(\t\x12[\n\x14known_bundle_digests\x18\x03 \x03(\x0b\x32=.sigil.agent.v1.SyncAuthorizedRequest.KnownBundleDigestsEntry\x1a\x39\n\x17KnownBundleDigestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe0\x01\n\x16SyncAuthorizedResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.sigil.types.v1.Entry\x12\x44\n\x07\x62undles\x18\x02 \x03(\x0b\x32\x33.sigil.agent.v1.SyncAuthorizedResponse.BundlesEntry\x12\x10\n\x08revision\x18\x03 \x01(\x03\x1a\x46\n\x0c\x42undlesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.sigil.types.v1.Bundle:\x02\x38\x01\"\xc4\x03\n\x19SyncAuthorizedEntriesPage\x12\x13\n\x0b\x66ull_resync\x18\x01 \x01(\x08\x12&\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x15.sigil.types.v1.Entry\x12\x19\n\x11removed_entry_ids\x18\x03 \x03(\t\x12G\n\x07\x62undles\x18\x04 \x03(\x0b\x32\x36.sigil.agent.v1.SyncAuthorizedEntriesPage.BundlesEntry\x12\x10\n\x08revision\x18\x05 \x01(\x03\x12\x12\n\ngeneration\x18\x06 \x01(\t\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12T\n\x0e\x62undle_digests\x18\x08 \x03(\x0b\x32<.sigil.agent.v1.SyncAuthorizedEntriesPage.BundleDigestsEntry\x1a\x46\n\x0c\x42undlesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.sigil.types.v1.Bundle:\x02\x38\x01\x1a\x34\n\x12\x42undleDigestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x11NewX509SVIDParams\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"L\n\x17\x42\x61tchNewX509SVIDRequest\x12\x31\n\x06params\x18\x01 \x03(\x0b\x32!.sigil.agent.v1.NewX509SVIDParams\"z\n\x16\x42\x61tchNewX509SVIDResult\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.sigil.types.v1.Status\x12&\n\x04svid\x18\x02 \x01(\x0b\x32\x18.sigil.types.v1.X509SVID\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\"S\n\x18\x42\x61tchNewX509SVIDResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.sigil.agent.v1.BatchNewX509SVIDResult\"7\n\x11NewJWTSVIDRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\"]\n\x12NewJWTSVIDResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tissued_at\x18\x03 \x01(\x03\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x32\xb4\x05\n\x05\x41gent\x12V\n\x0b\x41ttestAgent\x12\".sigil.agent.v1.AttestAgentRequest\x1a#.sigil.agent.v1.AttestAgentResponse\x12t\n\x17GetAttestationChallenge\x12+.sigil.agent.v1.AttestationChallengeRequest\x1a,.sigil.agent.v1.AttestationChallengeResponse\x12S\n\nRenewAgent\x12!.sigil.agent.v1.RenewAgentRequest\x1a\".sigil.agent.v1.RenewAgentResponse\x12_\n\x0eSyncAuthorized\x12%.sigil.agent.v1.SyncAuthorizedRequest\x1a&.sigil.agent.v1.SyncAuthorizedResponse\x12k\n\x15SyncAuthorizedEntries\x12%.sigil.agent.v1.SyncAuthorizedRequest\x1a).sigil.agent.v1.SyncAuthorizedEntriesPage0\x01\x12\x65\n\x10\x42\x61tchNewX509SVID\x12\'.sigil.agent.v1.BatchNewX509SVIDRequest\x1a(.sigil.agent.v1.BatchNewX509SVIDResponse\x12S\n\nNewJWTSVID\x12!.sigil.agent.v1.NewJWTSVIDRequest\x1a\".sigil.agent.v1.NewJWTSVIDResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%api/protos/sigil/agent/v1/agent.proto\x12\x0esigil.agent.v1\x1a%api/protos/sigil/types/v1/types.proto\"0\n\x0f\x41ttestationData\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"+\n\x1b\x41ttestationChallengeRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\"A\n\x1c\x41ttestationChallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\"P\n\x12\x41ttestAgentRequest\x12-\n\x04\x64\x61ta\x18\x01 \x01(\x0b\x32\x1f.sigil.agent.v1.AttestationData\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"\x97\x01\n\x13\x41ttestAgentResponse\x12&\n\x04svid\x18\x01 \x01(\x0b\x32\x18.sigil.types.v1.X509SVID\x12&\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x16.sigil.types.v1.Bundle\x12\x30\n\x0enode_selectors\x18\x03 \x03(\x0b\x32\x18.sigil.types.v1.Selector\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"<\n\x12RenewAgentResponse\x12&\n\x04svid\x18\x01 \x01(\x0b\x32\x18.sigil.types.v1.X509SVID\"\xfe\x01\n\x15SyncAuthorizedRequest\x12\x16\n\x0eknown_revision\x18\x01 \x01(\x03\x12\x18\n\x10known_generation\x18\x02 \x01(\t\x12[\n\x14known_bundle_digests\x18\x03 \x03(\x0b\x32=.sigil.agent.v1.SyncAuthorizedRequest.KnownBundleDigestsEntry\x12\x1b\n\x13known_revocation_id\x18\x04 \x01(\x03\x1a\x39\n\x17KnownBundleDigestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe0\x01\n\x16SyncAuthorizedResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.sigil.types.v1.Entry\x12\x44\n\x07\x62undles\x18\x02 \x03(\x0b\x32\x33.sigil.agent.v1.SyncAuthorizedResponse.BundlesEntry\x12\x10\n\x08revision\x18\x03 \x01(\x03\x1a\x46\n\x0c\x42undlesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.sigil.types.v1.Bundle:\x02\x38\x01\"\xa6\x04\n\x19SyncAuthorizedEntriesPage\x12\x13\n\x0b\x66ull_resync\x18\x01 \x01(\x08\x12&\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x15.sigil.types.v1.Entry\x12\x19\n\x11removed_entry_ids\x18\x03 \x03(\t\x12G\n\x07\x62undles\x18\x04 \x03(\x0b\x32\x36.sigil.agent.v1.SyncAuthorizedEntriesPage.BundlesEntry\x12\x10\n\x08revision\x18\x05 \x01(\x03\x12\x12\n\ngeneration\x18\x06 \x01(\t\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12T\n\x0e\x62undle_digests\x18\x08 \x03(\x0b\x32<.sigil.agent.v1.SyncAuthorizedEntriesPage.BundleDigestsEntry\x12/\n\x0brevocations\x18\t \x03(\x0b\x32\x1a.sigil.types.v1.Revocation\x12\x15\n\rrevocation_id\x18\n \x01(\x03\x12\x18\n\x10revocations_full\x18\x0b \x01(\x08\x1a\x46\n\x0c\x42undlesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.sigil.types.v1.Bundle:\x02\x38\x01\x1a\x34\n\x12\x42undleDigestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x11NewX509SVIDParams\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"L\n\x17\x42\x61tchNewX509SVIDRequest\x12\x31\n\x06params\x18\x01 \x03(\x0b\x32!.sigil.agent.v1.NewX509SVIDParams\"z\n\x16\x42\x61tchNewX509SVIDResult\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.sigil.types.v1.Status\x12&\n\x04svid\x18\x02 \x01(\x0b\x32\x18.sigil.types.v1.X509SVID\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\"S\n\x18\x42\x61tchNewX509SVIDResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.sigil.agent.v1.BatchNewX509SVIDResult\"7\n\x11NewJWTSVIDRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\"]\n\x12NewJWTSVIDResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tissued_at\x18\x03 \x01(\x03\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\"\x17\n\x15RevocationListRequest\">\n\x16RevocationListResponse\x12\x13\n\x0bsigned_list\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x32\x98\x06\n\x05\x41gent\x12V\n\x0b\x41ttestAgent\x12\".sigil.agent.v1.AttestAgentRequest\x1a#.sigil.agent.v1.AttestAgentResponse\x12t\n\x17GetAttestationChallenge\x12+.sigil.agent.v1.AttestationChallengeRequest\x1a,.sigil.agent.v1.AttestationChallengeResponse\x12S\n\nRenewAgent\x12!.sigil.agent.v1.RenewAgentRequest\x1a\".sigil.agent.v1.RenewAgentResponse\x12_\n\x0eSyncAuthorized\x12%.sigil.agent.v1.SyncAuthorizedRequest\x1a&.sigil.agent.v1.SyncAuthorizedResponse\x12k\n\x15SyncAuthorizedEntries\x12%.sigil.agent.v1.SyncAuthorizedRequest\x1a).sigil.agent.v1.SyncAuthorizedEntriesPage0\x01\x12\x65\n\x10\x42\x61tchNewX509SVID\x12\'.sigil.agent.v1.BatchNewX509SVIDRequest\x1a(.sigil.agent.v1.BatchNewX509SVIDResponse\x12S\n\nNewJWTSVID\x12!.sigil.agent.v1.NewJWTSVIDRequest\x1a\".sigil.agent.v1.NewJWTSVIDResponse\x12\x62\n\x11GetRevocationList\x12%.sigil.agent.v1.RevocationListRequest\x1a&.sigil.agent.v1.RevocationListResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,31 +55,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RENEWAGENTRESPONSE']._serialized_start=528
   _globals['_RENEWAGENTRESPONSE']._serialized_end=588
   _globals['_SYNCAUTHORIZEDREQUEST']._serialized_start=591
-  _globals['_SYNCAUTHORIZEDREQUEST']._serialized_end=816
-  _globals['_SYNCAUTHORIZEDREQUEST_KNOWNBUNDLEDIGESTSENTRY']._serialized_start=759
-  _globals['_SYNCAUTHORIZEDREQUEST_KNOWNBUNDLEDIGESTSENTRY']._serialized_end=816
-  _globals['_SYNCAUTHORIZEDRESPONSE']._serialized_start=819
-  _globals['_SYNCAUTHORIZEDRESPONSE']._serialized_end=1043
-  _globals['_SYNCAUTHORIZEDRESPONSE_BUNDLESENTRY']._serialized_start=973
-  _globals['_SYNCAUTHORIZEDRESPONSE_BUNDLESENTRY']._serialized_end=1043
-  _globals['_SYNCAUTHORIZEDENTRIESPAGE']._serialized_start=1046
-  _globals['_SYNCAUTHORIZEDENTRIESPAGE']._serialized_end=1498
-  _globals['_SYNCAUTHORIZEDENTRIESPAGE_BUNDLESENTRY']._serialized_start=973
-  _globals['_SYNCAUTHORIZEDENTRIESPAGE_BUNDLESENTRY']._serialized_end=1043
-  _globals['_SYNCAUTHORIZEDENTRIESPAGE_BUNDLEDIGESTSENTRY']._serialized_start=1446
-  _globals['_SYNCAUTHORIZEDENTRIESPAGE_BUNDLEDIGESTSENTRY']._serialized_end=1498
-  _globals['_NEWX509SVIDPARAMS']._serialized_start=1500
-  _globals['_NEWX509SVIDPARAMS']._serialized_end=1550
-  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_start=1552
-  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_end=1628
-  _globals['_BATCHNEWX509SVIDRESULT']._serialized_start=1630
-  _globals['_BATCHNEWX509SVIDRESULT']._serialized_end=1752
-  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_start=1754
-  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_end=1837
-  _globals['_NEWJWTSVIDREQUEST']._serialized_start=1839
-  _globals['_NEWJWTSVIDREQUEST']._serialized_end=1894
-  _globals['_NEWJWTSVIDRESPONSE']._serialized_start=1896
-  _globals['_NEWJWTSVIDRESPONSE']._serialized_end=1989
-  _globals['_AGENT']._serialized_start=1992
-  _globals['_AGENT']._serialized_end=2684
+  _globals['_SYNCAUTHORIZEDREQUEST']._serialized_end=845
+  _globals['_SYNCAUTHORIZEDREQUEST_KNOWNBUNDLEDIGESTSENTRY']._serialized_start=788
+  _globals['_SYNCAUTHORIZEDREQUEST_KNOWNBUNDLEDIGESTSENTRY']._serialized_end=845
+  _globals['_SYNCAUTHORIZEDRESPONSE']._serialized_start=848
+  _globals['_SYNCAUTHORIZEDRESPONSE']._serialized_end=1072
+  _globals['_SYNCAUTHORIZEDRESPONSE_BUNDLESENTRY']._serialized_start=1002
+  _globals['_SYNCAUTHORIZEDRESPONSE_BUNDLESENTRY']._serialized_end=1072
+  _globals['_SYNCAUTHORIZEDENTRIESPAGE']._serialized_start=1075
+  _globals['_SYNCAUTHORIZEDENTRIESPAGE']._serialized_end=1625
+  _globals['_SYNCAUTHORIZEDENTRIESPAGE_BUNDLESENTRY']._serialized_start=1002
+  _globals['_SYNCAUTHORIZEDENTRIESPAGE_BUNDLESENTRY']._serialized_end=1072
+  _globals['_SYNCAUTHORIZEDENTRIESPAGE_BUNDLEDIGESTSENTRY']._serialized_start=1573
+  _globals['_SYNCAUTHORIZEDENTRIESPAGE_BUNDLEDIGESTSENTRY']._serialized_end=1625
+  _globals['_NEWX509SVIDPARAMS']._serialized_start=1627
+  _globals['_NEWX509SVIDPARAMS']._serialized_end=1677
+  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_start=1679
+  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_end=1755
+  _globals['_BATCHNEWX509SVIDRESULT']._serialized_start=1757
+  _globals['_BATCHNEWX509SVIDRESULT']._serialized_end=1879
+  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_start=1881
+  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_end=1964
+  _globals['_NEWJWTSVIDREQUEST']._serialized_start=1966
+  _globals['_NEWJWTSVIDREQUEST']._serialized_end=2021
+  _globals['_NEWJWTSVIDRESPONSE']._serialized_start=2023
+  _globals['_NEWJWTSVIDRESPONSE']._serialized_end=2116
+  _globals['_REVOCATIONLISTREQUEST']._serialized_start=2118
+  _globals['_REVOCATIONLISTREQUEST']._serialized_end=2141
+  _globals['_REVOCATIONLISTRESPONSE']._serialized_start=2143
+  _globals['_REVOCATIONLISTRESPONSE']._serialized_end=2205
+  _globals['_AGENT']._serialized_start=2208
+  _globals['_AGENT']._serialized_end=3000
 # @@protoc_insertion_point(module_scope)

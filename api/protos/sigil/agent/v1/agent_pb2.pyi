@@ -60,7 +60,7 @@ class RenewAgentResponse(_message.Message):
     def __init__(self, svid: _Optional[_Union[_types_pb2.X509SVID, _Mapping]] = ...) -> None: ...
 
 class SyncAuthorizedRequest(_message.Message):
-    __slots__ = ("known_revision", "known_generation", "known_bundle_digests")
+    __slots__ = ("known_revision", "known_generation", "known_bundle_digests", "known_revocation_id")
     class KnownBundleDigestsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,10 +71,12 @@ class SyncAuthorizedRequest(_message.Message):
     KNOWN_REVISION_FIELD_NUMBER: _ClassVar[int]
     KNOWN_GENERATION_FIELD_NUMBER: _ClassVar[int]
     KNOWN_BUNDLE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_REVOCATION_ID_FIELD_NUMBER: _ClassVar[int]
     known_revision: int
     known_generation: str
     known_bundle_digests: _containers.ScalarMap[str, str]
-    def __init__(self, known_revision: _Optional[int] = ..., known_generation: _Optional[str] = ..., known_bundle_digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    known_revocation_id: int
+    def __init__(self, known_revision: _Optional[int] = ..., known_generation: _Optional[str] = ..., known_bundle_digests: _Optional[_Mapping[str, str]] = ..., known_revocation_id: _Optional[int] = ...) -> None: ...
 
 class SyncAuthorizedResponse(_message.Message):
     __slots__ = ("entries", "bundles", "revision")
@@ -94,7 +96,7 @@ class SyncAuthorizedResponse(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[_types_pb2.Entry, _Mapping]]] = ..., bundles: _Optional[_Mapping[str, _types_pb2.Bundle]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class SyncAuthorizedEntriesPage(_message.Message):
-    __slots__ = ("full_resync", "entries", "removed_entry_ids", "bundles", "revision", "generation", "last", "bundle_digests")
+    __slots__ = ("full_resync", "entries", "removed_entry_ids", "bundles", "revision", "generation", "last", "bundle_digests", "revocations", "revocation_id", "revocations_full")
     class BundlesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +119,9 @@ class SyncAuthorizedEntriesPage(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    REVOCATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REVOCATIONS_FULL_FIELD_NUMBER: _ClassVar[int]
     full_resync: bool
     entries: _containers.RepeatedCompositeFieldContainer[_types_pb2.Entry]
     removed_entry_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -125,7 +130,10 @@ class SyncAuthorizedEntriesPage(_message.Message):
     generation: str
     last: bool
     bundle_digests: _containers.ScalarMap[str, str]
-    def __init__(self, full_resync: _Optional[bool] = ..., entries: _Optional[_Iterable[_Union[_types_pb2.Entry, _Mapping]]] = ..., removed_entry_ids: _Optional[_Iterable[str]] = ..., bundles: _Optional[_Mapping[str, _types_pb2.Bundle]] = ..., revision: _Optional[int] = ..., generation: _Optional[str] = ..., last: _Optional[bool] = ..., bundle_digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    revocations: _containers.RepeatedCompositeFieldContainer[_types_pb2.Revocation]
+    revocation_id: int
+    revocations_full: bool
+    def __init__(self, full_resync: _Optional[bool] = ..., entries: _Optional[_Iterable[_Union[_types_pb2.Entry, _Mapping]]] = ..., removed_entry_ids: _Optional[_Iterable[str]] = ..., bundles: _Optional[_Mapping[str, _types_pb2.Bundle]] = ..., revision: _Optional[int] = ..., generation: _Optional[str] = ..., last: _Optional[bool] = ..., bundle_digests: _Optional[_Mapping[str, str]] = ..., revocations: _Optional[_Iterable[_Union[_types_pb2.Revocation, _Mapping]]] = ..., revocation_id: _Optional[int] = ..., revocations_full: _Optional[bool] = ...) -> None: ...
 
 class NewX509SVIDParams(_message.Message):
     __slots__ = ("entry_id", "csr")
@@ -176,3 +184,15 @@ class NewJWTSVIDResponse(_message.Message):
     issued_at: int
     expires_at: int
     def __init__(self, token: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., issued_at: _Optional[int] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
+class RevocationListRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RevocationListResponse(_message.Message):
+    __slots__ = ("signed_list", "version")
+    SIGNED_LIST_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    signed_list: str
+    version: int
+    def __init__(self, signed_list: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

@@ -93,3 +93,19 @@ class Status(_message.Message):
     code: int
     message: str
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Revocation(_message.Message):
+    __slots__ = ("id", "kind", "value", "not_before_max", "expires_at", "created_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_MAX_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    kind: str
+    value: str
+    not_before_max: int
+    expires_at: int
+    created_at: int
+    def __init__(self, id: _Optional[int] = ..., kind: _Optional[str] = ..., value: _Optional[str] = ..., not_before_max: _Optional[int] = ..., expires_at: _Optional[int] = ..., created_at: _Optional[int] = ...) -> None: ...
