@@ -167,6 +167,40 @@ def _check_spiffe_id(value: str | None, flag: str) -> None:
         _fail(f"{flag}: {exc}")
 
 
+class Duration(click.ParamType):  # type: ignore[type-arg,unused-ignore]
+    """A lifetime in whole seconds: ``600``, ``90s``, ``10m``, ``1h``, ``2d`` or ``1h30m``.
+
+    Every TTL flag takes it, so one form works everywhere (config keys too:
+    identity.configvalues). ``allow_zero``: ``0`` is accepted and means "the
+    server's default" (the entry TTLs)."""
+
+    name = "duration"
+
+    def __init__(self, *, allow_zero: bool = False) -> None:
+        self.allow_zero = allow_zero
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        from identity.configvalues import parse_duration
+
+        if isinstance(value, int):
+            value = str(value)
+        if self.allow_zero and value.strip() in ("0", "0s"):
+            return 0
+        try:
+            seconds = int(parse_duration(value.strip(), allow_milliseconds=False)
+                          .total_seconds())
+        except SigilError as exc:
+            self.fail(str(exc), param, ctx)
+        if seconds > 2**31 - 1:
+            self.fail(f"duration {value!r} is too long", param, ctx)
+        return seconds
+
+
+DURATION = Duration()
+DURATION_OR_DEFAULT = Duration(allow_zero=True)
+
+
 # ---- the command tree -----------------------------------------------------------------
 
 
@@ -263,7 +297,8 @@ def token() -> None:
 
 @token.command("generate")
 @click.option("--spiffe-id", help="Alias for the agent: entries may use it as their parent.")
-@click.option("--ttl", type=click.IntRange(min=1), help="Lifetime in seconds (default 600).")
+@click.option("--ttl", type=DURATION,
+              help="Lifetime: seconds or 10m, 1h (default: the server's join_token_ttl).")
 @socket_option
 @output_option
 def token_generate(spiffe_id: str | None, ttl: int | None, socket_path: str, output: str) -> None:
@@ -291,11 +326,6 @@ def token_generate(spiffe_id: str | None, ttl: int | None, socket_path: str, out
 @cli.group()
 def entry() -> None:
     """Registration entries: which workloads get which SPIFFE IDs."""
-
-
-def _check_ttl(flag: str, value: int | None) -> None:
-    if value is not None and (value < 0 or value > 2**31 - 1):
-        _fail(f"{flag} {value} must be a number of seconds, 0 or more")
 
 
 def _expires_at(value: str | None) -> int:
@@ -365,8 +395,10 @@ def _code_tuple(code: int) -> tuple[int, str]:
               help="A node-alias entry: its parent is the server, its selectors pick agents.")
 @click.option("--selector", "selectors", multiple=True,
               help="TYPE:VALUE a workload must carry; repeat for several.")
-@click.option("--x509-svid-ttl", type=int, default=0, help="Seconds; 0 is the server default.")
-@click.option("--jwt-svid-ttl", type=int, default=0, help="Seconds; 0 is the server default.")
+@click.option("--x509-svid-ttl", type=DURATION_OR_DEFAULT, default=0,
+              help="600, 10m, 1h; 0 is the server default.")
+@click.option("--jwt-svid-ttl", type=DURATION_OR_DEFAULT, default=0,
+              help="300, 5m; 0 is the server default.")
 @click.option("--dns-name", "dns_names", multiple=True, help="DNS SAN; repeatable.")
 @click.option("--federates-with", multiple=True, help="Trust domain whose bundle to add.")
 @click.option("--hint", default="", help="A hint for workloads with several identities.")
@@ -417,8 +449,6 @@ def entry_create(
     _check_spiffe_id(spiffe_id, "--spiffe-id")
     _check_spiffe_id(parent_id, "--parent-id")
     parent = _node_parent(spiffe_id) if node else parent_id
-    _check_ttl("--x509-svid-ttl", x509_svid_ttl)
-    _check_ttl("--jwt-svid-ttl", jwt_svid_ttl)
     msg = types_pb2.Entry(
         spiffe_id=spiffe_id, parent_id=parent, selectors=_parse_selectors(selectors),
         x509_svid_ttl=x509_svid_ttl, jwt_svid_ttl=jwt_svid_ttl, dns_names=list(dns_names),
@@ -519,8 +549,10 @@ def entry_show(
 @click.option("--node", is_flag=True, help="Make it a node alias (parent = the server).")
 @click.option("--selector", "selectors", multiple=True,
               help="New selectors (replace all); repeatable.")
-@click.option("--x509-svid-ttl", type=int, help="Seconds; 0 is the server default.")
-@click.option("--jwt-svid-ttl", type=int, help="Seconds; 0 is the server default.")
+@click.option("--x509-svid-ttl", type=DURATION_OR_DEFAULT,
+              help="600, 10m, 1h; 0 is the server default.")
+@click.option("--jwt-svid-ttl", type=DURATION_OR_DEFAULT,
+              help="300, 5m; 0 is the server default.")
 @click.option("--dns-name", "dns_names", multiple=True, help="New DNS SANs (replace all).")
 @click.option("--clear-dns-names", is_flag=True, help="Remove every DNS SAN.")
 @click.option("--federates-with", multiple=True, help="New federated trust domains (replace).")
@@ -568,10 +600,8 @@ def entry_update(
     if selectors:
         patch.selectors.extend(_parse_selectors(selectors))
         fields.append("selectors")
-    for flag, name, ttl in (("--x509-svid-ttl", "x509_svid_ttl", x509_svid_ttl),
-                            ("--jwt-svid-ttl", "jwt_svid_ttl", jwt_svid_ttl)):
+    for name, ttl in (("x509_svid_ttl", x509_svid_ttl), ("jwt_svid_ttl", jwt_svid_ttl)):
         if ttl is not None:
-            _check_ttl(flag, ttl)
             setattr(patch, name, ttl)
             fields.append(name)
     if dns_names and clear_dns_names:
@@ -674,15 +704,6 @@ def _emit_agent(a: admin_pb2.Agent, output: str) -> None:
         click.echo(_agent_text(a))
 
 
-def _duration(value: str, flag: str) -> dt.timedelta:
-    from identity.configvalues import parse_duration
-
-    try:
-        return parse_duration(value, allow_milliseconds=False)
-    except SigilError as exc:
-        _fail(f"{flag}: {exc}")
-
-
 agent_id_option = click.option("--id", "agent_id", required=True,
                                help="The agent's SPIFFE ID (see `agent list`).")
 
@@ -778,21 +799,20 @@ def agent_count(socket_path: str, output: str) -> None:
 
 
 @agent.command("purge")
-@click.option("--expired-for", default="24h", show_default=True,
+@click.option("--expired-for", type=DURATION, default="24h", show_default=True,
               help="Remove agents whose SVID expired at least this long ago (e.g. 12h, 7d).")
 @click.option("--dry-run", is_flag=True, help="Only list the agents that would be removed.")
 @socket_option
 @output_option
-def agent_purge(expired_for: str, dry_run: bool, socket_path: str, output: str) -> None:
+def agent_purge(expired_for: int, dry_run: bool, socket_path: str, output: str) -> None:
     """Remove agents whose SVIDs expired long ago (nodes that are gone for good).
 
     \b
     Example:
       sigil-server agent purge --expired-for 7d --dry-run
     """
-    seconds = int(_duration(expired_for, "--expired-for").total_seconds())
     resp = _call(socket_path, lambda s: s.PurgeAgents(
-        admin_pb2.PurgeAgentsRequest(expired_for=seconds, dry_run=dry_run),
+        admin_pb2.PurgeAgentsRequest(expired_for=expired_for, dry_run=dry_run),
         timeout=ADMIN_TIMEOUT))
     if output == "json":
         _emit_json({"ids": list(resp.ids), "dry_run": dry_run})
@@ -810,13 +830,14 @@ def x509() -> None:
 
 @x509.command("mint")
 @click.option("--spiffe-id", required=True, help="The SPIFFE ID to put in the SVID.")
-@click.option("--ttl", help="Lifetime, e.g. 1h (default: the server's x509_svid_ttl).")
+@click.option("--ttl", type=DURATION,
+              help="Lifetime: seconds or 10m, 1h (default: the server's x509_svid_ttl).")
 @click.option("--dns-name", "dns_names", multiple=True, help="DNS SAN; repeatable.")
 @click.option("--write", "write_dir", type=click.Path(file_okay=False),
               help="Write svid.pem, svid.key (mode 0600) and bundle.pem into this directory.")
 @socket_option
 @output_option
-def x509_mint(spiffe_id: str, ttl: str | None, dns_names: tuple[str, ...],
+def x509_mint(spiffe_id: str, ttl: int | None, dns_names: tuple[str, ...],
               write_dir: str | None, socket_path: str, output: str) -> None:
     """Mint an X.509-SVID for any workload SPIFFE ID of the trust domain.
 
@@ -835,9 +856,8 @@ def x509_mint(spiffe_id: str, ttl: str | None, dns_names: tuple[str, ...],
     from identity.x509svid import certificates_to_pem, new_csr
 
     _check_spiffe_id(spiffe_id, "--spiffe-id")
-    seconds = int(_duration(ttl, "--ttl").total_seconds()) if ttl else 0
     key = generate_private_key()
-    req = admin_pb2.MintX509SVIDRequest(spiffe_id=spiffe_id, csr=new_csr(key), ttl=seconds,
+    req = admin_pb2.MintX509SVIDRequest(spiffe_id=spiffe_id, csr=new_csr(key), ttl=ttl or 0,
                                         dns_names=list(dns_names))
     resp = _call(socket_path, lambda s: s.MintX509SVID(req, timeout=ADMIN_TIMEOUT))
     chain_pem = certificates_to_pem(cx509.load_der_x509_certificate(d)
@@ -895,10 +915,11 @@ def jwt() -> None:
 @click.option("--spiffe-id", required=True, help="The SPIFFE ID to put in the token (sub).")
 @click.option("--audience", "audience", multiple=True, required=True,
               help="Audience (aud); repeatable.")
-@click.option("--ttl", help="Lifetime, e.g. 5m (default: the server's jwt_svid_ttl).")
+@click.option("--ttl", type=DURATION,
+              help="Lifetime: seconds or 5m (default: the server's jwt_svid_ttl).")
 @socket_option
 @output_option
-def jwt_mint(spiffe_id: str, audience: tuple[str, ...], ttl: str | None, socket_path: str,
+def jwt_mint(spiffe_id: str, audience: tuple[str, ...], ttl: int | None, socket_path: str,
              output: str) -> None:
     """Mint a JWT-SVID for any workload SPIFFE ID of the trust domain.
 
@@ -910,9 +931,8 @@ def jwt_mint(spiffe_id: str, audience: tuple[str, ...], ttl: str | None, socket_
           --audience spiffe://example.org/db --ttl 2m
     """
     _check_spiffe_id(spiffe_id, "--spiffe-id")
-    seconds = int(_duration(ttl, "--ttl").total_seconds()) if ttl else 0
     resp = _call(socket_path, lambda s: s.MintJWTSVID(admin_pb2.MintJWTSVIDRequest(
-        spiffe_id=spiffe_id, audience=list(audience), ttl=seconds), timeout=ADMIN_TIMEOUT))
+        spiffe_id=spiffe_id, audience=list(audience), ttl=ttl or 0), timeout=ADMIN_TIMEOUT))
     if output == "json":
         _emit_json({"token": resp.token, "spiffe_id": resp.spiffe_id,
                     "expires_at": _unix_to_rfc3339(resp.expires_at)})
