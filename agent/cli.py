@@ -259,7 +259,7 @@ def fetch_x509(socket_path: str | None, write_dir: Path | None, output: str,
             write_file_atomic(write_dir / "svid.key", svid.key_pem(), mode=0o600)
             write_file_atomic(write_dir / "bundle.pem", certificates_to_pem(bundle), mode=0o644)
     if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({"svids": rows}, indent=2))
         return
     for row in rows:
         hint = f" hint={row['hint']}" if row["hint"] else ""
@@ -306,7 +306,7 @@ def fetch_jwt(socket_path: str | None, audience: tuple[str, ...], spiffe_id: str
         rows.append({"spiffe_id": s.spiffe_id, "token": s.svid, "expires_at": expires,
                      "hint": s.hint})
     if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({"svids": rows}, indent=2))
     else:
         for row in rows:
             click.echo(row["token"])

@@ -299,15 +299,21 @@ def token() -> None:
 @click.option("--spiffe-id", help="Alias for the agent: entries may use it as their parent.")
 @click.option("--ttl", type=DURATION,
               help="Lifetime: seconds or 10m, 1h (default: the server's join_token_ttl).")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the token (as on a pipe).")
 @socket_option
 @output_option
-def token_generate(spiffe_id: str | None, ttl: int | None, socket_path: str, output: str) -> None:
+def token_generate(spiffe_id: str | None, ttl: int | None, quiet: bool, socket_path: str,
+                   output: str) -> None:
     """Create a single-use join token and print it.
+
+    On a terminal it prints the token, the agent ID it gives and when it expires;
+    on a pipe (or with --quiet) only the token, so that
+    `--join-token "$(sigil-server token generate)"` works.
 
     \b
     Example:
       sigil-server token generate --spiffe-id spiffe://example.org/node/web-1
-      sigil-agent run --join-token <printed token> ...
+      sigil-agent run --join-token "$(sigil-server token generate)" ...
     """
     _check_spiffe_id(spiffe_id, "--spiffe-id")
     req = admin_pb2.CreateJoinTokenRequest(ttl=ttl or 0, spiffe_id=spiffe_id or "")
@@ -315,6 +321,8 @@ def token_generate(spiffe_id: str | None, ttl: int | None, socket_path: str, out
     if output == "json":
         _emit_json({"token": tok.token, "spiffe_id": tok.spiffe_id,
                     "expires_at": _unix_to_rfc3339(tok.expires_at), "agent_id": tok.agent_id})
+    elif quiet or not sys.stdout.isatty():
+        click.echo(tok.token)
     else:
         click.echo(f"Token: {tok.token}")
         click.echo(f"Agent ID: {tok.agent_id}")
@@ -478,9 +486,10 @@ def _all_pages(socket_path: str, list_page: Callable[[admin_pb2_grpc.AdminStub, 
 
 def _emit_list(items: Sequence[Any], output: str, to_json: Callable[[Any], object],
                to_text: Callable[[Any], str], one: str, many: str) -> None:
-    """A listing as a JSON list, or "Found n things" and each thing's text."""
+    """A listing as ``{"<many>": [...]}`` (the shape of every list command), or
+    "Found n things" and each thing's text."""
     if output == "json":
-        _emit_json([to_json(i) for i in items])
+        _emit_json({many: [to_json(i) for i in items]})
         return
     click.echo(f"Found {len(items)} {one if len(items) == 1 else many}")
     for i in items:

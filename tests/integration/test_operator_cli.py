@@ -98,3 +98,66 @@ def test_every_ttl_flag_takes_seconds_or_a_unit(server: RunningServer, ttl: str)
 def test_bad_durations_are_one_line(server: RunningServer, args: list[str],
                                     first_line: str) -> None:
     assert error(cli(server, *args)) == first_line
+
+
+# ---- 1. token generate on a pipe, and on a terminal --------------------------------------
+
+
+def test_token_generate_prints_only_the_token_on_a_pipe(server: RunningServer) -> None:
+    proc = server.cli("token", "generate")  # a real process; stdout is a pipe
+    assert proc.returncode == 0, proc.stderr
+    [token] = proc.stdout.splitlines()
+    token_id, _, secret = token.partition(".")
+    assert token_id and secret and " " not in token
+    quiet = ok(cli(server, "token", "generate", "--quiet"))
+    assert len(quiet.splitlines()) == 1 and "." in quiet
+
+
+def test_token_generate_is_readable_on_a_terminal(server: RunningServer) -> None:
+    import os
+    import pty
+
+    from tests.integration.conftest import server_command
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run([*server_command(), "token", "generate", "--socket-path",
+                               str(server.socket_path)], stdout=follower,
+                              stderr=subprocess.PIPE, timeout=60)
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(leader)
+    assert proc.returncode == 0, proc.stderr
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("Token: ") and lines[1].startswith(
+        f"Agent ID: spiffe://{server.trust_domain}/sigil/agent/join_token/")
+
+
+# ---- 1. every list command answers {"<things>": [...]} -------------------------------------
+
+
+def test_list_commands_share_one_json_shape(server: RunningServer) -> None:
+    td = server.trust_domain
+    created = json.loads(ok(cli(
+        server, "entry", "create", "--spiffe-id", f"spiffe://{td}/shape",
+        "--parent-id", f"spiffe://{td}/node/shape", "--selector", "unix:uid:77",
+        "--output", "json")))
+    shown = json.loads(ok(cli(server, "entry", "show", "--spiffe-id", f"spiffe://{td}/shape",
+                              "--output", "json")))
+    assert shown == {"entries": [created]}
+    for args, key in [(["agent", "list"], "agents"), (["bundle", "list"], "bundles"),
+                      (["federation", "list"], "relationships"),
+                      (["localauthority", "x509", "show"], "authorities"),
+                      (["localauthority", "jwt", "show"], "authorities")]:
+        doc = json.loads(ok(cli(server, *args, "--output", "json")))
+        assert list(doc) == [key] and isinstance(doc[key], list), (args, doc)
+    ok(cli(server, "entry", "delete", "--id", created["id"]))
