@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -143,17 +144,59 @@ def _emit_count(count: int, output: str, one: str, many: str) -> None:
         click.echo(f"{count} {one if count == 1 else many}")
 
 
-def _parse_selectors(values: Sequence[str]) -> list[types_pb2.Selector]:
+# Selector types some attestor produces: a selector's type is its plugin's name
+# (attestation/), plus the join-token agent's spiffe_id. An entry with another type
+# can never match anything: it is nearly always a typo, or a missing "unix:".
+KNOWN_SELECTOR_TYPES = ("join_token", "k8s", "k8s_psat", "spiffe_id", "sshpop", "unix",
+                        "x509pop")
+# Values of the unix and k8s workload attestors, for "did you mean" when the type is missing.
+_SELECTOR_HINTS = {
+    "unix": ("uid", "gid", "user", "group", "path", "sha256", "supplementary_gid",
+             "supplementary_group"),
+    "k8s": ("ns", "sa", "pod-uid", "pod-name", "pod-label", "pod-owner", "node-name",
+            "container-name", "container-image"),
+}
+# A join token is "<16 hex id>.<secret>" (attestation/node/join_token.py).
+_JOIN_TOKEN_RE = re.compile(r"\b([0-9a-f]{16})\.[A-Za-z0-9_-]{16,}")
+
+
+def _refuse_token_secret(flag: str, value: str) -> None:
+    """Refuse a value holding a whole join token: the secret part must never reach
+    the datastore (nor this command's output); the agent's ID uses the token's ID."""
+    match = _JOIN_TOKEN_RE.search(value)
+    if match:
+        _fail(f"{flag} contains a join token's secret (the part after the dot): give only "
+              f"its ID, {match.group(1)} (e.g. spiffe://<trust domain>/sigil/agent/join_token/"
+              f"{match.group(1)}); nothing was sent")
+
+
+def _parse_selectors(values: Sequence[str], *, check_types: bool = False,
+                     force: bool = False) -> list[types_pb2.Selector]:
     from identity.selectors import Selector
 
     out = []
     for text in values:
+        _refuse_token_secret("--selector", text)
         try:
             sel = Selector.parse(text)
         except SigilError as exc:
             _fail(str(exc))
+        if check_types and sel.type not in KNOWN_SELECTOR_TYPES:
+            _unknown_selector_type(text, sel.type, force=force)
         out.append(types_pb2.Selector(type=sel.type, value=sel.value))
     return out
+
+
+def _unknown_selector_type(text: str, kind: str, *, force: bool) -> None:
+    hint = ""
+    for known, values in _SELECTOR_HINTS.items():
+        if kind in values:
+            hint = f" (did you mean {known}:{text}?)"
+    message = (f"--selector {text}: no attestor makes selectors of type {kind!r}{hint}; "
+               f"known types: {', '.join(KNOWN_SELECTOR_TYPES)}")
+    if not force:
+        _fail(f"{message}; --force to register it anyway")
+    click.echo(f"Warning: {message}", err=True)
 
 
 def _check_spiffe_id(value: str | None, flag: str) -> None:
@@ -161,6 +204,7 @@ def _check_spiffe_id(value: str | None, flag: str) -> None:
 
     if value is None:
         return
+    _refuse_token_secret(flag, value)
     try:
         SpiffeId.parse(value)
     except SigilError as exc:
@@ -354,7 +398,7 @@ def _node_parent(spiffe_id: str) -> str:
         _fail(f"--spiffe-id: {exc}")
 
 
-def _create_batch(data_file: str, socket_path: str, output: str) -> None:
+def _create_batch(data_file: str, socket_path: str, output: str, *, force: bool) -> None:
     from ca.entryfile import load_batch
 
     try:
@@ -363,6 +407,10 @@ def _create_batch(data_file: str, socket_path: str, output: str) -> None:
         _fail(f"cannot read {data_file}: {exc.strerror}")
     except SigilError as exc:
         _fail(str(exc))
+    for i, msg in enumerate(entries):
+        _refuse_token_secret(f"{data_file}: entry {i}: parent_id", msg.parent_id)
+        _parse_selectors([f"{s.type}:{s.value}" for s in msg.selectors], check_types=True,
+                         force=force)
     resp = _call(socket_path, lambda s: s.BatchCreateEntry(
         admin_pb2.BatchCreateEntryRequest(entries=entries), timeout=ADMIN_TIMEOUT))
     failed = 0
@@ -415,13 +463,16 @@ def _code_tuple(code: int) -> tuple[int, str]:
 @click.option("--expires-at", help="When the entry stops applying: RFC 3339 or unix seconds.")
 @click.option("--data", "data_file", type=click.Path(dir_okay=False),
               help='JSON file with many entries: a list, or {"entries": [...]}.')
+@click.option("--force", is_flag=True,
+              help="Register selectors of a type no attestor knows (with a warning).")
 @socket_option
 @output_option
 def entry_create(
     spiffe_id: str | None, parent_id: str | None, node: bool, selectors: tuple[str, ...],
     x509_svid_ttl: int, jwt_svid_ttl: int, dns_names: tuple[str, ...],
     federates_with: tuple[str, ...], hint: str, admin: bool, downstream: bool,
-    expires_at: str | None, data_file: str | None, socket_path: str, output: str,
+    expires_at: str | None, data_file: str | None, force: bool, socket_path: str,
+    output: str,
 ) -> None:
     """Register a workload identity (or, with --data, many at once).
 
@@ -444,7 +495,7 @@ def entry_create(
         if spiffe_id or parent_id or node or selectors:
             _fail("--data cannot be combined with --spiffe-id, --parent-id, --node or "
                   "--selector")
-        _create_batch(data_file, socket_path, output)
+        _create_batch(data_file, socket_path, output, force=force)
         return
     if not spiffe_id:
         _fail("Missing option '--spiffe-id' (or --data FILE)")
@@ -458,7 +509,8 @@ def entry_create(
     _check_spiffe_id(parent_id, "--parent-id")
     parent = _node_parent(spiffe_id) if node else parent_id
     msg = types_pb2.Entry(
-        spiffe_id=spiffe_id, parent_id=parent, selectors=_parse_selectors(selectors),
+        spiffe_id=spiffe_id, parent_id=parent,
+        selectors=_parse_selectors(selectors, check_types=True, force=force),
         x509_svid_ttl=x509_svid_ttl, jwt_svid_ttl=jwt_svid_ttl, dns_names=list(dns_names),
         federates_with=list(federates_with), hint=hint, admin=admin, downstream=downstream,
         expires_at=_expires_at(expires_at),
@@ -570,6 +622,8 @@ def entry_show(
 @click.option("--admin/--no-admin", default=None, help="Set or clear the admin flag.")
 @click.option("--downstream/--no-downstream", default=None, help="Set or clear downstream.")
 @click.option("--expires-at", help="RFC 3339, unix seconds, or 'never'.")
+@click.option("--force", is_flag=True,
+              help="Accept selectors of a type no attestor knows (with a warning).")
 @socket_option
 @output_option
 def entry_update(
@@ -577,7 +631,7 @@ def entry_update(
     selectors: tuple[str, ...], x509_svid_ttl: int | None, jwt_svid_ttl: int | None,
     dns_names: tuple[str, ...], clear_dns_names: bool, federates_with: tuple[str, ...],
     clear_federates_with: bool, hint: str | None, admin: bool | None, downstream: bool | None,
-    expires_at: str | None, socket_path: str, output: str,
+    expires_at: str | None, force: bool, socket_path: str, output: str,
 ) -> None:
     """Change some fields of an entry; the others keep their values.
 
@@ -607,7 +661,7 @@ def entry_update(
         patch.parent_id = parent_id
         fields.append("parent_id")
     if selectors:
-        patch.selectors.extend(_parse_selectors(selectors))
+        patch.selectors.extend(_parse_selectors(selectors, check_types=True, force=force))
         fields.append("selectors")
     for name, ttl in (("x509_svid_ttl", x509_svid_ttl), ("jwt_svid_ttl", jwt_svid_ttl)):
         if ttl is not None:

@@ -359,7 +359,7 @@ def test_bad_entry_update_via_api_changes_nothing(
         (["--node", "--parent-id", "spiffe://TD/p", "--spiffe-id", "spiffe://TD/w",
           "--selector", "unix:uid:1"], "not both"),
         (["--node", "--spiffe-id", "spiffe://TD/w"], "--selector"),
-        (["--node", "--spiffe-id", "spiffe://TD/w", "--selector", "a:b",
+        (["--node", "--spiffe-id", "spiffe://TD/w", "--selector", "unix:b",
           "--expires-at", "soon"], "--expires-at"),
         (["--data", "/nonexistent/file.json"], "cannot read"),
     ],

@@ -161,3 +161,85 @@ def test_list_commands_share_one_json_shape(server: RunningServer) -> None:
         doc = json.loads(ok(cli(server, *args, "--output", "json")))
         assert list(doc) == [key] and isinstance(doc[key], list), (args, doc)
     ok(cli(server, "entry", "delete", "--id", created["id"]))
+
+
+# ---- 2. mistakes caught: selector types, join token secrets --------------------------------
+
+KNOWN = "join_token, k8s, k8s_psat, spiffe_id, sshpop, unix, x509pop"
+
+
+def _entry_args(td: str, *extra: str) -> list[str]:
+    return ["entry", "create", "--spiffe-id", f"spiffe://{td}/sel",
+            "--parent-id", f"spiffe://{td}/node/sel", *extra]
+
+
+@pytest.mark.parametrize(
+    ("selector", "first_line"),
+    [
+        ("uid:1000", "Error: --selector uid:1000: no attestor makes selectors of type 'uid' "
+         f"(did you mean unix:uid:1000?); known types: {KNOWN}; --force to register it "
+         "anyway"),
+        ("ns:payments", "Error: --selector ns:payments: no attestor makes selectors of type "
+         f"'ns' (did you mean k8s:ns:payments?); known types: {KNOWN}; --force to register "
+         "it anyway"),
+        ("docker:label:x", "Error: --selector docker:label:x: no attestor makes selectors of "
+         f"type 'docker'; known types: {KNOWN}; --force to register it anyway"),
+    ],
+)
+def test_unknown_selector_type_is_refused(server: RunningServer, selector: str,
+                                          first_line: str) -> None:
+    td = server.trust_domain
+    assert error(cli(server, *_entry_args(td, "--selector", selector))) == first_line
+    assert json.loads(ok(cli(server, "entry", "show", "--spiffe-id", f"spiffe://{td}/sel",
+                             "--output", "json"))) == {"entries": []}
+
+
+def test_unknown_selector_type_with_force_is_a_warning(server: RunningServer,
+                                                       tmp_path: Path) -> None:
+    td = server.trust_domain
+    proc = cli(server, *_entry_args(td, "--selector", "uid:1000", "--force", "--output",
+                                    "json"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0] == (
+        "Warning: --selector uid:1000: no attestor makes selectors of type 'uid' (did you "
+        f"mean unix:uid:1000?); known types: {KNOWN}")
+    created = json.loads(proc.stdout)
+    bad = cli(server, "entry", "update", "--id", created["id"], "--selector", "gid:0")
+    assert error(bad).startswith("Error: --selector gid:0: no attestor makes selectors of "
+                                 "type 'gid' (did you mean unix:gid:0?)")
+    batch = tmp_path / "batch.json"
+    batch.write_text(json.dumps([{"spiffe_id": f"spiffe://{td}/b", "parent_id": f"spiffe://{td}/n",
+                                  "selectors": ["pid:1"]}]))
+    assert error(cli(server, "entry", "create", "--data", str(batch))).startswith(
+        "Error: --selector pid:1: no attestor makes selectors of type 'pid'")
+    ok(cli(server, "entry", "delete", "--id", created["id"]))
+
+
+def test_a_join_token_secret_is_never_stored_nor_echoed(server: RunningServer,
+                                                        tmp_path: Path) -> None:
+    td = server.trust_domain
+    token = ok(cli(server, "token", "generate")).strip()
+    token_id, _, secret = token.partition(".")
+    agent_path = f"spiffe://{td}/sigil/agent/join_token/{token}"
+    expected = (f"Error: --parent-id contains a join token's secret (the part after the dot): "
+                f"give only its ID, {token_id} (e.g. spiffe://<trust domain>/sigil/agent/"
+                f"join_token/{token_id}); nothing was sent")
+    for args in (["entry", "create", "--spiffe-id", f"spiffe://{td}/t", "--parent-id",
+                  agent_path, "--selector", "unix:uid:1"],
+                 ["entry", "update", "--id", "x", "--parent-id", agent_path]):
+        proc = cli(server, *args)
+        assert error(proc) == expected
+        assert secret not in proc.stdout + proc.stderr
+    proc = cli(server, "entry", "create", "--node", "--spiffe-id", f"spiffe://{td}/rack",
+               "--selector", f"join_token:{token}")
+    assert error(proc).startswith("Error: --selector contains a join token's secret")
+    assert secret not in proc.stderr
+    batch = tmp_path / "secret.json"
+    batch.write_text(json.dumps([{"spiffe_id": f"spiffe://{td}/b", "parent_id": agent_path,
+                                  "selectors": ["unix:uid:1"]}]))
+    proc = cli(server, "entry", "create", "--data", str(batch))
+    assert error(proc).startswith(f"Error: {batch}: entry 0: parent_id contains a join "
+                                  "token's secret")
+    assert secret not in proc.stderr
+    listed = ok(cli(server, "entry", "show", "--output", "json"))
+    assert secret not in listed and secret not in server.log
