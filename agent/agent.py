@@ -192,17 +192,9 @@ class Agent:
     async def _initial_bundle(self) -> Bundle:
         td = self.config.trust_domain
         if self.config.trust_bundle_path is not None:
-            try:
-                data = self.config.trust_bundle_path.read_bytes()
-                return Bundle.from_x509_pem(td, data)
-            except OSError as exc:
-                raise BootstrapError(
-                    f"cannot read trust bundle {self.config.trust_bundle_path}: {exc.strerror}"
-                ) from None
-            except SigilError as exc:
-                raise BootstrapError(
-                    f"trust bundle {self.config.trust_bundle_path} is not usable: {exc}"
-                ) from None
+            from agent.trustbundle import load_trust_bundle
+
+            return load_trust_bundle(self.config.trust_bundle_path, td)
         persisted = self.state.load_bundle(td)
         if persisted is not None and persisted.x509_authorities:
             return persisted

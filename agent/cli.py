@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -62,13 +63,28 @@ def _failure(message: str) -> NoReturn:
     sys.exit(1)
 
 
+def spire_flag_hint(args: list[str]) -> str | None:
+    """For the first SPIRE-style single-dash flag (``-socketPath``) in ``args``: a
+    sentence naming Sigil's spelling (``--socket-path``); None when there is none."""
+    for arg in args:
+        if arg == "--":
+            break
+        if re.fullmatch(r"-[A-Za-z][A-Za-z0-9]+", arg):
+            flag = "--" + re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", arg[1:]).lower()
+            return f"{arg} is SPIRE's spelling: use {flag}"
+    return None
+
+
 class _Group(click.Group):
     """Turns click's usage errors into the one-line ``Error: ...`` + exit 2 form."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        argv = list(kwargs.get("args") or (args[0] if args else None) or sys.argv[1:])
         try:
             return super().main(*args, **kwargs)
+        except click.NoSuchOption as exc:
+            _usage_error(spire_flag_hint(argv) or exc.format_message().replace("\n", " "))
         except click.exceptions.Abort:
             sys.exit(130)
         except click.exceptions.Exit as exc:
@@ -85,7 +101,19 @@ class _Group(click.Group):
             _usage_error(exc.format_message())
 
 
+def sigil_version() -> str:
+    """The installed distribution's version ("unknown" when run from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sigil")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=None, package_name="sigil", prog_name="sigil-agent",
+                      message="%(prog)s %(version)s")
 def main() -> None:
     """Sigil node agent: gets SVIDs from the Sigil server and serves them to the
     workloads on this node over the SPIFFE Workload API (a Unix socket).
@@ -135,6 +163,14 @@ def run(config_path: Path | None, trust_domain: str | None, server_address: str 
         config = load_config(config_path, env=os.environ, overrides=overrides)
     except ConfigError as exc:
         _usage_error(str(exc))
+    if config.trust_bundle_path is not None:
+        # Refused now, not as a TLS failure after the first connection attempt.
+        from agent.trustbundle import load_trust_bundle
+
+        try:
+            load_trust_bundle(config.trust_bundle_path, config.trust_domain)
+        except AgentError as exc:
+            _usage_error(str(exc))
     log.configure(level=config.log_level, fmt=config.log_format)
     from agent.workload_api.front import claim_socket_path
 
@@ -162,6 +198,44 @@ def run(config_path: Path | None, trust_domain: str | None, server_address: str 
         _failure(str(exc))
     except SigilError as exc:
         _failure(str(exc))
+
+
+# -- config check -----------------------------------------------------------------------
+
+
+@main.group()
+def config() -> None:
+    """Check a configuration file without starting the agent."""
+
+
+@config.command("check", epilog="""\b
+Examples:
+  sigil-agent config check /etc/sigil/agent.toml
+  SIGIL_AGENT_SERVER_ADDRESS=sigil:8081 sigil-agent config check agent.toml
+""")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def config_check(path: Path) -> None:
+    """Validate FILE as `sigil-agent run --config FILE` would (with the SIGIL_AGENT_*
+    environment variables), and the trust bundle it names; start nothing.
+
+    Exit 0 and one line when it is valid; 2 and one `Error:` line naming the key
+    when it is not.
+    """
+    if not path.exists():
+        _usage_error(f"{path} does not exist")
+    try:
+        cfg = load_config(path, env=os.environ)
+    except ConfigError as exc:
+        _usage_error(str(exc))
+    if cfg.trust_bundle_path is not None:
+        from agent.trustbundle import load_trust_bundle
+
+        try:
+            load_trust_bundle(cfg.trust_bundle_path, cfg.trust_domain)
+        except AgentError as exc:
+            _usage_error(str(exc))
+    click.echo(f"{path}: valid (trust domain {cfg.trust_domain.name}, server "
+               f"{cfg.server_address}, socket {cfg.socket_path})")
 
 
 # -- Workload API client commands ---------------------------------------------------------
@@ -379,7 +453,8 @@ def healthcheck(socket_path: str | None, timeout: float, output: str) -> None:
     if report is None:
         # An agent that does not report its state: that it answers is all we know.
         if output == "json":
-            click.echo(json.dumps({"healthy": True, "socket_path": path}))
+            click.echo(json.dumps({"healthy": True, "socket_path": path,
+                                   "version": sigil_version()}))
             return
         click.echo(f"agent is healthy ({dt.datetime.now(dt.UTC):%H:%M:%S} UTC)")
         return
@@ -389,6 +464,7 @@ def healthcheck(socket_path: str | None, timeout: float, output: str) -> None:
             "healthy": healthy, "state": report.state.value, "reason": report.reason,
             "last_sync": report.last_sync, "svids": report.svids,
             "next_expiry": report.next_expiry, "socket_path": path,
+            "version": sigil_version(),
         }))
     elif healthy:
         click.echo(f"agent is healthy ({dt.datetime.now(dt.UTC):%H:%M:%S} UTC)")

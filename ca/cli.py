@@ -245,10 +245,22 @@ DURATION = Duration()
 DURATION_OR_DEFAULT = Duration(allow_zero=True)
 
 
+def sigil_version() -> str:
+    """The installed distribution's version ("unknown" when run from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sigil")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 # ---- the command tree -----------------------------------------------------------------
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=None, package_name="sigil", prog_name="sigil-server",
+                      message="%(prog)s %(version)s")
 def cli() -> None:
     """Sigil server: the certificate authority of one SPIFFE trust domain.
 
@@ -332,6 +344,36 @@ def run(config_file: str | None, **flags: str | None) -> None:
             import shutil
 
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@cli.group()
+def config() -> None:
+    """Check a configuration file without starting the server."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+def config_check(path: str) -> None:
+    """Validate FILE as `sigil-server run --config FILE` would (with the SIGIL_*
+    environment variables); start nothing, write nothing.
+
+    Exit 0 and one line when it is valid; 2 and one `Error:` line naming the key
+    when it is not.
+
+    \b
+    Example:
+      sigil-server config check /etc/sigil/server.toml
+    """
+    from ca.config import load_config
+
+    if not Path(path).exists():
+        _fail(f"{path} does not exist")
+    try:
+        cfg = load_config(Path(path), env=os.environ)
+    except SigilError as exc:
+        _fail(str(exc))
+    click.echo(f"{path}: valid (trust domain {cfg.trust_domain.name}, agent API "
+               f"{cfg.bind_address}, admin socket {cfg.socket_path})")
 
 
 @cli.group()
@@ -1023,7 +1065,7 @@ def healthcheck(socket_path: str, output: str) -> None:
         _fail("server is not serving")
     if output == "json":
         _emit_json({"serving": True, "trust_domain": resp.trust_domain,
-                    "bundle_sequence": resp.bundle_sequence})
+                    "bundle_sequence": resp.bundle_sequence, "version": sigil_version()})
     else:
         click.echo("Server is healthy.")
 
@@ -1040,11 +1082,42 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+# SPIRE's single-dash spellings whose Sigil flag is not their plain kebab-case form.
+_SPIRE_FLAGS = {"-entryID": "--id", "-dns": "--dns-name", "-x509SVIDTTL": "--x509-svid-ttl",
+                "-jwtSVIDTTL": "--jwt-svid-ttl", "-matchSelectorsOn": "--match",
+                "-federatesWith": "--federates-with", "-storeSVID": None,
+                "-dnsName": "--dns-name", "-id": "--id", "-node": "--node"}
+
+
+def spire_flag_hint(args: Sequence[str]) -> str | None:
+    """For the first SPIRE-style single-dash flag (``-spiffeID``) in ``args``: a
+    sentence naming Sigil's spelling (``--spiffe-id``); None when there is none."""
+    for arg in args:
+        if arg == "--":
+            break
+        if not re.fullmatch(r"-[A-Za-z][A-Za-z0-9]+", arg):
+            continue
+        if arg in _SPIRE_FLAGS:
+            flag = _SPIRE_FLAGS[arg]
+            if flag is None:
+                return f"{arg} is SPIRE's flag; Sigil has no equivalent (see --help)"
+        else:
+            flag = "--" + re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", arg[1:]).lower()
+        return f"{arg} is SPIRE's spelling: use {flag}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console-script entry point: every error, click's usage errors included, is
     one ``Error: <reason>`` line on stderr and exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        code = cli.main(args=argv, prog_name="sigil-server", standalone_mode=False)
+        code = cli.main(args=args, prog_name="sigil-server", standalone_mode=False)
+    except click.UsageError as exc:
+        hint = spire_flag_hint(args) if isinstance(exc, click.NoSuchOption) else None
+        message = hint or " ".join(exc.format_message().split())
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(EXIT_ERROR)
     except click.ClickException as exc:
         click.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(EXIT_ERROR)

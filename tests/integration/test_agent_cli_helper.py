@@ -147,7 +147,10 @@ def test_healthcheck_json(harness: Harness) -> None:
     harness.set_state([entry("w", WEB, UID)])
     result = cli(harness, "healthcheck", "--output", "json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"healthy": True, "socket_path": str(harness.socket_path)}
+    from importlib.metadata import version
+
+    assert json.loads(result.stdout) == {"healthy": True, "socket_path": str(harness.socket_path),
+                                         "version": version("sigil")}
 
 
 def test_watch_without_identity_fails_with_the_reason(harness: Harness) -> None:

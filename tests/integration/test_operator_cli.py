@@ -243,3 +243,67 @@ def test_a_join_token_secret_is_never_stored_nor_echoed(server: RunningServer,
     assert secret not in proc.stderr
     listed = ok(cli(server, "entry", "show", "--output", "json"))
     assert secret not in listed and secret not in server.log
+
+
+# ---- 2. bundle set of JSON without --format spiffe; SPIRE's spellings ----------------------
+
+
+def test_bundle_set_of_json_suggests_format_spiffe(server: RunningServer,
+                                                   tmp_path: Path) -> None:
+    doc = tmp_path / "b.json"
+    doc.write_text(json.dumps({"keys": [], "spiffe_sequence": 1}))
+    assert error(cli(server, "bundle", "set", "--trust-domain", "b.test", "--path",
+                     str(doc))) == (
+        f"Error: {doc} holds a JSON document, not PEM: a SPIFFE bundle (as `bundle show "
+        "--format spiffe` prints it) needs --format spiffe")
+    assert json.loads(ok(cli(server, "bundle", "list", "--output", "json"))) == {"bundles": []}
+
+
+@pytest.mark.parametrize(
+    ("args", "first_line"),
+    [
+        (["entry", "create", "-spiffeID", "spiffe://ops.sigil.test/w"],
+         "Error: -spiffeID is SPIRE's spelling: use --spiffe-id"),
+        (["entry", "show", "-parentID", "spiffe://ops.sigil.test/p"],
+         "Error: -parentID is SPIRE's spelling: use --parent-id"),
+        (["entry", "delete", "-entryID", "x"], "Error: -entryID is SPIRE's spelling: use --id"),
+        (["entry", "create", "-x509SVIDTTL", "60"],
+         "Error: -x509SVIDTTL is SPIRE's spelling: use --x509-svid-ttl"),
+        (["agent", "show", "--bogus"], "Error: No such option '--bogus'."),
+    ],
+)
+def test_spire_style_flags_get_the_sigil_spelling(server: RunningServer, args: list[str],
+                                                  first_line: str) -> None:
+    assert error(cli(server, *args)) == first_line
+
+
+# ---- 3. --version, healthcheck's version, config check -----------------------------------
+
+
+def test_version(server: RunningServer) -> None:
+    from importlib.metadata import version
+
+    proc = server.cli("--version", socket=False)
+    assert (proc.returncode, proc.stdout) == (0, f"sigil-server {version('sigil')}\n")
+    health = json.loads(ok(cli(server, "healthcheck", "--output", "json")))
+    assert health["version"] == version("sigil") and health["serving"] is True
+
+
+def test_config_check(tmp_path: Path) -> None:
+    good = tmp_path / "server.toml"
+    good.write_text('trust_domain = "example.org"\nx509_svid_ttl = 600\n'
+                    f'data_dir = "{tmp_path / "data"}"\n')
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        cli_main(["config", "check", str(good)])
+    assert exit_.value.code == 0, err.getvalue()
+    assert out.getvalue() == (f"{good}: valid (trust domain example.org, agent API "
+                              "0.0.0.0:8081, admin socket /run/sigil-server/private/admin.sock)\n")
+    assert not (tmp_path / "data").exists()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('trust_domain = "example.org"\nsocket_pth = "/run/x.sock"\n')
+    err = io.StringIO()
+    with redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        cli_main(["config", "check", str(bad)])
+    assert exit_.value.code == 2
+    assert err.getvalue().splitlines() == [f"Error: config file {bad}: unknown key 'socket_pth'"]

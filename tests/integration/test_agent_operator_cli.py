@@ -1,0 +1,107 @@
+"""Issue 14, operator experience: sigil-agent as an operator runs it (a real
+process; exit codes and the exact first line of each message)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import DEFAULT_SOCKET_PATH
+from tests.support.tls import make_ca
+
+
+def agent(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).parent / "sigil-agent"
+    cmd = [str(script)] if script.exists() else [
+        sys.executable, "-c", "from agent.cli import main; main(prog_name='sigil-agent')"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def first_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_version() -> None:
+    proc = agent("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("sigil-agent ") and proc.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "first_line"),
+    [
+        (["api", "fetch", "x509", "-socketPath", "/run/x.sock"],
+         "Error: -socketPath is SPIRE's spelling: use --socket-path"),
+        (["run", "-joinToken", "abc"], "Error: -joinToken is SPIRE's spelling: use --join-token"),
+        (["healthcheck", "--bogus"], "Error: No such option '--bogus'."),
+    ],
+)
+def test_spire_style_flags_get_the_sigil_spelling(args: list[str], first_line: str) -> None:
+    assert first_error(agent(*args)) == first_line
+
+
+def _config(tmp_path: Path, bundle: Path | None, extra: str = "") -> Path:
+    path = tmp_path / "agent.toml"
+    text = ('trust_domain = "example.org"\nserver_address = "sigil.example.org:8081"\n'
+            f'data_dir = "{tmp_path / "data"}"\n' + extra)
+    if bundle is not None:
+        text += f'trust_bundle_path = "{bundle}"\n'
+    path.write_text(text)
+    return path
+
+
+def test_config_check_valid(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path)
+    path = _config(tmp_path, ca.ca_path)
+    proc = agent("config", "check", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == (
+        f"{path}: valid (trust domain example.org, server sigil.example.org:8081, socket "
+        f"{DEFAULT_SOCKET_PATH})")
+    assert not (tmp_path / "data").exists()
+
+
+def test_config_check_names_the_bad_key(tmp_path: Path) -> None:
+    path = _config(tmp_path, None, 'sync_interval = "soon"\n')
+    assert first_error(agent("config", "check", str(path))) == (
+        "Error: sync_interval: duration 'soon' is invalid: use seconds or a number and a "
+        "unit ms, s, m, h or d (for example \"600\", \"90s\", \"5m\", \"1h30m\")")
+    assert first_error(agent("config", "check", str(tmp_path / "none.toml"))) == (
+        f"Error: {tmp_path / 'none.toml'} does not exist")
+
+
+def _bad_bundle(tmp_path: Path, kind: str) -> Path:
+    bundle = tmp_path / "bundle.pem"
+    if kind == "empty":
+        bundle.write_text("")
+    else:  # a leaf (a server or workload certificate) saved instead of the CA
+        bundle.write_bytes(make_ca(tmp_path).cert_path.read_bytes())
+    return bundle
+
+
+@pytest.mark.parametrize(
+    ("kind", "first_line"),
+    [
+        ("empty", "Error: trust bundle {b} is empty: fetch it again with "
+                  "`sigil-server bundle show --format pem > {b}`"),
+        ("leaf", "Error: trust bundle {b} holds a certificate that is not a CA (CN=127.0.0.1; "
+                 "an SVID?): it must hold the server's CA certificates: fetch it again with "
+                 "`sigil-server bundle show --format pem > {b}`"),
+    ],
+)
+def test_an_unusable_trust_bundle_is_refused_at_start(tmp_path: Path, kind: str,
+                                                      first_line: str) -> None:
+    bundle = _bad_bundle(tmp_path, kind)
+    expected = first_line.format(b=bundle)
+    path = _config(tmp_path, bundle)
+    assert first_error(agent("config", "check", str(path))) == expected
+    run = agent("run", "--config", str(path), "--join-token", "0123456789abcdef.x",
+                "--socket-path", str(tmp_path / "s" / "api.sock"))
+    assert first_error(run) == expected
+    assert not (tmp_path / "s").exists()
