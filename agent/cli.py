@@ -242,14 +242,33 @@ def config_check(path: Path) -> None:
 
 
 def _resolve_socket(value: str | None) -> str:
-    """--socket-path, else $SPIFFE_ENDPOINT_SOCKET, else the default; URI forms allowed."""
+    """--socket-path, else $SPIFFE_ENDPOINT_SOCKET, else the default; URI forms allowed.
+
+    A socket that does not exist fails here, with where the path came from and how
+    to give another (exit 1)."""
     raw = value or os.environ.get(ENV_VAR) or DEFAULT_SOCKET_PATH
     try:
         path = parse_endpoint_address(raw)
     except EndpointAddressError as exc:
         _usage_error(str(exc))
     check_client_socket(path)
+    if not Path(path).exists():
+        _failure(f"agent is not running: {path} does not exist ({_socket_origin(value)}; "
+                 f"set {ENV_VAR} or pass --socket-path to use another)")
     return path
+
+
+def _socket_origin(value: str | None) -> str:
+    if value:
+        return "from --socket-path"
+    if os.environ.get(ENV_VAR):
+        return f"from {ENV_VAR}"
+    return "the default"
+
+
+def _unreachable(path: str) -> NoReturn:
+    _failure(f"agent is not running: nobody answers on {path} (set {ENV_VAR} or pass "
+             "--socket-path to use another)")
 
 
 def check_client_socket(path: str) -> None:
@@ -275,9 +294,11 @@ def _socket_option(f: F) -> F:
     )(f)
 
 
-def _rpc_failure(exc: grpc.RpcError, what: str) -> NoReturn:
+def _rpc_failure(exc: grpc.RpcError, what: str, path: str | None = None) -> NoReturn:
     code = exc.code()
     details = exc.details()
+    if code == grpc.StatusCode.UNAVAILABLE and path is not None:
+        _unreachable(path)
     _failure(f"{what}: {code.name if code else 'UNKNOWN'}: {details}")
 
 
@@ -314,7 +335,7 @@ def fetch_x509(socket_path: str | None, write_dir: Path | None, output: str,
         with WorkloadApiClient(path, timeout=timeout) as client:
             resp = client.fetch_x509_svid()
     except grpc.RpcError as exc:
-        _rpc_failure(exc, "FetchX509SVID failed")
+        _rpc_failure(exc, "FetchX509SVID failed", path)
     rows = []
     for i, s in enumerate(resp.svids):
         try:
@@ -369,7 +390,7 @@ def fetch_jwt(socket_path: str | None, audience: tuple[str, ...], spiffe_id: str
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
             _usage_error(str(exc.details()))
-        _rpc_failure(exc, "FetchJWTSVID failed")
+        _rpc_failure(exc, "FetchJWTSVID failed", path)
     rows = []
     for s in resp.svids:
         expires = ""
@@ -419,7 +440,7 @@ def _health_report(path: str, timeout: float) -> HealthReport | None:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return None
-            _rpc_failure(exc, "agent is not healthy")
+            _rpc_failure(exc, "agent is not healthy", path)
     try:
         return HealthReport.from_json(data)
     except ValueError as exc:
@@ -441,14 +462,12 @@ def healthcheck(socket_path: str | None, timeout: float, output: str) -> None:
     the agent for its state on the same socket.
     """
     path = _resolve_socket(socket_path)
-    if not Path(path).exists():
-        _failure(f"agent is not running: {path} does not exist")
     try:
         with WorkloadApiClient(path, timeout=timeout) as client:
             client.fetch_x509_bundles()
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
-            _rpc_failure(exc, "agent is not healthy")
+            _rpc_failure(exc, "agent is not healthy", path)
     report = _health_report(path, timeout)
     if report is None:
         # An agent that does not report its state: that it answers is all we know.
@@ -500,7 +519,7 @@ def fetch_jwt_bundles(socket_path: str | None, output: str, timeout: float) -> N
         with WorkloadApiClient(path, timeout=timeout) as client:
             resp = client.fetch_jwt_bundles()
     except grpc.RpcError as exc:
-        _rpc_failure(exc, "FetchJWTBundles failed")
+        _rpc_failure(exc, "FetchJWTBundles failed", path)
     bundles: dict[str, Any] = {}
     for td, jwks in sorted(resp.bundles.items()):
         try:
@@ -553,7 +572,7 @@ def validate_jwt(socket_path: str | None, audience: str, token: str, output: str
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
             _usage_error(f"the JWT-SVID is not valid: {exc.details()}")
-        _rpc_failure(exc, "ValidateJWTSVID failed")
+        _rpc_failure(exc, "ValidateJWTSVID failed", path)
     from google.protobuf.json_format import (  # type: ignore[import-untyped,unused-ignore]
         MessageToDict,
     )
@@ -618,7 +637,7 @@ def watch(socket_path: str | None, count: int | None, output: str) -> None:
             if count is not None and seen >= count:
                 return
     except grpc.RpcError as exc:
-        _rpc_failure(exc, "FetchX509SVID stream ended")
+        _rpc_failure(exc, "FetchX509SVID stream ended", path)
     except KeyboardInterrupt:
         return
     finally:

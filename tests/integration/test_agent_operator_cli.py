@@ -13,11 +13,14 @@ from agent.config import DEFAULT_SOCKET_PATH
 from tests.support.tls import make_ca
 
 
-def agent(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def agent_cmd() -> list[str]:
     script = Path(sys.executable).parent / "sigil-agent"
-    cmd = [str(script)] if script.exists() else [
+    return [str(script)] if script.exists() else [
         sys.executable, "-c", "from agent.cli import main; main(prog_name='sigil-agent')"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def agent(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*agent_cmd(), *args], capture_output=True, text=True, timeout=60)
 
 
 def first_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
@@ -105,3 +108,26 @@ def test_an_unusable_trust_bundle_is_refused_at_start(tmp_path: Path, kind: str,
                 "--socket-path", str(tmp_path / "s" / "api.sock"))
     assert first_error(run) == expected
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("command", [["api", "fetch", "x509"], ["api", "fetch", "jwt",
+                                     "--audience", "db"], ["api", "watch"], ["healthcheck"]])
+def test_no_agent_socket_says_where_the_path_came_from(tmp_path: Path,
+                                                       command: list[str]) -> None:
+    import os
+    import socket
+
+    missing = tmp_path / "missing.sock"
+    env_run = subprocess.run(
+        [*agent_cmd(), *command], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "SPIFFE_ENDPOINT_SOCKET": f"unix://{missing}"})
+    assert first_error(env_run, 1) == (
+        f"Error: agent is not running: {missing} does not exist (from SPIFFE_ENDPOINT_SOCKET; "
+        "set SPIFFE_ENDPOINT_SOCKET or pass --socket-path to use another)")
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # a socket file nobody listens on: what a killed agent leaves
+    proc = agent(*command, "--socket-path", str(stale))
+    assert first_error(proc, 1) == (
+        f"Error: agent is not running: nobody answers on {stale} (set SPIFFE_ENDPOINT_SOCKET "
+        "or pass --socket-path to use another)")
