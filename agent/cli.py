@@ -707,3 +707,6 @@ def helper(config_path: Path | None, socket_path: str | None, directory: str | N
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda _n, _f: runner.stop())
     runner.run()
+    if count is not None and runner.notify_failures:
+        # A script that waits for the first files must learn the program was not reloaded.
+        _failure(f"files written, but the reload failed: {runner.notify_failures[-1]}")

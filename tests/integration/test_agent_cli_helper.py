@@ -457,3 +457,29 @@ def test_spiffe_tls_mutual_tls_between_two_workloads(harness: Harness) -> None:
         listener.close()
         server_source.close()
         client_source.close()
+
+
+def test_helper_reload_failure_is_a_warning_and_fails_count(harness: Harness,
+                                                           tmp_path: Path) -> None:
+    """Issue 14: a reload command that fails is logged at warning, and `--count 1`
+    (a script waiting for the first files) exits 1 saying so."""
+    harness.set_state([entry("w", WEB, UID)])
+
+    def helper(cmd: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", "from agent.cli import main; main(prog_name='sigil-agent')",
+             "helper", "--count", "1", "--dir", str(tmp_path / "out"), "--cmd", cmd,
+             "--socket-path", str(harness.socket_path)],
+            capture_output=True, text=True, timeout=60, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    failed = helper("sh -c 'echo no such service >&2; exit 3'")
+    assert failed.returncode == 1, failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert lines[-1] == ("Error: files written, but the reload failed: command 'sh' exited "
+                         "with 3: no such service")
+    [warning] = [line for line in lines if "helper notify failed" in line]
+    assert "WARNING" in warning.upper(), warning
+    assert (tmp_path / "out" / "svid.pem").exists()
+    good = helper("true")
+    assert good.returncode == 0, good.stderr
