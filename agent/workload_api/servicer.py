@@ -295,6 +295,7 @@ class WorkloadApiServicer:
             snap = self._cache.snapshot()
             entitled = snap.entitled(caller.selectors)
         if not entitled:
+            _log_denied(caller, "no identity")
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
         return snap, entitled, synced
 
@@ -426,6 +427,7 @@ class WorkloadApiServicer:
         if wanted is not None:
             entitled = [e for e in entitled if e.spiffe_id == wanted]
         if not entitled:
+            _log_denied(caller, "no identity" if wanted is None else f"no identity {wanted}")
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
         # Tokens for the same SPIFFE ID are interchangeable: one per ID, first
         # entry in the stable order.
@@ -522,6 +524,13 @@ async def _check_audience_bounds(
                 context, grpc.StatusCode.INVALID_ARGUMENT,
                 f"audience longer than {MAX_AUDIENCE_BYTES} bytes",
             )
+
+
+def _log_denied(caller: _Caller, reason: str) -> None:
+    """At debug: who was refused, and the selectors it has (what to register for it)."""
+    log.event("workload denied", level=logging.DEBUG, pid=caller.creds.pid,
+              uid=caller.creds.uid, gid=caller.creds.gid, reason=reason,
+              selectors=",".join(sorted(str(s) for s in caller.selectors)))
 
 
 async def _abort(

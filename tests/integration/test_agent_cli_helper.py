@@ -483,3 +483,24 @@ def test_helper_reload_failure_is_a_warning_and_fails_count(harness: Harness,
     assert (tmp_path / "out" / "svid.pem").exists()
     good = helper("true")
     assert good.returncode == 0, good.stderr
+
+
+def test_a_denied_call_is_logged_at_debug_with_the_callers_selectors(
+        harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 14: the operator who sees PermissionDenied finds, at debug, who asked and
+    which selectors it has (what an entry must name)."""
+    import logging
+
+    from agent.log import LOGGER_NAME
+
+    harness.set_state([entry("w", WEB, "unix:uid:999999")])
+    with caplog.at_level(logging.DEBUG, logger=LOGGER_NAME):
+        result = cli(harness, "api", "fetch", "x509")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: FetchX509SVID failed: PERMISSION_DENIED")
+    [denied] = [r for r in caplog.records if r.getMessage() == "workload denied"]
+    assert denied.levelno == logging.DEBUG
+    fields = denied.fields  # type: ignore[attr-defined]
+    assert (fields["pid"], fields["uid"], fields["reason"]) == (os.getpid(), os.getuid(),
+                                                                "no identity")
+    assert f"unix:uid:{os.getuid()}" in fields["selectors"].split(",")
