@@ -251,7 +251,8 @@ class Agent:
         roots = roots_pem(bundle)
         # Before any attestation data leaves: a join token sent to the server of
         # another trust domain would be spent there for nothing.
-        actual = await self.client.server_trust_domain(roots_pem=roots)
+        path = str(self.config.trust_bundle_path) if self.config.trust_bundle_path else None
+        actual = await self.client.server_trust_domain(roots_pem=roots, bundle_path=path)
         if actual != self.config.trust_domain:
             raise TrustDomainMismatchError(
                 f"wrong trust domain: configured {self.config.trust_domain}; "

@@ -7,6 +7,10 @@ and 5 (degraded, evicted, banned: agent/health.py).
 
 from __future__ import annotations
 
+# isort: off
+from agent import quietgrpc  # noqa: F401  (before anything imports grpc)
+# isort: on
+
 import asyncio
 import datetime as dt
 import json
@@ -194,7 +198,9 @@ def run(config_path: Path | None, trust_domain: str | None, server_address: str 
         # A configuration error, found before anything was sent: exit 2, one line.
         _usage_error(str(exc))
     except AgentError as exc:
-        log.event("agent failed", level=logging.ERROR, reason=str(exc))
+        if config.log_format == "json":
+            # For a log collector; on a terminal the Error line alone says it.
+            log.event("agent failed", level=logging.ERROR, reason=str(exc))
         _failure(str(exc))
     except SigilError as exc:
         _failure(str(exc))

@@ -7,6 +7,10 @@ Errors print one line, ``Error: <reason>``, on stderr and exit with code 2.
 
 from __future__ import annotations
 
+# isort: off
+from ca import quietgrpc  # noqa: F401  (before anything imports grpc)
+# isort: on
+
 import datetime as dt
 import json
 import os

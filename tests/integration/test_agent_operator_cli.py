@@ -131,3 +131,71 @@ def test_no_agent_socket_says_where_the_path_came_from(tmp_path: Path,
     assert first_error(proc, 1) == (
         f"Error: agent is not running: nobody answers on {stale} (set SPIFFE_ENDPOINT_SOCKET "
         "or pass --socket-path to use another)")
+
+
+# ---- TLS failures at start: one line naming the cause and the fix -------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(tmp_path: Path, address: str, bundle: Path) -> subprocess.CompletedProcess[str]:
+    return agent("run", "--trust-domain", "it.sigil.test", "--server-address", address,
+                 "--join-token", "0123456789abcdef.secretsecretsecretsecret",
+                 "--trust-bundle", str(bundle), "--data-dir", str(tmp_path / "data"),
+                 "--socket-path", str(tmp_path / "s" / "api.sock"))
+
+
+def test_wrong_bundle_names_the_file_and_the_fix(sigil_server: object, tmp_path: Path) -> None:
+    from tests.integration.conftest import RunningServer
+
+    assert isinstance(sigil_server, RunningServer)
+    other = make_ca(tmp_path / "other")
+    proc = _run(tmp_path, sigil_server.address, other.ca_path)
+    assert first_error(proc, 1) == (
+        f"Error: the server's CA is not in {other.ca_path}: fetch it again with "
+        f"`sigil-server bundle show --format pem > {other.ca_path}` (the server at "
+        f"{sigil_server.address}: self-signed certificate in certificate chain)")
+    assert "secretsecret" not in sigil_server.log
+
+
+def test_server_down_is_one_line(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{_free_port()}"
+    proc = _run(tmp_path, address, make_ca(tmp_path).ca_path)
+    assert first_error(proc, 1) == (
+        f"Error: cannot reach the server at {address}: connection refused: is the server "
+        "running, and is --server-address (server_address) its agent API's HOST:PORT?")
+
+
+def test_another_tls_service_is_named(tmp_path: Path) -> None:
+    """A TLS service that is not a Sigil server (its certificate is for another name)."""
+    import socket
+    import threading
+
+    ca = make_ca(tmp_path)
+    ctx = ca.server_context()
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with conn, ctx.wrap_socket(conn, server_side=True):
+                pass
+        except OSError:
+            pass  # the client gave up the handshake: what this test expects
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        proc = _run(tmp_path, address, ca.ca_path)
+    finally:
+        listener.close()
+    assert first_error(proc, 1) == (
+        f"Error: the service at {address} is not a Sigil server (its certificate is not for "
+        "server.sigil.invalid): check --server-address")
