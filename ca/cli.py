@@ -1076,9 +1076,10 @@ def healthcheck(socket_path: str, output: str) -> None:
 
 def _register_subcommands() -> None:
     # Imported here: these modules use this one's helpers.
-    from ca import cli_bundle, cli_federation, cli_localauthority
+    from ca import cli_bundle, cli_federation, cli_localauthority, cli_status
 
     cli.add_command(cli_localauthority.make_group(sys.modules[__name__]))
+    cli.add_command(cli_status.make_command(sys.modules[__name__]))
     cli.add_command(cli_federation.make_group(sys.modules[__name__]))
     cli_bundle.add_commands(sys.modules[__name__], bundle)
 

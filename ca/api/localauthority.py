@@ -37,6 +37,8 @@ def authority_to_proto(info: AuthorityInfo) -> admin_pb2.LocalAuthority:
         not_after=int(info.not_after.timestamp()), owner=info.owner,
         signed_until=int(info.signed_until.timestamp()) if info.signed_until else 0,
         upstream_authority_id=info.upstream_authority_id,
+        not_before=int(info.not_before.timestamp()) if info.not_before else 0,
+        drops_at=int(info.drops_at.timestamp()) if info.drops_at else 0,
     )
 
 

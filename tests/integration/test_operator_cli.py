@@ -307,3 +307,43 @@ def test_config_check(tmp_path: Path) -> None:
         cli_main(["config", "check", str(bad)])
     assert exit_.value.code == 2
     assert err.getvalue().splitlines() == [f"Error: config file {bad}: unknown key 'socket_pth'"]
+
+
+# ---- 3. status: one view of the trust domain -----------------------------------------------
+
+
+def test_status(server: RunningServer) -> None:
+    import datetime as dt
+    import socket as socket_module
+    from importlib.metadata import version
+
+    td = server.trust_domain
+    ok(cli(server, "localauthority", "x509", "prepare"))
+    created = json.loads(ok(cli(
+        server, "entry", "create", "--spiffe-id", f"spiffe://{td}/status",
+        "--parent-id", f"spiffe://{td}/node/status", "--selector", "unix:uid:5",
+        "--output", "json")))
+    entries = json.loads(ok(cli(server, "entry", "count", "--output", "json")))["count"]
+    doc = json.loads(ok(cli(server, "status", "--output", "json")))
+    host = socket_module.gethostname()
+    assert doc["trust_domain"] == td and doc["entries"] == entries and doc["agents"] == 0
+    assert doc["server"]["hostname"] == host and doc["server"]["version"] == version("sigil")
+    assert doc["server"]["instance_id"]
+    x509 = doc["x509"]
+    assert sorted(a["status"] for a in x509["authorities"]) == ["active", "prepared"]
+    assert {a["held_by"] for a in x509["authorities"]} == {host}
+    [active] = [a for a in x509["authorities"] if a["status"] == "active"]
+    begin = dt.datetime.fromisoformat(active["not_before"])
+    end = dt.datetime.fromisoformat(active["not_after"])
+    # A prepared authority exists: the next step is its activation, at 5/6 of the life.
+    assert x509["next_prepare_at"] is None
+    activate = dt.datetime.fromisoformat(x509["next_activate_at"])
+    assert abs((activate - (begin + (end - begin) * 5 / 6)).total_seconds()) <= 1
+    jwt = doc["jwt"]
+    assert [a["status"] for a in jwt["authorities"]] == ["active"]
+    assert jwt["next_prepare_at"] is not None and doc["federation"] == []
+    text = ok(cli(server, "status")).splitlines()
+    assert text[0] == f"Trust domain : {td} (bundle sequence {doc['bundle_sequence']})"
+    assert text[1].startswith(f"Server       : {host} (instance ")
+    assert f"Entries      : {entries}" in text and "Federation   : none" in text
+    ok(cli(server, "entry", "delete", "--id", created["id"]))
