@@ -146,9 +146,12 @@ def main() -> None:
 @click.option("--trust-bundle", help="PEM file of the server's CA certificates.")
 @click.option("--insecure-bootstrap", is_flag=True, default=None,
               help="Trust the server's CA on first use (testing only; not with --trust-bundle).")
+@click.option("--health-address",
+              help='HOST:PORT of /live, /ready and /metrics (HTTP) [off; e.g. 127.0.0.1:8089].')
 def run(config_path: Path | None, trust_domain: str | None, server_address: str | None,
         data_dir: str | None, socket_path: str | None, join_token: str | None,
-        trust_bundle: str | None, insecure_bootstrap: bool | None) -> None:
+        trust_bundle: str | None, insecure_bootstrap: bool | None,
+        health_address: str | None) -> None:
     """Run the agent: attest to the server, keep SVIDs fresh, serve the Workload API.
 
     Stops cleanly on SIGTERM or SIGINT, removing its sockets.
@@ -159,6 +162,7 @@ def run(config_path: Path | None, trust_domain: str | None, server_address: str 
         "trust_domain": trust_domain, "server_address": server_address,
         "data_dir": data_dir, "socket_path": socket_path, "join_token": join_token,
         "trust_bundle_path": trust_bundle, "insecure_bootstrap": insecure_bootstrap,
+        "health_address": health_address,
     }
     if trust_bundle:
         # A flag beats the file: --trust-bundle cancels insecure_bootstrap from TOML.

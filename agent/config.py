@@ -56,6 +56,7 @@ ENV_VARS: Mapping[str, str] = {
     "SIGIL_AGENT_TRUST_BUNDLE_PATH": "trust_bundle_path",
     "SIGIL_AGENT_LOG_LEVEL": "log_level",
     "SIGIL_AGENT_LOG_FORMAT": "log_format",
+    "SIGIL_AGENT_HEALTH_ADDRESS": "health_address",
 }
 
 _DEFAULTS: Mapping[str, Any] = {
@@ -78,6 +79,7 @@ _DEFAULTS: Mapping[str, Any] = {
     "max_connections_per_uid": DEFAULT_MAX_CONNECTIONS_PER_UID,
     "connection_preface_timeout": DEFAULT_PREFACE_TIMEOUT,
     "connection_idle_timeout": DEFAULT_IDLE_TIMEOUT,
+    "health_address": "",
 }
 KNOWN_KEYS = frozenset(_DEFAULTS)
 _ATTESTOR_KEYS: Mapping[str, frozenset[str]] = {
@@ -134,6 +136,8 @@ class AgentConfig:
     connection_idle_timeout: dt.timedelta = dt.timedelta(minutes=5)
     k8s: k8s_workload.K8sAttestorConfig | None = None
     k8s_psat: k8s_psat.AgentAttestorConfig | None = None
+    health_address: str = ""
+    """``HOST:PORT`` of ``/live``, ``/ready`` and ``/metrics``; "" (the default): off."""
 
 
 def parse_duration(text: object, *, key: str | None = None) -> dt.timedelta:
@@ -333,7 +337,14 @@ def _validate(raw: Mapping[str, Any]) -> AgentConfig:
             psat = k8s_psat.parse_agent_config(psat_table.get(k8s_psat.NAME))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    health_address = _string(raw, "health_address") or ""
+    if health_address:
+        try:
+            configvalues.parse_host_port(health_address, allow_port_zero=True)
+        except InvalidValueError as exc:
+            raise ConfigError(f"health_address: {exc}") from None
     return AgentConfig(
+        health_address=health_address,
         k8s=k8s,
         k8s_psat=psat,
         max_connections=max_connections,
