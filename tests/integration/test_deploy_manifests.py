@@ -73,7 +73,7 @@ def test_renders_and_validates(target: str) -> None:
 @pytest.mark.parametrize("target", ["overlays/sqlite", "overlays/postgres"])
 def test_overlay_contents(target: str, tmp_path: Path) -> None:
     docs = render(target)
-    assert {(d["kind"], d["metadata"]["name"]) for d in docs} == {
+    assert {(d["kind"], _unhashed(d)) for d in docs} == {
         ("Namespace", "sigil"),
         ("CustomResourceDefinition", "identitytemplates.sigil.dev"),
         ("ServiceAccount", "sigil-server"), ("ServiceAccount", "sigil-agent"),
@@ -82,6 +82,7 @@ def test_overlay_contents(target: str, tmp_path: Path) -> None:
         ("ClusterRoleBinding", "sigil-server"), ("ClusterRoleBinding", "sigil-agent"),
         ("RoleBinding", "sigil-server-bundle-writer"),
         ("ConfigMap", "sigil-server"), ("ConfigMap", "sigil-agent"),
+        ("ConfigMap", "sigil-trust-domain"),
         ("Service", "sigil-server"), ("Service", "sigil-server-headless"),
         ("StatefulSet", "sigil-server"), ("DaemonSet", "sigil-agent"),
     }
@@ -133,7 +134,7 @@ def test_overlay_contents(target: str, tmp_path: Path) -> None:
     # The shipped configs load with the real loaders.
     server_toml = tmp_path / "server.toml"
     server_toml.write_text(_find(docs, "ConfigMap", "sigil-server")["data"]["server.toml"])
-    server_cfg = load_server_config(server_toml)
+    server_cfg = load_server_config(server_toml, env=_env(docs, sc))
     assert server_cfg.ops.health_address == "0.0.0.0:8080"
     # `kubectl exec ... sigil-server entry show` finds the socket the server serves on.
     assert env["SIGIL_SERVER_SOCKET"]["value"] == str(server_cfg.socket_path)
@@ -143,7 +144,10 @@ def test_overlay_contents(target: str, tmp_path: Path) -> None:
     _check_socket_chain(server, sc, server_cfg.socket_path, tmp_path / "container")
     agent_toml = tmp_path / "agent.toml"
     agent_toml.write_text(_find(docs, "ConfigMap", "sigil-agent")["data"]["agent.toml"])
-    agent_cfg = load_agent_config(agent_toml)
+    agent_cfg = load_agent_config(agent_toml, env=_env(docs, container))
+    # One trust domain, set in one place: the ConfigMap the overlay generates.
+    assert server_cfg.trust_domain == agent_cfg.trust_domain
+    assert "trust_domain =" not in server_toml.read_text() + agent_toml.read_text()
     assert agent_cfg.k8s_psat is not None and agent_cfg.k8s_psat.cluster == "demo"
     assert agent_cfg.k8s is not None
     assert tomllib.loads(agent_toml.read_text())["socket_path"].startswith("/run/sigil/sockets/")
@@ -211,6 +215,54 @@ def test_socket_chain_check_refuses_an_emptydir(tmp_path: Path) -> None:
                  "securityContext": {"readOnlyRootFilesystem": True}}
     with pytest.raises(UnsafeSocketDirectoryError, match="writable by others"):
         _check_socket_chain(pod, container, Path("/run/sigil-server/admin.sock"), tmp_path / "c")
+
+
+def _unhashed(doc: dict[str, Any]) -> str:
+    """A generated ConfigMap's name without kustomize's hash suffix."""
+    name: str = doc["metadata"]["name"]
+    if doc["kind"] == "ConfigMap" and name.startswith("sigil-trust-domain-"):
+        return "sigil-trust-domain"
+    return name
+
+
+def _env(docs: tuple[dict[str, Any], ...], container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment with configMapKeyRef values resolved."""
+    maps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    out = {}
+    for e in container.get("env") or []:
+        if "value" in e:
+            out[e["name"]] = e["value"]
+        elif ref := e.get("valueFrom", {}).get("configMapKeyRef"):
+            out[e["name"]] = maps[ref["name"]][ref["key"]]
+    return out
+
+
+@pytest.mark.slow
+def test_the_trust_domain_is_set_in_one_place(tmp_path: Path) -> None:
+    """An overlay that sets only the generated ConfigMap moves server and agents."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    base = os.path.relpath(DEPLOY / "base", overlay)
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {base}\n"
+        "configMapGenerator:\n  - name: sigil-trust-domain\n    behavior: replace\n"
+        "    literals:\n      - trust_domain=prod.example.net\n")
+    proc = subprocess.run([_kubectl(), "kustomize", str(overlay)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    docs = tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+    [server] = _find(docs, "StatefulSet", "sigil-server")["spec"]["template"]["spec"][
+        "containers"]
+    [agent] = _find(docs, "DaemonSet", "sigil-agent")["spec"]["template"]["spec"]["containers"]
+    (tmp_path / "s.toml").write_text(_find(docs, "ConfigMap", "sigil-server")["data"][
+        "server.toml"])
+    (tmp_path / "a.toml").write_text(_find(docs, "ConfigMap", "sigil-agent")["data"][
+        "agent.toml"])
+    assert load_server_config(tmp_path / "s.toml", env=_env(docs, server)
+                              ).trust_domain.name == "prod.example.net"
+    assert load_agent_config(tmp_path / "a.toml", env=_env(docs, agent)
+                             ).trust_domain.name == "prod.example.net"
 
 
 def test_identity_template_schema_rejects_unknown_fields() -> None:
