@@ -1069,7 +1069,9 @@ def healthcheck(socket_path: str, output: str) -> None:
         _fail("server is not serving")
     if output == "json":
         _emit_json({"serving": True, "trust_domain": resp.trust_domain,
-                    "bundle_sequence": resp.bundle_sequence, "version": sigil_version()})
+                    "bundle_sequence": resp.bundle_sequence,
+                    # The server's own version (an older server sends none: ours).
+                    "version": resp.version or sigil_version()})
     else:
         click.echo("Server is healthy.")
 

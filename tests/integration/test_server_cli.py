@@ -147,8 +147,10 @@ def test_bundle_show_pem_and_spiffe(sigil_server: RunningServer, tmp_path: objec
 
 def test_healthcheck_json(sigil_server: RunningServer) -> None:
     doc = json.loads(_ok(sigil_server.cli("healthcheck", "--output", "json")))
+    from importlib.metadata import version
+
     assert doc == {"serving": True, "trust_domain": sigil_server.trust_domain,
-                   "bundle_sequence": 1}
+                   "bundle_sequence": 1, "version": version("sigil")}
 
 
 @pytest.mark.parametrize("args", [[], ["run"], ["token", "generate"], ["entry", "create"],
