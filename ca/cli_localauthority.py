@@ -30,6 +30,7 @@ def authority_json(a: admin_pb2.LocalAuthority) -> dict[str, Any]:
         "upstream_authority_id": a.upstream_authority_id or None,
         "not_before": base._unix_to_rfc3339(a.not_before) if a.not_before else None,
         "drops_at": base._unix_to_rfc3339(a.drops_at) if a.drops_at else None,
+        "owner_hostname": a.owner_hostname or None,
     }
 
 

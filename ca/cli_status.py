@@ -41,15 +41,17 @@ def status_doc(health: admin_pb2.HealthResponse, x509: list[admin_pb2.LocalAutho
 
     ts = base._unix_to_rfc3339
 
-    def held_by(owner: str) -> str:
-        if owner == health.instance_id:
-            return health.hostname or owner
-        return f"another server (instance {owner})" if owner else "unknown"
+    def held_by(a: admin_pb2.LocalAuthority) -> str:
+        if a.owner == health.instance_id and health.hostname:
+            return health.hostname
+        if a.owner_hostname:
+            return a.owner_hostname
+        return f"instance {a.owner}" if a.owner else "unknown"
 
     def authorities(items: list[admin_pb2.LocalAuthority]) -> dict[str, Any]:
         schedule = _schedule(items)
         return {
-            "authorities": [{**authority_json(a), "held_by": held_by(a.owner)} for a in items],
+            "authorities": [{**authority_json(a), "held_by": held_by(a)} for a in items],
             "next_prepare_at": ts(schedule["prepare_at"]) if schedule["prepare_at"] else None,
             "next_activate_at": (ts(schedule["activate_at"]) if schedule["activate_at"]
                                  else None),

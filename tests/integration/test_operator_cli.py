@@ -332,6 +332,7 @@ def test_status(server: RunningServer) -> None:
     x509 = doc["x509"]
     assert sorted(a["status"] for a in x509["authorities"]) == ["active", "prepared"]
     assert {a["held_by"] for a in x509["authorities"]} == {host}
+    assert {a["owner_hostname"] for a in x509["authorities"]} == {host}
     [active] = [a for a in x509["authorities"] if a["status"] == "active"]
     begin = dt.datetime.fromisoformat(active["not_before"])
     end = dt.datetime.fromisoformat(active["not_after"])
@@ -347,3 +348,29 @@ def test_status(server: RunningServer) -> None:
     assert text[1].startswith(f"Server       : {host} (instance ")
     assert f"Entries      : {entries}" in text and "Federation   : none" in text
     ok(cli(server, "entry", "delete", "--id", created["id"]))
+
+
+def test_status_names_another_servers_keys_by_the_host_it_recorded(database_url: str) -> None:
+    """HA: keys another server instance holds are shown with the host that instance
+    recorded at its start (datastore_info), else with its instance id."""
+    from api.protos.sigil.admin.v1 import admin_pb2
+    from ca import cli as base
+    from ca.cli_status import status_doc
+    from ca.datastore import Datastore
+
+    with Datastore(database_url) as store:
+        store.record_server_host("instance-b", "old-name")
+        store.record_server_host("instance-b", "host-b")
+        store.record_server_host("instance-c", "host-c")
+        assert store.server_hosts() == {"instance-b": "host-b", "instance-c": "host-c"}
+    assert base.__name__ == "ca.cli"  # status_doc formats with ca.cli's helpers
+    health = admin_pb2.HealthResponse(trust_domain="x.test", instance_id="instance-a",
+                                      hostname="host-a")
+    keys = [admin_pb2.LocalAuthority(kind="x509", authority_id=i, status=s, owner=o,
+                                     owner_hostname=h, not_after=2, not_before=1)
+            for i, s, o, h in [("1", "active", "instance-a", "host-a"),
+                               ("2", "active", "instance-b", "host-b"),
+                               ("3", "old", "instance-d", "")]]
+    doc = status_doc(health, keys, [], 0, 0, [])
+    assert [a["held_by"] for a in doc["x509"]["authorities"]] == [
+        "host-a", "host-b", "instance instance-d"]

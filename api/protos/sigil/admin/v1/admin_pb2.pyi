@@ -324,7 +324,7 @@ class LocalAuthorityRequest(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., authority_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class LocalAuthority(_message.Message):
-    __slots__ = ("kind", "authority_id", "status", "not_after", "owner", "signed_until", "upstream_authority_id", "not_before", "drops_at")
+    __slots__ = ("kind", "authority_id", "status", "not_after", "owner", "signed_until", "upstream_authority_id", "not_before", "drops_at", "owner_hostname")
     KIND_FIELD_NUMBER: _ClassVar[int]
     AUTHORITY_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -334,6 +334,7 @@ class LocalAuthority(_message.Message):
     UPSTREAM_AUTHORITY_ID_FIELD_NUMBER: _ClassVar[int]
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     DROPS_AT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     kind: str
     authority_id: str
     status: str
@@ -343,7 +344,8 @@ class LocalAuthority(_message.Message):
     upstream_authority_id: str
     not_before: int
     drops_at: int
-    def __init__(self, kind: _Optional[str] = ..., authority_id: _Optional[str] = ..., status: _Optional[str] = ..., not_after: _Optional[int] = ..., owner: _Optional[str] = ..., signed_until: _Optional[int] = ..., upstream_authority_id: _Optional[str] = ..., not_before: _Optional[int] = ..., drops_at: _Optional[int] = ...) -> None: ...
+    owner_hostname: str
+    def __init__(self, kind: _Optional[str] = ..., authority_id: _Optional[str] = ..., status: _Optional[str] = ..., not_after: _Optional[int] = ..., owner: _Optional[str] = ..., signed_until: _Optional[int] = ..., upstream_authority_id: _Optional[str] = ..., not_before: _Optional[int] = ..., drops_at: _Optional[int] = ..., owner_hostname: _Optional[str] = ...) -> None: ...
 
 class LocalAuthorities(_message.Message):
     __slots__ = ("authorities",)
