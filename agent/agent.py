@@ -26,7 +26,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from agent import log
+from agent import log, metrics
 from agent.cache import Cache
 from agent.client import ServerClient, fetch_bootstrap_root, roots_pem
 from agent.config import AgentConfig
@@ -36,7 +36,8 @@ from agent.errors import (
     ServerCallError,
     TrustDomainMismatchError,
 )
-from agent.health import health_handler
+from agent.health import HealthState, health_handler
+from agent.httpserver import HealthServer
 from agent.manager import Manager
 from agent.state import AgentState
 from agent.workload_api.server import WorkloadApiServer
@@ -73,6 +74,8 @@ class Agent:
         self.manager: Manager | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
+        self.health_address = ""
+        """Where /live, /ready and /metrics listen, once started ("" when off)."""
         # Ids of join tokens the server refused: never presented again.
         self._refused_tokens: set[str] = set()
 
@@ -86,12 +89,44 @@ class Agent:
         Raises:
             BootstrapError: no way to trust the server, or attestation failed.
         """
+        health = self._start_health_listener()
         try:
             await self._run()
         finally:
             if self.workload_api is not None:
                 await self.workload_api.stop()
             await self.client.close()
+            if health is not None:
+                health.stop()
+
+    def _start_health_listener(self) -> HealthServer | None:
+        """``/live``, ``/ready`` and ``/metrics`` on ``health_address`` (off when ""):
+        started first, so a probe sees the agent live while it attests."""
+        if not self.config.health_address:
+            return None
+        server = HealthServer(self.config.health_address, ready=self._not_ready,
+                              registry=metrics.registry(self._metrics_state))
+        server.start()
+        self.health_address = server.bound_address
+        return server
+
+    def _not_ready(self) -> str | None:
+        if not self.ready.is_set() or self.manager is None:
+            return "starting: the Workload API is not served yet"
+        report = self.manager.health()
+        if report.state is not HealthState.HEALTHY:
+            return f"{report.state.value}: {report.reason or 'unknown'}"
+        return None
+
+    def _metrics_state(self) -> metrics.State:
+        snap = self.cache.snapshot()
+        svid = self.manager.agent_svid if self.manager is not None else None
+        healthy = (self.manager is not None
+                   and self.manager.health().state is HealthState.HEALTHY)
+        return metrics.State(
+            x509_svids=len(snap.svids), entries=len(snap.entries),
+            agent_svid_expires_at=svid.expires_at.timestamp() if svid is not None else None,
+            healthy=healthy)
 
     async def _run(self) -> None:
         self.state.prepare()
@@ -195,17 +230,9 @@ class Agent:
     async def _initial_bundle(self) -> Bundle:
         td = self.config.trust_domain
         if self.config.trust_bundle_path is not None:
-            try:
-                data = self.config.trust_bundle_path.read_bytes()
-                return Bundle.from_x509_pem(td, data)
-            except OSError as exc:
-                raise BootstrapError(
-                    f"cannot read trust bundle {self.config.trust_bundle_path}: {exc.strerror}"
-                ) from None
-            except SigilError as exc:
-                raise BootstrapError(
-                    f"trust bundle {self.config.trust_bundle_path} is not usable: {exc}"
-                ) from None
+            from agent.trustbundle import load_trust_bundle
+
+            return load_trust_bundle(self.config.trust_bundle_path, td)
         persisted = self.state.load_bundle(td)
         if persisted is not None and persisted.x509_authorities:
             return persisted
@@ -291,7 +318,8 @@ class Agent:
         roots = roots_pem(bundle)
         # Before any attestation data leaves: a join token sent to the server of
         # another trust domain would be spent there for nothing.
-        actual = await self.client.server_trust_domain(roots_pem=roots)
+        path = str(self.config.trust_bundle_path) if self.config.trust_bundle_path else None
+        actual = await self.client.server_trust_domain(roots_pem=roots, bundle_path=path)
         if actual != self.config.trust_domain:
             raise TrustDomainMismatchError(
                 f"wrong trust domain: configured {self.config.trust_domain}; "

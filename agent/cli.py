@@ -7,11 +7,16 @@ and 5 (degraded, evicted, banned: agent/health.py).
 
 from __future__ import annotations
 
+# isort: off
+from agent import quietgrpc  # noqa: F401  (before anything imports grpc)
+# isort: on
+
 import asyncio
 import datetime as dt
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -71,13 +76,28 @@ def _failure(message: str) -> NoReturn:
     sys.exit(1)
 
 
+def spire_flag_hint(args: list[str]) -> str | None:
+    """For the first SPIRE-style single-dash flag (``-socketPath``) in ``args``: a
+    sentence naming Sigil's spelling (``--socket-path``); None when there is none."""
+    for arg in args:
+        if arg == "--":
+            break
+        if re.fullmatch(r"-[A-Za-z][A-Za-z0-9]+", arg):
+            flag = "--" + re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", arg[1:]).lower()
+            return f"{arg} is SPIRE's spelling: use {flag}"
+    return None
+
+
 class _Group(click.Group):
     """Turns click's usage errors into the one-line ``Error: ...`` + exit 2 form."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        argv = list(kwargs.get("args") or (args[0] if args else None) or sys.argv[1:])
         try:
             return super().main(*args, **kwargs)
+        except click.NoSuchOption as exc:
+            _usage_error(spire_flag_hint(argv) or exc.format_message().replace("\n", " "))
         except click.exceptions.Abort:
             sys.exit(130)
         except click.exceptions.Exit as exc:
@@ -94,7 +114,19 @@ class _Group(click.Group):
             _usage_error(exc.format_message())
 
 
+def sigil_version() -> str:
+    """The installed distribution's version ("unknown" when run from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sigil")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=None, package_name="sigil", prog_name="sigil-agent",
+                      message="%(prog)s %(version)s")
 def main() -> None:
     """Sigil node agent: gets SVIDs from the Sigil server and serves them to the
     workloads on this node over the SPIFFE Workload API (a Unix socket).
@@ -123,9 +155,12 @@ def main() -> None:
 @click.option("--trust-bundle", help="PEM file of the server's CA certificates.")
 @click.option("--insecure-bootstrap", is_flag=True, default=None,
               help="Trust the server's CA on first use (testing only; not with --trust-bundle).")
+@click.option("--health-address",
+              help='HOST:PORT of /live, /ready and /metrics (HTTP) [off; e.g. 127.0.0.1:8089].')
 def run(config_path: Path | None, trust_domain: str | None, server_address: str | None,
         data_dir: str | None, socket_path: str | None, join_token: str | None,
-        trust_bundle: str | None, insecure_bootstrap: bool | None) -> None:
+        trust_bundle: str | None, insecure_bootstrap: bool | None,
+        health_address: str | None) -> None:
     """Run the agent: attest to the server, keep SVIDs fresh, serve the Workload API.
 
     Stops cleanly on SIGTERM or SIGINT, removing its sockets.
@@ -136,6 +171,7 @@ def run(config_path: Path | None, trust_domain: str | None, server_address: str 
         "trust_domain": trust_domain, "server_address": server_address,
         "data_dir": data_dir, "socket_path": socket_path, "join_token": join_token,
         "trust_bundle_path": trust_bundle, "insecure_bootstrap": insecure_bootstrap,
+        "health_address": health_address,
     }
     if trust_bundle:
         # A flag beats the file: --trust-bundle cancels insecure_bootstrap from TOML.
@@ -144,6 +180,14 @@ def run(config_path: Path | None, trust_domain: str | None, server_address: str 
         config = load_config(config_path, env=os.environ, overrides=overrides)
     except ConfigError as exc:
         _usage_error(str(exc))
+    if config.trust_bundle_path is not None:
+        # Refused now, not as a TLS failure after the first connection attempt.
+        from agent.trustbundle import load_trust_bundle
+
+        try:
+            load_trust_bundle(config.trust_bundle_path, config.trust_domain)
+        except AgentError as exc:
+            _usage_error(str(exc))
     log.configure(level=config.log_level, fmt=config.log_format)
     from agent.workload_api.front import claim_socket_path
 
@@ -167,24 +211,83 @@ def run(config_path: Path | None, trust_domain: str | None, server_address: str 
         # A configuration error, found before anything was sent: exit 2, one line.
         _usage_error(str(exc))
     except AgentError as exc:
-        log.event("agent failed", level=logging.ERROR, reason=str(exc))
+        if config.log_format == "json":
+            # For a log collector; on a terminal the Error line alone says it.
+            log.event("agent failed", level=logging.ERROR, reason=str(exc))
         _failure(str(exc))
     except SigilError as exc:
         _failure(str(exc))
+
+
+# -- config check -----------------------------------------------------------------------
+
+
+@main.group()
+def config() -> None:
+    """Check a configuration file without starting the agent."""
+
+
+@config.command("check", epilog="""\b
+Examples:
+  sigil-agent config check /etc/sigil/agent.toml
+  SIGIL_AGENT_SERVER_ADDRESS=sigil:8081 sigil-agent config check agent.toml
+""")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def config_check(path: Path) -> None:
+    """Validate FILE as `sigil-agent run --config FILE` would (with the SIGIL_AGENT_*
+    environment variables), and the trust bundle it names; start nothing.
+
+    Exit 0 and one line when it is valid; 2 and one `Error:` line naming the key
+    when it is not.
+    """
+    if not path.exists():
+        _usage_error(f"{path} does not exist")
+    try:
+        cfg = load_config(path, env=os.environ)
+    except ConfigError as exc:
+        _usage_error(str(exc))
+    if cfg.trust_bundle_path is not None:
+        from agent.trustbundle import load_trust_bundle
+
+        try:
+            load_trust_bundle(cfg.trust_bundle_path, cfg.trust_domain)
+        except AgentError as exc:
+            _usage_error(str(exc))
+    click.echo(f"{path}: valid (trust domain {cfg.trust_domain.name}, server "
+               f"{cfg.server_address}, socket {cfg.socket_path})")
 
 
 # -- Workload API client commands ---------------------------------------------------------
 
 
 def _resolve_socket(value: str | None) -> str:
-    """--socket-path, else $SPIFFE_ENDPOINT_SOCKET, else the default; URI forms allowed."""
+    """--socket-path, else $SPIFFE_ENDPOINT_SOCKET, else the default; URI forms allowed.
+
+    A socket that does not exist fails here, with where the path came from and how
+    to give another (exit 1)."""
     raw = value or os.environ.get(ENV_VAR) or DEFAULT_SOCKET_PATH
     try:
         path = parse_endpoint_address(raw)
     except EndpointAddressError as exc:
         _usage_error(str(exc))
     check_client_socket(path)
+    if not Path(path).exists():
+        _failure(f"agent is not running: {path} does not exist ({_socket_origin(value)}; "
+                 f"set {ENV_VAR} or pass --socket-path to use another)")
     return path
+
+
+def _socket_origin(value: str | None) -> str:
+    if value:
+        return "from --socket-path"
+    if os.environ.get(ENV_VAR):
+        return f"from {ENV_VAR}"
+    return "the default"
+
+
+def _unreachable(path: str) -> NoReturn:
+    _failure(f"agent is not running: nobody answers on {path} (set {ENV_VAR} or pass "
+             "--socket-path to use another)")
 
 
 def check_client_socket(path: str) -> None:
@@ -210,9 +313,11 @@ def _socket_option(f: F) -> F:
     )(f)
 
 
-def _rpc_failure(exc: grpc.RpcError, what: str) -> NoReturn:
+def _rpc_failure(exc: grpc.RpcError, what: str, path: str | None = None) -> NoReturn:
     code = exc.code()
     details = exc.details()
+    if code == grpc.StatusCode.UNAVAILABLE and path is not None:
+        _unreachable(path)
     _failure(f"{what}: {code.name if code else 'UNKNOWN'}: {details}")
 
 
@@ -249,7 +354,7 @@ def fetch_x509(socket_path: str | None, write_dir: Path | None, output: str,
         with WorkloadApiClient(path, timeout=timeout) as client:
             resp = client.fetch_x509_svid()
     except grpc.RpcError as exc:
-        _rpc_failure(exc, "FetchX509SVID failed")
+        _rpc_failure(exc, "FetchX509SVID failed", path)
     rows = []
     for i, s in enumerate(resp.svids):
         try:
@@ -268,7 +373,7 @@ def fetch_x509(socket_path: str | None, write_dir: Path | None, output: str,
             write_file_atomic(write_dir / "svid.key", svid.key_pem(), mode=0o600)
             write_file_atomic(write_dir / "bundle.pem", certificates_to_pem(bundle), mode=0o644)
     if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({"svids": rows}, indent=2))
         return
     for row in rows:
         hint = f" hint={row['hint']}" if row["hint"] else ""
@@ -304,7 +409,7 @@ def fetch_jwt(socket_path: str | None, audience: tuple[str, ...], spiffe_id: str
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
             _usage_error(str(exc.details()))
-        _rpc_failure(exc, "FetchJWTSVID failed")
+        _rpc_failure(exc, "FetchJWTSVID failed", path)
     rows = []
     for s in resp.svids:
         expires = ""
@@ -315,7 +420,7 @@ def fetch_jwt(socket_path: str | None, audience: tuple[str, ...], spiffe_id: str
         rows.append({"spiffe_id": s.spiffe_id, "token": s.svid, "expires_at": expires,
                      "hint": s.hint})
     if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({"svids": rows}, indent=2))
     else:
         for row in rows:
             click.echo(row["token"])
@@ -354,7 +459,7 @@ def _health_report(path: str, timeout: float) -> HealthReport | None:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return None
-            _rpc_failure(exc, "agent is not healthy")
+            _rpc_failure(exc, "agent is not healthy", path)
     try:
         return HealthReport.from_json(data)
     except ValueError as exc:
@@ -376,19 +481,18 @@ def healthcheck(socket_path: str | None, timeout: float, output: str) -> None:
     the agent for its state on the same socket.
     """
     path = _resolve_socket(socket_path)
-    if not Path(path).exists():
-        _failure(f"agent is not running: {path} does not exist")
     try:
         with WorkloadApiClient(path, timeout=timeout) as client:
             client.fetch_x509_bundles()
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
-            _rpc_failure(exc, "agent is not healthy")
+            _rpc_failure(exc, "agent is not healthy", path)
     report = _health_report(path, timeout)
     if report is None:
         # An agent that does not report its state: that it answers is all we know.
         if output == "json":
-            click.echo(json.dumps({"healthy": True, "socket_path": path}))
+            click.echo(json.dumps({"healthy": True, "socket_path": path,
+                                   "version": sigil_version()}))
             return
         click.echo(f"agent is healthy ({dt.datetime.now(dt.UTC):%H:%M:%S} UTC)")
         return
@@ -398,6 +502,7 @@ def healthcheck(socket_path: str | None, timeout: float, output: str) -> None:
             "healthy": healthy, "state": report.state.value, "reason": report.reason,
             "last_sync": report.last_sync, "svids": report.svids,
             "next_expiry": report.next_expiry, "socket_path": path,
+            "version": sigil_version(),
         }))
     elif healthy:
         click.echo(f"agent is healthy ({dt.datetime.now(dt.UTC):%H:%M:%S} UTC)")
@@ -433,7 +538,7 @@ def fetch_jwt_bundles(socket_path: str | None, output: str, timeout: float) -> N
         with WorkloadApiClient(path, timeout=timeout) as client:
             resp = client.fetch_jwt_bundles()
     except grpc.RpcError as exc:
-        _rpc_failure(exc, "FetchJWTBundles failed")
+        _rpc_failure(exc, "FetchJWTBundles failed", path)
     bundles: dict[str, Any] = {}
     for td, jwks in sorted(resp.bundles.items()):
         try:
@@ -486,7 +591,7 @@ def validate_jwt(socket_path: str | None, audience: str, token: str, output: str
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
             _usage_error(f"the JWT-SVID is not valid: {exc.details()}")
-        _rpc_failure(exc, "ValidateJWTSVID failed")
+        _rpc_failure(exc, "ValidateJWTSVID failed", path)
     from google.protobuf.json_format import (  # type: ignore[import-untyped,unused-ignore]
         MessageToDict,
     )
@@ -551,7 +656,7 @@ def watch(socket_path: str | None, count: int | None, output: str) -> None:
             if count is not None and seen >= count:
                 return
     except grpc.RpcError as exc:
-        _rpc_failure(exc, "FetchX509SVID stream ended")
+        _rpc_failure(exc, "FetchX509SVID stream ended", path)
     except KeyboardInterrupt:
         return
     finally:
@@ -626,3 +731,6 @@ def helper(config_path: Path | None, socket_path: str | None, directory: str | N
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda _n, _f: runner.stop())
     runner.run()
+    if count is not None and runner.notify_failures:
+        # A script that waits for the first files must learn the program was not reloaded.
+        _failure(f"files written, but the reload failed: {runner.notify_failures[-1]}")

@@ -191,13 +191,16 @@ class ServerClient:
         except grpc.aio.AioRpcError as exc:
             raise _call_error(method, exc) from None
 
-    async def server_trust_domain(self, *, roots_pem: bytes) -> TrustDomain:
+    async def server_trust_domain(self, *, roots_pem: bytes,
+                                  bundle_path: str | None = None) -> TrustDomain:
         """The trust domain the server's SVID names (:func:`server_trust_domain`).
 
         Raises:
-            BootstrapError: unreachable, not verified by ``roots_pem``, or no SVID.
+            BootstrapError: unreachable, not verified by ``roots_pem`` (read from
+                ``bundle_path``, named in the message with the fix), or no SVID.
         """
-        return await asyncio.to_thread(server_trust_domain, self.address, roots_pem=roots_pem)
+        return await asyncio.to_thread(server_trust_domain, self.address, roots_pem=roots_pem,
+                                       bundle_path=bundle_path)
 
     # Calls -------------------------------------------------------------------
 
@@ -410,7 +413,17 @@ def _call_error(method: str, exc: grpc.aio.AioRpcError) -> ServerCallError:
     """A failed call as a ServerCallError, with the refusal reason the server sent."""
     code = exc.code()
     name = code.name if code else "UNKNOWN"
-    return ServerCallError(f"{method} failed: {name}: {exc.details()}", code=name,
+    details = exc.details() or ""
+    if name == "UNAVAILABLE" and "CERTIFICATE_VERIFY_FAILED" in details:
+        # grpc's text is a page of TLS internals; the cause is nearly always that the
+        # server's CA changed (a new data directory, another server at that address).
+        details = ("the server's CA is not in the agent's bundle (did the server get a new "
+                   "CA?): fetch it with `sigil-server bundle show --format pem > bundle.pem`, "
+                   "then restart the agent with --trust-bundle bundle.pem (and a new join "
+                   "token if the server no longer knows it)")
+    elif name == "UNAVAILABLE" and "Connection refused" in details:
+        details = "cannot reach the server: connection refused (is it running?)"
+    return ServerCallError(f"{method} failed: {name}: {details}", code=name,
                            reason=reason_from_metadata(exc.trailing_metadata()))
 
 
@@ -502,7 +515,7 @@ def fetch_bootstrap_root(address: str, *, timeout: float = 10.0) -> x509.Certifi
             chain = tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
             ders = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain or ()]  # type: ignore[attr-defined]
     except OSError as exc:
-        raise BootstrapError(f"cannot reach the server at {address}: {exc}") from None
+        raise _unreachable(address, exc) from None
     for der in ders:
         cert = x509.load_der_x509_certificate(der)
         try:
@@ -517,7 +530,38 @@ def fetch_bootstrap_root(address: str, *, timeout: float = 10.0) -> x509.Certifi
     )
 
 
-def server_trust_domain(address: str, *, roots_pem: bytes, timeout: float = 10.0) -> TrustDomain:
+def _unreachable(address: str, exc: OSError) -> BootstrapError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return BootstrapError(
+        f"cannot reach the server at {address}: {reason.lower()}: is the server running, and "
+        "is --server-address (server_address) its agent API's HOST:PORT?")
+
+
+def _handshake_failed(address: str, exc: ssl.SSLError,
+                      bundle_path: str | None) -> BootstrapError:
+    """One line naming the cause and the fix of a failed TLS handshake with the server."""
+    if bundle_path:
+        bundle_source = bundle_path
+        fetch = f"fetch it again with `sigil-server bundle show --format pem > {bundle_path}`"
+    else:
+        bundle_source = "the bundle the agent saved"
+        fetch = ("fetch it with `sigil-server bundle show --format pem > bundle.pem` and pass "
+                 "--trust-bundle bundle.pem")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+            return BootstrapError(
+                f"the service at {address} is not a Sigil server (its certificate is not "
+                f"for {SERVER_NAME}): check --server-address")
+        return BootstrapError(
+            f"the server's CA is not in {bundle_source}: {fetch} (the server at {address}: "
+            f"{exc.verify_message})")
+    return BootstrapError(
+        f"TLS handshake with the server at {address} failed ({exc.reason or exc}): is "
+        "--server-address the server's agent API (bind_address), not another port?")
+
+
+def server_trust_domain(address: str, *, roots_pem: bytes, timeout: float = 10.0,
+                        bundle_path: str | None = None) -> TrustDomain:
     """The trust domain of the server at ``address``, from its SVID.
 
     A TLS handshake only (nothing is sent over it), verified like the agent API's
@@ -538,10 +582,9 @@ def server_trust_domain(address: str, *, roots_pem: bytes, timeout: float = 10.0
                 ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
             der = tls.getpeercert(binary_form=True)
     except ssl.SSLError as exc:
-        raise BootstrapError(
-            f"the server at {address} is not verified by the trust bundle: {exc}") from None
+        raise _handshake_failed(address, exc, bundle_path) from None
     except OSError as exc:
-        raise BootstrapError(f"cannot reach the server at {address}: {exc}") from None
+        raise _unreachable(address, exc) from None
     if der is None:
         raise BootstrapError(f"the server at {address} presented no certificate")
     try:

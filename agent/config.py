@@ -56,6 +56,7 @@ ENV_VARS: Mapping[str, str] = {
     "SIGIL_AGENT_TRUST_BUNDLE_PATH": "trust_bundle_path",
     "SIGIL_AGENT_LOG_LEVEL": "log_level",
     "SIGIL_AGENT_LOG_FORMAT": "log_format",
+    "SIGIL_AGENT_HEALTH_ADDRESS": "health_address",
 }
 
 _DEFAULTS: Mapping[str, Any] = {
@@ -79,6 +80,7 @@ _DEFAULTS: Mapping[str, Any] = {
     "connection_preface_timeout": DEFAULT_PREFACE_TIMEOUT,
     "connection_idle_timeout": DEFAULT_IDLE_TIMEOUT,
     "sds": None,
+    "health_address": "",
 }
 KNOWN_KEYS = frozenset(_DEFAULTS)
 _SDS_KEYS = frozenset({
@@ -174,6 +176,8 @@ class AgentConfig:
     def uses_join_token(self) -> bool:
         """No other node attestor is configured: the agent attests with a join token."""
         return self.k8s_psat is None and self.x509pop is None and self.sshpop is None
+    health_address: str = ""
+    """``HOST:PORT`` of ``/live``, ``/ready`` and ``/metrics``; "" (the default): off."""
 
 
 def parse_duration(text: object, *, key: str | None = None) -> dt.timedelta:
@@ -414,8 +418,15 @@ def _validate(raw: Mapping[str, Any]) -> AgentConfig:
                 ssh = sshpop.parse_agent_config(psat_table[sshpop.NAME])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    health_address = _string(raw, "health_address") or ""
+    if health_address:
+        try:
+            configvalues.parse_host_port(health_address, allow_port_zero=True)
+        except InvalidValueError as exc:
+            raise ConfigError(f"health_address: {exc}") from None
     return AgentConfig(
         sds=_sds(raw.get("sds")),
+        health_address=health_address,
         k8s=k8s,
         k8s_psat=psat,
         x509pop=x509,

@@ -26,6 +26,7 @@ and keeps the files it wrote meanwhile: they stay valid until they expire.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shlex
 import signal as signal_module
@@ -338,6 +339,8 @@ class Helper:
         self._stop = threading.Event()
         self._call: Any = None
         self.updates = 0
+        self.notify_failures: list[str] = []
+        """Why each failed command or signal failed, in order (``--count`` exits 1 on any)."""
 
     def stop(self) -> None:
         """End :meth:`run` (safe from another thread or a signal handler)."""
@@ -377,14 +380,16 @@ class Helper:
             svid = write_files(self.config.dir, response,
                                bundle_map=self.config.bundle_map_file)
         except HelperError as exc:
-            log.event("helper update not written", reason=str(exc))
+            log.event("helper update not written", level=logging.WARNING, reason=str(exc))
             return
         log.event("helper files written", spiffe_id=svid.spiffe_id, dir=self.config.dir,
                   expires_at=svid.expires_at.isoformat())
         try:
             notify(self.config)
         except HelperError as exc:
-            log.event("helper notify failed", reason=str(exc))
+            # A program still serving the old SVID fails once that expires: warn.
+            log.event("helper notify failed", level=logging.WARNING, reason=str(exc))
+            self.notify_failures.append(str(exc))
         self.updates += 1
         if self._on_update is not None:
             self._on_update(svid)

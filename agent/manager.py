@@ -53,7 +53,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from cryptography import x509
 
-from agent import log
+from agent import log, metrics
 from agent.cache import Cache, CachedEntry
 from agent.client import ServerClient, SignResult, roots_pem
 from agent.errors import AgentError, ServerCallError
@@ -396,6 +396,7 @@ class Manager:
             return
         key, csr = await asyncio.to_thread(self._make_key_and_csr)
         svid = await self._client.renew(csr=csr, key=key)
+        metrics.count_rotation("agent")
         self._state.save_svid(svid)
         self.agent_svid = svid
         self._reconfigure()
@@ -464,6 +465,7 @@ class Manager:
                               reason=outcome)
                     continue
                 self._cache.set_x509_svid(entry_id, outcome)
+                metrics.count_rotation("workload")
                 log.event("svid updated", entry_id=entry_id, spiffe_id=outcome.spiffe_id,
                           expires_at=outcome.expires_at.isoformat())
 

@@ -7,9 +7,14 @@ Errors print one line, ``Error: <reason>``, on stderr and exit with code 2.
 
 from __future__ import annotations
 
+# isort: off
+from ca import quietgrpc  # noqa: F401  (before anything imports grpc)
+# isort: on
+
 import datetime as dt
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -143,17 +148,59 @@ def _emit_count(count: int, output: str, one: str, many: str) -> None:
         click.echo(f"{count} {one if count == 1 else many}")
 
 
-def _parse_selectors(values: Sequence[str]) -> list[types_pb2.Selector]:
+# Selector types some attestor produces: a selector's type is its plugin's name
+# (attestation/), plus the join-token agent's spiffe_id. An entry with another type
+# can never match anything: it is nearly always a typo, or a missing "unix:".
+KNOWN_SELECTOR_TYPES = ("join_token", "k8s", "k8s_psat", "spiffe_id", "sshpop", "unix",
+                        "x509pop")
+# Values of the unix and k8s workload attestors, for "did you mean" when the type is missing.
+_SELECTOR_HINTS = {
+    "unix": ("uid", "gid", "user", "group", "path", "sha256", "supplementary_gid",
+             "supplementary_group"),
+    "k8s": ("ns", "sa", "pod-uid", "pod-name", "pod-label", "pod-owner", "node-name",
+            "container-name", "container-image"),
+}
+# A join token is "<16 hex id>.<secret>" (attestation/node/join_token.py).
+_JOIN_TOKEN_RE = re.compile(r"\b([0-9a-f]{16})\.[A-Za-z0-9_-]{16,}")
+
+
+def _refuse_token_secret(flag: str, value: str) -> None:
+    """Refuse a value holding a whole join token: the secret part must never reach
+    the datastore (nor this command's output); the agent's ID uses the token's ID."""
+    match = _JOIN_TOKEN_RE.search(value)
+    if match:
+        _fail(f"{flag} contains a join token's secret (the part after the dot): give only "
+              f"its ID, {match.group(1)} (e.g. spiffe://<trust domain>/sigil/agent/join_token/"
+              f"{match.group(1)}); nothing was sent")
+
+
+def _parse_selectors(values: Sequence[str], *, check_types: bool = False,
+                     force: bool = False) -> list[types_pb2.Selector]:
     from identity.selectors import Selector
 
     out = []
     for text in values:
+        _refuse_token_secret("--selector", text)
         try:
             sel = Selector.parse(text)
         except SigilError as exc:
             _fail(str(exc))
+        if check_types and sel.type not in KNOWN_SELECTOR_TYPES:
+            _unknown_selector_type(text, sel.type, force=force)
         out.append(types_pb2.Selector(type=sel.type, value=sel.value))
     return out
+
+
+def _unknown_selector_type(text: str, kind: str, *, force: bool) -> None:
+    hint = ""
+    for known, values in _SELECTOR_HINTS.items():
+        if kind in values:
+            hint = f" (did you mean {known}:{text}?)"
+    message = (f"--selector {text}: no attestor makes selectors of type {kind!r}{hint}; "
+               f"known types: {', '.join(KNOWN_SELECTOR_TYPES)}")
+    if not force:
+        _fail(f"{message}; --force to register it anyway")
+    click.echo(f"Warning: {message}", err=True)
 
 
 def _check_spiffe_id(value: str | None, flag: str) -> None:
@@ -161,16 +208,63 @@ def _check_spiffe_id(value: str | None, flag: str) -> None:
 
     if value is None:
         return
+    _refuse_token_secret(flag, value)
     try:
         SpiffeId.parse(value)
     except SigilError as exc:
         _fail(f"{flag}: {exc}")
 
 
+class Duration(click.ParamType):  # type: ignore[type-arg,unused-ignore]
+    """A lifetime in whole seconds: ``600``, ``90s``, ``10m``, ``1h``, ``2d`` or ``1h30m``.
+
+    Every TTL flag takes it, so one form works everywhere (config keys too:
+    identity.configvalues). ``allow_zero``: ``0`` is accepted and means "the
+    server's default" (the entry TTLs)."""
+
+    name = "duration"
+
+    def __init__(self, *, allow_zero: bool = False) -> None:
+        self.allow_zero = allow_zero
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        from identity.configvalues import parse_duration
+
+        if isinstance(value, int):
+            value = str(value)
+        if self.allow_zero and value.strip() in ("0", "0s"):
+            return 0
+        try:
+            seconds = int(parse_duration(value.strip(), allow_milliseconds=False)
+                          .total_seconds())
+        except SigilError as exc:
+            self.fail(str(exc), param, ctx)
+        if seconds > 2**31 - 1:
+            self.fail(f"duration {value!r} is too long", param, ctx)
+        return seconds
+
+
+DURATION = Duration()
+DURATION_OR_DEFAULT = Duration(allow_zero=True)
+
+
+def sigil_version() -> str:
+    """The installed distribution's version ("unknown" when run from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sigil")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 # ---- the command tree -----------------------------------------------------------------
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=None, package_name="sigil", prog_name="sigil-server",
+                      message="%(prog)s %(version)s")
 def cli() -> None:
     """Sigil server: the certificate authority of one SPIFFE trust domain.
 
@@ -257,22 +351,59 @@ def run(config_file: str | None, **flags: str | None) -> None:
 
 
 @cli.group()
+def config() -> None:
+    """Check a configuration file without starting the server."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+def config_check(path: str) -> None:
+    """Validate FILE as `sigil-server run --config FILE` would (with the SIGIL_*
+    environment variables); start nothing, write nothing.
+
+    Exit 0 and one line when it is valid; 2 and one `Error:` line naming the key
+    when it is not.
+
+    \b
+    Example:
+      sigil-server config check /etc/sigil/server.toml
+    """
+    from ca.config import load_config
+
+    if not Path(path).exists():
+        _fail(f"{path} does not exist")
+    try:
+        cfg = load_config(Path(path), env=os.environ)
+    except SigilError as exc:
+        _fail(str(exc))
+    click.echo(f"{path}: valid (trust domain {cfg.trust_domain.name}, agent API "
+               f"{cfg.bind_address}, admin socket {cfg.socket_path})")
+
+
+@cli.group()
 def token() -> None:
     """Join tokens: single-use credentials an agent attests with."""
 
 
 @token.command("generate")
 @click.option("--spiffe-id", help="Alias for the agent: entries may use it as their parent.")
-@click.option("--ttl", type=click.IntRange(min=1), help="Lifetime in seconds (default 600).")
+@click.option("--ttl", type=DURATION,
+              help="Lifetime: seconds or 10m, 1h (default: the server's join_token_ttl).")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the token (as on a pipe).")
 @socket_option
 @output_option
-def token_generate(spiffe_id: str | None, ttl: int | None, socket_path: str, output: str) -> None:
+def token_generate(spiffe_id: str | None, ttl: int | None, quiet: bool, socket_path: str,
+                   output: str) -> None:
     """Create a single-use join token and print it.
+
+    On a terminal it prints the token, the agent ID it gives and when it expires;
+    on a pipe (or with --quiet) only the token, so that
+    `--join-token "$(sigil-server token generate)"` works.
 
     \b
     Example:
       sigil-server token generate --spiffe-id spiffe://example.org/node/web-1
-      sigil-agent run --join-token <printed token> ...
+      sigil-agent run --join-token "$(sigil-server token generate)" ...
     """
     _check_spiffe_id(spiffe_id, "--spiffe-id")
     req = admin_pb2.CreateJoinTokenRequest(ttl=ttl or 0, spiffe_id=spiffe_id or "")
@@ -280,6 +411,8 @@ def token_generate(spiffe_id: str | None, ttl: int | None, socket_path: str, out
     if output == "json":
         _emit_json({"token": tok.token, "spiffe_id": tok.spiffe_id,
                     "expires_at": _unix_to_rfc3339(tok.expires_at), "agent_id": tok.agent_id})
+    elif quiet or not sys.stdout.isatty():
+        click.echo(tok.token)
     else:
         click.echo(f"Token: {tok.token}")
         click.echo(f"Agent ID: {tok.agent_id}")
@@ -291,11 +424,6 @@ def token_generate(spiffe_id: str | None, ttl: int | None, socket_path: str, out
 @cli.group()
 def entry() -> None:
     """Registration entries: which workloads get which SPIFFE IDs."""
-
-
-def _check_ttl(flag: str, value: int | None) -> None:
-    if value is not None and (value < 0 or value > 2**31 - 1):
-        _fail(f"{flag} {value} must be a number of seconds, 0 or more")
 
 
 def _expires_at(value: str | None) -> int:
@@ -316,7 +444,7 @@ def _node_parent(spiffe_id: str) -> str:
         _fail(f"--spiffe-id: {exc}")
 
 
-def _create_batch(data_file: str, socket_path: str, output: str) -> None:
+def _create_batch(data_file: str, socket_path: str, output: str, *, force: bool) -> None:
     from ca.entryfile import load_batch
 
     try:
@@ -325,6 +453,10 @@ def _create_batch(data_file: str, socket_path: str, output: str) -> None:
         _fail(f"cannot read {data_file}: {exc.strerror}")
     except SigilError as exc:
         _fail(str(exc))
+    for i, msg in enumerate(entries):
+        _refuse_token_secret(f"{data_file}: entry {i}: parent_id", msg.parent_id)
+        _parse_selectors([f"{s.type}:{s.value}" for s in msg.selectors], check_types=True,
+                         force=force)
     resp = _call(socket_path, lambda s: s.BatchCreateEntry(
         admin_pb2.BatchCreateEntryRequest(entries=entries), timeout=ADMIN_TIMEOUT))
     failed = 0
@@ -365,8 +497,10 @@ def _code_tuple(code: int) -> tuple[int, str]:
               help="A node-alias entry: its parent is the server, its selectors pick agents.")
 @click.option("--selector", "selectors", multiple=True,
               help="TYPE:VALUE a workload must carry; repeat for several.")
-@click.option("--x509-svid-ttl", type=int, default=0, help="Seconds; 0 is the server default.")
-@click.option("--jwt-svid-ttl", type=int, default=0, help="Seconds; 0 is the server default.")
+@click.option("--x509-svid-ttl", type=DURATION_OR_DEFAULT, default=0,
+              help="600, 10m, 1h; 0 is the server default.")
+@click.option("--jwt-svid-ttl", type=DURATION_OR_DEFAULT, default=0,
+              help="300, 5m; 0 is the server default.")
 @click.option("--dns-name", "dns_names", multiple=True, help="DNS SAN; repeatable.")
 @click.option("--federates-with", multiple=True, help="Trust domain whose bundle to add.")
 @click.option("--hint", default="", help="A hint for workloads with several identities.")
@@ -375,13 +509,16 @@ def _code_tuple(code: int) -> tuple[int, str]:
 @click.option("--expires-at", help="When the entry stops applying: RFC 3339 or unix seconds.")
 @click.option("--data", "data_file", type=click.Path(dir_okay=False),
               help='JSON file with many entries: a list, or {"entries": [...]}.')
+@click.option("--force", is_flag=True,
+              help="Register selectors of a type no attestor knows (with a warning).")
 @socket_option
 @output_option
 def entry_create(
     spiffe_id: str | None, parent_id: str | None, node: bool, selectors: tuple[str, ...],
     x509_svid_ttl: int, jwt_svid_ttl: int, dns_names: tuple[str, ...],
     federates_with: tuple[str, ...], hint: str, admin: bool, downstream: bool,
-    expires_at: str | None, data_file: str | None, socket_path: str, output: str,
+    expires_at: str | None, data_file: str | None, force: bool, socket_path: str,
+    output: str,
 ) -> None:
     """Register a workload identity (or, with --data, many at once).
 
@@ -404,7 +541,7 @@ def entry_create(
         if spiffe_id or parent_id or node or selectors:
             _fail("--data cannot be combined with --spiffe-id, --parent-id, --node or "
                   "--selector")
-        _create_batch(data_file, socket_path, output)
+        _create_batch(data_file, socket_path, output, force=force)
         return
     if not spiffe_id:
         _fail("Missing option '--spiffe-id' (or --data FILE)")
@@ -417,10 +554,9 @@ def entry_create(
     _check_spiffe_id(spiffe_id, "--spiffe-id")
     _check_spiffe_id(parent_id, "--parent-id")
     parent = _node_parent(spiffe_id) if node else parent_id
-    _check_ttl("--x509-svid-ttl", x509_svid_ttl)
-    _check_ttl("--jwt-svid-ttl", jwt_svid_ttl)
     msg = types_pb2.Entry(
-        spiffe_id=spiffe_id, parent_id=parent, selectors=_parse_selectors(selectors),
+        spiffe_id=spiffe_id, parent_id=parent,
+        selectors=_parse_selectors(selectors, check_types=True, force=force),
         x509_svid_ttl=x509_svid_ttl, jwt_svid_ttl=jwt_svid_ttl, dns_names=list(dns_names),
         federates_with=list(federates_with), hint=hint, admin=admin, downstream=downstream,
         expires_at=_expires_at(expires_at),
@@ -448,9 +584,10 @@ def _all_pages(socket_path: str, list_page: Callable[[admin_pb2_grpc.AdminStub, 
 
 def _emit_list(items: Sequence[Any], output: str, to_json: Callable[[Any], object],
                to_text: Callable[[Any], str], one: str, many: str) -> None:
-    """A listing as a JSON list, or "Found n things" and each thing's text."""
+    """A listing as ``{"<many>": [...]}`` (the shape of every list command), or
+    "Found n things" and each thing's text."""
     if output == "json":
-        _emit_json([to_json(i) for i in items])
+        _emit_json({many: [to_json(i) for i in items]})
         return
     click.echo(f"Found {len(items)} {one if len(items) == 1 else many}")
     for i in items:
@@ -519,8 +656,10 @@ def entry_show(
 @click.option("--node", is_flag=True, help="Make it a node alias (parent = the server).")
 @click.option("--selector", "selectors", multiple=True,
               help="New selectors (replace all); repeatable.")
-@click.option("--x509-svid-ttl", type=int, help="Seconds; 0 is the server default.")
-@click.option("--jwt-svid-ttl", type=int, help="Seconds; 0 is the server default.")
+@click.option("--x509-svid-ttl", type=DURATION_OR_DEFAULT,
+              help="600, 10m, 1h; 0 is the server default.")
+@click.option("--jwt-svid-ttl", type=DURATION_OR_DEFAULT,
+              help="300, 5m; 0 is the server default.")
 @click.option("--dns-name", "dns_names", multiple=True, help="New DNS SANs (replace all).")
 @click.option("--clear-dns-names", is_flag=True, help="Remove every DNS SAN.")
 @click.option("--federates-with", multiple=True, help="New federated trust domains (replace).")
@@ -529,6 +668,8 @@ def entry_show(
 @click.option("--admin/--no-admin", default=None, help="Set or clear the admin flag.")
 @click.option("--downstream/--no-downstream", default=None, help="Set or clear downstream.")
 @click.option("--expires-at", help="RFC 3339, unix seconds, or 'never'.")
+@click.option("--force", is_flag=True,
+              help="Accept selectors of a type no attestor knows (with a warning).")
 @socket_option
 @output_option
 def entry_update(
@@ -536,7 +677,7 @@ def entry_update(
     selectors: tuple[str, ...], x509_svid_ttl: int | None, jwt_svid_ttl: int | None,
     dns_names: tuple[str, ...], clear_dns_names: bool, federates_with: tuple[str, ...],
     clear_federates_with: bool, hint: str | None, admin: bool | None, downstream: bool | None,
-    expires_at: str | None, socket_path: str, output: str,
+    expires_at: str | None, force: bool, socket_path: str, output: str,
 ) -> None:
     """Change some fields of an entry; the others keep their values.
 
@@ -566,12 +707,10 @@ def entry_update(
         patch.parent_id = parent_id
         fields.append("parent_id")
     if selectors:
-        patch.selectors.extend(_parse_selectors(selectors))
+        patch.selectors.extend(_parse_selectors(selectors, check_types=True, force=force))
         fields.append("selectors")
-    for flag, name, ttl in (("--x509-svid-ttl", "x509_svid_ttl", x509_svid_ttl),
-                            ("--jwt-svid-ttl", "jwt_svid_ttl", jwt_svid_ttl)):
+    for name, ttl in (("x509_svid_ttl", x509_svid_ttl), ("jwt_svid_ttl", jwt_svid_ttl)):
         if ttl is not None:
-            _check_ttl(flag, ttl)
             setattr(patch, name, ttl)
             fields.append(name)
     if dns_names and clear_dns_names:
@@ -674,15 +813,6 @@ def _emit_agent(a: admin_pb2.Agent, output: str) -> None:
         click.echo(_agent_text(a))
 
 
-def _duration(value: str, flag: str) -> dt.timedelta:
-    from identity.configvalues import parse_duration
-
-    try:
-        return parse_duration(value, allow_milliseconds=False)
-    except SigilError as exc:
-        _fail(f"{flag}: {exc}")
-
-
 agent_id_option = click.option("--id", "agent_id", required=True,
                                help="The agent's SPIFFE ID (see `agent list`).")
 
@@ -778,21 +908,20 @@ def agent_count(socket_path: str, output: str) -> None:
 
 
 @agent.command("purge")
-@click.option("--expired-for", default="24h", show_default=True,
+@click.option("--expired-for", type=DURATION, default="24h", show_default=True,
               help="Remove agents whose SVID expired at least this long ago (e.g. 12h, 7d).")
 @click.option("--dry-run", is_flag=True, help="Only list the agents that would be removed.")
 @socket_option
 @output_option
-def agent_purge(expired_for: str, dry_run: bool, socket_path: str, output: str) -> None:
+def agent_purge(expired_for: int, dry_run: bool, socket_path: str, output: str) -> None:
     """Remove agents whose SVIDs expired long ago (nodes that are gone for good).
 
     \b
     Example:
       sigil-server agent purge --expired-for 7d --dry-run
     """
-    seconds = int(_duration(expired_for, "--expired-for").total_seconds())
     resp = _call(socket_path, lambda s: s.PurgeAgents(
-        admin_pb2.PurgeAgentsRequest(expired_for=seconds, dry_run=dry_run),
+        admin_pb2.PurgeAgentsRequest(expired_for=expired_for, dry_run=dry_run),
         timeout=ADMIN_TIMEOUT))
     if output == "json":
         _emit_json({"ids": list(resp.ids), "dry_run": dry_run})
@@ -810,13 +939,14 @@ def x509() -> None:
 
 @x509.command("mint")
 @click.option("--spiffe-id", required=True, help="The SPIFFE ID to put in the SVID.")
-@click.option("--ttl", help="Lifetime, e.g. 1h (default: the server's x509_svid_ttl).")
+@click.option("--ttl", type=DURATION,
+              help="Lifetime: seconds or 10m, 1h (default: the server's x509_svid_ttl).")
 @click.option("--dns-name", "dns_names", multiple=True, help="DNS SAN; repeatable.")
 @click.option("--write", "write_dir", type=click.Path(file_okay=False),
               help="Write svid.pem, svid.key (mode 0600) and bundle.pem into this directory.")
 @socket_option
 @output_option
-def x509_mint(spiffe_id: str, ttl: str | None, dns_names: tuple[str, ...],
+def x509_mint(spiffe_id: str, ttl: int | None, dns_names: tuple[str, ...],
               write_dir: str | None, socket_path: str, output: str) -> None:
     """Mint an X.509-SVID for any workload SPIFFE ID of the trust domain.
 
@@ -835,9 +965,8 @@ def x509_mint(spiffe_id: str, ttl: str | None, dns_names: tuple[str, ...],
     from identity.x509svid import certificates_to_pem, new_csr
 
     _check_spiffe_id(spiffe_id, "--spiffe-id")
-    seconds = int(_duration(ttl, "--ttl").total_seconds()) if ttl else 0
     key = generate_private_key()
-    req = admin_pb2.MintX509SVIDRequest(spiffe_id=spiffe_id, csr=new_csr(key), ttl=seconds,
+    req = admin_pb2.MintX509SVIDRequest(spiffe_id=spiffe_id, csr=new_csr(key), ttl=ttl or 0,
                                         dns_names=list(dns_names))
     resp = _call(socket_path, lambda s: s.MintX509SVID(req, timeout=ADMIN_TIMEOUT))
     chain_pem = certificates_to_pem(cx509.load_der_x509_certificate(d)
@@ -895,10 +1024,11 @@ def jwt() -> None:
 @click.option("--spiffe-id", required=True, help="The SPIFFE ID to put in the token (sub).")
 @click.option("--audience", "audience", multiple=True, required=True,
               help="Audience (aud); repeatable.")
-@click.option("--ttl", help="Lifetime, e.g. 5m (default: the server's jwt_svid_ttl).")
+@click.option("--ttl", type=DURATION,
+              help="Lifetime: seconds or 5m (default: the server's jwt_svid_ttl).")
 @socket_option
 @output_option
-def jwt_mint(spiffe_id: str, audience: tuple[str, ...], ttl: str | None, socket_path: str,
+def jwt_mint(spiffe_id: str, audience: tuple[str, ...], ttl: int | None, socket_path: str,
              output: str) -> None:
     """Mint a JWT-SVID for any workload SPIFFE ID of the trust domain.
 
@@ -910,9 +1040,8 @@ def jwt_mint(spiffe_id: str, audience: tuple[str, ...], ttl: str | None, socket_
           --audience spiffe://example.org/db --ttl 2m
     """
     _check_spiffe_id(spiffe_id, "--spiffe-id")
-    seconds = int(_duration(ttl, "--ttl").total_seconds()) if ttl else 0
     resp = _call(socket_path, lambda s: s.MintJWTSVID(admin_pb2.MintJWTSVIDRequest(
-        spiffe_id=spiffe_id, audience=list(audience), ttl=seconds), timeout=ADMIN_TIMEOUT))
+        spiffe_id=spiffe_id, audience=list(audience), ttl=ttl or 0), timeout=ADMIN_TIMEOUT))
     if output == "json":
         _emit_json({"token": resp.token, "spiffe_id": resp.spiffe_id,
                     "expires_at": _unix_to_rfc3339(resp.expires_at)})
@@ -940,16 +1069,26 @@ def healthcheck(socket_path: str, output: str) -> None:
         _fail("server is not serving")
     if output == "json":
         _emit_json({"serving": True, "trust_domain": resp.trust_domain,
-                    "bundle_sequence": resp.bundle_sequence})
+                    "bundle_sequence": resp.bundle_sequence,
+                    # The server's own version (an older server sends none: ours).
+                    "version": resp.version or sigil_version()})
     else:
         click.echo("Server is healthy.")
 
 
 def _register_subcommands() -> None:
     # Imported here: these modules use this one's helpers.
-    from ca import cli_bundle, cli_federation, cli_localauthority, cli_policy, cli_svid
+    from ca import (
+        cli_bundle,
+        cli_federation,
+        cli_localauthority,
+        cli_policy,
+        cli_status,
+        cli_svid,
+    )
 
     cli.add_command(cli_localauthority.make_group(sys.modules[__name__]))
+    cli.add_command(cli_status.make_command(sys.modules[__name__]))
     cli.add_command(cli_federation.make_group(sys.modules[__name__]))
     cli_bundle.add_commands(sys.modules[__name__], bundle)
     cli_policy.add_commands(entry)
@@ -959,11 +1098,42 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+# SPIRE's single-dash spellings whose Sigil flag is not their plain kebab-case form.
+_SPIRE_FLAGS = {"-entryID": "--id", "-dns": "--dns-name", "-x509SVIDTTL": "--x509-svid-ttl",
+                "-jwtSVIDTTL": "--jwt-svid-ttl", "-matchSelectorsOn": "--match",
+                "-federatesWith": "--federates-with", "-storeSVID": None,
+                "-dnsName": "--dns-name", "-id": "--id", "-node": "--node"}
+
+
+def spire_flag_hint(args: Sequence[str]) -> str | None:
+    """For the first SPIRE-style single-dash flag (``-spiffeID``) in ``args``: a
+    sentence naming Sigil's spelling (``--spiffe-id``); None when there is none."""
+    for arg in args:
+        if arg == "--":
+            break
+        if not re.fullmatch(r"-[A-Za-z][A-Za-z0-9]+", arg):
+            continue
+        if arg in _SPIRE_FLAGS:
+            flag = _SPIRE_FLAGS[arg]
+            if flag is None:
+                return f"{arg} is SPIRE's flag; Sigil has no equivalent (see --help)"
+        else:
+            flag = "--" + re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", arg[1:]).lower()
+        return f"{arg} is SPIRE's spelling: use {flag}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console-script entry point: every error, click's usage errors included, is
     one ``Error: <reason>`` line on stderr and exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        code = cli.main(args=argv, prog_name="sigil-server", standalone_mode=False)
+        code = cli.main(args=args, prog_name="sigil-server", standalone_mode=False)
+    except click.UsageError as exc:
+        hint = spire_flag_hint(args) if isinstance(exc, click.NoSuchOption) else None
+        message = hint or " ".join(exc.format_message().split())
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(EXIT_ERROR)
     except click.ClickException as exc:
         click.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(EXIT_ERROR)

@@ -223,6 +223,10 @@ def set_(td_id: str | None, td_name: str | None, fmt: str, path: str | None, out
     td = _trust_domain(td_id, td_name, required=True)
     assert td is not None
     data = _read_input(path)
+    if fmt == "pem" and data.lstrip().startswith(b"{"):
+        # The server would say "no PEM certificate": say what the operator meant.
+        base._fail(f"{path or 'standard input'} holds a JSON document, not PEM: a SPIFFE "
+                   "bundle (as `bundle show --format spiffe` prints it) needs --format spiffe")
     msg = base._call(socket_path or base._default_socket(), lambda s: s.SetBundle(
         admin_pb2.SetBundleRequest(trust_domain=td.name, format=fmt, data=data),
         timeout=base.ADMIN_TIMEOUT))

@@ -28,6 +28,9 @@ def authority_json(a: admin_pb2.LocalAuthority) -> dict[str, Any]:
         "owner": a.owner,
         "signed_until": base._unix_to_rfc3339(a.signed_until) if a.signed_until else None,
         "upstream_authority_id": a.upstream_authority_id or None,
+        "not_before": base._unix_to_rfc3339(a.not_before) if a.not_before else None,
+        "drops_at": base._unix_to_rfc3339(a.drops_at) if a.drops_at else None,
+        "owner_hostname": a.owner_hostname or None,
     }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from identity.errors import InvalidValueError
 
 _DURATION_RE = re.compile(r"(\d+)(ms|[dhms])")
+_SECONDS_RE = re.compile(r"[0-9]+")
 _UNIT_MILLISECONDS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
 MAX_PORT = 65535
 
@@ -23,17 +24,26 @@ MAX_PORT = 65535
 def parse_duration(text: object, *, allow_milliseconds: bool = True) -> dt.timedelta:
     """Parse ``"500ms"``, ``"90s"``, ``"5m"``, ``"1h"``, ``"2d"`` or combinations (``"1h30m"``).
 
+    A number without a unit (``600``, or ``"600"``) is seconds, so every duration,
+    flag or configuration key, takes the same forms.
+
     Args:
-        text: the value as written in the configuration (must be a string).
+        text: the value as written in the configuration or on the command line.
         allow_milliseconds: accept the unit ``ms``; without it only s, m, h and d.
 
     Raises:
-        InvalidValueError: not a string, not in that form, or not greater than zero.
+        InvalidValueError: not a string or whole number, not in that form, or not
+            greater than zero.
     """
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
     if not isinstance(text, str):
         raise InvalidValueError(
-            f"duration must be a string like \"1h\" or \"90s\", not {text!r}"
+            f"duration must be a string like \"1h\" or \"90s\", or seconds, not {text!r}"
         )
+    shown = text
+    if _SECONDS_RE.fullmatch(text):
+        text += "s"
     pos = 0
     total_ms = 0
     for match in _DURATION_RE.finditer(text):
@@ -44,11 +54,11 @@ def parse_duration(text: object, *, allow_milliseconds: bool = True) -> dt.timed
     if not text or pos != len(text):
         units = "ms, s, m, h or d" if allow_milliseconds else "s, m, h or d"
         raise InvalidValueError(
-            f"duration {text!r} is invalid: use a number and a unit {units} "
-            "(for example \"90s\", \"5m\", \"1h30m\")"
+            f"duration {shown!r} is invalid: use seconds or a number and a unit {units} "
+            "(for example \"600\", \"90s\", \"5m\", \"1h30m\")"
         )
     if total_ms <= 0:
-        raise InvalidValueError(f"duration {text!r} must be greater than zero")
+        raise InvalidValueError(f"duration {shown!r} must be greater than zero")
     return dt.timedelta(milliseconds=total_ms)
 
 

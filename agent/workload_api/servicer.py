@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import struct_pb2  # type: ignore[import-untyped,unused-ignore]
 
-from agent import log
+from agent import log, metrics
 from agent.cache import Cache, CachedEntry, Identity, Snapshot
 from agent.errors import AgentError
 from agent.workload_api.front import PeerCredentials
@@ -316,6 +316,7 @@ class WorkloadApiServicer:
             snap = self._cache.snapshot()
             entitled = snap.entitled(caller.selectors)
         if not entitled:
+            _log_denied(caller, "no identity")
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
         return snap, entitled, synced
 
@@ -335,6 +336,7 @@ class WorkloadApiServicer:
         Never ends normally (py-spiffe 0.3.2 reconnects in a loop when it does);
         ends with PermissionDenied when the caller has, or comes to have, no identity.
         """
+        metrics.count_call("FetchX509SVID")
         caller = await self._caller(context)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._first_timeout
@@ -374,6 +376,7 @@ class WorkloadApiServicer:
         self, request: pb.X509BundlesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.X509BundlesResponse]:
         """Stream the X.509 bundles the caller may see (own trust domain + federated)."""
+        metrics.count_call("FetchX509Bundles")
         caller = await self._caller(context)
         async for bundles in self._bundle_updates(caller, context):
             response = pb.X509BundlesResponse()
@@ -387,6 +390,7 @@ class WorkloadApiServicer:
         self, request: pb.JWTBundlesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.JWTBundlesResponse]:
         """Stream the JWT bundles (plain JWKS of jwt-svid keys) the caller may see."""
+        metrics.count_call("FetchJWTBundles")
         caller = await self._caller(context)
         async for bundles in self._bundle_updates(caller, context):
             response = pb.JWTBundlesResponse()
@@ -425,6 +429,7 @@ class WorkloadApiServicer:
         self, request: pb.JWTSVIDRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.JWTSVIDResponse:
         """JWT-SVIDs for every identity of the caller (or the one requested)."""
+        metrics.count_call("FetchJWTSVID")
         caller = await self._caller(context)
         audience = list(dict.fromkeys(a for a in request.audience if a))
         if not audience:
@@ -447,6 +452,7 @@ class WorkloadApiServicer:
         if wanted is not None:
             entitled = [e for e in entitled if e.spiffe_id == wanted]
         if not entitled:
+            _log_denied(caller, "no identity" if wanted is None else f"no identity {wanted}")
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
         # Tokens for the same SPIFFE ID are interchangeable: one per ID, first
         # entry in the stable order.
@@ -474,6 +480,7 @@ class WorkloadApiServicer:
         self, request: pb.ValidateJWTSVIDRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ValidateJWTSVIDResponse:
         """Validate a JWT-SVID against the agent's JWT bundles."""
+        metrics.count_call("ValidateJWTSVID")
         caller = await self._caller(context)
         if not request.audience:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
@@ -550,9 +557,31 @@ async def _check_audience_bounds(
             )
 
 
+def _log_denied(caller: _Caller, reason: str) -> None:
+    """At debug: who was refused, and the selectors it has (what to register for it)."""
+    log.event("workload denied", level=logging.DEBUG, pid=caller.creds.pid,
+              uid=caller.creds.uid, gid=caller.creds.gid, reason=reason,
+              selectors=",".join(sorted(str(s) for s in caller.selectors)))
+
+
+def _denial_reason(details: str) -> str:
+    """The metrics label of a PERMISSION_DENIED answer, from its message."""
+    if details == NO_IDENTITY:
+        return "no_identity"
+    if details == "caller not identified":
+        return "not_identified"
+    if details.startswith("workload attestation failed"):
+        return "attestation_failed"
+    if details.endswith(("is gone or its PID was reused", " is gone")):
+        return "process_gone"
+    return "process_changed"
+
+
 async def _abort(
     context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str
 ) -> NoReturn:
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        metrics.count_denial(_denial_reason(details))
     await context.abort(code, details)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
 
 import grpc
 
@@ -307,4 +308,15 @@ class AdminServicer(LocalAuthorityMethods, FederationMethods, RevocationMethods,
         return admin_pb2.HealthResponse(
             serving=True, trust_domain=self._d.config.trust_domain.name,
             bundle_sequence=bundle.sequence_number or 0,
+            instance_id=self._d.authority.owner, hostname=socket.gethostname(),
+            version=_version(),
         )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sigil")
+    except PackageNotFoundError:
+        return "unknown"

@@ -6,6 +6,8 @@ against the server that holds the key); ``show`` lists every server's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import grpc
 
 from api.protos.sigil.admin.v1 import admin_pb2
@@ -30,13 +32,17 @@ def _authority_id(request: admin_pb2.LocalAuthorityRequest) -> str:
     return request.authority_id
 
 
-def authority_to_proto(info: AuthorityInfo) -> admin_pb2.LocalAuthority:
-    """An authority as the admin API returns it."""
+def authority_to_proto(info: AuthorityInfo, hosts: Mapping[str, str] | None = None
+                       ) -> admin_pb2.LocalAuthority:
+    """An authority as the admin API returns it (``hosts``: host name by owner)."""
     return admin_pb2.LocalAuthority(
         kind=info.kind, authority_id=info.authority_id, status=info.status,
         not_after=int(info.not_after.timestamp()), owner=info.owner,
         signed_until=int(info.signed_until.timestamp()) if info.signed_until else 0,
         upstream_authority_id=info.upstream_authority_id,
+        not_before=int(info.not_before.timestamp()) if info.not_before else 0,
+        drops_at=int(info.drops_at.timestamp()) if info.drops_at else 0,
+        owner_hostname=(hosts or {}).get(info.owner, ""),
     )
 
 
@@ -51,8 +57,9 @@ class LocalAuthorityMethods:
     ) -> admin_pb2.LocalAuthorities:
         """Every authority of a kind, oldest first, with its status."""
         kind = _kind(request)
+        hosts = self._d.datastore.server_hosts()
         return admin_pb2.LocalAuthorities(authorities=[
-            authority_to_proto(a) for a in self._d.authority.list_authorities(kind)])
+            authority_to_proto(a, hosts) for a in self._d.authority.list_authorities(kind)])
 
     @grpc_method("admin")
     def PrepareLocalAuthority(

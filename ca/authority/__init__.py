@@ -163,6 +163,9 @@ class AuthorityInfo:
     owner: str
     signed_until: dt.datetime | None
     upstream_authority_id: str = ""
+    not_before: dt.datetime | None = None
+    drops_at: dt.datetime | None = None
+    """Old or tainted: when it leaves the bundle (what it signed has expired)."""
 
 
 def _ts(value: dt.datetime) -> int:
@@ -220,6 +223,11 @@ class CertificateAuthority:
         return self._cfg.trust_domain
 
     # ---- start-up ----------------------------------------------------------------
+
+    @property
+    def owner(self) -> str:
+        """This server instance's id: the owner of the authorities it made."""
+        return self._cfg.owner
 
     def load_or_create(self) -> None:
         """Load this server's active slots, creating them on first start; publish.
@@ -484,7 +492,10 @@ class CertificateAuthority:
             kind=rec.kind, authority_id=_authority_id(rec), status=rec.status,
             not_after=_dt(rec.not_after), owner=rec.owner,
             signed_until=_dt(rec.signed_until) if rec.signed_until else None,
-            upstream_authority_id=upstream)
+            upstream_authority_id=upstream,
+            not_before=_dt(rec.not_before) if rec.not_before else None,
+            drops_at=(self._drop_time(rec)
+                      if rec.status in (STATUS_OLD, STATUS_TAINTED) else None))
 
     def list_authorities(self, kind: str) -> list[AuthorityInfo]:
         """This trust domain's authorities of ``kind`` (every server's), oldest first."""

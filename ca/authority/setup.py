@@ -8,6 +8,7 @@ of the same data directory finds its slots again.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -100,6 +101,9 @@ def build_authority(cfg: ServerConfig, datastore: Datastore, clock: Clock, *,
     check_trust_domain(cfg, datastore)
     if rotate:
         log_ttl_warnings(cfg.ca_ttl, cfg.x509_svid_ttl, cfg.jwt_svid_ttl)
+        # Which host this instance is on, so `sigil-server status` names the servers
+        # holding each key by host, not only by instance id.
+        datastore.record_server_host(instance_id(cfg.data_dir), socket.gethostname())
     authority = CertificateAuthority(AuthorityConfig(
         trust_domain=cfg.trust_domain, datastore=datastore,
         key_manager=key_manager or make_key_manager(cfg), clock=clock,

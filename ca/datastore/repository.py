@@ -41,6 +41,9 @@ from identity.spiffeid import SpiffeId, TrustDomain
 
 TRUST_DOMAIN_INFO = "trust_domain"
 """The ``datastore_info`` row naming the database's trust domain (revision 0006)."""
+SERVER_HOST_INFO = "host:"
+"""Prefix of the ``datastore_info`` rows naming each server instance's host
+(``host:<instance id>`` -> host name), for ``sigil-server status``."""
 
 
 def _ts(value: dt.datetime) -> int:
@@ -386,6 +389,22 @@ class Datastore(FederationQueries, RevocationQueries):
                     raise
                 return row.value
             return trust_domain.name
+
+    def record_server_host(self, instance_id: str, hostname: str) -> None:
+        """Record (or update) the host a server instance runs on."""
+        name = SERVER_HOST_INFO + instance_id
+        with self._session() as s:
+            row = s.get(m.DatastoreInfo, name)
+            if row is None:
+                s.add(m.DatastoreInfo(name=name, value=hostname[:m.TRUST_DOMAIN_LENGTH]))
+            else:
+                row.value = hostname[:m.TRUST_DOMAIN_LENGTH]
+
+    def server_hosts(self) -> dict[str, str]:
+        """Host name by server instance id, as each server recorded it at start."""
+        query = select(m.DatastoreInfo).where(m.DatastoreInfo.name.startswith(SERVER_HOST_INFO))
+        with self._reading() as s:
+            return {r.name[len(SERVER_HOST_INFO):]: r.value for r in s.scalars(query)}
 
     # ---- entries ------------------------------------------------------------------
 

@@ -61,7 +61,7 @@ kubelet_host = "127.0.0.1"
 kubelet_read_only_port = {kubelet.port}
 proc_root = "{root / 'proc'}"
 """)
-            agents = json.loads(st.server_cli("agent", "list", "--output", "json").stdout)
+            agents = json.loads(st.server_cli("agent", "list", "--output", "json").stdout)["agents"]
             agent_id = f"spiffe://{TD}/sigil/agent/k8s_psat/demo/{NODE_UID}"
             assert [a["id"] for a in agents] == [agent_id], agents
 
@@ -85,7 +85,7 @@ proc_root = "{root / 'proc'}"
             # The controller makes the entry; no one registers anything by hand.
             def entries() -> list[dict[str, object]]:
                 out = st.server_cli("entry", "show", "--output", "json").stdout
-                return json.loads(out)  # type: ignore[no-any-return]
+                return json.loads(out)["entries"]  # type: ignore[no-any-return]
 
             wait_for(lambda: len(entries()) == 1, timeout=30, what="the pod's entry")
             [entry] = entries()

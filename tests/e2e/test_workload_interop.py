@@ -166,12 +166,12 @@ def test_agent_cli_fetch_jwt_and_json_output(stack: Stack, uid_selector: str) ->
     finally:
         client.close()
     x509_json = json.loads(stack.agent_cli("api", "fetch", "x509", "--output", "json").stdout)
-    first = x509_json[0] if isinstance(x509_json, list) else x509_json
+    [first] = x509_json["svids"]
     assert first["spiffe_id"] == workload_id
     jwt_json = json.loads(
         stack.agent_cli("api", "fetch", "jwt", "--audience", AUDIENCE, "--output", "json").stdout
     )
-    first_jwt = jwt_json[0] if isinstance(jwt_json, list) else jwt_json
+    [first_jwt] = jwt_json["svids"]
     assert first_jwt["spiffe_id"] == workload_id
     parsed = JwtSvid.parse_insecure(first_jwt["token"], {AUDIENCE})
     assert str(parsed.spiffe_id) == workload_id

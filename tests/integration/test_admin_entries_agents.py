@@ -181,8 +181,8 @@ def test_entry_create_update_show_count(sigil_server: RunningServer, before: int
         "count": before + 2}
 
     def ids(*args: str) -> list[str]:
-        return [e["id"] for e in _json(_cli(sigil_server,   # type: ignore[attr-defined]
-            "entry", "show", "--output", "json", *args))]
+        return [e["id"] for e in _json(_cli(sigil_server,   # type: ignore[index]
+            "entry", "show", "--output", "json", *args))["entries"]]
 
     assert ids("--selector", "unix:uid:1000") == [web["id"]]  # type: ignore[index]
     assert ids("--selector", "unix:uid:1000", "--match", "exact") == []
@@ -223,8 +223,8 @@ def test_entry_show_pages_through_everything(
         parent_id=parent, page_size=5, page_token=first.next_page_token), timeout=10)
     assert (len(first.entries), len(second.entries), second.next_page_token) == (5, 2, "")
     assert len({e.id for e in [*first.entries, *second.entries]}) == 7
-    assert len(_json(_cli(sigil_server, "entry", "show", "--parent-id", parent,  # type: ignore[arg-type]
-                          "--output", "json"))) == 7
+    assert len(_json(_cli(sigil_server, "entry", "show", "--parent-id", parent,  # type: ignore[index]
+                          "--output", "json"))["entries"]) == 7
     with pytest.raises(grpc.RpcError) as err:
         admin.ListEntries(admin_pb2.ListEntriesRequest(page_token="bogus"), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -359,7 +359,7 @@ def test_bad_entry_update_via_api_changes_nothing(
         (["--node", "--parent-id", "spiffe://TD/p", "--spiffe-id", "spiffe://TD/w",
           "--selector", "unix:uid:1"], "not both"),
         (["--node", "--spiffe-id", "spiffe://TD/w"], "--selector"),
-        (["--node", "--spiffe-id", "spiffe://TD/w", "--selector", "a:b",
+        (["--node", "--spiffe-id", "spiffe://TD/w", "--selector", "unix:b",
           "--expires-at", "soon"], "--expires-at"),
         (["--data", "/nonexistent/file.json"], "cannot read"),
     ],
@@ -422,7 +422,7 @@ def _entry_for(server: RunningServer, parent: str) -> str:
 
 
 def test_agent_list_show_count(sigil_server: RunningServer, agent: Agent) -> None:
-    listed = _json(_cli(sigil_server, "agent", "list", "--output", "json"))
+    listed = _json(_cli(sigil_server, "agent", "list", "--output", "json"))["agents"]  # type: ignore[index]
     (mine,) = [a for a in listed if a["id"] == agent.agent_id]  # type: ignore[attr-defined]
     shown = _json(_cli(sigil_server, "agent", "show", "--id", agent.agent_id, "--output", "json"))
     assert shown == mine
@@ -505,7 +505,7 @@ def test_agent_purge(sigil_server: RunningServer, agent: Agent) -> None:
                                   "--output", "json")) == {"ids": [], "dry_run": False}
     assert "Removed 1 agent" in _ok(_cli(sigil_server, "agent", "purge"))
     assert _agents(sigil_server) == agents - 1
-    listed = _json(_cli(sigil_server, "agent", "list", "--output", "json"))
+    listed = _json(_cli(sigil_server, "agent", "list", "--output", "json"))["agents"]  # type: ignore[index]
     assert agent.agent_id in [a["id"] for a in listed]  # type: ignore[attr-defined]
     assert str(old) not in [a["id"] for a in listed]  # type: ignore[attr-defined]
 

@@ -147,7 +147,10 @@ def test_healthcheck_json(harness: Harness) -> None:
     harness.set_state([entry("w", WEB, UID)])
     result = cli(harness, "healthcheck", "--output", "json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"healthy": True, "socket_path": str(harness.socket_path)}
+    from importlib.metadata import version
+
+    assert json.loads(result.stdout) == {"healthy": True, "socket_path": str(harness.socket_path),
+                                         "version": version("sigil")}
 
 
 def test_watch_without_identity_fails_with_the_reason(harness: Harness) -> None:
@@ -454,3 +457,50 @@ def test_spiffe_tls_mutual_tls_between_two_workloads(harness: Harness) -> None:
         listener.close()
         server_source.close()
         client_source.close()
+
+
+def test_helper_reload_failure_is_a_warning_and_fails_count(harness: Harness,
+                                                           tmp_path: Path) -> None:
+    """Issue 14: a reload command that fails is logged at warning, and `--count 1`
+    (a script waiting for the first files) exits 1 saying so."""
+    harness.set_state([entry("w", WEB, UID)])
+
+    def helper(cmd: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", "from agent.cli import main; main(prog_name='sigil-agent')",
+             "helper", "--count", "1", "--dir", str(tmp_path / "out"), "--cmd", cmd,
+             "--socket-path", str(harness.socket_path)],
+            capture_output=True, text=True, timeout=60, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    failed = helper("sh -c 'echo no such service >&2; exit 3'")
+    assert failed.returncode == 1, failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert lines[-1] == ("Error: files written, but the reload failed: command 'sh' exited "
+                         "with 3: no such service")
+    [warning] = [line for line in lines if "helper notify failed" in line]
+    assert "WARNING" in warning.upper(), warning
+    assert (tmp_path / "out" / "svid.pem").exists()
+    good = helper("true")
+    assert good.returncode == 0, good.stderr
+
+
+def test_a_denied_call_is_logged_at_debug_with_the_callers_selectors(
+        harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 14: the operator who sees PermissionDenied finds, at debug, who asked and
+    which selectors it has (what an entry must name)."""
+    import logging
+
+    from agent.log import LOGGER_NAME
+
+    harness.set_state([entry("w", WEB, "unix:uid:999999")])
+    with caplog.at_level(logging.DEBUG, logger=LOGGER_NAME):
+        result = cli(harness, "api", "fetch", "x509")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: FetchX509SVID failed: PERMISSION_DENIED")
+    [denied] = [r for r in caplog.records if r.getMessage() == "workload denied"]
+    assert denied.levelno == logging.DEBUG
+    fields = denied.fields  # type: ignore[attr-defined]
+    assert (fields["pid"], fields["uid"], fields["reason"]) == (os.getpid(), os.getuid(),
+                                                                "no identity")
+    assert f"unix:uid:{os.getuid()}" in fields["selectors"].split(",")

@@ -67,7 +67,7 @@ def _agents(server: RunningServer) -> list[dict[str, object]]:
     proc = server.cli("agent", "list", "--output", "json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    return doc if isinstance(doc, list) else doc["agents"]  # type: ignore[no-any-return]
+    return doc["agents"]  # type: ignore[no-any-return]
 
 
 @pytest.mark.slow

@@ -244,7 +244,7 @@ def test_sync_via_alias(sigil_server: RunningServer) -> None:
         assert ids_b == []
         # The alias node entry exists, parented to the server.
         shown = _json(sigil_server.cli("entry", "show", "--spiffe-id", alias, "--output", "json"))
-        assert [e["parent_id"] for e in shown] == [f"spiffe://{td}/sigil/server"]  # type: ignore[attr-defined,index]
+        assert [e["parent_id"] for e in shown["entries"]] == [f"spiffe://{td}/sigil/server"]  # type: ignore[attr-defined,index]
     finally:
         a.channel.close()
         b.channel.close()

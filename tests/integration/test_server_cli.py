@@ -47,15 +47,16 @@ def test_entry_create_show_delete(sigil_server: RunningServer) -> None:
     assert (created["x509_svid_ttl"], created["jwt_svid_ttl"]) == (120, 0)
 
     shown = json.loads(_ok(sigil_server.cli("entry", "show", "--output", "json")))
-    assert shown == [created]
+    assert shown == {"entries": [created]}
     by_sel = json.loads(_ok(sigil_server.cli(
         "entry", "show", "--selector", "unix:uid:1000", "--selector", "unix:gid:0",
-        "--output", "json")))
+        "--output", "json")))["entries"]
     assert [e["id"] for e in by_sel] == [created["id"]]
     assert json.loads(_ok(sigil_server.cli("entry", "show", "--parent-id",
-                                           f"spiffe://{td}/other", "--output", "json"))) == []
+                                           f"spiffe://{td}/other", "--output", "json"))) == {
+        "entries": []}
     assert json.loads(_ok(sigil_server.cli("entry", "show", "--id", created["id"],
-                                           "--output", "json"))) == [created]
+                                           "--output", "json"))) == {"entries": [created]}
     assert "Found 1 entry" in _ok(sigil_server.cli("entry", "show"))
 
     dup = sigil_server.cli("entry", "create", "--spiffe-id", f"spiffe://{td}/web",
@@ -64,7 +65,8 @@ def test_entry_create_show_delete(sigil_server: RunningServer) -> None:
     assert dup.returncode == 2 and "already exists" in dup.stderr
 
     _ok(sigil_server.cli("entry", "delete", "--id", created["id"]))
-    assert json.loads(_ok(sigil_server.cli("entry", "show", "--output", "json"))) == []
+    assert json.loads(_ok(sigil_server.cli("entry", "show", "--output", "json"))) == {
+        "entries": []}
     gone = sigil_server.cli("entry", "delete", "--id", created["id"])
     assert gone.returncode == 2 and "not found" in gone.stderr
 
@@ -101,7 +103,8 @@ def test_bad_entry_input(sigil_server: RunningServer, args: list[str], message: 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
     assert message in lines[0]
-    assert json.loads(_ok(sigil_server.cli("entry", "show", "--output", "json"))) == []
+    assert json.loads(_ok(sigil_server.cli("entry", "show", "--output", "json"))) == {
+        "entries": []}
 
 
 @pytest.mark.parametrize(
@@ -144,8 +147,10 @@ def test_bundle_show_pem_and_spiffe(sigil_server: RunningServer, tmp_path: objec
 
 def test_healthcheck_json(sigil_server: RunningServer) -> None:
     doc = json.loads(_ok(sigil_server.cli("healthcheck", "--output", "json")))
+    from importlib.metadata import version
+
     assert doc == {"serving": True, "trust_domain": sigil_server.trust_domain,
-                   "bundle_sequence": 1}
+                   "bundle_sequence": 1, "version": version("sigil")}
 
 
 @pytest.mark.parametrize("args", [[], ["run"], ["token", "generate"], ["entry", "create"],
@@ -168,7 +173,8 @@ def test_restart_keeps_ca(sigil_server: RunningServer) -> None:
         "--selector", "unix:uid:1", "--output", "json")))
     sigil_server.restart()
     assert _ok(sigil_server.cli("bundle", "show", "--format", "spiffe")) == before
-    assert json.loads(_ok(sigil_server.cli("entry", "show", "--output", "json"))) == [entry]
+    assert json.loads(_ok(sigil_server.cli("entry", "show", "--output", "json"))) == {
+        "entries": [entry]}
 
 
 def test_admin_socket_permissions(sigil_server: RunningServer) -> None:

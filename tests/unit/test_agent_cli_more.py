@@ -39,7 +39,9 @@ def test_unreachable_agent_is_exit_1() -> None:
     result = CliRunner().invoke(main, ["api", "watch", "--socket-path", "/nonexistent/a.sock",
                                        "--count", "1"])
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: FetchX509SVID stream ended: UNAVAILABLE")
+    assert result.stderr.startswith("Error: agent is not running: /nonexistent/a.sock does not "
+                                    "exist (from --socket-path; set SPIFFE_ENDPOINT_SOCKET or "
+                                    "pass --socket-path to use another)")
 
 
 def test_help_of_new_commands_has_examples() -> None:

@@ -56,7 +56,7 @@ def test_socket_path_accepts_uri() -> None:
         ('bogus = 1\n', "unknown key 'bogus'"),
         ("[workload_attestors.docker]\n", "unknown key 'workload_attestors.docker'"),
         ("[workload_attestors.unix]\nfoo = true\n", "unknown key 'workload_attestors.unix.foo'"),
-        ('sync_interval = 5\n', "sync_interval: duration must be a string"),
+        ('sync_interval = 1.5\n', "sync_interval: duration must be a string"),
         ('sync_interval = "5 seconds"\n', "sync_interval: duration '5 seconds' is invalid"),
         ('sync_interval = "0s"\n', "must be greater than zero"),
         ('insecure_bootstrap = "yes"\n', "insecure_bootstrap must be true or false"),

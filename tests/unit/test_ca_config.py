@@ -13,7 +13,7 @@ from ca.errors import ConfigError
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90s", 90), ("5m", 300), ("1h", 3600), ("2d", 172800), ("1h30m", 5400)],
+    [("90s", 90), ("5m", 300), ("1h", 3600), ("2d", 172800), ("1h30m", 5400), ("600", 600)],
 )
 def test_durations(text: str, seconds: int) -> None:
     assert parse_duration(text) == dt.timedelta(seconds=seconds)
@@ -23,14 +23,14 @@ def test_durations(text: str, seconds: int) -> None:
     ("text", "message"),
     [
         ("", "invalid"),
-        ("10", "invalid"),
+        ("10x", "invalid"),
         ("h", "invalid"),
         ("1x", "invalid"),
         ("1h ", "invalid"),
         ("-5m", "invalid"),
         ("0s", "greater than zero"),
         ("1.5h", "invalid"),
-        (60, "must be a string"),
+        (1.5, "must be a string"),
     ],
 )
 def test_bad_durations(text: object, message: str) -> None:
@@ -62,7 +62,7 @@ def test_defaults(tmp_path: Path) -> None:
         ('trust_domain = "example.org"\nbogus = 1\n', "server.toml: unknown key 'bogus'"),
         ('trust_domain = "Example.ORG"\n', "trust_domain"),
         ('trust_domain = "example.org"\nca_ttl = "1y"\n', "ca_ttl"),
-        ('trust_domain = "example.org"\nx509_svid_ttl = 60\n', "x509_svid_ttl"),
+        ('trust_domain = "example.org"\nx509_svid_ttl = 1.5\n', "x509_svid_ttl"),
         ('trust_domain = "example.org"\nca_ttl = "1h"\nx509_svid_ttl = "2h"\n',
          "must not be longer than ca_ttl"),
         ('trust_domain = "example.org"\nbind_address = "nope"\n', "HOST:PORT"),
@@ -92,6 +92,14 @@ def test_jwt_key_types(tmp_path: Path, name: str) -> None:
     cfg = load_config(_write(tmp_path, f'trust_domain = "example.org"\njwt_key_type = "{name}"\n'))
     assert cfg.jwt_key_type.value == name
     assert cfg.ca_key_type.value == "ec-p256"
+
+
+def test_durations_in_seconds_or_with_a_unit(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, 'trust_domain = "example.org"\n'
+                             'x509_svid_ttl = 600\njwt_svid_ttl = "120"\nca_ttl = "1h"\n'))
+    assert cfg.x509_svid_ttl == dt.timedelta(minutes=10)
+    assert cfg.jwt_svid_ttl == dt.timedelta(minutes=2)
+    assert cfg.ca_ttl == dt.timedelta(hours=1)
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -20,9 +20,11 @@ from identity.errors import InvalidValueError, SigilError
         ("2d", dt.timedelta(days=2)),
         ("1s500ms", dt.timedelta(milliseconds=1500)),
         ("3ms", dt.timedelta(milliseconds=3)),
+        ("600", dt.timedelta(seconds=600)),
+        (60, dt.timedelta(seconds=60)),
     ],
 )
-def test_durations(text: str, expected: dt.timedelta) -> None:
+def test_durations(text: str | int, expected: dt.timedelta) -> None:
     assert parse_duration(text) == expected
 
 
@@ -30,13 +32,15 @@ def test_durations(text: str, expected: dt.timedelta) -> None:
     ("text", "message"),
     [
         ("", "invalid"),
-        ("10", "invalid"),
+        ("0", "greater than zero"),
+        ("-10", "invalid"),
         ("1.5h", "invalid"),
         ("-5m", "invalid"),
         ("1h ", "invalid"),
         ("0s", "greater than zero"),
         ("0ms", "greater than zero"),
-        (60, "must be a string"),
+        (1.5, "must be a string"),
+        (True, "must be a string"),
     ],
 )
 def test_bad_durations(text: object, message: str) -> None:

@@ -170,14 +170,20 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("serving", "trust_domain", "bundle_sequence")
+    __slots__ = ("serving", "trust_domain", "bundle_sequence", "instance_id", "hostname", "version")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     trust_domain: str
     bundle_sequence: int
-    def __init__(self, serving: _Optional[bool] = ..., trust_domain: _Optional[str] = ..., bundle_sequence: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    hostname: str
+    version: str
+    def __init__(self, serving: _Optional[bool] = ..., trust_domain: _Optional[str] = ..., bundle_sequence: _Optional[int] = ..., instance_id: _Optional[str] = ..., hostname: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Agent(_message.Message):
     __slots__ = ("id", "attestor", "selectors", "serial", "expires_at", "banned", "can_reattest", "created_at", "updated_at", "new_serial")
@@ -318,7 +324,7 @@ class LocalAuthorityRequest(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., authority_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class LocalAuthority(_message.Message):
-    __slots__ = ("kind", "authority_id", "status", "not_after", "owner", "signed_until", "upstream_authority_id")
+    __slots__ = ("kind", "authority_id", "status", "not_after", "owner", "signed_until", "upstream_authority_id", "not_before", "drops_at", "owner_hostname")
     KIND_FIELD_NUMBER: _ClassVar[int]
     AUTHORITY_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -326,6 +332,9 @@ class LocalAuthority(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     SIGNED_UNTIL_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_AUTHORITY_ID_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    DROPS_AT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     kind: str
     authority_id: str
     status: str
@@ -333,7 +342,10 @@ class LocalAuthority(_message.Message):
     owner: str
     signed_until: int
     upstream_authority_id: str
-    def __init__(self, kind: _Optional[str] = ..., authority_id: _Optional[str] = ..., status: _Optional[str] = ..., not_after: _Optional[int] = ..., owner: _Optional[str] = ..., signed_until: _Optional[int] = ..., upstream_authority_id: _Optional[str] = ...) -> None: ...
+    not_before: int
+    drops_at: int
+    owner_hostname: str
+    def __init__(self, kind: _Optional[str] = ..., authority_id: _Optional[str] = ..., status: _Optional[str] = ..., not_after: _Optional[int] = ..., owner: _Optional[str] = ..., signed_until: _Optional[int] = ..., upstream_authority_id: _Optional[str] = ..., not_before: _Optional[int] = ..., drops_at: _Optional[int] = ..., owner_hostname: _Optional[str] = ...) -> None: ...
 
 class LocalAuthorities(_message.Message):
     __slots__ = ("authorities",)

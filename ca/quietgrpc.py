@@ -1,0 +1,15 @@
+"""Keep grpc's C core from writing its own lines on the terminal.
+
+Without a setting, grpc's C core writes a line to stderr for events such as each
+failed TLS handshake (``I1203 ... ssl_transport_security.cc ... Handshake
+failed``): noise next to our one-line message that already names the cause and
+the fix. ``GRPC_VERBOSITY`` is read once, when grpc loads, so the command-line
+programs import this module before anything imports grpc. An operator who sets
+``GRPC_VERBOSITY`` (debugging) keeps their value.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
