@@ -410,6 +410,11 @@ def bundle_from_proto(b: tpb.Bundle) -> Bundle:
         ),
         sequence_number=b.sequence_number or None,
         refresh_hint=b.refresh_hint or None,
+        wit_authorities=tuple(
+            JwtAuthority(k.key_id, load_jwt_public_key_der(k.public_key),
+                         _unix_time(k.expires_at))
+            for k in b.wit_authorities
+        ),
     )
 
 

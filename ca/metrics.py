@@ -32,10 +32,10 @@ from prometheus_client.registry import REGISTRY, Collector
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STATE_REFRESH_SECONDS = 10.0
 
-SVID_TYPES = ("x509", "jwt", "agent")
+SVID_TYPES = ("x509", "jwt", "wit", "agent")
 
 SVIDS_ISSUED = Counter(
-    "sigil_svids_issued", "SVIDs signed, by type (x509, jwt, agent).", ["type"],
+    "sigil_svids_issued", "SVIDs signed, by type (x509, jwt, wit, agent).", ["type"],
 )
 RPC_ERRORS = Counter(
     "sigil_rpc_errors", "gRPC calls that ended with an error status, by method and code.",

@@ -52,6 +52,7 @@ from identity.clock import Clock
 from identity.jwtsvid import sign_jwt_svid
 from identity.keys import KeyType, PrivateKey, PublicKey, key_id, public_key_der
 from identity.spiffeid import SpiffeId, TrustDomain
+from identity.witsvid import sign_wit_svid
 from identity.x509svid import SvidSigner, new_ca_certificate
 
 SERVER_DNS_NAME = "server.sigil.invalid"
@@ -348,8 +349,11 @@ class CertificateAuthority:
                                   public_key=load_jwt_public_key_der(r.public_key),
                                   expires_at=_dt(r.not_after))
                      for r in records if r.kind == KIND_JWT)
+        # WIT-SVIDs are signed with the JWT keys (docs/standards.md, "WIT-SVID"):
+        # each key is published twice, as jwt-svid and as wit-svid, under one kid.
         return Bundle(trust_domain=self.trust_domain, x509_authorities=x509s,
-                      jwt_authorities=jwts, sequence_number=sequence, refresh_hint=None)
+                      jwt_authorities=jwts, sequence_number=sequence, refresh_hint=None,
+                      wit_authorities=jwts)
 
     def _publish_bundle(self) -> None:
         """Render the bundle from every server's slots and store it (sequence + 1).
@@ -680,6 +684,28 @@ class CertificateAuthority:
         self._note_signed(slot.record_id, expires_at)
         token = sign_jwt_svid(
             spiffe_id=spiffe_id, audience=tuple(audience), key=slot.key.private_key,
+            key_id=slot.kid, issued_at=now, expires_at=expires_at,
+            issuer=self._cfg.jwt_issuer,
+        )
+        return SignedJwtSvid(token, spiffe_id, now, expires_at)
+
+    def sign_wit_svid(
+        self, spiffe_id: SpiffeId, workload_key: PublicKey, *, ttl: dt.timedelta
+    ) -> SignedJwtSvid:
+        """Sign a WIT-SVID binding ``workload_key`` with the active JWT key.
+
+        The JWT slot's key signs both token kinds (docs/standards.md, "WIT-SVID"),
+        so WIT-SVIDs rotate, taint and revoke with ``localauthority jwt``. Never
+        outlives that key.
+        """
+        slot = self._jwt
+        if slot is None:
+            raise AuthorityError("the CA is not loaded")
+        now = self._cfg.clock.now()
+        expires_at = min(now + ttl, slot.not_after)
+        self._note_signed(slot.record_id, expires_at)
+        token = sign_wit_svid(
+            spiffe_id=spiffe_id, workload_key=workload_key, key=slot.key.private_key,
             key_id=slot.kid, issued_at=now, expires_at=expires_at,
             issuer=self._cfg.jwt_issuer,
         )
