@@ -271,3 +271,49 @@ def test_stream_rotates_before_expiry_with_a_new_key(harness: Harness) -> None:
     assert new.issued_at is not None and old.issued_at is not None
     assert new.issued_at < old.expires_at
     assert ca.calls == 2
+
+
+# -- sigil-agent api fetch wit / validate wit --------------------------------------------
+
+
+def _cli(h: Harness, *args: str) -> Any:
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    return CliRunner().invoke(main, [*args, "--socket-path", str(h.socket_path)])
+
+
+def test_cli_fetch_and_validate_wit(harness: Harness, tmp_path: Any) -> None:
+    setup(harness, [entry("e1", WEB, f"unix:uid:{UID}")])
+    fetched = _cli(harness, "api", "fetch", "wit", "--write", str(tmp_path))
+    assert fetched.exit_code == 0, fetched.output
+    assert fetched.stdout.startswith(f"{WEB} expires_at=")
+    assert '"d"' not in fetched.stdout  # the key goes to the file only
+    token = (tmp_path / "wit.jwt").read_text()
+    assert (tmp_path / "wit.key.json").stat().st_mode & 0o777 == 0o600
+    key = load_private_jwk((tmp_path / "wit.key.json").read_text())
+    aud = "https://db.example.org/orders"
+    now = dt.datetime.now(dt.UTC)
+    wpt = sign_wpt(wit_token=token, key=key, audience=aud,
+                   expires_at=now + dt.timedelta(seconds=60))
+    ok = _cli(harness, "api", "validate", "wit", "--audience", aud, "--svid", token,
+              "--proof", wpt, "--output", "json")
+    assert ok.exit_code == 0, ok.output
+    doc = json.loads(ok.stdout)
+    assert doc["spiffe_id"] == WEB and doc["claims"]["sub"] == WEB
+    other_key = generate_private_key()
+    for args, message in [
+        (["--audience", aud, "--svid", token], "--proof is required"),
+        (["--audience", "https://elsewhere/", "--svid", token, "--proof", wpt],
+         "does not name this recipient"),
+        (["--audience", aud, "--svid", token, "--proof",
+          sign_wpt(wit_token=token, key=other_key, audience=aud,
+                   expires_at=now + dt.timedelta(seconds=60))], "cnf key"),
+        (["--audience", aud, "--svid", token[:-4] + "AAAA", "--proof", wpt],
+         "the WIT-SVID is not valid"),
+    ]:
+        bad = _cli(harness, "api", "validate", "wit", *args)
+        assert bad.exit_code == 2, bad.output
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], bad.stderr
