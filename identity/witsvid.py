@@ -38,12 +38,13 @@ import base64
 import datetime as dt
 import hashlib
 import heapq
+import json
 import math
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -51,7 +52,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from identity import jwtsvid
 from identity.bundle import JwtAuthority, JwtBundleSource
-from identity.errors import InvalidSpiffeIdError, WitSvidError
+from identity.errors import InvalidSpiffeIdError, JwtSvidError, WitSvidError
 from identity.keys import JwtPrivateKey, PrivateKey, PublicKey
 from identity.spiffeid import SpiffeId
 
@@ -80,7 +81,10 @@ DEFAULT_MAX_PROOF_LIFETIME = dt.timedelta(minutes=5)
 _EC_ALG_FOR_CURVE = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "priv", "k"})
 
-_PYJWT_OPTIONS: Any = {
+if TYPE_CHECKING:
+    from jwt.types import Options  # PyJWT >= 2.10; annotations only
+
+_PYJWT_OPTIONS: Options = {
     "verify_signature": True,
     "verify_exp": False,
     "verify_nbf": False,
@@ -202,9 +206,12 @@ def load_private_jwk(jwk_doc: Mapping[str, Any] | str) -> PrivateKey:
     Raises:
         WitSvidError: not an EC or RSA private JWK.
     """
-    import json
-
-    doc = json.loads(jwk_doc) if isinstance(jwk_doc, str) else dict(jwk_doc)
+    try:
+        doc = json.loads(jwk_doc) if isinstance(jwk_doc, str) else dict(jwk_doc)
+    except ValueError as exc:
+        raise WitSvidError(f"workload JWK is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise WitSvidError("workload JWK must be a JSON object")
     try:
         if doc.get("kty") == "EC":
             key: object = ECAlgorithm.from_jwk(doc)
@@ -223,8 +230,8 @@ def _check_proof_key_fits(alg: str, key: object) -> None:
     if alg not in PROOF_ALGORITHMS:
         raise WitSvidError(f"proof algorithm {alg!r} is not allowed")
     try:
-        jwtsvid._check_key_fits(alg, key)
-    except Exception as exc:  # JwtSvidError: re-labelled for the WIT edge
+        jwtsvid.check_key_fits(alg, key)
+    except JwtSvidError as exc:
         raise WitSvidError(f"cnf key does not fit {alg}: {exc}") from None
 
 
@@ -314,7 +321,7 @@ def sign_wit_svid(
         raise WitSvidError(f"expires_at {expires_at} is not after issued_at {issued_at}")
     try:
         alg = jwtsvid.default_algorithm(key)
-    except Exception as exc:
+    except JwtSvidError as exc:
         raise WitSvidError(str(exc)) from None
     claims: dict[str, Any] = {
         "sub": str(spiffe_id),
@@ -522,8 +529,8 @@ def validate_wit_svid(
         raise WitSvidError(f"no WIT authority {kid!r} found for trust domain {td}")
     alg = header["alg"]
     try:
-        jwtsvid._check_key_fits(alg, authority.public_key)
-    except Exception as exc:
+        jwtsvid.check_key_fits(alg, authority.public_key)
+    except JwtSvidError as exc:
         raise WitSvidError(str(exc)) from None
     verify_key: Any = authority.public_key
     try:
