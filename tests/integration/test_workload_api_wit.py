@@ -28,6 +28,7 @@ from api.protos import workload_pb2 as pb
 from identity.bundle import Bundle, BundleSet, JwtAuthority
 from identity.errors import WitSvidError
 from identity.keys import PrivateKey, generate_private_key, public_keys_equal
+from identity.spiffeid import SpiffeId, TrustDomain
 from identity.witsvid import (
     ReplayCache,
     WitSvid,
@@ -317,3 +318,34 @@ def test_cli_fetch_and_validate_wit(harness: Harness, tmp_path: Any) -> None:
         assert bad.exit_code == 2, bad.output
         lines = bad.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], bad.stderr
+
+
+def test_wit_bundles_include_federated_ones_that_have_wit_keys(harness: Harness) -> None:
+    from tests.integration.workload_api_harness import TestCA
+
+    partner, legacy = TestCA(TrustDomain.parse("partner.org")), TestCA(
+        TrustDomain.parse("legacy.org"))
+    p_auth = JwtAuthority(partner.jwt_kid, partner.jwt_key.public_key())
+    fed = CachedEntry(id="e1", spiffe_id=SpiffeId.parse(WEB),
+                      parent_id=entry("x", WEB).parent_id,
+                      selectors=entry("x", WEB, f"unix:uid:{UID}").selectors,
+                      federates_with=(partner.td, legacy.td))
+    setup(harness, [fed])
+
+    def add() -> None:
+        harness.cache.set_bundles({
+            TD: wit_bundle(harness),
+            partner.td: Bundle(partner.td, x509_authorities=(partner.cert,),
+                               jwt_authorities=(p_auth,), wit_authorities=(p_auth,)),
+            legacy.td: legacy.bundle(),  # no wit-svid key: no WIT-SVID support
+        })
+
+    harness.call(add)
+    channel, stream = raw_stream(harness, "FetchWITBundles", b"")
+    with channel:
+        msg = pb.WITBundlesResponse.FromString(next(stream))
+        stream.cancel()
+    assert sorted(msg.bundles) == ["spiffe://example.org", "spiffe://partner.org"]
+    assert msg.more is False
+    kids = [k["kid"] for k in json.loads(msg.bundles["spiffe://partner.org"])["keys"]]
+    assert kids == [partner.jwt_kid]
