@@ -414,3 +414,20 @@ def test_hand_built_unsigned_token_is_refused() -> None:
     token = f"{_b64({'alg': 'none', 'kid': KID, 'typ': 'wit+jwt'})}.{_b64({'sub': str(SUB)})}."
     with pytest.raises(WitSvidError, match="'none' is not allowed"):
         validate_wit_svid(token, bundles=BUNDLE, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("key_type", "alg"),
+    [(KeyType.EC_P384, "ES384"), (KeyType.RSA_2048, "RS256"), (KeyType.ML_DSA_44, "ML-DSA-44")],
+)
+def test_any_authority_key_type_signs_and_validates(key_type: KeyType, alg: str) -> None:
+    from identity.keys import generate_jwt_key
+
+    issuer = generate_jwt_key(key_type)
+    kid = key_id(issuer.public_key())
+    bundle = Bundle(TD, wit_authorities=(JwtAuthority(kid, issuer.public_key()),))
+    token = wit(key=issuer, key_id=kid)
+    assert jwt.get_unverified_header(token)["alg"] == alg
+    svid = verify_presentation(token, proof(token), bundles=bundle, audience=AUD, now=NOW,
+                               replay_cache=ReplayCache())
+    assert svid.spiffe_id == SUB
