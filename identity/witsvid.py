@@ -403,7 +403,9 @@ def _unverified(token: str, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise WitSvidError(f"{what} must be a non-empty string")
     if len(token) > MAX_TOKEN_BYTES:
         raise WitSvidError(f"{what} of {len(token)} bytes exceeds {MAX_TOKEN_BYTES}")
-    if token.count(".") != 2:
+    # RFC 7515 §7.1: the compact serialization is base64url parts and dots, so
+    # ASCII; wth hashes the token's ASCII bytes.
+    if not token.isascii() or token.count(".") != 2:
         raise WitSvidError(f"{what} is not a JWS compact serialization")
     try:
         header = jwt.get_unverified_header(token)
@@ -666,7 +668,9 @@ def verify_presentation(
             f"proof expires too far ahead ({expires_at.isoformat()}; at most "
             f"{max_proof_lifetime} allowed)")
     wth = claims.get("wth")
-    if not isinstance(wth, str) or not secrets.compare_digest(wth, wit_hash(wit_token)):
+    # Bytes: compare_digest refuses str with non-ASCII characters (a TypeError).
+    if not isinstance(wth, str) or not secrets.compare_digest(
+            wth.encode("utf-8"), wit_hash(wit_token).encode("ascii")):
         raise WitSvidError("proof wth claim does not match the hash of the WIT")
     jti = claims.get("jti")
     if not isinstance(jti, str) or not jti:
