@@ -345,7 +345,12 @@ def wit_hash(wit_token: str) -> str:
 
     Returns:
         The hash as the WPT carries it.
+
+    Raises:
+        WitSvidError: the token is not ASCII (so not a compact JWS).
     """
+    if not wit_token.isascii():
+        raise WitSvidError("a WIT is ASCII (a JWS compact serialization)")
     digest = hashlib.sha256(wit_token.encode("ascii")).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
