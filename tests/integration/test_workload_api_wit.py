@@ -13,6 +13,7 @@ WIT bundle, and a Workload Proof Token made with the key the agent handed out.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
@@ -22,6 +23,9 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from agent.cache import CachedEntry
 from api.protos import workload_pb2 as pb
@@ -78,6 +82,26 @@ def wire_fields(data: bytes) -> list[tuple[int, Any]]:
         else:
             raise AssertionError(f"unexpected wire type {wire_type} for field {number}")
     return out
+
+
+def _b64d(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def _check_es256_by_hand(token: str, jwks: dict[str, Any]) -> None:
+    head, body, sig = token.split(".")
+    header = json.loads(_b64d(head))
+    assert header["typ"] == "wit+jwt" and header["alg"] == "ES256"
+    (jwk,) = [k for k in jwks["keys"] if k["kid"] == header["kid"]]
+    public = ec.EllipticCurvePublicNumbers(
+        int.from_bytes(_b64d(jwk["x"]), "big"), int.from_bytes(_b64d(jwk["y"]), "big"),
+        ec.SECP256R1()).public_key()
+    raw = _b64d(sig)
+    assert len(raw) == 64
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    public.verify(der, f"{head}.{body}".encode(), ec.ECDSA(hashes.SHA256()))  # raises if bad
+    claims = json.loads(_b64d(body))
+    assert set(claims) >= {"sub", "exp", "cnf"} and "aud" not in claims
 
 
 # -- the agent: harness cache + a WIT signer made like the server's -----------------------
@@ -171,6 +195,10 @@ def test_fetch_wit_svid_raw_interop(harness: Harness) -> None:
     assert [k["use"] for k in jwks["keys"]] == ["wit-svid"]
     assert all(k["kid"] for k in jwks["keys"])
     bundle = Bundle.from_jwks(TD, jwks)
+
+    # The JWS itself, checked without PyJWT: ES256 over "header.payload" with the
+    # bundle's key named by kid, the signature raw r||s (RFC 7518 §3.4).
+    _check_es256_by_hand(token, jwks)
 
     # A relying party: the WIT validates against the WIT bundle ...
     now = dt.datetime.now(dt.UTC)
