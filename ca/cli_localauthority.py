@@ -176,4 +176,5 @@ def make_group(cli_module: ModuleType) -> click.Group:
     base = cli_module
     localauthority.add_command(_kind_group("x509", "X.509 CA"))
     localauthority.add_command(_kind_group("jwt", "JWT signing"))
+    localauthority.add_command(_kind_group("wit", "WIT-SVID signing"))
     return localauthority

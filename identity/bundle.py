@@ -137,6 +137,11 @@ class Bundle:
         object.__setattr__(self, "jwt_authorities", _dedupe_jwt(self.jwt_authorities))
         object.__setattr__(self, "_by_kid", {a.key_id: a for a in self.jwt_authorities})
         object.__setattr__(self, "wit_authorities", _dedupe_jwt(self.wit_authorities))
+        shared = {a.key_id for a in self.wit_authorities} & self._by_kid.keys()
+        if shared:
+            # WIT-SVID §6.1: a kid is unique in the bundle; no jwt-svid key and
+            # wit-svid key may share one.
+            raise BundleError(f"jwt-svid and wit-svid keys share key ID {sorted(shared)[0]!r}")
         for name, value in (
             ("sequence_number", self.sequence_number),
             ("refresh_hint", self.refresh_hint),

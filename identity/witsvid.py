@@ -59,15 +59,13 @@ from identity.spiffeid import SpiffeId
 WIT_TYP = "wit+jwt"
 WPT_TYP = "wpt+jwt"
 
-# The algorithms an issuer may sign a WIT-SVID with: the asymmetric ones Sigil's
-# authorities use (the JWT-SVID set plus ML-DSA). 'none' and HMAC are never here
-# (creds draft: "The value `none` MUST NOT be used"; a shared secret is no identity).
-WIT_ALGORITHMS: frozenset[str] = jwtsvid.ALLOWED_ALGORITHMS
+# WIT-SVID §2.3: a WIT-SVID is signed with one of RS256/384/512, ES256/384/512,
+# PS256/384/512, and validators MUST reject any other alg ('none', HMAC, EdDSA,
+# ML-DSA among them).
+WIT_ALGORITHMS: frozenset[str] = jwtsvid.STANDARD_ALGORITHMS
 
-# The algorithms a workload key (cnf.jwk.alg) and so a WPT may use. Asymmetric
-# signature algorithms only (creds draft: no 'none', no symmetric, no encryption
-# algorithms); ES256 is the one every implementation MUST support. EdDSA is not
-# accepted: Sigil neither makes nor checks Ed25519 keys (identity/keys.py).
+# WIT-SVID §3.2: cnf.jwk.alg MUST be one of the same nine (the creds draft adds: no
+# 'none', nothing symmetric, ES256 supported everywhere). A WPT is signed with it.
 PROOF_ALGORITHMS: frozenset[str] = jwtsvid.STANDARD_ALGORITHMS
 
 # Bounds on what we decode (DESIGN.md: every network input is bounded).
@@ -286,14 +284,15 @@ def sign_wit_svid(
     issued_at: dt.datetime,
     expires_at: dt.datetime,
     jti: str | None = None,
+    not_before: dt.datetime | None = None,
     issuer: str | None = None,
 ) -> str:
-    """Sign a WIT-SVID.
+    """Sign a WIT-SVID (WIT-SVID §4: alg, typ, kid; sub, exp, cnf; jti, nbf, iat).
 
-    Header ``{alg, kid, typ: "wit+jwt"}``; claims ``sub``, ``exp``, ``iat``,
-    ``jti`` (random when not given: WIT-SVID §3.2, for audit correlation),
-    ``cnf.jwk`` (the workload key with its ``alg``) and ``iss`` when given. No
-    ``aud``.
+    Header ``{alg, kid, typ: "wit+jwt"}``; claims ``sub``, ``exp``, ``nbf``,
+    ``iat``, ``jti`` (random when not given: WIT-SVID §3.3, for audit
+    correlation), ``cnf.jwk`` (the workload key with its ``alg``) and ``iss`` only
+    when given. No ``aud``.
 
     Args:
         spiffe_id: the workload's SPIFFE ID; must have a path.
@@ -303,7 +302,11 @@ def sign_wit_svid(
         issued_at: ``iat`` (aware).
         expires_at: ``exp`` (aware), after ``issued_at``.
         jti: the token's unique id; random by default.
-        issuer: an ``iss`` claim (creds draft: RECOMMENDED, optional).
+        not_before: ``nbf``; by default ``issued_at`` (WIT-SVID §3.5 allows a
+            little earlier, for clock skew).
+        issuer: an ``iss`` claim. WIT-SVID §3.7: it SHOULD NOT be an OpenID
+            Connect discovery issuer (a WIT must not pass for an ID token), so
+            Sigil's server sets none.
 
     Returns:
         The compact serialization.
@@ -323,9 +326,13 @@ def sign_wit_svid(
         alg = jwtsvid.default_algorithm(key)
     except JwtSvidError as exc:
         raise WitSvidError(str(exc)) from None
+    if alg not in WIT_ALGORITHMS:
+        raise WitSvidError(f"a WIT-SVID cannot be signed with {alg} (WIT-SVID §2.3)")
+    nbf = _aware(not_before, "not_before") if not_before is not None else issued_at
     claims: dict[str, Any] = {
         "sub": str(spiffe_id),
         "exp": math.floor(expires_at.timestamp()),
+        "nbf": math.floor(nbf.timestamp()),
         "iat": math.floor(issued_at.timestamp()),
         "jti": jti or secrets.token_urlsafe(16),
         "cnf": {"jwk": public_jwk(workload_key)},
@@ -393,10 +400,12 @@ def sign_wpt(
 # ------------------------------------------------------------------------------------
 
 
-def _typ_is(header: Mapping[str, Any], wanted: str) -> bool:
+def _typ_is(header: Mapping[str, Any], wanted: str, *, exact: bool = False) -> bool:
     typ = header.get("typ")
     if not isinstance(typ, str):
         return False
+    if exact:
+        return typ == wanted
     # RFC 7515 §4.1.9: the "application/" prefix may be omitted, and media types
     # compare case-insensitively.
     value = typ.lower()
@@ -439,7 +448,8 @@ def _wit_from_claims(token: str, header: Mapping[str, Any],
     alg = header.get("alg")
     if alg not in WIT_ALGORITHMS:
         raise WitSvidError(f"token algorithm {alg!r} is not allowed for a WIT-SVID")
-    if not _typ_is(header, WIT_TYP):
+    # WIT-SVID §2.2: typ "MUST be present and MUST be set to `wit+jwt`".
+    if not _typ_is(header, WIT_TYP, exact=True):
         raise WitSvidError(f"token header typ {header.get('typ')!r} is not {WIT_TYP}")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
@@ -490,9 +500,9 @@ def _check_times(claims: Mapping[str, Any], expires_at: dt.datetime, now: dt.dat
     nbf = _numeric_date(claims, "nbf", what)
     if nbf is not None and now + slack < nbf:
         raise WitSvidError(f"{what} is not valid before {nbf.isoformat()}")
-    iat = _numeric_date(claims, "iat", what)
-    if iat is not None and now + slack < iat:
-        raise WitSvidError(f"{what} was issued in the future ({iat.isoformat()})")
+    # WIT-SVID §3.6: iat "MUST NOT be used for limiting the earliest validity"
+    # (nbf is); it is only checked to be a NumericDate.
+    _numeric_date(claims, "iat", what)
 
 
 def validate_wit_svid(

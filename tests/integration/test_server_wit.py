@@ -48,14 +48,19 @@ def test_new_wit_svid_signs_the_agent_made_key(sigil_server: RunningServer,
     header = jwt.get_unverified_header(resp.token)
     assert header["typ"] == "wit+jwt" and header["kid"]
     bundle = _bundle(sigil_server)
-    # The JWT key signs WIT-SVIDs: published under both uses with one kid.
+    # A WIT key of its own (WIT-SVID §6.1): its kid names only a wit-svid entry.
     doc = bundle.to_jwks()
-    uses = {k["use"] for k in doc["keys"] if k.get("kid") == header["kid"]}
-    assert uses == {"jwt-svid", "wit-svid"}
+    uses = [k["use"] for k in doc["keys"] if k.get("kid") == header["kid"]]
+    assert uses == ["wit-svid"]
+    assert header["alg"] == "ES256"
+    show = json.loads(sigil_server.cli("localauthority", "wit", "show", "--output",
+                                       "json").stdout)["authorities"]
+    assert [a["authority_id"] for a in show if a["status"] == "active"] == [header["kid"]]
     now = dt.datetime.now(dt.UTC)
     wit = validate_wit_svid(resp.token, bundles=bundle, now=now)
     assert public_keys_equal(wit.confirmation_key, key.public_key())
-    assert "aud" not in wit.claims
+    assert "aud" not in wit.claims and "iss" not in wit.claims  # WIT-SVID §3.7
+    assert wit.claims["nbf"] <= wit.claims["iat"]
     assert resp.expires_at - resp.issued_at == 300  # the entry's JWT-SVID TTL
     proof = sign_wpt(wit_token=resp.token, key=key, audience="https://x.example/",
                      expires_at=now + dt.timedelta(seconds=30))

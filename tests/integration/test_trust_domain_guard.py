@@ -58,7 +58,7 @@ def test_server_of_another_trust_domain_refuses_the_database(
         build_authority(first, ds, FakeClock(NOW),
                         key_manager=MemoryKeyManager())
         before = _counts(database_url)
-        assert before["datastore_info"] == 1 and before["ca_keys"] == 2
+        assert before["datastore_info"] == 1 and before["ca_keys"] == 3  # x509, jwt, wit
         other = _config(tmp_path, database_url, "other.org")
         with pytest.raises(ConfigError) as refused:
             build_authority(other, ds, FakeClock(NOW),

@@ -31,7 +31,7 @@ from agent.cache import CachedEntry
 from api.protos import workload_pb2 as pb
 from identity.bundle import Bundle, BundleSet, JwtAuthority
 from identity.errors import WitSvidError
-from identity.keys import PrivateKey, generate_private_key, public_keys_equal
+from identity.keys import PrivateKey, generate_private_key, key_id, public_keys_equal
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.witsvid import (
     ReplayCache,
@@ -114,21 +114,24 @@ class WitCA:
         self.h = h
         self.ttl = ttl
         self.calls = 0
+        # A WIT key of its own: WIT-SVID §6.1 forbids sharing a kid with a JWT key.
+        self.key = generate_private_key()
+        self.kid = key_id(self.key.public_key())
 
     async def sign(self, e: CachedEntry) -> tuple[WitSvid, PrivateKey]:
         self.calls += 1
         key = generate_private_key()
         now = dt.datetime.now(dt.UTC)
         token = sign_wit_svid(spiffe_id=e.spiffe_id, workload_key=key.public_key(),
-                              key=self.h.ca.jwt_key, key_id=self.h.ca.jwt_kid,
+                              key=self.key, key_id=self.kid,
                               issued_at=now, expires_at=now + self.ttl)
         return parse_wit_svid_insecure(token), key
 
 
-def wit_bundle(h: Harness) -> Bundle:
-    auth = JwtAuthority(h.ca.jwt_kid, h.ca.jwt_key.public_key())
-    return Bundle(TD, x509_authorities=(h.ca.cert,), jwt_authorities=(auth,),
-                  wit_authorities=(auth,))
+def wit_bundle(h: Harness, ca: WitCA) -> Bundle:
+    return Bundle(TD, x509_authorities=(h.ca.cert,),
+                  jwt_authorities=(JwtAuthority(h.ca.jwt_kid, h.ca.jwt_key.public_key()),),
+                  wit_authorities=(JwtAuthority(ca.kid, ca.key.public_key()),))
 
 
 def setup(h: Harness, entries: list[CachedEntry], ttl: dt.timedelta | None = None) -> WitCA:
@@ -136,7 +139,7 @@ def setup(h: Harness, entries: list[CachedEntry], ttl: dt.timedelta | None = Non
     h.set_state(entries)
 
     def apply() -> None:
-        h.cache.set_bundles({TD: wit_bundle(h)})
+        h.cache.set_bundles({TD: wit_bundle(h, ca)})
         h.cache.set_wit_signer(ca.sign)
 
     h.call(apply)
@@ -358,13 +361,13 @@ def test_wit_bundles_include_federated_ones_that_have_wit_keys(harness: Harness)
                       parent_id=entry("x", WEB).parent_id,
                       selectors=entry("x", WEB, f"unix:uid:{UID}").selectors,
                       federates_with=(partner.td, legacy.td))
-    setup(harness, [fed])
+    ca = setup(harness, [fed])
 
     def add() -> None:
         harness.cache.set_bundles({
-            TD: wit_bundle(harness),
+            TD: wit_bundle(harness, ca),
             partner.td: Bundle(partner.td, x509_authorities=(partner.cert,),
-                               jwt_authorities=(p_auth,), wit_authorities=(p_auth,)),
+                               wit_authorities=(p_auth,)),
             legacy.td: legacy.bundle(),  # no wit-svid key: no WIT-SVID support
         })
 

@@ -21,7 +21,7 @@ import pytest
 from identity.bundle import Bundle, BundleSet, JwtAuthority
 from identity.errors import WitSvidError
 from identity.jwtsvid import sign_jwt_svid
-from identity.keys import KeyType, generate_private_key, key_id
+from identity.keys import KeyType, generate_jwt_key, generate_private_key, key_id
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.witsvid import (
     ReplayCache,
@@ -46,6 +46,7 @@ KID = key_id(ISSUER_KEY.public_key())
 WORKLOAD_KEY = generate_private_key(KeyType.EC_P256)
 OTHER_KEY = generate_private_key(KeyType.EC_P256)
 
+MLDSA_KEY = generate_jwt_key(KeyType.ML_DSA_44)
 AUTH = JwtAuthority(KID, ISSUER_KEY.public_key())
 BUNDLE = Bundle(TD, wit_authorities=(AUTH,))
 
@@ -101,13 +102,15 @@ def present(token: str, wpt: str | None, cache: ReplayCache | None = None,
 
 
 def test_issued_token_has_the_profile() -> None:
-    token = wit(issuer="https://oidc.example.org")
+    token = wit(not_before=NOW - dt.timedelta(seconds=10))
     header = jwt.get_unverified_header(token)
     claims = jwt.decode(token, options={"verify_signature": False})
     assert header == {"alg": "ES256", "kid": KID, "typ": "wit+jwt"}
     assert claims["sub"] == str(SUB)
     assert claims["exp"] == math.floor((NOW + dt.timedelta(hours=1)).timestamp())
-    assert claims["iss"] == "https://oidc.example.org"
+    assert claims["nbf"] == math.floor(NOW.timestamp()) - 10  # §3.5: SHOULD be present
+    assert claims["iat"] == math.floor(NOW.timestamp())
+    assert "iss" not in claims  # §3.7: never an OIDC issuer, so none by default
     assert claims["jti"]
     assert "aud" not in claims
     assert claims["cnf"]["jwk"]["alg"] == "ES256"
@@ -129,6 +132,8 @@ def test_every_token_gets_its_own_jti() -> None:
         ({"key_id": ""}, "key_id must not be empty"),
         ({"spiffe_id": SpiffeId.parse("spiffe://example.org")}, "needs an ID with a path"),
         ({"expires_at": NOW}, "is not after"),
+        # WIT-SVID §2.3: only RS/ES/PS; an ML-DSA authority key cannot sign one.
+        ({"key": MLDSA_KEY}, "cannot be signed with ML-DSA-44"),
     ],
 )
 def test_issuing_refuses(kw: dict[str, Any], error: str) -> None:
@@ -187,6 +192,8 @@ def test_private_jwk_round_trips_and_carries_alg() -> None:
                                                       "alg": "ES256"}}}),
          "private key material|unsupported kty"),
         (lambda: forged_wit({"crit": ["x"], "x": 1}), "critical extension"),
+        # §2.3: validators MUST reject an alg outside the nine, even a strong one.
+        (lambda: forged_wit(key=MLDSA_KEY, alg="ML-DSA-44"), "'ML-DSA-44' is not allowed"),
         (lambda: "a.b", "not a JWS compact serialization"),
         (lambda: wit() + "é", "not a JWS compact serialization"),
         (lambda: "", "non-empty string"),
@@ -203,9 +210,11 @@ def test_forged_wit_baseline_is_valid() -> None:
     assert validate_wit_svid(forged_wit(), bundles=BUNDLE, now=NOW).spiffe_id == SUB
 
 
-def test_typ_with_media_type_prefix_is_accepted() -> None:
-    token = forged_wit({"typ": "application/wit+jwt"})
-    assert validate_wit_svid(token, bundles=BUNDLE, now=NOW).spiffe_id == SUB
+@pytest.mark.parametrize("typ", ["application/wit+jwt", "WIT+JWT", "wit+JWT"])
+def test_typ_must_be_exactly_wit_jwt(typ: str) -> None:
+    # WIT-SVID §2.2: "MUST be set to `wit+jwt`" (no media-type spellings).
+    with pytest.raises(WitSvidError, match="is not wit\\+jwt"):
+        validate_wit_svid(forged_wit({"typ": typ}), bundles=BUNDLE, now=NOW)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +222,7 @@ def test_typ_with_media_type_prefix_is_accepted() -> None:
     [
         (NOW + dt.timedelta(hours=1), 0, "has expired"),
         (NOW + dt.timedelta(hours=2), 0, "has expired"),
-        (NOW - dt.timedelta(minutes=5), 0, "issued in the future"),
+        (NOW - dt.timedelta(minutes=5), 0, "not valid before"),  # nbf = iat here
     ],
 )
 def test_wit_times(now: dt.datetime, leeway: float, error: str) -> None:
@@ -224,6 +233,15 @@ def test_wit_times(now: dt.datetime, leeway: float, error: str) -> None:
 def test_wit_leeway_accepts_small_skew() -> None:
     later = NOW + dt.timedelta(hours=1, seconds=5)
     assert validate_wit_svid(wit(), bundles=BUNDLE, now=later, leeway=10).spiffe_id == SUB
+
+
+def test_iat_does_not_limit_validity_nbf_does() -> None:
+    # WIT-SVID §3.6: iat MUST NOT be used for the earliest validity.
+    later_iat = math.floor((NOW + dt.timedelta(minutes=5)).timestamp())
+    token = forged_wit(claims={"iat": later_iat})
+    assert validate_wit_svid(token, bundles=BUNDLE, now=NOW).spiffe_id == SUB
+    with pytest.raises(WitSvidError, match="NumericDate"):
+        validate_wit_svid(forged_wit(claims={"iat": "soon"}), bundles=BUNDLE, now=NOW)
 
 
 def test_nbf_in_the_future_is_refused() -> None:
@@ -258,9 +276,13 @@ def test_a_jwt_svid_is_not_a_wit_svid_and_the_reverse() -> None:
     from identity.errors import JwtSvidError
     from identity.jwtsvid import validate_jwt_svid
 
-    both = Bundle(TD, jwt_authorities=(AUTH,), wit_authorities=(AUTH,))
-    with pytest.raises(JwtSvidError):
-        validate_jwt_svid(wit(), bundles=both, audience="a", now=NOW)
+    # Even with the WIT's key published as a JWT key (under another kid: §6.1),
+    # a WIT is no JWT-SVID: its kid names no jwt-svid key, it has no aud and its
+    # typ is wit+jwt.
+    other_kid = Bundle(TD, jwt_authorities=(JwtAuthority("j-" + KID, ISSUER_KEY.public_key()),),
+                       wit_authorities=(AUTH,))
+    with pytest.raises(JwtSvidError, match="typ 'wit\\+jwt'"):
+        validate_jwt_svid(wit(), bundles=other_kid, audience="a", now=NOW)
 
 
 # ---- presentation: the proof of possession -----------------------------------------------
@@ -392,20 +414,29 @@ def test_expired_wit_is_refused_even_with_a_good_proof() -> None:
 
 
 def test_bundle_publishes_and_reads_wit_keys() -> None:
-    both = Bundle(TD, jwt_authorities=(AUTH,), wit_authorities=(AUTH,))
+    jwt_key = generate_private_key()
+    jwt_auth = JwtAuthority(key_id(jwt_key.public_key()), jwt_key.public_key())
+    both = Bundle(TD, jwt_authorities=(jwt_auth,), wit_authorities=(AUTH,))
     doc = both.to_jwks()
-    uses = sorted(k["use"] for k in doc["keys"])
-    assert uses == ["jwt-svid", "wit-svid"]
-    assert all(k["kid"] == KID for k in doc["keys"])
+    assert [(k["use"], k["kid"]) for k in doc["keys"]] == [
+        ("jwt-svid", jwt_auth.key_id), ("wit-svid", KID)]
     back = Bundle.from_jwks(TD, doc)
     assert back == both
     assert back.wit_authority(KID) is not None
+    assert back.wit_authority(jwt_auth.key_id) is None
+    assert back.jwt_authority(KID) is None
+    # WIT-SVID §6.1: one kid for a jwt-svid and a wit-svid key refuses the bundle.
+    from identity.errors import BundleError
+
+    with pytest.raises(BundleError, match="share key ID"):
+        Bundle(TD, jwt_authorities=(AUTH,), wit_authorities=(AUTH,))
+    clash = {"keys": [{**doc["keys"][1], "use": "jwt-svid"}, doc["keys"][1]]}
+    with pytest.raises(BundleError, match="share key ID"):
+        Bundle.from_jwks(TD, clash)
     assert json.loads(both.wit_jwks()) == {"keys": [k for k in doc["keys"]
                                                     if k["use"] == "wit-svid"]}
     # WIT-SVID §6.1: a wit-svid key without kid refuses the bundle, like jwt-svid.
     bad = {"keys": [{**doc["keys"][1], "kid": ""}]}
-    from identity.errors import BundleError
-
     with pytest.raises(BundleError, match="kid"):
         Bundle.from_jwks(TD, bad)
     # A bundle with no wit-svid key: the trust domain issues no WIT-SVIDs.
@@ -421,11 +452,9 @@ def test_hand_built_unsigned_token_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("key_type", "alg"),
-    [(KeyType.EC_P384, "ES384"), (KeyType.RSA_2048, "RS256"), (KeyType.ML_DSA_44, "ML-DSA-44")],
+    [(KeyType.EC_P384, "ES384"), (KeyType.RSA_2048, "RS256"), (KeyType.RSA_4096, "RS256")],
 )
 def test_any_authority_key_type_signs_and_validates(key_type: KeyType, alg: str) -> None:
-    from identity.keys import generate_jwt_key
-
     issuer = generate_jwt_key(key_type)
     kid = key_id(issuer.public_key())
     bundle = Bundle(TD, wit_authorities=(JwtAuthority(kid, issuer.public_key()),))
