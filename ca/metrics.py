@@ -180,7 +180,7 @@ class StateCollector(Collector):
         yield agents
         expiry = GaugeMetricFamily(
             "sigil_ca_key_expiry_timestamp_seconds",
-            "End of life (Unix time) of the CA keys, by kind (x509, jwt) and status.",
+            "End of life (Unix time) of the CA keys, by kind (x509, jwt, wit) and status.",
             labels=["kind", "status"],
         )
         for (kind, status), not_after in sorted(snap.key_expiry.items()):
