@@ -9,25 +9,24 @@ Workload Proof Token draft (draft-ietf-wimse-wpt) defines: a short-lived JWT of
 ``typ: wpt+jwt``, signed with the ``cnf`` key, carrying ``aud``, ``exp``, ``jti``
 and ``wth`` (the SHA-256 of the WIT).
 
-The rules, with where they come from:
+The rules, with where they come from (WIT-SVID.md at spiffe/spiffe 01b3a1e):
 
-- WIT header: ``alg`` an asymmetric JWS algorithm, never ``none`` (creds draft);
-  ``typ`` ``wit+jwt`` (creds draft, RFC 8725 §3.11 explicit typing); ``kid``
-  present (WIT-SVID §2.1, stricter than the upstream WIT).
-- WIT claims: ``sub`` the SPIFFE ID (WIT-SVID §3.1), ``exp`` (creds draft),
-  ``cnf.jwk`` with ``cnf.jwk.alg`` (creds draft; never ``none``, never symmetric);
-  ``iss``, ``jti``, ``iat``, ``nbf`` optional. Sigil also refuses an ``aud`` claim:
-  a WIT is a general-purpose identity token, not addressed to one audience, and a
-  token with ``aud`` is a JWT-SVID (or something else) that must not pass for a
-  WIT. This is the same rule that keeps a WIT from validating as a JWT-SVID
-  (JWT-SVID §3 requires ``aud``).
+- WIT header: ``alg`` one of RS/ES/PS 256/384/512 (WIT-SVID §2.3, validators MUST
+  reject others); ``typ`` exactly ``wit+jwt`` (§2.2); ``kid`` present (§2.1).
+- WIT claims: ``sub`` the SPIFFE ID (§3.1); ``cnf.jwk`` with ``cnf.jwk.alg`` one
+  of the same nine (§3.2, creds draft); ``exp`` present and not passed (§3.3);
+  ``nbf`` not in the future (§3.5); ``iat`` never limits validity (§3.6); ``jti``
+  and ``iss`` optional (§3.3, §3.7). Sigil also refuses an ``aud`` claim: a WIT
+  names no audience, and with ``typ`` that keeps a WIT from passing where a
+  JWT-SVID is expected (§7.1; JWT-SVID §3 requires ``aud``).
 - The signing key: a ``use: wit-svid`` key of the bundle of ``sub``'s trust
-  domain, chosen by ``kid`` (WIT-SVID §6.2), whose type fits ``alg``.
-- WPT (draft-ietf-wimse-wpt, "Workload Proof Token"): ``typ`` ``wpt+jwt``; ``alg``
-  string-equal to ``cnf.jwk.alg``; signature by the ``cnf`` key; ``aud`` matches
-  the recipient; ``exp`` present, not passed, not unreasonably far ahead; ``wth``
-  the base64url SHA-256 of the WIT; ``jti`` never seen before within the proof's
-  lifetime (a bounded :class:`ReplayCache`).
+  domain, chosen by ``kid`` (§6.2), whose type fits ``alg``.
+- Proof of possession, without which a WIT-SVID MUST NOT be accepted (§4, §7.1):
+  the WPT (draft-ietf-wimse-wpt): ``typ`` ``wpt+jwt``; ``alg`` string-equal to
+  ``cnf.jwk.alg``; signature by the ``cnf`` key; ``aud`` matches the recipient;
+  ``exp`` present, not passed, not unreasonably far ahead; ``wth`` the base64url
+  SHA-256 of the WIT; ``jti`` never seen before within the proof's lifetime (a
+  bounded :class:`ReplayCache`, §7.2).
 
 Time is always passed in; the wall clock is never read here.
 """
