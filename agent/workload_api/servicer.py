@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2  # type: ignore[import-untyped,unused-ign
 
 from agent import log
 from agent.cache import Cache, CachedEntry, Identity, Snapshot
-from agent.errors import AgentError
+from agent.errors import AgentError, ServerCallError
 from agent.workload_api.front import PeerCredentials
 from agent.workload_api.names import SECURITY_HEADER as SECURITY_HEADER  # re-exported
 from agent.workload_api.names import SERVICE_NAME as SERVICE_NAME  # re-exported
@@ -554,6 +554,11 @@ class WorkloadApiServicer:
                 except AgentError as exc:
                     log.event("wit-svid fetch failed", level=logging.WARNING,
                               spiffe_id=entry.spiffe_id, reason=str(exc))
+                    if isinstance(exc, ServerCallError) and exc.code == "UNIMPLEMENTED":
+                        # A server without WIT-SVIDs: the profile is unsupported, which
+                        # the draft proto says to answer with Unimplemented (no retry).
+                        await _abort(context, grpc.StatusCode.UNIMPLEMENTED,
+                                     "the server does not issue WIT-SVIDs")
                     if last is None:
                         await _abort(context, grpc.StatusCode.UNAVAILABLE,
                                      f"could not fetch WIT-SVID: {exc}")

@@ -281,6 +281,21 @@ def test_agent_that_cannot_sign_answers_unavailable(harness: Harness) -> None:
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_server_without_wit_svids_means_unimplemented(harness: Harness) -> None:
+    from agent.errors import ServerCallError
+
+    async def old_server(e: CachedEntry) -> tuple[WitSvid, PrivateKey]:
+        raise ServerCallError("NewWITSVID failed: UNIMPLEMENTED: Method not found!",
+                              code="UNIMPLEMENTED")
+
+    harness.set_state([entry("e1", WEB, f"unix:uid:{UID}")])
+    harness.call(lambda: harness.cache.set_wit_signer(old_server))
+    channel, stream = raw_stream(harness, "FetchWITSVID", b"")
+    with channel, pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_stream_rotates_before_expiry_with_a_new_key(harness: Harness) -> None:
     ca = setup(harness, [entry("e1", WEB, f"unix:uid:{UID}")], ttl=dt.timedelta(seconds=4))
     channel, stream = raw_stream(harness, "FetchWITSVID", b"")
