@@ -34,14 +34,16 @@ import jwt
 from cryptography import x509
 
 from agent.errors import NotReadyError
-from agent.rotation import rotation_due
+from agent.rotation import rotation_due, wit_rotation_time
 from agent.taint import load_tainted, signed_by_tainted
 from identity.bundle import Bundle
 from identity.clock import Clock, SystemClock
 from identity.jwtsvid import JwtSvid
+from identity.keys import PrivateKey
 from identity.revocation import Revocation, RevocationSet
 from identity.selectors import Selector, selectors_match
 from identity.spiffeid import SpiffeId, TrustDomain
+from identity.witsvid import WitSvid
 from identity.x509svid import X509Svid
 
 
@@ -184,6 +186,27 @@ MAX_JWT_CACHE = 10_000
 JwtSigner = Callable[[CachedEntry, Sequence[str]], Awaitable[JwtSvid]]
 """Signs a JWT-SVID for an entry and audience (the server's NewJWTSVID)."""
 
+MAX_WIT_CACHE = 10_000
+"""Most WIT-SVIDs (with their workload keys) the cache keeps."""
+
+WitSigner = Callable[[CachedEntry], Awaitable[tuple[WitSvid, PrivateKey]]]
+"""Makes a workload key and has the server sign a WIT-SVID for it (NewWITSVID)."""
+
+
+@dataclass(frozen=True)
+class WitIdentity:
+    """A WIT-SVID and the workload key its ``cnf`` names (made in the agent).
+
+    Attributes:
+        svid: the token.
+        key: its private key, handed only to the entitled workload.
+        refresh_at: when it is replaced (half-life, jittered).
+    """
+
+    svid: WitSvid
+    key: PrivateKey
+    refresh_at: dt.datetime
+
 
 def past_half_life(not_before: dt.datetime, not_after: dt.datetime, now: dt.datetime) -> bool:
     """True when ``now`` is at or past the midpoint of ``[not_before, not_after]``."""
@@ -243,6 +266,10 @@ class Cache:
         # Concurrent requests for one (entry, audience) share one server call.
         self._jwt_inflight: dict[tuple[str, tuple[str, ...]], asyncio.Future[JwtSvid]] = {}
         self._revoked = RevocationSet()
+        # WIT-SVIDs by (entry id, SPIFFE ID), and the server calls in flight for them.
+        self._wit_signer: WitSigner | None = None
+        self._wit: dict[tuple[str, SpiffeId], WitIdentity] = {}
+        self._wit_inflight: dict[tuple[str, SpiffeId], asyncio.Future[WitIdentity]] = {}
 
     # Reading -----------------------------------------------------------------
 
@@ -554,3 +581,51 @@ class Cache:
     def set_jwt_signer(self, signer: JwtSigner) -> None:
         """Install the function that asks the server for JWT-SVIDs."""
         self._jwt_signer = signer
+
+    # WIT-SVIDs ---------------------------------------------------------------
+
+    def set_wit_signer(self, signer: WitSigner) -> None:
+        """Install the function that makes a key and asks the server for a WIT-SVID."""
+        self._wit_signer = signer
+
+    async def wit_svid(self, entry: CachedEntry) -> WitIdentity:
+        """The WIT-SVID of ``entry``, from the cache or newly signed.
+
+        Kept until its jittered half-life (:func:`~agent.rotation.wit_rotation_time`),
+        then replaced with a new key pair (draft-ietf-wimse-workload-creds: a key
+        SHOULD be re-generated for each WIT). Keyed by entry id and SPIFFE ID, so an
+        entry that changes its ID never serves the old token; entries that went
+        away are never asked for, and at most :data:`MAX_WIT_CACHE` are kept.
+
+        Raises:
+            NotReadyError: no signer is configured.
+            ServerCallError: the server refused or could not be reached.
+        """
+        key = (entry.id, entry.spiffe_id)
+        item = self._wit.get(key)
+        if item is not None and self._clock.now() < item.refresh_at:
+            return item
+        signer = self._wit_signer
+        if signer is None:
+            raise NotReadyError("the agent cannot sign WIT-SVIDs yet")
+        call = self._wit_inflight.get(key)
+        if call is None:
+            call = asyncio.ensure_future(self._sign_wit(key, entry, signer))
+            self._wit_inflight[key] = call
+        return await asyncio.shield(call)
+
+    async def _sign_wit(
+        self, key: tuple[str, SpiffeId], entry: CachedEntry, signer: WitSigner
+    ) -> WitIdentity:
+        try:
+            svid, private_key = await signer(entry)
+        finally:
+            del self._wit_inflight[key]
+        issued = svid.issued_at or self._clock.now()
+        item = WitIdentity(svid, private_key,
+                           wit_rotation_time(issued, svid.expires_at, svid.token))
+        self._wit.pop(key, None)
+        self._wit[key] = item
+        while len(self._wit) > MAX_WIT_CACHE:
+            del self._wit[next(iter(self._wit))]
+        return item

@@ -134,7 +134,7 @@ def main() -> None:
     \b
     sigil-agent run            run the agent
     sigil-agent api fetch ...  fetch SVIDs and bundles from a running agent
-    sigil-agent api validate   validate a JWT-SVID
+    sigil-agent api validate   validate a JWT-SVID, or a WIT-SVID with its proof
     sigil-agent api watch      print X.509-SVID updates as they arrive
     sigil-agent helper         keep svid.pem/svid.key/bundle.pem files current
     sigil-agent healthcheck    exit 0 if the agent answers and gets new SVIDs
@@ -601,6 +601,141 @@ def validate_jwt(socket_path: str | None, audience: str, token: str, output: str
         click.echo(json.dumps({"spiffe_id": resp.spiffe_id, "claims": claims}, indent=2))
         return
     click.echo(f"valid: {resp.spiffe_id}")
+    for key in sorted(claims):
+        click.echo(f"  {key}: {json.dumps(claims[key])}")
+
+
+# -- WIT-SVIDs (WIT-SVID profile of the Workload API) -----------------------------------
+
+
+_EPILOG_FETCH_WIT = """\b
+Examples:
+  sigil-agent api fetch wit
+  sigil-agent api fetch wit --write /run/wit     # wit.jwt, wit.key.json (0600)
+  sigil-agent api fetch wit --spiffe-id spiffe://example.org/web --output json
+"""
+
+
+@fetch.command("wit", epilog=_EPILOG_FETCH_WIT)
+@_socket_option
+@click.option("--spiffe-id", default="", help="Only this identity (default: all of them).")
+@click.option("--write", "write_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write wit.jwt and wit.key.json (the private JWK, 0600) into DIR.")
+@click.option("--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Seconds.")
+def fetch_wit(socket_path: str | None, spiffe_id: str, write_dir: Path | None, output: str,
+              timeout: float) -> None:
+    """Fetch this process's WIT-SVIDs (the first is the default identity).
+
+    Prints the SPIFFE IDs and expiry times, never the keys; --write saves the first
+    token and its private key for a program that makes proofs with it.
+    """
+    from identity.witsvid import parse_wit_svid_insecure
+
+    path = _resolve_socket(socket_path)
+    try:
+        with WorkloadApiClient(path, timeout=timeout) as client:
+            resp = client.fetch_wit_svid(spiffe_id)
+    except grpc.RpcError as exc:
+        _rpc_failure(exc, "FetchWITSVID failed")
+    rows = []
+    for i, s in enumerate(resp.svids):
+        try:
+            wit = parse_wit_svid_insecure(s.wit_svid)
+        except SigilError as exc:
+            _failure(f"the agent sent an unusable WIT-SVID: {exc}")
+        rows.append({"spiffe_id": str(wit.spiffe_id), "expires_at": wit.expires_at.isoformat(),
+                     "jti": wit.jti, "hint": s.hint})
+        if write_dir is not None and i == 0:
+            from agent.state import write_file_atomic
+
+            write_dir.mkdir(parents=True, exist_ok=True)
+            write_file_atomic(write_dir / "wit.jwt", s.wit_svid.encode(), mode=0o644)
+            write_file_atomic(write_dir / "wit.key.json", s.wit_svid_key.encode(), mode=0o600)
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        hint = f" hint={row['hint']}" if row["hint"] else ""
+        click.echo(f"{row['spiffe_id']} expires_at={row['expires_at']}{hint}")
+    if write_dir is not None:
+        click.echo(f"wrote {write_dir}/wit.jwt, wit.key.json")
+
+
+_EPILOG_VALIDATE_WIT = """\b
+Examples:
+  sigil-agent api validate wit --audience https://db.example.org/orders \\
+      --svid "$WIT" --proof "$WPT"
+  sigil-agent api validate wit --audience https://db.example.org/ --svid "$WIT" \\
+      --proof "$WPT" --output json
+"""
+
+
+@validate.command("wit", epilog=_EPILOG_VALIDATE_WIT)
+@_socket_option
+@click.option("--audience", "audience", multiple=True,
+              help="What the proof's aud must name: you, e.g. your URL (repeat for aliases). "
+                   "Required.")
+@click.option("--svid", "token", default="", help="The WIT-SVID. Required.")
+@click.option("--proof", default="",
+              help="The Workload Proof Token (typ wpt+jwt) presented with it. Required: "
+                   "a WIT-SVID is never a bearer token.")
+@click.option("--max-proof-lifetime", type=click.FloatRange(min=1), default=300.0,
+              show_default=True, help="Seconds a proof's exp may lie ahead.")
+@click.option("--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Seconds.")
+def validate_wit(socket_path: str | None, audience: tuple[str, ...], token: str, proof: str,
+                 max_proof_lifetime: float, output: str, timeout: float) -> None:
+    """Check a WIT-SVID and its proof of possession against the agent's WIT bundles.
+
+    The Workload API has no ValidateWITSVID: this fetches the WIT bundles this
+    process may use (FetchWITBundles) and checks here: the token (typ wit+jwt,
+    kid, signature by a wit-svid key of its trust domain, expiry, cnf.jwk) and
+    the proof (typ wpt+jwt, alg = cnf.jwk.alg, signed by the cnf key, aud, short
+    exp, wth = the token's hash, jti). Exit 0 when valid; 2 with the reason when
+    not, or when --proof is missing.
+    """
+    from identity.bundle import Bundle, BundleSet
+    from identity.spiffeid import TrustDomain
+    from identity.witsvid import ReplayCache, verify_presentation
+
+    if not audience:
+        _usage_error("--audience is required (what the proof's aud must name)")
+    if not token.strip():
+        _usage_error("--svid is required (the WIT-SVID to validate)")
+    if not proof.strip():
+        _usage_error("--proof is required: a WIT-SVID must be presented with a proof of "
+                     "possession (WIT-SVID §5), never as a bearer token")
+    path = _resolve_socket(socket_path)
+    try:
+        with WorkloadApiClient(path, timeout=timeout) as client:
+            resp = client.fetch_wit_bundles()
+    except grpc.RpcError as exc:
+        _rpc_failure(exc, "FetchWITBundles failed")
+    bundles = []
+    for td_id, jwks in resp.bundles.items():
+        try:
+            td = TrustDomain.parse(td_id.removeprefix("spiffe://"))
+            bundles.append(Bundle.from_jwks(td, jwks))
+        except SigilError as exc:
+            _failure(f"the agent sent an unusable WIT bundle for {td_id}: {exc}")
+    try:
+        wit = verify_presentation(
+            token.strip(), proof.strip(), bundles=BundleSet(bundles), audience=audience,
+            now=dt.datetime.now(dt.UTC), replay_cache=ReplayCache(),
+            max_proof_lifetime=dt.timedelta(seconds=max_proof_lifetime),
+        )
+    except SigilError as exc:
+        _usage_error(f"the WIT-SVID is not valid: {exc}")
+    claims = dict(wit.claims)
+    if output == "json":
+        click.echo(json.dumps({"spiffe_id": str(wit.spiffe_id), "claims": claims}, indent=2))
+        return
+    click.echo(f"valid: {wit.spiffe_id}")
     for key in sorted(claims):
         click.echo(f"  {key}: {json.dumps(claims[key])}")
 

@@ -36,14 +36,17 @@ from identity.errors import SigilError
 from identity.jwtsvid import JwtSvid, parse_insecure
 from identity.keys import (
     PrivateKey,
+    PublicKey,
     load_jwt_public_key_der,
     private_key_to_pem,
+    public_key_der,
     public_keys_equal,
 )
 from identity.refusal import reason_from_metadata
 from identity.revocation import Revocation, RevocationList, verify_revocation_list
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
+from identity.witsvid import WitSvid, parse_wit_svid_insecure
 from identity.x509svid import X509Svid, certificates_to_pem, validate_leaf
 
 SERVER_NAME = "server.sigil.invalid"
@@ -394,6 +397,29 @@ class ServerClient:
         except SigilError as exc:
             raise ServerCallError(f"server returned an unusable revocation list: {exc}") from None
 
+    async def new_wit_svid(self, entry: CachedEntry, public_key: PublicKey) -> WitSvid:
+        """NewWITSVID for one entry and the workload key the agent made for it.
+
+        Raises:
+            ServerCallError: the call failed, or the token is not a WIT-SVID for
+                this entry and key.
+        """
+        resp: apb.NewWITSVIDResponse = await self._call(  # type: ignore[assignment]
+            "NewWITSVID",
+            apb.NewWITSVIDRequest(entry_id=entry.id, public_key=public_key_der(public_key)),
+            apb.NewWITSVIDResponse,
+        )
+        try:
+            svid = parse_wit_svid_insecure(resp.token)
+        except SigilError as exc:
+            raise ServerCallError(f"server returned an unusable WIT-SVID: {exc}") from None
+        if svid.spiffe_id != entry.spiffe_id:
+            raise ServerCallError(
+                f"server returned a WIT-SVID for {svid.spiffe_id}, not {entry.spiffe_id}")
+        if not public_keys_equal(svid.confirmation_key, public_key):
+            raise ServerCallError("server returned a WIT-SVID for another key")
+        return svid
+
     def _svid(self, proto: tpb.X509SVID, key: PrivateKey) -> X509Svid:
         try:
             chain = tuple(x509.load_der_x509_certificate(d) for d in proto.cert_chain)
@@ -466,6 +492,11 @@ def bundle_from_proto(b: tpb.Bundle) -> Bundle:
         ),
         sequence_number=b.sequence_number or None,
         refresh_hint=b.refresh_hint or None,
+        wit_authorities=tuple(
+            JwtAuthority(k.key_id, load_jwt_public_key_der(k.public_key),
+                         _unix_time(k.expires_at))
+            for k in b.wit_authorities
+        ),
     )
 
 

@@ -65,9 +65,10 @@ from identity.bundle import Bundle, BundleSet
 from identity.clock import Clock, SystemClock
 from identity.errors import SigilError
 from identity.jwtsvid import JwtSvid
-from identity.keys import PrivateKey, generate_private_key, public_keys_equal
+from identity.keys import KeyType, PrivateKey, generate_private_key, public_keys_equal
 from identity.refusal import RefusalReason
 from identity.spiffeid import SpiffeId
+from identity.witsvid import WitSvid
 from identity.x509svid import X509Svid, new_csr, verify_chain
 
 # A caller with no identity may trigger a sync (a just-registered workload then
@@ -125,6 +126,7 @@ class Manager:
         self._new_key = key_factory
         self.server_id = SpiffeId.from_segments(cache.trust_domain, "sigil", "server")
         cache.set_jwt_signer(self._sign_jwt)
+        cache.set_wit_signer(self._sign_wit)
         cache.set_demand_callback(self.demand)
         self._lock = asyncio.Lock()
         self._last_on_demand: float | None = None
@@ -154,6 +156,13 @@ class Manager:
 
     async def _sign_jwt(self, entry: CachedEntry, audience: Sequence[str]) -> JwtSvid:
         return await self._client.new_jwt_svid(entry.id, audience)
+
+    async def _sign_wit(self, entry: CachedEntry) -> tuple[WitSvid, PrivateKey]:
+        # The workload key is made here, in the agent; only its public half goes
+        # to the server, and the private half only to the entitled workload.
+        key = generate_private_key(KeyType.EC_P256)  # ES256: every WIT party supports it
+        svid = await self._client.new_wit_svid(entry, key.public_key())
+        return svid, key
 
     def _reconfigure(self) -> None:
         self._client.configure(roots_pem=roots_pem(self.bundle), svid=self.agent_svid)

@@ -82,6 +82,11 @@ def bundle_from_proto(msg: types_pb2.Bundle) -> Bundle:
             for k in msg.jwt_authorities),
         sequence_number=msg.sequence_number,
         refresh_hint=msg.refresh_hint or None,
+        wit_authorities=tuple(
+            JwtAuthority(key_id=k.key_id, public_key=load_jwt_public_key_der(k.public_key),
+                         expires_at=dt.datetime.fromtimestamp(k.expires_at, dt.UTC)
+                         if k.expires_at else None)
+            for k in msg.wit_authorities),
     )
 
 

@@ -130,8 +130,11 @@ def _kind_group(kind: str, label: str) -> click.Group:
         _emit(base._call(socket_path, lambda s: s.TaintLocalAuthority(
             request(chosen), timeout=60)), output)
 
-    taint.help = (f"Mark an old {label} authority tainted: agents re-issue every SVID it "
-                  f"signed at their next sync. AUTHORITY_ID is from `show`; give it as "
+    effect = ("agents re-issue every SVID it signed at their next sync" if kind == "x509"
+              else "sync carries it as tainted; agents replace the tokens it signed at "
+                   "their next rotation (half their lifetime)")
+    taint.help = (f"Mark an old {label} authority tainted: {effect}. AUTHORITY_ID is from "
+                  f"`show`; give it as "
                   f"--authority-id when it starts with '-'.\n\n\b\n"
                   f"Example:\n  sigil-server localauthority {kind} taint 3f2a...")
 
@@ -179,4 +182,5 @@ def make_group(cli_module: ModuleType) -> click.Group:
     base = cli_module
     localauthority.add_command(_kind_group("x509", "X.509 CA"))
     localauthority.add_command(_kind_group("jwt", "JWT signing"))
+    localauthority.add_command(_kind_group("wit", "WIT-SVID signing"))
     return localauthority

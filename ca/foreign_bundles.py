@@ -64,7 +64,7 @@ def parse_bundle(trust_domain: TrustDomain, fmt: str, data: bytes) -> Bundle:
                   else Bundle.from_jwks(trust_domain, data))
     except BundleError as exc:
         raise InvalidArgumentError(f"bundle of {trust_domain} ({fmt}): {exc}") from None
-    if not bundle.x509_authorities and not bundle.jwt_authorities:
+    if not (bundle.x509_authorities or bundle.jwt_authorities or bundle.wit_authorities):
         raise InvalidArgumentError(
             f"bundle of {trust_domain} ({fmt}) holds no CA certificate and no JWT key")
     _check_authority_names(trust_domain, bundle)

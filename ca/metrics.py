@@ -32,10 +32,10 @@ from prometheus_client.registry import REGISTRY, Collector
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STATE_REFRESH_SECONDS = 10.0
 
-SVID_TYPES = ("x509", "jwt", "agent")
+SVID_TYPES = ("x509", "jwt", "wit", "agent")
 
 SVIDS_ISSUED = Counter(
-    "sigil_svids_issued", "SVIDs signed, by type (x509, jwt, agent).", ["type"],
+    "sigil_svids_issued", "SVIDs signed, by type (x509, jwt, wit, agent).", ["type"],
 )
 RPC_ERRORS = Counter(
     "sigil_rpc_errors", "gRPC calls that ended with an error status, by method and code.",
@@ -180,7 +180,7 @@ class StateCollector(Collector):
         yield agents
         expiry = GaugeMetricFamily(
             "sigil_ca_key_expiry_timestamp_seconds",
-            "End of life (Unix time) of the CA keys, by kind (x509, jwt) and status.",
+            "End of life (Unix time) of the CA keys, by kind (x509, jwt, wit) and status.",
             labels=["kind", "status"],
         )
         for (kind, status), not_after in sorted(snap.key_expiry.items()):

@@ -42,6 +42,8 @@ from identity.x509svid import (
 
 USE_X509_SVID = "x509-svid"
 USE_JWT_SVID = "jwt-svid"
+# WIT-SVID §6.1: WIT-SVID signing keys are published with this use.
+USE_WIT_SVID = "wit-svid"
 
 # Bounds a foreign bundle document before it is parsed (DESIGN.md: every network
 # input is bounded). Thousands of authorities fit comfortably.
@@ -114,6 +116,8 @@ class Bundle:
         trust_domain: whose bundle this is.
         x509_authorities: CA certificates that X509-SVIDs chain to.
         jwt_authorities: keys JWT-SVIDs are signed with.
+        wit_authorities: keys WIT-SVIDs are signed with (``use: wit-svid``,
+            WIT-SVID §6); none means the trust domain issues no WIT-SVIDs.
         sequence_number: ``spiffe_sequence`` (Trust Domain and Bundle §4.1.1).
         refresh_hint: ``spiffe_refresh_hint`` in seconds (§4.1.2).
     """
@@ -123,6 +127,7 @@ class Bundle:
     jwt_authorities: tuple[JwtAuthority, ...] = ()
     sequence_number: int | None = None
     refresh_hint: int | None = None
+    wit_authorities: tuple[JwtAuthority, ...] = ()
     _by_kid: dict[str, JwtAuthority] = field(
         init=False, repr=False, compare=False, hash=False, default_factory=dict
     )
@@ -131,6 +136,12 @@ class Bundle:
         object.__setattr__(self, "x509_authorities", _dedupe_certs(self.x509_authorities))
         object.__setattr__(self, "jwt_authorities", _dedupe_jwt(self.jwt_authorities))
         object.__setattr__(self, "_by_kid", {a.key_id: a for a in self.jwt_authorities})
+        object.__setattr__(self, "wit_authorities", _dedupe_jwt(self.wit_authorities))
+        shared = {a.key_id for a in self.wit_authorities} & self._by_kid.keys()
+        if shared:
+            # WIT-SVID §6.1: a kid is unique in the bundle; no jwt-svid key and
+            # wit-svid key may share one.
+            raise BundleError(f"jwt-svid and wit-svid keys share key ID {sorted(shared)[0]!r}")
         for name, value in (
             ("sequence_number", self.sequence_number),
             ("refresh_hint", self.refresh_hint),
@@ -150,6 +161,20 @@ class Bundle:
             The authority, or None.
         """
         return self._by_kid.get(kid)
+
+    def wit_authority(self, kid: str) -> JwtAuthority | None:
+        """The WIT authority (a ``use: wit-svid`` key) with key ID ``kid``, or None.
+
+        Args:
+            kid: the key ID from a WIT-SVID header.
+
+        Returns:
+            The authority, or None.
+        """
+        for auth in self.wit_authorities:
+            if auth.key_id == kid:
+                return auth
+        return None
 
     def bundle_for(self, trust_domain: TrustDomain) -> Bundle | None:
         """This bundle if it is ``trust_domain``'s, else None (a one-bundle source).
@@ -189,19 +214,22 @@ class Bundle:
             raise BundleError("bundle 'keys' must be an array")
         x509_authorities: list[x509.Certificate] = []
         jwt_authorities: list[JwtAuthority] = []
+        wit_authorities: list[JwtAuthority] = []
         for index, jwk in enumerate(keys):
             if not isinstance(jwk, dict):
                 raise BundleError(f"bundle key {index} is not a JSON object")
             use = jwk.get("use")
-            if use not in (USE_X509_SVID, USE_JWT_SVID) or not _understood(
+            if use not in (USE_X509_SVID, USE_JWT_SVID, USE_WIT_SVID) or not _understood(
                     jwk, _KNOWN_KTY if use == USE_X509_SVID else _KNOWN_JWT_KTY):
-                # §4.2.1 / §4.2.2: unknown or missing kty/use -> ignore the element
-                # (this also skips go-spiffe's newer 'wit-svid' keys).
+                # §4.2.1 / §4.2.2: unknown or missing kty/use -> ignore the element.
                 continue
             if use == USE_X509_SVID:
                 cert = _x509_entry(index, jwk)
                 if cert is not None:
                     x509_authorities.append(cert)
+            elif use == USE_WIT_SVID:
+                # WIT-SVID §6.1: the kid of each wit-svid entry must be set.
+                wit_authorities.append(_jwt_entry(index, jwk, require_kid=True))
             else:
                 jwt_authorities.append(_jwt_entry(index, jwk, require_kid=True))
         return cls(
@@ -210,6 +238,7 @@ class Bundle:
             tuple(jwt_authorities),
             sequence_number=_optional_int(doc, "spiffe_sequence"),
             refresh_hint=_optional_int(doc, "spiffe_refresh_hint"),
+            wit_authorities=tuple(wit_authorities),
         )
 
     def to_jwks(self) -> dict[str, Any]:
@@ -231,6 +260,7 @@ class Bundle:
             ]
             keys.append(entry)
         keys.extend(_jwt_jwk(auth) for auth in self.jwt_authorities)
+        keys.extend(_jwt_jwk(auth, use=USE_WIT_SVID) for auth in self.wit_authorities)
         doc: dict[str, Any] = {"keys": keys}
         if self.sequence_number is not None:
             doc["spiffe_sequence"] = self.sequence_number
@@ -310,6 +340,18 @@ class Bundle:
         """
         doc = {"keys": [_jwt_jwk(auth) for auth in self.jwt_authorities]}
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+
+    def wit_jwks(self) -> str:
+        """A JWKS of the wit-svid keys, each with kid and ``use: wit-svid``.
+
+        This is ``WITBundlesResponse.bundles[td]`` of the Workload API (a JWK set
+        as text): only WIT keys (WIT-SVID §6.2), no ``spiffe_*`` members.
+
+        Returns:
+            JSON text.
+        """
+        doc = {"keys": [_jwt_jwk(a, use=USE_WIT_SVID) for a in self.wit_authorities]}
+        return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
     def from_jwt_jwks(
@@ -490,8 +532,8 @@ def _public_jwk(key: object) -> dict[str, Any]:
     return {k: v for k, v in jwk.items() if k in ("kty", "crv", "x", "y", "n", "e")}
 
 
-def _jwt_jwk(auth: JwtAuthority) -> dict[str, Any]:
-    entry: dict[str, Any] = {"use": USE_JWT_SVID}
+def _jwt_jwk(auth: JwtAuthority, *, use: str = USE_JWT_SVID) -> dict[str, Any]:
+    entry: dict[str, Any] = {"use": use}
     entry.update(_public_jwk(auth.public_key))
     entry["kid"] = auth.key_id  # JWT-SVID §6: kid MUST be set.
     return entry

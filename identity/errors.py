@@ -38,3 +38,7 @@ class BundleError(SigilError):
 
 class InvalidValueError(SigilError, ValueError):
     """A configuration value (a duration, an address) is not in its documented form."""
+
+
+class WitSvidError(SigilError):
+    """A WIT-SVID, or the proof of possession presented with it, fails validation."""

@@ -121,6 +121,19 @@ def default_algorithm(key: JwtPrivateKey | JwtPublicKey) -> str:
     raise JwtSvidError(f"no JWT-SVID algorithm for {type(key).__name__}")
 
 
+def check_key_fits(alg: str, key: JwtPublicKey | object) -> None:
+    """Check that ``key`` can verify ``alg`` (shared with :mod:`identity.witsvid`).
+
+    Args:
+        alg: a JWS algorithm of :data:`ALLOWED_ALGORITHMS`.
+        key: the public key chosen by kid (or a WIT's ``cnf`` key).
+
+    Raises:
+        JwtSvidError: the key's type, size or curve does not fit ``alg``.
+    """
+    _check_key_fits(alg, key)
+
+
 def _check_key_fits(alg: str, key: JwtPublicKey | object) -> None:
     """RFC 7518 §3.3-3.5: RS/PS need RSA of >= 2048 bits, ES need their curve;
     ML-DSA-n needs an ML-DSA key of that very parameter set."""

@@ -96,6 +96,18 @@ class WorkloadApiClient:
             "FetchJWTBundles", pb.JWTBundlesRequest(), pb.JWTBundlesResponse
         )
 
+    def fetch_wit_svid(self, spiffe_id: str = "") -> pb.WITSVIDResponse:
+        """The first message of FetchWITSVID (WIT-SVIDs and their private JWKs)."""
+        return self._first(  # type: ignore[no-any-return]
+            "FetchWITSVID", pb.WITSVIDRequest(spiffe_id=spiffe_id), pb.WITSVIDResponse
+        )
+
+    def fetch_wit_bundles(self) -> pb.WITBundlesResponse:
+        """The first message of FetchWITBundles (JWK sets of wit-svid keys)."""
+        return self._first(  # type: ignore[no-any-return]
+            "FetchWITBundles", pb.WITBundlesRequest(), pb.WITBundlesResponse
+        )
+
     def fetch_jwt_svid(self, audience: Sequence[str], spiffe_id: str = "") -> pb.JWTSVIDResponse:
         """FetchJWTSVID for ``audience`` (and one SPIFFE ID, if given)."""
         return self._unary(  # type: ignore[no-any-return]

@@ -14,6 +14,8 @@ here and only here.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -24,7 +26,7 @@ from google.protobuf import struct_pb2  # type: ignore[import-untyped,unused-ign
 
 from agent import log, metrics
 from agent.cache import Cache, CachedEntry, Identity, Snapshot
-from agent.errors import AgentError
+from agent.errors import AgentError, ServerCallError
 from agent.workload_api.front import PeerCredentials
 from agent.workload_api.names import SECURITY_HEADER as SECURITY_HEADER  # re-exported
 from agent.workload_api.names import SERVICE_NAME as SERVICE_NAME  # re-exported
@@ -43,6 +45,7 @@ from identity.errors import InvalidSpiffeIdError, JwtSvidError
 from identity.jwtsvid import validate_jwt_svid
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
+from identity.witsvid import private_jwk
 
 NO_IDENTITY = "no identity issued"
 HEADER_MISSING = "security header missing from request"
@@ -51,13 +54,16 @@ HEADER_MISSING = "security header missing from request"
 # the longest SPIFFE ID a party must accept; audiences are usually SPIFFE IDs.
 MAX_AUDIENCES = 32
 MAX_AUDIENCE_BYTES = 2048
+# After a failed WIT-SVID renewal, an open FetchWITSVID stream tries again this
+# soon (the token it already sent is still valid until its end of life).
+WIT_RETRY_SECONDS = 5.0
 
 PeerLookup = Callable[[str], PeerCredentials | None]
 SyncRequest = Callable[[], Awaitable[None]]
 
 
 class WorkloadApiServicer:
-    """The five Workload API RPCs (plus Unimplemented WIT RPCs).
+    """The five Workload API RPCs and the two of the WIT-SVID profile.
 
     Args:
         cache: where identities, SVIDs and bundles come from.
@@ -514,21 +520,100 @@ class WorkloadApiServicer:
         await self._check_alive(caller, context)
         return pb.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims)
 
-    # WIT (optional profile, not supported) ---------------------------------------
+    # WIT-SVID profile (spiffe/spiffe standards/workloadapiwitsvid.proto) -----
 
     async def FetchWITSVID(
         self, request: pb.WITSVIDRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WITSVIDResponse]:
-        """Unimplemented: Sigil does not issue WIT-SVIDs."""
-        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "WIT-SVIDs are not supported")
-        yield pb.WITSVIDResponse()  # pragma: no cover (makes this an async generator)
+        """Stream the caller's WIT-SVIDs with their private keys (JWK): at once, then
+        whenever one is replaced (jittered half-life) or the caller's entries change.
+
+        One WIT-SVID per SPIFFE ID, in the stable entry order (``svids[0]`` is the
+        default identity). The key pair of each is made in this agent; the server
+        only saw the public half. Never ends normally; PermissionDenied when the
+        caller has, or comes to have, no identity.
+        """
+        caller = await self._caller(context)
+        wanted: SpiffeId | None = None
+        if request.spiffe_id:
+            try:
+                wanted = SpiffeId.parse(request.spiffe_id)
+            except InvalidSpiffeIdError as exc:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"invalid requested SPIFFE ID: {exc}")
+        last: pb.WITSVIDResponse | None = None
+        synced = False
+        while True:
+            snap, entitled, did_sync = await self._entitled(
+                caller, context, may_sync=last is None and not synced
+            )
+            synced = synced or did_sync
+            if wanted is not None:
+                entitled = [e for e in entitled if e.spiffe_id == wanted]
+                if not entitled:
+                    await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
+            response = pb.WITSVIDResponse()
+            seen: set[SpiffeId] = set()
+            hints: set[str] = set()
+            refresh_at: dt.datetime | None = None
+            failed = False
+            for entry in entitled:
+                if entry.spiffe_id in seen:
+                    continue
+                seen.add(entry.spiffe_id)
+                try:
+                    item = await self._cache.wit_svid(entry)
+                except AgentError as exc:
+                    log.event("wit-svid fetch failed", level=logging.WARNING,
+                              spiffe_id=entry.spiffe_id, reason=str(exc))
+                    if isinstance(exc, ServerCallError) and exc.code == "UNIMPLEMENTED":
+                        # A server without WIT-SVIDs: the profile is unsupported, which
+                        # the draft proto says to answer with Unimplemented (no retry).
+                        await _abort(context, grpc.StatusCode.UNIMPLEMENTED,
+                                     "the server does not issue WIT-SVIDs")
+                    if last is None:
+                        await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                                     f"could not fetch WIT-SVID: {exc}")
+                    failed = True  # keep what the caller has; retry shortly
+                    break
+                hint = entry.hint if entry.hint not in hints else ""
+                hints.add(hint)
+                response.svids.append(pb.WITSVID(
+                    spiffe_id=str(entry.spiffe_id), wit_svid=item.svid.token,
+                    wit_svid_key=json.dumps(private_jwk(item.key), separators=(",", ":")),
+                    hint=hint,
+                ))
+                if refresh_at is None or item.refresh_at < refresh_at:
+                    refresh_at = item.refresh_at
+            if not failed and response != last:
+                await self._check_alive(caller, context)
+                yield response
+                last = response
+            if failed:
+                timeout: float | None = WIT_RETRY_SECONDS
+            elif refresh_at is not None:
+                timeout = max(0.0, (refresh_at - self._clock.now()).total_seconds())
+            else:
+                timeout = None
+            await self._wait(snap.version, timeout)
 
     async def FetchWITBundles(
         self, request: pb.WITBundlesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WITBundlesResponse]:
-        """Unimplemented: Sigil does not issue WIT-SVIDs."""
-        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "WIT-SVIDs are not supported")
-        yield pb.WITBundlesResponse()  # pragma: no cover
+        """Stream the WIT bundles (JWK sets of wit-svid keys) the caller may see.
+
+        Our own trust domain always (an empty key set when it has no WIT keys);
+        a federated one when its bundle has wit-svid keys (WIT-SVID §6.2: without
+        them it does not support WIT-SVIDs). ``more`` is never set: one message
+        is always the whole set.
+        """
+        caller = await self._caller(context)
+        async for bundles in self._bundle_updates(caller, context):
+            response = pb.WITBundlesResponse()
+            for td, bundle in bundles.items():
+                if td == self._cache.trust_domain or bundle.wit_authorities:
+                    response.bundles[td.id_string()] = bundle.wit_jwks()
+            yield response
 
 
 class _Caller:

@@ -147,7 +147,7 @@ class WITBundlesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WITBundlesResponse(_message.Message):
-    __slots__ = ("bundles",)
+    __slots__ = ("bundles", "more")
     class BundlesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -156,5 +156,7 @@ class WITBundlesResponse(_message.Message):
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     BUNDLES_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     bundles: _containers.ScalarMap[str, str]
-    def __init__(self, bundles: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    more: bool
+    def __init__(self, bundles: _Optional[_Mapping[str, str]] = ..., more: _Optional[bool] = ...) -> None: ...

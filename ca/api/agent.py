@@ -46,8 +46,8 @@ from ca.log import event
 from ca.metrics import count_svid, observe_sync_seconds
 from ca.policy import Scope
 from ca.ratelimit import RateLimiter
-from identity.errors import X509SvidError
-from identity.keys import PublicKey
+from identity.errors import InvalidKeyError, X509SvidError
+from identity.keys import PublicKey, load_public_key_der
 from identity.refusal import RefusalReason
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId
@@ -56,6 +56,8 @@ from identity.x509svid import csr_public_key
 MAX_BATCH = 500
 MAX_AUDIENCES = 32
 MAX_AUDIENCE_LENGTH = 256
+# An RSA-4096 SubjectPublicKeyInfo is about 550 bytes.
+MAX_WIT_KEY_BYTES = 2048
 AGENT_PATH_PREFIX = "/sigil/agent/"
 
 
@@ -420,3 +422,37 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
         nonce, expires_at = issue_nonce(self._d.datastore, attestor=attestor,
                                         now=self._d.clock.now())
         return agent_pb2.AttestationChallengeResponse(nonce=nonce, expires_at=_ts(expires_at))
+
+    @grpc_method("agent")
+    def NewWITSVID(
+        self, request: agent_pb2.NewWITSVIDRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.NewWITSVIDResponse:
+        """Sign a WIT-SVID for an authorized entry, bound to the agent-made workload key.
+
+        Authenticated, rate-limited and authorized exactly as NewJWTSVID; its
+        lifetime is the entry's JWT-SVID TTL (both are short-lived tokens).
+        """
+        node = self.authenticate(context)
+        self._rate.check_signing(str(node.spiffe_id), 1)
+        if not request.public_key or len(request.public_key) > MAX_WIT_KEY_BYTES:
+            raise InvalidArgumentError(
+                f"public_key must be 1 to {MAX_WIT_KEY_BYTES} bytes of SubjectPublicKeyInfo")
+        try:
+            workload_key = load_public_key_der(request.public_key)  # weak keys refused
+        except InvalidKeyError as exc:
+            raise InvalidArgumentError(f"invalid workload public key: {exc}") from None
+        entry = self._authorized(node, [request.entry_id]).get(request.entry_id)
+        if entry is None:
+            raise PermissionDeniedError(
+                f"entry {request.entry_id!r} is not authorized for {node.spiffe_id}"
+            )
+        verdict = self._d.config.policy.scope(node.spiffe_id, node.selectors).verdict(entry)
+        if verdict.violation is not None:
+            raise PermissionDeniedError(str(verdict.violation))
+        ttl = verdict.jwt_ttl(entry.jwt_svid_ttl, self._d.config.jwt_svid_ttl)
+        signed = self._d.authority.sign_wit_svid(entry.spiffe_id, workload_key, ttl=ttl)
+        count_svid("wit")
+        return agent_pb2.NewWITSVIDResponse(
+            token=signed.token, spiffe_id=str(entry.spiffe_id),
+            issued_at=_ts(signed.issued_at), expires_at=_ts(signed.expires_at),
+        )

@@ -74,6 +74,11 @@ def bundle_to_proto(bundle: Bundle) -> types_pb2.Bundle:
                              expires_at=_unix(a.expires_at))
             for a in bundle.jwt_authorities
         ],
+        wit_authorities=[
+            types_pb2.JWTKey(key_id=a.key_id, public_key=public_key_der(a.public_key),
+                             expires_at=_unix(a.expires_at))
+            for a in bundle.wit_authorities
+        ],
         sequence_number=bundle.sequence_number or 0,
         refresh_hint=bundle.refresh_hint or 0,
     )

@@ -53,6 +53,7 @@ from identity.clock import Clock
 from identity.jwtsvid import sign_jwt_svid
 from identity.keys import JwtPrivateKey, KeyType, PrivateKey, PublicKey, key_id, public_key_der
 from identity.spiffeid import SpiffeId, TrustDomain
+from identity.witsvid import sign_wit_svid
 from identity.x509svid import SvidSigner, new_ca_certificate
 
 SERVER_DNS_NAME = "server.sigil.invalid"
@@ -61,13 +62,20 @@ SERVER_DNS_NAME = "server.sigil.invalid"
 # Certificates start a little in the past so a peer whose clock is slightly behind
 # still accepts them (SPIRE backdates by the same amount).
 BACKDATE = dt.timedelta(seconds=10)
+# The key types a WIT slot may have (WIT-SVID §2.3: RS*, ES*, PS*).
+WIT_KEY_TYPES = frozenset({KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA_2048,
+                           KeyType.RSA_4096})
 # How far ahead signed_until is written: one datastore write per step of signing time.
 WATERMARK_STEP = dt.timedelta(minutes=5)
 PUBLISH_ATTEMPTS = 50
 
 KIND_X509 = "x509"
 KIND_JWT = "jwt"
-KINDS = (KIND_X509, KIND_JWT)
+# WIT-SVID signing keys: a slot kind of their own (WIT-SVID §6.1: a kid is unique
+# in the bundle across jwt-svid and wit-svid keys; §7.1: a WIT must not validate
+# where a JWT is expected). docs/standards.md, "WIT-SVID".
+KIND_WIT = "wit"
+KINDS = (KIND_X509, KIND_JWT, KIND_WIT)
 STATUS_PREPARED = "prepared"
 STATUS_ACTIVE = "active"
 STATUS_OLD = "old"
@@ -211,6 +219,7 @@ class CertificateAuthority:
         self._lock = threading.RLock()
         self._x509: X509Slot | None = None
         self._jwt: JwtSlot | None = None
+        self._wit: JwtSlot | None = None
         self._bundle: Bundle | None = None
         self._tainted_x509: tuple[x509.Certificate, ...] = ()
         self._tainted_jwt: tuple[str, ...] = ()
@@ -259,7 +268,9 @@ class CertificateAuthority:
         wanted = self._render(0)
         return (set(stored.x509_authorities) == set(wanted.x509_authorities)
                 and {a.key_id for a in stored.jwt_authorities}
-                == {a.key_id for a in wanted.jwt_authorities})
+                == {a.key_id for a in wanted.jwt_authorities}
+                and {a.key_id for a in stored.wit_authorities}
+                == {a.key_id for a in wanted.wit_authorities})
 
     # ---- slots in the datastore --------------------------------------------------
 
@@ -278,10 +289,16 @@ class CertificateAuthority:
             )
         return handle
 
-    def _load_active(self, x: CaKeyRecord | None = None, j: CaKeyRecord | None = None) -> None:
-        """Load the active slots: ``x`` and ``j`` when given (just read), else the stored."""
+    def _load_active(self, x: CaKeyRecord | None = None, j: CaKeyRecord | None = None,
+                     w: CaKeyRecord | None = None) -> None:
+        """Load the active slots: ``x``, ``j``, ``w`` when given (just read), else the stored.
+
+        A WIT slot may be missing in a worker that started before the main process
+        of an upgraded server made one: WIT-SVIDs are refused until it appears.
+        """
         x = x or self._own(KIND_X509, STATUS_ACTIVE)
         j = j or self._own(KIND_JWT, STATUS_ACTIVE)
+        w = w or self._own(KIND_WIT, STATUS_ACTIVE)
         if x is None or x.certificate is None or j is None:
             raise AuthorityError("no active CA slot after start-up")
         handle = self._key(x.key_id)
@@ -291,6 +308,10 @@ class CertificateAuthority:
         jh = self._key(j.key_id)
         self._jwt = JwtSlot(j.id, jh, key_id(jh.public_key), _dt(j.not_after))
         self._watermark = {x.id: x.signed_until, j.id: j.signed_until}
+        if w is not None:
+            wh = self._key(w.key_id)
+            self._wit = JwtSlot(w.id, wh, key_id(wh.public_key), _dt(w.not_after))
+            self._watermark[w.id] = w.signed_until
 
     def _create(self, kind: str) -> CaKeyRecord:
         """Generate a key and store it as a prepared slot."""
@@ -315,6 +336,12 @@ class CertificateAuthority:
                     not_after=not_after)
             cert_der: bytes | None = cert.public_bytes(Encoding.DER)
             not_after = cert.not_valid_after_utc
+        elif kind == KIND_WIT:
+            # WIT-SVID §2.3: RS/ES/PS only, so an ML-DSA jwt_key_type does not apply.
+            wit_type = (self._cfg.jwt_key_type if self._cfg.jwt_key_type in WIT_KEY_TYPES
+                        else KeyType.EC_P256)
+            handle = self._cfg.key_manager.generate_key(f"wit-{record_id}", wit_type)
+            cert_der = None
         else:
             handle = self._cfg.key_manager.generate_key(f"jwt-{record_id}",
                                                         self._cfg.jwt_key_type)
@@ -353,12 +380,15 @@ class CertificateAuthority:
                           if r.kind == KIND_X509 and r.certificate is not None)
         from identity.keys import load_jwt_public_key_der
 
-        jwts = tuple(JwtAuthority(key_id=key_id(load_jwt_public_key_der(r.public_key)),
-                                  public_key=load_jwt_public_key_der(r.public_key),
-                                  expires_at=_dt(r.not_after))
-                     for r in records if r.kind == KIND_JWT)
+        def keys(kind: str) -> tuple[JwtAuthority, ...]:
+            return tuple(JwtAuthority(key_id=key_id(load_jwt_public_key_der(r.public_key)),
+                                      public_key=load_jwt_public_key_der(r.public_key),
+                                      expires_at=_dt(r.not_after))
+                         for r in records if r.kind == kind)
+
         return Bundle(trust_domain=self.trust_domain, x509_authorities=x509s,
-                      jwt_authorities=jwts, sequence_number=sequence, refresh_hint=None)
+                      jwt_authorities=keys(KIND_JWT), sequence_number=sequence,
+                      refresh_hint=None, wit_authorities=keys(KIND_WIT))
 
     def _publish_bundle(self) -> None:
         """Render the bundle from every server's slots and store it (sequence + 1).
@@ -475,12 +505,14 @@ class CertificateAuthority:
         """Reload the active slots when another process of this server rotated them."""
         x = self._own(KIND_X509, STATUS_ACTIVE)
         j = self._own(KIND_JWT, STATUS_ACTIVE)
+        w = self._own(KIND_WIT, STATUS_ACTIVE)
         current = (self._x509.record_id if self._x509 else None,
-                   self._jwt.record_id if self._jwt else None)
-        if x is not None and j is not None and (x.id, j.id) != current:
+                   self._jwt.record_id if self._jwt else None,
+                   self._wit.record_id if self._wit else None)
+        if x is not None and j is not None and (x.id, j.id, w.id if w else None) != current:
             # The slots just read: reading them again could fall between the two
             # writes of an activation in the main process (old, then active).
-            self._load_active(x, j)
+            self._load_active(x, j, w)
 
     # ---- localauthority (operator steps) ------------------------------------------
 
@@ -704,6 +736,28 @@ class CertificateAuthority:
             issuer=self._cfg.jwt_issuer,
             # A jti lets an operator revoke this one token (sigil-server svid revoke --jti).
             jwt_id=secrets.token_urlsafe(16),
+        )
+        return SignedJwtSvid(token, spiffe_id, now, expires_at)
+
+    def sign_wit_svid(
+        self, spiffe_id: SpiffeId, workload_key: PublicKey, *, ttl: dt.timedelta
+    ) -> SignedJwtSvid:
+        """Sign a WIT-SVID binding ``workload_key`` with the active WIT key.
+
+        The WIT slot rotates like the others (``localauthority wit``). Never
+        outlives its key. No ``iss``: WIT-SVID §3.7 (an OIDC-discoverable issuer
+        would let a WIT pass for an ID token).
+        """
+        slot = self._wit
+        if slot is None:
+            raise AuthorityError("no active WIT-SVID signing key yet")
+        now = self._cfg.clock.now()
+        expires_at = min(now + ttl, slot.not_after)
+        self._note_signed(slot.record_id, expires_at)
+        token = sign_wit_svid(
+            spiffe_id=spiffe_id, workload_key=workload_key, key=slot.key.private_key,
+            key_id=slot.kid, issued_at=now, expires_at=expires_at,
+            not_before=now - BACKDATE,
         )
         return SignedJwtSvid(token, spiffe_id, now, expires_at)
 

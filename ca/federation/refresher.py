@@ -76,6 +76,7 @@ class RefreshOutcome:
 def _same_contents(a: Bundle, b: Bundle) -> bool:
     return (a.x509_authorities == b.x509_authorities
             and a.jwt_authorities == b.jwt_authorities
+            and a.wit_authorities == b.wit_authorities
             and a.sequence_number == b.sequence_number)
 
 

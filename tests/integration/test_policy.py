@@ -38,7 +38,7 @@ from ca.kubernetes.controller import ControllerSettings, RegistrationController
 from ca.policycheck import find_violations, report_at_start
 from ca.tomllines import KeyLines
 from identity.clock import FakeClock, SystemClock
-from identity.keys import generate_private_key
+from identity.keys import generate_private_key, public_key_der
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import new_csr
@@ -290,6 +290,16 @@ def test_signing_refuses_entries_that_break_the_policy_and_clamps_defaults(
     jwt = h.agent.NewJWTSVID(agent_pb2.NewJWTSVIDRequest(entry_id=good.id, audience=["db"]),
                              _Context())
     assert jwt.expires_at - jwt.issued_at == 60
+    # NewWITSVID follows the same rules (and the same TTL clamp) as NewJWTSVID.
+    wit_key = public_key_der(generate_private_key().public_key())
+    with pytest.raises(Aborted) as err:
+        h.agent.NewWITSVID(agent_pb2.NewWITSVIDRequest(entry_id=old.id, public_key=wit_key),
+                           _Context())
+    assert err.value.code is grpc.StatusCode.PERMISSION_DENIED
+    assert err.value.details.startswith('policy rule "prod-only"')
+    wit = h.agent.NewWITSVID(agent_pb2.NewWITSVIDRequest(entry_id=good.id, public_key=wit_key),
+                             _Context())
+    assert wit.expires_at - wit.issued_at == 60
 
     # Fixed (moved under /ns/prod): the new revision is signed.
     h.admin.UpdateEntry(admin_pb2.UpdateEntryRequest(

@@ -141,7 +141,7 @@ def test_bundle_show_pem_and_spiffe(sigil_server: RunningServer, tmp_path: objec
     assert text.returncode == 0, text.stderr
     assert f"URI:spiffe://{sigil_server.trust_domain}" in text.stdout
     doc = json.loads(_ok(sigil_server.cli("bundle", "show", "--format", "spiffe")))
-    assert {k["use"] for k in doc["keys"]} == {"x509-svid", "jwt-svid"}
+    assert {k["use"] for k in doc["keys"]} == {"x509-svid", "jwt-svid", "wit-svid"}
     assert doc["spiffe_sequence"] == 1
 
 

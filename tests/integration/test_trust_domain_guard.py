@@ -58,8 +58,9 @@ def test_server_of_another_trust_domain_refuses_the_database(
         build_authority(first, ds, FakeClock(NOW),
                         key_manager=MemoryKeyManager())
         before = _counts(database_url)
-        # datastore_info: the trust domain, and the host of this server instance.
-        assert before["datastore_info"] == 2 and before["ca_keys"] == 2
+        # datastore_info: the trust domain, and the host of this server instance;
+        # ca_keys: the X.509 CA, the JWT-SVID key and the WIT-SVID key.
+        assert before["datastore_info"] == 2 and before["ca_keys"] == 3
         other = _config(tmp_path, database_url, "other.org")
         with pytest.raises(ConfigError) as refused:
             build_authority(other, ds, FakeClock(NOW),

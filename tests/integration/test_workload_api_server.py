@@ -190,11 +190,13 @@ def test_validate_jwt_svid(harness: Harness) -> None:
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (tok, aud)
 
 
-def test_wit_rpcs_are_unimplemented(harness: Harness) -> None:
+def test_wit_svid_without_a_signer_is_unavailable(harness: Harness) -> None:
+    # The WIT-SVID profile is implemented (tests/integration/test_workload_api_wit.py);
+    # an agent that cannot have tokens signed yet says so with a retryable code.
     harness.set_state([entry("e1", WEB, f"unix:uid:{UID}")])
     with client(harness) as c:
         stream = c.stream("FetchWITSVID", pb.WITSVIDRequest(), pb.WITSVIDResponse, timeout=5)
-        assert code_of(lambda: next(stream)) == grpc.StatusCode.UNIMPLEMENTED
+        assert code_of(lambda: next(stream)) == grpc.StatusCode.UNAVAILABLE
 
 
 # -- Streams ---------------------------------------------------------------------------

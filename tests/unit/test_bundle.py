@@ -142,7 +142,7 @@ def _set(d: dict[str, Any], index: int, **kw: Any) -> None:
     [
         (lambda: _mutate(lambda d: _set(d, 0, use=None)), 1, 2),  # §4.2.2 missing use: skip
         (lambda: _mutate(lambda d: _set(d, 0, use="X509-SVID")), 1, 2),  # case-sensitive
-        (lambda: _mutate(lambda d: _set(d, 2, use="wit-svid")), 2, 1),  # unknown use: skip
+        (lambda: _mutate(lambda d: _set(d, 2, use="wit-svid")), 2, 1),  # a WIT key, not JWT
         (lambda: _mutate(lambda d: _set(d, 2, kty="OKP")), 2, 1),  # §4.2.1 unknown kty: skip
         (lambda: _mutate(lambda d: _set(d, 2, kty=None)), 2, 1),
         (lambda: _mutate(lambda d: _set(d, 0, x5c=None)), 1, 2),  # no x5c: skip the entry

@@ -196,3 +196,23 @@ class RevocationListResponse(_message.Message):
     signed_list: str
     version: int
     def __init__(self, signed_list: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class NewWITSVIDRequest(_message.Message):
+    __slots__ = ("entry_id", "public_key")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    entry_id: str
+    public_key: bytes
+    def __init__(self, entry_id: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
+class NewWITSVIDResponse(_message.Message):
+    __slots__ = ("token", "spiffe_id", "issued_at", "expires_at")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    spiffe_id: str
+    issued_at: int
+    expires_at: int
+    def __init__(self, token: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., issued_at: _Optional[int] = ..., expires_at: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,11 @@ class AgentStub:
                 request_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.RevocationListRequest.SerializeToString,
                 response_deserializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.RevocationListResponse.FromString,
                 _registered_method=True)
+        self.NewWITSVID = channel.unary_unary(
+                '/sigil.agent.v1.Agent/NewWITSVID',
+                request_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.NewWITSVIDRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.NewWITSVIDResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -140,6 +145,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NewWITSVID(self, request, context):
+        """Signs a WIT-SVID for an authorized entry, binding the workload key the agent
+        made (the private half never leaves the agent and the workload).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +195,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.GetRevocationList,
                     request_deserializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.RevocationListRequest.FromString,
                     response_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.RevocationListResponse.SerializeToString,
+            ),
+            'NewWITSVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.NewWITSVID,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.NewWITSVIDRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.NewWITSVIDResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +418,33 @@ class Agent:
             '/sigil.agent.v1.Agent/GetRevocationList',
             api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.RevocationListRequest.SerializeToString,
             api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.RevocationListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NewWITSVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.agent.v1.Agent/NewWITSVID',
+            api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.NewWITSVIDRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_agent_dot_v1_dot_agent__pb2.NewWITSVIDResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,7 +59,7 @@ class JWTKey(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., expires_at: _Optional[int] = ...) -> None: ...
 
 class Bundle(_message.Message):
-    __slots__ = ("trust_domain", "x509_authorities", "jwt_authorities", "sequence_number", "refresh_hint", "tainted_x509_authorities", "tainted_jwt_key_ids")
+    __slots__ = ("trust_domain", "x509_authorities", "jwt_authorities", "sequence_number", "refresh_hint", "tainted_x509_authorities", "tainted_jwt_key_ids", "wit_authorities")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     X509_AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
     JWT_AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class Bundle(_message.Message):
     REFRESH_HINT_FIELD_NUMBER: _ClassVar[int]
     TAINTED_X509_AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
     TAINTED_JWT_KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    WIT_AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     x509_authorities: _containers.RepeatedScalarFieldContainer[bytes]
     jwt_authorities: _containers.RepeatedCompositeFieldContainer[JWTKey]
@@ -74,7 +75,8 @@ class Bundle(_message.Message):
     refresh_hint: int
     tainted_x509_authorities: _containers.RepeatedScalarFieldContainer[bytes]
     tainted_jwt_key_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, trust_domain: _Optional[str] = ..., x509_authorities: _Optional[_Iterable[bytes]] = ..., jwt_authorities: _Optional[_Iterable[_Union[JWTKey, _Mapping]]] = ..., sequence_number: _Optional[int] = ..., refresh_hint: _Optional[int] = ..., tainted_x509_authorities: _Optional[_Iterable[bytes]] = ..., tainted_jwt_key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    wit_authorities: _containers.RepeatedCompositeFieldContainer[JWTKey]
+    def __init__(self, trust_domain: _Optional[str] = ..., x509_authorities: _Optional[_Iterable[bytes]] = ..., jwt_authorities: _Optional[_Iterable[_Union[JWTKey, _Mapping]]] = ..., sequence_number: _Optional[int] = ..., refresh_hint: _Optional[int] = ..., tainted_x509_authorities: _Optional[_Iterable[bytes]] = ..., tainted_jwt_key_ids: _Optional[_Iterable[str]] = ..., wit_authorities: _Optional[_Iterable[_Union[JWTKey, _Mapping]]] = ...) -> None: ...
 
 class X509SVID(_message.Message):
     __slots__ = ("spiffe_id", "cert_chain", "expires_at")
