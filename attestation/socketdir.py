@@ -103,22 +103,35 @@ def check_socket_directory(
 
 
 def _walk(directory: Path, trust: _Trust, socket_path: Path) -> Path:
-    """Check every component of ``directory``; return it with links resolved."""
+    """Check every component of ``directory``; return it with links resolved.
+
+    ``..`` climbs back to the parent as it was judged on the way down: its own
+    ``parent_closed`` and the users trusted there (a user trusted below it is not
+    trusted beside it). An absolute link starts again from ``/`` with the caller's
+    trust alone.
+    """
+    initial_uids = frozenset(trust.uids)
+    root = Path("/")
+    root_st = os.lstat(root)
+    _check_entry(root, root_st, trust, True, socket_path)  # "/" has no parent
+    root_closed = not trust.untrusted_write(root_st, sticky_ok=False)
     pending = list(directory.parts[1:])
-    current = Path("/")
-    parent_closed = True  # "/" has no parent: only root can replace it
-    _check_entry(current, os.lstat(current), trust, parent_closed, socket_path)
-    parent_closed = not trust.untrusted_write(os.lstat(current), sticky_ok=False)
+    current, parent_closed = root, root_closed
+    # The directories above ``current``, each as it was before descending from it.
+    above: list[tuple[Path, bool, frozenset[int]]] = []
     links = 0
     while pending:
         name = pending.pop(0)
         if name in ("", "."):
             continue
         if name == "..":
-            current = current.parent
+            if above:  # "/.." is "/"
+                current, parent_closed, uids = above.pop()
+                trust.uids = set(uids)
             continue
         entry = current / name
         st = os.lstat(entry)
+        here = (current, parent_closed, frozenset(trust.uids))
         _check_entry(entry, st, trust, parent_closed, socket_path)
         if stat.S_ISLNK(st.st_mode):
             links += 1
@@ -127,13 +140,15 @@ def _walk(directory: Path, trust: _Trust, socket_path: Path) -> Path:
                     f"refusing socket path {socket_path}: too many symbolic links")
             target = Path(os.readlink(entry))
             if target.is_absolute():
-                current = Path("/")
-                parent_closed = not trust.untrusted_write(os.lstat(current), sticky_ok=False)
+                above.clear()
+                current, parent_closed = root, root_closed
+                trust.uids = set(initial_uids)
             pending[:0] = list(target.parts[1:] if target.is_absolute() else target.parts)
             continue
         if not stat.S_ISDIR(st.st_mode):
             raise UnsafeSocketDirectoryError(
                 f"refusing socket path {socket_path}: {entry} is not a directory")
+        above.append(here)
         current = entry
         parent_closed = not trust.untrusted_write(st, sticky_ok=False)
     return current

@@ -25,6 +25,12 @@ flood of new source addresses cannot grow memory): a caller's key is hashed to a
 information and is reused for a new caller. When every probed slot is busy the
 caller shares its home slot, which can only make the limit stricter, never
 looser.
+
+Each kind of limit (attestation, signing) has its own region of slots: a slot is
+only ever judged ("full", shared) with the limit of the buckets it holds. Were
+they mixed, an unauthenticated attestation (burst 3) would judge an agent's
+signing bucket full and take it over, and a signing probe would judge a drained
+attestation bucket refilled early by the signing rate.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ from ca.errors import ServerError
 
 DEFAULT_SLOTS = 8192
 PROBES = 8
+ATTESTATION = 0
+SIGNING = 1
+KINDS = 2
 
 
 def _count_rate_limited(kind: str) -> None:
@@ -92,10 +101,11 @@ class BucketTable:
     """
 
     def __init__(self, slots: int = DEFAULT_SLOTS) -> None:
+        """``slots`` buckets for each kind of limit (:data:`KINDS`)."""
         self._slots = slots
-        self._keys: Any = RawArray("Q", slots)  # 0 = empty
-        self._tokens: Any = RawArray("d", slots)
-        self._stamps: Any = RawArray("d", slots)
+        self._keys: Any = RawArray("Q", slots * KINDS)  # 0 = empty
+        self._tokens: Any = RawArray("d", slots * KINDS)
+        self._stamps: Any = RawArray("d", slots * KINDS)
         self._lock_file: Any = _anonymous_file()
         self._fd: int = self._lock_file.fileno()
         self._thread_lock = threading.Lock()
@@ -117,8 +127,12 @@ class BucketTable:
         self._lock_file = open(self._fd, "rb", buffering=0, closefd=True)
         self._thread_lock = threading.Lock()
 
-    def take(self, key: str, cost: int, limit: RateLimit, now: float) -> float:
-        """Take ``cost`` tokens from ``key``'s bucket.
+    def take(self, key: str, cost: int, limit: RateLimit, now: float, *,
+             kind: int = ATTESTATION) -> float:
+        """Take ``cost`` tokens from ``key``'s bucket of ``kind``.
+
+        Every call for one ``kind`` must pass the same ``limit``: the slots of a
+        kind are judged with it.
 
         Returns:
             0.0 when taken; otherwise the seconds until enough tokens are there
@@ -126,11 +140,12 @@ class BucketTable:
         """
         # A stable fingerprint: hash() of a str differs between processes.
         fp = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") or 1
-        home = fp % self._slots
+        if not 0 <= kind < KINDS:
+            raise ValueError(f"no rate-limit kind {kind}")
         with self._thread_lock:
             fcntl.lockf(self._fd, fcntl.LOCK_EX)
             try:
-                slot = self._find(fp, home, limit, now)
+                slot = self._find(fp, kind * self._slots, limit, now)
                 # ``now`` was read before the lock: another process may have stamped
                 # the bucket with a later time since. Time never runs backwards for a
                 # bucket (a negative refill would refuse a caller within its limit).
@@ -146,10 +161,12 @@ class BucketTable:
             finally:
                 fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
-    def _find(self, fp: int, home: int, limit: RateLimit, now: float) -> int:
+    def _find(self, fp: int, base: int, limit: RateLimit, now: float) -> int:
+        # Only the slots of the caller's kind: [base, base + slots).
+        home = base + fp % self._slots
         reusable = -1
         for i in range(PROBES):
-            slot = (home + i) % self._slots
+            slot = base + (fp + i) % self._slots
             owner = self._keys[slot]
             if owner == fp:
                 return slot
@@ -180,7 +197,7 @@ class RateLimiter:
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.attestation = attestation
         self.signing = signing
-        # Two tables would double the memory for nothing: keys are prefixed instead.
+        # One table (one lock, one object to hand to workers), a region per kind.
         self._table = table if table is not None else BucketTable()
         self._monotonic = monotonic
 
@@ -197,7 +214,8 @@ class RateLimiter:
         """
         if not self.attestation.enabled:
             return
-        wait = self._table.take(f"a|{peer_ip}", 1, self.attestation, self._monotonic())
+        wait = self._table.take(f"a|{peer_ip}", 1, self.attestation, self._monotonic(),
+                                kind=ATTESTATION)
         if wait:
             _count_rate_limited("attestation")
             raise RateLimitedError(
@@ -221,7 +239,8 @@ class RateLimiter:
                 f"a batch of {count} CSRs exceeds the signing burst of "
                 f"{self.signing.burst}; send smaller batches"
             )
-        wait = self._table.take(f"s|{agent_id}", count, self.signing, self._monotonic())
+        wait = self._table.take(f"s|{agent_id}", count, self.signing, self._monotonic(),
+                                kind=SIGNING)
         if wait:
             _count_rate_limited("signing")
             raise RateLimitedError(

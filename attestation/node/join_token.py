@@ -21,6 +21,7 @@ from typing import Protocol
 
 from attestation.node import AttestationResult
 from attestation.node.errors import AttestationError, MalformedAttestationError
+from attestation.node.payload import load_json
 from identity.errors import InvalidSpiffeIdError
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
@@ -139,10 +140,7 @@ def _parse_payload(payload: bytes) -> tuple[str, str]:
         raise MalformedAttestationError(
             f"join_token payload is larger than {MAX_PAYLOAD_BYTES} bytes"
         )
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, ValueError):
-        raise MalformedAttestationError("join_token payload is not JSON") from None
+    doc = load_json(payload, "join_token")
     if not isinstance(doc, dict) or not isinstance(doc.get("token"), str):
         raise MalformedAttestationError('join_token payload must be {"token": "<token>"}')
     return split_token(doc["token"])

@@ -39,6 +39,7 @@ from attestation.node.errors import (
     AttestorUnavailableError,
     MalformedAttestationError,
 )
+from attestation.node.payload import load_json
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 
@@ -174,10 +175,7 @@ def _parse_payload(payload: bytes) -> tuple[str, str]:
         raise MalformedAttestationError(
             f"k8s_psat payload is larger than {MAX_PAYLOAD_BYTES} bytes"
         )
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, ValueError):
-        raise MalformedAttestationError("k8s_psat payload is not JSON") from None
+    doc = load_json(payload, "k8s_psat")
     if (not isinstance(doc, dict) or not isinstance(doc.get("cluster"), str)
             or not isinstance(doc.get("token"), str) or not doc["cluster"] or not doc["token"]):
         raise MalformedAttestationError(

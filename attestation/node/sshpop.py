@@ -33,7 +33,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import (
@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from attestation.node import AttestationResult, pop
 from attestation.node.errors import AttestationError, MalformedAttestationError
+from attestation.node.payload import load_json
 from identity.clock import Clock
 from identity.selectors import Selector
 from identity.spiffeid import TrustDomain
@@ -268,10 +269,7 @@ def _parse_payload(payload: bytes) -> tuple[str, bytes, bytes, bytes]:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise MalformedAttestationError(f"{NAME} payload is larger than {MAX_PAYLOAD_BYTES} "
                                         "bytes")
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, ValueError):
-        raise MalformedAttestationError(f"{NAME} payload is not JSON") from None
+    doc = load_json(payload, NAME)
     if not isinstance(doc, dict) or not isinstance(doc.get("certificate"), str):
         raise MalformedAttestationError(
             f'{NAME} payload must be {{"certificate": ..., "csr_key_sha256": ..., '
@@ -283,8 +281,8 @@ def _parse_payload(payload: bytes) -> tuple[str, bytes, bytes, bytes]:
 def _parse_certificate(text: str) -> SSHCertificate:
     try:
         cert = load_ssh_public_identity(text.strip().encode())
-    except (ValueError, TypeError, UnicodeError, IndexError):
-        cert = None
+    except (ValueError, TypeError, UnicodeError, IndexError, UnsupportedAlgorithm):
+        cert = None  # UnsupportedAlgorithm: ssh-dss-cert-v01 or an unknown key type
     if not isinstance(cert, SSHCertificate):
         raise AttestationError(f"{NAME}: the host certificate cannot be parsed (truncated "
                                "or not an OpenSSH certificate)")

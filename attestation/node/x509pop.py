@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import verification
@@ -42,6 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from attestation.node import AttestationResult, pop
 from attestation.node.errors import AttestationError, MalformedAttestationError
+from attestation.node.payload import load_json
 from identity.clock import Clock
 from identity.selectors import Selector
 from identity.spiffeid import TrustDomain
@@ -231,10 +233,7 @@ def _parse_payload(payload: bytes) -> tuple[list[bytes], bytes, bytes, bytes]:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise MalformedAttestationError(f"{NAME} payload is larger than {MAX_PAYLOAD_BYTES} "
                                         "bytes")
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, ValueError):
-        raise MalformedAttestationError(f"{NAME} payload is not JSON") from None
+    doc = load_json(payload, NAME)
     if not isinstance(doc, dict) or not isinstance(doc.get("certificates"), list):
         raise MalformedAttestationError(
             f'{NAME} payload must be {{"certificates": [...], "csr_key_sha256": ..., '
@@ -250,10 +249,15 @@ def _parse_payload(payload: bytes) -> tuple[list[bytes], bytes, bytes, bytes]:
 
 
 def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    # The extensions are parsed here, from network input: a repeated extension
+    # (DuplicateExtension is no ValueError) or a malformed one refuses the node.
     try:
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
+    except (x509.DuplicateExtension, ValueError) as exc:
+        raise AttestationError(f"{NAME}: the node certificate's extensions cannot be "
+                               f"parsed: {exc}") from None
 
 
 def _check_leaf(leaf: x509.Certificate) -> None:
@@ -347,7 +351,12 @@ class X509PopVerifier:
                                        "parsed (truncated or not DER)") from None
         leaf = chain[0]
         _check_leaf(leaf)
-        key = pop.check_key(NAME, leaf.public_key())
+        try:
+            public_key = leaf.public_key()
+        except (ValueError, UnsupportedAlgorithm):
+            raise AttestationError(f"{NAME}: the node certificate's public key cannot be "
+                                   "parsed (an unknown algorithm or a malformed key)") from None
+        key = pop.check_key(NAME, public_key)
         now = self.clock.now()
         verified = _verify_path(leaf, chain[1:], self._bundle, now)
         pop.verify_signature(NAME, key, signature,

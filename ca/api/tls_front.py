@@ -172,6 +172,10 @@ class TlsFront:
         self._reuse_port = reuse_port
         self._port = port
         self._contexts = contexts
+        # The newest context built (None: none yet), and the failures to build one
+        # logged since (each kind once, until a build succeeds again).
+        self._last_good: ssl.SSLContext | None = None
+        self._update_failures: set[str] = set()
         self._limits = limits or ConnectionLimits()
         self._max_connections = self._limits.max_connections
         self._summary = _Summary(log_interval)
@@ -218,11 +222,31 @@ class TlsFront:
         recorded = self._relay.lookup(peer)
         return None if recorded is None else recorded.address
 
-    def _on_sni(self, sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+    def _on_sni(self, sslobj: ssl.SSLObject, _name: str | None,
+                _ctx: ssl.SSLContext) -> int | None:
+        # Runs on the front's event loop thread only.
         try:
-            sslobj.context = self._contexts()
-        except Exception:  # keep the base context rather than fail the handshake
-            event("server tls update failed", level=logging.ERROR, exc_info=True)
+            context = self._contexts()
+        except Exception as exc:
+            # Never the context of server start (its bundle, its perhaps expired
+            # certificate): the newest good one, or no handshake at all.
+            kind = type(exc).__qualname__
+            if kind not in self._update_failures:
+                self._update_failures.add(kind)
+                event("server tls update failed", level=logging.ERROR,
+                      reason=f"{kind}: {exc}", serving="last good context"
+                      if self._last_good is not None else "nothing (handshake refused)",
+                      exc_info=True)
+            if self._last_good is None:
+                return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+            sslobj.context = self._last_good
+            return None
+        if self._update_failures:
+            self._update_failures.clear()
+            event("server tls update recovered")
+        self._last_good = context
+        sslobj.context = context
+        return None
 
     @property
     def max_connections(self) -> int:
@@ -242,6 +266,7 @@ class TlsFront:
         # later is impossible: asyncio's TLS starts reading at accept.
         base.sni_callback = self._on_sni
         self._base_context = base
+        self._last_good = base
         self._max_connections = _fit_to_open_file_limit(self._limits.max_connections)
         self._listeners = _listen(self._host, self._port, reuse_port=self._reuse_port)
         self.bound_port = int(self._listeners[0].getsockname()[1])

@@ -35,7 +35,14 @@ from ca.datastore.records import (
     selector_hash,
 )
 from ca.datastore.revocations import RevocationQueries
-from ca.errors import AlreadyExistsError, ConflictError, DatastoreError, NotFoundError
+from ca.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    DatastoreError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from identity.refusal import RefusalReason
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 
@@ -279,10 +286,22 @@ class Transaction:
         Two transactions may put the same new node at once (one node attesting
         twice): the loser's insert fails inside a savepoint, and it replaces the
         winner's row instead, so both succeed and the last one to commit stands.
+
+        Replacing never lifts a ban: the caller's earlier check of ``banned`` read
+        without a lock, and under READ COMMITTED an ``agent ban`` may have committed
+        since. The locked read decides.
+
+        Raises:
+            PermissionDeniedError: the stored node is banned (reason
+                ``agent_banned``) and ``node`` would unban it.
         """
         ts = _ts(now)
         key = str(node.spiffe_id)
-        row = self._session.get(m.AttestedNode, key, with_for_update=True)
+        # populate_existing: an earlier read in this session may have left its copy
+        # of the row in the identity map; the locked read's values are the ones that
+        # count (SQLAlchemy refreshes on FOR UPDATE already; this says so).
+        row = self._session.get(m.AttestedNode, key, with_for_update=True,
+                                populate_existing=True)
         if row is None:
             try:
                 with self._session.begin_nested():
@@ -296,6 +315,9 @@ class Transaction:
                                         populate_existing=True)
                 if row is None:  # pragma: no cover - inserted, then deleted meanwhile
                     raise
+        if row.banned and not node.banned:
+            raise PermissionDeniedError(f"agent is banned: {key}",
+                                        reason=RefusalReason.AGENT_BANNED)
         _fill_node(row, node, ts)
         self._session.flush()
     def create_entry(self, entry: EntryRecord, *, now: dt.datetime) -> EntryRecord:

@@ -6,6 +6,7 @@ so the CA's ``signed_until`` watermark can be made to move on demand.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import grpc
 import pytest
 from cryptography import x509
 from sqlalchemy import func, select
+from sqlalchemy.orm.attributes import set_committed_value
 
 from api.protos.sigil.agent.v1 import agent_pb2
 from attestation.node import AttestationResult, join_token
@@ -26,9 +28,12 @@ from ca.authority.setup import build_authority
 from ca.config import load_config
 from ca.datastore import Datastore
 from ca.datastore import models as m
+from ca.datastore.records import NodeRecord
+from ca.datastore.repository import Transaction, _node_record
 from ca.keys import MemoryKeyManager
 from identity.clock import FakeClock
 from identity.keys import generate_private_key
+from identity.refusal import REASON_KEY, RefusalReason
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import new_csr
@@ -248,3 +253,43 @@ def test_a_token_the_transaction_would_refuse_costs_no_signature(
             harness.attest(join_token.NAME, payload)
         assert caught.value.code is grpc.StatusCode.PERMISSION_DENIED
     assert len(signed) == 1
+
+
+def test_a_ban_committed_during_attestation_is_not_overwritten(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under READ COMMITTED (PostgreSQL, MariaDB) `agent ban` may commit after
+    # AttestAgent's two banned checks read the node and before put_node locks its
+    # row. Made deterministic: the ban is committed first, and both checks are made
+    # to see the node as it was before it (the transaction's own copy of the row
+    # too, as its earlier read would have left it). put_node's locked read must
+    # see the ban, refuse, and leave the node banned.
+    harness.attest("test_psat", b"x")
+    harness.datastore.set_node_banned(RACE_NODE, True, now=harness.clock.now())
+    harness.clock.advance(WATERMARK_STEP * 2)
+
+    read = Datastore.get_node
+
+    def stale_read(self: Datastore, spiffe_id: SpiffeId) -> NodeRecord | None:
+        node = read(self, spiffe_id)
+        return None if node is None else dataclasses.replace(node, banned=False)
+
+    def stale_tx_read(self: Transaction, spiffe_id: SpiffeId) -> NodeRecord | None:
+        row = self._session.get(m.AttestedNode, str(spiffe_id))
+        if row is None:
+            return None
+        set_committed_value(row, "banned", False)  # read before the ban committed
+        return _node_record(row)
+
+    monkeypatch.setattr(Datastore, "get_node", stale_read)
+    monkeypatch.setattr(Transaction, "get_node", stale_tx_read)
+    context = _Context()
+    request = agent_pb2.AttestAgentRequest(
+        data=agent_pb2.AttestationData(type="test_psat", payload=b"x"),
+        csr=new_csr(generate_private_key()))
+    with pytest.raises(Aborted) as refused:
+        harness.servicer.AttestAgent(request, context)
+    assert refused.value.code is grpc.StatusCode.PERMISSION_DENIED
+    assert context.trailers == ((REASON_KEY, RefusalReason.AGENT_BANNED.value),)
+    monkeypatch.undo()
+    node = harness.datastore.get_node(RACE_NODE)
+    assert node is not None and node.banned

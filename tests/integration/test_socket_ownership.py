@@ -186,6 +186,37 @@ def test_client_trusts_a_user_root_gave_a_directory_to(shared_tmp: Path) -> None
         check_socket_directory(given / "admin.sock", client=False)
 
 
+ATTACKER = 4242
+
+
+def test_dotdot_in_a_link_rejudges_the_directory_it_climbs_to(shared_tmp: Path) -> None:
+    # Root's app directory holds a relative link up into the sticky shared directory,
+    # where another user (uid 4242) made the directory the link names first. ".."
+    # lands in shared_tmp, writable by anyone: what uid 4242 owns there is not to be
+    # trusted, whether it is reached through the link or named directly.
+    app = shared_tmp / "app"
+    app.mkdir(mode=0o755)
+    (app / "sock-dir").symlink_to("../app-sockets")
+    sockets = shared_tmp / "app-sockets"
+    sockets.mkdir(mode=0o755)
+    os.chown(sockets, ATTACKER, ATTACKER)
+    for path in (sockets / "agent.sock", app / "sock-dir" / "agent.sock",
+                 app / "." / ".." / "app-sockets" / "agent.sock"):
+        with pytest.raises(UnsafeSocketDirectoryError, match=r"app-sockets is owned by uid 4242"):
+            check_socket_directory(path, client=True)
+    # Legitimate: the same link when root made the directory it names.
+    os.chown(sockets, 0, 0)
+    check_socket_directory(app / "sock-dir" / "agent.sock", client=True)
+    # And ".." back into a closed directory keeps trusting a user root gave a directory to.
+    run = shared_tmp / "run"
+    (run / "sigil").mkdir(parents=True, mode=0o755)
+    os.chmod(run, 0o755)
+    os.chown(run / "sigil", ATTACKER, ATTACKER)
+    (app / "to-run").symlink_to("../run/x/../sigil")
+    (run / "x").mkdir(mode=0o755)
+    check_socket_directory(app / "to-run" / "agent.sock", client=True)
+
+
 # ---- the server and its admin clients --------------------------------------------------------
 
 

@@ -88,7 +88,7 @@ def test_zero_rate_disables() -> None:
         rl.check_signing("a", 50)
         passed += 1
     assert passed == 100
-    assert list(table._keys) == [0] * 8  # a disabled limit keeps no bucket at all
+    assert not any(table._keys)  # a disabled limit keeps no bucket at all
 
 
 def test_idle_slots_are_reused_so_memory_stays_bounded() -> None:
@@ -211,3 +211,31 @@ def test_a_bucket_stamped_later_by_another_process_is_not_drained() -> None:
     # The bucket's clock did not run backwards: the next taker still refills from
     # the later stamp, not from the earlier reading.
     assert table.take("agent", 2, fast, now=100.001) > 0.0
+
+
+def test_colliding_attestations_never_clamp_an_agents_signing_bucket() -> None:
+    # One slot: every caller collides. Attestations (burst 3) judged a signing
+    # bucket with 19 of 20 tokens "full" by their own burst, took it over, and the
+    # agent then shared a slot of attestation tokens.
+    clock = Clock()
+    rl = limiter(clock, slots=1)
+    rl.check_signing("spiffe://td/agent", 1)
+    for i in range(50):
+        with contextlib.suppress(RateLimitedError):
+            rl.check_attestation(f"10.9.0.{i}")
+    rl.check_signing("spiffe://td/agent", 19)  # the agent's own 19 tokens
+
+
+def test_signing_probes_never_refresh_a_drained_attestation_bucket() -> None:
+    # A drained attestation bucket (1/s) looked "full" to a signing probe (10/s)
+    # after 2 s, which evicted it: the attacker got a fresh burst early.
+    clock = Clock()
+    rl = limiter(clock, slots=1)
+    for _ in range(3):
+        rl.check_attestation("198.51.100.7")
+    clock.t += 2.0
+    rl.check_signing("spiffe://td/agent", 1)
+    rl.check_attestation("198.51.100.7")
+    rl.check_attestation("198.51.100.7")
+    with pytest.raises(RateLimitedError):  # 2 s at 1/s: two tokens, not three
+        rl.check_attestation("198.51.100.7")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import ssl
+import types
 
 import pytest
 
@@ -70,3 +72,52 @@ def test_summary_logs_a_flood_in_a_few_lines(monkeypatch: pytest.MonkeyPatch) ->
         ("tls handshake failed", 1000, "timeout"),
         ("tls handshake failed", 1, "timeout"),
     ]
+
+
+class _Contexts:
+    """A TLS context source: the given contexts in turn, then raising."""
+
+    def __init__(self, *good: ssl.SSLContext) -> None:
+        self.good = list(good)
+
+    def __call__(self) -> ssl.SSLContext:
+        if self.good:
+            return self.good.pop(0)
+        raise OSError("the CA cannot sign the server certificate now")
+
+
+def _server_context() -> ssl.SSLContext:
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+
+def test_failed_rebuild_keeps_the_last_good_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The handshake used to go on with the context of server start (its bundle,
+    # its perhaps expired certificate) whenever rebuilding the context failed.
+    logged: list[str] = []
+    monkeypatch.setattr(tls_front, "event", lambda what, **_fields: logged.append(what))
+    at_start, newer = _server_context(), _server_context()
+    front = tls_front.TlsFront(host="127.0.0.1", port=0,
+                               contexts=_Contexts(at_start, newer))
+    try:
+        front._last_good = front._contexts()  # as start() does, without listening
+        hello = types.SimpleNamespace(context=at_start)
+        assert front._on_sni(hello, "server.sigil.invalid", at_start) is None  # type: ignore[arg-type]
+        assert hello.context is newer
+        for _ in range(3):  # the source now fails: the newest good context serves
+            hello = types.SimpleNamespace(context=at_start)
+            assert front._on_sni(hello, "server.sigil.invalid", at_start) is None  # type: ignore[arg-type]
+            assert hello.context is newer
+        assert logged.count("server tls update failed") == 1  # once per kind of failure
+    finally:
+        front.stop()
+
+
+def test_no_good_context_fails_the_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tls_front, "event", lambda what, **_fields: None)
+    front = tls_front.TlsFront(host="127.0.0.1", port=0, contexts=_Contexts())
+    try:
+        base = _server_context()
+        hello = types.SimpleNamespace(context=base)
+        assert front._on_sni(hello, None, base) == ssl.ALERT_DESCRIPTION_INTERNAL_ERROR  # type: ignore[arg-type]
+    finally:
+        front.stop()
