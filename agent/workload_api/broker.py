@@ -19,8 +19,12 @@ Served on a socket of its own (``[broker] socket_path``), through a second
    binary): a PID that exited, or was reused, gets NotFound. A stream ends with
    NotFound when its workload exits (standard 4.9).
 
-Kubernetes object references are refused with Unimplemented (no kubelet lookup of
-an arbitrary object yet); any other reference type with InvalidArgument (3.1.4).
+A ``KubernetesObjectReference`` to a pod (``pods``, group ``core``) is resolved
+in the kubelet's pod list through the k8s workload attestor (so only pods of this
+node are found) and attested with the pod's ``k8s`` selectors (no container
+ones); it is checked again before every answer, and a stream ends with NotFound
+once the pod is gone. Other Kubernetes object types answer Unimplemented; any
+other reference type InvalidArgument (3.1.4).
 The referenced workload's identities are computed from its own selectors only:
 the broker's never enter them.
 """
@@ -52,6 +56,7 @@ from attestation.workload import (
     WorkloadAttestor,
     process_start_time,
 )
+from attestation.workload.k8s import K8sAttestor, pod_object_selectors
 from attestation.workload.peersocket import executable_identity
 from attestation.workload.pidfd import close_pidfd, pidfd_exited
 from identity.clock import Clock, SystemClock
@@ -68,6 +73,8 @@ PID_REFERENCE = "spiffe.broker.WorkloadPIDReference"
 K8S_REFERENCE = "spiffe.broker.KubernetesObjectReference"
 NOT_AUTHORIZED = "caller is not an authorized broker"
 NO_IDENTITY = "referenced workload is not entitled to any identity"
+POD_RECHECK_INTERVAL = 5.0
+"""Seconds between kubelet checks that a referenced pod still runs, in a stream."""
 
 
 class _Abort(Exception):
@@ -82,17 +89,37 @@ class _Abort(Exception):
 class PinnedWorkload:
     """A referenced process, pinned by a pidfd for the life of one RPC."""
 
+    blocking_check = False
+    recheck_interval: float | None = None
+
     def __init__(self, pid: int, pidfd: int, start_time: int,
-                 executable: tuple[int, int] | None) -> None:
+                 executable: tuple[int, int] | None, *, proc_root: Path) -> None:
         self.pid = pid
         self.pidfd = pidfd
         self.start_time = start_time
         self.executable = executable
         self.selectors: frozenset[Selector] = frozenset()
+        self._proc_root = proc_root
         self._exited: asyncio.Future[None] | None = None
 
     def exited(self) -> bool:
         return pidfd_exited(self.pidfd)
+
+    def check(self) -> None:
+        """Raise NotFound unless the pinned process lives (and runs the same binary,
+        when one was recorded: an attestor describes the binary)."""
+        if self.exited():
+            raise _Abort(grpc.StatusCode.NOT_FOUND,
+                         f"process {self.pid} exited (its PID may have been reused)")
+        if self.executable is not None:
+            try:
+                same = executable_identity(self.pid, proc_root=self._proc_root) == \
+                    self.executable
+            except WorkloadAttestationError:
+                same = False
+            if not same:
+                raise _Abort(grpc.StatusCode.NOT_FOUND,
+                             f"process {self.pid} runs another executable than attested")
 
     def watch(self) -> asyncio.Future[None]:
         """A future done once the process exits (a pidfd polls readable then)."""
@@ -110,10 +137,86 @@ class PinnedWorkload:
         return self._exited
 
     def close(self) -> None:
+        """Stop watching and close the pidfd (when the RPC ends)."""
         if self._exited is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self.pidfd)
         close_pidfd(self.pidfd)
+
+
+class PodTarget:
+    """A pod named by a Kubernetes object reference, found in the kubelet's list.
+
+    Pinned to the UID it had when resolved: a pod recreated under the same name
+    is another object, and the RPC's workload counts as stopped (standard 4.9).
+    The kubelet is asked again before every answer and, in a stream, every
+    :data:`POD_RECHECK_INTERVAL` seconds.
+    """
+
+    blocking_check = True
+
+    def __init__(self, attestor: K8sAttestor, namespace: str, name: str | None,
+                 uid: str) -> None:
+        self._attestor = attestor
+        self.namespace = namespace
+        self.name = name
+        self.uid = uid
+        self.selectors: frozenset[Selector] = frozenset()
+        self.recheck_interval: float | None = POD_RECHECK_INTERVAL
+
+    def check(self) -> None:
+        try:
+            pod = self._attestor.find_pod(namespace=self.namespace, name=self.name,
+                                          uid=self.uid)
+        except WorkloadAttestationError as exc:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, f"kubelet: {exc}") from None
+        if pod is None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"pod {self.uid} no longer runs here")
+
+    def watch(self) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()  # never done: rechecked
+
+    def close(self) -> None:
+        pass
+
+
+def _resolve_pod(attestors: Sequence[WorkloadAttestor],
+                 ref: bpb.KubernetesObjectReference) -> PodTarget:
+    """A pod reference to a :class:`PodTarget` (blocking: asks the kubelet).
+
+    Raises:
+        _Abort: the standard's status for a bad or unresolvable reference.
+    """
+    if not ref.type.plural or not ref.type.group:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     "KubernetesObjectReference needs type.plural and type.group")
+    if not ref.HasField("key") and not ref.uid:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     "KubernetesObjectReference needs a key or a uid")
+    if ref.HasField("key") and not ref.key.name:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "key.name is required with key")
+    if (ref.type.plural, ref.type.group) != ("pods", "core"):
+        raise _Abort(grpc.StatusCode.UNIMPLEMENTED,
+                     "only pods (plural pods, group core) can be referenced")
+    if ref.HasField("key") and not ref.key.namespace:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     "key.namespace is required for pods (namespaced)")
+    k8s = next((a for a in attestors if isinstance(a, K8sAttestor)), None)
+    if k8s is None:
+        raise _Abort(grpc.StatusCode.UNIMPLEMENTED,
+                     "Kubernetes references need the k8s workload attestor")
+    name = ref.key.name if ref.HasField("key") else None
+    namespace = ref.key.namespace if ref.HasField("key") else None
+    try:
+        pod = k8s.find_pod(namespace=namespace, name=name, uid=ref.uid or None)
+    except WorkloadAttestationError as exc:
+        raise _Abort(grpc.StatusCode.UNAVAILABLE, f"kubelet: {exc}") from None
+    if pod is None:
+        raise _Abort(grpc.StatusCode.NOT_FOUND, "no such pod running on this node")
+    meta = pod.get("metadata") or {}
+    target = PodTarget(k8s, str(meta.get("namespace", "")), name, str(meta.get("uid", "")))
+    target.selectors = frozenset(pod_object_selectors(pod))
+    return target
 
 
 def _status_ids(pid: int, proc_root: Path) -> tuple[int, int]:
@@ -135,6 +238,9 @@ def _status_ids(pid: int, proc_root: Path) -> tuple[int, int]:
     if set(ids) != {"Uid", "Gid"}:
         raise WorkloadAttestationError(f"/proc/{pid}/status is malformed")
     return ids["Uid"], ids["Gid"]
+
+
+_Target = PinnedWorkload | PodTarget
 
 
 class BrokerApiServicer:
@@ -208,7 +314,7 @@ class BrokerApiServicer:
                       spiffe_ids=",".join(sorted(str(i) for i in ids)))
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NOT_AUTHORIZED)
 
-    def _pin(self, reference: bpb.WorkloadReference | None) -> PinnedWorkload:
+    def _pin(self, reference: bpb.WorkloadReference | None) -> _Target:
         """Resolve a reference to a pinned, attested process (in a thread).
 
         Raises:
@@ -219,8 +325,12 @@ class BrokerApiServicer:
         type_url = reference.reference.type_url
         name = type_url.rpartition("/")[2] if type_url.startswith(_TYPE_PREFIX) else ""
         if name == K8S_REFERENCE:
-            raise _Abort(grpc.StatusCode.UNIMPLEMENTED,
-                         "Kubernetes object references are not supported")
+            try:
+                k8s_ref = bpb.KubernetesObjectReference.FromString(reference.reference.value)
+            except Exception:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             "malformed KubernetesObjectReference") from None
+            return _resolve_pod(self._attestors, k8s_ref)
         if name != PID_REFERENCE:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                          f"unsupported workload reference type {type_url[:200]!r}")
@@ -250,7 +360,7 @@ class BrokerApiServicer:
             exe = (executable_identity(pid, proc_root=self._proc_root)
                    if self._pin_executable else None)
             uid, gid = _status_ids(pid, self._proc_root)
-            pinned = PinnedWorkload(pid, pidfd, start, exe)
+            pinned = PinnedWorkload(pid, pidfd, start, exe, proc_root=self._proc_root)
             process = ProcessInfo(pid=pid, uid=uid, gid=gid)
             selectors: list[Selector] = []
             for attestor in self._attestors:
@@ -266,31 +376,20 @@ class BrokerApiServicer:
         except BaseException:
             close_pidfd(pidfd)
             raise
+        if self._pin_executable and exe is None:
+            close_pidfd(pidfd)
+            raise _Abort(grpc.StatusCode.PERMISSION_DENIED,
+                         f"the executable of process {pid} cannot be read")
         try:
-            self._check_same(pinned)
+            pinned.check()
         except _Abort:
             close_pidfd(pidfd)
             raise
         return pinned
 
-    def _check_same(self, pinned: PinnedWorkload) -> None:
-        """Raise NotFound unless the pinned process lives and runs the same binary."""
-        if pinned.exited():
-            raise _Abort(grpc.StatusCode.NOT_FOUND,
-                         f"process {pinned.pid} exited (its PID may have been reused)")
-        if self._pin_executable:
-            try:
-                same = executable_identity(pinned.pid, proc_root=self._proc_root) == \
-                    pinned.executable and pinned.executable is not None
-            except WorkloadAttestationError:
-                same = False
-            if not same:
-                raise _Abort(grpc.StatusCode.NOT_FOUND,
-                             f"process {pinned.pid} runs another executable than attested")
-
     async def _workload_for(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> PinnedWorkload:
+    ) -> _Target:
         await self._authorize(context)
         reference = request.reference if request.HasField("reference") else None
         try:
@@ -302,15 +401,18 @@ class BrokerApiServicer:
         return pinned
 
     async def _still_same(
-        self, pinned: PinnedWorkload, context: grpc.aio.ServicerContext[Any, Any]
+        self, pinned: _Target, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         try:
-            self._check_same(pinned)
+            if pinned.blocking_check:
+                await asyncio.get_running_loop().run_in_executor(None, pinned.check)
+            else:
+                pinned.check()
         except _Abort as exc:
             await _abort(context, exc.code, exc.details)
 
     async def _entitled(
-        self, pinned: PinnedWorkload, context: grpc.aio.ServicerContext[Any, Any]
+        self, pinned: _Target, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[Snapshot, list[CachedEntry]]:
         snap = self._cache.snapshot()
         entitled = snap.entitled(pinned.selectors)
@@ -318,8 +420,12 @@ class BrokerApiServicer:
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
         return snap, entitled
 
-    async def _wait(self, pinned: PinnedWorkload, version: int, timeout: float | None) -> None:
-        """Until the cache changes, the workload exits, or ``timeout`` passes."""
+    async def _wait(self, pinned: _Target, version: int, timeout: float | None) -> None:
+        """Until the cache changes, the workload exits, or ``timeout`` passes (or
+        the target's recheck interval, for targets that cannot signal an exit)."""
+        if pinned.recheck_interval is not None:
+            timeout = (pinned.recheck_interval if timeout is None
+                       else min(timeout, pinned.recheck_interval))
         change: asyncio.Future[Any] = asyncio.ensure_future(
             self._cache.wait_for_change(version))
         waiters: set[asyncio.Future[Any]] = {change, pinned.watch()}

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.workload_api import broker as broker_module
 from agent.workload_api.broker import K8S_REFERENCE, PID_REFERENCE, BrokerApiServer
 from attestation.workload import ProcessInfo, WorkloadAttestationError
+from attestation.workload.k8s import K8sAttestor
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId
 from tests.integration.workload_api_harness import Harness, entry
@@ -167,10 +169,110 @@ def test_stream_ends_with_not_found_when_the_workload_exits(setup: Setup) -> Non
 
 @pytest.mark.parametrize(("type_url", "pid", "code"), [
     ("type.googleapis.com/example.com.CustomReference", "1", "INVALID_ARGUMENT"),
-    ("type.googleapis.com/" + K8S_REFERENCE, "1", "UNIMPLEMENTED"),
+    # Known type, but no k8s workload attestor to resolve it with.
+    ("type.googleapis.com/" + K8S_REFERENCE, '{"plural": "pods", "group": "core", "uid": "u"}',
+     "UNIMPLEMENTED"),
     ("-", "1", "INVALID_ARGUMENT"),
     (PID_URL, "0", "INVALID_ARGUMENT"),
     (PID_URL, "-5", "INVALID_ARGUMENT"),
 ])
 def test_bad_references_are_refused(setup: Setup, type_url: str, pid: str, code: str) -> None:
     assert setup.call("SubscribeToX509SVID", type_url, pid)["code"] == code
+
+
+# Kubernetes object references (pods, through the k8s attestor's kubelet list) --
+
+K8S_URL = "type.googleapis.com/" + K8S_REFERENCE
+POD_UID = "a1b2c3d4-e5f6-7890-abcd-ef1234567890"
+SHOP_ID = "spiffe://example.org/ns/shop/sa/checkout"
+
+
+def _pod(uid: str = POD_UID, name: str = "checkout-7c9f") -> dict[str, object]:
+    return {
+        "metadata": {"name": name, "namespace": "shop", "uid": uid,
+                     "labels": {"app": "checkout"}},
+        "spec": {"serviceAccountName": "checkout", "nodeName": "node-1",
+                 "containers": [{"name": "main", "image": "shop/checkout:1"}]},
+        "status": {"phase": "Running"},
+    }
+
+
+@pytest.fixture
+def k8s_setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Setup, list[dict[str, object]]]]:
+    monkeypatch.setattr(broker_module, "POD_RECHECK_INTERVAL", 0.2)
+    pods: list[dict[str, object]] = [_pod()]
+    attestors = [EnvAttestor(), K8sAttestor(pods=lambda: list(pods))]
+    harness = Harness(attestors=attestors)
+    harness.set_state([
+        entry("e-broker", BROKER_ID, "test:workload:broker"),
+        entry("e-shop", SHOP_ID, "k8s:ns:shop", "k8s:sa:checkout"),
+        # A container-level entry: a pod reference has no container selectors.
+        entry("e-main", "spiffe://example.org/container", "k8s:ns:shop",
+              "k8s:container-name:main"),
+    ])
+    server = BrokerApiServer(
+        socket_path=harness.root / "broker" / "broker.sock", cache=harness.cache,
+        attestors=attestors, authorized=[SpiffeId.parse(BROKER_ID)],
+        first_response_timeout=2.0,
+    )
+    harness.run(server.start())
+    s = Setup(harness, server)
+    try:
+        yield s, pods
+    finally:
+        for child in s.children:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+        harness.run(server.stop(grace=0.1))
+        harness.close()
+
+
+def _ref(**fields: str) -> str:
+    return json.dumps({"plural": "pods", "group": "core", **fields})
+
+
+@pytest.mark.parametrize("ref", [
+    _ref(uid=POD_UID),
+    _ref(namespace="shop", name="checkout-7c9f"),
+    _ref(namespace="shop", name="checkout-7c9f", uid=POD_UID),
+])
+def test_pod_reference_gets_the_pods_identity(
+    k8s_setup: tuple[Setup, list[dict[str, object]]], ref: str
+) -> None:
+    setup, _pods = k8s_setup
+    assert setup.call("SubscribeToX509SVID", K8S_URL, ref) == {"ids": [SHOP_ID], "keys": True}
+
+
+@pytest.mark.parametrize(("ref", "code"), [
+    (_ref(uid="0fa1b2c3-4d5e-6f70-8192-a3b4c5d6e7f8"), "NOT_FOUND"),
+    # Name and UID both given, and the named pod has another UID.
+    (_ref(namespace="shop", name="checkout-7c9f",
+          uid="0fa1b2c3-4d5e-6f70-8192-a3b4c5d6e7f8"), "NOT_FOUND"),
+    (_ref(namespace="other", name="checkout-7c9f"), "NOT_FOUND"),
+    (json.dumps({"plural": "deployments", "group": "apps", "namespace": "shop",
+                 "name": "checkout"}), "UNIMPLEMENTED"),
+    (_ref(name="checkout-7c9f"), "INVALID_ARGUMENT"),  # pods are namespaced
+    (_ref(), "INVALID_ARGUMENT"),  # neither key nor uid
+    (json.dumps({"uid": POD_UID}), "INVALID_ARGUMENT"),  # no type
+])
+def test_bad_or_unknown_pod_references_are_refused(
+    k8s_setup: tuple[Setup, list[dict[str, object]]], ref: str, code: str
+) -> None:
+    setup, _pods = k8s_setup
+    assert setup.call("SubscribeToX509SVID", K8S_URL, ref)["code"] == code
+
+
+def test_pod_stream_ends_with_not_found_when_the_pod_is_gone(
+    k8s_setup: tuple[Setup, list[dict[str, object]]]
+) -> None:
+    setup, pods = k8s_setup
+    broker = setup.broker("SubscribeToX509SVID", K8S_URL, _ref(namespace="shop",
+                          name="checkout-7c9f"), "--follow")
+    assert broker.stdout is not None
+    assert json.loads(broker.stdout.readline())["ids"] == [SHOP_ID]
+    # Recreated under the same name: another object, so the stream ends.
+    new_uid = "0fa1b2c3-4d5e-6f70-8192-a3b4c5d6e7f8"
+    setup.harness.call(lambda: pods.__setitem__(0, _pod(uid=new_uid)))
+    assert json.loads(broker.stdout.readline())["code"] == "NOT_FOUND"
+    broker.wait(timeout=30)

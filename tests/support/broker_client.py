@@ -1,10 +1,12 @@
 """A broker in a process of its own: calls the SPIFFE Broker API by hand.
 
-``python broker_client.py SOCKET METHOD TYPE_URL PID [--no-header] [--follow]``
+``python broker_client.py SOCKET METHOD TYPE_URL REF [--no-header] [--follow]``
 calls ``/spiffe.broker.API/METHOD`` (SubscribeToX509SVID or FetchJWTSVID) with a
 reference whose ``Any`` carries TYPE_URL and a packed ``WorkloadPIDReference``
-(TYPE_URL ``-`` sends no reference at all), using a raw grpc channel and the
-generated broker messages. It prints one JSON line per response
+with PID REF, or, when REF is a JSON object, a packed
+``KubernetesObjectReference`` (keys plural, group, namespace, name, uid; TYPE_URL
+``-`` sends no reference at all), using a raw grpc channel and the generated
+broker messages. It prints one JSON line per response
 (``{"ids": [...]}``) and, when the call ends with a status, ``{"code": NAME}``.
 Without ``--follow`` it stops after the first response.
 """
@@ -28,7 +30,18 @@ def main(argv: list[str]) -> None:
     if type_url != "-":
         reference = bpb.WorkloadReference()
         reference.reference.type_url = type_url
-        reference.reference.value = bpb.WorkloadPIDReference(pid=int(pid)).SerializeToString()
+        if pid.startswith("{"):
+            doc = json.loads(pid)
+            k8s = bpb.KubernetesObjectReference(uid=doc.get("uid", ""))
+            k8s.type.plural = doc.get("plural", "")
+            k8s.type.group = doc.get("group", "")
+            if "name" in doc:
+                k8s.key.name = doc["name"]
+                k8s.key.namespace = doc.get("namespace", "")
+            reference.reference.value = k8s.SerializeToString()
+        else:
+            reference.reference.value = bpb.WorkloadPIDReference(
+                pid=int(pid)).SerializeToString()
     with grpc.insecure_channel(f"unix:{socket_path}") as channel:
         try:
             if method == "FetchJWTSVID":
