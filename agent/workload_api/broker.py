@@ -101,6 +101,7 @@ class PinnedWorkload:
         self.selectors: frozenset[Selector] = frozenset()
         self._proc_root = proc_root
         self._exited: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def exited(self) -> bool:
         return pidfd_exited(self.pidfd)
@@ -133,14 +134,16 @@ class PinnedWorkload:
                     fut.set_result(None)
 
             loop.add_reader(self.pidfd, ready)
+            self._loop = loop
             self._exited = fut
         return self._exited
 
     def close(self) -> None:
         """Stop watching and close the pidfd (when the RPC ends)."""
-        if self._exited is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self.pidfd)
+        if self._loop is not None and not self._loop.is_closed():
+            # Before the descriptor closes, so the loop never watches a number
+            # that the next open() may hand out again.
+            self._loop.remove_reader(self.pidfd)
         close_pidfd(self.pidfd)
 
 
