@@ -77,13 +77,26 @@ POD_RECHECK_INTERVAL = 5.0
 """Seconds between kubelet checks that a referenced pod still runs, in a stream."""
 
 
+# google.rpc.ErrorInfo reasons of the standard's section 4.8.
+REFERENCE_INVALID = "WORKLOAD_REFERENCE_INVALID"
+NOT_FOUND = "WORKLOAD_NOT_FOUND"
+NOT_ENTITLED = "WORKLOAD_NOT_ENTITLED"
+ERROR_DOMAIN = "spiffe.io"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
+
+
 class _Abort(Exception):
-    """A status to answer with, raised below the servicer's edge."""
+    """A status to answer with, raised below the servicer's edge (``reason``: the
+    standard's ErrorInfo reason, when the situation is one of its table)."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        # Every reference problem raised this way is one of the table's rows.
+        self.reason = {grpc.StatusCode.INVALID_ARGUMENT: REFERENCE_INVALID,
+                       grpc.StatusCode.NOT_FOUND: NOT_FOUND}.get(code, "")
 
 
 class PinnedWorkload:
@@ -399,7 +412,7 @@ class BrokerApiServicer:
             pinned = await asyncio.get_running_loop().run_in_executor(
                 None, self._pin, reference)
         except _Abort as exc:
-            await _abort(context, exc.code, exc.details)
+            await _abort(context, exc.code, exc.details, exc.reason)
         context.add_done_callback(lambda _ctx: pinned.close())
         return pinned
 
@@ -412,7 +425,7 @@ class BrokerApiServicer:
             else:
                 pinned.check()
         except _Abort as exc:
-            await _abort(context, exc.code, exc.details)
+            await _abort(context, exc.code, exc.details, exc.reason)
 
     async def _entitled(
         self, pinned: _Target, context: grpc.aio.ServicerContext[Any, Any]
@@ -420,7 +433,8 @@ class BrokerApiServicer:
         snap = self._cache.snapshot()
         entitled = snap.entitled(pinned.selectors)
         if not entitled:
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY,
+                         NOT_ENTITLED)
         return snap, entitled
 
     async def _wait(self, pinned: _Target, version: int, timeout: float | None) -> None:
@@ -524,7 +538,8 @@ class BrokerApiServicer:
                              f"invalid requested SPIFFE ID: {exc}")
             entitled = [e for e in entitled if e.spiffe_id == wanted]
             if not entitled:
-                await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
+                await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY,
+                             NOT_ENTITLED)
         response = bpb.FetchJWTSVIDResponse()
         seen: set[SpiffeId] = set()
         for entry in entitled:
@@ -561,9 +576,19 @@ class BrokerApiServicer:
 
 
 async def _abort(
-    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str,
+    reason: str = "",
 ) -> NoReturn:
-    await context.abort(code, details)
+    """End the RPC; with ``reason``, a google.rpc.Status carrying an ErrorInfo of
+    domain ``spiffe.io`` goes in the ``grpc-status-details-bin`` trailer (4.8)."""
+    trailer: tuple[tuple[str, bytes], ...] = ()
+    if reason:
+        status = bpb.RpcStatus(code=code.value[0], message=details)
+        info = status.details.add()
+        info.type_url = _ERROR_INFO_TYPE
+        info.value = bpb.ErrorInfo(reason=reason, domain=ERROR_DOMAIN).SerializeToString()
+        trailer = ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+    await context.abort(code, details, trailing_metadata=trailer)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 

@@ -121,6 +121,7 @@ def test_workload_gets_only_its_own_identities_never_the_brokers(setup: Setup) -
     stranger = setup.workload("stranger")
     result = setup.call("SubscribeToX509SVID", PID_URL, str(stranger.pid))
     assert result["code"] == "PERMISSION_DENIED"
+    assert result["reason"] == "WORKLOAD_NOT_ENTITLED"
     # A workload with one gets exactly its own: the broker's identity is not added.
     app = setup.workload("app")
     assert setup.call("SubscribeToX509SVID", PID_URL, str(app.pid))["ids"] == [APP_ID]
@@ -132,6 +133,7 @@ def test_broker_not_on_the_list_is_refused(setup: Setup) -> None:
     result = setup.call("SubscribeToX509SVID", PID_URL, str(app.pid), name="other")
     assert result["code"] == "PERMISSION_DENIED"
     assert "not an authorized broker" in str(result["details"])
+    assert result["reason"] == ""  # not a workload situation: no ErrorInfo
     # No identity at all: refused too.
     result = setup.call("SubscribeToX509SVID", PID_URL, str(app.pid), name="nobody")
     assert result["code"] == "PERMISSION_DENIED"
@@ -150,6 +152,7 @@ def test_exited_pid_is_not_found(setup: Setup) -> None:
     app.wait()
     result = setup.call("SubscribeToX509SVID", PID_URL, str(app.pid))
     assert result["code"] == "NOT_FOUND"
+    assert result["reason"] == "WORKLOAD_NOT_FOUND"
 
 
 def test_stream_ends_with_not_found_when_the_workload_exits(setup: Setup) -> None:
@@ -177,7 +180,9 @@ def test_stream_ends_with_not_found_when_the_workload_exits(setup: Setup) -> Non
     (PID_URL, "-5", "INVALID_ARGUMENT"),
 ])
 def test_bad_references_are_refused(setup: Setup, type_url: str, pid: str, code: str) -> None:
-    assert setup.call("SubscribeToX509SVID", type_url, pid)["code"] == code
+    result = setup.call("SubscribeToX509SVID", type_url, pid)
+    assert result["code"] == code
+    assert result["reason"] == ("WORKLOAD_REFERENCE_INVALID" if code == "INVALID_ARGUMENT" else "")
 
 
 # Kubernetes object references (pods, through the k8s attestor's kubelet list) --

@@ -7,7 +7,10 @@ with PID REF, or, when REF is a JSON object, a packed
 ``KubernetesObjectReference`` (keys plural, group, namespace, name, uid; TYPE_URL
 ``-`` sends no reference at all), using a raw grpc channel and the generated
 broker messages. It prints one JSON line per response
-(``{"ids": [...]}``) and, when the call ends with a status, ``{"code": NAME}``.
+(``{"ids": [...]}``) and, when the call ends with a status, ``{"code": NAME,
+"details": ..., "reason": ...}``, the reason being that of the google.rpc.ErrorInfo
+in the ``grpc-status-details-bin`` trailer (decoded with googleapis' own
+messages), or "" without one.
 Without ``--follow`` it stops after the first response.
 """
 
@@ -17,6 +20,7 @@ import json
 import sys
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from api.protos import broker_pb2 as bpb
 
@@ -65,7 +69,23 @@ def main(argv: list[str]) -> None:
                 if not follow:
                     return
         except grpc.RpcError as exc:
-            print(json.dumps({"code": exc.code().name, "details": exc.details()}), flush=True)
+            print(json.dumps({"code": exc.code().name, "details": exc.details(),
+                              "reason": _reason(exc)}), flush=True)
+
+
+def _reason(exc: grpc.RpcError) -> str:
+    trailer = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
+    raw = trailer.get("grpc-status-details-bin")
+    if raw is None:
+        return ""
+    status = status_pb2.Status.FromString(raw)
+    assert status.code == exc.code().value[0]  # type: ignore[attr-defined]
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            assert info.domain == "spiffe.io", info.domain
+            return str(info.reason)
+    return ""
 
 
 if __name__ == "__main__":
