@@ -40,9 +40,11 @@ from agent.health import HealthState, health_handler
 from agent.httpserver import HealthServer
 from agent.manager import Manager
 from agent.state import AgentState
+from agent.workload_api.broker import BrokerApiServer
 from agent.workload_api.server import WorkloadApiServer
 from attestation.node import join_token, k8s_psat, sshpop, x509pop
 from attestation.node.join_token import make_attestation
+from attestation.workload import WorkloadAttestor
 from attestation.workload.k8s import K8sAttestor
 from attestation.workload.unix import UnixAttestor
 from identity.bundle import Bundle
@@ -71,6 +73,7 @@ class Agent:
             address=config.server_address, trust_domain=config.trust_domain
         )
         self.workload_api: WorkloadApiServer | None = None
+        self.broker_api: BrokerApiServer | None = None
         self.manager: Manager | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
@@ -93,6 +96,8 @@ class Agent:
         try:
             await self._run()
         finally:
+            if self.broker_api is not None:
+                await self.broker_api.stop()
             if self.workload_api is not None:
                 await self.workload_api.stop()
             await self.client.close()
@@ -143,12 +148,13 @@ class Agent:
         self.cache.set_bundles({bundle.trust_domain: bundle})
         if not self._restore_cache():
             await self.manager.sync_once()
+        attestors: list[WorkloadAttestor] = [UnixAttestor(self.config.unix)] + (
+            [K8sAttestor(self.config.k8s)] if self.config.k8s is not None else []
+        )
         self.workload_api = WorkloadApiServer(
             socket_path=self.config.socket_path,
             cache=self.cache,
-            attestors=[UnixAttestor(self.config.unix)] + (
-                [K8sAttestor(self.config.k8s)] if self.config.k8s is not None else []
-            ),
+            attestors=attestors,
             clock=self._clock,
             request_sync=self.manager.sync_soon,
             max_connections=self.config.max_connections,
@@ -160,6 +166,15 @@ class Agent:
         )
         await self.workload_api.start()
         log.event("workload api listening", socket=self.config.socket_path)
+        broker = self.config.broker
+        if broker.socket_path is not None:
+            self.broker_api = BrokerApiServer(
+                socket_path=broker.socket_path, cache=self.cache, attestors=attestors,
+                authorized=broker.authorized, clock=self._clock,
+            )
+            await self.broker_api.start()
+            log.event("broker api listening", socket=broker.socket_path,
+                      authorized=",".join(str(i) for i in broker.authorized))
         self.ready.set()
         await self.manager.run(self._stop, self.config.sync_interval)
         log.event("agent stopping")

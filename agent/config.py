@@ -33,7 +33,7 @@ from attestation.workload.unix import UnixAttestorConfig
 from identity import configvalues
 from identity.errors import InvalidSpiffeIdError, InvalidValueError
 from identity.logfmt import LOG_FORMATS, LOG_LEVELS
-from identity.spiffeid import TrustDomain
+from identity.spiffeid import SpiffeId, TrustDomain
 
 DEFAULT_DATA_DIR = "./.sigil-agent"
 DEFAULT_SOCKET_PATH = "/run/sigil-agent/public/api.sock"
@@ -80,6 +80,7 @@ _DEFAULTS: Mapping[str, Any] = {
     "connection_preface_timeout": DEFAULT_PREFACE_TIMEOUT,
     "connection_idle_timeout": DEFAULT_IDLE_TIMEOUT,
     "sds": None,
+    "broker": None,
     "health_address": "",
 }
 KNOWN_KEYS = frozenset(_DEFAULTS)
@@ -87,6 +88,7 @@ _SDS_KEYS = frozenset({
     "enabled", "default_svid_name", "default_bundle_name", "default_all_bundles_name",
     "disable_spiffe_cert_validation",
 })
+_BROKER_KEYS = frozenset({"socket_path", "authorized"})
 _ATTESTOR_KEYS: Mapping[str, frozenset[str]] = {
     "unix": frozenset({"discover_workload_path", "workload_path_sha256"}),
     "k8s": k8s_workload.CONFIG_KEYS,
@@ -115,6 +117,21 @@ class SdsSettings:
     default_bundle_name: str = "ROOTCA"
     default_all_bundles_name: str = "ALL"
     disable_spiffe_cert_validation: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """The SPIFFE Broker API (the ``[broker]`` table; docs/agent.md, "Broker API").
+
+    Attributes:
+        socket_path: the broker socket; None (the default): the Broker API is off.
+        authorized: the SPIFFE IDs of the brokers that may call it. A caller is
+            attested like a workload; one of the SPIFFE IDs its selectors entitle
+            it to must be listed.
+    """
+
+    socket_path: Path | None = None
+    authorized: tuple[SpiffeId, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +164,7 @@ class AgentConfig:
         connection_idle_timeout: a Workload API connection with no call in
             progress for this long is closed.
         sds: Envoy SDS on the Workload API socket.
+        broker: the SPIFFE Broker API (off unless its socket is set).
     """
 
     trust_domain: TrustDomain
@@ -169,6 +187,7 @@ class AgentConfig:
     k8s: k8s_workload.K8sAttestorConfig | None = None
     k8s_psat: k8s_psat.AgentAttestorConfig | None = None
     sds: SdsSettings = field(default_factory=SdsSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
     x509pop: x509pop.AgentAttestorConfig | None = None
     sshpop: sshpop.AgentAttestorConfig | None = None
 
@@ -232,6 +251,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
         for key in sds:
             if key not in _SDS_KEYS:
                 raise ConfigError(f"config file {path}: unknown key 'sds.{key}'")
+    broker = doc.get("broker")
+    if broker is not None:
+        if not isinstance(broker, dict):
+            raise ConfigError(f"config file {path}: broker must be a table")
+        for key in broker:
+            if key not in _BROKER_KEYS:
+                raise ConfigError(f"config file {path}: unknown key 'broker.{key}'")
     attestors = doc.get("workload_attestors")
     if attestors is not None:
         if not isinstance(attestors, dict):
@@ -335,6 +361,36 @@ def _sds(table: object) -> SdsSettings:
     )
 
 
+def _broker(table: object, *, workload_socket: Path) -> BrokerSettings:
+    if table is None:
+        return BrokerSettings()
+    if not isinstance(table, dict):
+        raise ConfigError("broker must be a table")
+    path = table.get("socket_path", "")
+    if not isinstance(path, str):
+        raise ConfigError(f"broker.socket_path must be a string, not {path!r}")
+    raw_ids = table.get("authorized", [])
+    if not isinstance(raw_ids, list) or not all(isinstance(i, str) for i in raw_ids):
+        raise ConfigError(f"broker.authorized must be a list of SPIFFE IDs, not {raw_ids!r}")
+    ids: list[SpiffeId] = []
+    for text in raw_ids:
+        try:
+            ids.append(SpiffeId.parse(text))
+        except InvalidSpiffeIdError as exc:
+            raise ConfigError(f"broker.authorized: {exc}") from None
+    if not path:
+        return BrokerSettings(authorized=tuple(ids))
+    socket = Path(path)
+    if not socket.is_absolute():
+        raise ConfigError(f"broker.socket_path must be an absolute path, not {path!r}")
+    if socket == workload_socket:
+        raise ConfigError("broker.socket_path must differ from socket_path")
+    if not ids:
+        raise ConfigError("broker.authorized must list at least one SPIFFE ID when "
+                          "broker.socket_path is set")
+    return BrokerSettings(socket_path=socket, authorized=tuple(ids))
+
+
 def _validate(raw: Mapping[str, Any]) -> AgentConfig:
     td_text = _string(raw, "trust_domain", required=True)
     assert td_text is not None
@@ -426,6 +482,7 @@ def _validate(raw: Mapping[str, Any]) -> AgentConfig:
             raise ConfigError(f"health_address: {exc}") from None
     return AgentConfig(
         sds=_sds(raw.get("sds")),
+        broker=_broker(raw.get("broker"), workload_socket=socket_path),
         health_address=health_address,
         k8s=k8s,
         k8s_psat=psat,

@@ -408,6 +408,12 @@ def pod_selectors(pod: Mapping[str, Any], container: Mapping[str, Any]) -> list[
     return list(dict.fromkeys(out))
 
 
+def pod_object_selectors(pod: Mapping[str, Any]) -> list[Selector]:
+    """The pod-level ``k8s`` selectors of a pod (no ``container-*`` ones): what a
+    pod named by a broker's Kubernetes object reference is attested with."""
+    return [s for s in pod_selectors(pod, {}) if not s.value.startswith("container-")]
+
+
 class K8sAttestor:
     """Produces ``k8s:*`` selectors for processes in pods."""
 
@@ -428,6 +434,29 @@ class K8sAttestor:
     def name(self) -> str:
         """``k8s``."""
         return NAME
+
+    def find_pod(self, *, namespace: str | None, name: str | None,
+                 uid: str | None) -> Mapping[str, Any] | None:
+        """The running pod of this node with that namespace and name and/or UID.
+
+        Only the kubelet's list is asked, so only pods of this node are found; a
+        pod that finished (phase Succeeded or Failed) is not. When both a name and
+        a UID are given, the pod must have both.
+
+        Raises:
+            WorkloadAttestationError: the kubelet cannot be asked.
+        """
+        for pod in self._pods():
+            meta = pod.get("metadata") or {}
+            if uid and meta.get("uid") != uid:
+                continue
+            if name is not None and (meta.get("name") != name
+                                     or meta.get("namespace") != namespace):
+                continue
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                return None
+            return pod
+        return None
 
     def attest(self, process: ProcessInfo) -> list[Selector]:
         """The process's pod and container selectors; none when it is not in a pod.

@@ -222,3 +222,53 @@ def _issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+def test_agent_serves_the_broker_api_when_configured(
+    sigil_server: RunningServer, agent_root: Path
+) -> None:
+    # The wiring of [broker]: the agent opens the broker socket, and a broker whose
+    # SPIFFE ID is authorized fetches another process's SVID by PID through it.
+    import subprocess
+    import sys
+
+    td = sigil_server.trust_domain
+    token = _token(sigil_server)
+    bundle = agent_root / "bundle.pem"
+    bundle.write_text(sigil_server.cli("bundle", "show", "--format", "pem").stdout)
+    workload_id = f"spiffe://{td}/web"
+    broker_socket = agent_root / "broker" / "broker.sock"
+    agent = AgentThread(
+        trust_domain=td, server_address=sigil_server.address,
+        data_dir=str(agent_root / "data"), socket_path=str(agent_root / "public" / "api.sock"),
+        trust_bundle_path=str(bundle), sync_interval="200ms", join_token=token["token"],
+        broker={"socket_path": str(broker_socket), "authorized": [workload_id]},
+    )
+    agent.start()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert broker_socket.exists()
+        created = sigil_server.cli(
+            "entry", "create", "--spiffe-id", workload_id, "--parent-id", token["agent_id"],
+            "--selector", f"unix:uid:{os.getuid()}",
+        )
+        assert created.returncode == 0, created.stderr
+        client = Path(__file__).resolve().parents[1] / "support" / "broker_client.py"
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+        deadline = time.monotonic() + 30
+        result: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                [sys.executable, str(client), str(broker_socket), "SubscribeToX509SVID",
+                 "type.googleapis.com/spiffe.broker.WorkloadPIDReference", str(sleeper.pid)],
+                env=env, capture_output=True, text=True, timeout=60, check=True)
+            result = json.loads(out.stdout)
+            if "ids" in result:  # PermissionDenied until the entry syncs
+                break
+            time.sleep(0.3)
+        assert result == {"ids": [workload_id], "keys": True}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        agent.stop()
+    assert not broker_socket.exists(), "the agent must remove the broker socket on shutdown"
