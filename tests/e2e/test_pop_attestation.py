@@ -86,9 +86,8 @@ def _fetch_svid(stack: Stack, expected: str) -> None:
         proc = stack.agent_cli("api", "fetch", "x509", "--output", "json", check=False)
         if proc.returncode != 0:
             return False
-        doc = json.loads(proc.stdout)
-        first = doc[0] if isinstance(doc, list) else doc
-        return bool(first["spiffe_id"] == expected)
+        svids = json.loads(proc.stdout)["svids"]
+        return bool(svids and svids[0]["spiffe_id"] == expected)
 
     wait_for(fetched, timeout=30, what=f"the workload's X.509-SVID {expected}")
 
