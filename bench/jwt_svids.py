@@ -1,7 +1,7 @@
 """JWT-SVID mint and validate rates: ES256 and ML-DSA-65 side by side.
 
 Usage:
-    python bench/jwt.py [--seconds 3] [--algs ES256,ML-DSA-65]
+    python bench/jwt_svids.py [--seconds 3] [--algs ES256,ML-DSA-65]
 
 For each algorithm, in this one process (one core), about ``--seconds`` each,
 the measurements taking turns in short slices so machine load hits all alike:
