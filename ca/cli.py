@@ -29,7 +29,7 @@ import grpc
 from api.protos.sigil.admin.v1 import admin_pb2, admin_pb2_grpc
 from api.protos.sigil.types.v1 import types_pb2
 from ca import log
-from ca.defaults import DEFAULT_SOCKET_PATH
+from ca.config.defaults import DEFAULT_SOCKET_PATH
 from identity.errors import SigilError
 
 EXIT_ERROR = 2
@@ -296,7 +296,7 @@ def run(config_file: str | None, **flags: str | None) -> None:
       sigil-server run --trust-domain example.org --data-dir ./data \\
           --bind-address 127.0.0.1:8081 --socket-path /run/sigil-server/private/admin.sock
     """
-    from ca.config import load_config
+    from ca.config.server import load_config
 
     try:
         config = load_config(Path(config_file) if config_file else None,
@@ -368,7 +368,7 @@ def config_check(path: str) -> None:
     Example:
       sigil-server config check /etc/sigil/server.toml
     """
-    from ca.config import load_config
+    from ca.config.server import load_config
 
     if not Path(path).exists():
         _fail(f"{path} does not exist")

@@ -24,7 +24,7 @@ import migrations
 from api.protos.sigil.admin.v1 import admin_pb2_grpc
 from api.protos.sigil.agent.v1 import agent_pb2_grpc
 from attestation.socketdir import check_socket_directory
-from ca.adminauth import AUDIT_LOG_FILE, Authorizer
+from ca.config.adminauth import AUDIT_LOG_FILE, Authorizer
 from ca.api.admin import AdminServicer
 from ca.api.admin_front import AdminSocketFront
 from ca.api.adminguard import AdminGuard, AuditLog, svid_caller, unix_caller
@@ -34,7 +34,7 @@ from ca.api.tls_front import TlsContextSource, TlsFront
 from ca.authority import CertificateAuthority
 from ca.authority.scheduler import RotationScheduler
 from ca.authority.setup import build_authority
-from ca.config import ServerConfig, parse_host_port
+from ca.config.server import ServerConfig, parse_host_port
 from ca.datastore import Datastore
 from ca.errors import ConfigError
 from ca.federation.server import FederationServices
@@ -45,7 +45,7 @@ from ca.kubernetes.service import KubernetesServices
 from ca.log import event
 from ca.metrics import StateCollector, build_registry, multiprocess_dir
 from ca.policycheck import report_at_start
-from ca.popconfig import pop_verifiers
+from ca.config.pop import pop_verifiers
 from ca.ratelimit import BucketTable, RateLimiter
 from identity.clock import Clock, SystemClock
 from identity.errors import SigilError
@@ -245,7 +245,7 @@ class SigilServer:
         limiter = RateLimiter(attestation=cfg.ops.attestation_limit,
                               signing=cfg.ops.signing_limit, table=self._rate_table)
         # Every admin call, on the admin socket or over TLS, is authorized by the
-        # [admin] grants and written to the audit log (ca/adminauth.py).
+        # [admin] grants and written to the audit log (ca/config/adminauth.py).
         self._audit = AuditLog(cfg.admin.audit_log or cfg.data_dir / AUDIT_LOG_FILE)
         authorizer = Authorizer(cfg.admin, cfg.trust_domain)
         tls_guard = AdminGuard(

@@ -1,6 +1,6 @@
 """Federation and OIDC discovery settings: ``[federation]`` and ``[oidc_discovery]``.
 
-:mod:`ca.config` merges :data:`DEFAULTS` with the other keys and stores the result of
+:mod:`ca.config.server` merges :data:`DEFAULTS` with the other keys and stores the result of
 :func:`validate` as ``ServerConfig.federation``. Every key is in docs/configuration.md.
 
     [federation]

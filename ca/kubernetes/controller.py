@@ -56,7 +56,7 @@ from ca.kubernetes.templates import (
 )
 from ca.log import event
 from ca.metrics import count_kubernetes_reconcile
-from ca.policy import Policy, PolicyViolationError
+from ca.config.policy import Policy, PolicyViolationError
 from identity.clock import Clock
 from identity.spiffeid import TrustDomain
 

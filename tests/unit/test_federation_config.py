@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from ca.cli import cli
-from ca.config import load_config
+from ca.config.server import load_config
 from ca.errors import ConfigError, InvalidArgumentError
 from ca.federation.relationship import check_url, new_relationship, parse_bootstrap_bundle
 from identity.spiffeid import SpiffeId, TrustDomain
