@@ -24,7 +24,6 @@ import migrations
 from api.protos.sigil.admin.v1 import admin_pb2_grpc
 from api.protos.sigil.agent.v1 import agent_pb2_grpc
 from attestation.socketdir import check_socket_directory
-from ca.config.adminauth import AUDIT_LOG_FILE, Authorizer
 from ca.api.admin import AdminServicer
 from ca.api.admin_front import AdminSocketFront
 from ca.api.adminguard import AdminGuard, AuditLog, svid_caller, unix_caller
@@ -34,6 +33,8 @@ from ca.api.tls_front import TlsContextSource, TlsFront
 from ca.authority import CertificateAuthority
 from ca.authority.scheduler import RotationScheduler
 from ca.authority.setup import build_authority
+from ca.config.adminauth import AUDIT_LOG_FILE, Authorizer
+from ca.config.pop import pop_verifiers
 from ca.config.server import ServerConfig, parse_host_port
 from ca.datastore import Datastore
 from ca.errors import ConfigError
@@ -44,9 +45,8 @@ from ca.kubernetes.config import node_verifiers
 from ca.kubernetes.service import KubernetesServices
 from ca.log import event
 from ca.metrics import StateCollector, build_registry, multiprocess_dir
-from ca.policycheck import report_at_start
-from ca.config.pop import pop_verifiers
 from ca.ratelimit import BucketTable, RateLimiter
+from ca.registry.policycheck import report_at_start
 from identity.clock import Clock, SystemClock
 from identity.errors import SigilError
 

@@ -23,8 +23,8 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from ca.config.adminauth import METHOD_ROLES, Authorizer, Caller, EntryTarget
 from ca.api.status import status_for
+from ca.config.adminauth import METHOD_ROLES, Authorizer, Caller, EntryTarget
 from ca.datastore import Datastore
 from ca.errors import (
     FailedPreconditionError,

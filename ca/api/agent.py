@@ -32,10 +32,10 @@ from ca.api.node_cache import LeafIds, NodeCache
 from ca.api.revocations import RevocationListMethods
 from ca.api.status import grpc_method
 from ca.api.sync import SyncBundles, sync_pages
+from ca.config.policy import Scope
 from ca.datastore import EntryRecord, NodeRecord
 from ca.datastore.feed import DatastoreFeed
 from ca.datastore.hot_reads import NodeStateReader
-from ca.entry_index import EntryIndex
 from ca.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -44,8 +44,8 @@ from ca.errors import (
 )
 from ca.log import event
 from ca.metrics import count_svid, observe_sync_seconds
-from ca.config.policy import Scope
 from ca.ratelimit import RateLimiter
+from ca.registry.entry_index import EntryIndex
 from identity.errors import InvalidKeyError, X509SvidError
 from identity.keys import PublicKey, load_public_key_der
 from identity.refusal import RefusalReason

@@ -14,7 +14,7 @@ from ca.errors import InvalidArgumentError
 from ca.federation.refresher import Refresher
 from ca.federation.relationship import MAX_BOOTSTRAP_BYTES
 from ca.federation.service import FederationService, RelationshipRequest, RelationshipStatus
-from ca.foreign_bundles import parse_trust_domain
+from ca.registry.foreign_bundles import parse_trust_domain
 from identity.spiffeid import TrustDomain
 
 

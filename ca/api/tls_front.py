@@ -62,8 +62,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation.relay import ConnectionRelay
 from ca.authority import CertificateAuthority
-from ca.log import event
 from ca.config.operations import ConnectionLimits
+from ca.log import event
 from identity.clock import Clock
 from identity.keys import generate_private_key, private_key_to_pem
 from identity.x509svid import certificates_to_pem

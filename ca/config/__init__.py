@@ -1,1 +1,1 @@
-"""The server's configuration: the TOML file and its sections, validated at load into frozen dataclasses."""
+"""The server's configuration: the TOML file and its sections, validated into frozen dataclasses."""

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ca.errors import ConfigError, InvalidArgumentError
 from ca.config.tomllines import KeyLines, KeyPath
+from ca.errors import ConfigError, InvalidArgumentError
 from identity import configvalues
 from identity.errors import InvalidSelectorError, InvalidValueError
 from identity.selectors import Selector

@@ -26,10 +26,10 @@ from ca.config.defaults import (
     DEFAULT_DATA_DIR,
     DEFAULT_SOCKET_PATH,
 )
+from ca.config.tomllines import KeyLines
 from ca.errors import ConfigError
 from ca.federation import config as fedconfig
 from ca.kubernetes import config as k8sconfig
-from ca.config.tomllines import KeyLines
 from identity import configvalues
 from identity.errors import InvalidSpiffeIdError, InvalidValueError
 from identity.keys import KeyType

@@ -17,8 +17,8 @@ from attestation.kubeapi import KubeApi, KubeApiError, KubeConnection
 from attestation.node import AttestationResult
 from attestation.node.k8s_psat import NAME as K8S_PSAT
 from attestation.node.k8s_psat import ClusterConfig, K8sPsatVerifier, parse_clusters
-from ca.errors import ConfigError
 from ca.config.pop import NAMES as POP_ATTESTORS
+from ca.errors import ConfigError
 from identity.configvalues import parse_duration
 from identity.errors import InvalidValueError
 from identity.spiffeid import TrustDomain

@@ -13,9 +13,9 @@ import pytest
 
 from api.protos.sigil.admin.v1 import admin_pb2
 from api.protos.sigil.types.v1 import types_pb2
+from ca.api.adminguard import AdminGuard, AuditLog, audited_ids, unix_caller
 from ca.config import adminauth
 from ca.config.adminauth import METHOD_ROLES, AdminConfig, Authorizer, Caller, EntryTarget, Grant
-from ca.api.adminguard import AdminGuard, AuditLog, audited_ids, unix_caller
 from ca.config.server import load_config
 from ca.errors import ConfigError, PermissionDeniedError
 from identity.clock import FakeClock

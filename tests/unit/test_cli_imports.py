@@ -29,7 +29,8 @@ def _loaded_after(statement: str, modules: tuple[str, ...] = HEAVY) -> set[str]:
     return set(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("statement", ["import ca.cli", "import agent.cli", "import ca.config.server"])
+@pytest.mark.parametrize("statement",
+                         ["import ca.cli", "import agent.cli", "import ca.config.server"])
 def test_cli_imports_nothing_heavy(statement: str) -> None:
     assert _loaded_after(statement) == set()
 

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from attestation.node.k8s_psat import implied_selectors
+from ca.config.policy import Policy, parse_dns_pattern, parse_path_pattern, validate
 from ca.config.server import load_config
+from ca.config.tomllines import KeyLines
 from ca.datastore import EntryRecord
 from ca.errors import ConfigError
-from ca.config.policy import Policy, parse_dns_pattern, parse_path_pattern, validate
-from ca.config.tomllines import KeyLines
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 

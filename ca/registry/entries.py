@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from attestation.node import k8s_psat
+from ca.config.policy import SERVER_PATH, Policy
 from ca.datastore import Datastore, EntryRecord
 from ca.datastore.records import EntryFilter
 from ca.errors import InvalidArgumentError, ServerError
 from ca.log import event
-from ca.config.policy import SERVER_PATH, Policy
 from identity.clock import Clock
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId

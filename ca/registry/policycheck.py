@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from attestation.node import k8s_psat
+from ca.config.policy import SERVER_PATH, Policy, Violation
 from ca.datastore import Datastore, EntryRecord
 from ca.datastore.records import EntryFilter
 from ca.log import event
-from ca.config.policy import SERVER_PATH, Policy, Violation
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId
 
