@@ -427,7 +427,7 @@ def entry() -> None:
 
 
 def _expires_at(value: str | None) -> int:
-    from ca.entryfile import parse_time
+    from ca.cli.entryfile import parse_time
 
     try:
         return parse_time(value, "--expires-at")
@@ -436,7 +436,7 @@ def _expires_at(value: str | None) -> int:
 
 
 def _node_parent(spiffe_id: str) -> str:
-    from ca.entryfile import server_id_for
+    from ca.cli.entryfile import server_id_for
 
     try:
         return server_id_for(spiffe_id)
@@ -445,7 +445,7 @@ def _node_parent(spiffe_id: str) -> str:
 
 
 def _create_batch(data_file: str, socket_path: str, output: str, *, force: bool) -> None:
-    from ca.entryfile import load_batch
+    from ca.cli.entryfile import load_batch
 
     try:
         entries = load_batch(Path(data_file).read_bytes(), source=data_file)
@@ -1049,8 +1049,8 @@ def jwt_mint(spiffe_id: str, audience: tuple[str, ...], ttl: int | None, socket_
         click.echo(resp.token)
 
 
-@cli.group()
-def bundle() -> None:
+@cli.group("bundle")
+def bundle_group() -> None:
     """Trust bundles: ours (show) and foreign trust domains' (list, show, set, delete)."""
 
 
@@ -1078,19 +1078,17 @@ def healthcheck(socket_path: str, output: str) -> None:
 
 def _register_subcommands() -> None:
     # Imported here: these modules use this one's helpers.
-    from ca import (
-        cli_bundle,
-        cli_federation,
-        cli_localauthority,
-        cli_policy,
-        cli_status,
-        cli_svid,
-    )
+    from ca.cli import bundle as cli_bundle
+    from ca.cli import federation as cli_federation
+    from ca.cli import localauthority as cli_localauthority
+    from ca.cli import policy as cli_policy
+    from ca.cli import status as cli_status
+    from ca.cli import svid as cli_svid
 
     cli.add_command(cli_localauthority.make_group(sys.modules[__name__]))
     cli.add_command(cli_status.make_command(sys.modules[__name__]))
     cli.add_command(cli_federation.make_group(sys.modules[__name__]))
-    cli_bundle.add_commands(sys.modules[__name__], bundle)
+    cli_bundle.add_commands(sys.modules[__name__], bundle_group)
     cli_policy.add_commands(entry)
     cli.add_command(cli_svid.make_group(sys.modules[__name__]))
 
