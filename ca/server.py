@@ -34,6 +34,7 @@ from ca.authority import CertificateAuthority
 from ca.authority.scheduler import RotationScheduler
 from ca.authority.setup import build_authority
 from ca.config.adminauth import AUDIT_LOG_FILE, Authorizer
+from ca.config.kubernetes import node_verifiers
 from ca.config.pop import pop_verifiers
 from ca.config.server import ServerConfig, parse_host_port
 from ca.datastore import Datastore
@@ -41,7 +42,6 @@ from ca.errors import ConfigError
 from ca.federation.server import FederationServices
 from ca.health import HealthServer, ReadinessChecks, datastore_ready, read_state
 from ca.keys import KeyManager
-from ca.kubernetes.config import node_verifiers
 from ca.kubernetes.service import KubernetesServices
 from ca.log import event
 from ca.metrics import StateCollector, build_registry, multiprocess_dir

@@ -10,7 +10,6 @@ import grpc
 from api.protos.sigil.admin.v1 import admin_pb2, admin_pb2_grpc
 from api.protos.sigil.types.v1 import types_pb2
 from attestation.node import join_token
-from ca.api import validate
 from ca.api.convert import agent_to_proto, bundle_to_proto, entry_to_proto, svid_to_proto
 from ca.api.deps import ApiDeps
 from ca.api.federation import FederationMethods
@@ -21,6 +20,7 @@ from ca.authority import mint
 from ca.datastore import EntryRecord
 from ca.errors import InvalidArgumentError
 from ca.log import event
+from ca.registry import validate
 from ca.registry.agents import DEFAULT_PURGE_EXPIRED_FOR, AgentService
 from ca.registry.entries import EntryService
 from ca.registry.foreign_bundles import ForeignBundles, parse_trust_domain

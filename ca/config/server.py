@@ -16,6 +16,8 @@ from typing import Any
 
 from ca.config import adminauth
 from ca.config import authority as caconfig
+from ca.config import federation as fedconfig
+from ca.config import kubernetes as k8sconfig
 from ca.config import operations as opsconfig
 from ca.config import policy as policyconfig
 from ca.config import pop as popconfig
@@ -28,8 +30,6 @@ from ca.config.defaults import (
 )
 from ca.config.tomllines import KeyLines
 from ca.errors import ConfigError
-from ca.federation import config as fedconfig
-from ca.kubernetes import config as k8sconfig
 from identity import configvalues
 from identity.errors import InvalidSpiffeIdError, InvalidValueError
 from identity.keys import KeyType
@@ -73,9 +73,9 @@ _STRING_DEFAULTS: Mapping[str, str | None] = {
 _OPS_DEFAULTS: Mapping[str, object] = opsconfig.DEFAULTS
 # Key manager, upstream authority, rotation timing: ca/config/authority.py.
 _CA_DEFAULTS: Mapping[str, object] = caconfig.DEFAULTS
-# Kubernetes (node_attestors.k8s_psat): ca/kubernetes/config.py.
+# Kubernetes (node_attestors.k8s_psat): ca/config/kubernetes.py.
 _K8S_DEFAULTS: Mapping[str, object] = k8sconfig.DEFAULTS
-# Federation and OIDC discovery: ca/federation/config.py.
+# Federation and OIDC discovery: ca/config/federation.py.
 _FED_DEFAULTS: Mapping[str, object] = fedconfig.DEFAULTS
 # The issuance policy ([policy], [[policy.rule]]): ca/config/policy.py.
 _POLICY_DEFAULTS: Mapping[str, object] = policyconfig.DEFAULTS

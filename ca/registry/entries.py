@@ -1,6 +1,6 @@
 """Registration entry management behind the admin API.
 
-The servicer parses and validates requests (``ca.api.validate``); this module
+The servicer parses and validates requests (``ca.registry.validate``); this module
 holds what happens next: paging, batch creation (every entry in its own
 transaction, so one failure leaves the others), and updates that refuse to
 overwrite a concurrent change. Every change is logged as one event.

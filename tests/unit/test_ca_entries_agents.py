@@ -12,12 +12,12 @@ from sqlalchemy import select
 
 import migrations
 from api.protos.sigil.types.v1 import types_pb2
-from ca.api import validate
 from ca.api.convert import entry_to_proto
 from ca.datastore import Datastore, EntryRecord, NodeRecord
 from ca.datastore import models as m
 from ca.datastore.records import EntryFilter, Match
 from ca.errors import AlreadyExistsError, ConflictError, InvalidArgumentError, NotFoundError
+from ca.registry import validate
 from ca.registry.agents import AgentService
 from ca.registry.entries import EntryService, decode_cursor
 from identity.clock import FakeClock
