@@ -20,7 +20,6 @@ from pathlib import Path
 
 import grpc
 
-import migrations
 from api.protos.sigil.admin.v1 import admin_pb2_grpc
 from api.protos.sigil.agent.v1 import agent_pb2_grpc
 from attestation.socketdir import check_socket_directory
@@ -37,7 +36,7 @@ from ca.config.adminauth import AUDIT_LOG_FILE, Authorizer
 from ca.config.kubernetes import node_verifiers
 from ca.config.pop import pop_verifiers
 from ca.config.server import ServerConfig, parse_host_port
-from ca.datastore import Datastore
+from ca.datastore import Datastore, migrate
 from ca.errors import ConfigError
 from ca.federation.server import FederationServices
 from ca.health import HealthServer, ReadinessChecks, datastore_ready, read_state
@@ -213,7 +212,7 @@ class SigilServer:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(cfg.data_dir, 0o700)
         if self._role != ROLE_WORKER:  # the main process migrated before starting workers
-            migrations.upgrade(cfg.database_url)
+            migrate.upgrade(cfg.database_url)
         event("datastore ready", database=cfg.database_url.split("://", 1)[0])
         self.datastore = Datastore(cfg.database_url)
         # ca/authority/setup.py: key manager, upstream authority, instance id.
