@@ -36,13 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import migrations  # noqa: E402
+from ca.config.federation import BundleEndpointConfig, FederationConfig  # noqa: E402
+from ca.config.relationship import Relationship  # noqa: E402
 from ca.datastore import Datastore  # noqa: E402
-from ca.federation.config import BundleEndpointConfig, FederationConfig  # noqa: E402
 from ca.federation.endpoint import BundleEndpoint  # noqa: E402
 from ca.federation.fetch import fetch_bundle  # noqa: E402
 from ca.federation.https import Document, HttpsServer, server_context  # noqa: E402
 from ca.federation.refresher import Refresher  # noqa: E402
-from ca.federation.relationship import Relationship  # noqa: E402
 from identity.bundle import Bundle, JwtAuthority  # noqa: E402
 from identity.clock import SystemClock  # noqa: E402
 from identity.keys import PrivateKey, generate_private_key, key_id, private_key_to_pem  # noqa: E402

@@ -55,7 +55,7 @@ from ca.api.convert import bundle_to_proto  # noqa: E402
 from ca.api.sync import SyncBundle, delta_pages, sync_delta  # noqa: E402
 from ca.datastore import Datastore  # noqa: E402
 from ca.datastore.feed import DatastoreFeed  # noqa: E402
-from ca.entry_index import EntryIndex  # noqa: E402
+from ca.registry.entry_index import EntryIndex  # noqa: E402
 from identity.bundle import Bundle, JwtAuthority  # noqa: E402
 from identity.clock import SystemClock  # noqa: E402
 from identity.keys import generate_private_key  # noqa: E402

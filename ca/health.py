@@ -36,7 +36,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ca.authority import CertificateAuthority
-from ca.config import parse_host_port
+from ca.config.server import parse_host_port
 from ca.datastore import Datastore
 from ca.errors import ConfigError
 from ca.log import event

@@ -20,11 +20,9 @@ from pathlib import Path
 
 import grpc
 
-import migrations
 from api.protos.sigil.admin.v1 import admin_pb2_grpc
 from api.protos.sigil.agent.v1 import agent_pb2_grpc
 from attestation.socketdir import check_socket_directory
-from ca.adminauth import AUDIT_LOG_FILE, Authorizer
 from ca.api.admin import AdminServicer
 from ca.api.admin_front import AdminSocketFront
 from ca.api.adminguard import AdminGuard, AuditLog, svid_caller, unix_caller
@@ -34,19 +32,20 @@ from ca.api.tls_front import TlsContextSource, TlsFront
 from ca.authority import CertificateAuthority
 from ca.authority.scheduler import RotationScheduler
 from ca.authority.setup import build_authority
-from ca.config import ServerConfig, parse_host_port
-from ca.datastore import Datastore
+from ca.config.adminauth import AUDIT_LOG_FILE, Authorizer
+from ca.config.kubernetes import node_verifiers
+from ca.config.pop import pop_verifiers
+from ca.config.server import ServerConfig, parse_host_port
+from ca.datastore import Datastore, migrate
 from ca.errors import ConfigError
 from ca.federation.server import FederationServices
 from ca.health import HealthServer, ReadinessChecks, datastore_ready, read_state
 from ca.keys import KeyManager
-from ca.kubernetes.config import node_verifiers
 from ca.kubernetes.service import KubernetesServices
 from ca.log import event
 from ca.metrics import StateCollector, build_registry, multiprocess_dir
-from ca.policycheck import report_at_start
-from ca.popconfig import pop_verifiers
 from ca.ratelimit import BucketTable, RateLimiter
+from ca.registry.policycheck import report_at_start
 from identity.clock import Clock, SystemClock
 from identity.errors import SigilError
 
@@ -213,7 +212,7 @@ class SigilServer:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(cfg.data_dir, 0o700)
         if self._role != ROLE_WORKER:  # the main process migrated before starting workers
-            migrations.upgrade(cfg.database_url)
+            migrate.upgrade(cfg.database_url)
         event("datastore ready", database=cfg.database_url.split("://", 1)[0])
         self.datastore = Datastore(cfg.database_url)
         # ca/authority/setup.py: key manager, upstream authority, instance id.
@@ -245,7 +244,7 @@ class SigilServer:
         limiter = RateLimiter(attestation=cfg.ops.attestation_limit,
                               signing=cfg.ops.signing_limit, table=self._rate_table)
         # Every admin call, on the admin socket or over TLS, is authorized by the
-        # [admin] grants and written to the audit log (ca/adminauth.py).
+        # [admin] grants and written to the audit log (ca/config/adminauth.py).
         self._audit = AuditLog(cfg.admin.audit_log or cfg.data_dir / AUDIT_LOG_FILE)
         authorizer = Authorizer(cfg.admin, cfg.trust_domain)
         tls_guard = AdminGuard(

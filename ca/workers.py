@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from ca.config import ServerConfig
+from ca.config.server import ServerConfig
 from ca.log import event
 from ca.ratelimit import BucketTable
 

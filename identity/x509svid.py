@@ -26,7 +26,7 @@ import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -46,10 +46,6 @@ from identity.keys import (
     public_keys_equal,
 )
 from identity.spiffeid import SpiffeId, TrustDomain
-
-if TYPE_CHECKING:
-    # Only for annotations: bundle.py imports this module at run time.
-    from identity.bundle import X509BundleSource
 
 # A CSR is a few hundred bytes; anything this large is not one (DESIGN.md: every
 # network input is bounded before use).
@@ -811,9 +807,28 @@ def _extension_policies() -> tuple[verification.ExtensionPolicy, verification.Ex
     return ca_policy, verification.ExtensionPolicy.permit_all()
 
 
+class X509Authorities(Protocol):
+    """What :func:`verify_chain` reads of a bundle (an :class:`identity.bundle.Bundle`)."""
+
+    @property
+    def x509_authorities(self) -> Sequence[x509.Certificate]:
+        """The CA certificates that X509-SVIDs of the trust domain chain to."""
+        ...
+
+
+class X509AuthoritySource(Protocol):
+    """Where :func:`verify_chain` finds the authorities of a trust domain: any
+    :class:`identity.bundle.X509BundleSource` is one. Declared here, structurally,
+    so that this module does not import bundle.py (which imports this one)."""
+
+    def bundle_for(self, trust_domain: TrustDomain) -> X509Authorities | None:
+        """The bundle of ``trust_domain``, or None when there is none."""
+        ...
+
+
 def verify_chain(
     chain: Sequence[x509.Certificate],
-    bundles: X509BundleSource,
+    bundles: X509AuthoritySource,
     *,
     now: dt.datetime,
 ) -> SpiffeId:

@@ -1,4 +1,4 @@
-"""Alembic environment: runs migrations against the URL set by migrations.alembic_config."""
+"""Alembic environment: migrates the URL that ca.datastore.migrate.alembic_config sets."""
 
 from __future__ import annotations
 

@@ -10,20 +10,20 @@ import grpc
 from api.protos.sigil.admin.v1 import admin_pb2, admin_pb2_grpc
 from api.protos.sigil.types.v1 import types_pb2
 from attestation.node import join_token
-from ca import mint
-from ca.agents import DEFAULT_PURGE_EXPIRED_FOR, AgentService
-from ca.api import validate
 from ca.api.convert import agent_to_proto, bundle_to_proto, entry_to_proto, svid_to_proto
 from ca.api.deps import ApiDeps
 from ca.api.federation import FederationMethods
 from ca.api.localauthority import LocalAuthorityMethods
 from ca.api.revocations import RevocationMethods
 from ca.api.status import grpc_method, status_for
+from ca.authority import mint
 from ca.datastore import EntryRecord
-from ca.entries import EntryService
 from ca.errors import InvalidArgumentError
-from ca.foreign_bundles import ForeignBundles, parse_trust_domain
 from ca.log import event
+from ca.registry import validate
+from ca.registry.agents import DEFAULT_PURGE_EXPIRED_FOR, AgentService
+from ca.registry.entries import EntryService
+from ca.registry.foreign_bundles import ForeignBundles, parse_trust_domain
 from identity.spiffeid import SpiffeId
 
 # A join token is a bearer credential: a long life makes a leaked one dangerous.

@@ -1,6 +1,6 @@
 """The admin socket's front: who is on the other end of each admin connection.
 
-Scoped admins (``[admin]``, :mod:`ca.adminauth`) are Unix users, known only to the
+Scoped admins (``[admin]``, :mod:`ca.config.adminauth`) are Unix users, known only to the
 kernel (``SO_PEERCRED``), which grpcio does not expose. So, as the agent's
 Workload API does (DESIGN flow 4), the server accepts admin connections itself on
 the admin socket, reads the peer's uid and gid, and relays each connection with

@@ -3,7 +3,7 @@
 :class:`AdminGuard` is a gRPC server interceptor. For every call of the Admin
 service it identifies the caller (the admin socket's peer credentials, or an
 admin entry's X.509-SVID on the agent API's TLS port), asks
-:class:`ca.adminauth.Authorizer`, runs the method only when allowed, and writes one
+:class:`ca.config.adminauth.Authorizer`, runs the method only when allowed, and writes one
 audit line with the outcome. A refusal is PERMISSION_DENIED (UNAUTHENTICATED for
 a caller it cannot identify) and the method never runs, so nothing is written.
 Other services on the same server (the agent API) pass through untouched.
@@ -23,8 +23,8 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from ca.adminauth import METHOD_ROLES, Authorizer, Caller, EntryTarget
 from ca.api.status import status_for
+from ca.config.adminauth import METHOD_ROLES, Authorizer, Caller, EntryTarget
 from ca.datastore import Datastore
 from ca.errors import (
     FailedPreconditionError,

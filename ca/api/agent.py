@@ -32,10 +32,10 @@ from ca.api.node_cache import LeafIds, NodeCache
 from ca.api.revocations import RevocationListMethods
 from ca.api.status import grpc_method
 from ca.api.sync import SyncBundles, sync_pages
+from ca.config.policy import Scope
 from ca.datastore import EntryRecord, NodeRecord
 from ca.datastore.feed import DatastoreFeed
 from ca.datastore.hot_reads import NodeStateReader
-from ca.entry_index import EntryIndex
 from ca.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -44,8 +44,8 @@ from ca.errors import (
 )
 from ca.log import event
 from ca.metrics import count_svid, observe_sync_seconds
-from ca.policy import Scope
 from ca.ratelimit import RateLimiter
+from ca.registry.entry_index import EntryIndex
 from identity.errors import InvalidKeyError, X509SvidError
 from identity.keys import PublicKey, load_public_key_der
 from identity.refusal import RefusalReason
@@ -356,7 +356,7 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
             public_key = _public_key_from_csr(param.csr)
         except InvalidArgumentError as exc:
             return refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        # The issuance policy (ca/policy.py), with this agent's ID and selectors:
+        # The issuance policy (ca/config/policy.py), with this agent's ID and selectors:
         # cached per entry revision. A default TTL above its maximum is clamped.
         verdict = policy.verdict(entry)
         if verdict.violation is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from attestation.node import AttestationResult
 from ca.authority import CertificateAuthority, server_id
-from ca.config import ServerConfig
+from ca.config.server import ServerConfig
 from ca.datastore import Datastore
 from ca.federation.refresher import Refresher
 from identity.clock import Clock

@@ -10,11 +10,11 @@ import grpc
 from api.protos.sigil.admin.v1 import admin_pb2
 from ca.api.deps import ApiDeps
 from ca.api.status import grpc_method
+from ca.config.relationship import MAX_BOOTSTRAP_BYTES
 from ca.errors import InvalidArgumentError
 from ca.federation.refresher import Refresher
-from ca.federation.relationship import MAX_BOOTSTRAP_BYTES
 from ca.federation.service import FederationService, RelationshipRequest, RelationshipStatus
-from ca.foreign_bundles import parse_trust_domain
+from ca.registry.foreign_bundles import parse_trust_domain
 from identity.spiffeid import TrustDomain
 
 

@@ -22,12 +22,12 @@ import grpc
 from api.protos.sigil.admin.v1 import admin_pb2
 from api.protos.sigil.agent.v1 import agent_pb2
 from api.protos.sigil.types.v1 import types_pb2
-from ca.api import validate
 from ca.api.deps import ApiDeps
 from ca.api.status import grpc_method
 from ca.authority import BACKDATE
 from ca.errors import InvalidArgumentError
 from ca.log import event
+from ca.registry import validate
 from identity import revocation as rv
 from identity.errors import InvalidValueError
 from identity.spiffeid import TrustDomain

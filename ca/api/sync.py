@@ -1,7 +1,7 @@
 """SyncAuthorizedEntries: an agent's sync by revision, cut into pages.
 
 The agent API servicer authenticates the agent and calls :func:`sync_pages`; the
-entry index (:mod:`ca.entry_index`) decides what changed for that agent. Pages are
+entry index (:mod:`ca.registry.entry_index`) decides what changed for that agent. Pages are
 cut by encoded size, so however many entries an agent has, every message stays far
 below grpc's default 4 MiB receive limit.
 """
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 from api.protos.sigil.agent.v1 import agent_pb2
 from api.protos.sigil.types.v1 import types_pb2
 from ca.api.convert import bundle_to_proto, entry_to_proto, own_bundle_to_proto
-from ca.entry_index import EntryIndex, SyncDelta
 from ca.errors import InvalidArgumentError
 from ca.log import event
 from ca.metrics import observe_sync_seconds
+from ca.registry.entry_index import EntryIndex, SyncDelta
 from identity.bundle import Bundle
 from identity.errors import BundleError
 from identity.selectors import Selector
@@ -65,7 +65,7 @@ class SyncBundles:
     (new objects: the authority replaces them, never mutates them). A federated
     one is read from the datastore again only when ``version`` changes: the entry
     index's count of foreign bundle change events
-    (:attr:`ca.entry_index.EntryIndex.bundles_version`), which every write records
+    (:attr:`ca.registry.entry_index.EntryIndex.bundles_version`), which every write records
     in the change log, whichever server made it. So a sync with nothing new reads
     no bundle; a change reaches the syncs once the index has seen its event (at
     once for this process's writes, within the index's poll interval for another

@@ -22,7 +22,7 @@ Each handshake uses the newest TLS context, rebuilt when the bundle changes or t
 server certificate is past half its life, so bundle changes apply without restart.
 
 The front is the one part of the server anybody on the network can reach, so it
-holds a bounded share of the process (:class:`~ca.opsconfig.ConnectionLimits`):
+holds a bounded share of the process (:class:`~ca.config.operations.ConnectionLimits`):
 
 - at most ``max_connections`` connections, handshakes included: at the cap it stops
   accepting (the kernel's backlog holds the rest) rather than accept sockets it
@@ -62,8 +62,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation.relay import ConnectionRelay
 from ca.authority import CertificateAuthority
+from ca.config.operations import ConnectionLimits
 from ca.log import event
-from ca.opsconfig import ConnectionLimits
 from identity.clock import Clock
 from identity.keys import generate_private_key, private_key_to_pem
 from identity.x509svid import certificates_to_pem

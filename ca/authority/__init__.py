@@ -1,4 +1,4 @@
-"""The certificate authority: CA keys in slots, signing, rotation and the trust bundle.
+"""The certificate authority: CA keys in slots, signing, rotation, the trust bundle, minting.
 
 Keys live in slots, one ``ca_keys`` row each, for X.509 and JWT alike:
 

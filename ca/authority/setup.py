@@ -16,11 +16,11 @@ from sqlalchemy.engine import make_url
 
 from ca.authority import AuthorityConfig, CertificateAuthority, log_ttl_warnings
 from ca.authority.upstream import load_upstream
-from ca.caconfig import pkcs11_pin
-from ca.config import ServerConfig
+from ca.config.authority import pkcs11_pin
+from ca.config.federation import oidc_issuer
+from ca.config.server import ServerConfig
 from ca.datastore import Datastore
 from ca.errors import ConfigError
-from ca.federation.oidc import oidc_issuer
 from ca.keys import DiskKeyManager, KeyManager, MemoryKeyManager
 from identity.clock import Clock
 

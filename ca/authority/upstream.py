@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography import x509
 
 from ca.authority import UpstreamAuthority
-from ca.caconfig import UpstreamConfig
+from ca.config.authority import UpstreamConfig
 from ca.errors import ConfigError
 from identity.errors import InvalidKeyError, X509SvidError
 from identity.keys import check_public_key_strength, load_private_key_pem, public_keys_equal

@@ -17,8 +17,8 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 
-# The URL rules live in ca/dburl.py (no SQLAlchemy at import: the config uses them).
-from ca.dburl import SUPPORTED_DRIVERS, dialect_of, parse_database_url
+# The URL rules live in ca/config/dburl.py (no SQLAlchemy at import: the config uses them).
+from ca.config.dburl import SUPPORTED_DRIVERS, dialect_of, parse_database_url
 
 __all__ = [
     "MAX_OVERFLOW", "POOL_RECYCLE_SECONDS", "POOL_SIZE", "SQLITE_BUSY_TIMEOUT_MS",

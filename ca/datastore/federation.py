@@ -12,9 +12,9 @@ from contextlib import AbstractContextManager
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from ca.config.relationship import Relationship
 from ca.datastore import models as m
 from ca.errors import AlreadyExistsError, NotFoundError
-from ca.federation.relationship import Relationship
 from identity.spiffeid import SpiffeId, TrustDomain
 
 

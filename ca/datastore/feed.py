@@ -1,10 +1,10 @@
-"""What the entry index (:mod:`ca.entry_index`) reads from the datastore.
+"""What the entry index (:mod:`ca.registry.entry_index`) reads from the datastore.
 
 Three reads, kept apart from :class:`~ca.datastore.repository.Datastore` because
 they serve one reader and are shaped for bulk: every entry at once (Core queries,
 four round trips instead of one ORM load per relationship), entries by id, and
 the change events after a known one. :class:`DatastoreFeed` implements
-:class:`ca.entry_index.EntryFeed`.
+:class:`ca.registry.entry_index.EntryFeed`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ import threading
 from collections.abc import Callable
 
 from ca.authority import CertificateAuthority, server_id
-from ca.federation.config import BundleEndpointConfig
+from ca.config.federation import BundleEndpointConfig
+from ca.config.relationship import PROFILE_HTTPS_WEB
 from ca.federation.https import (
     Document,
     FileContextSource,
@@ -30,7 +31,6 @@ from ca.federation.https import (
     Limits,
     server_context,
 )
-from ca.federation.relationship import PROFILE_HTTPS_WEB
 from ca.log import event
 from identity.clock import Clock
 from identity.keys import generate_private_key, private_key_to_pem

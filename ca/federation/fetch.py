@@ -38,8 +38,8 @@ from pathlib import Path
 
 from cryptography import x509
 
+from ca.config.relationship import PROFILE_HTTPS_SPIFFE, Relationship
 from ca.errors import ServerError
-from ca.federation.relationship import PROFILE_HTTPS_SPIFFE, Relationship
 from identity.bundle import Bundle, BundleSet
 from identity.errors import BundleError, InvalidSpiffeIdError, X509SvidError
 from identity.spiffeid import SpiffeId

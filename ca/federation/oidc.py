@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 from ca.authority import CertificateAuthority
-from ca.federation.config import OidcDiscoveryConfig
+from ca.config.federation import OidcDiscoveryConfig, oidc_issuer
 from ca.federation.https import Document, FileContextSource, HttpsServer
 from identity.bundle import Bundle
 from identity.errors import JwtSvidError
@@ -49,11 +49,6 @@ def jwks(bundle: Bundle) -> dict[str, Any]:
         jwk["alg"] = algorithm_for(by_kid[jwk["kid"]].public_key)
         keys.append(jwk)
     return {"keys": keys}
-
-
-def oidc_issuer(domain: str) -> str:
-    """The issuer for ``domain``: in the discovery document and in every JWT-SVID's ``iss``."""
-    return f"https://{domain}"
 
 
 def configuration(domain: str, bundle: Bundle) -> dict[str, Any]:

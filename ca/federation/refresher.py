@@ -28,11 +28,11 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from ca.config.federation import FederationConfig
+from ca.config.relationship import PROFILE_HTTPS_SPIFFE, Relationship
 from ca.datastore import Datastore, StoredBundle
 from ca.errors import NotFoundError
-from ca.federation.config import FederationConfig
 from ca.federation.fetch import REASON_SEQUENCE, Fetched, FetchError, fetch_bundle
-from ca.federation.relationship import PROFILE_HTTPS_SPIFFE, Relationship
 from ca.log import event
 from ca.metrics import count_federation_refresh
 from identity.bundle import Bundle

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from ca.authority import CertificateAuthority
-from ca.config import ServerConfig
+from ca.config.server import ServerConfig
 from ca.datastore import Datastore
 from ca.federation.endpoint import BundleEndpoint
 from ca.federation.oidc import OidcDiscovery

@@ -1,6 +1,6 @@
 """Federation relationships as the admin API and the config manage them.
 
-Validation (:func:`~ca.federation.relationship.new_relationship`) and the bootstrap
+Validation (:func:`~ca.config.relationship.new_relationship`) and the bootstrap
 bundle's parsing run before anything is written, so bad input changes nothing.
 A bootstrap bundle is stored as the foreign trust domain's bundle only when none is
 held: once a bundle has been fetched, the latest fetched one authenticates the
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ca.config.federation import ConfiguredRelationship
+from ca.config.relationship import Relationship, new_relationship, parse_bootstrap_bundle
 from ca.datastore import Datastore
 from ca.errors import InvalidArgumentError, NotFoundError
-from ca.federation.config import ConfiguredRelationship
 from ca.federation.refresher import Refresher, RefreshOutcome
-from ca.federation.relationship import Relationship, new_relationship, parse_bootstrap_bundle
 from ca.log import event
 from identity.bundle import Bundle
 from identity.clock import Clock

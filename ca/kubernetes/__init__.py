@@ -1,5 +1,5 @@
-"""The server's Kubernetes parts: k8s_psat clusters and their API clients.
+"""The server's Kubernetes parts: the bundle ConfigMap notifier and the registration controller.
 
-Configured under ``[node_attestors.k8s_psat.clusters.<name>]`` (see
-docs/configuration.md and docs/kubernetes.md).
+Configured under ``[kubernetes]`` and ``[node_attestors.k8s_psat.clusters.<name>]``
+(parsed in ca/config/kubernetes.py; see docs/configuration.md and docs/kubernetes.md).
 """

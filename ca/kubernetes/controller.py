@@ -39,8 +39,8 @@ from typing import Protocol
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from attestation.kubeapi import JsonObject, KubeApiError
+from ca.config.policy import Policy, PolicyViolationError
 from ca.datastore import Datastore, EntryRecord
-from ca.entries import EntryService
 from ca.errors import AlreadyExistsError, ConflictError, NotFoundError
 from ca.kubernetes.templates import (
     IdentityTemplate,
@@ -56,7 +56,7 @@ from ca.kubernetes.templates import (
 )
 from ca.log import event
 from ca.metrics import count_kubernetes_reconcile
-from ca.policy import Policy, PolicyViolationError
+from ca.registry.entries import EntryService
 from identity.clock import Clock
 from identity.spiffeid import TrustDomain
 

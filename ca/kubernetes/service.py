@@ -8,7 +8,7 @@ notifier (``[kubernetes.bundle_configmap]``), each only when configured.
 from __future__ import annotations
 
 from attestation.kubeapi import KubeApi, KubeApiError, KubeConnection
-from ca.config import ServerConfig
+from ca.config.server import ServerConfig
 from ca.datastore import Datastore
 from ca.errors import ConfigError
 from ca.kubernetes.bundle_configmap import BundleConfigMapNotifier

@@ -20,8 +20,8 @@ from typing import Any
 
 from attestation.kubeapi import JsonObject
 from attestation.node.k8s_psat import agent_id
-from ca.api import validate
 from ca.datastore import EntryRecord
+from ca.registry import validate
 from identity.configvalues import parse_duration
 from identity.errors import InvalidValueError, SigilError
 from identity.selectors import Selector

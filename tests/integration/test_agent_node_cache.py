@@ -16,10 +16,10 @@ from collections.abc import Iterator
 import pytest
 from cryptography import x509
 
-from ca.agents import AgentService
 from ca.api.node_cache import LeafIds, NodeCache
 from ca.datastore import Datastore, NodeRecord
 from ca.datastore.hot_reads import NodeState, NodeStateReader
+from ca.registry.agents import AgentService
 from identity.clock import FakeClock
 from identity.errors import X509SvidError
 from identity.keys import PrivateKey, generate_private_key

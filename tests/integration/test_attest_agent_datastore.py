@@ -25,7 +25,7 @@ from ca.api.agent import AgentServicer
 from ca.api.deps import ApiDeps
 from ca.authority import WATERMARK_STEP
 from ca.authority.setup import build_authority
-from ca.config import load_config
+from ca.config.server import load_config
 from ca.datastore import Datastore
 from ca.datastore import models as m
 from ca.datastore.records import NodeRecord

@@ -24,7 +24,7 @@ import yaml
 
 from agent.config import load_config as load_agent_config
 from attestation.socketdir import UnsafeSocketDirectoryError, check_socket_directory
-from ca.config import load_config as load_server_config
+from ca.config.server import load_config as load_server_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"

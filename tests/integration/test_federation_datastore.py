@@ -8,12 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from ca.config.federation import FederationConfig
+from ca.config.relationship import Relationship
 from ca.datastore import Datastore
 from ca.errors import AlreadyExistsError, NotFoundError
 from ca.federation import fetch
-from ca.federation.config import FederationConfig
 from ca.federation.refresher import Refresher
-from ca.federation.relationship import Relationship
 from identity.bundle import Bundle
 from identity.clock import FakeClock
 from identity.spiffeid import SpiffeId, TrustDomain

@@ -20,12 +20,12 @@ import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from ca.config.federation import BundleEndpointConfig, OidcDiscoveryConfig
+from ca.config.relationship import new_relationship
 from ca.errors import ConfigError
-from ca.federation.config import BundleEndpointConfig, OidcDiscoveryConfig
 from ca.federation.endpoint import BundleEndpoint
 from ca.federation.fetch import fetch_bundle
 from ca.federation.oidc import OidcDiscovery
-from ca.federation.relationship import new_relationship
 from identity.bundle import Bundle
 from identity.clock import FakeClock
 from identity.jwtsvid import sign_jwt_svid

@@ -17,12 +17,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 import migrations
+from ca.config.federation import FederationConfig
+from ca.config.relationship import Relationship
 from ca.datastore import Datastore
 from ca.federation import fetch
-from ca.federation.config import FederationConfig
 from ca.federation.https import Document
 from ca.federation.refresher import Refresher
-from ca.federation.relationship import Relationship
 from identity.bundle import Bundle
 from identity.clock import FakeClock
 from identity.spiffeid import SpiffeId, TrustDomain

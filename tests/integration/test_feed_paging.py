@@ -12,11 +12,11 @@ from collections.abc import Collection, Iterator
 import pytest
 from sqlalchemy import select
 
-from ca import entry_index
 from ca.datastore import Datastore, EntryRecord
 from ca.datastore import models as m
 from ca.datastore.feed import DatastoreFeed
-from ca.entry_index import EntryIndex
+from ca.registry import entry_index
+from ca.registry.entry_index import EntryIndex
 from identity.clock import FakeClock
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId

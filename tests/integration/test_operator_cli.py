@@ -355,7 +355,7 @@ def test_status_names_another_servers_keys_by_the_host_it_recorded(database_url:
     recorded at its start (datastore_info), else with its instance id."""
     from api.protos.sigil.admin.v1 import admin_pb2
     from ca import cli as base
-    from ca.cli_status import status_doc
+    from ca.cli.status import status_doc
     from ca.datastore import Datastore
 
     with Datastore(database_url) as store:

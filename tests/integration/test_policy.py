@@ -30,13 +30,13 @@ from ca.api.admin import AdminServicer
 from ca.api.agent import AgentServicer
 from ca.api.deps import ApiDeps
 from ca.authority.setup import build_authority
-from ca.config import ServerConfig, load_config
+from ca.config.server import ServerConfig, load_config
+from ca.config.tomllines import KeyLines
 from ca.datastore import Datastore, EntryRecord
 from ca.datastore import models as m
 from ca.keys import MemoryKeyManager
 from ca.kubernetes.controller import ControllerSettings, RegistrationController
-from ca.policycheck import find_violations, report_at_start
-from ca.tomllines import KeyLines
+from ca.registry.policycheck import find_violations, report_at_start
 from identity.clock import FakeClock, SystemClock
 from identity.keys import generate_private_key, public_key_der
 from identity.selectors import Selector

@@ -187,7 +187,7 @@ def test_agent_front_never_takes_over_a_socket_bound_after_its_probe(
 
 def test_refused_admin_socket_releases_the_addresses_taken(server_root: Path) -> None:
     """In-process: a start that fails at the admin socket frees the ports it took."""
-    from ca.config import load_config
+    from ca.config.server import load_config
     from ca.errors import ConfigError
     from ca.server import SigilServer
 

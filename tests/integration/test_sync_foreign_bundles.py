@@ -16,7 +16,7 @@ from ca.api.sync import SyncBundle, SyncBundles
 from ca.datastore import Datastore
 from ca.datastore.feed import DatastoreFeed
 from ca.datastore.records import StoredBundle
-from ca.entry_index import EntryIndex
+from ca.registry.entry_index import EntryIndex
 from identity.bundle import Bundle
 from identity.clock import FakeClock
 from identity.spiffeid import SpiffeId, TrustDomain

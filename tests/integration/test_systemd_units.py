@@ -13,7 +13,7 @@ import pytest
 
 from agent.config import DEFAULT_SOCKET_PATH as AGENT_SOCKET
 from attestation.socketdir import UnsafeSocketDirectoryError, check_socket_directory
-from ca.defaults import DEFAULT_SOCKET_PATH as SERVER_SOCKET
+from ca.config.defaults import DEFAULT_SOCKET_PATH as SERVER_SOCKET
 from tests.support.require import require_program
 
 UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"

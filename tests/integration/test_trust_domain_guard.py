@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 import migrations
 from ca.authority.setup import build_authority, check_trust_domain
-from ca.config import ServerConfig, load_config
+from ca.config.server import ServerConfig, load_config
 from ca.datastore import Datastore
 from ca.datastore import models as m
 from ca.errors import ConfigError

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 import migrations
 from ca.authority import AuthorityConfig, CertificateAuthority
 from ca.authority.upstream import load_upstream
-from ca.caconfig import UpstreamConfig
+from ca.config.authority import UpstreamConfig
 from ca.datastore import Datastore
 from ca.errors import ConfigError
 from ca.keys import MemoryKeyManager

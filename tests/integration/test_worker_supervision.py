@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from ca.config import load_config
+from ca.config.server import load_config
 from ca.health import HealthServer, ReadinessChecks
 from ca.metrics import WORKER_RESTARTS, WORKER_SPAWN_FAILURES
 from ca.ratelimit import BucketTable

@@ -1,4 +1,4 @@
-"""ca.adminauth: the role table, [admin] validation, and who may call what."""
+"""ca.config.adminauth: the role table, [admin] validation, and who may call what."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 
 from api.protos.sigil.admin.v1 import admin_pb2
 from api.protos.sigil.types.v1 import types_pb2
-from ca import adminauth
-from ca.adminauth import METHOD_ROLES, AdminConfig, Authorizer, Caller, EntryTarget, Grant
 from ca.api.adminguard import AdminGuard, AuditLog, audited_ids, unix_caller
-from ca.config import load_config
+from ca.config import adminauth
+from ca.config.adminauth import METHOD_ROLES, AdminConfig, Authorizer, Caller, EntryTarget, Grant
+from ca.config.server import load_config
 from ca.errors import ConfigError, PermissionDeniedError
 from identity.clock import FakeClock
 from identity.spiffeid import SpiffeId, TrustDomain

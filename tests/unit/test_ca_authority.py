@@ -96,7 +96,7 @@ def _claims(token: str) -> dict[str, object]:
 
 def test_jwt_svids_carry_the_oidc_issuer_only_when_discovery_is_on(tmp_path: Path) -> None:
     from ca.authority.setup import build_authority
-    from ca.config import load_config
+    from ca.config.server import load_config
 
     sid = SpiffeId.parse("spiffe://example.org/w")
     (tmp_path / "a").mkdir()

@@ -1,11 +1,11 @@
-"""ca.authorization: which entries an agent may receive."""
+"""ca.registry.authorization: which entries an agent may receive."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Set
 
-from ca.authorization import authorized_entries
 from ca.datastore import EntryRecord
+from ca.registry.authorization import authorized_entries
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId
 

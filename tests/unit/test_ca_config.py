@@ -1,4 +1,4 @@
-"""ca.config: parsing, validation and precedence."""
+"""ca.config.server: parsing, validation and precedence."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ca.config import load_config, parse_duration
+from ca.config.server import load_config, parse_duration
 from ca.errors import ConfigError
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ca.config import ConfigError
+from ca.config.server import ConfigError
 from ca.datastore.engine import POOL_SIZE, dialect_of, make_engine, parse_database_url
 from tests.integration.conftest import server_command
 

@@ -1,4 +1,4 @@
-"""Entry and agent management (ca.entries, ca.agents, the repository beneath them)
+"""Entry and agent management (ca.registry.entries, ca.registry.agents, the repository beneath them)
 on a real SQLite file: filter semantics, paging, updates, counting, ban/evict/purge."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from sqlalchemy import select
 
 import migrations
 from api.protos.sigil.types.v1 import types_pb2
-from ca.agents import AgentService
-from ca.api import validate
 from ca.api.convert import entry_to_proto
 from ca.datastore import Datastore, EntryRecord, NodeRecord
 from ca.datastore import models as m
 from ca.datastore.records import EntryFilter, Match
-from ca.entries import EntryService, decode_cursor
 from ca.errors import AlreadyExistsError, ConflictError, InvalidArgumentError, NotFoundError
+from ca.registry import validate
+from ca.registry.agents import AgentService
+from ca.registry.entries import EntryService, decode_cursor
 from identity.clock import FakeClock
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain

@@ -1,10 +1,10 @@
-"""ca.entry_index: the index against the naive computation (ca.authorization).
+"""ca.registry.entry_index: the index against the naive computation (ca.registry.authorization).
 
 The property tests apply random sequences of entry changes (aliases whose
 selectors change, nested parents deleted, entries moved, cycles, expiry, node
 re-attestation) and, at random points, let simulated agents sync from the revision
 they hold, applying each delta the way the agent does. After every sync the
-agent's entries must equal what ca.authorization computes from scratch.
+agent's entries must equal what ca.registry.authorization computes from scratch.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from dataclasses import replace
 
 import pytest
 
-from ca.authorization import authorized_entries
 from ca.datastore import EntryRecord
 from ca.datastore.records import FOREIGN_BUNDLES_CHANGED
-from ca.entry_index import EntryIndex, SyncDelta
+from ca.registry.authorization import authorized_entries
+from ca.registry.entry_index import EntryIndex, SyncDelta
 from identity.clock import FakeClock
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from ca.cli import cli
-from ca.config import load_config
+from ca.config.relationship import check_url, new_relationship, parse_bootstrap_bundle
+from ca.config.server import load_config
 from ca.errors import ConfigError, InvalidArgumentError
-from ca.federation.relationship import check_url, new_relationship, parse_bootstrap_bundle
 from identity.spiffeid import SpiffeId, TrustDomain
 
 OWN = TrustDomain("own.test")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from attestation.kubeapi import KubeConnection
-from ca.config import ServerConfig, load_config
+from ca.config.server import ServerConfig, load_config
 from ca.errors import ConfigError
 from ca.kubernetes.templates import (
     LabelSelector,

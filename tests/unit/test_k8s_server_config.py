@@ -1,4 +1,4 @@
-"""The server's [node_attestors.k8s_psat] settings, loaded through ca.config."""
+"""The server's [node_attestors.k8s_psat] settings, loaded through ca.config.server."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ca.config import load_config
+from ca.config.server import load_config
 from ca.errors import ConfigError
 
 

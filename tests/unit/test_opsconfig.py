@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ca.config import load_config
+from ca.config.operations import ConnectionLimits
+from ca.config.server import load_config
 from ca.errors import ConfigError
-from ca.opsconfig import ConnectionLimits
 from ca.ratelimit import RateLimit
 
 

@@ -1,6 +1,6 @@
-"""The issuance policy (ca/policy.py) as tables: patterns, scopes, deny over allow,
+"""The issuance policy (ca/config/policy.py) as tables: patterns, scopes, deny over allow,
 TTL maximums and clamps, the per-revision verdict cache; and the config loader's
-line-precise errors (ca/tomllines.py)."""
+line-precise errors (ca/config/tomllines.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from attestation.node.k8s_psat import implied_selectors
-from ca.config import load_config
+from ca.config.policy import Policy, parse_dns_pattern, parse_path_pattern, validate
+from ca.config.server import load_config
+from ca.config.tomllines import KeyLines
 from ca.datastore import EntryRecord
 from ca.errors import ConfigError
-from ca.policy import Policy, parse_dns_pattern, parse_path_pattern, validate
-from ca.tomllines import KeyLines
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 

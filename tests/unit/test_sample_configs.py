@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 import agent.config
-import ca.config
+import ca.config.server
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "configuration.md"
 SAMPLES = {"Server configuration": ROOT / "deploy" / "config" / "server.toml",
            "Agent configuration": ROOT / "deploy" / "config" / "agent.toml"}
-LOADERS = {"Server configuration": ca.config.load_config,
+LOADERS = {"Server configuration": ca.config.server.load_config,
            "Agent configuration": agent.config.load_config}
 _ROW_KEY = re.compile(r"^\|\s*`([a-z][a-z0-9_]*)`\s*\|")
 _TABLE = re.compile(r"^#{2,4}\s+`\[([a-z][a-z0-9_.<>]*)\]`")

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import SSHCertificate, SSHCert
 from agent.config import load_config as load_agent_config
 from attestation.node import pop, sshpop
 from attestation.node.errors import AttestationError, MalformedAttestationError
-from ca.config import load_config as load_server_config
+from ca.config.server import load_config as load_server_config
 from identity.clock import FakeClock
 from identity.keys import generate_private_key
 from identity.selectors import Selector

@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ca.config.tomllines import KeyLines, KeyPath
 from ca.errors import ConfigError, InvalidArgumentError
-from ca.tomllines import KeyLines, KeyPath
 from identity import configvalues
 from identity.errors import InvalidSelectorError, InvalidValueError
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId, TrustDomain
 
-if TYPE_CHECKING:  # the datastore package loads SQLAlchemy: not for ca.config's users
+if TYPE_CHECKING:  # the datastore package loads SQLAlchemy: not for ca.config.server's users
     from ca.datastore.records import EntryRecord
 
 DEFAULTS: Mapping[str, object] = {"policy": None}

@@ -3,7 +3,7 @@
 
 Validated (CA files read) at load into :class:`PopConfig`; :func:`pop_verifiers`
 turns it into the verifiers AttestAgent runs before its transaction. The
-``node_attestors`` table is shared with k8s_psat (ca/kubernetes/config.py), which
+``node_attestors`` table is shared with k8s_psat (ca/config/kubernetes.py), which
 leaves these two names to this module.
 """
 
@@ -41,7 +41,7 @@ def validate(raw: Mapping[str, Any]) -> PopConfig:
     """
     attestors = raw.get("node_attestors")
     if not isinstance(attestors, dict):
-        return PopConfig()  # absent; a non-table is refused by ca/kubernetes/config.py
+        return PopConfig()  # absent; a non-table is refused by ca/config/kubernetes.py
     try:
         x509 = (x509pop.parse_server_config(attestors[x509pop.NAME])
                 if x509pop.NAME in attestors else None)

@@ -1,7 +1,7 @@
 """Server defaults that the command line needs before anything heavy is imported.
 
 ``sigil-server`` admin commands only need the admin socket's default path; taking
-it from here rather than :mod:`ca.config` keeps cryptography and the config
+it from here rather than :mod:`ca.config.server` keeps cryptography and the config
 modules out of every CLI call.
 """
 

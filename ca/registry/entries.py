@@ -1,6 +1,6 @@
 """Registration entry management behind the admin API.
 
-The servicer parses and validates requests (``ca.api.validate``); this module
+The servicer parses and validates requests (``ca.registry.validate``); this module
 holds what happens next: paging, batch creation (every entry in its own
 transaction, so one failure leaves the others), and updates that refuse to
 overwrite a concurrent change. Every change is logged as one event.
@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from attestation.node import k8s_psat
+from ca.config.policy import SERVER_PATH, Policy
 from ca.datastore import Datastore, EntryRecord
 from ca.datastore.records import EntryFilter
 from ca.errors import InvalidArgumentError, ServerError
 from ca.log import event
-from ca.policy import SERVER_PATH, Policy
 from identity.clock import Clock
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId
@@ -99,7 +99,7 @@ def known_parent_selectors(datastore: Datastore, parent_id: SpiffeId) -> list[fr
 class EntryService:
     """Entry operations on the datastore, with their log events.
 
-    Every entry created or updated must pass ``policy`` (ca/policy.py); one that
+    Every entry created or updated must pass ``policy`` (ca/config/policy.py); one that
     does not is refused with PolicyViolationError (InvalidArgument) and nothing is
     written.
     """

@@ -1,6 +1,6 @@
 """The server's Kubernetes settings: ``[node_attestors.k8s_psat]`` and ``[kubernetes]``.
 
-Validated into :class:`KubernetesConfig`; ``ca.config`` merges :data:`DEFAULTS`
+Validated into :class:`KubernetesConfig`; ``ca.config.server`` merges :data:`DEFAULTS`
 and calls :func:`validate`.
 """
 
@@ -17,8 +17,8 @@ from attestation.kubeapi import KubeApi, KubeApiError, KubeConnection
 from attestation.node import AttestationResult
 from attestation.node.k8s_psat import NAME as K8S_PSAT
 from attestation.node.k8s_psat import ClusterConfig, K8sPsatVerifier, parse_clusters
+from ca.config.pop import NAMES as POP_ATTESTORS
 from ca.errors import ConfigError
-from ca.popconfig import NAMES as POP_ATTESTORS
 from identity.configvalues import parse_duration
 from identity.errors import InvalidValueError
 from identity.spiffeid import TrustDomain
@@ -100,7 +100,7 @@ def _validate_attestors(attestors: object) -> tuple[tuple[ClusterConfig, KubeCon
                 f"{', '.join((K8S_PSAT, *POP_ATTESTORS))}; join_token is always on)"
             )
     if K8S_PSAT not in attestors:
-        return ()  # only x509pop / sshpop: ca/popconfig.py
+        return ()  # only x509pop / sshpop: ca/config/pop.py
     try:
         clusters = parse_clusters(attestors.get(K8S_PSAT))
     except ValueError as exc:

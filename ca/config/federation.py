@@ -1,6 +1,6 @@
 """Federation and OIDC discovery settings: ``[federation]`` and ``[oidc_discovery]``.
 
-:mod:`ca.config` merges :data:`DEFAULTS` with the other keys and stores the result of
+:mod:`ca.config.server` merges :data:`DEFAULTS` with the other keys and stores the result of
 :func:`validate` as ``ServerConfig.federation``. Every key is in docs/configuration.md.
 
     [federation]
@@ -39,8 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ca.errors import ConfigError, InvalidArgumentError
-from ca.federation.relationship import (
+from ca.config.relationship import (
     PROFILE_HTTPS_SPIFFE,
     PROFILE_HTTPS_WEB,
     PROFILES,
@@ -48,6 +47,7 @@ from ca.federation.relationship import (
     load_bootstrap_bundle,
     new_relationship,
 )
+from ca.errors import ConfigError, InvalidArgumentError
 from identity import configvalues
 from identity.bundle import Bundle
 from identity.errors import InvalidValueError
@@ -291,3 +291,8 @@ def validate(raw: Mapping[str, Any], own_trust_domain: TrustDomain) -> Federatio
                                                                        own_trust_domain),
         oidc_discovery=oidc,
     )
+
+
+def oidc_issuer(domain: str) -> str:
+    """The issuer for ``domain``: in the discovery document and in every JWT-SVID's ``iss``."""
+    return f"https://{domain}"

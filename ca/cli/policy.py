@@ -43,9 +43,9 @@ def check(config_file: str, database_url: str | None, data_dir: str | None,
     Example:
       sigil-server entry check --config /etc/sigil/server.toml --output json
     """
-    from ca.config import load_config
+    from ca.config.server import load_config
     from ca.datastore import Datastore
-    from ca.policycheck import find_violations
+    from ca.registry.policycheck import find_violations
 
     try:
         config = load_config(Path(config_file), env=os.environ,

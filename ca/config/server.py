@@ -14,19 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ca import adminauth, caconfig, opsconfig, popconfig
-from ca import policy as policyconfig
-from ca.dburl import parse_database_url
-from ca.defaults import (
+from ca.config import adminauth
+from ca.config import authority as caconfig
+from ca.config import federation as fedconfig
+from ca.config import kubernetes as k8sconfig
+from ca.config import operations as opsconfig
+from ca.config import policy as policyconfig
+from ca.config import pop as popconfig
+from ca.config.dburl import parse_database_url
+from ca.config.defaults import (
     DATABASE_FILE,
     DEFAULT_BIND_ADDRESS,
     DEFAULT_DATA_DIR,
     DEFAULT_SOCKET_PATH,
 )
+from ca.config.tomllines import KeyLines
 from ca.errors import ConfigError
-from ca.federation import config as fedconfig
-from ca.kubernetes import config as k8sconfig
-from ca.tomllines import KeyLines
 from identity import configvalues
 from identity.errors import InvalidSpiffeIdError, InvalidValueError
 from identity.keys import KeyType
@@ -66,17 +69,17 @@ _STRING_DEFAULTS: Mapping[str, str | None] = {
     "log_level": "info",
     "log_format": "text",
 }
-# Operations (rate limits, worker processes, health and metrics): ca/opsconfig.py.
+# Operations (rate limits, worker processes, health and metrics): ca/config/operations.py.
 _OPS_DEFAULTS: Mapping[str, object] = opsconfig.DEFAULTS
-# Key manager, upstream authority, rotation timing: ca/caconfig.py.
+# Key manager, upstream authority, rotation timing: ca/config/authority.py.
 _CA_DEFAULTS: Mapping[str, object] = caconfig.DEFAULTS
-# Kubernetes (node_attestors.k8s_psat): ca/kubernetes/config.py.
+# Kubernetes (node_attestors.k8s_psat): ca/config/kubernetes.py.
 _K8S_DEFAULTS: Mapping[str, object] = k8sconfig.DEFAULTS
-# Federation and OIDC discovery: ca/federation/config.py.
+# Federation and OIDC discovery: ca/config/federation.py.
 _FED_DEFAULTS: Mapping[str, object] = fedconfig.DEFAULTS
-# The issuance policy ([policy], [[policy.rule]]): ca/policy.py.
+# The issuance policy ([policy], [[policy.rule]]): ca/config/policy.py.
 _POLICY_DEFAULTS: Mapping[str, object] = policyconfig.DEFAULTS
-# Scoped admins and the audit log ([admin], [[admin.grant]]): ca/adminauth.py.
+# Scoped admins and the audit log ([admin], [[admin.grant]]): ca/config/adminauth.py.
 _ADMIN_DEFAULTS: Mapping[str, object] = adminauth.DEFAULTS
 KNOWN_KEYS = (frozenset(_DURATION_DEFAULTS) | frozenset(_STRING_DEFAULTS)
               | frozenset(_OPS_DEFAULTS) | frozenset(_CA_DEFAULTS) | frozenset(_K8S_DEFAULTS)
@@ -160,7 +163,7 @@ def _read_toml(path: Path) -> tuple[dict[str, Any], KeyLines | None]:
     for key in doc:
         if key not in KNOWN_KEYS:
             raise ConfigError(f"config file {path}: unknown key {key!r}")
-    # Only [policy] reports errors by line (ca/tomllines.py says how lines are found).
+    # Only [policy] reports errors by line (ca/config/tomllines.py says how lines are found).
     lines = KeyLines(data.decode("utf-8")) if "policy" in doc else None
     return doc, lines
 

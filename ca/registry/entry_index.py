@@ -1,6 +1,6 @@
 """The in-memory index of which entries each agent may have (DESIGN flow 3).
 
-The authorization rules are those of :mod:`ca.authorization` (SPIRE's): an entry is
+The authorization rules are those of :mod:`ca.registry.authorization` (SPIRE's): an entry is
 authorized for an agent when its parent is the agent's ID, the SPIFFE ID of a
 node-alias entry (parent = the server's ID) whose selectors are all among the
 agent's node selectors, or the SPIFFE ID of an entry already authorized (nesting,

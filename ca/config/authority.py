@@ -1,7 +1,7 @@
 """The certificate authority's settings: key manager, upstream authority, rotation.
 
 Keys of the server's TOML file (documented in docs/configuration.md);
-:mod:`ca.config` merges them with the others and stores the validated result as
+:mod:`ca.config.server` merges them with the others and stores the validated result as
 ``ServerConfig.ca``. Tables:
 
     key_manager = "disk"            # "disk" | "memory" | "pkcs11"

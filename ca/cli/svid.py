@@ -1,7 +1,7 @@
 """``sigil-server svid revoke|list-revoked``: cut issued SVIDs off before expiry.
 
 Registered on the ``sigil-server`` command group by :mod:`ca.cli`, which passes
-itself in (as :mod:`ca.cli_localauthority` does): the same admin-socket helpers,
+itself in (as :mod:`ca.cli.localauthority` does): the same admin-socket helpers,
 so errors are the same one ``Error: ...`` line, exit 2. Flags are checked before
 the server is asked, so a bad one writes nothing.
 """

@@ -15,9 +15,9 @@ from typing import Any, NoReturn
 import click
 
 from api.protos.sigil.admin.v1 import admin_pb2
+from ca.config.relationship import MAX_BOOTSTRAP_BYTES, PROFILES
 from ca.errors import InvalidArgumentError
-from ca.federation.relationship import MAX_BOOTSTRAP_BYTES, PROFILES
-from ca.foreign_bundles import parse_trust_domain
+from ca.registry.foreign_bundles import parse_trust_domain
 
 base: Any = None  # the ca.cli module, set by make_group
 TIMEOUT = 60.0

@@ -36,8 +36,8 @@ def status_doc(health: admin_pb2.HealthResponse, x509: list[admin_pb2.LocalAutho
                jwt: list[admin_pb2.LocalAuthority], agents: int, entries: int,
                relationships: list[admin_pb2.FederationRelationship]) -> dict[str, Any]:
     """The status as stable JSON keys."""
-    from ca.cli_federation import relationship_json
-    from ca.cli_localauthority import authority_json
+    from ca.cli.federation import relationship_json
+    from ca.cli.localauthority import authority_json
 
     ts = base._unix_to_rfc3339
 

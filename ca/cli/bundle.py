@@ -18,7 +18,7 @@ import click
 from api.protos.sigil.admin.v1 import admin_pb2
 from api.protos.sigil.types.v1 import types_pb2
 from ca.errors import InvalidArgumentError
-from ca.foreign_bundles import MAX_BUNDLE_BYTES, parse_bundle, parse_trust_domain
+from ca.registry.foreign_bundles import MAX_BUNDLE_BYTES, parse_bundle, parse_trust_domain
 from identity.bundle import Bundle, JwtAuthority, bundle_map_to_json, parse_bundle_map
 from identity.errors import BundleError
 from identity.spiffeid import TrustDomain

@@ -2,7 +2,7 @@
 
 An entry written before the policy (or before a rule changed) may break it. Such
 an entry is not served: signing refuses its SVIDs with PermissionDenied naming
-the rule (ca/api/agent.py, through :meth:`ca.policy.Policy.scope`). This module
+the rule (ca/api/agent.py, through :meth:`ca.config.policy.Policy.scope`). This module
 finds them all at once, so an operator hears about them at start (one log line
 each and a count) and can list them with ``sigil-server entry check``.
 """
@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from attestation.node import k8s_psat
+from ca.config.policy import SERVER_PATH, Policy, Violation
 from ca.datastore import Datastore, EntryRecord
 from ca.datastore.records import EntryFilter
 from ca.log import event
-from ca.policy import SERVER_PATH, Policy, Violation
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId
 

@@ -13,9 +13,9 @@ import datetime as dt
 from dataclasses import dataclass
 
 from ca.datastore import Datastore, NodeRecord
-from ca.entries import decode_cursor, encode_cursor, page_size
 from ca.errors import InvalidArgumentError, NotFoundError
 from ca.log import event
+from ca.registry.entries import decode_cursor, encode_cursor, page_size
 from identity.clock import Clock
 from identity.spiffeid import SpiffeId
 

@@ -22,7 +22,7 @@ from identity.spiffeid import TrustDomain
 
 if TYPE_CHECKING:
     # Annotations only: importing ca.datastore loads SQLAlchemy, which the admin CLI
-    # (ca/cli_bundle.py uses parse_trust_domain and MAX_BUNDLE_BYTES) must not pay for.
+    # (ca/cli/bundle.py uses parse_trust_domain and MAX_BUNDLE_BYTES) must not pay for.
     from ca.datastore.records import StoredBundle
     from ca.datastore.repository import Datastore
 

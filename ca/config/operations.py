@@ -2,7 +2,7 @@
 and the agent API's connection limits.
 
 Flat top-level keys of the server's TOML file (documented in
-docs/configuration.md); :mod:`ca.config` merges them with the others and stores the
+docs/configuration.md); :mod:`ca.config.server` merges them with the others and stores the
 validated result as ``ServerConfig.ops``.
 """
 

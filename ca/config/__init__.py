@@ -1,0 +1,1 @@
+"""The server's configuration: the TOML file and its sections, validated into frozen dataclasses."""

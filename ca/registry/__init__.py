@@ -1,0 +1,1 @@
+"""Registration logic: entries, agents, foreign bundles, and which agent may have which entry."""
