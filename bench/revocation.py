@@ -20,41 +20,25 @@ intervals (goal: < 2 sync intervals). Fetch polls every 50 ms.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, bench/ comes first on sys.path, and bench/jwt.py would shadow PyJWT.
-sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench")]
+sys.path.insert(0, str(ROOT))
 
 import jwt  # noqa: E402
 from spiffe import WorkloadApiClient  # noqa: E402
 from spiffe.workloadapi.errors import FetchX509SvidError, ValidateJwtSvidError  # noqa: E402
 
-from tests.e2e.conftest import Stack, free_port  # noqa: E402
+from bench.server import SigilProcess, sigil_agent, sigil_server  # noqa: E402
 
 TD = "bench.sigil.test"
 WORKLOAD = f"spiffe://{TD}/bench"
 AUDIENCE = f"spiffe://{TD}/verifier"
 POLL = 0.05
-
-
-def start(root: Path, interval: float) -> Stack:
-    st = Stack(root=root, trust_domain=TD, port=free_port())
-    st.start_server()
-    token = json.loads(st.server_cli("token", "generate", "--output", "json").stdout)
-    st.agent_id = token["agent_id"]
-    (root / "bundle.pem").write_text(st.server_cli("bundle", "show", "--format", "pem").stdout)
-    (root / "agent.toml").write_text(f'sync_interval = "{interval:g}s"\n')
-    st.run_agent(root / "agent.toml", "--join-token", token["token"],
-                 "--trust-bundle", str(root / "bundle.pem"))
-    return st
 
 
 def serial(client: WorkloadApiClient) -> int | None:
@@ -74,18 +58,18 @@ def until(check: object, timeout: float) -> float:
     raise SystemExit(f"no effect within {timeout}s")
 
 
-def x509_trial(st: Stack, client: WorkloadApiClient, interval: float) -> float:
+def x509_trial(srv: SigilProcess, client: WorkloadApiClient, interval: float) -> float:
     current = serial(client)
     assert current is not None
-    st.server_cli("svid", "revoke", "--serial", format(current, "x"))
+    srv.cli("svid", "revoke", "--serial", format(current, "x"))
     return until(lambda: serial(client) not in (None, current), 10 * interval + 10)
 
 
-def jwt_trial(st: Stack, client: WorkloadApiClient, interval: float) -> float:
+def jwt_trial(srv: SigilProcess, client: WorkloadApiClient, interval: float) -> float:
     token = client.fetch_jwt_svid(audience={AUDIENCE}).token
     client.validate_jwt_svid(token, AUDIENCE)
-    st.server_cli("svid", "revoke", "--jti",
-                  jwt.decode(token, options={"verify_signature": False})["jti"])
+    srv.cli("svid", "revoke", "--jti",
+            jwt.decode(token, options={"verify_signature": False})["jti"])
 
     def refused() -> bool:
         try:
@@ -108,24 +92,23 @@ def main() -> None:
     parser.add_argument("--sync-interval", type=float, default=5.0)
     parser.add_argument("--trials", type=int, default=5)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="sg-b-", dir="/tmp"))
-    st = start(root, args.sync_interval)
-    client = WorkloadApiClient(socket_path=st.endpoint)
-    try:
-        st.create_entry(WORKLOAD, f"unix:uid:{os.getuid()}")
-        until(lambda: serial(client) is not None, 60)
-        x509_times, jwt_times = [], []
-        for _ in range(args.trials):
-            x509_times.append(x509_trial(st, client, args.sync_interval))
-            jwt_times.append(jwt_trial(st, client, args.sync_interval))
-        print(f"sync_interval {args.sync_interval:g}s, {args.trials} trials")
-        report("X.509 serial revoked -> new SVID served", x509_times, args.sync_interval)
-        report("JWT jti revoked -> ValidateJWTSVID refuses", jwt_times, args.sync_interval)
-    finally:
-        client.close()
-        for name in list(st.procs):
-            st.stop(name)
-        shutil.rmtree(root, ignore_errors=True)
+    with (sigil_server(trust_domain=TD) as srv,
+          sigil_agent(srv, trust_domain=TD,
+                      config=f'sync_interval = "{args.sync_interval:g}s"\n') as agent):
+        srv.cli("entry", "create", "--spiffe-id", WORKLOAD, "--parent-id", agent.agent_id,
+                "--selector", f"unix:uid:{os.getuid()}")
+        client = WorkloadApiClient(socket_path=agent.endpoint)
+        try:
+            until(lambda: serial(client) is not None, 60)
+            x509_times, jwt_times = [], []
+            for _ in range(args.trials):
+                x509_times.append(x509_trial(srv, client, args.sync_interval))
+                jwt_times.append(jwt_trial(srv, client, args.sync_interval))
+        finally:
+            client.close()
+    print(f"sync_interval {args.sync_interval:g}s, {args.trials} trials")
+    report("X.509 serial revoked -> new SVID served", x509_times, args.sync_interval)
+    report("JWT jti revoked -> ValidateJWTSVID refuses", jwt_times, args.sync_interval)
 
 
 if __name__ == "__main__":

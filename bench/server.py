@@ -1,13 +1,16 @@
-"""A real ``sigil-server run`` for the benchmarks, and the admin API next to it.
+"""A real ``sigil-server run`` for the benchmarks, the admin API next to it, and
+a real ``sigil-agent run`` attested to it.
 
 Benchmarks measure the server as operators run it: the console script, its own
 processes, a data directory of its own. :func:`sigil_server` starts one in a
-temporary directory, waits until it (and every worker) listens, and stops it.
+temporary directory, waits until it (and every worker) listens, and stops it;
+:func:`sigil_agent` does the same for an agent that attests with a join token.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -134,4 +137,63 @@ def sigil_server(*, trust_domain: str, config: str = "", workers: int = 1
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class SigilAgent:
+    """A running agent, attested to a :class:`SigilProcess` with a join token."""
+
+    agent_id: str
+    """Its SPIFFE ID, the parent of the entries it serves."""
+    socket: Path
+    """The Workload API socket."""
+    pid: int
+
+    @property
+    def endpoint(self) -> str:
+        """The Workload API address, as py-spiffe and go-spiffe take it."""
+        return f"unix://{self.socket}"
+
+
+@contextlib.contextmanager
+def sigil_agent(srv: SigilProcess, *, trust_domain: str, config: str = ""
+                ) -> Iterator[SigilAgent]:
+    """``sigil-agent run`` next to ``srv``, attested with a fresh join token.
+
+    The agent verifies the server with the bundle's CA certificates (PEM, from
+    ``bundle show``) and keeps its data in a temporary directory; this waits
+    until its Workload API socket exists, and stops it (SIGTERM) on exit.
+
+    Args:
+        srv: the server to attest to.
+        trust_domain: the server's trust domain.
+        config: TOML for the agent's config file (e.g. ``sync_interval``).
+    """
+    token = json.loads(srv.cli("token", "generate", "--output", "json"))
+    root = Path(tempfile.mkdtemp(prefix="sga-", dir="/tmp"))
+    (root / "bundle.pem").write_bytes(srv.roots())
+    (root / "agent.toml").write_text(config)
+    sock = root / "ws" / "api.sock"
+    sock.parent.mkdir()
+    log = root / "agent.log"
+    with log.open("wb") as out:
+        agent = subprocess.Popen(
+            [str(Path(sys.executable).parent / "sigil-agent"), "run",
+             "--config", str(root / "agent.toml"), "--trust-domain", trust_domain,
+             "--server-address", srv.address, "--data-dir", str(root / "data"),
+             "--socket-path", str(sock), "--join-token", token["token"],
+             "--trust-bundle", str(root / "bundle.pem")],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            if agent.poll() is not None or time.monotonic() > deadline:
+                sys.stderr.write(log.read_text(errors="replace"))
+                raise SystemExit("agent did not start")
+            time.sleep(0.05)
+        yield SigilAgent(token["agent_id"], sock, agent.pid)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(60)
         shutil.rmtree(root, ignore_errors=True)
