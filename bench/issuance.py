@@ -19,7 +19,15 @@ Usage:
    the same connections throughout. A batch of 0 is a whole authenticated call
    (TLS front, relay, gRPC, authentication, node lookup, rate limit) that signs
    nothing: the fixed cost of a call in our server.
-3. Call floors (unless --no-floor): the same stack with nothing of ours in it,
+3. SVID floor: the same job in ``cryptography``'s own calls, in a loop, one
+   process per core, for the same duration: load a DER CSR and check its
+   signature and take its key (``x509.load_der_x509_csr``,
+   ``is_signature_valid``, ``public_key()``), build a certificate with an
+   X.509-SVID's extensions and sign it with the CA key
+   (``x509.CertificateBuilder`` ... ``.sign(ca_key, SHA256)``), serialize it (DER).
+   No RPC, no checks of ours, no database: what the server's rate is held to
+   (issuance / SVID floor, goal >= 0.75, batches of 100).
+4. Call floors (unless --no-floor): the same stack with nothing of ours in it,
    each server in a process of its own, answering BatchNewX509SVID with an empty
    message without reading the request (the same clients send it the batch-of-1
    request): the server's TLS front (``ca.api.tls_front.TlsFront``: handshake,
@@ -30,7 +38,8 @@ Usage:
 For each phase it prints SVIDs/s, calls/s and the server's CPU time per call and
 per SVID (CPU-seconds of every server process over the phase, from /proc, and
 the kernel's share of it: sockets, context switches, lock waits), and
-then the ratios: issuance / raw limit (goal >= 0.5, batches of 100), and the CPU
+then the ratios: issuance / raw limit (goal >= 0.5, batches of 100), issuance /
+SVID floor (goal >= 0.75, batches of 100), and the CPU
 of an SVID in a batch of 1 against one in a batch of 100 (goal <= 2). Client and
 server share the machine's cores, as they would not in production.
 """
@@ -78,26 +87,106 @@ def _raw_worker(seconds: float, out: multiprocessing.Queue) -> None:  # type: ig
     data = os.urandom(400)
     algo = ec.ECDSA(hashes.SHA256())
     n = 0
+    start_cpu = time.process_time()
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         for _ in range(50):
             sig = key.sign(data, algo)
             pub.verify(sig, data, algo)
         n += 50
-    out.put(n)
+    out.put((n, time.process_time() - start_cpu))
 
 
-def raw_rate(seconds: float, procs: int) -> float:
-    """Sign+verify pairs per second on ``procs`` processes."""
+def raw_rate(seconds: float, procs: int) -> tuple[float, float]:
+    """Sign+verify pairs per second on ``procs`` processes, and CPU-seconds per pair."""
+    return _rate(_raw_worker, seconds, procs)
+
+
+def _rate(worker: Any, seconds: float, procs: int) -> tuple[float, float]:
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    ps = [ctx.Process(target=_raw_worker, args=(seconds, out)) for _ in range(procs)]
+    ps = [ctx.Process(target=worker, args=(seconds, out)) for _ in range(procs)]
     for p in ps:
         p.start()
-    total = sum(out.get() for _ in ps)
+    done = [out.get() for _ in ps]
     for p in ps:
         p.join()
-    return float(total) / seconds
+    total = sum(n for n, _ in done)
+    return float(total) / seconds, sum(cpu for _, cpu in done) / total
+
+
+def _floor_worker(seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    """The job of one SVID in ``cryptography``'s own calls, nothing of ours.
+
+    Per SVID: load a DER CSR, check its signature, take its key; build a
+    certificate with an X.509-SVID's extensions (empty subject, critical URI SAN,
+    CA flag off, digitalSignature, server and client auth, SKI, AKI), sign it with
+    the CA's P-256 key (SHA-256) and serialize it as DER.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "bench")])
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    ku = x509.KeyUsage(digital_signature=True, content_commitment=False,
+                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                       key_cert_sign=False, crl_sign=False, encipher_only=False,
+                       decipher_only=False)
+    eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                 ExtendedKeyUsageOID.CLIENT_AUTH])
+    # Distinct CSRs, as the clients send them (pre-generated, like theirs).
+    csrs = [
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(f"spiffe://{TD}/w/{i}")]), critical=False)
+        .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+        for i in range(100)
+    ]
+    sha256 = hashes.SHA256()
+    now = dt.datetime.now(dt.UTC)
+    not_after = now + dt.timedelta(hours=1)
+    n = 0
+    start_cpu = time.process_time()
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for i, der in enumerate(csrs):
+            csr = x509.load_der_x509_csr(der)
+            if not csr.is_signature_valid:
+                raise SystemExit("CSR signature invalid")
+            pub = csr.public_key()
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([]))
+                .issuer_name(ca_name)
+                .public_key(pub)
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now)
+                .not_valid_after(not_after)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                               critical=True)
+                .add_extension(ku, critical=True)
+                .add_extension(eku, critical=False)
+                .add_extension(aki, critical=False)
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(f"spiffe://{TD}/w/{i}")]), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub),
+                               critical=False)
+                .sign(ca_key, sha256)
+            )
+            cert.public_bytes(serialization.Encoding.DER)
+        n += len(csrs)
+    out.put((n, time.process_time() - start_cpu))
+
+
+def floor_rate(seconds: float, procs: int) -> tuple[float, float]:
+    """SVIDs per second in ``cryptography``'s own calls on ``procs`` processes, and
+    CPU-seconds per SVID (each process's own CPU clock: other load does not count)."""
+    return _rate(_floor_worker, seconds, procs)
 
 
 # ---- clients -------------------------------------------------------------------------
@@ -457,10 +546,18 @@ def main() -> None:
         _serve_floor(args.serve_floor)
         return
     batches = tuple(int(b) for b in args.batches.split(","))
-    raw = raw_rate(args.seconds, cores)
-    raw_core = raw / cores
+    raw, raw_cpu = raw_rate(args.seconds, cores)
+    raw_core = 1 / raw_cpu
     print(f"raw ECDSA P-256 sign+verify on {cores} cores: {raw:,.0f}/s "
-          f"({_us(1 / raw_core)} of CPU per pair)")
+          f"({_us(raw_cpu)} of CPU per pair)")
+    svid_floor, floor_cpu = floor_rate(args.seconds, cores)
+    svid_floor_core = 1 / floor_cpu
+    floor_share = svid_floor * floor_cpu / cores
+    print(f"SVID floor, cryptography's own calls (CSR load + signature check + key, "
+          f"certificate build + sign + DER) on {cores} cores: {svid_floor:,.0f}/s "
+          f"({_us(floor_cpu)} of CPU per SVID, {floor_share:.0%} of the cores"
+          + ("; the machine is busy: compare per CPU-second" if floor_share < 0.9 else "")
+          + ")")
     print(f"\nserver: worker_processes={args.workers}, {args.clients} client processes x "
           f"{args.connections} connections, one call in flight on each, "
           f"{args.seconds:g} s per phase")
@@ -494,6 +591,10 @@ def main() -> None:
         print(f"ratio issuance / raw (batches of {big.batch}): {rate / raw:.3f} (goal >= 0.5); "
               f"per server CPU-second {1 / big.cpu_per_svid:,.0f} SVIDs vs raw "
               f"{raw_core:,.0f}: {(1 / big.cpu_per_svid) / raw_core:.3f}")
+        print(f"ratio issuance / SVID floor (batches of {big.batch}): "
+              f"{rate / svid_floor:.3f} (goal >= 0.75); per server CPU-second "
+              f"{1 / big.cpu_per_svid:,.0f} vs {svid_floor_core:,.0f}: "
+              f"{(1 / big.cpu_per_svid) / svid_floor_core:.3f}")
         wall = big.seconds * cores
         print(f"  CPU in that phase: server {big.server_cpu / wall:.0%} of {cores} cores, "
               f"clients {big.client_cpu / wall:.0%}")
