@@ -245,6 +245,18 @@ def public_key_der(key: JwtPublicKey | JwtPrivateKey) -> bytes:
     )
 
 
+def _parse_public_key_der(data: bytes) -> object:
+    """What cryptography makes of SPKI DER bytes.
+
+    Raises:
+        InvalidKeyError: malformed, or of a type cryptography does not know.
+    """
+    try:
+        return serialization.load_der_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise InvalidKeyError(f"cannot parse DER public key: {exc}") from None
+
+
 def load_public_key_der(data: bytes) -> PublicKey:
     """Load a SubjectPublicKeyInfo DER public key.
 
@@ -257,10 +269,7 @@ def load_public_key_der(data: bytes) -> PublicKey:
     Raises:
         InvalidKeyError: malformed, of another type, or too weak.
     """
-    try:
-        obj = serialization.load_der_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise InvalidKeyError(f"cannot parse DER public key: {exc}") from None
+    obj = _parse_public_key_der(data)
     if not isinstance(obj, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
         raise InvalidKeyError(
             f"DER public key: unsupported key type {type(obj).__name__}; want EC or RSA"
@@ -272,19 +281,10 @@ def load_public_key_der(data: bytes) -> PublicKey:
 def load_jwt_public_key_der(data: bytes) -> JwtPublicKey:
     """Load a SubjectPublicKeyInfo DER JWT key: EC, RSA or ML-DSA.
 
-    Args:
-        data: SPKI DER bytes.
-
-    Returns:
-        The public key.
-
-    Raises:
-        InvalidKeyError: malformed, of another type, or too weak.
+    What :func:`load_public_key_der` accepts, and ML-DSA keys as well; it raises
+    InvalidKeyError for the same reasons.
     """
-    try:
-        obj = serialization.load_der_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise InvalidKeyError(f"cannot parse DER public key: {exc}") from None
+    obj = _parse_public_key_der(data)
     if mldsa.is_public_key(obj):
         return obj  # type: ignore[return-value]
     return load_public_key_der(data)
