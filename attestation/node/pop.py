@@ -171,6 +171,18 @@ def check_key(attestor: str, key: object) -> VerifyingKey:
                            "(RSA, ECDSA, Ed25519)")
 
 
+def signing_key(attestor: str, key: object, what: str) -> SigningKey:
+    """``key`` (the agent's ``what``, as its config names it) if it can make a proof.
+
+    Raises:
+        MalformedAttestationError: not RSA, ECDSA or Ed25519.
+    """
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+                      | ed25519.Ed25519PrivateKey):
+        raise MalformedAttestationError(f"{attestor}: the {what} must be RSA, ECDSA or Ed25519")
+    return key
+
+
 def sign(key: SigningKey, message: bytes) -> bytes:
     """Sign ``message``: RSA-PSS with SHA-256, ECDSA with SHA-256, or Ed25519."""
     if isinstance(key, rsa.RSAPrivateKey):

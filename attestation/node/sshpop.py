@@ -187,9 +187,7 @@ def load_credentials(config: AgentAttestorConfig) -> tuple[SSHCertificate, pop.S
         raise MalformedAttestationError(
             f"sshpop host_key_path {config.host_key_path} is not an unencrypted OpenSSH "
             "private key") from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-                      | ed25519.Ed25519PrivateKey):
-        raise MalformedAttestationError("sshpop: the host key must be RSA, ECDSA or Ed25519")
+    key = pop.signing_key(NAME, key, "host key")
     if _openssh(key.public_key()) != _openssh(cert.public_key()):
         raise MalformedAttestationError(
             f"sshpop: the host key {config.host_key_path} is not the key certified by "

@@ -36,7 +36,6 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -145,9 +144,7 @@ def load_credentials(config: AgentAttestorConfig) -> tuple[list[x509.Certificate
         raise MalformedAttestationError(
             f"x509pop private_key_path {config.private_key_path} is not an unencrypted "
             "PEM private key") from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-                      | ed25519.Ed25519PrivateKey):
-        raise MalformedAttestationError("x509pop: the private key must be RSA, ECDSA or Ed25519")
+    key = pop.signing_key(NAME, key, "private key")
     if key.public_key() != chain[0].public_key():
         raise MalformedAttestationError(
             f"x509pop: the private key {config.private_key_path} does not belong to the "
