@@ -99,6 +99,28 @@ def aware_utc(value: dt.datetime, what: str,
 
 
 
+def check_issue(spiffe_id: SpiffeId, key_id: str, issued_at: dt.datetime,
+                expires_at: dt.datetime, kind: str = "JWT-SVID",
+                error: type[SigilError] = JwtSvidError) -> tuple[dt.datetime, dt.datetime]:
+    """What signing a ``kind`` token requires of its subject, kid and lifetime.
+
+    Returns:
+        ``(issued_at, expires_at)`` in UTC.
+
+    Raises:
+        error: an empty kid, a root ID, a naive time, or an empty lifetime.
+    """
+    if not key_id:
+        raise error("key_id must not be empty")
+    if not spiffe_id.has_path:
+        raise error(f"a {kind} subject needs an ID with a path, got {spiffe_id}")
+    issued_at = aware_utc(issued_at, "issued_at", error)
+    expires_at = aware_utc(expires_at, "expires_at", error)
+    if expires_at <= issued_at:
+        raise error(f"expires_at {expires_at} is not after issued_at {issued_at}")
+    return issued_at, expires_at
+
+
 def default_algorithm(key: JwtPrivateKey | JwtPublicKey) -> str:
     """The algorithm Sigil signs with for a key: ES* by curve, RS256, or ML-DSA-*.
 
@@ -203,13 +225,7 @@ def sign_jwt_svid(
     audiences = list(dict.fromkeys(audience))
     if not audiences or not all(isinstance(a, str) and a for a in audiences):
         raise JwtSvidError(f"audience must be one or more non-empty strings, got {audience!r}")
-    if not key_id:
-        raise JwtSvidError("key_id must not be empty")
-    if not spiffe_id.has_path:
-        raise JwtSvidError(f"a JWT-SVID subject needs an ID with a path, got {spiffe_id}")
-    issued_at, expires_at = aware_utc(issued_at, "issued_at"), aware_utc(expires_at, "expires_at")
-    if expires_at <= issued_at:
-        raise JwtSvidError(f"expires_at {expires_at} is not after issued_at {issued_at}")
+    issued_at, expires_at = check_issue(spiffe_id, key_id, issued_at, expires_at)
     alg = algorithm if algorithm is not None else default_algorithm(key)
     if alg not in ALLOWED_ALGORITHMS:
         raise JwtSvidError(f"algorithm {alg!r} is not a JWT-SVID algorithm")

@@ -297,13 +297,8 @@ def sign_wit_svid(
         WitSvidError: an empty kid, a root ID, an empty lifetime, a key of no
             allowed algorithm.
     """
-    if not key_id:
-        raise WitSvidError("key_id must not be empty")
-    if not spiffe_id.has_path:
-        raise WitSvidError(f"a WIT-SVID subject needs an ID with a path, got {spiffe_id}")
-    issued_at, expires_at = _aware(issued_at, "issued_at"), _aware(expires_at, "expires_at")
-    if expires_at <= issued_at:
-        raise WitSvidError(f"expires_at {expires_at} is not after issued_at {issued_at}")
+    issued_at, expires_at = jwtsvid.check_issue(spiffe_id, key_id, issued_at, expires_at,
+                                                "WIT-SVID", WitSvidError)
     try:
         alg = jwtsvid.default_algorithm(key)
     except JwtSvidError as exc:
