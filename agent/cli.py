@@ -8,7 +8,7 @@ and 5 (degraded, evicted, banned: agent/health.py).
 from __future__ import annotations
 
 # isort: off
-from agent import quietgrpc  # noqa: F401  (before anything imports grpc)
+from attestation import quietgrpc  # noqa: F401  (before anything imports grpc)
 # isort: on
 
 import asyncio

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from identity import mldsa
 from identity.bundle import JwtBundleSource
-from identity.errors import InvalidSpiffeIdError, JwtSvidError
+from identity.errors import InvalidSpiffeIdError, JwtSvidError, SigilError
 from identity.keys import JwtPrivateKey, JwtPublicKey
 from identity.spiffeid import SpiffeId
 
@@ -56,7 +56,7 @@ MAX_TOKEN_BYTES = 32 * 1024
 
 # Claims PyJWT would otherwise check against the wall clock or require; we do the
 # SPIFFE checks ourselves with the injected time.
-_PYJWT_OPTIONS: Options = {
+PYJWT_OPTIONS: Options = {
     "verify_signature": True,
     "verify_exp": False,
     "verify_nbf": False,
@@ -90,10 +90,35 @@ class JwtSvid:
     claims: Mapping[str, Any] = field(compare=False, hash=False)
 
 
-def _aware(value: dt.datetime, what: str) -> dt.datetime:
+def aware_utc(value: dt.datetime, what: str,
+              error: type[SigilError] = JwtSvidError) -> dt.datetime:
+    """``value`` in UTC; a naive datetime raises ``error`` (WIT-SVIDs pass theirs)."""
     if value.tzinfo is None:
-        raise JwtSvidError(f"{what} must be timezone-aware, got naive {value}")
+        raise error(f"{what} must be timezone-aware, got naive {value}")
     return value.astimezone(dt.UTC)
+
+
+
+def check_issue(spiffe_id: SpiffeId, key_id: str, issued_at: dt.datetime,
+                expires_at: dt.datetime, kind: str = "JWT-SVID",
+                error: type[SigilError] = JwtSvidError) -> tuple[dt.datetime, dt.datetime]:
+    """What signing a ``kind`` token requires of its subject, kid and lifetime.
+
+    Returns:
+        ``(issued_at, expires_at)`` in UTC.
+
+    Raises:
+        error: an empty kid, a root ID, a naive time, or an empty lifetime.
+    """
+    if not key_id:
+        raise error("key_id must not be empty")
+    if not spiffe_id.has_path:
+        raise error(f"a {kind} subject needs an ID with a path, got {spiffe_id}")
+    issued_at = aware_utc(issued_at, "issued_at", error)
+    expires_at = aware_utc(expires_at, "expires_at", error)
+    if expires_at <= issued_at:
+        raise error(f"expires_at {expires_at} is not after issued_at {issued_at}")
+    return issued_at, expires_at
 
 
 def default_algorithm(key: JwtPrivateKey | JwtPublicKey) -> str:
@@ -200,13 +225,7 @@ def sign_jwt_svid(
     audiences = list(dict.fromkeys(audience))
     if not audiences or not all(isinstance(a, str) and a for a in audiences):
         raise JwtSvidError(f"audience must be one or more non-empty strings, got {audience!r}")
-    if not key_id:
-        raise JwtSvidError("key_id must not be empty")
-    if not spiffe_id.has_path:
-        raise JwtSvidError(f"a JWT-SVID subject needs an ID with a path, got {spiffe_id}")
-    issued_at, expires_at = _aware(issued_at, "issued_at"), _aware(expires_at, "expires_at")
-    if expires_at <= issued_at:
-        raise JwtSvidError(f"expires_at {expires_at} is not after issued_at {issued_at}")
+    issued_at, expires_at = check_issue(spiffe_id, key_id, issued_at, expires_at)
     alg = algorithm if algorithm is not None else default_algorithm(key)
     if alg not in ALLOWED_ALGORITHMS:
         raise JwtSvidError(f"algorithm {alg!r} is not a JWT-SVID algorithm")
@@ -262,16 +281,20 @@ def _parse_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return header, claims
 
 
-def _numeric_date(claims: Mapping[str, Any], name: str) -> dt.datetime | None:
+def numeric_date(claims: Mapping[str, Any], name: str, what: str = "token",
+                 error: type[SigilError] = JwtSvidError) -> dt.datetime | None:
+    """Claim ``name`` as an aware UTC datetime, None when absent; anything but a finite
+    NumericDate in range raises ``error`` naming ``what`` (WIT-SVIDs pass theirs)."""
     value = claims.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise JwtSvidError(f"token claim {name} must be a NumericDate, got {value!r}")
+        raise error(f"{what} claim {name} must be a NumericDate, got {value!r}")
     try:
         return dt.datetime.fromtimestamp(value, dt.UTC)
     except (OverflowError, OSError, ValueError):
-        raise JwtSvidError(f"token claim {name} is out of range: {value!r}") from None
+        raise error(f"{what} claim {name} is out of range: {value!r}") from None
+
 
 
 def _svid_from_claims(token: str, claims: Mapping[str, Any]) -> JwtSvid:
@@ -284,7 +307,7 @@ def _svid_from_claims(token: str, claims: Mapping[str, Any]) -> JwtSvid:
         spiffe_id = SpiffeId.parse(sub)
     except InvalidSpiffeIdError as exc:
         raise JwtSvidError(f"token has an invalid subject claim: {exc}") from None
-    expires_at = _numeric_date(claims, "exp")
+    expires_at = numeric_date(claims, "exp")
     if expires_at is None:
         raise JwtSvidError("token missing exp claim")
     aud = claims.get("aud")
@@ -301,7 +324,7 @@ def _svid_from_claims(token: str, claims: Mapping[str, Any]) -> JwtSvid:
         spiffe_id=spiffe_id,
         audience=tuple(audience),
         expires_at=expires_at,
-        issued_at=_numeric_date(claims, "iat"),
+        issued_at=numeric_date(claims, "iat"),
         claims=dict(claims),
     )
 
@@ -314,7 +337,7 @@ def _leeway_seconds(leeway: float | dt.timedelta) -> float:
 
 
 def _check_times(svid: JwtSvid, now: dt.datetime, leeway: float) -> None:
-    now = _aware(now, "now")
+    now = aware_utc(now, "now")
     slack = dt.timedelta(seconds=leeway)
     # RFC 7519 §4.1.4: the current time MUST be before exp (plus a small leeway).
     if now >= svid.expires_at + slack:
@@ -322,7 +345,7 @@ def _check_times(svid: JwtSvid, now: dt.datetime, leeway: float) -> None:
             f"token has expired (exp {svid.expires_at.isoformat()}, now {now.isoformat()})"
         )
     # RFC 7519 §4.1.5; iat in the future is rejected as go-jose does (SPIFFE-NOTES §3.2).
-    nbf = _numeric_date(svid.claims, "nbf")
+    nbf = numeric_date(svid.claims, "nbf")
     if nbf is not None and now + slack < nbf:
         raise JwtSvidError(f"token is not valid before {nbf.isoformat()}")
     if svid.issued_at is not None and now + slack < svid.issued_at:
@@ -376,7 +399,7 @@ def validate_jwt_svid(
     _check_key_fits(alg, authority.public_key)
     verify_key: Any = authority.public_key  # ML-DSA: see sign_jwt_svid
     try:
-        jwt.decode(token, verify_key, algorithms=[alg], options=_PYJWT_OPTIONS)
+        jwt.decode(token, verify_key, algorithms=[alg], options=PYJWT_OPTIONS)
     except jwt.InvalidSignatureError:
         raise JwtSvidError(
             f"token signature does not verify with JWT authority {kid!r} of {td}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import enum
 import hashlib
+from typing import Literal
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -168,6 +169,20 @@ def _as_private_key(obj: object, what: str) -> PrivateKey:
     raise InvalidKeyError(f"{what}: unsupported key type {type(obj).__name__}; want EC or RSA")
 
 
+def _parse_private_key(data: bytes, form: Literal["PEM", "DER"]) -> object:
+    """What cryptography makes of unencrypted private key bytes in ``form``.
+
+    Raises:
+        InvalidKeyError: not that form, encrypted, or malformed.
+    """
+    load = (serialization.load_pem_private_key if form == "PEM"
+            else serialization.load_der_private_key)
+    try:
+        return load(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise InvalidKeyError(f"cannot parse {form} private key: {exc}") from None
+
+
 def load_private_key_pem(data: bytes) -> PrivateKey:
     """Load an unencrypted private key from PEM (PKCS#8, or the legacy EC/RSA forms).
 
@@ -180,29 +195,16 @@ def load_private_key_pem(data: bytes) -> PrivateKey:
     Raises:
         InvalidKeyError: not PEM, encrypted, malformed, of another type, or too weak.
     """
-    try:
-        obj = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise InvalidKeyError(f"cannot parse PEM private key: {exc}") from None
-    return _as_private_key(obj, "PEM private key")
+    return _as_private_key(_parse_private_key(data, "PEM"), "PEM private key")
 
 
 def load_jwt_private_key_pem(data: bytes) -> JwtPrivateKey:
     """Load an unencrypted JWT signing key from PEM: EC, RSA or ML-DSA (PKCS#8).
 
-    Args:
-        data: PEM bytes.
-
-    Returns:
-        The private key.
-
-    Raises:
-        InvalidKeyError: not PEM, encrypted, malformed, of another type, or too weak.
+    What :func:`load_private_key_pem` accepts, and ML-DSA keys as well; it raises
+    InvalidKeyError for the same reasons.
     """
-    try:
-        obj = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise InvalidKeyError(f"cannot parse PEM private key: {exc}") from None
+    obj = _parse_private_key(data, "PEM")
     if mldsa.is_private_key(obj):
         return obj  # type: ignore[return-value]
     return _as_private_key(obj, "PEM private key")
@@ -220,11 +222,7 @@ def load_private_key_der(data: bytes) -> PrivateKey:
     Raises:
         InvalidKeyError: malformed, encrypted, of another type, or too weak.
     """
-    try:
-        obj = serialization.load_der_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise InvalidKeyError(f"cannot parse DER private key: {exc}") from None
-    return _as_private_key(obj, "DER private key")
+    return _as_private_key(_parse_private_key(data, "DER"), "DER private key")
 
 
 def public_key_der(key: JwtPublicKey | JwtPrivateKey) -> bytes:
@@ -247,6 +245,18 @@ def public_key_der(key: JwtPublicKey | JwtPrivateKey) -> bytes:
     )
 
 
+def _parse_public_key_der(data: bytes) -> object:
+    """What cryptography makes of SPKI DER bytes.
+
+    Raises:
+        InvalidKeyError: malformed, or of a type cryptography does not know.
+    """
+    try:
+        return serialization.load_der_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise InvalidKeyError(f"cannot parse DER public key: {exc}") from None
+
+
 def load_public_key_der(data: bytes) -> PublicKey:
     """Load a SubjectPublicKeyInfo DER public key.
 
@@ -259,10 +269,7 @@ def load_public_key_der(data: bytes) -> PublicKey:
     Raises:
         InvalidKeyError: malformed, of another type, or too weak.
     """
-    try:
-        obj = serialization.load_der_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise InvalidKeyError(f"cannot parse DER public key: {exc}") from None
+    obj = _parse_public_key_der(data)
     if not isinstance(obj, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
         raise InvalidKeyError(
             f"DER public key: unsupported key type {type(obj).__name__}; want EC or RSA"
@@ -274,19 +281,10 @@ def load_public_key_der(data: bytes) -> PublicKey:
 def load_jwt_public_key_der(data: bytes) -> JwtPublicKey:
     """Load a SubjectPublicKeyInfo DER JWT key: EC, RSA or ML-DSA.
 
-    Args:
-        data: SPKI DER bytes.
-
-    Returns:
-        The public key.
-
-    Raises:
-        InvalidKeyError: malformed, of another type, or too weak.
+    What :func:`load_public_key_der` accepts, and ML-DSA keys as well; it raises
+    InvalidKeyError for the same reasons.
     """
-    try:
-        obj = serialization.load_der_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise InvalidKeyError(f"cannot parse DER public key: {exc}") from None
+    obj = _parse_public_key_der(data)
     if mldsa.is_public_key(obj):
         return obj  # type: ignore[return-value]
     return load_public_key_der(data)

@@ -43,7 +43,7 @@ import secrets
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -77,21 +77,6 @@ DEFAULT_MAX_PROOF_LIFETIME = dt.timedelta(minutes=5)
 
 _EC_ALG_FOR_CURVE = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "priv", "k"})
-
-if TYPE_CHECKING:
-    from jwt.types import Options  # PyJWT >= 2.10; annotations only
-
-_PYJWT_OPTIONS: Options = {
-    "verify_signature": True,
-    "verify_exp": False,
-    "verify_nbf": False,
-    "verify_iat": False,
-    "verify_aud": False,
-    "verify_iss": False,
-    "verify_sub": False,
-    "verify_jti": False,
-    "require": [],
-}
 
 
 # ------------------------------------------------------------------------------------
@@ -269,9 +254,7 @@ def _confirmation(claims: Mapping[str, Any]) -> tuple[PublicKey, str]:
 
 
 def _aware(value: dt.datetime, what: str) -> dt.datetime:
-    if value.tzinfo is None:
-        raise WitSvidError(f"{what} must be timezone-aware, got naive {value}")
-    return value.astimezone(dt.UTC)
+    return jwtsvid.aware_utc(value, what, WitSvidError)
 
 
 def sign_wit_svid(
@@ -314,13 +297,8 @@ def sign_wit_svid(
         WitSvidError: an empty kid, a root ID, an empty lifetime, a key of no
             allowed algorithm.
     """
-    if not key_id:
-        raise WitSvidError("key_id must not be empty")
-    if not spiffe_id.has_path:
-        raise WitSvidError(f"a WIT-SVID subject needs an ID with a path, got {spiffe_id}")
-    issued_at, expires_at = _aware(issued_at, "issued_at"), _aware(expires_at, "expires_at")
-    if expires_at <= issued_at:
-        raise WitSvidError(f"expires_at {expires_at} is not after issued_at {issued_at}")
+    issued_at, expires_at = jwtsvid.check_issue(spiffe_id, key_id, issued_at, expires_at,
+                                                "WIT-SVID", WitSvidError)
     try:
         alg = jwtsvid.default_algorithm(key)
     except JwtSvidError as exc:
@@ -431,15 +409,7 @@ def _unverified(token: str, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _numeric_date(claims: Mapping[str, Any], name: str, what: str) -> dt.datetime | None:
-    value = claims.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise WitSvidError(f"{what} claim {name} must be a NumericDate, got {value!r}")
-    try:
-        return dt.datetime.fromtimestamp(value, dt.UTC)
-    except (OverflowError, OSError, ValueError):
-        raise WitSvidError(f"{what} claim {name} is out of range: {value!r}") from None
+    return jwtsvid.numeric_date(claims, name, what, WitSvidError)
 
 
 def _wit_from_claims(token: str, header: Mapping[str, Any],
@@ -550,7 +520,7 @@ def validate_wit_svid(
         raise WitSvidError(str(exc)) from None
     verify_key: Any = authority.public_key
     try:
-        jwt.decode(token, verify_key, algorithms=[alg], options=_PYJWT_OPTIONS)
+        jwt.decode(token, verify_key, algorithms=[alg], options=jwtsvid.PYJWT_OPTIONS)
     except jwt.InvalidSignatureError:
         raise WitSvidError(
             f"token signature does not verify with WIT authority {kid!r} of {td}") from None
@@ -663,7 +633,7 @@ def verify_presentation(
     verify_key: Any = wit.confirmation_key
     try:
         jwt.decode(proof, verify_key, algorithms=[wit.confirmation_alg],
-                   options=_PYJWT_OPTIONS)
+                   options=jwtsvid.PYJWT_OPTIONS)
     except jwt.InvalidSignatureError:
         raise WitSvidError("proof signature does not verify with the WIT's cnf key") from None
     except jwt.PyJWTError as exc:

@@ -27,12 +27,14 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import json
 import re
 import secrets
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -40,6 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from attestation.node.errors import AttestationError, MalformedAttestationError
+from attestation.node.payload import load_json
 from identity.errors import InvalidSpiffeIdError
 from identity.spiffeid import SpiffeId, TrustDomain
 
@@ -58,6 +61,7 @@ VerifyingKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519Pub
 
 MIN_RSA_BITS = 2048
 _CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+_T = TypeVar("_T")
 
 
 class NonceStore(Protocol):
@@ -167,6 +171,18 @@ def check_key(attestor: str, key: object) -> VerifyingKey:
                            "(RSA, ECDSA, Ed25519)")
 
 
+def signing_key(attestor: str, key: object, what: str) -> SigningKey:
+    """``key`` (the agent's ``what``, as its config names it) if it can make a proof.
+
+    Raises:
+        MalformedAttestationError: not RSA, ECDSA or Ed25519.
+    """
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+                      | ed25519.Ed25519PrivateKey):
+        raise MalformedAttestationError(f"{attestor}: the {what} must be RSA, ECDSA or Ed25519")
+    return key
+
+
 def sign(key: SigningKey, message: bytes) -> bytes:
     """Sign ``message``: RSA-PSS with SHA-256, ECDSA with SHA-256, or Ed25519."""
     if isinstance(key, rsa.RSAPrivateKey):
@@ -199,7 +215,96 @@ def _pss() -> padding.PSS:
     return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 
 
+def make_answer(attestor: str, key: SigningKey, *, trust_domain: TrustDomain,
+                nonce: bytes, csr: bytes, credential: Mapping[str, object]) -> tuple[str, bytes]:
+    """The agent's ``AttestAgent`` payload: ``credential`` (the attestor's own fields),
+    then the CSR key binding, the nonce and the signature over the challenge.
+
+    Returns:
+        ``(attestor, payload)``.
+
+    Raises:
+        MalformedAttestationError: ``csr`` is not a DER CSR.
+    """
+    binding = csr_binding(csr)
+    signature = sign(key, challenge_message(attestor, trust_domain, binding, nonce))
+    return attestor, json.dumps({
+        **credential,
+        "csr_key_sha256": b64encode(binding),
+        "nonce": b64encode(nonce),
+        "signature": b64encode(signature),
+    }).encode()
+
+
+# ---- configuration -------------------------------------------------------------------
+
+
+def check_table(where: str, table: object, keys: Sequence[str]) -> dict[str, Any]:
+    """A configuration table that holds none but ``keys``.
+
+    Raises:
+        ValueError: not a table, or an unknown key, naming it.
+    """
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table")
+    for key in table:
+        if key not in keys:
+            raise ValueError(f"unknown key '{where}.{key}'")
+    return table
+
+
+def parse_server_table(attestor: str, table: object, *, path_key: str, path_help: str,
+                       load: Callable[[Path, str], _T], default_template: str,
+                       placeholders: frozenset[str]) -> tuple[_T, PathTemplate]:
+    """Validate ``[node_attestors.<attestor>]``: the required file ``path_key`` (read
+    now with ``load(path, name of the key)``) and the optional ``agent_path_template``.
+
+    Raises:
+        ValueError: an unknown key, a missing or bad value, or what ``load`` raises.
+    """
+    where = f"node_attestors.{attestor}"
+    doc = check_table(where, table, (path_key, "agent_path_template"))
+    path = doc.get(path_key)
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}.{path_key} is required: {path_help}")
+    loaded = load(Path(path), f"{where}.{path_key}")
+    template = doc.get("agent_path_template", default_template)
+    if not isinstance(template, str):
+        raise ValueError(f"{where}.agent_path_template must be a string")
+    return loaded, PathTemplate.parse(attestor, template, placeholders)
+
+
 # ---- payload fields -----------------------------------------------------------------
+
+
+def load_payload(attestor: str, payload: bytes, *, max_bytes: int, credential: str,
+                 kind: type, shape: str) -> dict[str, Any]:
+    """The payload's JSON object, whose ``credential`` field is a ``kind``.
+
+    Raises:
+        MalformedAttestationError: larger than ``max_bytes``, not JSON, or not an
+            object of that shape (``shape`` shows the credential's value).
+    """
+    if len(payload) > max_bytes:
+        raise MalformedAttestationError(f"{attestor} payload is larger than {max_bytes} "
+                                        "bytes")
+    doc = load_json(payload, attestor)
+    if not isinstance(doc, dict) or not isinstance(doc.get(credential), kind):
+        raise MalformedAttestationError(
+            f'{attestor} payload must be {{"{credential}": {shape}, "csr_key_sha256": ..., '
+            '"nonce": ..., "signature": ...}')
+    return doc
+
+
+def proof_fields(attestor: str, doc: Mapping[str, object]) -> tuple[bytes, bytes, bytes]:
+    """A payload's ``(csr_key_sha256, nonce, signature)``, decoded.
+
+    Raises:
+        MalformedAttestationError: one is missing, not base64, or a binding of
+            another length than SHA-256's.
+    """
+    return (check_binding(attestor, b64field(doc, "csr_key_sha256", attestor)),
+            b64field(doc, "nonce", attestor), b64field(doc, "signature", attestor))
 
 
 def b64encode(data: bytes) -> str:

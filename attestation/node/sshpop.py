@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +45,6 @@ from cryptography.hazmat.primitives.serialization import (
 
 from attestation.node import AttestationResult, pop
 from attestation.node.errors import AttestationError, MalformedAttestationError
-from attestation.node.payload import load_json
 from identity.clock import Clock
 from identity.selectors import Selector
 from identity.spiffeid import TrustDomain
@@ -153,11 +151,7 @@ def parse_agent_config(table: object) -> AgentAttestorConfig:
         ValueError: an unknown key or a bad value, naming the key.
     """
     where = f"node_attestor.{NAME}"
-    if not isinstance(table, dict):
-        raise ValueError(f"{where} must be a table")
-    for key in table:
-        if key not in ("host_key_path", "host_cert_path"):
-            raise ValueError(f"unknown key '{where}.{key}'")
+    table = pop.check_table(where, table, ("host_key_path", "host_cert_path"))
     paths: dict[str, Path] = {}
     for key in ("host_key_path", "host_cert_path"):
         if key in table:
@@ -193,9 +187,7 @@ def load_credentials(config: AgentAttestorConfig) -> tuple[SSHCertificate, pop.S
         raise MalformedAttestationError(
             f"sshpop host_key_path {config.host_key_path} is not an unencrypted OpenSSH "
             "private key") from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-                      | ed25519.Ed25519PrivateKey):
-        raise MalformedAttestationError("sshpop: the host key must be RSA, ECDSA or Ed25519")
+    key = pop.signing_key(NAME, key, "host key")
     if _openssh(key.public_key()) != _openssh(cert.public_key()):
         raise MalformedAttestationError(
             f"sshpop: the host key {config.host_key_path} is not the key certified by "
@@ -214,14 +206,8 @@ def make_attestation(config: AgentAttestorConfig, *, trust_domain: TrustDomain,
         MalformedAttestationError: see :func:`load_credentials`.
     """
     cert, key = load_credentials(config)
-    binding = pop.csr_binding(csr)
-    signature = pop.sign(key, pop.challenge_message(NAME, trust_domain, binding, nonce))
-    return NAME, json.dumps({
-        "certificate": cert.public_bytes().decode(),
-        "csr_key_sha256": pop.b64encode(binding),
-        "nonce": pop.b64encode(nonce),
-        "signature": pop.b64encode(signature),
-    }).encode()
+    return pop.make_answer(NAME, key, trust_domain=trust_domain, nonce=nonce, csr=csr,
+                           credential={"certificate": cert.public_bytes().decode()})
 
 
 # ---- server half ----------------------------------------------------------------------
@@ -246,36 +232,18 @@ def parse_server_config(table: object) -> ServerAttestorConfig:
     Raises:
         ValueError: an unknown key, a missing or bad value, or an unreadable file.
     """
-    where = f"node_attestors.{NAME}"
-    if not isinstance(table, dict):
-        raise ValueError(f"{where} must be a table")
-    for key in table:
-        if key not in ("cert_authorities_path", "agent_path_template"):
-            raise ValueError(f"unknown key '{where}.{key}'")
-    path = table.get("cert_authorities_path")
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{where}.cert_authorities_path is required: a file of the SSH CA "
-                         "public keys that sign host certificates")
-    authorities = load_cert_authorities(Path(path), f"{where}.cert_authorities_path")
-    template = table.get("agent_path_template", DEFAULT_TEMPLATE)
-    if not isinstance(template, str):
-        raise ValueError(f"{where}.agent_path_template must be a string")
-    return ServerAttestorConfig(
-        cert_authorities=authorities,
-        agent_path_template=pop.PathTemplate.parse(NAME, template, PLACEHOLDERS))
+    authorities, template = pop.parse_server_table(
+        NAME, table, path_key="cert_authorities_path",
+        path_help="a file of the SSH CA public keys that sign host certificates",
+        load=load_cert_authorities, default_template=DEFAULT_TEMPLATE,
+        placeholders=PLACEHOLDERS)
+    return ServerAttestorConfig(cert_authorities=authorities, agent_path_template=template)
 
 
 def _parse_payload(payload: bytes) -> tuple[str, bytes, bytes, bytes]:
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise MalformedAttestationError(f"{NAME} payload is larger than {MAX_PAYLOAD_BYTES} "
-                                        "bytes")
-    doc = load_json(payload, NAME)
-    if not isinstance(doc, dict) or not isinstance(doc.get("certificate"), str):
-        raise MalformedAttestationError(
-            f'{NAME} payload must be {{"certificate": ..., "csr_key_sha256": ..., '
-            '"nonce": ..., "signature": ...}')
-    return (doc["certificate"], pop.check_binding(NAME, pop.b64field(doc, "csr_key_sha256", NAME)),
-            pop.b64field(doc, "nonce", NAME), pop.b64field(doc, "signature", NAME))
+    doc = pop.load_payload(NAME, payload, max_bytes=MAX_PAYLOAD_BYTES,
+                           credential="certificate", kind=str, shape="...")
+    return (doc["certificate"], *pop.proof_fields(NAME, doc))
 
 
 def _parse_certificate(text: str) -> SSHCertificate:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +36,11 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from attestation.node import AttestationResult, pop
 from attestation.node.errors import AttestationError, MalformedAttestationError
-from attestation.node.payload import load_json
 from identity.clock import Clock
 from identity.selectors import Selector
 from identity.spiffeid import TrustDomain
@@ -113,11 +110,8 @@ def parse_agent_config(table: object) -> AgentAttestorConfig:
         ValueError: an unknown key, or a missing or bad value, naming the key.
     """
     where = f"node_attestor.{NAME}"
-    if not isinstance(table, dict):
-        raise ValueError(f"{where} must be a table")
-    for key in table:
-        if key not in ("certificate_path", "private_key_path", "intermediates_path"):
-            raise ValueError(f"unknown key '{where}.{key}'")
+    table = pop.check_table(where, table,
+                            ("certificate_path", "private_key_path", "intermediates_path"))
     paths: dict[str, Path] = {}
     for key in ("certificate_path", "private_key_path", "intermediates_path"):
         value = table.get(key)
@@ -150,9 +144,7 @@ def load_credentials(config: AgentAttestorConfig) -> tuple[list[x509.Certificate
         raise MalformedAttestationError(
             f"x509pop private_key_path {config.private_key_path} is not an unencrypted "
             "PEM private key") from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-                      | ed25519.Ed25519PrivateKey):
-        raise MalformedAttestationError("x509pop: the private key must be RSA, ECDSA or Ed25519")
+    key = pop.signing_key(NAME, key, "private key")
     if key.public_key() != chain[0].public_key():
         raise MalformedAttestationError(
             f"x509pop: the private key {config.private_key_path} does not belong to the "
@@ -172,15 +164,10 @@ def make_attestation(config: AgentAttestorConfig, *, trust_domain: TrustDomain,
             :func:`load_credentials`).
     """
     chain, key = load_credentials(config)
-    binding = pop.csr_binding(csr)
-    signature = pop.sign(key, pop.challenge_message(NAME, trust_domain, binding, nonce))
-    return NAME, json.dumps({
-        "certificates": [pop.b64encode(c.public_bytes(serialization.Encoding.DER))
-                         for c in chain],
-        "csr_key_sha256": pop.b64encode(binding),
-        "nonce": pop.b64encode(nonce),
-        "signature": pop.b64encode(signature),
-    }).encode()
+    return pop.make_answer(NAME, key, trust_domain=trust_domain, nonce=nonce, csr=csr,
+                           credential={"certificates": [
+                               pop.b64encode(c.public_bytes(serialization.Encoding.DER))
+                               for c in chain]})
 
 
 # ---- server half ----------------------------------------------------------------------
@@ -210,42 +197,25 @@ def parse_server_config(table: object) -> ServerAttestorConfig:
     Raises:
         ValueError: an unknown key, a missing or bad value, or an unreadable bundle.
     """
-    where = f"node_attestors.{NAME}"
-    if not isinstance(table, dict):
-        raise ValueError(f"{where} must be a table")
-    for key in table:
-        if key not in ("ca_bundle_path", "agent_path_template"):
-            raise ValueError(f"unknown key '{where}.{key}'")
-    path = table.get("ca_bundle_path")
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{where}.ca_bundle_path is required: a PEM file of the CA "
-                         "certificates that issue node certificates")
-    bundle = load_pem_certificates(Path(path), f"{where}.ca_bundle_path")
-    template = table.get("agent_path_template", DEFAULT_TEMPLATE)
-    if not isinstance(template, str):
-        raise ValueError(f"{where}.agent_path_template must be a string")
+    bundle, template = pop.parse_server_table(
+        NAME, table, path_key="ca_bundle_path",
+        path_help="a PEM file of the CA certificates that issue node certificates",
+        load=load_pem_certificates, default_template=DEFAULT_TEMPLATE,
+        placeholders=PLACEHOLDERS)
     return ServerAttestorConfig(
         ca_bundle=tuple(c.public_bytes(serialization.Encoding.DER) for c in bundle),
-        agent_path_template=pop.PathTemplate.parse(NAME, template, PLACEHOLDERS))
+        agent_path_template=template)
 
 
 def _parse_payload(payload: bytes) -> tuple[list[bytes], bytes, bytes, bytes]:
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise MalformedAttestationError(f"{NAME} payload is larger than {MAX_PAYLOAD_BYTES} "
-                                        "bytes")
-    doc = load_json(payload, NAME)
-    if not isinstance(doc, dict) or not isinstance(doc.get("certificates"), list):
-        raise MalformedAttestationError(
-            f'{NAME} payload must be {{"certificates": [...], "csr_key_sha256": ..., '
-            '"nonce": ..., "signature": ...}')
+    doc = pop.load_payload(NAME, payload, max_bytes=MAX_PAYLOAD_BYTES,
+                           credential="certificates", kind=list, shape="[...]")
     raw = doc["certificates"]
     if not raw or len(raw) > MAX_CHAIN:
         raise MalformedAttestationError(
             f"{NAME} payload must hold 1 to {MAX_CHAIN} certificates, not {len(raw)}")
     ders = [pop.b64field({"certificates": c}, "certificates", NAME) for c in raw]
-    binding = pop.check_binding(NAME, pop.b64field(doc, "csr_key_sha256", NAME))
-    return (ders, binding, pop.b64field(doc, "nonce", NAME),
-            pop.b64field(doc, "signature", NAME))
+    return (ders, *pop.proof_fields(NAME, doc))
 
 
 def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:

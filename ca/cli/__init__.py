@@ -12,7 +12,7 @@ Errors print one line, ``Error: <reason>``, on stderr and exit with code 2.
 from __future__ import annotations
 
 # isort: off
-from ca import quietgrpc  # noqa: F401  (before anything imports grpc)
+from attestation import quietgrpc  # noqa: F401  (before anything imports grpc)
 # isort: on
 
 import re

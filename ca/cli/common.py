@@ -4,7 +4,7 @@ option helpers, and the value types (durations, selectors, SPIFFE IDs) of the fl
 from __future__ import annotations
 
 # isort: off
-from ca import quietgrpc  # noqa: F401  (before anything imports grpc)
+from attestation import quietgrpc  # noqa: F401  (before anything imports grpc)
 # isort: on
 
 import datetime as dt

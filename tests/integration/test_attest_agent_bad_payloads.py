@@ -24,7 +24,7 @@ from attestation.node import join_token, k8s_psat, sshpop, x509pop
 from ca.api.agent import AgentServicer
 from ca.api.deps import ApiDeps
 from ca.authority.setup import build_authority
-from ca.config import load_config
+from ca.config.server import load_config
 from ca.datastore import Datastore
 from ca.datastore import models as m
 from ca.keys import MemoryKeyManager

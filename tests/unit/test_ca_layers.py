@@ -1,7 +1,7 @@
 """Inside ca/ the import arrows point one way (docs/internals.md, "Map of ca/"):
 
     cli -> server, workers, health -> api -> registry, authority, federation, kubernetes
-        -> datastore, keys, config -> errors, log, metrics, ratelimit, quietgrpc -> identity
+        -> datastore, keys, config -> errors, log, metrics, ratelimit -> identity
 
 A module may import its own part, any part of a lower layer, and a part of its own
 layer as long as the parts' graph stays free of cycles. Nothing imports ca/cli/.
@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ca.api",),
     ("ca.registry", "ca.authority", "ca.federation", "ca.kubernetes"),
     ("ca.datastore", "ca.keys", "ca.config"),
-    ("ca.errors", "ca.log", "ca.metrics", "ca.ratelimit", "ca.quietgrpc", "ca"),
+    ("ca.errors", "ca.log", "ca.metrics", "ca.ratelimit", "ca"),
 )
 LAYER_OF = {part: depth for depth, parts in enumerate(LAYERS) for part in parts}
 
@@ -42,7 +42,6 @@ CLI_BELOW = {
     "ca.registry.foreign_bundles": "bundle set: parse and check the input before sending",
     "ca.errors": "the error types those parsers raise",
     "ca.log": "run: log setup",
-    "ca.quietgrpc": "silence grpc's C core before grpc loads",
 }
 
 
