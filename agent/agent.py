@@ -39,7 +39,6 @@ from agent.errors import (
 from agent.health import HealthState, health_handler
 from agent.httpserver import HealthServer
 from agent.manager import Manager
-from agent.memory import limit_arenas
 from agent.state import AgentState
 from agent.workload_api.broker import BrokerApiServer
 from agent.workload_api.server import WorkloadApiServer
@@ -65,9 +64,6 @@ class Agent:
     """
 
     def __init__(self, config: AgentConfig, *, clock: Clock | None = None) -> None:
-        # Before grpc's threads start: at most 2 malloc arenas (glibc), so what a
-        # burst of connections frees is not kept in one arena per thread.
-        limit_arenas()
         self.config = config
         self._clock = clock or SystemClock()
         self.state = AgentState(config.data_dir)

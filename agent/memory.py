@@ -6,16 +6,15 @@ each thread that allocated (grpc's, asyncio's executor threads) gets an arena
 of its own, and freed memory stays in those arenas. docs/benchmarks.md measured
 the agent at 108 MiB with 10,000 SVIDs held and 160 MiB after the bursts.
 
-Two remedies, both no-ops where the C library is not glibc (musl, macOS):
+The agent's front tells :class:`TrimAfterBurst` the open connection count:
+when a burst is over (the count went above ``high`` and is back at or below
+``low``) it calls ``malloc_trim(0)`` in a thread, off the event loop (it walks
+every arena; 0.4-3 ms measured), at most once every ``min_interval`` seconds.
+A no-op where the C library is not glibc (musl, macOS).
 
-- :func:`limit_arenas`, at agent start before threads start:
-  ``mallopt(M_ARENA_MAX, 2)``, what ``MALLOC_ARENA_MAX=2`` in the environment
-  does (glibc fixes its arena limit when it first needs more than 8 arenas, so
-  calling it early applies to every arena created later);
-- :class:`TrimAfterBurst`, told the open connection count by the front: when a
-  burst is over (the count went above ``high`` and is back at or below ``low``)
-  it calls ``malloc_trim(0)`` in a thread, off the event loop (it walks every
-  arena and may take milliseconds), at most once every ``min_interval`` seconds.
+Limiting the arenas (``mallopt(M_ARENA_MAX, 2)`` at start, what
+``MALLOC_ARENA_MAX=2`` does) was measured too: with the trim it gave nothing
+more (128-132 MiB after the bursts either way), so the agent does not do it.
 """
 
 from __future__ import annotations
@@ -29,27 +28,16 @@ from typing import Any
 
 from agent import log
 
-M_ARENA_MAX = -8
-ARENA_MAX = 2
-
 
 def glibc() -> Any | None:
-    """The C library if it is glibc (has mallopt and malloc_trim), else None."""
+    """The C library if it is glibc (has malloc_trim), else None."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+    if not hasattr(libc, "malloc_trim"):
         return None
     return libc
-
-
-def limit_arenas(libc: Any | None = None, arena_max: int = ARENA_MAX) -> bool:
-    """``mallopt(M_ARENA_MAX, arena_max)``; True if done (glibc), False otherwise."""
-    libc = libc if libc is not None else glibc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        return False
-    return bool(libc.mallopt(M_ARENA_MAX, arena_max))
 
 
 class TrimAfterBurst:

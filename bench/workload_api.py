@@ -66,7 +66,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.cache import Cache, CachedEntry  # noqa: E402
-from agent.memory import limit_arenas  # noqa: E402
 from agent.workload_api.server import WorkloadApiServer  # noqa: E402
 from api.protos import workload_pb2 as pb  # noqa: E402
 from attestation.workload.unix import UnixAttestor  # noqa: E402
@@ -170,7 +169,6 @@ def make_svids(workdir: Path, svids: int, uids: list[int]) -> None:
 
 
 async def _serve_agent(socket_path: Path, workdir: Path, svids: int, uids: list[int]) -> None:
-    limit_arenas()  # as Agent() does first (the front trims after bursts on its own)
     ca = _CA.load(workdir / "ca.bin")
     # Sized to keep every SVID (the agent's svid_cache_size), so all are held.
     cache = Cache(trust_domain=TD, jwt_signer=ca.sign_jwt, svid_cache_size=max(svids, 1))

@@ -1,21 +1,16 @@
-"""agent.memory: arena limit and trim after a connection burst (glibc), no-op elsewhere."""
+"""agent.memory: malloc_trim after a connection burst (glibc), a no-op elsewhere."""
 
 from __future__ import annotations
 
 import asyncio
 
 from agent import memory
-from agent.memory import M_ARENA_MAX, TrimAfterBurst, limit_arenas
+from agent.memory import TrimAfterBurst
 
 
 class FakeGlibc:
     def __init__(self) -> None:
-        self.mallopt_calls: list[tuple[int, int]] = []
         self.trim_calls: list[int] = []
-
-    def mallopt(self, param: int, value: int) -> int:
-        self.mallopt_calls.append((param, value))
-        return 1
 
     def malloc_trim(self, pad: int) -> int:
         self.trim_calls.append(pad)
@@ -23,7 +18,7 @@ class FakeGlibc:
 
 
 class NotGlibc:
-    """A C library without mallopt or malloc_trim (musl, macOS)."""
+    """A C library without malloc_trim (musl, macOS)."""
 
 
 class Clock:
@@ -32,19 +27,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def test_limit_arenas_sets_m_arena_max() -> None:
-    libc = FakeGlibc()
-    assert limit_arenas(libc) is True
-    assert libc.mallopt_calls == [(M_ARENA_MAX, 2)]
-    assert M_ARENA_MAX == -8
-
-
-def test_limit_arenas_is_a_no_op_without_glibc(monkeypatch) -> None:
-    assert limit_arenas(NotGlibc()) is False
-    monkeypatch.setattr(memory, "glibc", lambda: None)
-    assert limit_arenas() is False
 
 
 def test_trim_is_a_no_op_without_glibc(monkeypatch) -> None:
