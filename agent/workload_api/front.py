@@ -37,6 +37,7 @@ from pathlib import Path
 
 from agent import log
 from agent.errors import AgentError
+from agent.memory import TrimAfterBurst
 from attestation.relay import ConnectionRelay
 from attestation.socketdir import check_socket_directory
 from attestation.workload import (
@@ -180,6 +181,8 @@ class PeerCredentialFront:
             max_connections if max_connections_per_uid is None else max_connections_per_uid)
         self.preface_timeout = preface_timeout
         self._open = 0
+        # Gives a burst's freed memory back to the system once it is over.
+        self._memory = TrimAfterBurst()
         self._open_by_uid: dict[int, int] = {}
         self._recorded = 0
         self._refused = 0
@@ -277,6 +280,7 @@ class PeerCredentialFront:
             writer.close()
             return
         self._open += 1
+        self._memory.connections(self._open)
         try:
             with self._relay.tracked():
                 await self._relay_connection(reader, writer)
@@ -286,6 +290,7 @@ class PeerCredentialFront:
             log.event("workload connection failed", level=logging.ERROR, exc_info=True)
         finally:
             self._open -= 1
+            self._memory.connections(self._open)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
