@@ -27,6 +27,12 @@ class _Relay:
         self.obj = tls.obj
         self.incoming = tls.incoming
         self.outgoing = tls.outgoing
+        # The C object's methods, bound once: ssl.SSLObject.read and .write are
+        # Python wrappers around them, one more call per record.
+        sslobj = getattr(self.obj, "_sslobj", self.obj)
+        self._read = sslobj.read
+        self._write = sslobj.write
+        self._pending = sslobj.pending
         self.plain: asyncio.Transport | None = None
         self.secure: asyncio.Transport | None = None
         self.plain_eof = False  # the plain side sent all it will send
@@ -38,8 +44,11 @@ class _Relay:
     # -- plain -> TLS ------------------------------------------------------------------
 
     def from_plain(self, data: bytes) -> None:
-        self.obj.write(data)
-        self._flush_tls()
+        # One record per chunk (up to 16 KiB each), all of them handed to the
+        # transport in one write: when its buffer is empty that is one send().
+        self._write(data)
+        if self.secure is not None:
+            self.secure.write(self.outgoing.read())
 
     def plain_ended(self) -> None:
         self.plain_eof = True
@@ -69,11 +78,14 @@ class _Relay:
             # Until the plain side's transport exists, records wait in the BIO;
             # relay() drains them once it does.
             return
-        chunks: list[bytes] = []
+        read = self._read
+        incoming = self.incoming
+        first = b""
+        chunks: list[bytes] | None = None
         ended = False
         while True:
             try:
-                chunk = self.obj.read(RECORD_READ)
+                chunk = read(RECORD_READ)
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -85,9 +97,20 @@ class _Relay:
             if not chunk:
                 ended = True
                 break
-            chunks.append(chunk)
-        if chunks:
+            if not first:
+                first = chunk
+            elif chunks is None:
+                chunks = [first, chunk]
+            else:
+                chunks.append(chunk)
+            if not incoming.pending and not self._pending():
+                # Nothing left to decrypt: the next read could only say "want
+                # read" (an exception) - the usual case for a small record.
+                break
+        if chunks is not None:
             self.plain.write(b"".join(chunks))
+        elif first:
+            self.plain.write(first)
         self._flush_tls()  # e.g. the answer to a TLS 1.3 KeyUpdate
         if ended:
             self.tls_eof = True
@@ -125,41 +148,27 @@ class _Relay:
 
 
 class _Side(asyncio.Protocol):
-    def __init__(self, relay: _Relay, *, secure: bool) -> None:
+    """One socket of the relay; :class:`_PlainSide` and :class:`_TlsSide` say which.
+
+    Two classes rather than a flag, so that each received chunk goes straight to
+    its handler (the per-record path is a few calls deep, no more).
+    """
+
+    def __init__(self, relay: _Relay) -> None:
         self.relay = relay
-        self.secure = secure
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        if self.secure:
-            self.relay.secure = transport
-        else:
-            self.relay.plain = transport
+        self._attach(transport)
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            if self.secure:
-                self.relay.from_tls(data)
-            else:
-                self.relay.from_plain(data)
-        except (ssl.SSLError, OSError) as exc:
-            self.relay.fail(exc)
-
-    def eof_received(self) -> bool:
-        try:
-            if self.secure:
-                self.relay.tls_transport_ended()
-            else:
-                self.relay.plain_ended()
-        except (ssl.SSLError, OSError) as exc:
-            self.relay.fail(exc)
-        return True  # keep the transport open: the other direction may go on
+    def _attach(self, transport: asyncio.Transport) -> None:
+        raise NotImplementedError
 
     def _other(self) -> asyncio.Transport | None:
-        return self.relay.plain if self.secure else self.relay.secure
+        raise NotImplementedError
 
     def pause_writing(self) -> None:
         other = self._other()
@@ -175,6 +184,48 @@ class _Side(asyncio.Protocol):
         self.relay.lost(exc)
 
 
+class _PlainSide(_Side):
+    def _attach(self, transport: asyncio.Transport) -> None:
+        self.relay.plain = transport
+
+    def _other(self) -> asyncio.Transport | None:
+        return self.relay.secure
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.relay.from_plain(data)
+        except (ssl.SSLError, OSError) as exc:
+            self.relay.fail(exc)
+
+    def eof_received(self) -> bool:
+        try:
+            self.relay.plain_ended()
+        except (ssl.SSLError, OSError) as exc:
+            self.relay.fail(exc)
+        return True  # keep the transport open: the other direction may go on
+
+
+class _TlsSide(_Side):
+    def _attach(self, transport: asyncio.Transport) -> None:
+        self.relay.secure = transport
+
+    def _other(self) -> asyncio.Transport | None:
+        return self.relay.plain
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.relay.from_tls(data)
+        except (ssl.SSLError, OSError) as exc:
+            self.relay.fail(exc)
+
+    def eof_received(self) -> bool:
+        try:
+            self.relay.tls_transport_ended()
+        except (ssl.SSLError, OSError) as exc:
+            self.relay.fail(exc)
+        return True  # keep the transport open: the other direction may go on
+
+
 async def relay(plain: socket.socket, tls: TlsStream) -> None:
     """Copy both ways until both sides have finished sending; half-close is passed on.
 
@@ -187,8 +238,8 @@ async def relay(plain: socket.socket, tls: TlsStream) -> None:
     loop = asyncio.get_running_loop()
     state = _Relay(tls)
     try:
-        await loop.connect_accepted_socket(lambda: _Side(state, secure=True), tls.sock)
-        await loop.connect_accepted_socket(lambda: _Side(state, secure=False), plain)
+        await loop.connect_accepted_socket(lambda: _TlsSide(state), tls.sock)
+        await loop.connect_accepted_socket(lambda: _PlainSide(state), plain)
         # Data that came with the end of the handshake is already in the BIO.
         state.drain_tls()
         await state.done
