@@ -388,21 +388,29 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
                 raise InvalidArgumentError(
                     f"each audience must be 1 to {MAX_AUDIENCE_LENGTH} characters"
                 )
-        entry = self._authorized(node, [request.entry_id]).get(request.entry_id)
-        if entry is None:
-            raise PermissionDeniedError(
-                f"entry {request.entry_id!r} is not authorized for {node.spiffe_id}"
-            )
-        verdict = self._d.config.policy.scope(node.spiffe_id, node.selectors).verdict(entry)
-        if verdict.violation is not None:
-            raise PermissionDeniedError(str(verdict.violation))
-        ttl = verdict.jwt_ttl(entry.jwt_svid_ttl, self._d.config.jwt_svid_ttl)
+        entry, ttl = self._token_entry(node, request.entry_id)
         signed = self._d.authority.sign_jwt_svid(entry.spiffe_id, audience, ttl=ttl)
         count_svid("jwt")
         return agent_pb2.NewJWTSVIDResponse(
             token=signed.token, spiffe_id=str(entry.spiffe_id),
             issued_at=_ts(signed.issued_at), expires_at=_ts(signed.expires_at),
         )
+
+    def _token_entry(self, node: NodeRecord, entry_id: str) -> tuple[EntryRecord, dt.timedelta]:
+        """The authorized entry a JWT- or WIT-SVID is asked for, and the token's TTL.
+
+        Raises:
+            PermissionDeniedError: the entry is not authorized for the node, or the
+                issuance policy refuses it.
+        """
+        entry = self._authorized(node, [entry_id]).get(entry_id)
+        if entry is None:
+            raise PermissionDeniedError(
+                f"entry {entry_id!r} is not authorized for {node.spiffe_id}")
+        verdict = self._d.config.policy.scope(node.spiffe_id, node.selectors).verdict(entry)
+        if verdict.violation is not None:
+            raise PermissionDeniedError(str(verdict.violation))
+        return entry, verdict.jwt_ttl(entry.jwt_svid_ttl, self._d.config.jwt_svid_ttl)
 
     @grpc_method("agent")
     def GetAttestationChallenge(
@@ -441,15 +449,7 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
             workload_key = load_public_key_der(request.public_key)  # weak keys refused
         except InvalidKeyError as exc:
             raise InvalidArgumentError(f"invalid workload public key: {exc}") from None
-        entry = self._authorized(node, [request.entry_id]).get(request.entry_id)
-        if entry is None:
-            raise PermissionDeniedError(
-                f"entry {request.entry_id!r} is not authorized for {node.spiffe_id}"
-            )
-        verdict = self._d.config.policy.scope(node.spiffe_id, node.selectors).verdict(entry)
-        if verdict.violation is not None:
-            raise PermissionDeniedError(str(verdict.violation))
-        ttl = verdict.jwt_ttl(entry.jwt_svid_ttl, self._d.config.jwt_svid_ttl)
+        entry, ttl = self._token_entry(node, request.entry_id)
         signed = self._d.authority.sign_wit_svid(entry.spiffe_id, workload_key, ttl=ttl)
         count_svid("wit")
         return agent_pb2.NewWITSVIDResponse(
