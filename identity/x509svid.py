@@ -51,6 +51,9 @@ from identity.spiffeid import SpiffeId, TrustDomain
 # network input is bounded before use).
 MAX_CSR_BYTES = 64 * 1024
 
+MAX_LEAF_TEMPLATES = 100_000
+"""Identities a :class:`SvidSigner` keeps a leaf template for (a few hundred bytes each)."""
+
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
 
 _DNS_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
@@ -604,8 +607,17 @@ class SvidSigner:
     The CA is checked once, when the signer is made: it may sign (CA flag,
     keyCertSign, a SPIFFE ID without path if it has one), ``ca_key`` is its key, and
     the parts every leaf shares (issuer, constraints, key usage, AKI) are built
-    then. Each leaf is then built, signed and validated as a relying party would
-    (:func:`validate_leaf`, and it ends no later than the CA).
+    then.
+
+    The rest of a leaf is fixed by its identity (the SPIFFE ID, the DNS names and
+    whether the key is RSA): the first time an identity is signed for, its ID and
+    names are checked and its SAN extension encoded, and the leaf that comes out is
+    validated as a relying party would (:func:`validate_leaf`). That template,
+    validated, then serves every later leaf of the identity, which differs from the
+    first only in its key, serial and validity: those are still checked per leaf
+    (the key's strength; the validity clamped into the CA's), the leaf is not
+    parsed again. A new CA slot is a new signer, so each template is validated
+    once per identity and CA.
 
     Args:
         ca_cert: the signing certificate.
@@ -637,6 +649,7 @@ class SvidSigner:
         self._not_after = ca_cert.not_valid_after_utc
         self._aki = _aki_for(ca_cert, ca_key.public_key())
         self._base: dict[bool, x509.CertificateBuilder] = {}
+        self._templates: dict[tuple[SpiffeId, tuple[str, ...], bool], _LeafTemplate] = {}
 
     def _base_for(self, rsa_leaf: bool) -> x509.CertificateBuilder:
         # What every leaf with this kind of key shares; RSA key transport (TLS 1.2
@@ -689,16 +702,9 @@ class SvidSigner:
                 empty lifetime, or a leaf that fails validation.
             InvalidKeyError: a weak or unsupported workload key.
         """
-        if not spiffe_id.has_path:
-            raise X509SvidError(f"an X509-SVID leaf needs an ID with a path, got {spiffe_id}")
+        template = self._template_for(spiffe_id, tuple(dns_names),
+                                      isinstance(public_key, rsa.RSAPublicKey))
         check_public_key_strength(public_key)
-        for ca_td in self._trust_domains:
-            if not spiffe_id.is_member_of(ca_td):
-                raise X509SvidError(
-                    f"CA of trust domain {ca_td} cannot issue {spiffe_id} (X509-SVID §3)"
-                )
-        for name in dns_names:
-            _check_dns_name(name)
         not_before = max(_utc(not_before, "not_before"), self._not_before)
         not_after = min(_utc(not_after, "not_after"), self._not_after)
         if not_after <= not_before:
@@ -706,28 +712,63 @@ class SvidSigner:
                 f"SVID lifetime is empty after clamping to the CA: "
                 f"not_before={not_before} not_after={not_after}"
             )
-        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
-        sans.extend(x509.DNSName(n) for n in dict.fromkeys(dns_names))
         cert = (
-            self._base_for(isinstance(public_key, rsa.RSAPublicKey))
+            template.builder
             .public_key(public_key)
             .serial_number(_new_serial(serial))
             .not_valid_before(not_before)
             .not_valid_after(not_after)
-            # Empty subject, so the SAN MUST be critical (RFC 5280 §4.1.2.6).
-            .add_extension(x509.SubjectAlternativeName(sans), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
                            critical=False)
             .sign(self._ca_key, self._hash)
         )
-        # Build, sign, then validate (SPIRE's habit): the checks a relying party runs.
-        if validate_leaf(cert) != spiffe_id:
-            raise X509SvidError("issued certificate carries the wrong SPIFFE ID")
-        if cert.not_valid_after_utc > self._not_after:
-            raise X509SvidError("issued certificate outlives its CA")
+        if not template.validated:
+            # Build, sign, then validate (SPIRE's habit): the checks a relying party
+            # runs, on the first leaf of this identity under this CA.
+            if validate_leaf(cert) != spiffe_id:
+                raise X509SvidError("issued certificate carries the wrong SPIFFE ID")
+            if cert.not_valid_after_utc > self._not_after:
+                raise X509SvidError("issued certificate outlives its CA")
+            template.validated = True
         if self._verify:
             _check_signed_by(cert, self.ca_certificate)
         return cert
+
+    def _template_for(self, spiffe_id: SpiffeId, dns_names: tuple[str, ...],
+                      rsa_leaf: bool) -> _LeafTemplate:
+        """The builder of an identity's leaves, its ID and names checked once."""
+        key = (spiffe_id, dns_names, rsa_leaf)
+        template = self._templates.get(key)
+        if template is not None:
+            return template
+        if not spiffe_id.has_path:
+            raise X509SvidError(f"an X509-SVID leaf needs an ID with a path, got {spiffe_id}")
+        for ca_td in self._trust_domains:
+            if not spiffe_id.is_member_of(ca_td):
+                raise X509SvidError(
+                    f"CA of trust domain {ca_td} cannot issue {spiffe_id} (X509-SVID §3)"
+                )
+        for name in dns_names:
+            _check_dns_name(name)
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+        sans.extend(x509.DNSName(n) for n in dict.fromkeys(dns_names))
+        san = x509.SubjectAlternativeName(sans)
+        template = _LeafTemplate(self._base_for(rsa_leaf).add_extension(
+            # Empty subject, so the SAN MUST be critical (RFC 5280 §4.1.2.6).
+            x509.UnrecognizedExtension(san.oid, san.public_bytes()), critical=True))
+        if len(self._templates) >= MAX_LEAF_TEMPLATES:
+            self._templates.clear()  # a bound, not a policy: templates are cheap to remake
+        self._templates[key] = template
+        return template
+
+
+@dataclass
+class _LeafTemplate:
+    """What every leaf of one identity under one CA shares, and whether a leaf built
+    from it has passed :func:`validate_leaf`."""
+
+    builder: x509.CertificateBuilder
+    validated: bool = False
 
 
 def _leaf_key_usage(rsa_leaf: bool) -> x509.KeyUsage:

@@ -294,6 +294,90 @@ def test_signer_leaves_verify_and_follow_the_profile(
                     not_before=NOW, not_after=NOW + dt.timedelta(hours=1))
 
 
+def test_signer_validates_each_identity_once_per_ca(
+    ca1: tuple[x509.Certificate, PrivateKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first leaf of an identity is validated as a relying party would; later
+    leaves reuse the validated template; a new signer (CA slot) validates again."""
+    import identity.x509svid as module
+
+    calls: list[SpiffeId] = []
+    real = module.validate_leaf
+
+    def counting(cert: x509.Certificate) -> SpiffeId:
+        calls.append(real(cert))
+        return calls[-1]
+
+    monkeypatch.setattr(module, "validate_leaf", counting)
+    signer = SvidSigner(*ca1, verify_signatures=False)
+    other = SpiffeId.parse("spiffe://domain1.test/other")
+    bundle = Bundle(TD, x509_authorities=(ca1[0],))
+    leaves = []
+    for spiffe_id in (WORKLOAD, WORKLOAD, other, WORKLOAD, other):
+        key = generate_private_key()
+        leaves.append(signer.sign(spiffe_id=spiffe_id, public_key=key.public_key(),
+                                  not_before=NOW, not_after=NOW + dt.timedelta(hours=1)))
+    assert calls == [WORKLOAD, other]
+    # Every leaf is still its own: its ID, its key, its serial, a valid chain.
+    assert [verify_chain([leaf], bundle, now=NOW) for leaf in leaves] == [
+        WORKLOAD, WORKLOAD, other, WORKLOAD, other]
+    assert len({leaf.serial_number for leaf in leaves}) == 5
+    assert len({leaf.public_key().public_bytes(serialization.Encoding.DER,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+                for leaf in leaves}) == 5
+    calls.clear()  # verify_chain validated the leaves too
+    # The same identity with DNS names, or with an RSA key, is another template.
+    signer.sign(spiffe_id=WORKLOAD, public_key=generate_private_key().public_key(),
+                not_before=NOW, not_after=NOW + dt.timedelta(hours=1), dns_names=("a.example",))
+    signer.sign(spiffe_id=WORKLOAD, public_key=generate_private_key(KeyType.RSA_2048).public_key(),
+                not_before=NOW, not_after=NOW + dt.timedelta(hours=1))
+    assert calls == [WORKLOAD, WORKLOAD]
+    SvidSigner(*ca1, verify_signatures=False).sign(
+        spiffe_id=WORKLOAD, public_key=generate_private_key().public_key(),
+        not_before=NOW, not_after=NOW + dt.timedelta(hours=1))
+    assert calls == [WORKLOAD, WORKLOAD, WORKLOAD]
+
+
+def test_signer_template_failing_validation_is_never_trusted(
+    ca1: tuple[x509.Certificate, PrivateKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import identity.x509svid as module
+
+    def refuse(cert: x509.Certificate) -> SpiffeId:
+        raise X509SvidError("leaf certificate must not have CA flag set to true")
+
+    monkeypatch.setattr(module, "validate_leaf", refuse)
+    signer = SvidSigner(*ca1, verify_signatures=False)
+    for _ in range(2):  # a template that failed once is checked again, and fails again
+        with pytest.raises(X509SvidError, match="CA flag"):
+            signer.sign(spiffe_id=WORKLOAD, public_key=generate_private_key().public_key(),
+                        not_before=NOW, not_after=NOW + dt.timedelta(hours=1))
+
+
+def test_signer_checks_identity_before_key_and_bounds_its_templates(
+    ca1: tuple[x509.Certificate, PrivateKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import identity.x509svid as module
+
+    signer = SvidSigner(*ca1, verify_signatures=False)
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    with pytest.raises(X509SvidError, match="needs an ID with a path"):
+        signer.sign(spiffe_id=SpiffeId.parse("spiffe://domain1.test"), public_key=weak,
+                    not_before=NOW, not_after=NOW + dt.timedelta(hours=1))
+    with pytest.raises(X509SvidError, match="invalid DNS name"):
+        signer.sign(spiffe_id=WORKLOAD, public_key=generate_private_key().public_key(),
+                    not_before=NOW, not_after=NOW + dt.timedelta(hours=1), dns_names=("a..b",))
+    with pytest.raises(InvalidKeyError):
+        signer.sign(spiffe_id=WORKLOAD, public_key=weak,
+                    not_before=NOW, not_after=NOW + dt.timedelta(hours=1))
+    monkeypatch.setattr(module, "MAX_LEAF_TEMPLATES", 3)
+    for n in range(7):
+        signer.sign(spiffe_id=SpiffeId.parse(f"spiffe://domain1.test/w/{n}"),
+                    public_key=generate_private_key().public_key(),
+                    not_before=NOW, not_after=NOW + dt.timedelta(hours=1))
+        assert len(signer._templates) <= 3
+
+
 def test_signer_checks_the_ca_once_when_made(ca1: tuple[x509.Certificate, PrivateKey]) -> None:
     leaf, _ = issue(ca1)
     with pytest.raises(X509SvidError, match="CA flag"):
