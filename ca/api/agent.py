@@ -7,9 +7,12 @@ other method authenticates the agent from its client certificate (see
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hmac
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -17,7 +20,6 @@ import grpc
 from cryptography import x509
 
 from api.protos.sigil.agent.v1 import agent_pb2, agent_pb2_grpc
-from api.protos.sigil.types.v1 import types_pb2
 from attestation.node import join_token, pop
 from attestation.node.errors import UnknownAttestorError
 from attestation.node.pop import CHALLENGE_ATTESTORS, issue_nonce
@@ -82,7 +84,8 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
     def __init__(self, deps: ApiDeps, *, peer_certificate: PeerCertificate,
                  peer_address: PeerAddress | None = None,
                  rate_limiter: RateLimiter | None = None,
-                 entry_index: EntryIndex | None = None) -> None:
+                 entry_index: EntryIndex | None = None,
+                 signing_threads: int | None = None) -> None:
         """Args:
             deps: datastore, CA, config, clock.
             peer_certificate: maps ``context.peer()`` to (came through the TLS front,
@@ -91,6 +94,14 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
             rate_limiter: per-caller limits (None: the limits of ``deps.config``).
             entry_index: who may have which entry (None: built now from the
                 datastore, and told of this process's own entry changes).
+            signing_threads: how many calls of this process sign X.509-SVIDs at
+                once with an in-process CA key (None: the cores this process has
+                to itself, the machine's cores over the agent API processes).
+                Signing is CPU work that drops the GIL inside ``cryptography``
+                several times per SVID; more threads than cores then only hand
+                the GIL back and forth, each hand-off a context switch. Calls
+                beyond the limit wait their turn (bench/issuance.py measures it).
+                An HSM key is not limited: its signing is a wait on the device.
         """
         self._d = deps
         self._peer_certificate = peer_certificate
@@ -109,6 +120,10 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
         self._nodes = NodeCache(NodeStateReader(deps.datastore.read_engine).read,
                                 deps.datastore.get_node)
         self._leaf_ids = LeafIds()
+        if signing_threads is None:
+            signing_threads = max(1, (os.cpu_count() or 1) // ops.workers)
+        self.signing_threads = signing_threads
+        self._signing_gate = threading.BoundedSemaphore(signing_threads)
 
     # ---- authentication ----------------------------------------------------------
 
@@ -330,23 +345,32 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
         self._rate.check_signing(str(node.spiffe_id), len(request.params))
         authorized = self._authorized(node, {p.entry_id for p in request.params})
         policy = self._d.config.policy.scope(node.spiffe_id, node.selectors)
-        results: list[agent_pb2.BatchNewX509SVIDResult] = []
-        for param in request.params:
-            results.append(self._sign_one(node.spiffe_id, authorized, param, policy))
-        count_svid("x509", sum(1 for r in results if r.status.code == 0))
-        return agent_pb2.BatchNewX509SVIDResponse(results=results)
+        # Results are filled in place in the response: a message built apart and
+        # then passed to its parent would be copied into it.
+        response = agent_pb2.BatchNewX509SVIDResponse()
+        issued = 0
+        gate = (self._signing_gate if self._d.authority.x509_key_in_process
+                else contextlib.nullcontext())
+        with gate:
+            for param in request.params:
+                issued += self._sign_one(node.spiffe_id, authorized, param, policy,
+                                         response.results.add())
+        count_svid("x509", issued)
+        return response
 
     def _sign_one(
         self, agent_id: SpiffeId, authorized: dict[str, EntryRecord],
         param: agent_pb2.NewX509SVIDParams, policy: Scope,
-    ) -> agent_pb2.BatchNewX509SVIDResult:
-        def refused(code: grpc.StatusCode, message: str) -> agent_pb2.BatchNewX509SVIDResult:
+        result: agent_pb2.BatchNewX509SVIDResult,
+    ) -> bool:
+        """Fill ``result`` with the SVID, or with why it is refused; True if signed."""
+        def refused(code: grpc.StatusCode, message: str) -> bool:
             event("svid refused", level=logging.WARNING, agent_id=agent_id,
                   entry_id=param.entry_id, code=code.name, reason=message)
-            return agent_pb2.BatchNewX509SVIDResult(
-                entry_id=param.entry_id,
-                status=types_pb2.Status(code=code.value[0], message=message),
-            )
+            result.entry_id = param.entry_id
+            result.status.code = code.value[0]
+            result.status.message = message
+            return False
 
         entry = authorized.get(param.entry_id)
         if entry is None:
@@ -366,10 +390,10 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
         chain = self._d.authority.sign_x509_svid(
             entry.spiffe_id, public_key, ttl=ttl, dns_names=entry.dns_names
         )
-        return agent_pb2.BatchNewX509SVIDResult(
-            entry_id=entry.id, status=types_pb2.Status(code=0),
-            svid=svid_to_proto(entry.spiffe_id, chain),
-        )
+        result.entry_id = entry.id
+        result.status.code = 0
+        svid_to_proto(entry.spiffe_id, chain, into=result.svid)
+        return True
 
     @grpc_method("agent")
     def NewJWTSVID(

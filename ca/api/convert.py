@@ -93,10 +93,18 @@ def own_bundle_to_proto(authority: CertificateAuthority) -> types_pb2.Bundle:
     return msg
 
 
-def svid_to_proto(spiffe_id: SpiffeId, chain: Sequence[x509.Certificate]) -> types_pb2.X509SVID:
-    """An X509SVID message (no key: the requester made it)."""
-    return types_pb2.X509SVID(
-        spiffe_id=str(spiffe_id),
-        cert_chain=[c.public_bytes(Encoding.DER) for c in chain],
-        expires_at=int(chain[0].not_valid_after_utc.timestamp()),
-    )
+def svid_to_proto(spiffe_id: SpiffeId, chain: Sequence[x509.Certificate], *,
+                  into: types_pb2.X509SVID | None = None) -> types_pb2.X509SVID:
+    """An X509SVID message (no key: the requester made it).
+
+    Args:
+        spiffe_id: the SVID's ID.
+        chain: leaf first.
+        into: an empty message to fill (one inside a response, so it is not copied
+            there afterwards); None: a new one.
+    """
+    svid = types_pb2.X509SVID() if into is None else into
+    svid.spiffe_id = str(spiffe_id)
+    svid.cert_chain.extend(c.public_bytes(Encoding.DER) for c in chain)
+    svid.expires_at = int(chain[0].not_valid_after_utc.timestamp())
+    return svid
