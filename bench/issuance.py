@@ -27,7 +27,11 @@ Usage:
    (``x509.CertificateBuilder`` ... ``.sign(ca_key, SHA256)``), serialize it (DER).
    No RPC, no checks of ours, no database: what the server's rate is held to
    (issuance / SVID floor, goal >= 0.75, batches of 100).
-4. Call floors (unless --no-floor): the same stack with nothing of ours in it,
+4. Per-SVID breakdown, in this process: each in-process step of one SVID (CSR
+   check; certificate build, sign and DER; protobuf) ours beside the floor's, in
+   turns, best of 30 rounds (see :func:`breakdown`); after the server phases, what
+   a server SVID costs beyond those steps (the call, gRPC, TLS and relay).
+5. Call floors (unless --no-floor): the same stack with nothing of ours in it,
    each server in a process of its own, answering BatchNewX509SVID with an empty
    message without reading the request (the same clients send it the batch-of-1
    request): the server's TLS front (``ca.api.tls_front.TlsFront``: handshake,
@@ -187,6 +191,137 @@ def floor_rate(seconds: float, procs: int) -> tuple[float, float]:
     """SVIDs per second in ``cryptography``'s own calls on ``procs`` processes, and
     CPU-seconds per SVID (each process's own CPU clock: other load does not count)."""
     return _rate(_floor_worker, seconds, procs)
+
+
+# ---- per-SVID breakdown --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Microseconds of CPU per SVID for each step, best of many rounds, one process."""
+
+    floor_csr: float
+    floor_cert: float
+    csr: float
+    cert: float
+    proto: float
+
+    @property
+    def floor(self) -> float:
+        return self.floor_csr + self.floor_cert
+
+    @property
+    def ours(self) -> float:
+        return self.csr + self.cert + self.proto
+
+
+def breakdown(rounds: int = 30) -> Breakdown:
+    """Each step of one SVID, ours beside ``cryptography``'s own calls, in this process.
+
+    The steps run in turns (each over the same 100 CSRs, all for one SPIFFE ID as
+    the server phases send them) and each keeps its best round, so a busy machine
+    slows every step alike. Ours: :func:`identity.x509svid.csr_public_key` (load,
+    signature and key strength), :meth:`identity.x509svid.SvidSigner.sign` with
+    the clamp and template of the server's CA slot plus the certificate's DER, and
+    the protobuf result and response as ``BatchNewX509SVID`` builds them.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from api.protos.sigil.agent.v1 import agent_pb2
+    from ca.api.convert import svid_to_proto
+    from identity.spiffeid import SpiffeId, TrustDomain
+    from identity.x509svid import SvidSigner, csr_public_key, new_ca_certificate
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = new_ca_certificate(trust_domain=TrustDomain(TD), public_key=ca_key.public_key(),
+                            signer_key=ca_key, not_before=now - dt.timedelta(hours=1),
+                            not_after=now + dt.timedelta(days=1))
+    signer = SvidSigner(ca, ca_key, verify_signatures=False)
+    spiffe_id = SpiffeId.parse(f"spiffe://{TD}/w/0")
+    csrs = [
+        x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+        .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+        for _ in range(100)
+    ]
+    keys = [csr_public_key(der) for der in csrs]
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    ku = x509.KeyUsage(digital_signature=True, content_commitment=False,
+                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                       key_cert_sign=False, crl_sign=False, encipher_only=False,
+                       decipher_only=False)
+    eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                 ExtendedKeyUsageOID.CLIENT_AUTH])
+    sha256 = hashes.SHA256()
+    not_after = now + dt.timedelta(hours=1)
+    leaves = [signer.sign(spiffe_id=spiffe_id, public_key=k, not_before=now,
+                          not_after=not_after) for k in keys]
+
+    def floor_csr() -> None:
+        for der in csrs:
+            csr = x509.load_der_x509_csr(der)
+            if not csr.is_signature_valid:
+                raise SystemExit("CSR signature invalid")
+            csr.public_key()
+
+    def floor_cert() -> None:
+        for pub in keys:
+            (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca.subject)
+             .public_key(pub).serial_number(x509.random_serial_number())
+             .not_valid_before(now).not_valid_after(not_after)
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .add_extension(ku, critical=True).add_extension(eku, critical=False)
+             .add_extension(aki, critical=False)
+             .add_extension(x509.SubjectAlternativeName(
+                 [x509.UniformResourceIdentifier(str(spiffe_id))]), critical=True)
+             .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+             .sign(ca_key, sha256)).public_bytes(serialization.Encoding.DER)
+
+    def our_csr() -> None:
+        for der in csrs:
+            csr_public_key(der)
+
+    def our_cert() -> None:
+        for pub in keys:
+            at = dt.datetime.now(dt.UTC)
+            signer.sign(spiffe_id=spiffe_id, public_key=pub, not_before=at,
+                        not_after=at + dt.timedelta(hours=1)
+                        ).public_bytes(serialization.Encoding.DER)
+
+    def our_proto() -> None:
+        # svid_to_proto encodes the DER again: our_cert's DER is the floor's, so
+        # this step counts the encoding twice, and the breakdown stays an upper bound.
+        response = agent_pb2.BatchNewX509SVIDResponse()
+        for leaf in leaves:
+            result = response.results.add()
+            result.entry_id = "e"
+            result.status.code = 0
+            svid_to_proto(spiffe_id, (leaf,), into=result.svid)
+        response.SerializeToString()
+
+    steps = {"floor_csr": floor_csr, "floor_cert": floor_cert, "csr": our_csr,
+             "cert": our_cert, "proto": our_proto}
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.process_time()
+            step()
+            best[name] = min(best[name], (time.process_time() - start) / 100 * 1e6)
+    return Breakdown(**best)
+
+
+def _print_breakdown(b: Breakdown) -> None:
+    print("per SVID in one process, best of 30 rounds (µs of CPU):")
+    print(f"  {'step':<44} {'ours':>6} {'floor':>6}")
+    print(f"  {'CSR: load, check signature, take key':<44} {b.csr:>6.1f} {b.floor_csr:>6.1f}")
+    print(f"  {'certificate: build, sign, DER':<44} {b.cert:>6.1f} {b.floor_cert:>6.1f}")
+    print(f"  {'protobuf: result, response encoding':<44} {b.proto:>6.1f} {'-':>6}")
+    print(f"  {'in-process total':<44} {b.ours:>6.1f} {b.floor:>6.1f}"
+          f"   (floor / ours {b.floor / b.ours:.3f})")
 
 
 # ---- clients -------------------------------------------------------------------------
@@ -558,6 +693,8 @@ def main() -> None:
           f"({_us(floor_cpu)} of CPU per SVID, {floor_share:.0%} of the cores"
           + ("; the machine is busy: compare per CPU-second" if floor_share < 0.9 else "")
           + ")")
+    parts = breakdown()
+    _print_breakdown(parts)
     print(f"\nserver: worker_processes={args.workers}, {args.clients} client processes x "
           f"{args.connections} connections, one call in flight on each, "
           f"{args.seconds:g} s per phase")
@@ -598,6 +735,12 @@ def main() -> None:
         wall = big.seconds * cores
         print(f"  CPU in that phase: server {big.server_cpu / wall:.0%} of {cores} cores, "
               f"clients {big.client_cpu / wall:.0%}")
+    if big is not None and big.issued:
+        per_svid = big.cpu_per_svid * 1e6
+        print(f"  server CPU per SVID (batch of {big.batch}) {per_svid:.0f} µs = in-process "
+              f"steps {parts.ours:.0f} µs (one quiet process, above) + the rest "
+              f"{per_svid - parts.ours:.0f} µs (the call, gRPC, TLS, relay, and running "
+              "beside the clients)")
     one = by_batch.get(1)
     if one is not None and big is not None and one.issued and big.issued and big.batch > 1:
         print(f"ratio CPU per SVID, batch of 1 / batch of {big.batch}: "
