@@ -805,7 +805,9 @@ _EPILOG_HELPER = """\b
 Writes into DIR on every update: svid.pem (chain), svid.key (0600),
 bundle.pem, and federated_bundle_<trust domain>.pem per federated trust
 domain; with --bundle-map-file, also a SPIFFE bundle map of all those trust
-domains in one file; each atomically (temporary file, fsync, rename). Then runs
+domains in one file; with --wit-svid-file and --wit-svid-key-file, also the
+WIT-SVID and its private key (JWK, 0600) on every WIT-SVID rotation; each
+atomically (temporary file, fsync, rename). Then runs
 --cmd, or sends --signal to the PID in --pid-file.
 
 \b
@@ -832,11 +834,18 @@ Examples:
 @click.option("--bundle-map-file",
               help="Also write a SPIFFE bundle map (JSON) of every trust domain here "
                    "(relative: inside --dir).")
+@click.option("--wit-svid-file",
+              help="Also write the WIT-SVID (the token) here; needs --wit-svid-key-file "
+                   "(relative: inside --dir).")
+@click.option("--wit-svid-key-file",
+              help="Write the WIT-SVID's private key here, as a JWK (JSON), mode 0600.")
 @click.option("--count", type=click.IntRange(min=1), default=None,
-              help="Exit after N updates (for scripts and tests).")
+              help="Exit after N updates (of each stream, with WIT-SVIDs) (for scripts "
+                   "and tests).")
 def helper(config_path: Path | None, socket_path: str | None, directory: str | None,
            cmd: str | None, sig: str | None, pid_file: str | None,
-           bundle_map_file: str | None, count: int | None) -> None:
+           bundle_map_file: str | None, wit_svid_file: str | None,
+           wit_svid_key_file: str | None, count: int | None) -> None:
     """Keep SVID and bundle files current for a program that reads files (nginx, ...).
 
     Streams X.509-SVID updates from the agent until SIGTERM/SIGINT (or --count).
@@ -845,7 +854,8 @@ def helper(config_path: Path | None, socket_path: str | None, directory: str | N
 
     flags = {"socket_path": socket_path or os.environ.get(ENV_VAR) or None, "dir": directory,
              "cmd": cmd, "signal": sig, "pid_file": pid_file,
-             "bundle_map_file": bundle_map_file}
+             "bundle_map_file": bundle_map_file, "wit_svid_file": wit_svid_file,
+             "wit_svid_key_file": wit_svid_key_file}
     try:
         if config_path is not None:
             config = load_config_file(config_path, flags)
@@ -858,11 +868,12 @@ def helper(config_path: Path | None, socket_path: str | None, directory: str | N
     log.configure(level="info", fmt="text")
     runner: Helper
 
-    def counted(_svid: X509Svid) -> None:
-        if count is not None and runner.updates >= count:
+    def counted(_svid: object) -> None:
+        if count is not None and runner.updates >= count and (
+                not config.writes_wit or runner.wit_updates >= count):
             runner.stop()
 
-    runner = Helper(config, on_update=counted)
+    runner = Helper(config, on_update=counted, on_wit_update=counted)
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda _n, _f: runner.stop())
     runner.run()

@@ -13,6 +13,12 @@ writes into its directory:
   federated one, in one file: a reader loads every trust domain's authorities in
   one read, the direction of the SPIFFE Filesystem Delivery proposal.
 
+With ``wit_svid_file`` and ``wit_svid_key_file`` set, it also streams
+FetchWITSVID and writes the default WIT-SVID (the compact JWS, mode 0644: a
+WIT-SVID is worthless without a proof signed by its key, WIT-SVID §7.1) and its
+private key as the JWK the agent sent (mode 0600; the JWK keeps ``alg``, which
+every proof of possession must use), key first, on every rotation.
+
 Each file is replaced atomically (a temporary file in the same directory,
 fsync, rename; then the directory is fsynced), so a reader sees the old file or
 the new one, never a mix. Then it runs ``cmd`` (split like a shell would, not
@@ -49,7 +55,9 @@ from agent.workload_api.client import WorkloadApiClient
 from api.protos import workload_pb2 as pb
 from identity.bundle import Bundle, bundle_map_to_json
 from identity.errors import SigilError
+from identity.keys import public_keys_equal
 from identity.spiffeid import TrustDomain
+from identity.witsvid import WitSvid, load_private_jwk, parse_wit_svid_insecure
 from identity.x509svid import X509Svid, certificates_to_pem, load_certificates_der
 
 SVID_FILE = "svid.pem"
@@ -57,7 +65,7 @@ KEY_FILE = "svid.key"
 BUNDLE_FILE = "bundle.pem"
 FEDERATED_PREFIX = "federated_bundle_"
 HELPER_KEYS = frozenset({"socket_path", "dir", "cmd", "signal", "pid_file", "cmd_timeout",
-                         "bundle_map_file"})
+                         "bundle_map_file", "wit_svid_file", "wit_svid_key_file"})
 _OWN_FILES = frozenset({SVID_FILE, KEY_FILE, BUNDLE_FILE})
 RECONNECT_MIN = 0.5
 RECONNECT_MAX = 30.0
@@ -80,6 +88,9 @@ class HelperConfig:
         cmd_timeout: seconds ``cmd`` may run.
         bundle_map_file: where to write the SPIFFE bundle map, if anywhere
             (a relative path is inside ``dir``).
+        wit_svid_file: where to write the default WIT-SVID, if anywhere (a
+            relative path is inside ``dir``); set with ``wit_svid_key_file``.
+        wit_svid_key_file: where to write its private key (JWK JSON, 0600).
     """
 
     socket_path: Path
@@ -89,6 +100,13 @@ class HelperConfig:
     pid_file: Path | None = None
     cmd_timeout: float = 30.0
     bundle_map_file: Path | None = None
+    wit_svid_file: Path | None = None
+    wit_svid_key_file: Path | None = None
+
+    @property
+    def writes_wit(self) -> bool:
+        """Whether WIT-SVID files are configured (then both paths are set)."""
+        return self.wit_svid_file is not None and self.wit_svid_key_file is not None
 
 
 def parse_signal(text: str) -> signal_module.Signals:
@@ -159,17 +177,28 @@ def build_config(raw: Mapping[str, Any], *, source: str = "") -> HelperConfig:
     timeout = raw.get("cmd_timeout", 30.0)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise ConfigError(f"{where}helper.cmd_timeout must be a positive number of seconds")
-    map_text = text("bundle_map_file")
-    bundle_map = None
-    if map_text is not None:
-        bundle_map = Path(directory) / map_text  # an absolute path stays as it is
-        if bundle_map.name in _OWN_FILES or bundle_map.name.startswith(FEDERATED_PREFIX):
-            raise ConfigError(f"{where}helper.bundle_map_file {map_text!r} would overwrite "
+    extra: dict[str, Path] = {}
+    for key in ("bundle_map_file", "wit_svid_file", "wit_svid_key_file"):
+        value = text(key)
+        if value is None:
+            continue
+        path = Path(directory) / value  # an absolute path stays as it is
+        if (path.name in _OWN_FILES or path.name.startswith(FEDERATED_PREFIX)
+                or path in extra.values()):
+            raise ConfigError(f"{where}helper.{key} {value!r} would overwrite "
                               "one of the helper's other files")
+        extra[key] = path
+    if ("wit_svid_file" in extra) != ("wit_svid_key_file" in extra):
+        # A token without its key cannot make the proof it needs, and a key
+        # without its token proves nothing: both or neither.
+        raise ConfigError(f"{where}helper.wit_svid_file and helper.wit_svid_key_file "
+                          "go together: give both or neither")
     return HelperConfig(
         socket_path=socket_path, dir=Path(directory), cmd=cmd, signal=sig,
         pid_file=Path(pid_file) if pid_file else None, cmd_timeout=float(timeout),
-        bundle_map_file=bundle_map,
+        bundle_map_file=extra.get("bundle_map_file"),
+        wit_svid_file=extra.get("wit_svid_file"),
+        wit_svid_key_file=extra.get("wit_svid_key_file"),
     )
 
 
@@ -257,6 +286,54 @@ def write_files(directory: Path, response: pb.X509SVIDResponse, *,
     return svid
 
 
+def write_wit_files(response: pb.WITSVIDResponse, *, svid_path: Path,
+                    key_path: Path) -> WitSvid:
+    """Write the default WIT-SVID of one FetchWITSVID update and its private key.
+
+    The key is written as the agent sent it, a private JWK (RFC 7517) with
+    ``alg``: a WIT-SVID is only ever presented with a proof of possession (the
+    WIMSE WPT) whose ``alg`` must equal ``cnf.jwk.alg``, and a PEM file cannot
+    say which algorithm (RS256 or PS256 for one RSA key). JOSE libraries load a
+    JWK as it is. Mode 0600. The token, 0644 like ``svid.pem``: a WIT-SVID
+    alone authenticates nobody (WIT-SVID §7.1: never a bearer token).
+
+    Args:
+        response: one update of the WIT stream.
+        svid_path: where the token goes.
+        key_path: where the key goes.
+
+    Returns:
+        The WIT-SVID written.
+
+    Raises:
+        HelperError: the response has no WIT-SVID, an unusable one, a key that is
+            not its ``cnf`` key, or a write failed.
+    """
+    if not response.svids:
+        raise HelperError("the agent sent no WIT-SVID")
+    first = response.svids[0]
+    try:
+        wit = parse_wit_svid_insecure(first.wit_svid)
+        key = load_private_jwk(first.wit_svid_key)
+    except SigilError as exc:
+        raise HelperError(f"the agent sent an unusable WIT-SVID or key: {exc}") from None
+    if not public_keys_equal(key.public_key(), wit.confirmation_key):
+        raise HelperError("the agent sent a WIT-SVID key that is not its cnf key")
+    try:
+        for path in (svid_path, key_path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        # Key before token, as for X.509: a reader between the two renames holds a
+        # key that does not match the token's cnf, which fails loudly, rather than
+        # an old pair that looks valid.
+        write_file_atomic(key_path, first.wit_svid_key.encode(), mode=0o600)
+        write_file_atomic(svid_path, wit.token.encode(), mode=0o644)
+        for directory in {svid_path.parent, key_path.parent}:
+            _fsync_dir(directory)
+    except OSError as exc:
+        raise HelperError(f"cannot write the WIT-SVID files: {exc.strerror or exc}") from None
+    return wit
+
+
 def _write_public_file(path: Path, data: bytes) -> None:
     """Atomically replace ``path`` with a file of mode 0644 whatever the umask.
 
@@ -324,75 +401,131 @@ def notify(config: HelperConfig) -> None:
 
 
 class Helper:
-    """Streams X.509 updates and writes them, until :meth:`stop`.
+    """Streams X.509 updates (and WIT-SVID updates, when configured) and writes
+    them, until :meth:`stop`.
+
+    Each stream runs its own loop (the WIT one in a second thread) with its own
+    reconnect backoff; writing and notifying are serialized, so the program is
+    told once per update and never while another stream's files are half written.
 
     Args:
         config: what to do.
-        on_update: called after each update has been written and notified
+        on_update: called after each X.509 update has been written and notified
             (tests and ``--count`` use it).
+        on_wit_update: the same for each WIT-SVID update.
     """
 
     def __init__(self, config: HelperConfig, *,
-                 on_update: Callable[[X509Svid], None] | None = None) -> None:
+                 on_update: Callable[[X509Svid], None] | None = None,
+                 on_wit_update: Callable[[WitSvid], None] | None = None) -> None:
         self.config = config
         self._on_update = on_update
+        self._on_wit_update = on_wit_update
         self._stop = threading.Event()
-        self._call: Any = None
+        self._calls: set[Any] = set()
+        self._calls_lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self.updates = 0
+        """X.509 updates written."""
+        self.wit_updates = 0
+        """WIT-SVID updates written."""
         self.notify_failures: list[str] = []
         """Why each failed command or signal failed, in order (``--count`` exits 1 on any)."""
 
     def stop(self) -> None:
         """End :meth:`run` (safe from another thread or a signal handler)."""
         self._stop.set()
-        call = self._call
-        if call is not None:
+        with self._calls_lock:
+            calls = list(self._calls)
+        for call in calls:
             call.cancel()
 
     def run(self) -> None:
         """Write every update until stopped; reconnect with backoff when the agent goes."""
+        wit: threading.Thread | None = None
+        if self.config.writes_wit:
+            wit = threading.Thread(
+                target=self._follow, name="helper-wit", daemon=True,
+                args=("FetchWITSVID", pb.WITSVIDRequest(), pb.WITSVIDResponse,
+                      self._handle_wit))
+            wit.start()
+        try:
+            self._follow("FetchX509SVID", pb.X509SVIDRequest(), pb.X509SVIDResponse,
+                         self._handle)
+        finally:
+            self.stop()
+            if wit is not None:
+                wit.join()
+
+    def _follow(self, method: str, request: Any, response_type: Any,
+                handle: Callable[[Any], None]) -> None:
         delay = RECONNECT_MIN
         while not self._stop.is_set():
+            stream: Any = None
             try:
                 with WorkloadApiClient(self.config.socket_path) as client:
-                    stream = client.stream("FetchX509SVID", pb.X509SVIDRequest(),
-                                           pb.X509SVIDResponse)
-                    self._call = stream
+                    stream = client.stream(method, request, response_type)
+                    with self._calls_lock:
+                        self._calls.add(stream)
                     if self._stop.is_set():
                         return
                     for response in stream:
                         delay = RECONNECT_MIN
-                        self._handle(response)
+                        handle(response)
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     return
                 code = exc.code()
-                log.event("helper stream ended", code=code.name if code else "UNKNOWN",
-                          reason=exc.details(), retry_in=f"{delay:.1f}s")
+                log.event("helper stream ended", method=method,
+                          code=code.name if code else "UNKNOWN", reason=exc.details(),
+                          retry_in=f"{delay:.1f}s")
             finally:
-                self._call = None
+                with self._calls_lock:
+                    self._calls.discard(stream)
             if self._stop.wait(delay):
                 return
             delay = min(RECONNECT_MAX, delay * 2)
 
-    def _handle(self, response: pb.X509SVIDResponse) -> None:
-        try:
-            svid = write_files(self.config.dir, response,
-                               bundle_map=self.config.bundle_map_file)
-        except HelperError as exc:
-            log.event("helper update not written", level=logging.WARNING, reason=str(exc))
-            return
-        log.event("helper files written", spiffe_id=svid.spiffe_id, dir=self.config.dir,
-                  expires_at=svid.expires_at.isoformat())
+    def _notify(self) -> None:
         try:
             notify(self.config)
         except HelperError as exc:
             # A program still serving the old SVID fails once that expires: warn.
             log.event("helper notify failed", level=logging.WARNING, reason=str(exc))
             self.notify_failures.append(str(exc))
-        self.updates += 1
+
+    def _handle(self, response: pb.X509SVIDResponse) -> None:
+        with self._write_lock:
+            try:
+                svid = write_files(self.config.dir, response,
+                                   bundle_map=self.config.bundle_map_file)
+            except HelperError as exc:
+                log.event("helper update not written", level=logging.WARNING, reason=str(exc))
+                return
+            log.event("helper files written", spiffe_id=svid.spiffe_id, dir=self.config.dir,
+                      expires_at=svid.expires_at.isoformat())
+            self._notify()
+            self.updates += 1
         if self._on_update is not None:
             self._on_update(svid)
+
+    def _handle_wit(self, response: pb.WITSVIDResponse) -> None:
+        assert self.config.wit_svid_file is not None
+        assert self.config.wit_svid_key_file is not None
+        with self._write_lock:
+            try:
+                wit = write_wit_files(response, svid_path=self.config.wit_svid_file,
+                                      key_path=self.config.wit_svid_key_file)
+            except HelperError as exc:
+                log.event("helper wit-svid not written", level=logging.WARNING,
+                          reason=str(exc))
+                return
+            log.event("helper wit-svid written", spiffe_id=wit.spiffe_id,
+                      path=self.config.wit_svid_file, expires_at=wit.expires_at.isoformat())
+            self._notify()
+            self.wit_updates += 1
+        if self._on_wit_update is not None:
+            self._on_wit_update(wit)
 
 
 def wait_for_file(path: Path, timeout: float) -> bool:

@@ -176,6 +176,23 @@ class Bundle:
                 return auth
         return None
 
+    def without_ml_dsa_keys(self) -> Bundle:
+        """This bundle without its ML-DSA (``kty: AKP``) JWT and WIT authorities.
+
+        For readers that refuse a whole bundle over one key type they do not
+        know (go-spiffe and SPIRE, py-spiffe): EC and RSA keys and every X.509
+        authority stay, with the same sequence number and refresh hint.
+
+        Returns:
+            The bundle itself when it holds no ML-DSA key, else a copy without them.
+        """
+        jwt_keys = tuple(a for a in self.jwt_authorities if not mldsa.is_public_key(a.public_key))
+        wit_keys = tuple(a for a in self.wit_authorities if not mldsa.is_public_key(a.public_key))
+        if (len(jwt_keys), len(wit_keys)) == (len(self.jwt_authorities),
+                                              len(self.wit_authorities)):
+            return self
+        return replace(self, jwt_authorities=jwt_keys, wit_authorities=wit_keys)
+
     def bundle_for(self, trust_domain: TrustDomain) -> Bundle | None:
         """This bundle if it is ``trust_domain``'s, else None (a one-bundle source).
 

@@ -291,6 +291,17 @@ class AdminServicer(LocalAuthorityMethods, FederationMethods, RevocationMethods,
         return bundle_to_proto(self._foreign_bundles.set(td, request.format, request.data))
 
     @grpc_method("admin")
+    def BatchSetFederatedBundles(
+        self, request: admin_pb2.BatchSetFederatedBundlesRequest,
+        context: grpc.ServicerContext,
+    ) -> admin_pb2.BatchSetFederatedBundlesResponse:
+        """Replace (or add) several foreign bundles in one transaction: all or none."""
+        stored = self._foreign_bundles.set_many(
+            [(m.trust_domain, m.format, m.data) for m in request.bundles])
+        return admin_pb2.BatchSetFederatedBundlesResponse(
+            bundles=[bundle_to_proto(b) for b in stored])
+
+    @grpc_method("admin")
     def DeleteBundle(
         self, request: admin_pb2.DeleteBundleRequest, context: grpc.ServicerContext
     ) -> admin_pb2.DeleteBundleResponse:

@@ -249,6 +249,11 @@ def audited_ids(request: Any, response: Any | None) -> dict[str, Any]:
         entries = list(request.entries)
         ids["entries.count"] = len(entries)
         ids["entries.spiffe_id"] = [e.spiffe_id for e in entries[:MAX_AUDITED_IDS]]
+    if request.DESCRIPTOR.name == "BatchSetFederatedBundlesRequest":
+        # The trust domains whose bundles it set (each one is also logged by the server).
+        members = list(request.bundles)
+        ids["bundles.count"] = len(members)
+        ids["bundles.trust_domain"] = [b.trust_domain for b in members[:MAX_AUDITED_IDS]]
     if response is not None:
         result: dict[str, Any] = {}
         name = response.DESCRIPTOR.name

@@ -18,7 +18,7 @@ import click
 from api.protos.sigil.admin.v1 import admin_pb2
 from api.protos.sigil.types.v1 import types_pb2
 from ca.errors import InvalidArgumentError
-from ca.registry.foreign_bundles import MAX_BUNDLE_BYTES, parse_bundle, parse_trust_domain
+from ca.registry.foreign_bundles import MAX_BUNDLE_BYTES, parse_trust_domain
 from identity.bundle import Bundle, JwtAuthority, bundle_map_to_json, parse_bundle_map
 from identity.errors import BundleError
 from identity.spiffeid import TrustDomain
@@ -217,10 +217,11 @@ def set_(td_id: str | None, td_name: str | None, fmt: str, path: str | None, out
       sigil-server bundle set --format spiffe-map --path bundles.json
 
     --format spiffe-map sets every bundle of a SPIFFE bundle map (the map names
-    the trust domains: no --id). The whole map is checked first; a duplicate
-    trust domain, a bad name or a bad bundle refuses it and nothing is written.
-    Our own trust domain's member is skipped (the CA manages that bundle);
-    foreign bundles held but absent from the map are kept.
+    the trust domains: no --id) in one transaction: all of them or none. A
+    duplicate trust domain, a bad name, a bad bundle, our own trust domain (the
+    CA manages that bundle: remove its member) or more than 1000 members refuse
+    the whole map and nothing is written. Foreign bundles held but absent from
+    the map are kept.
     """
     if fmt == MAP_FORMAT:
         _set_map(td_id, td_name, path, output, socket_path)
@@ -253,40 +254,24 @@ def _set_map(td_id: str | None, td_name: str | None, path: str | None, output: s
         bundles = parse_bundle_map(data)
     except BundleError as exc:
         _fail(f"{path or 'stdin'}: {exc}")
-    # Every member passes the server's own checks here, before the first write: a
-    # bad member refuses the whole map rather than leaving half of it applied.
-    members = []
-    for b in bundles:
-        body = b.to_json()
-        try:
-            parse_bundle(b.trust_domain, "spiffe", body)
-        except InvalidArgumentError as exc:
-            _fail(f"{path or 'stdin'}: bundle map member {b.trust_domain.name!r}: {exc}")
-        members.append((b.trust_domain, body))
-    socket = socket_path or base._default_socket()
-    health = base._call(socket, lambda s: s.Health(admin_pb2.HealthRequest(),
-                                                   timeout=base.ADMIN_TIMEOUT))
-    done: list[Bundle] = []
-    skipped: list[str] = []
-    for td, body in members:
-        if td.name == health.trust_domain:
-            skipped.append(td.name)
-            continue
-        msg = base._call(socket, lambda s, td=td, body=body: s.SetBundle(
-            admin_pb2.SetBundleRequest(trust_domain=td.name, format="spiffe", data=body),
-            timeout=base.ADMIN_TIMEOUT))
-        done.append(bundle_from_proto(msg))
+    # One call, one transaction on the server: it checks every member (our own
+    # trust domain, a bad bundle, too many) before the first write, and a failure
+    # while writing rolls all of them back. Nothing is ever half applied.
+    request = admin_pb2.BatchSetFederatedBundlesRequest(bundles=[
+        admin_pb2.SetBundleRequest(trust_domain=b.trust_domain.name, format="spiffe",
+                                   data=b.to_json())
+        for b in bundles])
+    resp = base._call(socket_path or base._default_socket(),
+                      lambda s: s.BatchSetFederatedBundles(request, timeout=base.ADMIN_TIMEOUT))
+    done = [bundle_from_proto(m) for m in resp.bundles]
     if output == "json":
-        base._emit_json({"bundles": [bundle_json(b) for b in done], "skipped": skipped})
+        base._emit_json({"bundles": [bundle_json(b) for b in done]})
         return
     click.echo(f"Bundle map set: {len(done)} trust domain(s).")
     for b in done:
         click.echo(f"  {b.trust_domain.id_string()}: sequence {b.sequence_number or 0}, "
                    f"{len(b.x509_authorities)} CA certificate(s), "
                    f"{len(b.jwt_authorities)} JWT key(s)")
-    for name in skipped:
-        click.echo(f"  spiffe://{name}: skipped (this server's own trust domain; the CA "
-                   "manages its bundle)")
 
 
 @click.command("delete")

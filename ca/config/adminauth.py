@@ -63,6 +63,7 @@ METHOD_ROLES: Mapping[str, str] = {
     "RevokeLocalAuthority": AUTHORITY,
     "ListLocalAuthorities": READ,
     "SetBundle": AUTHORITY,
+    "BatchSetFederatedBundles": AUTHORITY,
     "DeleteBundle": AUTHORITY,
     "GetBundle": READ,
     "ListBundles": READ,

@@ -69,7 +69,8 @@ _FEDERATION_KEYS = {"refresh_min_interval", "refresh_max_interval",
                     "refresh_default_interval", "fetch_timeout", "web_ca_file",
                     "bundle_endpoint", "relationships"}
 _ENDPOINT_KEYS = {"address", "profile", "refresh_hint", "cert_file", "key_file",
-                  "max_connections", "max_connections_per_ip", "request_timeout"}
+                  "max_connections", "max_connections_per_ip", "request_timeout",
+                  "omit_post_quantum_keys"}
 _RELATIONSHIP_KEYS = {"trust_domain", "bundle_endpoint_url", "profile",
                       "endpoint_spiffe_id", "bootstrap_bundle_file"}
 _OIDC_KEYS = {"address", "domain", "cert_file", "key_file"}
@@ -88,6 +89,9 @@ class BundleEndpointConfig:
         max_connections: connections served at once; more are closed at accept.
         max_connections_per_ip: of those, from one client address (0: no limit).
         request_timeout: from accept to the end of the request's headers.
+        omit_post_quantum_keys: leave ML-DSA (``kty: AKP``) JWT and WIT keys out
+            of the served bundle, for peers (SPIRE, go-spiffe) that refuse a
+            whole bundle over a key type they do not know.
     """
 
     address: str
@@ -98,6 +102,7 @@ class BundleEndpointConfig:
     max_connections: int = DEFAULT_ENDPOINT_MAX_CONNECTIONS
     max_connections_per_ip: int = DEFAULT_ENDPOINT_MAX_PER_IP
     request_timeout: dt.timedelta = DEFAULT_ENDPOINT_REQUEST_TIMEOUT
+    omit_post_quantum_keys: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +172,13 @@ def _duration(table: Mapping[str, Any], where: str, key: str,
         raise ConfigError(f"{where}.{key}: {exc}") from None
 
 
+def _bool(table: Mapping[str, Any], where: str, key: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}.{key} must be true or false, not {value!r}")
+    return value
+
+
 def _count(table: Mapping[str, Any], where: str, key: str, default: int, *,
            minimum: int) -> int:
     value = table.get(key, default)
@@ -211,7 +223,8 @@ def _endpoint(value: object) -> BundleEndpointConfig:
         max_connections_per_ip=_count(table, where, "max_connections_per_ip",
                                       DEFAULT_ENDPOINT_MAX_PER_IP, minimum=0),
         request_timeout=_duration(table, where, "request_timeout",
-                                  DEFAULT_ENDPOINT_REQUEST_TIMEOUT))
+                                  DEFAULT_ENDPOINT_REQUEST_TIMEOUT),
+        omit_post_quantum_keys=_bool(table, where, "omit_post_quantum_keys", True))
 
 
 def _relationships(value: object, own: TrustDomain) -> tuple[ConfiguredRelationship, ...]:

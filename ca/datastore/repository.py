@@ -928,6 +928,47 @@ class Datastore(FederationQueries, RevocationQueries):
                     raise
         raise AssertionError("unreachable")
 
+    def set_bundles(
+        self, bundles: Sequence[tuple[TrustDomain, Callable[[int], tuple[str, int]]]]
+    ) -> list[StoredBundle]:
+        """Store several foreign bundles in one transaction: all of them, or none.
+
+        Like :meth:`set_bundle` for each, but an error at any member (the
+        database's, or ``render`` raising) rolls back every write before it.
+
+        Args:
+            bundles: each trust domain (never our own, each once) with a function
+                that, given the sequence number held (0: none), returns the
+                document and the sequence number to store.
+
+        Returns:
+            What was stored, in the given order.
+        """
+        if not bundles:
+            return []
+        for attempt in range(2):
+            try:
+                stored: list[StoredBundle] = []
+                with self._session() as s:
+                    for trust_domain, render in bundles:
+                        row = s.get(m.BundleRow, trust_domain.name, with_for_update=True)
+                        if row is None:
+                            row = m.BundleRow(trust_domain=trust_domain.name, sequence=0)
+                            s.add(row)
+                        data, sequence = render(row.sequence or 0)
+                        row.data, row.sequence = data, sequence
+                        stored.append(StoredBundle(trust_domain.name, data, sequence))
+                        # Written now, so a database error names its member's step
+                        # and the next member's read sees this one.
+                        s.flush()
+                    _record_bundle_change(s)
+                return stored
+            except DatastoreError as exc:
+                # Two writers inserting a first row: the loser retries, now updating.
+                if attempt == 1 or not isinstance(exc.__cause__, IntegrityError):
+                    raise
+        raise AssertionError("unreachable")
+
     def replace_bundle(self, trust_domain: TrustDomain, held: StoredBundle | None,
                        data: str, sequence: int) -> bool:
         """Store a foreign bundle only if what is stored is still ``held``.

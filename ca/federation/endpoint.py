@@ -114,10 +114,15 @@ class BundleEndpoint:
         return self._server.bound_address
 
     def document(self) -> Document:
-        """The current bundle with our refresh hint."""
+        """The current bundle with our refresh hint (without ML-DSA keys, by default)."""
+        bundle = self._authority.bundle()
+        if self._config.omit_post_quantum_keys:
+            # go-spiffe (and so SPIRE) refuses a whole bundle over one JWK of a kty
+            # it does not know ("AKP"), X.509 authorities included; a peer that
+            # cannot read the key loses nothing by not seeing it (docs/federation.md).
+            bundle = bundle.without_ml_dsa_keys()
         bundle = dataclasses.replace(
-            self._authority.bundle(),
-            refresh_hint=max(1, int(self._config.refresh_hint.total_seconds())))
+            bundle, refresh_hint=max(1, int(self._config.refresh_hint.total_seconds())))
         return Document(bundle.to_json())
 
     def start(self) -> None:

@@ -9,6 +9,8 @@ operator recovers from a bad refresh. Every check runs before anything is writte
 
 from __future__ import annotations
 
+import builtins
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 MAX_BUNDLE_BYTES = 1024 * 1024
 """Largest bundle accepted (the same bound the refresher applies to endpoints)."""
 FORMATS = ("pem", "spiffe")
+MAX_BATCH_BUNDLES = 1000
+"""Most bundles one :meth:`ForeignBundles.set_many` (a bundle map) may set."""
 
 
 def parse_trust_domain(text: str, field: str = "trust_domain") -> TrustDomain:
@@ -147,6 +151,55 @@ class ForeignBundles:
               x509_authorities=len(bundle.x509_authorities),
               jwt_authorities=len(bundle.jwt_authorities))
         return bundle
+
+    def set_many(self, members: Sequence[tuple[str, str, bytes]]) -> builtins.list[Bundle]:
+        """Parse and store several bundles (a SPIFFE bundle map) in one transaction.
+
+        Every member is checked before the first write; the writes then commit
+        together, so a failure at any point leaves every bundle as it was. Each
+        sequence number follows the rule of :meth:`set`.
+
+        Args:
+            members: ``(trust domain, format, data)`` each, as in :meth:`set`.
+
+        Returns:
+            The bundles stored, in the given order.
+
+        Raises:
+            InvalidArgumentError: too many members, a trust domain twice or our own,
+                or a member that does not parse (nothing written).
+        """
+        if len(members) > MAX_BATCH_BUNDLES:
+            raise InvalidArgumentError(
+                f"a bundle map may hold at most {MAX_BATCH_BUNDLES} trust domains, "
+                f"not {len(members)}")
+        parsed: builtins.list[Bundle] = []
+        seen: set[TrustDomain] = set()
+        for index, (name, fmt, data) in enumerate(members):
+            td = parse_trust_domain(name, f"bundles[{index}].trust_domain")
+            if td in seen:
+                raise InvalidArgumentError(f"trust domain {td.name!r} appears more than once")
+            seen.add(td)
+            try:
+                parsed.append(parse_bundle(self._foreign(td), fmt, data))
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(f"member {td.name!r}: {exc}") from None
+
+        def renderer(bundle: Bundle) -> Callable[[int], tuple[str, int]]:
+            def render(held: int) -> tuple[str, int]:
+                if bundle.sequence_number is not None:
+                    return bundle.to_json().decode(), bundle.sequence_number
+                numbered = replace(bundle, sequence_number=held + 1)
+                return numbered.to_json().decode(), held + 1
+            return render
+
+        stored = self._ds.set_bundles([(b.trust_domain, renderer(b)) for b in parsed])
+        out = [_load(row) for row in stored]
+        for b in out:
+            event("foreign bundle set", trust_domain=b.trust_domain.name,
+                  sequence=b.sequence_number or 0, x509_authorities=len(b.x509_authorities),
+                  jwt_authorities=len(b.jwt_authorities), batch=len(out))
+        return out
 
     def delete(self, td: TrustDomain) -> None:
         """Remove ``td``'s bundle. Entries that federate with it keep the name.

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import stat
+import subprocess
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,7 +25,7 @@ from identity.bundle import Bundle
 from identity.keys import public_keys_equal
 from identity.spiffeid import TrustDomain
 from identity.witsvid import load_private_jwk, sign_wpt, validate_wit_svid
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import Stack, _tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -81,3 +84,39 @@ def test_wit_svid_from_a_real_agent(stack: Stack, uid_selector: str) -> None:
     bare = stack.agent_cli("api", "validate", "wit", "--audience", aud, "--svid",
                            svid.wit_svid, check=False)
     assert bare.returncode == 2 and "--proof is required" in bare.stderr
+
+
+def test_helper_writes_wit_files_from_a_real_agent(stack: Stack, uid_selector: str,
+                                                   tmp_path: Path) -> None:
+    """``sigil-agent helper --wit-svid-file ... --wit-svid-key-file ... --count 1``
+    against the real agent: a WIT-SVID the server signed, its key as a JWK, 0600."""
+    td = TrustDomain.parse("e2e.sigil.test")
+    workload_id = "spiffe://e2e.sigil.test/helper"
+    stack.create_entry(workload_id, uid_selector)
+    _wait_for_wit(stack)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [_tool("sigil-agent"), "helper", "--socket-path", str(stack.agent_socket),
+         "--dir", str(out), "--wit-svid-file", "wit_svid.token",
+         "--wit-svid-key-file", "wit_svid_key.json", "--count", "1"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "helper wit-svid written" in done.stderr
+    token = (out / "wit_svid.token").read_text()
+    key_path = out / "wit_svid_key.json"
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    published = Bundle.from_jwks(td, stack.server_cli("bundle", "show", "--format",
+                                                      "spiffe").stdout)
+    now = dt.datetime.now(dt.UTC)
+    wit = validate_wit_svid(token, bundles=published, now=now)
+    assert str(wit.spiffe_id) == workload_id
+    key = load_private_jwk(key_path.read_text())
+    assert public_keys_equal(key.public_key(), wit.confirmation_key)
+    aud = "https://db.e2e.sigil.test/"
+    proof = sign_wpt(wit_token=token, key=key, audience=aud,
+                     expires_at=now + dt.timedelta(seconds=60))
+    ok = stack.agent_cli("api", "validate", "wit", "--audience", aud, "--svid", token,
+                         "--proof", proof)
+    assert ok.stdout.startswith(f"valid: {workload_id}"), ok.stderr
+    # The X.509 files came with it, as always.
+    assert (out / "svid.pem").exists() and (out / "svid.key").exists()

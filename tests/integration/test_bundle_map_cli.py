@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 
+import grpc
 import pytest
 
-from identity.bundle import bundle_map_to_json, parse_bundle_map
+from api.protos.sigil.admin.v1 import admin_pb2, admin_pb2_grpc
+from identity.bundle import Bundle, JwtAuthority, bundle_map_to_json, parse_bundle_map
+from identity.keys import generate_private_key, key_id
 from identity.spiffeid import TrustDomain
 from tests.integration.conftest import RunningServer, server_command
 from tests.integration.test_bundle_admin import _error, _foreign_bundle, _ok, _run
@@ -37,13 +40,20 @@ def test_round_trip(sigil_server: RunningServer) -> None:
     assert held[TrustDomain("it.sigil.test")].to_json().decode() == json.dumps(
         {k: v for k, v in json.loads(own).items() if k != "spiffe_refresh_hint"},
         separators=(",", ":"))
-    # The shown map set back: our own member is skipped, the foreign ones unchanged.
+    # The shown map set back holds our own trust domain: refused whole, nothing written.
     before = _ok(_run(sigil_server, "bundle", "list", "--output", "json"))
-    doc = json.loads(_ok(_run(sigil_server, "bundle", "set", "--format", "spiffe-map",
-                              "--output", "json", stdin=shown)))
-    assert doc["skipped"] == ["it.sigil.test"]
-    assert [x["trust_domain"] for x in doc["bundles"]] == ["b.fed.test", "c.fed.test"]
+    line = _error(_run(sigil_server, "bundle", "set", "--format", "spiffe-map", stdin=shown))
+    assert line.startswith("Error: member 'it.sigil.test': it.sigil.test is this server's own "
+                           "trust domain"), line
+    assert line.endswith("(INVALID_ARGUMENT)"), line
     assert _ok(_run(sigil_server, "bundle", "show", "--format", "spiffe")) == own
+    assert _ok(_run(sigil_server, "bundle", "list", "--output", "json")) == before
+    # Without it, the foreign members are set back unchanged.
+    foreign = bundle_map_to_json([x for x in held.values()
+                                  if x.trust_domain != TrustDomain("it.sigil.test")])
+    doc = json.loads(_ok(_run(sigil_server, "bundle", "set", "--format", "spiffe-map",
+                              "--output", "json", stdin=foreign.decode())))
+    assert [x["trust_domain"] for x in doc["bundles"]] == ["b.fed.test", "c.fed.test"]
     after = json.loads(_ok(_run(sigil_server, "bundle", "list", "--output", "json")))
     assert [(x["trust_domain"], x["bundle"]["keys"]) for x in after["bundles"]] == [
         (x["trust_domain"], x["bundle"]["keys"]) for x in json.loads(before)["bundles"]]
@@ -68,7 +78,19 @@ def _bad_maps() -> list[tuple[str, str]]:
          "member 'e.fed.test': bundle holds a CA certificate of trust domain d.fed.test"),
         (f'{{"trust_domains": {{"c.fed.test": {good}, "e.fed.test": {{"keys": []}}}}}}',
          "holds no CA certificate and no JWT key"),
+        (f'{{"trust_domains": {{"c.fed.test": {good}, "it.sigil.test": {good}}}}}',
+         "member 'it.sigil.test': it.sigil.test is this server's own trust domain"),
+        (_too_many_map(), "at most 1000 trust domains, not 1001"),
     ]
+
+
+def _too_many_map() -> str:
+    members = []
+    for i in range(1001):
+        key = generate_private_key().public_key()
+        members.append(Bundle(TrustDomain(f"t{i}.fed.test"), (),
+                              (JwtAuthority(key_id(key), key, None),), sequence_number=1))
+    return bundle_map_to_json(members).decode()
 
 
 def test_bad_map_is_refused_and_nothing_written(sigil_server: RunningServer) -> None:
@@ -92,3 +114,57 @@ def test_help_names_the_map_format(command: str) -> None:
     proc = subprocess.run([*server_command(), "bundle", command, "--help"],
                           capture_output=True, text=True, timeout=60)
     assert "spiffe-map" in _ok(proc)
+
+
+def _member(b: Bundle, name: str | None = None) -> admin_pb2.SetBundleRequest:
+    return admin_pb2.SetBundleRequest(trust_domain=name or b.trust_domain.name,
+                                      format="spiffe", data=b.to_json())
+
+
+def test_batch_rpc_is_all_or_nothing(sigil_server: RunningServer) -> None:
+    """BatchSetFederatedBundles over raw gRPC: each bad request INVALID_ARGUMENT and
+    nothing written (read back), a good one written whole and audited."""
+    d = _foreign_bundle(TrustDomain("d.fed.test"))
+    b, c = _foreign_bundle(B), _foreign_bundle(C)
+    own = _foreign_bundle(TrustDomain("it.sigil.test"))
+    with grpc.insecure_channel(f"unix:{sigil_server.socket_path}") as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+        stub.SetBundle(_member(d), timeout=30)
+        before = stub.ListBundles(admin_pb2.ListBundlesRequest(), timeout=30)
+        many = [_member(_foreign_bundle(TrustDomain(f"t{i}.fed.test")))
+                for i in range(1001)]
+        bad = [
+            ([_member(b), _member(c), _member(b, "spiffe://b.fed.test")],
+             "trust domain 'b.fed.test' appears more than once"),
+            ([_member(b), _member(own), _member(c)],
+             "member 'it.sigil.test': it.sigil.test is this server's own trust domain"),
+            ([_member(b), admin_pb2.SetBundleRequest(trust_domain="c.fed.test",
+                                                     format="spiffe", data=b'{"keys": 5}'),
+              _member(d)],
+             "member 'c.fed.test': bundle of c.fed.test (spiffe): bundle 'keys' must be"),
+            (many, "a bundle map may hold at most 1000 trust domains, not 1001"),
+        ]
+        for members, message in bad:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.BatchSetFederatedBundles(
+                    admin_pb2.BatchSetFederatedBundlesRequest(bundles=members), timeout=60)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert message in (info.value.details() or ""), info.value.details()
+            assert stub.ListBundles(admin_pb2.ListBundlesRequest(), timeout=30) == before
+        resp = stub.BatchSetFederatedBundles(
+            admin_pb2.BatchSetFederatedBundlesRequest(bundles=[_member(c), _member(b)]),
+            timeout=30)
+        assert [(x.trust_domain, x.sequence_number) for x in resp.bundles] == [
+            ("c.fed.test", 7), ("b.fed.test", 7)]
+        listed = stub.ListBundles(admin_pb2.ListBundlesRequest(), timeout=30)
+        assert [x.trust_domain for x in listed.bundles] == ["b.fed.test", "c.fed.test",
+                                                            "d.fed.test"]
+    lines = [json.loads(line) for line in
+             (sigil_server.data_dir / "admin-audit.log").read_text().splitlines()]
+    batch = [x for x in lines if x["method"] == "BatchSetFederatedBundles"]
+    assert [x["code"] for x in batch] == ["INVALID_ARGUMENT"] * 4 + ["OK"]
+    assert batch[-1]["role"] == "all"  # the socket owner
+    assert batch[-1]["ids"] == {"bundles.count": 2,
+                                "bundles.trust_domain": ["c.fed.test", "b.fed.test"]}
+    assert batch[3]["ids"]["bundles.count"] == 1001
+    assert len(batch[3]["ids"]["bundles.trust_domain"]) == 20

@@ -31,6 +31,9 @@ def test_defaults(tmp_path: Path) -> None:
             fed.fetch_timeout) == (dt.timedelta(seconds=30), dt.timedelta(hours=1),
                                    dt.timedelta(minutes=5), dt.timedelta(seconds=10))
     assert (fed.bundle_endpoint, fed.relationships, fed.oidc_discovery) == (None, (), None)
+    endpoint = _load(tmp_path, '[federation.bundle_endpoint]\nprofile = "https_spiffe"\n'
+                     ).federation.bundle_endpoint  # type: ignore[attr-defined]
+    assert endpoint.omit_post_quantum_keys is True  # interop first: docs/federation.md
 
 
 def test_full_config(tmp_path: Path) -> None:
@@ -52,6 +55,7 @@ refresh_hint = "1m"
 max_connections = 32
 max_connections_per_ip = 0
 request_timeout = "3s"
+omit_post_quantum_keys = false
 [[federation.relationships]]
 trust_domain = "b.test"
 bundle_endpoint_url = "https://b.example:8443/"
@@ -74,6 +78,7 @@ key_file = "/etc/k.pem"
         "https_spiffe", dt.timedelta(minutes=1))
     assert (fed.bundle_endpoint.max_connections, fed.bundle_endpoint.max_connections_per_ip,
             fed.bundle_endpoint.request_timeout) == (32, 0, dt.timedelta(seconds=3))
+    assert fed.bundle_endpoint.omit_post_quantum_keys is False
     [rb, rc] = fed.relationships
     assert rb.relationship.endpoint_spiffe_id == SpiffeId.parse("spiffe://b.test/sigil/server")
     assert rb.bootstrap_bundle.sequence_number == 3
@@ -100,6 +105,8 @@ key_file = "/etc/k.pem"
      "federation.bundle_endpoint.max_connections_per_ip must be a whole number >= 0"),
     ('[federation.bundle_endpoint]\nprofile = "https_spiffe"\nrequest_timeout = 10\n',
      "federation.bundle_endpoint.request_timeout must be a duration string"),
+    ('[federation.bundle_endpoint]\nprofile = "https_spiffe"\nomit_post_quantum_keys = 1\n',
+     "federation.bundle_endpoint.omit_post_quantum_keys must be true or false, not 1"),
     ('[federation]\nrelationships = "b.test"\n', "must be an array of tables"),
     ('[[federation.relationships]]\ntrust_domain = "b.test"\n',
      "federation.relationships[0]: bundle_endpoint_url is required"),

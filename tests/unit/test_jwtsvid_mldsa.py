@@ -232,3 +232,21 @@ def test_pyjwt_algorithm_object() -> None:
     assert not alg.verify(b"m", ML44.public_key(), sig)
     with pytest.raises(ValueError, match="not an ML-DSA algorithm"):
         mldsa.MlDsaAlgorithm("ML-DSA-66")
+
+
+def test_without_ml_dsa_keys_keeps_everything_else() -> None:
+    """What the bundle endpoint serves with omit_post_quantum_keys (the default)."""
+    ec_key = generate_private_key().public_key()
+    ec_auth = JwtAuthority(key_id(ec_key), ec_key)
+    pq_auth = JwtAuthority("pq-kid", ML65.public_key())
+    wit_key = generate_private_key().public_key()
+    wit_ec = JwtAuthority(key_id(wit_key), wit_key)
+    wit_pq = JwtAuthority("wit-pq", ML44.public_key())
+    mixed = Bundle(TD, jwt_authorities=(ec_auth, pq_auth), wit_authorities=(wit_ec, wit_pq),
+                   sequence_number=9, refresh_hint=60)
+    kept = mixed.without_ml_dsa_keys()
+    assert kept.jwt_authorities == (ec_auth,) and kept.wit_authorities == (wit_ec,)
+    assert (kept.trust_domain, kept.sequence_number, kept.refresh_hint) == (TD, 9, 60)
+    assert {k["kty"] for k in kept.to_jwks()["keys"]} == {"EC"}
+    classical = Bundle(TD, jwt_authorities=(ec_auth,), sequence_number=1)
+    assert classical.without_ml_dsa_keys() is classical

@@ -155,6 +155,18 @@ class SetBundleRequest(_message.Message):
     data: bytes
     def __init__(self, trust_domain: _Optional[str] = ..., format: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class BatchSetFederatedBundlesRequest(_message.Message):
+    __slots__ = ("bundles",)
+    BUNDLES_FIELD_NUMBER: _ClassVar[int]
+    bundles: _containers.RepeatedCompositeFieldContainer[SetBundleRequest]
+    def __init__(self, bundles: _Optional[_Iterable[_Union[SetBundleRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchSetFederatedBundlesResponse(_message.Message):
+    __slots__ = ("bundles",)
+    BUNDLES_FIELD_NUMBER: _ClassVar[int]
+    bundles: _containers.RepeatedCompositeFieldContainer[_types_pb2.Bundle]
+    def __init__(self, bundles: _Optional[_Iterable[_Union[_types_pb2.Bundle, _Mapping]]] = ...) -> None: ...
+
 class DeleteBundleRequest(_message.Message):
     __slots__ = ("trust_domain",)
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]

@@ -165,6 +165,11 @@ class AdminStub:
                 request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.DeleteBundleRequest.SerializeToString,
                 response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.DeleteBundleResponse.FromString,
                 _registered_method=True)
+        self.BatchSetFederatedBundles = channel.unary_unary(
+                '/sigil.admin.v1.Admin/BatchSetFederatedBundles',
+                request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BatchSetFederatedBundlesRequest.SerializeToString,
+                response_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BatchSetFederatedBundlesResponse.FromString,
+                _registered_method=True)
         self.CreateFederationRelationship = channel.unary_unary(
                 '/sigil.admin.v1.Admin/CreateFederationRelationship',
                 request_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.FederationRelationshipRequest.SerializeToString,
@@ -371,6 +376,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchSetFederatedBundles(self, request, context):
+        """Several foreign bundles (a SPIFFE bundle map) in one datastore transaction:
+        every member is checked first, then all are written, or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateFederationRelationship(self, request, context):
         """Federation relationships: which foreign trust domains' bundles we fetch, from where.
         """
@@ -555,6 +568,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeleteBundle,
                     request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.DeleteBundleRequest.FromString,
                     response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.DeleteBundleResponse.SerializeToString,
+            ),
+            'BatchSetFederatedBundles': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchSetFederatedBundles,
+                    request_deserializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BatchSetFederatedBundlesRequest.FromString,
+                    response_serializer=api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BatchSetFederatedBundlesResponse.SerializeToString,
             ),
             'CreateFederationRelationship': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateFederationRelationship,
@@ -1299,6 +1317,33 @@ class Admin:
             '/sigil.admin.v1.Admin/DeleteBundle',
             api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.DeleteBundleRequest.SerializeToString,
             api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.DeleteBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchSetFederatedBundles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sigil.admin.v1.Admin/BatchSetFederatedBundles',
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BatchSetFederatedBundlesRequest.SerializeToString,
+            api_dot_protos_dot_sigil_dot_admin_dot_v1_dot_admin__pb2.BatchSetFederatedBundlesResponse.FromString,
             options,
             channel_credentials,
             insecure,
