@@ -7,12 +7,9 @@ other method authenticates the agent from its client certificate (see
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hmac
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -84,8 +81,7 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
     def __init__(self, deps: ApiDeps, *, peer_certificate: PeerCertificate,
                  peer_address: PeerAddress | None = None,
                  rate_limiter: RateLimiter | None = None,
-                 entry_index: EntryIndex | None = None,
-                 signing_threads: int | None = None) -> None:
+                 entry_index: EntryIndex | None = None) -> None:
         """Args:
             deps: datastore, CA, config, clock.
             peer_certificate: maps ``context.peer()`` to (came through the TLS front,
@@ -94,14 +90,6 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
             rate_limiter: per-caller limits (None: the limits of ``deps.config``).
             entry_index: who may have which entry (None: built now from the
                 datastore, and told of this process's own entry changes).
-            signing_threads: how many calls of this process sign X.509-SVIDs at
-                once with an in-process CA key (None: the cores this process has
-                to itself, the machine's cores over the agent API processes).
-                Signing is CPU work that drops the GIL inside ``cryptography``
-                several times per SVID; more threads than cores then only hand
-                the GIL back and forth, each hand-off a context switch. Calls
-                beyond the limit wait their turn (bench/issuance.py measures it).
-                An HSM key is not limited: its signing is a wait on the device.
         """
         self._d = deps
         self._peer_certificate = peer_certificate
@@ -120,10 +108,6 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
         self._nodes = NodeCache(NodeStateReader(deps.datastore.read_engine).read,
                                 deps.datastore.get_node)
         self._leaf_ids = LeafIds()
-        if signing_threads is None:
-            signing_threads = max(1, (os.cpu_count() or 1) // ops.workers)
-        self.signing_threads = signing_threads
-        self._signing_gate = threading.BoundedSemaphore(signing_threads)
 
     # ---- authentication ----------------------------------------------------------
 
@@ -349,12 +333,9 @@ class AgentServicer(RevocationListMethods, agent_pb2_grpc.AgentServicer):
         # then passed to its parent would be copied into it.
         response = agent_pb2.BatchNewX509SVIDResponse()
         issued = 0
-        gate = (self._signing_gate if self._d.authority.x509_key_in_process
-                else contextlib.nullcontext())
-        with gate:
-            for param in request.params:
-                issued += self._sign_one(node.spiffe_id, authorized, param, policy,
-                                         response.results.add())
+        for param in request.params:
+            issued += self._sign_one(node.spiffe_id, authorized, param, policy,
+                                     response.results.add())
         count_svid("x509", issued)
         return response
 

@@ -660,12 +660,6 @@ class CertificateAuthority:
         """The active signing certificate."""
         return self._active_x509().certificate
 
-    @property
-    def x509_key_in_process(self) -> bool:
-        """Whether the active X.509 CA key signs in this process (not in an HSM):
-        then signing is CPU work, not a wait on a device."""
-        return not self._active_x509().key.external
-
     def _chain_for(self, leaf: x509.Certificate, slot: X509Slot) -> tuple[x509.Certificate, ...]:
         # A self-signed root is not part of an SVID chain (X509-SVID §5.3: roots come
         # from the bundle); an intermediate under an upstream CA is, with the
