@@ -23,6 +23,7 @@ Start-up order (DESIGN flow 2):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable
 
@@ -167,14 +168,28 @@ class Agent:
         await self.workload_api.start()
         log.event("workload api listening", socket=self.config.socket_path)
         broker = self.config.broker
-        if broker.socket_path is not None:
+        if broker.enabled:
+            manager = self.manager
             self.broker_api = BrokerApiServer(
-                socket_path=broker.socket_path, cache=self.cache, attestors=attestors,
-                authorized=broker.authorized, clock=self._clock,
+                socket_path=broker.socket_path, listen_address=broker.listen_address,
+                cache=self.cache, attestors=attestors, authorized=broker.authorized,
+                clock=self._clock,
+                # Read at every TLS handshake: a renewed agent SVID or a rotated CA
+                # applies to new broker connections without a restart.
+                agent_svid=lambda: manager.agent_svid,
+                bundle=lambda: manager.bundle,
             )
             await self.broker_api.start()
-            log.event("broker api listening", socket=broker.socket_path,
+            log.event("broker api listening", socket=broker.socket_path or "",
+                      address=_tcp_address(broker.listen_address, self.broker_api.tcp_port),
                       authorized=",".join(str(i) for i in broker.authorized))
+            if broker.listen_address is not None and not ipaddress.ip_address(
+                    broker.listen_address[0]).is_loopback:
+                # SPIFFE Broker Endpoint section 3: TCP only where the network
+                # itself keeps other hosts out; and PID references name processes
+                # of this node whoever sends them.
+                log.event("broker api listens beyond this host", level=logging.WARNING,
+                          address=broker.listen_address[0])
         self.ready.set()
         await self.manager.run(self._stop, self.config.sync_interval)
         log.event("agent stopping")
@@ -362,3 +377,11 @@ class Agent:
         log.event("agent attested", agent_id=result.svid.spiffe_id, attestor=attestation_type,
                   expires_at=result.svid.expires_at.isoformat())
         return result.svid, result.bundle
+
+
+def _tcp_address(listen: tuple[str, int] | None, port: int | None) -> str:
+    """``ip:port`` as bound (port 0 resolved), or "" without TCP."""
+    if listen is None or port is None:
+        return ""
+    host = f"[{listen[0]}]" if ":" in listen[0] else listen[0]
+    return f"{host}:{port}"

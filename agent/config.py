@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ _SDS_KEYS = frozenset({
     "enabled", "default_svid_name", "default_bundle_name", "default_all_bundles_name",
     "disable_spiffe_cert_validation",
 })
-_BROKER_KEYS = frozenset({"socket_path", "authorized"})
+_BROKER_KEYS = frozenset({"socket_path", "listen_address", "authorized"})
 _ATTESTOR_KEYS: Mapping[str, frozenset[str]] = {
     "unix": frozenset({"discover_workload_path", "workload_path_sha256"}),
     "k8s": k8s_workload.CONFIG_KEYS,
@@ -124,14 +125,23 @@ class BrokerSettings:
     """The SPIFFE Broker API (the ``[broker]`` table; docs/agent.md, "Broker API").
 
     Attributes:
-        socket_path: the broker socket; None (the default): the Broker API is off.
-        authorized: the SPIFFE IDs of the brokers that may call it. A caller is
-            attested like a workload; one of the SPIFFE IDs its selectors entitle
-            it to must be listed.
+        socket_path: the broker socket; None (the default): not served on a socket.
+        listen_address: ``(ip, port)`` of the TCP endpoint with mutual TLS; None
+            (the default): not served over TCP. With neither, the Broker API is off.
+        authorized: the SPIFFE IDs of the brokers that may call it. On the socket a
+            caller is attested like a workload, and one of the SPIFFE IDs its
+            selectors entitle it to must be listed; over TCP the SPIFFE ID of its
+            X.509-SVID (verified against the trust domain's bundle) must be.
     """
 
     socket_path: Path | None = None
+    listen_address: tuple[str, int] | None = None
     authorized: tuple[SpiffeId, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        """Served on a socket, over TCP, or both."""
+        return self.socket_path is not None or self.listen_address is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +174,7 @@ class AgentConfig:
         connection_idle_timeout: a Workload API connection with no call in
             progress for this long is closed.
         sds: Envoy SDS on the Workload API socket.
-        broker: the SPIFFE Broker API (off unless its socket is set).
+        broker: the SPIFFE Broker API (off unless its socket or TCP address is set).
     """
 
     trust_domain: TrustDomain
@@ -378,17 +388,42 @@ def _broker(table: object, *, workload_socket: Path) -> BrokerSettings:
             ids.append(SpiffeId.parse(text))
         except InvalidSpiffeIdError as exc:
             raise ConfigError(f"broker.authorized: {exc}") from None
-    if not path:
-        return BrokerSettings(authorized=tuple(ids))
-    socket = Path(path)
-    if not socket.is_absolute():
-        raise ConfigError(f"broker.socket_path must be an absolute path, not {path!r}")
-    if socket == workload_socket:
-        raise ConfigError("broker.socket_path must differ from socket_path")
-    if not ids:
+    listen = _broker_listen_address(table.get("listen_address", ""))
+    socket: Path | None = None
+    if path:
+        socket = Path(path)
+        if not socket.is_absolute():
+            raise ConfigError(f"broker.socket_path must be an absolute path, not {path!r}")
+        if socket == workload_socket:
+            raise ConfigError("broker.socket_path must differ from socket_path")
+    if (socket is not None or listen is not None) and not ids:
         raise ConfigError("broker.authorized must list at least one SPIFFE ID when "
-                          "broker.socket_path is set")
-    return BrokerSettings(socket_path=socket, authorized=tuple(ids))
+                          "broker.socket_path or broker.listen_address is set")
+    return BrokerSettings(socket_path=socket, listen_address=listen, authorized=tuple(ids))
+
+
+def _broker_listen_address(value: object) -> tuple[str, int] | None:
+    """``IP:PORT`` (``[v6]:PORT``) of the broker's TCP endpoint; "" is off.
+
+    The host must be an IP address, as in a ``tcp://`` ``SPIFFE_BROKER_SOCKET``
+    (SPIFFE Broker Endpoint section 4): a name could resolve to an address that
+    the operator did not mean to expose. Port 0 picks a free port (logged).
+    """
+    if not isinstance(value, str):
+        raise ConfigError(f"broker.listen_address must be a string, not {value!r}")
+    if not value:
+        return None
+    try:
+        host, port = configvalues.parse_host_port(value, allow_port_zero=True)
+    except InvalidValueError as exc:
+        raise ConfigError(f"broker.listen_address: {exc}") from None
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"broker.listen_address: the host must be an IP address, not "
+                          f"{host!r}") from None
+    return host, port
 
 
 def _validate(raw: Mapping[str, Any]) -> AgentConfig:

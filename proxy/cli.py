@@ -18,6 +18,7 @@ import click
 
 from identity.logfmt import LOG_FORMATS, LOG_LEVELS
 from proxy import log
+from proxy.broker import BrokerSource, broker_target
 from proxy.config import (
     Address,
     FileConfig,
@@ -66,7 +67,10 @@ def main() -> None:
     """Sigil proxy: mutual TLS with SPIFFE IDs for programs that speak plain TCP.
 
     It gets its X.509-SVID and trust bundles from the SPIFFE Workload API (the
-    Sigil agent's socket), like any workload, and follows their rotation.
+    Sigil agent's socket), like any workload, and follows their rotation. With
+    --broker-pid or --broker-pidfile it acts as a SPIFFE broker instead: it
+    fetches the SVID of the program it fronts from the agent's Broker API and
+    presents that.
 
     \b
     inbound   TLS in, plain TCP out: put it in front of a server. It requires a
@@ -111,6 +115,14 @@ Nothing is allowed unless a rule allows it.
               help="The Workload API socket (unix:///path or /path).")
 @click.option("--spiffe-id", help="Which of the SVIDs the Workload API offers to present "
               "(default: the first, the workload's default identity).")
+@click.option("--broker-pid", type=int, metavar="PID",
+              help="Broker mode: present the SVID of the program with this PID (the one "
+              "the proxy fronts), fetched from the agent's Broker API, not the proxy's own.")
+@click.option("--broker-pidfile", type=click.Path(dir_okay=False, path_type=Path),
+              help="Broker mode, with the PID read from this file (again on every "
+              "reconnection, so a restarted program is found).")
+@click.option("--broker-socket", envvar="SPIFFE_BROKER_SOCKET", show_envvar=True,
+              help="The agent's Broker API socket (unix:///path), in broker mode.")
 @click.option("--inbound", "inbounds", multiple=True, metavar="LISTEN=FORWARD",
               help="Accept mTLS on LISTEN, forward plain TCP to FORWARD. Repeatable.")
 @click.option("--allow", "allows", multiple=True, metavar="RULE",
@@ -131,6 +143,7 @@ Nothing is allowed unless a rule allows it.
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Default: info.")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Default: text.")
 def run(config_path: Path | None, socket_path: str | None, spiffe_id: str | None,
+        broker_pid: int | None, broker_pidfile: Path | None, broker_socket: str | None,
         inbounds: tuple[str, ...], allows: tuple[str, ...], outbounds: tuple[str, ...],
         expects: tuple[str, ...], metrics_address: str | None,
         handshake_timeout: str | None, connect_timeout: str | None,
@@ -144,7 +157,8 @@ def run(config_path: Path | None, socket_path: str | None, spiffe_id: str | None
     try:
         settings, file_settings = _settings(
             config_path, socket_path, spiffe_id, inbounds, allows, outbounds, expects,
-            metrics_address, handshake_timeout, connect_timeout, max_connections)
+            metrics_address, handshake_timeout, connect_timeout, max_connections,
+            (broker_pid, broker_pidfile, broker_socket))
     except ConfigError as exc:
         _usage_error(str(exc))
     level = log_level or file_settings.get("log_level") or "info"
@@ -191,8 +205,9 @@ def _settings(config_path: Path | None, socket_path: str | None, spiffe_id: str 
               inbounds: tuple[str, ...], allows: tuple[str, ...],
               outbounds: tuple[str, ...], expects: tuple[str, ...],
               metrics_address: str | None, handshake_timeout: str | None,
-              connect_timeout: str | None,
-              max_connections: int | None) -> tuple[Settings, dict[str, Any]]:
+              connect_timeout: str | None, max_connections: int | None,
+              broker_flags: tuple[int | None, Path | None, str | None] = (None, None, None),
+              ) -> tuple[Settings, dict[str, Any]]:
     file = FileConfig({}, ()) if config_path is None else load_file(config_path)
     fs = dict(file.settings)
 
@@ -223,8 +238,11 @@ def _settings(config_path: Path | None, socket_path: str | None, spiffe_id: str 
         raise ConfigError("nothing to do: give --inbound, --outbound or a --config file "
                           "with [[inbound]] or [[outbound]] tables")
     check_unique(listeners)
+    pid, pidfile, broker_socket = broker_flags
+    broker = _broker(pick(pid, "broker_pid", int), pick(pidfile, "broker_pidfile", str),
+                     pick(broker_socket, "broker_socket", str))
     socket_value = pick(socket_path, "socket_path", str)
-    if not socket_value:
+    if not socket_value and broker is None:
         raise ConfigError("no Workload API socket: give --socket-path or set "
                           "SPIFFE_ENDPOINT_SOCKET")
     want_text = pick(spiffe_id, "spiffe_id", str)
@@ -240,7 +258,8 @@ def _settings(config_path: Path | None, socket_path: str | None, spiffe_id: str 
     if cap < 1:
         raise ConfigError(f"max connections must be at least 1, got {cap}")
     settings = Settings(
-        socket_target=socket_target(socket_value),
+        # In broker mode the proxy's own Workload API identity is not used.
+        socket_target=socket_target(socket_value) if broker is None else "",
         spiffe_id=want,
         listeners=tuple(listeners),
         config_path=config_path,
@@ -249,8 +268,31 @@ def _settings(config_path: Path | None, socket_path: str | None, spiffe_id: str 
         connect_timeout=duration_seconds(connect, "connect timeout"),
         max_connections=cap,
         reload_interval=float(os.environ.get("SIGIL_PROXY_RELOAD_INTERVAL", "1")),
+        broker=broker,
     )
     return settings, fs
+
+
+def _broker(pid: int | None, pidfile: str | Path | None,
+            socket: str | None) -> BrokerSource | None:
+    """Broker mode's settings, or None when neither a PID nor a pidfile is given.
+
+    Raises:
+        ConfigError: both, a PID below 1, a relative pidfile, or no broker socket.
+    """
+    if pid is None and not pidfile:
+        return None
+    if pid is not None and pidfile:
+        raise ConfigError("give --broker-pid or --broker-pidfile, not both")
+    if pid is not None and pid < 1:
+        raise ConfigError(f"--broker-pid must be a positive PID, not {pid}")
+    path = Path(pidfile) if pidfile else None
+    if path is not None and not path.is_absolute():
+        raise ConfigError(f"--broker-pidfile must be an absolute path, not {str(path)!r}")
+    if not socket:
+        raise ConfigError("broker mode needs the agent's Broker API socket: give "
+                          "--broker-socket or set SPIFFE_BROKER_SOCKET")
+    return BrokerSource(target=broker_target(socket), pid=pid, pidfile=path)
 
 
 def _cli_policy(flag: str, rules: tuple[str, ...]) -> Policy:

@@ -5,6 +5,9 @@ File format (docs/proxy.md has the whole story)::
     socket_path = "unix:///run/sigil-agent/public/api.sock"
     spiffe_id = "spiffe://example.org/web"      # which of the SVIDs to use
     metrics_address = "127.0.0.1:9464"
+    # Or, as a broker, present the fronted program's SVID (Broker API):
+    # broker_socket = "unix:///run/sigil-agent/broker/broker.sock"
+    # broker_pidfile = "/run/web.pid"             # or broker_pid = 1234
 
     [[inbound]]
     name = "web"
@@ -45,6 +48,7 @@ MAX_FILE_BYTES = 1024 * 1024
 _TOP_KEYS = {
     "socket_path", "spiffe_id", "metrics_address", "handshake_timeout", "connect_timeout",
     "max_connections", "log_level", "log_format", "inbound", "outbound",
+    "broker_socket", "broker_pid", "broker_pidfile",
 }
 _LISTENER_KEYS = {"name", "listen", "allow_ids", "allow_trust_domains", "allow_path_prefixes"}
 _TARGET_KEY: dict[Mode, str] = {"inbound": "forward", "outbound": "connect"}

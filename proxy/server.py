@@ -30,6 +30,7 @@ from identity.clock import Clock, SystemClock
 from identity.errors import X509SvidError
 from identity.spiffeid import SpiffeId
 from identity.x509svid import spiffe_id_from_certificate, verify_chain
+from proxy.broker import BrokerSource, BrokerWatcher
 from proxy.config import Address, Listener, load_file
 from proxy.errors import ConfigError
 from proxy.log import event
@@ -62,6 +63,8 @@ class Settings:
             accepted and closed at once.
         reload_interval: seconds between two looks at the config file.
         clock: for SVID expiry and chain verification.
+        broker: present the fronted program's SVID, fetched from the Broker API
+            (proxy/broker.py), instead of the proxy's own from ``socket_target``.
     """
 
     socket_target: str
@@ -74,6 +77,7 @@ class Settings:
     max_connections: int = 1024
     reload_interval: float = 1.0
     clock: Clock = field(default_factory=SystemClock)
+    broker: BrokerSource | None = None
 
 
 @dataclass(frozen=True)
@@ -185,11 +189,23 @@ class Proxy:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
-        watcher = WorkloadApiWatcher(self.settings.socket_target, want=self.settings.spiffe_id,
-                                     on_update=self.on_update, on_lost=self.on_lost)
+        broker = self.settings.broker
+        watcher: WorkloadApiWatcher
+        if broker is not None:
+            watcher = BrokerWatcher(broker.target, pid=broker.current_pid,
+                                    want=self.settings.spiffe_id, on_update=self.on_update,
+                                    on_lost=self.on_lost)
+        else:
+            watcher = WorkloadApiWatcher(self.settings.socket_target,
+                                         want=self.settings.spiffe_id,
+                                         on_update=self.on_update, on_lost=self.on_lost)
         background = [asyncio.create_task(watcher.run())]
         try:
-            event("waiting for an svid", socket=self.settings.socket_target)
+            if broker is not None:
+                event("waiting for an svid", broker_socket=broker.target,
+                      workload=broker.describe())
+            else:
+                event("waiting for an svid", socket=self.settings.socket_target)
             waiter = asyncio.create_task(self._have_identity.wait())
             stopper = asyncio.create_task(self._stopping.wait())
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -17,10 +17,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
 
+from api.protos import broker_pb2 as bpb
 from api.protos import workload_pb2 as pb
 from identity.bundle import Bundle, BundleSet
 from identity.errors import SigilError
@@ -72,8 +74,10 @@ def socket_target(value: str) -> str:
     return f"unix:{Path(path)}"
 
 
-def parse_response(response: pb.X509SVIDResponse, want: SpiffeId | None) -> X509State:
-    """Turn one FetchX509SVID message into an :class:`X509State`.
+def parse_response(response: pb.X509SVIDResponse | bpb.SubscribeToX509SVIDResponse,
+                   want: SpiffeId | None) -> X509State:
+    """Turn one FetchX509SVID message (or the Broker API's SubscribeToX509SVID
+    message, whose fields are named alike) into an :class:`X509State`.
 
     Args:
         response: the message.
@@ -137,21 +141,40 @@ class WorkloadApiWatcher:
                 delay = self._backoff_initial
             # Jitter (50-100 %) so proxies restarted together do not retry in step.
             wait = delay * (0.5 + random.random() / 2)  # noqa: S311 - not a secret
-            event("workload api retry scheduled", level=logging.INFO,
+            event(f"{self.name} retry scheduled", level=logging.INFO,
                   delay=f"{wait:.1f}s")
             await asyncio.sleep(wait)
             delay = min(delay * 2, self._backoff_max)
+
+    name = "workload api"
+    """How log lines name the API watched."""
+
+    def _open(self, channel: grpc.aio.Channel) -> Any:
+        """Start the stream (a call to iterate over).
+
+        Raises:
+            WorkloadApiError: it cannot be started (logged, then retried).
+        """
+        return channel.unary_stream(
+            FETCH_X509_SVID,
+            request_serializer=pb.X509SVIDRequest.SerializeToString,
+            response_deserializer=pb.X509SVIDResponse.FromString,
+        )(pb.X509SVIDRequest(), metadata=((SECURITY_HEADER, "true"),))
+
+    def _lost(self, code: grpc.StatusCode | None) -> bool:
+        """Whether a stream ending with ``code`` withdraws the identity held."""
+        return code is grpc.StatusCode.PERMISSION_DENIED
 
     async def _watch_once(self) -> bool:
         """One stream, until it ends; True when it delivered at least one message."""
         got = False
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
         async with grpc.aio.insecure_channel(self._target, options=options) as channel:
-            call = channel.unary_stream(
-                FETCH_X509_SVID,
-                request_serializer=pb.X509SVIDRequest.SerializeToString,
-                response_deserializer=pb.X509SVIDResponse.FromString,
-            )(pb.X509SVIDRequest(), metadata=((SECURITY_HEADER, "true"),))
+            try:
+                call = self._open(channel)
+            except WorkloadApiError as exc:
+                event(f"{self.name} unavailable", level=logging.WARNING, reason=str(exc))
+                return False
             try:
                 async for response in call:
                     got = True
@@ -159,15 +182,15 @@ class WorkloadApiWatcher:
                         state = parse_response(response, self._want)
                     except WorkloadApiError as exc:
                         # Keep what we have: a bad update must not take the proxy down.
-                        event("workload api update refused", level=logging.ERROR,
+                        event(f"{self.name} update refused", level=logging.ERROR,
                               reason=str(exc))
                         continue
                     self._on_update(state)
-                event("workload api stream ended", level=logging.WARNING)
+                event(f"{self.name} stream ended", level=logging.WARNING)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.PERMISSION_DENIED:
-                    self._on_lost(exc.details() or "permission denied")
-                event("workload api unavailable", level=logging.WARNING,
+                if self._lost(code):
+                    self._on_lost(exc.details() or (code.name if code else "lost"))
+                event(f"{self.name} unavailable", level=logging.WARNING,
                       code=code.name if code else "unknown", reason=exc.details() or "")
         return got

@@ -4,13 +4,17 @@ Standard: spiffe/spiffe ``standards/SPIFFE_Broker_API.md``, ``brokerapi.proto`` 
 ``SPIFFE_Broker_Endpoint.md``. A broker (a node-local proxy, a CSI driver) asks for
 the SVIDs and bundles of a workload it references, here by PID.
 
-Served on a socket of its own (``[broker] socket_path``), through a second
-:class:`PeerCredentialFront`, under the standard's service name
-``spiffe.broker.API``. Every call:
+Served under the standard's service name ``spiffe.broker.API`` on a socket of
+its own (``[broker] socket_path``), through a second :class:`PeerCredentialFront`,
+and/or over TCP with mutual TLS (``[broker] listen_address``,
+:mod:`agent.workload_api.brokertls`). One servicer class serves both; only how
+the caller is identified differs. Every call:
 
 1. requires the ``broker.spiffe.io: true`` header (InvalidArgument otherwise);
-2. attests the broker's own connection exactly as the Workload API does; the
-   SPIFFE IDs of the entries its selectors entitle it to must include one listed
+2. identifies the broker: on the socket, its connection is attested exactly as
+   the Workload API does and its SPIFFE IDs are those of the entries its
+   selectors entitle it to; over TCP, its SPIFFE ID is that of its verified
+   X.509-SVID (UNAUTHENTICATED when it is not one). One of them must be listed
    in ``[broker] authorized`` (PermissionDenied otherwise);
 3. resolves the reference: a ``WorkloadPIDReference`` is pinned with a pidfd,
    then its credentials are read from /proc and the workload attestors run on it
@@ -35,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -44,6 +48,13 @@ import grpc
 from agent import log
 from agent.cache import Cache, CachedEntry, Snapshot
 from agent.errors import AgentError
+from agent.workload_api.brokertls import (
+    BrokerCaller,
+    BrokerTlsError,
+    CallerIdentifier,
+    CertificateCallers,
+    ServerTls,
+)
 from agent.workload_api.front import PeerCredentialFront
 from agent.workload_api.server import MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES
 from agent.workload_api.servicer import WorkloadApiServicer
@@ -59,10 +70,12 @@ from attestation.workload import (
 from attestation.workload.k8s import K8sAttestor, pod_object_selectors
 from attestation.workload.peersocket import executable_identity
 from attestation.workload.pidfd import close_pidfd, pidfd_exited
+from identity.bundle import Bundle
 from identity.clock import Clock, SystemClock
 from identity.errors import InvalidSpiffeIdError
 from identity.selectors import Selector
 from identity.spiffeid import SpiffeId
+from identity.x509svid import X509Svid
 
 SERVICE_NAME = "spiffe.broker.API"
 SECURITY_HEADER = "broker.spiffe.io"
@@ -264,8 +277,8 @@ class BrokerApiServicer:
 
     Args:
         cache: where identities, SVIDs and bundles come from.
-        workload: the Workload API servicer over the broker front's connections;
-            attests the broker itself (:meth:`WorkloadApiServicer.identify`).
+        callers: identifies the broker that calls (by its connection's peer
+            credentials, or by its client certificate).
         attestors: the workload attestors, run on referenced processes.
         authorized: the SPIFFE IDs of the brokers that may call.
         proc_root: the /proc to read.
@@ -276,7 +289,7 @@ class BrokerApiServicer:
         self,
         *,
         cache: Cache,
-        workload: WorkloadApiServicer,
+        callers: CallerIdentifier,
         attestors: Sequence[WorkloadAttestor],
         authorized: Iterable[SpiffeId],
         proc_root: Path = DEFAULT_PROC_ROOT,
@@ -284,7 +297,7 @@ class BrokerApiServicer:
         first_response_timeout: float = 5.0,
     ) -> None:
         self._cache = cache
-        self._workload = workload
+        self._callers = callers
         self._attestors = tuple(attestors)
         self._authorized = frozenset(authorized)
         self._proc_root = proc_root
@@ -320,14 +333,14 @@ class BrokerApiServicer:
         if values != ["true"]:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                          "security header missing from request")
-        # Aborts with PermissionDenied when the connection is unknown or its
-        # process is gone: the same attestation as a Workload API caller.
-        broker = await self._workload.identify(context)
-        ids = {e.spiffe_id for e in self._cache.snapshot().entitled(broker.selectors)}
-        if not ids & self._authorized:
-            log.event("broker refused", level=logging.WARNING, pid=broker.creds.pid,
-                      uid=broker.creds.uid, reason="not an authorized broker",
-                      spiffe_ids=",".join(sorted(str(i) for i in ids)))
+        # Aborts when the caller cannot be identified (PermissionDenied for an
+        # unknown connection or a process gone, UNAUTHENTICATED for a bad certificate).
+        caller = await self._callers.identify(context)
+        if not caller.spiffe_ids & self._authorized:
+            who: dict[str, Any] = dict(caller.fields)  # pid and uid, or peer
+            log.event("broker refused", level=logging.WARNING, **who,
+                      reason="not an authorized broker",
+                      spiffe_ids=",".join(sorted(str(i) for i in caller.spiffe_ids)))
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, NOT_AUTHORIZED)
 
     def _pin(self, reference: bpb.WorkloadReference | None) -> _Target:
@@ -592,67 +605,158 @@ async def _abort(
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
+class PeerCredentialCallers:
+    """Identifies a caller on the broker socket by its connection, as a workload.
+
+    The connection's process is attested exactly as a Workload API caller is
+    (:meth:`WorkloadApiServicer.identify`: PermissionDenied when the connection
+    did not come through the front or its process is gone); its SPIFFE IDs are
+    those of the entries its selectors entitle it to.
+    """
+
+    def __init__(self, *, workload: WorkloadApiServicer, cache: Cache) -> None:
+        self._workload = workload
+        self._cache = cache
+
+    async def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> BrokerCaller:
+        broker = await self._workload.identify(context)
+        ids = {e.spiffe_id for e in self._cache.snapshot().entitled(broker.selectors)}
+        return BrokerCaller(frozenset(ids), {"pid": str(broker.creds.pid),
+                                                   "uid": str(broker.creds.uid)})
+
+
+def _server_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+        ("grpc.max_metadata_size", 16 * 1024),
+    ]
+
+
 class BrokerApiServer:
-    """Serves ``spiffe.broker.API`` on ``socket_path`` through its own front.
+    """Serves ``spiffe.broker.API`` on ``socket_path`` through its own front, on
+    ``listen_address`` over TCP with mutual TLS, or on both.
+
+    Args:
+        socket_path: the broker socket, or None.
+        listen_address: ``(ip, port)`` for TCP (port 0 picks one: see
+            :attr:`tcp_port`), or None.
+        agent_svid: the agent's current X.509-SVID: what the TCP endpoint
+            presents (needed with ``listen_address``).
+        bundle: the agent's own trust domain's current bundle: what broker
+            certificates must chain to (needed with ``listen_address``).
 
     Use as an async context manager, or call :meth:`start` and :meth:`stop`.
+
+    Raises:
+        ValueError: no endpoint, or TCP without ``agent_svid`` and ``bundle``.
     """
 
     def __init__(
         self,
         *,
-        socket_path: Path,
         cache: Cache,
         attestors: Sequence[WorkloadAttestor],
         authorized: Iterable[SpiffeId],
+        socket_path: Path | None = None,
+        listen_address: tuple[str, int] | None = None,
+        agent_svid: Callable[[], X509Svid] | None = None,
+        bundle: Callable[[], Bundle] | None = None,
         proc_root: Path = DEFAULT_PROC_ROOT,
         clock: Clock | None = None,
         private_dir: Path | None = None,
         first_response_timeout: float = 5.0,
     ) -> None:
-        pin_exe = any(getattr(a, "uses_executable", False) for a in attestors)
-        self.front = PeerCredentialFront(socket_path, private_dir=private_dir,
-                                         proc_root=proc_root, pin_executable=pin_exe)
-        # The broker itself is attested as a Workload API caller is.
-        workload = WorkloadApiServicer(cache=cache, peers=self.front.lookup,
-                                       attestors=attestors, proc_root=proc_root, clock=clock)
-        self.servicer = BrokerApiServicer(
-            cache=cache, workload=workload, attestors=attestors, authorized=authorized,
-            proc_root=proc_root, clock=clock, first_response_timeout=first_response_timeout)
+        if socket_path is None and listen_address is None:
+            raise ValueError("the Broker API needs a socket path or a listen address")
+        authorized = tuple(authorized)
+        common: dict[str, Any] = {
+            "cache": cache, "attestors": attestors, "authorized": authorized,
+            "proc_root": proc_root, "clock": clock,
+            "first_response_timeout": first_response_timeout}
+        self.front: PeerCredentialFront | None = None
+        self.servicer: BrokerApiServicer | None = None
+        if socket_path is not None:
+            pin_exe = any(getattr(a, "uses_executable", False) for a in attestors)
+            self.front = PeerCredentialFront(socket_path, private_dir=private_dir,
+                                             proc_root=proc_root, pin_executable=pin_exe)
+            # The broker itself is attested as a Workload API caller is.
+            workload = WorkloadApiServicer(cache=cache, peers=self.front.lookup,
+                                           attestors=attestors, proc_root=proc_root,
+                                           clock=clock)
+            self.servicer = BrokerApiServicer(
+                callers=PeerCredentialCallers(workload=workload, cache=cache), **common)
+        self._listen = listen_address
+        self._tls: ServerTls | None = None
+        self.tls_servicer: BrokerApiServicer | None = None
+        if listen_address is not None:
+            if agent_svid is None or bundle is None:
+                raise ValueError("the Broker API over TCP needs the agent SVID and the bundle")
+            self._tls = ServerTls(svid=agent_svid, bundle=bundle)
+            self.tls_servicer = BrokerApiServicer(
+                callers=CertificateCallers(bundle=bundle, clock=clock or SystemClock()),
+                **common)
+        self.tcp_port: int | None = None
+        """The TCP port listened on, once started (None without TCP)."""
         self._server: grpc.aio.Server | None = None
+        self._tcp_server: grpc.aio.Server | None = None
 
     @property
-    def socket_path(self) -> Path:
-        return self.front.public_socket
+    def socket_path(self) -> Path | None:
+        return self.front.public_socket if self.front is not None else None
 
     async def start(self) -> None:
-        """Start the internal server, then open the public socket."""
+        """Listen on TCP, start the internal server, then open the public socket.
+
+        Raises:
+            AgentError: the TCP address cannot be listened on, or there is no
+                X.509 authority to verify brokers with.
+        """
+        try:
+            await self._start_tcp()
+            await self._start_socket()
+        except BaseException:
+            await self.stop(None)
+            raise
+
+    async def _start_tcp(self) -> None:
+        if self._listen is None or self._tls is None or self.tls_servicer is None:
+            return
+        host, port = self._listen
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        server = grpc.aio.server(options=_server_options())
+        server.add_generic_rpc_handlers([self.tls_servicer.handler()])
+        try:
+            self.tcp_port = server.add_secure_port(target, self._tls.credentials())
+        except BrokerTlsError as exc:
+            raise AgentError(f"broker.listen_address: {exc}") from None
+        except RuntimeError as exc:  # grpcio: "Failed to bind to address ..."
+            raise AgentError(f"broker.listen_address {target}: cannot listen ({exc})") from None
+        self._tcp_server = server
+        await server.start()
+
+    async def _start_socket(self) -> None:
+        if self.front is None or self.servicer is None:
+            return
         self.front.prepare_private_dir()
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-            ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
-            ("grpc.max_metadata_size", 16 * 1024),
-        ])
+        server = grpc.aio.server(options=_server_options())
         server.add_generic_rpc_handlers([self.servicer.handler()])
         internal = self.front.internal_socket
         with contextlib.suppress(FileNotFoundError):
             internal.unlink()
         server.add_insecure_port(f"unix:{internal}")
+        self._server = server
         await server.start()
         os.chmod(internal, 0o600)
-        self._server = server
-        try:
-            await self.front.start()
-        except BaseException:
-            await server.stop(None)
-            self._server = None
-            raise
+        await self.front.start()
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        await self.front.close()
-        if self._server is not None:
-            await self._server.stop(grace)
-            self._server = None
+        if self.front is not None:
+            await self.front.close()
+        for server in (self._server, self._tcp_server):
+            if server is not None:
+                await server.stop(grace)
+        self._server = self._tcp_server = None
 
     async def __aenter__(self) -> BrokerApiServer:
         await self.start()

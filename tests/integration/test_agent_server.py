@@ -272,3 +272,80 @@ def test_agent_serves_the_broker_api_when_configured(
         sleeper.wait()
         agent.stop()
     assert not broker_socket.exists(), "the agent must remove the broker socket on shutdown"
+
+
+def test_agent_serves_the_broker_api_over_tcp_with_mtls(
+    sigil_server: RunningServer, agent_root: Path
+) -> None:
+    # [broker] listen_address: the agent presents its own SVID (issued by the
+    # server), and a broker presenting an X.509-SVID it got from this agent's
+    # Workload API (py-spiffe) fetches another process's SVID by PID over TCP.
+    import subprocess
+
+    import grpc
+    from cryptography.hazmat.primitives.serialization import (
+        NoEncryption,
+        PrivateFormat,
+    )
+
+    from api.protos import broker_pb2 as bpb
+    from identity.x509svid import certificates_to_pem
+    from tests.support.broker_tls import BrokerCredentials, TlsTunnel
+
+    td = sigil_server.trust_domain
+    token = _token(sigil_server)
+    bundle = agent_root / "bundle.pem"
+    bundle.write_text(sigil_server.cli("bundle", "show", "--format", "pem").stdout)
+    broker_id = f"spiffe://{td}/broker"
+    socket_path = agent_root / "public" / "api.sock"
+    agent = AgentThread(
+        trust_domain=td, server_address=sigil_server.address,
+        data_dir=str(agent_root / "data"), socket_path=str(socket_path),
+        trust_bundle_path=str(bundle), sync_interval="200ms", join_token=token["token"],
+        broker={"listen_address": "127.0.0.1:0", "authorized": [broker_id]},
+    )
+    agent.start()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert agent.agent is not None and agent.agent.broker_api is not None
+        port = agent.agent.broker_api.tcp_port
+        assert port
+        created = sigil_server.cli(
+            "entry", "create", "--spiffe-id", broker_id, "--parent-id", token["agent_id"],
+            "--selector", f"unix:uid:{os.getuid()}",
+        )
+        assert created.returncode == 0, created.stderr
+        client = WorkloadApiClient(socket_path=f"unix://{socket_path}")
+        try:
+            ctx = _wait_for_svid(client, broker_id)
+        finally:
+            client.close()
+        svid = ctx.default_svid
+        roots = ctx.x509_bundle_set.get_bundle_for_trust_domain(
+            svid.spiffe_id.trust_domain).x509_authorities
+        files = agent_root / "broker"
+        files.mkdir()
+        (files / "svid.pem").write_bytes(certificates_to_pem(svid.cert_chain))
+        (files / "svid.key").write_bytes(svid.private_key.private_bytes(
+            Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+        (files / "bundle.pem").write_bytes(certificates_to_pem(roots))
+        creds = BrokerCredentials(bundle=files / "bundle.pem", server_id=token["agent_id"],
+                                  chain=files / "svid.pem", key=files / "svid.key")
+        reference = bpb.WorkloadReference()
+        reference.reference.type_url = "type.googleapis.com/spiffe.broker.WorkloadPIDReference"
+        reference.reference.value = bpb.WorkloadPIDReference(
+            pid=sleeper.pid).SerializeToString()
+        with TlsTunnel(("127.0.0.1", port), creds) as tunnel, \
+                grpc.insecure_channel(tunnel.target) as channel:
+            stream = channel.unary_stream(
+                "/spiffe.broker.API/SubscribeToX509SVID",
+                request_serializer=bpb.SubscribeToX509SVIDRequest.SerializeToString,
+                response_deserializer=bpb.SubscribeToX509SVIDResponse.FromString)
+            first = next(iter(stream(bpb.SubscribeToX509SVIDRequest(reference=reference),
+                                     metadata=(("broker.spiffe.io", "true"),), timeout=30)))
+            assert [s.spiffe_id for s in first.svids] == [broker_id]
+            assert not tunnel.errors
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        agent.stop()

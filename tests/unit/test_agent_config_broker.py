@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ def _load(tmp_path: Path, table: str) -> BrokerSettings:
 
 
 def test_off_by_default(tmp_path: Path) -> None:
-    assert _load(tmp_path, "") == BrokerSettings(socket_path=None, authorized=())
+    got = _load(tmp_path, "")
+    assert got == BrokerSettings(socket_path=None, listen_address=None, authorized=())
+    assert not got.enabled
 
 
 def test_every_key(tmp_path: Path) -> None:
@@ -35,6 +38,19 @@ authorized = ["spiffe://example.org/csi", "spiffe://example.org/proxy"]
                     SpiffeId.parse("spiffe://example.org/proxy")))
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    ("127.0.0.1:8200", ("127.0.0.1", 8200)),
+    ("[::1]:8200", ("::1", 8200)),
+    ("10.0.0.5:0", ("10.0.0.5", 0)),
+])
+def test_tcp_only(tmp_path: Path, value: str, expected: tuple[str, int]) -> None:
+    got = _load(tmp_path, f'[broker]\nlisten_address = "{value}"\n'
+                          'authorized = ["spiffe://example.org/proxy"]\n')
+    assert got == BrokerSettings(socket_path=None, listen_address=expected,
+                                 authorized=(SpiffeId.parse("spiffe://example.org/proxy"),))
+    assert got.enabled
+
+
 @pytest.mark.parametrize(("table", "message"), [
     ("[broker]\nsocket = \"/x.sock\"\n", "unknown key 'broker.socket'"),
     ("[broker]\nsocket_path = \"/x.sock\"\n", "at least one SPIFFE ID"),
@@ -46,7 +62,17 @@ authorized = ["spiffe://example.org/csi", "spiffe://example.org/proxy"]
      "list of SPIFFE IDs"),
     ('socket_path = "/run/a.sock"\n[broker]\nsocket_path = "/run/a.sock"\n'
      'authorized = ["spiffe://example.org/b"]\n', "must differ from socket_path"),
+    ('[broker]\nlisten_address = "127.0.0.1:8200"\n', "at least one SPIFFE ID"),
+    ('[broker]\nlisten_address = "localhost:8200"\nauthorized = ["spiffe://example.org/b"]\n',
+     "broker.listen_address: the host must be an IP address, not 'localhost'"),
+    ('[broker]\nlisten_address = "127.0.0.1"\nauthorized = ["spiffe://example.org/b"]\n',
+     "broker.listen_address: "),
+    ('[broker]\nlisten_address = "127.0.0.1:70000"\nauthorized = ["spiffe://example.org/b"]\n',
+     "broker.listen_address: "),
+    ('[broker]\nlisten_address = 8200\nauthorized = ["spiffe://example.org/b"]\n',
+     "broker.listen_address must be a string"),
 ])
 def test_refused(tmp_path: Path, table: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
         _load(tmp_path, table)
+    assert "\n" not in str(caught.value)  # one line
