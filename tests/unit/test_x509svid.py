@@ -294,6 +294,37 @@ def test_signer_leaves_verify_and_follow_the_profile(
                     not_before=NOW, not_after=NOW + dt.timedelta(hours=1))
 
 
+def test_random_serials_come_from_fresh_bytes_per_process_and_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    import identity.x509svid as module
+
+    reads: list[int] = []
+    real = module.secrets.token_bytes
+
+    def counted(n: int) -> bytes:
+        reads.append(n)
+        return real(n)
+
+    monkeypatch.setattr(module.secrets, "token_bytes", counted)
+    source = module._SerialSource()
+    serials = [source.take() for _ in range(600)]
+    assert len(set(serials)) == 600 and all(0 < s < 2**128 for s in serials)
+    assert reads == [4096, 4096, 4096]  # 256 serials per read
+    # After a fork the child never uses bytes its parent read (or will use).
+    monkeypatch.setattr(module.os, "getpid", lambda: -1)
+    source.take()
+    assert reads == [4096] * 4
+    # Each thread reads its own bytes.
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(source.take()))
+    thread.start()
+    thread.join()
+    assert reads == [4096] * 5 and seen[0] not in serials
+
+
 def test_signer_validates_each_identity_once_per_ca(
     ca1: tuple[x509.Certificate, PrivateKey], monkeypatch: pytest.MonkeyPatch
 ) -> None:
