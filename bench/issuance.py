@@ -38,7 +38,10 @@ Usage:
    request): the server's TLS front (``ca.api.tls_front.TlsFront``: handshake,
    client certificate, relay to the internal socket) in front of a gRPC server
    built as the server builds it; and that gRPC server terminating TLS itself
-   (what the front costs is the difference).
+   (what the front costs is the difference). Then the *RPC floor* of the largest
+   batch: the front and gRPC server again, now parsing the request and answering
+   with a ready-made response of the same size as the server's (a real SVID per
+   CSR), so the same bytes cross the same stack and nothing is signed.
 
 For each phase it prints SVIDs/s, calls/s and the server's CPU time per call and
 per SVID (CPU-seconds of every server process over the phase, from /proc, and
@@ -552,7 +555,10 @@ def _serve_floor(kind: str) -> None:
 
     ``front``: the server's TLS front relaying to a gRPC server on a Unix socket, as
     the server runs; ``grpc``: the same gRPC server terminating TLS itself (what
-    the front costs is the difference).
+    the front costs is the difference). ``front-batch``: as ``front``, but the
+    request is parsed and the answer is a ready-made response of one result per
+    CSR, with a real SVID each: the same bytes both ways as the server's, nothing
+    signed (the RPC's own cost for a batch of that size).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -603,10 +609,36 @@ def _serve_floor(kind: str) -> None:
     def empty(_request: bytes, _context: grpc.ServicerContext) -> bytes:
         return b""
 
+    handler = grpc.unary_unary_rpc_method_handler(empty)
+    if kind == "front-batch":
+        from api.protos.sigil.agent.v1 import agent_pb2
+        from ca.api.convert import svid_to_proto
+
+        svid_id = SpiffeId.from_segments(td, "w", "0")
+        leaves = [new_svid_certificate(
+            spiffe_id=svid_id, public_key=generate_private_key().public_key(), ca_cert=ca,
+            ca_key=ca_key, not_before=now, not_after=now + dt.timedelta(hours=1))
+            for _ in range(16)]
+        canned: dict[int, bytes] = {}
+
+        def answer(request: agent_pb2.BatchNewX509SVIDRequest,
+                   _context: grpc.ServicerContext) -> bytes:
+            count = len(request.params)
+            if count not in canned:
+                response = agent_pb2.BatchNewX509SVIDResponse()
+                for i in range(count):
+                    result = response.results.add()
+                    result.entry_id = request.params[i].entry_id
+                    svid_to_proto(svid_id, (leaves[i % len(leaves)],), into=result.svid)
+                canned[count] = response.SerializeToString()
+            return canned[count]
+
+        handler = grpc.unary_unary_rpc_method_handler(
+            answer, request_deserializer=agent_pb2.BatchNewX509SVIDRequest.FromString)
     grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        AGENT_SERVICE, {"BatchNewX509SVID": grpc.unary_unary_rpc_method_handler(empty)}),))
+        AGENT_SERVICE, {"BatchNewX509SVID": handler}),))
     front: TlsFront | None = None
-    if kind == "front":
+    if kind in ("front", "front-batch"):
         front = TlsFront(host="127.0.0.1", port=0, contexts=lambda: tls)
         grpc_server.add_insecure_port(f"unix:{front.internal_socket}")
         grpc_server.start()
@@ -676,7 +708,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=4,
                     help="connections per client process, one call in flight on each")
     ap.add_argument("--no-floor", action="store_true", help="skip the call floor")
-    ap.add_argument("--serve-floor", choices=("front", "grpc"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve-floor", choices=("front", "grpc", "front-batch"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_floor:
         _serve_floor(args.serve_floor)
@@ -713,6 +746,7 @@ def main() -> None:
     if any(r.refused for r in results):
         raise SystemExit(f"{sum(r.refused for r in results)} CSRs were refused")
     floor: PhaseResult | None = None
+    rpc_floor: float | None = None
     if not args.no_floor:
         floors = {}
         for kind, label in (("front", "TLS front + gRPC (as the server)"),
@@ -727,6 +761,16 @@ def main() -> None:
                   f"{f.server_sys / f.server_cpu if f.server_cpu else float('nan'):.0%} "
                   "(1 process, empty answer)")
         floor = floors["front"]
+        size = max(batches)
+        if size > 1:
+            with floor_server("front-batch") as target:
+                (rpc,) = run_phases(target, clients=args.clients, batches=(size,),
+                                    seconds=args.seconds, connections=args.connections)
+            rpc_floor = rpc.cpu_per_call / size
+            print(f"RPC floor, batch of {size} (TLS front + gRPC, the server's bytes both "
+                  f"ways, nothing signed): {rpc.calls / rpc.seconds:,.0f} calls/s, "
+                  f"{_us(rpc.cpu_per_call)} of CPU per call, {_us(rpc_floor)} per SVID "
+                  "(1 process)")
 
     by_batch = {r.batch: r for r in results}
     print()
@@ -752,7 +796,9 @@ def main() -> None:
         print(f"  server CPU per SVID (batch of {big.batch}) {per_svid:.0f} µs = in-process "
               f"steps ~{steps:.0f} µs (the floor loop's {floor_cpu * 1e6:.0f} µs x ours / "
               f"floor {parts.ours / parts.floor:.2f}) + the rest ~{per_svid - steps:.0f} µs "
-              "(the call's share, gRPC, TLS front, relay, threads)")
+              "(the call's share, gRPC, TLS front, relay, threads)"
+              + (f"; the RPC floor of such a batch is {rpc_floor * 1e6:.0f} µs per SVID"
+                 if rpc_floor is not None else ""))
     one = by_batch.get(1)
     if one is not None and big is not None and one.issued and big.issued and big.batch > 1:
         print(f"ratio CPU per SVID, batch of 1 / batch of {big.batch}: "
