@@ -694,7 +694,8 @@ class BrokerApiServer:
                 raise ValueError("the Broker API over TCP needs the agent SVID and the bundle")
             self._tls = ServerTls(svid=agent_svid, bundle=bundle)
             self.tls_servicer = BrokerApiServicer(
-                callers=CertificateCallers(bundle=bundle, clock=clock or SystemClock()),
+                callers=CertificateCallers(bundle=bundle, clock=clock or SystemClock(),
+                                           revoked=lambda: cache.revoked),
                 **common)
         self.tcp_port: int | None = None
         """The TCP port listened on, once started (None without TCP)."""

@@ -33,6 +33,7 @@ from agent import log
 from identity.bundle import Bundle, BundleSet
 from identity.clock import Clock
 from identity.errors import SigilError
+from identity.revocation import RevocationSet
 from identity.spiffeid import SpiffeId
 from identity.x509svid import (
     X509Svid,
@@ -47,6 +48,7 @@ from identity.x509svid import (
 _PEM_CHAIN = "x509_pem_cert_chain"
 _PEM_LEAF = "x509_pem_cert"
 NOT_IDENTIFIED = "client certificate is not a valid X.509-SVID of this trust domain"
+REVOKED = "client certificate is revoked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,14 +167,22 @@ class CertificateCallers:
     certificate, is refused too (UNAUTHENTICATED, as section 6 of the Broker
     Endpoint has it for a client that cannot be identified).
 
+    A certificate the server revoked (``sigil-server svid revoke``, by serial or by
+    SPIFFE ID; the agent learns it at sync) is refused the same way: over TCP the
+    certificate is the broker's whole identity, so a stolen one must stop working
+    when it is revoked, not when it expires.
+
     Args:
         bundle: the agent's own trust domain's current bundle.
         clock: the verification time.
+        revoked: the revocations the agent holds (None: none are checked).
     """
 
-    def __init__(self, *, bundle: Callable[[], Bundle], clock: Clock) -> None:
+    def __init__(self, *, bundle: Callable[[], Bundle], clock: Clock,
+                 revoked: Callable[[], RevocationSet] | None = None) -> None:
         self._bundle = bundle
         self._clock = clock
+        self._revoked = revoked
 
     async def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> BrokerCaller:
         """The caller's SPIFFE ID; aborts with UNAUTHENTICATED when it has none."""
@@ -195,6 +205,13 @@ class CertificateCallers:
             log.event("broker refused", level=logging.WARNING, peer=peer,
                       reason=f"client not identified: {exc}")
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, NOT_IDENTIFIED)
+        if self._revoked is not None and self._revoked().x509_revoked(
+                serial=leaf.serial_number, spiffe_id=str(spiffe_id),
+                not_before=leaf.not_valid_before_utc):
+            log.event("broker refused", level=logging.WARNING, peer=peer,
+                      spiffe_id=spiffe_id, serial=format(leaf.serial_number, "x"),
+                      reason="client certificate revoked")
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, REVOKED)
         return BrokerCaller(frozenset({spiffe_id}), {"peer": peer})
 
 

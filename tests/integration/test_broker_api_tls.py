@@ -26,6 +26,7 @@ from agent.workload_api.broker import PID_REFERENCE, BrokerApiServer
 from api.protos import broker_pb2 as bpb
 from identity.bundle import Bundle
 from identity.keys import generate_private_key, private_key_to_pem
+from identity.revocation import X509_SERIAL, X509_SPIFFE_ID, Revocation, serial_text
 from identity.spiffeid import SpiffeId, TrustDomain
 from identity.x509svid import X509Svid, certificates_to_pem
 from tests.integration.test_broker_api import APP_ID, BROKER_ID, EnvAttestor
@@ -185,6 +186,27 @@ def test_bad_client_certificates_fail_the_handshake(setup: Setup, case: str) -> 
     # Nothing changed for an authorized broker.
     good = setup.creds(ca.svid(BROKER_ID))
     assert setup.subscribe(good, setup.workload("app")) == ("OK", [APP_ID])
+
+
+@pytest.mark.parametrize("kind", [X509_SERIAL, X509_SPIFFE_ID])
+def test_a_revoked_broker_certificate_is_unauthenticated(setup: Setup, kind: str) -> None:
+    """Over TCP the certificate is the broker's identity: once the server revokes it
+    (by serial, or every SVID of its ID issued until now) and the agent has synced
+    the revocation, a stolen copy stops working, not when it expires."""
+    svid = setup.harness.ca.svid(BROKER_ID)
+    broker = setup.creds(svid)
+    assert setup.subscribe(broker, setup.workload("app")) == ("OK", [APP_ID])
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+    revocation = (Revocation(id=1, kind=X509_SERIAL, value=serial_text(svid.leaf.serial_number))
+                  if kind == X509_SERIAL else
+                  Revocation(id=1, kind=X509_SPIFFE_ID, value=BROKER_ID, not_before_max=now))
+    setup.harness.call(lambda: setup.harness.cache.apply_revocations([revocation], full=True))
+    code, details = setup.subscribe(broker, setup.workload("app"))
+    assert (code, details[0]) == ("UNAUTHENTICATED", "client certificate is revoked")
+    # A new SVID of the same broker, issued after the revocation by serial, works.
+    if kind == X509_SERIAL:
+        fresh = setup.creds(setup.harness.ca.svid(BROKER_ID), name="fresh")
+        assert setup.subscribe(fresh, setup.workload("app")) == ("OK", [APP_ID])
 
 
 def test_a_certificate_that_is_no_svid_is_unauthenticated(setup: Setup) -> None:
