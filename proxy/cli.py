@@ -18,7 +18,7 @@ import click
 
 from identity.logfmt import LOG_FORMATS, LOG_LEVELS
 from proxy import log
-from proxy.broker import BrokerSource, broker_target
+from proxy.broker import MAX_PID, BrokerSource, broker_target
 from proxy.config import (
     Address,
     FileConfig,
@@ -29,7 +29,7 @@ from proxy.config import (
     parse_pair,
     setting,
 )
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, WatcherStopped
 from proxy.metrics import Metrics
 from proxy.policy import Policy, from_rules, parse_id
 from proxy.server import Proxy, Settings
@@ -179,6 +179,8 @@ def run(config_path: Path | None, socket_path: str | None, spiffe_id: str | None
         asyncio.run(_run(proxy))
     except ConfigError as exc:  # a listening address that cannot be bound
         _usage_error(str(exc))
+    except WatcherStopped:  # logged (one line) by the proxy
+        sys.exit(1)
 
 
 def _raise_fd_limit(max_connections: int) -> None:
@@ -278,14 +280,14 @@ def _broker(pid: int | None, pidfile: str | Path | None,
     """Broker mode's settings, or None when neither a PID nor a pidfile is given.
 
     Raises:
-        ConfigError: both, a PID below 1, a relative pidfile, or no broker socket.
+        ConfigError: both, a PID outside 1..2**31-1, a relative pidfile, or no broker socket.
     """
     if pid is None and not pidfile:
         return None
     if pid is not None and pidfile:
         raise ConfigError("give --broker-pid or --broker-pidfile, not both")
-    if pid is not None and pid < 1:
-        raise ConfigError(f"--broker-pid must be a positive PID, not {pid}")
+    if pid is not None and not 1 <= pid <= MAX_PID:
+        raise ConfigError(f"--broker-pid must be a positive PID (at most {MAX_PID}), not {pid}")
     path = Path(pidfile) if pidfile else None
     if path is not None and not path.is_absolute():
         raise ConfigError(f"--broker-pidfile must be an absolute path, not {str(path)!r}")

@@ -19,3 +19,7 @@ class PolicyError(ConfigError):
 
 class WorkloadApiError(ProxyError):
     """A Workload API message that cannot be used (bad SVID, bad bundle, no SVID)."""
+
+
+class WatcherStopped(ProxyError):
+    """The Workload/Broker API watcher ended for good: the proxy exits non-zero (1)."""

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography import x509
 
@@ -32,7 +32,7 @@ from identity.spiffeid import SpiffeId
 from identity.x509svid import spiffe_id_from_certificate, verify_chain
 from proxy.broker import BrokerSource, BrokerWatcher
 from proxy.config import Address, Listener, load_file
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, WatcherStopped, WorkloadApiError
 from proxy.log import event
 from proxy.metrics import Metrics
 from proxy.policy import Policy
@@ -194,12 +194,13 @@ class Proxy:
         if broker is not None:
             watcher = BrokerWatcher(broker.target, pid=broker.current_pid,
                                     want=self.settings.spiffe_id, on_update=self.on_update,
-                                    on_lost=self.on_lost)
+                                    on_lost=self.on_lost, fixed=broker.pidfile is None)
         else:
             watcher = WorkloadApiWatcher(self.settings.socket_target,
                                          want=self.settings.spiffe_id,
                                          on_update=self.on_update, on_lost=self.on_lost)
-        background = [asyncio.create_task(watcher.run())]
+        watching = asyncio.create_task(watcher.run())
+        background = [watching]
         try:
             if broker is not None:
                 event("waiting for an svid", broker_socket=broker.target,
@@ -208,17 +209,24 @@ class Proxy:
                 event("waiting for an svid", socket=self.settings.socket_target)
             waiter = asyncio.create_task(self._have_identity.wait())
             stopper = asyncio.create_task(self._stopping.wait())
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiter, stopper, watching},
+                               return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             stopper.cancel()
             if self._stopping.is_set():
                 return
+            if watching.done():
+                self._watcher_died(watching, watcher.name)
             for listener in self.settings.listeners:
                 background.append(asyncio.create_task(self._serve(listener, self._bind(listener))))
             background.append(asyncio.create_task(self._watch_expiry()))
             if self.settings.config_path is not None:
                 background.append(asyncio.create_task(self._watch_config()))
-            await self._stopping.wait()
+            stopper = asyncio.create_task(self._stopping.wait())
+            await asyncio.wait({stopper, watching}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not self._stopping.is_set() and watching.done():
+                self._watcher_died(watching, watcher.name)
         finally:
             for task in background:
                 task.cancel()
@@ -228,6 +236,23 @@ class Proxy:
                 task.cancel()
             await asyncio.gather(*background, *self._tasks, return_exceptions=True)
             event("stopped")
+
+    def _watcher_died(self, task: asyncio.Task[None], name: str) -> NoReturn:
+        """The watcher ended on its own: nothing would ever bring an SVID again.
+
+        Raises:
+            WatcherStopped: always, after logging why (one line).
+        """
+        self._identity = None
+        exc = None if task.cancelled() else task.exception()
+        if isinstance(exc, WorkloadApiError):
+            reason = str(exc)
+        elif exc is not None:
+            reason = f"unexpected {type(exc).__name__}: {exc}"
+        else:
+            reason = "ended"
+        event(f"{name} watcher stopped", level=logging.ERROR, reason=reason)
+        raise WatcherStopped(f"{name} watcher stopped: {reason}") from exc
 
     async def _watch_expiry(self) -> None:
         # Say so when the SVID runs out (agent gone too long), not only at the next

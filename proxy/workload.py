@@ -137,14 +137,18 @@ class WorkloadApiWatcher:
         delay = self._backoff_initial
         while True:
             got_message = await self._watch_once()
-            if got_message:
-                delay = self._backoff_initial
-            # Jitter (50-100 %) so proxies restarted together do not retry in step.
-            wait = delay * (0.5 + random.random() / 2)  # noqa: S311 - not a secret
-            event(f"{self.name} retry scheduled", level=logging.INFO,
-                  delay=f"{wait:.1f}s")
-            await asyncio.sleep(wait)
-            delay = min(delay * 2, self._backoff_max)
+            delay = await self._backoff(delay, got_message)
+
+    async def _backoff(self, delay: float, got_message: bool) -> float:
+        """Wait before the next stream; the delay after that."""
+        if got_message:
+            delay = self._backoff_initial
+        # Jitter (50-100 %) so proxies restarted together do not retry in step.
+        wait = delay * (0.5 + random.random() / 2)  # noqa: S311 - not a secret
+        event(f"{self.name} retry scheduled", level=logging.INFO,
+              delay=f"{wait:.1f}s")
+        await asyncio.sleep(wait)
+        return min(delay * 2, self._backoff_max)
 
     name = "workload api"
     """How log lines name the API watched."""
@@ -160,6 +164,10 @@ class WorkloadApiWatcher:
             request_serializer=pb.X509SVIDRequest.SerializeToString,
             response_deserializer=pb.X509SVIDResponse.FromString,
         )(pb.X509SVIDRequest(), metadata=((SECURITY_HEADER, "true"),))
+
+    def _keep_streaming(self) -> bool:
+        """Whether to go on with the stream after an update was handled."""
+        return True
 
     def _lost(self, code: grpc.StatusCode | None) -> bool:
         """Whether a stream ending with ``code`` withdraws the identity held."""
@@ -186,6 +194,8 @@ class WorkloadApiWatcher:
                               reason=str(exc))
                         continue
                     self._on_update(state)
+                    if not self._keep_streaming():
+                        break
                 event(f"{self.name} stream ended", level=logging.WARNING)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()

@@ -165,3 +165,34 @@ def test_a_program_without_an_entry_gets_nothing(
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_fixed_pid_whose_program_exits_stops_the_proxy(
+    st: Stack, broker_dir: Path, workdir: Path
+) -> None:
+    app = _program(broker_dir, "webapp")
+    client = _mint(st, FRONTEND, workdir / "client")
+    port = free_port()
+    proxy: ProxyProcess | None = None
+    try:
+        with http_backend() as backend:
+            proxy = ProxyProcess("fixed", workdir, [
+                "--broker-socket", f"unix://{broker_dir / 'b' / 'broker.sock'}",
+                "--broker-pid", str(app.pid),
+                "--inbound", f"127.0.0.1:{port}=127.0.0.1:{backend}", "--allow", FRONTEND])
+            proxy.wait_for_log(r"info listening ")
+            peer, _ = _call(port, client)
+            assert peer == APP
+            # The program exits: its PID can only name another program from now
+            # on, so the proxy does not retry it; it exits non-zero, saying why.
+            app.kill()
+            app.wait()
+            assert proxy.proc.wait(timeout=60) == 1, proxy.log()
+            log = proxy.log()
+            assert "broker api watcher stopped" in log and "NOT_FOUND" in log
+            assert log.count(f"svid updated spiffe_id={APP}") == 1
+    finally:
+        app.kill()
+        app.wait()
+        if proxy is not None:
+            proxy.stop()
