@@ -29,6 +29,7 @@
     domain = "oidc.example.org"
     cert_file = "/etc/sigil/oidc.crt"
     key_file = "/etc/sigil/oidc.key"
+    omit_post_quantum_keys = true                # ML-DSA keys left out of /keys
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ _ENDPOINT_KEYS = {"address", "profile", "refresh_hint", "cert_file", "key_file",
                   "omit_post_quantum_keys"}
 _RELATIONSHIP_KEYS = {"trust_domain", "bundle_endpoint_url", "profile",
                       "endpoint_spiffe_id", "bootstrap_bundle_file"}
-_OIDC_KEYS = {"address", "domain", "cert_file", "key_file"}
+_OIDC_KEYS = {"address", "domain", "cert_file", "key_file", "omit_post_quantum_keys"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +116,24 @@ class ConfiguredRelationship:
 
 @dataclass(frozen=True, slots=True)
 class OidcDiscoveryConfig:
-    """``[oidc_discovery]``: the OIDC discovery endpoint (on when present)."""
+    """``[oidc_discovery]``: the OIDC discovery endpoint (on when present).
+
+    Attributes:
+        address: ``HOST:PORT`` to listen on (port 0 picks one).
+        domain: the host name the endpoint is reached at (issuer ``https://<domain>``).
+        cert_file: PEM certificate chain for ``domain``, re-read when it changes.
+        key_file: its PEM private key.
+        omit_post_quantum_keys: leave ML-DSA (``kty: AKP``) JWT keys out of
+            ``/keys`` (and their algorithms out of the discovery document), for
+            relying parties whose JOSE library (go-jose, ...) refuses a whole
+            JWKS over a key type it does not know.
+    """
 
     address: str
     domain: str
     cert_file: Path
     key_file: Path
+    omit_post_quantum_keys: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,8 +283,10 @@ def _oidc(value: object) -> OidcDiscoveryConfig:
     cert_file = _path(_str(table, where, "cert_file", required=True))
     key_file = _path(_str(table, where, "key_file", required=True))
     assert cert_file is not None and key_file is not None
-    return OidcDiscoveryConfig(address=_address(table, where, None), domain=domain,
-                               cert_file=cert_file, key_file=key_file)
+    return OidcDiscoveryConfig(
+        address=_address(table, where, None), domain=domain,
+        cert_file=cert_file, key_file=key_file,
+        omit_post_quantum_keys=_bool(table, where, "omit_post_quantum_keys", True))
 
 
 def validate(raw: Mapping[str, Any], own_trust_domain: TrustDomain) -> FederationConfig:

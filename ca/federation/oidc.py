@@ -11,7 +11,9 @@ each request so a JWT key rotation shows at once:
   ``alg`` (the algorithm the authority signs with for that key type).
 
 The certificate comes from ``cert_file``/``key_file`` (a Web PKI one for ``domain``),
-re-read when they change.
+re-read when they change. With ``omit_post_quantum_keys`` (the default) both
+documents are built from the bundle without its ML-DSA (``kty: AKP``) keys: go-jose
+and other JOSE libraries refuse a whole JWKS over one key type they do not know.
 """
 
 from __future__ import annotations
@@ -86,13 +88,23 @@ class OidcDiscovery:
         """``HOST:PORT`` actually bound (after start)."""
         return self._server.bound_address
 
+    def _bundle(self) -> Bundle:
+        """The current bundle, without ML-DSA keys by default."""
+        bundle = self._authority.bundle()
+        if self._config.omit_post_quantum_keys:
+            # A relying party on go-jose (or another JOSE library that does not know
+            # kty "AKP") refuses the whole JWKS over one such key, EC keys included;
+            # it could not verify an ML-DSA token anyway (docs/federation.md).
+            bundle = bundle.without_ml_dsa_keys()
+        return bundle
+
     def configuration_document(self) -> Document:
-        """``/.well-known/openid-configuration``."""
-        return _json(configuration(self._config.domain, self._authority.bundle()))
+        """``/.well-known/openid-configuration`` (algorithms of the keys in ``/keys``)."""
+        return _json(configuration(self._config.domain, self._bundle()))
 
     def keys_document(self) -> Document:
-        """``/keys``."""
-        return _json(jwks(self._authority.bundle()))
+        """``/keys`` (without ML-DSA keys, by default)."""
+        return _json(jwks(self._bundle()))
 
     def start(self) -> None:
         """Listen (ConfigError when the certificate or address is unusable)."""

@@ -34,6 +34,10 @@ def test_defaults(tmp_path: Path) -> None:
     endpoint = _load(tmp_path, '[federation.bundle_endpoint]\nprofile = "https_spiffe"\n'
                      ).federation.bundle_endpoint  # type: ignore[attr-defined]
     assert endpoint.omit_post_quantum_keys is True  # interop first: docs/federation.md
+    oidc = _load(tmp_path, '[oidc_discovery]\naddress = "127.0.0.1:0"\ndomain = "o.own.test"\n'
+                 'cert_file = "/c"\nkey_file = "/k"\n'
+                 ).federation.oidc_discovery  # type: ignore[attr-defined]
+    assert oidc.omit_post_quantum_keys is True  # interop first: docs/federation.md
 
 
 def test_full_config(tmp_path: Path) -> None:
@@ -71,6 +75,7 @@ address = "0.0.0.0:8444"
 domain = "oidc.own.test"
 cert_file = "/etc/c.pem"
 key_file = "/etc/k.pem"
+omit_post_quantum_keys = false
 ''').federation  # type: ignore[attr-defined]
     assert fed.refresh_min_interval == dt.timedelta(seconds=10)
     assert fed.web_ca_file == tmp_path / "roots.pem"
@@ -84,6 +89,7 @@ key_file = "/etc/k.pem"
     assert rb.bootstrap_bundle.sequence_number == 3
     assert (rc.relationship.profile, rc.bootstrap_bundle) == ("https_web", None)
     assert fed.oidc_discovery.domain == "oidc.own.test"
+    assert fed.oidc_discovery.omit_post_quantum_keys is False
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -135,6 +141,9 @@ key_file = "/etc/k.pem"
      'key_file = "/k"\n', "must be a host name"),
     ('[oidc_discovery]\ndomain = "x"\ncert_file = "/c"\nkey_file = "/k"\n',
      "oidc_discovery: address is required"),
+    ('[oidc_discovery]\naddress = "0.0.0.0:1"\ndomain = "x"\ncert_file = "/c"\n'
+     'key_file = "/k"\nomit_post_quantum_keys = "no"\n',
+     "oidc_discovery.omit_post_quantum_keys must be true or false, not 'no'"),
 ])
 def test_bad_config(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:

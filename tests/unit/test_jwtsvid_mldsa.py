@@ -211,6 +211,42 @@ def test_oidc_discovery_names_the_ml_dsa_algorithm() -> None:
         == ["ES256", "ML-DSA-44", "ML-DSA-65", "ML-DSA-87"]
 
 
+class _StubAuthority:
+    """What OidcDiscovery reads from the CA: its bundle."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self._bundle = bundle
+
+    def bundle(self) -> Bundle:
+        return self._bundle
+
+
+@pytest.mark.parametrize("omit", [None, True, False])
+def test_oidc_keys_omit_ml_dsa_keys_by_default(tmp_path: Any, omit: bool | None) -> None:
+    """[oidc_discovery] omit_post_quantum_keys: /keys leaves the AKP keys out unless false."""
+    from ca.config.federation import OidcDiscoveryConfig
+    from ca.federation.oidc import OidcDiscovery
+
+    bundle = BUNDLES.bundle_for(TD)
+    assert bundle is not None
+    extra = {} if omit is None else {"omit_post_quantum_keys": omit}
+    cfg = OidcDiscoveryConfig(address="127.0.0.1:0", domain="oidc.example.org",
+                              cert_file=tmp_path / "c.pem", key_file=tmp_path / "k.pem",
+                              **extra)
+    # The handlers are plain methods: no listening socket (nor certificate) needed.
+    oidc = OidcDiscovery(cfg, _StubAuthority(bundle))  # type: ignore[arg-type]
+    keys = json.loads(oidc.keys_document().body)["keys"]
+    algs = json.loads(oidc.configuration_document().body)["id_token_signing_alg_values_supported"]
+    if omit is False:
+        assert {k["kid"]: k["kty"] for k in keys} == {
+            "ec": "EC", "ml44": "AKP", "ml65": "AKP", "ml87": "AKP"}
+        assert algs == ["ES256", "ML-DSA-44", "ML-DSA-65", "ML-DSA-87"]
+    else:
+        assert [(k["kid"], k["kty"], k["alg"], k["use"]) for k in keys] == [
+            ("ec", "EC", "ES256", "sig")]
+        assert algs == ["ES256"]
+
+
 def test_pyjwt_algorithm_object() -> None:
     from jwt.exceptions import InvalidKeyError as JwtInvalidKeyError
 
