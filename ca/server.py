@@ -28,6 +28,7 @@ from ca.api.admin_front import AdminSocketFront
 from ca.api.adminguard import AdminGuard, AuditLog, svid_caller, unix_caller
 from ca.api.agent import AgentServicer
 from ca.api.deps import ApiDeps
+from ca.api.revocations import ServerRevocations
 from ca.api.tls_front import TlsContextSource, TlsFront
 from ca.authority import CertificateAuthority
 from ca.authority.scheduler import RotationScheduler
@@ -249,7 +250,8 @@ class SigilServer:
         authorizer = Authorizer(cfg.admin, cfg.trust_domain)
         tls_guard = AdminGuard(
             identify=svid_caller(self._front.peer_certificate, self.datastore,
-                                 cfg.trust_domain, self.clock),
+                                 cfg.trust_domain, self.clock,
+                                 revocations=ServerRevocations(deps).current),
             authorizer=authorizer, audit=self._audit, datastore=self.datastore,
             clock=self.clock, worker=self._role == ROLE_WORKER)
         self._agent_server = grpc.server(

@@ -35,6 +35,7 @@ from ca.errors import (
 from ca.log import event
 from identity.clock import Clock
 from identity.errors import SigilError
+from identity.revocation import Revocation, RevocationSet
 from identity.spiffeid import TrustDomain
 from identity.x509svid import validate_leaf
 
@@ -90,12 +91,35 @@ def unix_caller(lookup: Callable[[str], tuple[int, int] | None]) -> Identify:
 
 
 def svid_caller(peer_certificate: Callable[[str], tuple[bool, x509.Certificate | None]],
-                datastore: Datastore, trust_domain: TrustDomain, clock: Clock) -> Identify:
+                datastore: Datastore, trust_domain: TrustDomain, clock: Clock, *,
+                revocations: Callable[[], tuple[int, tuple[Revocation, ...]]] | None = None,
+                ) -> Identify:
     """Callers on the TLS port: the SPIFFE ID of an X.509-SVID of an ``admin`` entry.
 
-    The TLS front verified the certificate chain against our bundle; here the ID
-    must be a workload ID of ours that an unexpired entry marked admin names.
+    The TLS front verified the certificate chain against our bundle; here the
+    certificate must not be revoked (``svid revoke``, by serial or SPIFFE ID:
+    UNAUTHENTICATED), and the ID must be a workload ID of ours that an unexpired
+    entry marked admin names.
+
+    Args:
+        revocations: the unexpired revocations and their version
+            (:meth:`ca.api.revocations.ServerRevocations.current`); None: none.
     """
+    lock = threading.Lock()
+    held: list[Any] = [None, RevocationSet()]  # the version indexed, and its index
+
+    def revoked(cert: x509.Certificate, spiffe_id: str) -> bool:
+        if revocations is None:
+            return False
+        version, items = revocations()
+        with lock:
+            if version != held[0]:
+                index = RevocationSet()
+                index.add(items)
+                held[:] = [version, index]
+            index = held[1]
+        return bool(index.x509_revoked(serial=cert.serial_number, spiffe_id=spiffe_id,
+                                       not_before=cert.not_valid_before_utc))
 
     def identify(context: grpc.ServicerContext) -> Caller:
         known, cert = peer_certificate(context.peer())
@@ -105,6 +129,8 @@ def svid_caller(peer_certificate: Callable[[str], tuple[bool, x509.Certificate |
             spiffe_id = validate_leaf(cert)
         except SigilError:
             raise UnauthenticatedError("the client certificate is not an X.509-SVID") from None
+        if revoked(cert, str(spiffe_id)):
+            raise UnauthenticatedError("the client certificate is revoked")
         if not spiffe_id.is_member_of(trust_domain) or spiffe_id.path.startswith("/sigil/"):
             raise PermissionDeniedError(f"{spiffe_id} is not an admin workload ID of "
                                         f"{trust_domain.name}")

@@ -10,12 +10,14 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 
 from api.protos.sigil.admin.v1 import admin_pb2, admin_pb2_grpc
 from api.protos.sigil.types.v1 import types_pb2
@@ -274,6 +276,50 @@ def test_admin_svid_over_tls(server: RunningServer) -> None:
         with pytest.raises(grpc.RpcError) as err:
             stub.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_revoked_admin_svid_is_refused_over_tls(server: RunningServer) -> None:
+    """``svid revoke --serial`` of an admin SVID: its next call over TLS is refused
+    (within the server's revocation poll, a second), and a new SVID of the same
+    admin still works."""
+    root = admin_pb2_grpc.AdminStub(  # type: ignore[no-untyped-call]
+        grpc.insecure_channel(f"unix:{server.socket_path}"))
+    admin_id = OPS
+    try:  # the module's server may already hold it (test_admin_svid_over_tls)
+        root.CreateEntry(admin_pb2.CreateEntryRequest(entry=types_pb2.Entry(
+            spiffe_id=admin_id, parent_id=PARENT, admin=True,
+            selectors=[types_pb2.Selector(type="unix", value="uid:1")])), timeout=10)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.ALREADY_EXISTS, exc
+
+    def mint() -> tuple[grpc.Channel, int]:
+        key = generate_private_key()
+        minted = root.MintX509SVID(admin_pb2.MintX509SVIDRequest(
+            spiffe_id=admin_id, csr=new_csr(key)), timeout=10)
+        leaf = x509.load_der_x509_certificate(minted.svid.cert_chain[0])
+        return _channel(server, key=key, chain=list(minted.svid.cert_chain)), leaf.serial_number
+
+    channel, serial = mint()
+    with channel:
+        stub = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+        assert stub.CountEntries(admin_pb2.CountEntriesRequest(), timeout=10).count >= 1
+        revoked = server.cli("svid", "revoke", "--serial", format(serial, "x"))
+        assert revoked.returncode == 0, revoked.stderr
+        code = details = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                stub.CountEntries(admin_pb2.CountEntriesRequest(), timeout=10)
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details()
+                break
+            time.sleep(0.2)
+        assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED,
+                                   "the client certificate is revoked")
+    fresh, _ = mint()
+    with fresh:
+        stub = admin_pb2_grpc.AdminStub(fresh)  # type: ignore[no-untyped-call]
+        assert stub.CountEntries(admin_pb2.CountEntriesRequest(), timeout=10).count >= 1
 
 
 def test_an_agent_svid_is_not_an_admin(server: RunningServer) -> None:
