@@ -123,70 +123,91 @@ def _rate(worker: Any, seconds: float, procs: int) -> tuple[float, float]:
     return float(total) / seconds, sum(cpu for _, cpu in done) / total
 
 
-def _floor_worker(seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    """The job of one SVID in ``cryptography``'s own calls, nothing of ours.
+class _FloorCA:
+    """The floor's job for one SVID in ``cryptography``'s own calls, nothing of ours.
 
-    Per SVID: load a DER CSR, check its signature, take its key; build a
-    certificate with an X.509-SVID's extensions (empty subject, critical URI SAN,
-    CA flag off, digitalSignature, server and client auth, SKI, AKI), sign it with
-    the CA's P-256 key (SHA-256) and serialize it as DER.
+    :meth:`csr_key`: load a DER CSR, check its signature, take its key.
+    :meth:`leaf_der`: build a certificate with an X.509-SVID's extensions (empty
+    subject, critical URI SAN, CA flag off, digitalSignature, server and client
+    auth, SKI, AKI), sign it with the CA's P-256 key (SHA-256) and serialize it as
+    DER. The floor loop and the per-SVID breakdown both run these.
     """
+
+    def __init__(self, ca_key: Any, ca_name: Any) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        # Kept, so the loop pays no import lookups the floor's own calls would not.
+        self._x509 = x509
+        self._der = serialization.Encoding.DER
+        self.ca_key = ca_key
+        self.ca_name = ca_name
+        self.aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+        self.ku = x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                key_encipherment=False, data_encipherment=False,
+                                key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                encipher_only=False, decipher_only=False)
+        self.eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                          ExtendedKeyUsageOID.CLIENT_AUTH])
+        self.sha256 = hashes.SHA256()
+
+    def csr_key(self, der: bytes) -> Any:
+        csr = self._x509.load_der_x509_csr(der)
+        if not csr.is_signature_valid:
+            raise SystemExit("CSR signature invalid")
+        return csr.public_key()
+
+    def leaf_der(self, pub: Any, uri: str, not_before: dt.datetime,
+                 not_after: dt.datetime) -> bytes:
+        x509 = self._x509
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self.ca_name)
+            .public_key(pub)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(self.ku, critical=True)
+            .add_extension(self.eku, critical=False)
+            .add_extension(self.aki, critical=False)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(uri)]), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+            .sign(self.ca_key, self.sha256)
+        ).public_bytes(self._der)
+
+
+def _floor_worker(seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    """The job of one SVID in ``cryptography``'s own calls (:class:`_FloorCA`), in a loop."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "bench")])
-    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    ku = x509.KeyUsage(digital_signature=True, content_commitment=False,
-                       key_encipherment=False, data_encipherment=False, key_agreement=False,
-                       key_cert_sign=False, crl_sign=False, encipher_only=False,
-                       decipher_only=False)
-    eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                 ExtendedKeyUsageOID.CLIENT_AUTH])
+    floor = _FloorCA(ec.generate_private_key(ec.SECP256R1()),
+                     x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "bench")]))
+    uris = [f"spiffe://{TD}/w/{i}" for i in range(100)]
     # Distinct CSRs, as the clients send them (pre-generated, like theirs).
     csrs = [
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([]))
         .add_extension(x509.SubjectAlternativeName(
-            [x509.UniformResourceIdentifier(f"spiffe://{TD}/w/{i}")]), critical=False)
+            [x509.UniformResourceIdentifier(uri)]), critical=False)
         .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
         .public_bytes(serialization.Encoding.DER)
-        for i in range(100)
+        for uri in uris
     ]
-    sha256 = hashes.SHA256()
     now = dt.datetime.now(dt.UTC)
     not_after = now + dt.timedelta(hours=1)
     n = 0
     start_cpu = time.process_time()
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        for i, der in enumerate(csrs):
-            csr = x509.load_der_x509_csr(der)
-            if not csr.is_signature_valid:
-                raise SystemExit("CSR signature invalid")
-            pub = csr.public_key()
-            cert = (
-                x509.CertificateBuilder()
-                .subject_name(x509.Name([]))
-                .issuer_name(ca_name)
-                .public_key(pub)
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now)
-                .not_valid_after(not_after)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None),
-                               critical=True)
-                .add_extension(ku, critical=True)
-                .add_extension(eku, critical=False)
-                .add_extension(aki, critical=False)
-                .add_extension(x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(f"spiffe://{TD}/w/{i}")]), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub),
-                               critical=False)
-                .sign(ca_key, sha256)
-            )
-            cert.public_bytes(serialization.Encoding.DER)
+        for uri, der in zip(uris, csrs, strict=True):
+            floor.leaf_der(floor.csr_key(der), uri, now, not_after)
         n += len(csrs)
     out.put((n, time.process_time() - start_cpu))
 
@@ -232,7 +253,6 @@ def breakdown(rounds: int = 30) -> Breakdown:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     from api.protos.sigil.agent.v1 import agent_pb2
     from ca.api.convert import svid_to_proto
@@ -253,37 +273,19 @@ def breakdown(rounds: int = 30) -> Breakdown:
         for _ in range(100)
     ]
     keys = [csr_public_key(der) for der in csrs]
-    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    ku = x509.KeyUsage(digital_signature=True, content_commitment=False,
-                       key_encipherment=False, data_encipherment=False, key_agreement=False,
-                       key_cert_sign=False, crl_sign=False, encipher_only=False,
-                       decipher_only=False)
-    eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                 ExtendedKeyUsageOID.CLIENT_AUTH])
-    sha256 = hashes.SHA256()
+    floor = _FloorCA(ca_key, ca.subject)
     not_after = now + dt.timedelta(hours=1)
     leaves = [signer.sign(spiffe_id=spiffe_id, public_key=k, not_before=now,
                           not_after=not_after) for k in keys]
 
     def floor_csr() -> None:
         for der in csrs:
-            csr = x509.load_der_x509_csr(der)
-            if not csr.is_signature_valid:
-                raise SystemExit("CSR signature invalid")
-            csr.public_key()
+            floor.csr_key(der)
 
     def floor_cert() -> None:
+        uri = str(spiffe_id)
         for pub in keys:
-            (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca.subject)
-             .public_key(pub).serial_number(x509.random_serial_number())
-             .not_valid_before(now).not_valid_after(not_after)
-             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-             .add_extension(ku, critical=True).add_extension(eku, critical=False)
-             .add_extension(aki, critical=False)
-             .add_extension(x509.SubjectAlternativeName(
-                 [x509.UniformResourceIdentifier(str(spiffe_id))]), critical=True)
-             .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
-             .sign(ca_key, sha256)).public_bytes(serialization.Encoding.DER)
+            floor.leaf_der(pub, uri, now, not_after)
 
     def our_csr() -> None:
         for der in csrs:
