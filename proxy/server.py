@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import ipaddress
 import logging
 import os
@@ -315,9 +316,21 @@ class Proxy:
                 continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Counted now, not when its task first runs: accepting from a full
+            # backlog does not yield to the loop, so a burst would otherwise all
+            # be accepted before any of it counted against the cap.
+            self._active += 1
+            self.metrics.active.labels(listener.name).inc()
             task = asyncio.create_task(self._connection(listener, handler, conn, addr))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._finished, listener.name, conn))
+
+    def _finished(self, listener: str, conn: socket.socket, task: asyncio.Task[None]) -> None:
+        # A task cancelled before it ran (at shutdown) never reached its own cleanup.
+        conn.close()
+        self._tasks.discard(task)
+        self._active -= 1
+        self.metrics.active.labels(listener).dec()
 
     def _note_cap(self, listener: str) -> None:
         # One line per few seconds, not one per refused connection: a flood must not
@@ -334,8 +347,6 @@ class Proxy:
     async def _connection(self, listener: Listener, handler: Handler, conn: socket.socket,
                           addr: object) -> None:
         peer = _format_peer(addr)
-        self._active += 1
-        self.metrics.active.labels(listener.name).inc()
         try:
             await handler(listener, conn, peer)
         except Denied as denied:
@@ -350,9 +361,7 @@ class Proxy:
             event("connection failed", level=logging.ERROR, exc_info=True,
                   listener=listener.name, peer=peer)
         finally:
-            conn.close()
-            self._active -= 1
-            self.metrics.active.labels(listener.name).dec()
+            conn.close()  # at once; the count is given back by _finished
 
     # -- the two directions ---------------------------------------------------------
 

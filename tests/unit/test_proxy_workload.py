@@ -184,3 +184,45 @@ def _ssl_error(reason: str) -> ssl.SSLError:
 ])
 def test_handshake_failures_map_to_deny_reasons(exc: BaseException, reason: str) -> None:
     assert _handshake_denial(exc).reason == reason
+
+
+def test_a_burst_already_in_the_backlog_is_capped() -> None:
+    """Connections waiting in the backlog are accepted without the loop running any
+    connection's task in between: each counts against ``max_connections`` when it
+    is accepted, so a burst of 5 against a cap of 2 serves 2 and closes 3."""
+    import asyncio
+    import socket
+
+    from proxy.config import Address, Listener
+    from proxy.policy import from_rules
+
+    listener = Listener(name="inbound:test", mode="inbound", listen=Address("127.0.0.1", 0),
+                        target=Address("127.0.0.1", 9), policy=from_rules(["example.org"]))
+    proxy = Proxy(Settings(socket_target="unix:/none", spiffe_id=None, listeners=(listener,),
+                           max_connections=2, handshake_timeout=30.0))
+
+    def denied(reason: str) -> float:
+        value: float = proxy.metrics.denied.labels(listener.name, reason)._value.get()
+        return value
+
+    async def burst() -> tuple[float, float]:
+        sock = proxy._bind(listener)
+        clients = [socket.create_connection(sock.getsockname()[:2]) for _ in range(5)]
+        serving = asyncio.create_task(proxy._serve(listener, sock))
+        try:
+            # The proxy holds no SVID, so each connection it keeps is denied as
+            # no_svid once its task runs; those it cannot keep, as connection_cap.
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if denied("no_svid") + denied("connection_cap") >= 5:
+                    break
+            return denied("no_svid"), denied("connection_cap")
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, *proxy._tasks, return_exceptions=True)
+            for c in clients:
+                c.close()
+            sock.close()
+
+    assert asyncio.run(burst()) == (2.0, 3.0)
+    assert proxy._active == 0  # every connection's count was given back
